@@ -1,0 +1,56 @@
+"""hub-soup: trustworthy model soups (weight averaging) for the Hugging Face Hub.
+
+The Python API builds the same :class:`Recipe` the CLI and YAML files build and
+runs the same pipeline::
+
+    import hub_soup
+    result = hub_soup.merge(["org/a", "org/b"], output="soup")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from hub_soup.errors import HubSoupError
+from hub_soup.pipeline import SoupResult, run
+from hub_soup.read import Checkpoint, open_checkpoint
+from hub_soup.recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+__all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", "merge", "open_checkpoint", "run"]
+
+
+def merge(
+    refs: Sequence[str],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    exclude: Sequence[str] = (),
+    ema: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    device: str = "cpu",
+    push: str | None = None,
+    private: bool = False,
+    create_pr: bool = False,
+    token: str | bool | None = None,
+) -> SoupResult:
+    """Average ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
+
+    See :class:`hub_soup.recipe.Recipe` for what each argument means.
+    """
+    recipe = Recipe.from_refs(
+        list(refs),
+        list(weights) if weights is not None else None,
+        dtype=dtype,
+        exclude=list(exclude),
+        ema=ema,
+        allow_pickle=allow_pickle,
+        device=device,
+        output={"path": str(output), "max_shard_size": max_shard_size, "overwrite": overwrite},
+        push={"repo_id": push, "private": private, "create_pr": create_pr} if push else None,
+    )
+    return run(recipe, token=token)

@@ -1,0 +1,167 @@
+"""The soup's model card: Hub metadata that links it to its ingredients, and a readable body.
+
+Built with huggingface_hub's ``ModelCard``/``ModelCardData`` so the Hub shows the
+soup in each ingredient's model tree (``base_model`` + ``base_model_relation:
+merge``) and its scores in the evaluation widget (``model-index``). The card is
+a pure function of the recipe, the pinned ingredients and the scores, with no
+timestamps, so pushing the same soup twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hub_soup.resolve import ResolvedRef
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILENAME = "hub-soup.yaml"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One scored model, as the card shows it."""
+
+    name: str  # "soup" or an ingredient label
+    metric: str
+    value: float
+    split: str
+    dataset: str
+
+
+def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(library_name, pipeline_tag)`` from a ``config.json``: timm's has ``architecture``."""
+    if not config:
+        return None, None
+    if "architecture" in config and "model_type" not in config:
+        return "timm", "image-classification"
+    if "model_type" in config:
+        architectures = config.get("architectures") or []
+        arch = architectures[0] if architectures else ""
+        tag = (
+            "text-classification"
+            if arch.endswith("ForSequenceClassification")
+            else "text-generation"
+            if arch.endswith("ForCausalLM")
+            else "image-classification"
+            if arch.endswith("ForImageClassification")
+            else None
+        )
+        return "transformers", tag
+    return None, None
+
+
+def agreed_license(ingredients: Sequence[ResolvedRef], override: str | None) -> str | None:
+    """The license every Hub ingredient shares; warns and returns ``None`` when they differ."""
+    if override:
+        return override
+    licenses = {r.license for r in ingredients if r.kind != "local"}
+    if len(licenses) == 1:
+        return next(iter(licenses))
+    if len(licenses) > 1:
+        logger.warning(
+            "the ingredients have different licenses (%s): the card names none; set one with --license "
+            "after checking they allow it",
+            ", ".join(sorted(str(x) for x in licenses)),
+        )
+    return None
+
+
+def build_card(
+    *,
+    repo_id: str | None,
+    ingredients: Sequence[ResolvedRef],
+    weights: Sequence[float],
+    kept: Sequence[bool],
+    config: dict[str, Any] | None,
+    recipe_yaml: str,
+    license: str | None = None,
+    tags: Sequence[str] = (),
+    scores: Sequence[Score] = (),
+    method: str = "uniform",
+) -> ModelCard:
+    """The card for a soup.
+
+    Args:
+        repo_id: where the soup will live (used in the loading snippet).
+        ingredients: every ingredient, pinned.
+        weights: the normalised weight of each kept ingredient (aligned with the kept ones).
+        kept: which ingredients went into the soup (a greedy soup drops some).
+        config: the soup's ``config.json`` (decides timm vs transformers instructions).
+        recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
+        scores: evaluation results, the soup's first.
+    """
+    library, pipeline_tag = detect_library(config)
+    library = library or next((r.library for r in ingredients if r.library), None)
+    pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
+    soup_scores = [s for s in scores if s.name == "soup"]
+    data = ModelCardData(
+        base_model=[r.repo_id for r, k in zip(ingredients, kept) if k and r.repo_id] or None,
+        base_model_relation="merge",
+        library_name=library,
+        pipeline_tag=pipeline_tag,
+        license=agreed_license(ingredients, license),
+        tags=["merge", "model-soup", "hub-soup", *(t for t in tags if t not in ("merge", "model-soup", "hub-soup"))],
+        model_name=repo_id.split("/")[-1] if repo_id and soup_scores else None,
+        eval_results=[
+            EvalResult(
+                task_type=pipeline_tag or "other",
+                dataset_type=s.dataset,
+                dataset_name=s.dataset,
+                dataset_split=s.split,
+                metric_type=s.metric,
+                metric_value=round(s.value, 6),
+            )
+            for s in soup_scores
+        ]
+        or None,
+    )
+    name = repo_id or "this soup"
+    lines = [
+        f"# {name.split('/')[-1]}",
+        "",
+        f"A model soup: the {method} weight average of {sum(kept)} fine-tuned models "
+        "([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), made with "
+        "[hub-soup](https://github.com/hub-soup/hub-soup). Every floating tensor, BatchNorm running "
+        "statistics included, was averaged in float32 and stored in its original dtype; integer "
+        "buffers were taken from the first ingredient.",
+        "",
+        "## Ingredients",
+        "",
+        "| # | model | commit | weight | in the soup |" + (" score |" if len(scores) > 1 else ""),
+        "|---|---|---|---|---|" + ("---|" if len(scores) > 1 else ""),
+    ]
+    weight_of = iter(weights)
+    for i, (ref, used) in enumerate(zip(ingredients, kept)):
+        where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.path}`"
+        sha = f"`{ref.sha[:12]}`" if ref.sha else "local"
+        weight = f"{next(weight_of):.4f}" if used else "-"
+        row = f"| {i} | {where} | {sha} | {weight} | {'yes' if used else 'no'} |"
+        if len(scores) > 1:
+            match = next((s for s in scores if s.name == ref.label), None)
+            row += f" {match.value:.4f} |" if match else " |"
+        lines.append(row)
+    if scores:
+        lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
+        lines += [f"| {s.name} | {s.split} | {s.metric} | {s.value:.4f} |" for s in scores]
+    lines += ["", "## How to use", "", *_usage(library, name), "", "## Recipe", "",
+              "Rebuild this soup bit for bit with `hub-soup run hub-soup.yaml`:", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _usage(library: str | None, repo_id: str) -> list[str]:
+    if library == "timm":
+        return ["```python", "import timm", "", f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)", "```"]
+    if library == "transformers":
+        return [
+            "```python",
+            "from transformers import AutoModel",
+            "",
+            f"model = AutoModel.from_pretrained('{repo_id}')  # or the Auto class of its task",
+            "```",
+        ]
+    return ["```python", "from safetensors.torch import load_file", "", "state_dict = load_file('model.safetensors')", "```"]

@@ -1,0 +1,214 @@
+"""``hub-soup``: a thin command line over :mod:`hub_soup.pipeline`.
+
+Each command parses flags, builds the same :class:`~hub_soup.recipe.Recipe` the
+YAML files and the Python API build, calls the pipeline, and maps errors to one
+readable line and a documented exit code (see README, "Exit codes"). Bugs (any
+exception that is not a :class:`~hub_soup.errors.HubSoupError`) keep their
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from hub_soup.errors import EXIT_BAD_INPUT, EXIT_OK, HubSoupError, RecipeError
+from hub_soup.recipe import Recipe, load_recipe, recipe_schema
+
+logger = logging.getLogger("hub_soup")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hub-soup", description="Average fine-tuned models (model soups) from the Hugging Face Hub, timm or local files."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser("merge", help="average checkpoints into a soup (and optionally push it)")
+    merge.add_argument("refs", nargs="+", metavar="REF", help="org/name[@rev], hf-hub:org/name, timm name, or local path")
+    merge.add_argument("-o", "--output", help="output folder (default with --push: ./<repo name>)")
+    merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per REF (normalised)")
+    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype of averaged tensors")
+    merge.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keys not averaged: taken from the first REF")
+    merge.add_argument("--no-ema", dest="ema", action="store_false", help="use raw weights even when a checkpoint has EMA weights")
+    merge.add_argument("--allow-pickle", action="store_true", help="load pickles that execute code (only files you trust)")
+    merge.add_argument("--max-shard-size", default="5GB", help="split output into shards of this size (default 5GB)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to accumulate")
+    merge.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
+    _add_push_flags(merge)
+
+    run = commands.add_parser("run", help="make the soup a recipe file describes")
+    run.add_argument("recipe", type=Path, help="recipe YAML (see recipes/ and `hub-soup schema`)")
+    run.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+
+    inspect = commands.add_parser("inspect", help="formats, dtypes and sizes; with several refs, alignment and similarity")
+    inspect.add_argument("refs", nargs="+", metavar="REF")
+    inspect.add_argument("--allow-pickle", action="store_true", help="load pickles that execute code (only files you trust)")
+    inspect.add_argument("--no-ema", dest="ema", action="store_false", help="inspect raw weights, not EMA ones")
+    inspect.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    inspect.add_argument("--token", help="Hub token")
+
+    commands.add_parser("schema", help="print the JSON Schema of recipe files")
+    return parser
+
+
+def _add_push_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("push to the Hub")
+    group.add_argument("--push", metavar="ORG/NAME", help="upload the soup to this model repo")
+    group.add_argument("--private", action="store_true", help="create the repo private")
+    group.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    group.add_argument("--revision", help="branch to commit to (default: main)")
+    group.add_argument("--commit-message", help="commit title")
+    group.add_argument("--license", help="license for the card (default: the ingredients' if they agree)")
+    group.add_argument("--tag", action="append", default=[], help="extra card tag (repeatable)")
+    group.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+
+
+def recipe_from_merge_args(args: argparse.Namespace) -> Recipe:
+    """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
+    output = args.output
+    if output is None:
+        if not args.push:
+            raise RecipeError("no output: pass -o OUT_DIR (or --push org/name)")
+        output = args.push.split("/")[-1]
+    push = None
+    if args.push:
+        push = {
+            "repo_id": args.push,
+            "private": args.private,
+            "create_pr": args.create_pr,
+            "revision": args.revision,
+            "commit_message": args.commit_message,
+            "license": args.license,
+            "tags": args.tag,
+        }
+    return Recipe.from_refs(
+        args.refs,
+        args.weights,
+        dtype=args.dtype,
+        exclude=args.exclude,
+        ema=args.ema,
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        output={"path": output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite},
+        push=push,
+    )
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    recipe = recipe_from_merge_args(args)
+    if args.dump_recipe:
+        sys.stdout.write(recipe.to_yaml())
+        return EXIT_OK
+    return _run_recipe(recipe, args.token)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run_recipe(load_recipe(args.recipe), args.token)
+
+
+def _run_recipe(recipe: Recipe, token: str | None) -> int:
+    from hub_soup.pipeline import run
+    from hub_soup.read import describe_size
+
+    result = run(recipe, token=token)
+    stats = result.stats
+    print(
+        f"soup: {stats.tensors} tensors ({stats.averaged} averaged, {stats.copied} copied from the first), "
+        f"{stats.parameters:,} parameters, read {describe_size(stats.bytes_read)}, "
+        f"wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s -> {result.output}"
+    )
+    if result.push is not None:
+        where = result.push.pr_url or result.push.commit_url
+        print(f"pushed: {where}" if result.push.changed else f"unchanged on the Hub: {where}")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from hub_soup.align import align
+    from hub_soup.errors import AlignmentError
+    from hub_soup.pipeline import layouts_of, open_ingredients
+    from hub_soup.read import describe_size
+    from hub_soup.resolve import resolve_ref
+    from hub_soup.similarity import weight_similarity
+
+    resolved = [resolve_ref(r, token=args.token) for r in args.refs]
+    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
+    try:
+        for ref, ckpt in zip(resolved, checkpoints):
+            dtypes = Counter(str(m.dtype).removeprefix("torch.") for m in ckpt.metas.values())
+            size = sum(m.nbytes for m in ckpt.metas.values())
+            print(f"{ref.pinned}")
+            print(f"  format:     {ckpt.format}")
+            print(f"  tensors:    {len(ckpt.metas)} ({', '.join(f'{n} {d}' for d, n in dtypes.most_common())})")
+            print(f"  parameters: {ckpt.num_params:,} ({describe_size(size)})")
+            if ckpt.aliases:
+                print(f"  tied:       {'; '.join(' = '.join(g) for g in ckpt.aliases)}")
+            for note in ckpt.notes:
+                print(f"  note:       {note}")
+        if len(checkpoints) > 1:
+            try:
+                plan = align(layouts_of(checkpoints), args.exclude)
+            except AlignmentError as exc:
+                print(f"alignment: FAILS: {exc}")
+                return EXIT_BAD_INPUT
+            print(f"alignment: ok, {len(plan.tensors)} tensors ({len(plan.tensors) - len(plan.copied)} averaged, "
+                  f"{len(plan.copied)} copied from the first)")
+            for note in plan.notes:
+                print(f"  note: {note}")
+            similarity = weight_similarity(checkpoints, plan)
+            print(similarity.table())
+            pairs = similarity.independent_pairs()
+            print(
+                f"shared initialization: NO for pairs {pairs}: averaging them will likely collapse"
+                if pairs
+                else "shared initialization: likely (all pairs have cosine >= 0.5)"
+            )
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(recipe_schema(), indent=2))
+    return EXIT_OK
+
+
+def _setup_output(quiet: bool) -> None:
+    """Log lines to stderr; no progress bars when quiet, in CI, or without a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hub-soup: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet or os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hub-soup`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_output(args.quiet)
+    handlers = {"merge": _cmd_merge, "run": _cmd_run, "inspect": _cmd_inspect, "schema": _cmd_schema}
+    try:
+        return handlers[args.command](args)
+    except HubSoupError as exc:
+        print(f"hub-soup: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hub-soup: interrupted; nothing was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Download only what a soup needs, through the huggingface_hub cache.
+
+One weights format per ingredient (safetensors preferred, never both), plus the
+config, tokenizer and preprocessor files: never optimizer states, ONNX, TF or
+Flax files. Everything goes through ``snapshot_download`` at the pinned commit,
+so a second run downloads nothing, interrupted downloads resume, and the user
+sees huggingface_hub's own progress bars. Before that, :func:`remote_layout`
+reads only the safetensors headers over HTTP so alignment can fail in seconds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+
+from hub_soup import files
+from hub_soup.align import Layout
+from hub_soup.errors import CheckpointFormatError, RefNotFoundError
+from hub_soup.hub_errors import hub_errors
+from hub_soup.read import clean_keys
+from hub_soup.resolve import ResolvedRef
+from hub_soup.safetensors_io import DTYPES, TensorMeta
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Local copies of an ingredient's files, inside the huggingface_hub cache."""
+
+    weights: Path  # the single weights file, or the shard index
+    sidecars: list[Path]
+
+
+def choose_weights(repo_files: tuple[str, ...] | list[str], filename: str | None, where: str) -> list[str]:
+    """The weights files to download: one format only, safetensors first.
+
+    Returns:
+        The files, the first of which is what :func:`hub_soup.read.open_checkpoint` opens
+        (the index for sharded weights).
+    """
+    present = set(repo_files)
+    if filename:
+        if filename not in present:
+            raise RefNotFoundError(f"{where}: its config names {filename!r}, which is not in the repo")
+        return [filename]
+    for index, shard_glob in (
+        (files.SAFETENSORS_INDEX, "model-*-of-*.safetensors"),
+        (files.PYTORCH_INDEX, "pytorch_model-*-of-*.bin"),
+    ):
+        single = index.removesuffix(".index.json")
+        if index in present:
+            return [index] + sorted(f for f in present if fnmatch.fnmatchcase(f, shard_glob) and "/" not in f)
+        if single in present:
+            return [single]
+    top = sorted(f for f in present if "/" not in f and files.is_weight_file(f))
+    safetensors = [f for f in top if f.endswith(files.SAFETENSORS_SUFFIXES)]
+    candidates = safetensors or top
+    if len(candidates) == 1:
+        return candidates
+    if not candidates:
+        raise CheckpointFormatError(f"{where}: the repo holds no weights file (safetensors, .bin, .pt, .pth, .ckpt)")
+    raise CheckpointFormatError(
+        f"{where}: several weights files and none is the standard name: {', '.join(candidates)}",
+        hint="download the one you mean and pass its local path",
+    )
+
+
+def fetch(resolved: ResolvedRef, token: str | bool | None = None) -> Fetched:
+    """Download the ingredient's weights and side files at its pinned commit (or reuse the cache).
+
+    Progress bars are huggingface_hub's, switched off globally with
+    ``huggingface_hub.utils.disable_progress_bars()`` (the CLI does so in CI).
+    """
+    if resolved.kind == "local":
+        raise ValueError("local ingredients are not fetched")
+    assert resolved.repo_id and resolved.sha
+    weights = choose_weights(resolved.files, resolved.filename, resolved.label)
+    sidecars = [f for f in resolved.files if files.is_sidecar(f)]
+    with hub_errors(resolved.repo_id, resolved.sha, action="download"):
+        folder = Path(
+            snapshot_download(
+                resolved.repo_id,
+                revision=resolved.sha,
+                allow_patterns=weights + sidecars,
+                token=token,
+            )
+        )
+    return Fetched(weights=folder / weights[0], sidecars=[folder / f for f in sidecars])
+
+
+def remote_layout(resolved: ResolvedRef, token: str | bool | None = None) -> Layout | None:
+    """Tensor names, dtypes and shapes from safetensors headers over HTTP, without the weights.
+
+    Returns ``None`` when the weights are not safetensors (pickles are only
+    checked after download).
+    """
+    assert resolved.repo_id and resolved.sha
+    weights = choose_weights(resolved.files, resolved.filename, resolved.label)
+    if not weights[0].endswith((".safetensors", files.SAFETENSORS_INDEX)):
+        return None
+    api = HfApi()
+    with hub_errors(resolved.repo_id, resolved.sha, action="read the headers of"):
+        try:
+            if weights[0] in (files.SAFETENSORS_SINGLE, files.SAFETENSORS_INDEX):
+                tensors = api.get_safetensors_metadata(resolved.repo_id, revision=resolved.sha, token=token)
+                infos = {name: info for meta in tensors.files_metadata.values() for name, info in meta.tensors.items()}
+            else:
+                meta = api.parse_safetensors_file_metadata(
+                    resolved.repo_id, weights[0], revision=resolved.sha, token=token
+                )
+                infos = dict(meta.tensors)
+        except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
+            raise CheckpointFormatError(f"{resolved.label}: unreadable safetensors header ({exc})") from None
+    metas: dict[str, TensorMeta] = {}
+    for name, info in infos.items():
+        if info.dtype not in DTYPES:
+            return None  # a dtype we do not know: leave the verdict to the local reader
+        metas[name] = TensorMeta(DTYPES[info.dtype], tuple(info.shape))
+    renamed, _ = clean_keys(list(metas), resolved.label)
+    return Layout(label=resolved.label, metas={new: metas[old] for new, old in renamed.items()})

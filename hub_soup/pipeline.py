@@ -1,0 +1,207 @@
+"""The one code path from a :class:`~hub_soup.recipe.Recipe` to a soup on disk (and on the Hub).
+
+Stages run in order and data only flows down: resolve -> (remote headers ->
+align early) -> fetch -> read -> align -> [evaluate] -> merge/write -> card ->
+push. Every check that can fail on the user's input runs before the expensive
+stages: the output folder, the push token, the alignment (from headers over
+HTTP when possible), so a mistake costs seconds, not a download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from hub_soup import card as card_stage
+from hub_soup.align import Layout, MergePlan, align
+from hub_soup.errors import OutputError
+from hub_soup.fetch import fetch, remote_layout
+from hub_soup.merge import MergeStats, normalize_weights, output_metas, stream_merge
+from hub_soup.push import PushResult, check_push_access, push_soup
+from hub_soup.read import Checkpoint, open_checkpoint
+from hub_soup.recipe import Ingredient, Recipe
+from hub_soup.resolve import ResolvedRef, resolve_ref
+from hub_soup.safetensors_io import parse_size
+from hub_soup.similarity import Similarity, weight_similarity
+from hub_soup.write import SoupWriter
+
+logger = logging.getLogger(__name__)
+
+INDEPENDENT_WARNING = (
+    "ingredients {pairs} look like independent trainings (weight cosine similarity {cos:.2f} < 0.5): "
+    "averaging models that do not share an initialization usually collapses; see `hub-soup diagnose`"
+)
+
+
+@dataclass
+class SoupResult:
+    """Everything a run did, for the CLI summary, the step summary and Python callers."""
+
+    output: Path
+    ingredients: list[ResolvedRef]
+    kept: list[bool]
+    weights: list[float]  # normalised, one per kept ingredient
+    plan: MergePlan
+    stats: MergeStats
+    similarity: Similarity | None
+    pinned_recipe: Recipe
+    scores: list[card_stage.Score] = field(default_factory=list)
+    push: PushResult | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def run(recipe: Recipe, *, token: str | bool | None = None) -> SoupResult:
+    """Make the soup a recipe describes; see the module docstring for the stages.
+
+    Args:
+        recipe: a validated recipe (from flags, YAML or Python).
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one. Never stored.
+    """
+    output = Path(recipe.output.path)
+    if output.exists() and not recipe.output.overwrite:
+        raise OutputError(f"{output} already exists; refusing to overwrite it", hint="pass --overwrite or choose another -o")
+    if recipe.push is not None:
+        check_push_access(recipe.push, token)
+    resolved = [resolve_ref(i.ref, i.revision, token=token) for i in recipe.ingredients]
+    for ref in resolved:
+        logger.info("resolved %s -> %s", ref.ref, ref.pinned)
+    _align_early(resolved, recipe, token)
+    checkpoints = open_ingredients(resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token)
+    try:
+        return _make_soup(recipe, resolved, checkpoints, output, token)
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+
+
+def _align_early(resolved: Sequence[ResolvedRef], recipe: Recipe, token: str | bool | None) -> None:
+    """Align from safetensors headers over HTTP, before any download, when every ingredient allows it."""
+    remote = [r for r in resolved if r.kind != "local"]
+    if not remote:
+        return  # local files are aligned right after opening, which reads headers only
+    layouts: list[Layout] = []
+    for ref in resolved:
+        if ref.kind == "local":
+            with open_checkpoint(ref.path, label=ref.label, allow_pickle=recipe.allow_pickle, ema=recipe.ema) as ckpt:
+                layouts.append(Layout(ckpt.label, ckpt.metas, tuple(ckpt.aliases)))
+        else:
+            layout = remote_layout(ref, token)
+            if layout is None:
+                return  # pickled weights: checked after download
+            layouts.append(layout)
+    align(layouts, recipe.exclude)
+    logger.info("headers align across %d ingredients; downloading", len(layouts))
+
+
+def open_ingredients(
+    resolved: Sequence[ResolvedRef], *, allow_pickle: bool, ema: bool, token: str | bool | None
+) -> list[Checkpoint]:
+    """Fetch (Hub) and open (all) ingredients; on failure, close what was opened."""
+    checkpoints: list[Checkpoint] = []
+    try:
+        for ref in resolved:
+            if ref.kind == "local":
+                assert ref.path is not None
+                checkpoint = open_checkpoint(ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema)
+            else:
+                fetched = fetch(ref, token)
+                checkpoint = open_checkpoint(
+                    fetched.weights, label=ref.label, allow_pickle=allow_pickle, ema=ema, sidecars=fetched.sidecars
+                )
+            for note in checkpoint.notes:
+                logger.info("%s: %s", checkpoint.label, note)
+            checkpoints.append(checkpoint)
+    except BaseException:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+        raise
+    return checkpoints
+
+
+def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:
+    """What alignment needs of opened checkpoints."""
+    return [Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints]
+
+
+def _make_soup(
+    recipe: Recipe, resolved: list[ResolvedRef], checkpoints: list[Checkpoint], output: Path, token: str | bool | None
+) -> SoupResult:
+    plan = align(layouts_of(checkpoints), recipe.exclude)
+    for note in plan.notes:
+        logger.info(note)
+    warnings: list[str] = []
+    similarity = weight_similarity(checkpoints, plan)
+    pairs = similarity.independent_pairs()
+    if pairs:
+        worst = min(similarity.cosine[i][j] for i, j in pairs)
+        warnings.append(INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst))
+        logger.warning(warnings[-1])
+    weights = normalize_weights(recipe.weights, len(checkpoints))
+    kept = [True] * len(checkpoints)
+    logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w in zip(checkpoints, weights)))
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    pinned = pin_recipe(recipe, resolved)
+    config = _soup_config(checkpoints[0], recipe.dtype)
+    card = card_stage.build_card(
+        repo_id=recipe.push.repo_id if recipe.push else None,
+        ingredients=resolved,
+        weights=weights,
+        kept=kept,
+        config=config,
+        recipe_yaml=pinned.to_yaml(),
+        license=recipe.push.license if recipe.push else None,
+        tags=recipe.push.tags if recipe.push else (),
+        method=recipe.method,
+    )
+    with SoupWriter(output, output_metas(plan, dtype), parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
+        stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=_device(recipe.device))
+        for sidecar in checkpoints[0].sidecars:
+            if sidecar.name == "config.json" and config is not None:
+                writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
+            else:
+                writer.add_file(sidecar.name, sidecar)
+        writer.add_file(card_stage.RECIPE_FILENAME, pinned.to_yaml())
+        writer.add_file("README.md", str(card))
+        writer.commit()
+    result = SoupResult(
+        output=output, ingredients=resolved, kept=kept, weights=weights, plan=plan, stats=stats,
+        similarity=similarity, pinned_recipe=pinned, warnings=warnings,
+    )
+    if recipe.push is not None:
+        names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
+        result.push = push_soup(output, recipe.push, token, f"hub-soup: {recipe.method} soup of {names}")
+    return result
+
+
+def _soup_config(first: Checkpoint, dtype: str | None) -> dict[str, Any] | None:
+    """The first ingredient's config.json, its dtype field updated when ``--dtype`` changes it."""
+    config = first.config
+    if config is not None and dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype
+    return config
+
+
+def _device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU falls back to CPU with a warning."""
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        logger.warning("--device cuda: no CUDA device is available; accumulating on the CPU")
+    return torch.device("cpu")
+
+
+def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef]) -> Recipe:
+    """The recipe with every Hub ingredient pinned to the commit it resolved to."""
+    ingredients = [
+        Ingredient(ref=r.ref.removeprefix("hf-hub:").rsplit("@", 1)[0] if r.kind != "local" else i.ref,
+                   revision=r.sha if r.kind != "local" else None, weight=i.weight)
+        for i, r in zip(recipe.ingredients, resolved)
+    ]
+    return recipe.model_copy(update={"ingredients": ingredients})

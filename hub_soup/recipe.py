@@ -1,0 +1,214 @@
+"""The recipe: one validated description of a soup, built by every entry point.
+
+The CLI turns its flags into a :class:`Recipe`, ``hub-soup run`` reads one from
+YAML, the GitHub Action passes a file, and the Python API builds one from its
+arguments; all of them then call :func:`hub_soup.pipeline.run`. Validation
+happens here, before anything is downloaded, with the field's path in every
+message. Secrets (the Hub token) never live in a recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hub_soup.errors import RecipeError
+from hub_soup.safetensors_io import parse_size
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Ingredient(_Strict):
+    """One model to put in the soup."""
+
+    ref: str = Field(description="Hub repo id (org/name[@rev]), hf-hub:org/name, timm model name, or local path")
+    revision: str | None = Field(None, description="branch, tag or commit SHA (overrides @rev in ref)")
+    weight: float | None = Field(None, ge=0, description="relative weight (method: weighted)")
+
+    @field_validator("ref")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("ref must not be empty")
+        return value.strip()
+
+
+class EvalSpec(_Strict):
+    """How to score ingredients and soups (see hub_soup.evaluate)."""
+
+    task: Literal["image-classification", "text-classification", "causal-lm", "custom"]
+    data: str = Field(description="image folder, Hub dataset repo id, or local dataset path")
+    split: str = "validation"
+    test_split: str | None = Field(None, description="second split for unbiased final numbers")
+    limit: int | None = Field(None, gt=0, description="score on the first N examples only")
+    batch_size: int = Field(64, gt=0)
+    image_column: str = "image"
+    text_column: str = "text"
+    label_column: str = "label"
+    function: str | None = Field(None, description="module:function (model -> float) for task: custom")
+    higher_is_better: bool = True
+
+    @model_validator(mode="after")
+    def _custom_needs_function(self) -> "EvalSpec":
+        if self.task == "custom" and not self.function:
+            raise ValueError("task: custom needs function: 'module:function'")
+        return self
+
+
+class OutputSpec(_Strict):
+    """Where and how the soup is written."""
+
+    path: str = Field(description="output folder")
+    max_shard_size: str = Field("5GB", description="shard size limit, e.g. 5GB, 500MB")
+    overwrite: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+class PushSpec(_Strict):
+    """Where the soup goes on the Hub."""
+
+    repo_id: str
+    private: bool = False
+    create_pr: bool = False
+    revision: str | None = Field(None, description="branch to commit to (default: main)")
+    commit_message: str | None = None
+    license: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        parts = value.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"repo_id must look like 'org/name', got {value!r}")
+        return value
+
+
+class Recipe(_Strict):
+    """A whole soup: ingredients, method, checks, output and destination."""
+
+    ingredients: list[Ingredient] = Field(min_length=2)
+    method: Literal["uniform", "weighted"] = "uniform"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
+        None, description="output dtype of averaged tensors (default: each tensor's own)"
+    )
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of keys taken from the first ingredient")
+    ema: bool = Field(True, description="use EMA weights when a training checkpoint has them (timm's default)")
+    allow_pickle: bool = Field(False, description="allow pickles that execute code on load: only for trusted files")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    eval: EvalSpec | None = None
+    greedy: bool = False
+    recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")
+    ensemble_reference: bool = False
+    force: bool = Field(False, description="push even if the soup scores below its best ingredient")
+    output: OutputSpec
+    push: PushSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        weighted = [i.weight is not None for i in self.ingredients]
+        if self.method == "weighted" and not all(weighted):
+            raise ValueError("method: weighted needs a weight on every ingredient")
+        if self.method == "uniform" and any(weighted):
+            raise ValueError("weights are given but method is uniform; set method: weighted")
+        if self.greedy and self.eval is None:
+            raise ValueError("greedy: true needs an eval section to score candidates")
+        if self.greedy and self.method == "weighted":
+            raise ValueError("greedy soups are uniform over the kept ingredients; drop the weights")
+        if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
+            raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
+        return self
+
+    @classmethod
+    def from_refs(cls, refs: list[str], weights: list[float] | None = None, **fields: Any) -> "Recipe":
+        """The recipe for a command line or an API call: refs (and weights) plus any other fields.
+
+        Raises:
+            RecipeError: naming the offending field.
+        """
+        if weights is not None and len(weights) != len(refs):
+            raise RecipeError(f"got {len(weights)} weights for {len(refs)} refs", hint="give one weight per ref")
+        ingredients = [{"ref": r} if weights is None else {"ref": r, "weight": w} for r, w in zip(refs, weights or refs)]
+        data = {"ingredients": ingredients, "method": "uniform" if weights is None else "weighted", **fields}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RecipeError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    @property
+    def weights(self) -> list[float] | None:
+        return [i.weight for i in self.ingredients] if self.method == "weighted" else None  # type: ignore[misc]
+
+    def to_yaml(self) -> str:
+        """The recipe as a YAML file, defaults omitted, that :func:`load_recipe` reads back identically."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; errors name the field path and its line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    return parse_recipe(text, str(path))
+
+
+def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
+    """Validate recipe text; see :func:`load_recipe`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a YAML mapping with ingredients and output")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = first["loc"]
+        field_path = ".".join(str(p) for p in location) or "(top level)"
+        line = _line_of(node, location)
+        at = f"{where}:{line}" if line else where
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise RecipeError(f"{at}: {field_path}: {first['msg']}{more}", hint="`hub-soup schema` prints every field") from None
+
+
+def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:
+    """1-based line of the deepest YAML node on ``location`` that exists."""
+    line = None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key_node = next((k for k, _ in node.value if k.value == part), None)
+            if key_node is None:
+                break
+            line, node = key_node.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line if line is not None else (node.start_mark.line + 1 if node is not None else None)
+
+
+def recipe_schema() -> dict[str, Any]:
+    """JSON Schema of recipes, for editors (``hub-soup schema``)."""
+    return Recipe.model_json_schema()

@@ -1,0 +1,149 @@
+"""Turn what the user typed into an ingredient pinned to one exact commit.
+
+Accepted spellings, tried in this order:
+
+1. a local path that exists (it wins over everything);
+2. ``hf-hub:org/name[@rev]`` (timm's spelling) or ``org/name[@rev]``: a Hub model repo;
+3. a timm model name (``resnet50.a1_in1k``, ``resnet50``): looked up in timm's
+   pretrained configs, which name the Hub repo (and sometimes the file) holding it.
+
+Hub references are pinned to the commit SHA the revision pointed to when the
+soup was made, so the recipe that travels with the soup rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub import HfApi
+
+from hub_soup.errors import RefError, RefNotFoundError
+from hub_soup.hub_errors import hub_errors
+
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """An ingredient, located and pinned.
+
+    Attributes:
+        ref: as the user wrote it.
+        kind: ``local``, ``hub`` or ``timm`` (a timm name, which also lives on the Hub).
+        repo_id: the Hub repo (hub and timm kinds).
+        revision: the revision asked for (branch, tag, SHA), if any.
+        sha: the commit it resolved to.
+        filename: the weights file to use when the repo's config names one (timm).
+        path: the local path (local kind).
+        library: ``timm`` or ``transformers`` when known from the repo.
+        license, pipeline_tag: from the repo's card, carried over to the soup's card.
+    """
+
+    ref: str
+    kind: Literal["local", "hub", "timm"]
+    repo_id: str | None = None
+    revision: str | None = None
+    sha: str | None = None
+    filename: str | None = None
+    path: Path | None = None
+    library: str | None = None
+    license: str | None = None
+    pipeline_tag: str | None = None
+    files: tuple[str, ...] = ()  # the repo's files at ``sha``
+
+    @property
+    def pinned(self) -> str:
+        """``org/name@<sha>`` (or the path): a reference that always gives the same bytes."""
+        if self.kind == "local":
+            return str(self.path)
+        return f"{self.repo_id}@{self.sha}"
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and messages."""
+        if self.kind == "local":
+            return str(self.path)
+        return f"{self.repo_id}@{self.sha[:10]}" if self.sha else str(self.repo_id)
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``)."""
+    if "@" in ref:
+        name, revision = ref.rsplit("@", 1)
+        if not revision:
+            raise RefError(f"{ref!r}: empty revision after '@'")
+        return name, revision
+    return ref, None
+
+
+def resolve_ref(ref: str, revision: str | None = None, *, token: str | bool | None = None) -> ResolvedRef:
+    """Locate one ingredient and pin it (see module docstring for the spellings).
+
+    Args:
+        ref: what the user typed.
+        revision: overrides an ``@rev`` in ``ref``.
+        token: Hub token (``None``: the logged-in one, or ``HF_TOKEN``).
+    """
+    local = Path(ref).expanduser()
+    if local.exists():
+        if revision:
+            raise RefError(f"{ref!r} is a local path: a revision ({revision!r}) makes no sense for it")
+        return ResolvedRef(ref=ref, kind="local", path=local.resolve())
+    name, at = split_revision(ref.removeprefix("hf-hub:"))
+    revision = revision or at
+    if _REPO_ID.match(name):
+        return _resolve_hub(ref, "hub", name, revision, None, token)
+    if not ref.startswith("hf-hub:") and _TIMM_NAME.match(name):
+        return _resolve_timm(ref, name, revision, token)
+    if "/" in ref or ref.startswith((".", "~")):
+        raise RefNotFoundError(f"{ref!r}: no such local path, and it is not a Hub repo id (org/name)")
+    raise RefError(
+        f"{ref!r} is not a path, a Hub repo id (org/name[@revision]) or a timm model name",
+        hint="e.g. ./checkpoints/a, timm/resnet50.a1_in1k, hf-hub:timm/resnet50.a1_in1k, resnet50.a1_in1k",
+    )
+
+
+def _resolve_timm(ref: str, name: str, revision: str | None, token: str | bool | None) -> ResolvedRef:
+    """A timm model name -> the Hub repo named by its pretrained config."""
+    import timm  # heavy: only when a timm name is used
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        cfg = None
+    if cfg is None or not cfg.hf_hub_id:
+        known = timm.list_pretrained()
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        arch = name.split(".", 1)[0]
+        close += [n for n in known if n.startswith(arch + ".") and n not in close][: 5 - len(close)]
+        hint = f"did you mean: {', '.join(close)}" if close else "`timm.list_pretrained('pattern*')` lists the names"
+        why = "has no weights on the Hub" if cfg is not None else "is not a timm pretrained model"
+        raise RefNotFoundError(f"{name!r} {why}", hint=hint)
+    repo_id, cfg_revision = split_revision(cfg.hf_hub_id)
+    return _resolve_hub(ref, "timm", repo_id, revision or cfg_revision, cfg.hf_hub_filename, token)
+
+
+def _resolve_hub(
+    ref: str, kind: Literal["hub", "timm"], repo_id: str, revision: str | None, filename: str | None,
+    token: str | bool | None,
+) -> ResolvedRef:
+    with hub_errors(repo_id, revision, action="resolve"):
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    return ResolvedRef(
+        ref=ref,
+        kind=kind,
+        repo_id=repo_id,
+        revision=revision,
+        sha=info.sha,
+        filename=filename,
+        library=info.library_name or card.get("library_name"),
+        license=card.get("license"),
+        pipeline_tag=info.pipeline_tag or card.get("pipeline_tag"),
+        files=tuple(s.rfilename for s in info.siblings or ()),
+    )

@@ -1,0 +1,82 @@
+"""Do the ingredients share an initialization? Pairwise weight similarity, streamed.
+
+Fine-tunes of one pretrained model stay close to it: their weight vectors have
+cosine similarity near 1 and a small relative distance. Two independent
+trainings of one architecture are nearly orthogonal (cosine near 0, relative
+distance near sqrt(2)), and averaging them usually collapses: the neurons of
+one are a permutation of the other's. Only matrices and kernels (tensors of
+2 or more dimensions) are compared: biases and norm scales start at 0 and 1 in
+every training, so they would make any two models look alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from hub_soup.align import MergePlan
+from hub_soup.read import Checkpoint
+
+# Below this cosine similarity two ingredients are reported as independent trainings.
+SHARED_INIT_COSINE = 0.5
+
+
+@dataclass
+class Similarity:
+    """Pairwise cosine similarity and relative distance of the ingredients' weights."""
+
+    labels: list[str]
+    cosine: list[list[float]]
+    relative_distance: list[list[float]]  # ||a - b|| / mean(||a||, ||b||)
+
+    def independent_pairs(self) -> list[tuple[int, int]]:
+        """Pairs that look like separate trainings rather than fine-tunes of one model."""
+        n = len(self.labels)
+        return [(i, j) for i in range(n) for j in range(i + 1, n) if self.cosine[i][j] < SHARED_INIT_COSINE]
+
+    def table(self) -> str:
+        """A text table: cosine above the diagonal, relative distance below."""
+        width = max(len(label) for label in self.labels)
+        lines = ["weight similarity (cosine above the diagonal, relative distance below):"]
+        header = " " * (width + 4) + "".join(f"{j:>9}" for j in range(len(self.labels)))
+        lines.append(header)
+        for i, label in enumerate(self.labels):
+            cells = []
+            for j in range(len(self.labels)):
+                value = "-" if i == j else f"{(self.cosine if j > i else self.relative_distance)[i][j]:.4f}"
+                cells.append(f"{value:>9}")
+            lines.append(f"[{i}] {label:<{width}}" + "".join(cells))
+        return "\n".join(lines)
+
+
+def weight_similarity(
+    checkpoints: Sequence[Checkpoint], plan: MergePlan, chunk_elements: int = 1 << 20
+) -> Similarity:
+    """Gram matrix of the ingredients' weights (float64), read chunk by chunk."""
+    n = len(checkpoints)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.empty(n, chunk_elements, dtype=torch.float64)
+    buffer = torch.empty(chunk_elements * 8, dtype=torch.uint8)
+    for tensor in plan.tensors:
+        if not tensor.average or len(tensor.meta.shape) < 2:
+            continue
+        for begin in range(0, tensor.meta.numel, chunk_elements):
+            count = min(chunk_elements, tensor.meta.numel - begin)
+            for i, (checkpoint, key) in enumerate(zip(checkpoints, tensor.sources)):
+                rows[i, :count].copy_(checkpoint.read_into(key, begin, count, buffer))
+            block = rows[:, :count]
+            gram += block @ block.T
+    norms = [math.sqrt(max(gram[i, i].item(), 0.0)) for i in range(n)]
+    cosine = [[0.0] * n for _ in range(n)]
+    distance = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            denominator = norms[i] * norms[j]
+            cosine[i][j] = gram[i, j].item() / denominator if denominator else 0.0
+            squared = max(gram[i, i].item() + gram[j, j].item() - 2 * gram[i, j].item(), 0.0)
+            mean_norm = (norms[i] + norms[j]) / 2
+            distance[i][j] = math.sqrt(squared) / mean_norm if mean_norm else 0.0
+    return Similarity([c.label for c in checkpoints], cosine, distance)

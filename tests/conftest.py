@@ -1,0 +1,40 @@
+"""Session-wide loopback Hub (see ``tests/hub_fixtures.py``).
+
+The server starts when this conftest is imported, before any test module imports
+``huggingface_hub``, because the client reads ``HF_ENDPOINT`` at import time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hub_fixtures import TEST_TOKEN, TEST_USER, configure_client_env, start_hub
+from tests.hub_server import HubServer
+
+_ROOT = Path(tempfile.mkdtemp(prefix="hub-soup-tests-"))
+_HUB = start_hub(_ROOT)
+_HUB.add_token(TEST_TOKEN, TEST_USER)
+configure_client_env(_HUB, _ROOT / "hf_home")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _HUB.stop()
+    shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    """The session's server; faults a test armed but did not trigger are dropped after it."""
+    yield _HUB
+    _HUB.reset_faults()
+
+
+@pytest.fixture
+def hub_token() -> str:
+    """A write token of ``TEST_USER``: repos created with it are ``f"{TEST_USER}/<name>"``."""
+    return TEST_TOKEN
