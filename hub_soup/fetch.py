@@ -16,11 +16,12 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+from huggingface_hub.utils import TensorInfo
 
 from hub_soup import files
 from hub_soup.align import Layout
 from hub_soup.errors import CheckpointFormatError, RefNotFoundError
-from hub_soup.hub_errors import hub_errors
+from hub_soup.hub_errors import hub_errors, with_retries
 from hub_soup.read import clean_keys
 from hub_soup.resolve import ResolvedRef
 from hub_soup.safetensors_io import DTYPES, TensorMeta
@@ -79,15 +80,14 @@ def fetch(resolved: ResolvedRef, token: str | bool | None = None) -> Fetched:
     assert resolved.repo_id and resolved.sha
     weights = choose_weights(resolved.files, resolved.filename, resolved.label)
     sidecars = [f for f in resolved.files if files.is_sidecar(f)]
-    with hub_errors(resolved.repo_id, resolved.sha, action="download"):
-        folder = Path(
-            snapshot_download(
-                resolved.repo_id,
-                revision=resolved.sha,
-                allow_patterns=weights + sidecars,
-                token=token,
+
+    def download() -> Path:
+        with hub_errors(resolved.repo_id, resolved.sha, action="download"):
+            return Path(
+                snapshot_download(resolved.repo_id, revision=resolved.sha, allow_patterns=weights + sidecars, token=token)
             )
-        )
+
+    folder = with_retries(download, f"downloading {resolved.label}")
     return Fetched(weights=folder / weights[0], sidecars=[folder / f for f in sidecars])
 
 
@@ -102,18 +102,19 @@ def remote_layout(resolved: ResolvedRef, token: str | bool | None = None) -> Lay
     if not weights[0].endswith((".safetensors", files.SAFETENSORS_INDEX)):
         return None
     api = HfApi()
-    with hub_errors(resolved.repo_id, resolved.sha, action="read the headers of"):
-        try:
-            if weights[0] in (files.SAFETENSORS_SINGLE, files.SAFETENSORS_INDEX):
-                tensors = api.get_safetensors_metadata(resolved.repo_id, revision=resolved.sha, token=token)
-                infos = {name: info for meta in tensors.files_metadata.values() for name, info in meta.tensors.items()}
-            else:
-                meta = api.parse_safetensors_file_metadata(
-                    resolved.repo_id, weights[0], revision=resolved.sha, token=token
-                )
-                infos = dict(meta.tensors)
-        except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
-            raise CheckpointFormatError(f"{resolved.label}: unreadable safetensors header ({exc})") from None
+
+    def read_headers() -> dict[str, TensorInfo]:
+        with hub_errors(resolved.repo_id, resolved.sha, action="read the headers of"):
+            try:
+                if weights[0] in (files.SAFETENSORS_SINGLE, files.SAFETENSORS_INDEX):
+                    repo = api.get_safetensors_metadata(resolved.repo_id, revision=resolved.sha, token=token)
+                    return {n: info for meta in repo.files_metadata.values() for n, info in meta.tensors.items()}
+                meta = api.parse_safetensors_file_metadata(resolved.repo_id, weights[0], revision=resolved.sha, token=token)
+                return dict(meta.tensors)
+            except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
+                raise CheckpointFormatError(f"{resolved.label}: unreadable safetensors header ({exc})") from None
+
+    infos = with_retries(read_headers, f"reading the headers of {resolved.label}")
     metas: dict[str, TensorMeta] = {}
     for name, info in infos.items():
         if info.dtype not in DTYPES:

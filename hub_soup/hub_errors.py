@@ -8,8 +8,10 @@ them, and we only ever format repo ids, revisions and status codes).
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import httpx2
 from huggingface_hub import constants
@@ -24,6 +26,9 @@ from huggingface_hub.errors import (
 )
 
 from hub_soup.errors import AccessError, HubSoupError, NetworkError, RefNotFoundError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOGIN_HINT = "run `hf auth login`, set HF_TOKEN, or pass --token"
 
@@ -74,3 +79,22 @@ def _token_rejected(exc: HfHubHTTPError) -> bool:
     """401 from a bad token (the Hub says so) rather than from an anonymous look at a private repo."""
     text = str(exc).lower()
     return "invalid credentials" in text or "invalid token" in text or "invalid username or password" in text
+
+
+def with_retries(call: Callable[[], T], what: str, attempts: int = 3, backoff: float = 0.5) -> T:
+    """Run ``call``, retrying :class:`NetworkError` (connection lost, 5xx) with exponential backoff.
+
+    A retried download resumes: huggingface_hub keeps the ``.incomplete`` file in
+    its cache and asks the server for the remaining bytes only.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except NetworkError as exc:
+            if attempt == attempts:
+                exc.message += f" (after {attempts} attempts)"
+                raise
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning("%s failed (%s); retrying in %.1fs", what, exc.message, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -198,10 +198,15 @@ def _device(name: str) -> torch.device:
 
 
 def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef]) -> Recipe:
-    """The recipe with every Hub ingredient pinned to the commit it resolved to."""
+    """The recipe with every Hub ingredient pinned to the commit it resolved to.
+
+    Run-time switches that do not change the soup (``overwrite``) are reset, so the
+    same soup always carries the same recipe file (and a re-push changes nothing).
+    """
     ingredients = [
         Ingredient(ref=r.ref.removeprefix("hf-hub:").rsplit("@", 1)[0] if r.kind != "local" else i.ref,
                    revision=r.sha if r.kind != "local" else None, weight=i.weight)
         for i, r in zip(recipe.ingredients, resolved)
     ]
-    return recipe.model_copy(update={"ingredients": ingredients})
+    output = recipe.output.model_copy(update={"overwrite": False})
+    return recipe.model_copy(update={"ingredients": ingredients, "output": output})

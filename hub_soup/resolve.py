@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelInfo
 
 from hub_soup.errors import RefError, RefNotFoundError
-from hub_soup.hub_errors import hub_errors
+from hub_soup.hub_errors import hub_errors, with_retries
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")
@@ -132,8 +132,11 @@ def _resolve_hub(
     ref: str, kind: Literal["hub", "timm"], repo_id: str, revision: str | None, filename: str | None,
     token: str | bool | None,
 ) -> ResolvedRef:
-    with hub_errors(repo_id, revision, action="resolve"):
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
+    def lookup() -> ModelInfo:
+        with hub_errors(repo_id, revision, action="resolve"):
+            return HfApi().model_info(repo_id, revision=revision, token=token)
+
+    info = with_retries(lookup, f"resolving {repo_id}")
     card = info.card_data.to_dict() if info.card_data is not None else {}
     return ResolvedRef(
         ref=ref,
