@@ -10,12 +10,13 @@ when it is imported, so the server must be started (and its port known) before t
 
 Metadata (repos, refs, commits, trees) lives in memory; file contents are stored on disk under
 ``root/objects/<sha256>``, shared by every repo (content addressed, like LFS storage).
-See ``/work/shared/HUB_API.md`` for the endpoint list this server implements.
+See ``/work/shared/HUB_API.md`` for the endpoints the client calls and their shapes.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -23,30 +24,29 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-# The .gitattributes every new repo starts with on the Hub: it decides which paths preupload sends to LFS.
-DEFAULT_GITATTRIBUTES = "".join(
-    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
-        "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*",
-        "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
-    )
-)  # fmt: skip
+# Patterns of the .gitattributes every new repo starts with on the Hub: preupload sends matches to LFS.
+_DEFAULT_LFS_PATTERNS = """
+    *.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz
+    *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar
+    *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*
+""".split()  # noqa: SIM905 (one compact block reads better than 35 quoted items)
+DEFAULT_GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in _DEFAULT_LFS_PATTERNS)
 
 _URL_SEGMENT_TO_TYPE = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _TYPE_TO_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub sends anything bigger to LFS whatever its content
+_LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub sends anything bigger to LFS, whatever its content
 _MAX_BODY_BYTES = 256 * 1024 * 1024  # test payloads are small: anything bigger is a bug, refuse it
 _SOCKET_TIMEOUT_S = 30.0  # a handler thread never waits longer than this on a silent client
 _STREAM_CHUNK = 64 * 1024
@@ -57,12 +57,14 @@ class HubError(Exception):
     """An HTTP error answered the way the Hub does: JSON ``{"error": ...}`` plus ``X-Error-*`` headers,
     which is what ``hf_raise_for_status`` reads to pick the exception class."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] = {}) -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
-        self.headers = dict(headers)
+        self.headers = dict(headers or {})
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -79,6 +81,7 @@ def _now_iso() -> str:
 
 
 def _truthy(value: str | None) -> bool:
+    """Query flags arrive as ``1``, ``true`` or ``True`` depending on the caller."""
     return value is not None and value.lower() in ("1", "true")
 
 
@@ -94,7 +97,7 @@ class Blob:
 
     @property
     def etag(self) -> str:
-        """The Hub's ETag: sha256 for LFS files (also the cache's blob name), git sha1 otherwise."""
+        """The Hub's ETag: sha256 for LFS files (also the download cache's blob name), git sha1 otherwise."""
         return self.sha256 if self.lfs else self.git_oid
 
     @property
@@ -104,7 +107,7 @@ class Blob:
 
 @dataclass(frozen=True)
 class Commit:
-    """An immutable commit: ``tree`` maps every file path to its blob (trees are never mutated)."""
+    """An immutable commit; ``tree`` maps every file path to its blob and is never mutated."""
 
     oid: str
     title: str
@@ -117,7 +120,7 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A repository. ``refs`` holds full ref names (``refs/heads/main``, ``refs/pr/1``) -> commit oid."""
+    """A repository. ``refs`` maps full ref names (``refs/heads/main``, ``refs/pr/1``) to commit oids."""
 
     repo_type: str
     repo_id: str
@@ -134,6 +137,13 @@ class Repo:
         ref = revision if revision.startswith("refs/") else f"refs/heads/{revision}"
         oid = self.refs.get(ref) or (revision if revision in self.commits else None)
         return self.commits[oid] if oid is not None else None
+
+    def history(self, commit: Commit) -> list[Commit]:
+        """``commit`` and its first-parent ancestors, newest first."""
+        history = [commit]
+        while history[-1].parents:
+            history.append(self.commits[history[-1].parents[0]])
+        return history
 
     def url(self, endpoint: str) -> str:
         return f"{endpoint}/{_TYPE_TO_URL_PREFIX[self.repo_type]}{self.repo_id}"
@@ -157,8 +167,32 @@ class _Token:
 
 
 @dataclass
+class _Request:
+    """A parsed request. ``segments`` are unquoted one by one, so ``refs%2Fpr%2F1`` stays one segment."""
+
+    method: str
+    segments: list[str]
+    query: dict[str, list[str]]
+    headers: Message  # case-insensitive: the client sends `authorization` in lower case
+    body: bytes
+    token: _Token | None
+
+    def arg(self, name: str) -> str | None:
+        return self.query.get(name, [None])[0]
+
+    def json(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.body or b"{}")
+        except json.JSONDecodeError as err:
+            raise HubError(400, f"Invalid JSON body: {err}") from err
+        if not isinstance(data, dict):
+            raise HubError(400, "Expected a JSON object")
+        return data
+
+
+@dataclass
 class _Reply:
-    """A response to send: a small in-memory body, or a byte range of a stored object streamed from disk."""
+    """A response: a small in-memory body, or a byte range of a stored object streamed from disk."""
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
@@ -167,6 +201,10 @@ class _Reply:
     offset: int = 0
     length: int = 0
 
+    @property
+    def content_length(self) -> int:
+        return len(self.body) if self.file is None else self.length
+
     def chunks(self) -> Iterator[bytes]:
         if self.file is None:
             yield self.body
@@ -174,21 +212,13 @@ class _Reply:
         with self.file.open("rb") as f:
             f.seek(self.offset)
             left = self.length
-            while left > 0:
-                chunk = f.read(min(_STREAM_CHUNK, left))
-                if not chunk:
-                    return
+            while left > 0 and (chunk := f.read(min(_STREAM_CHUNK, left))):
                 left -= len(chunk)
                 yield chunk
 
-    @property
-    def content_length(self) -> int:
-        return len(self.body) if self.file is None else self.length
 
-
-def _json_reply(obj: Any, status: int = 200, headers: Mapping[str, str] = {}) -> _Reply:
-    body = json.dumps(obj).encode()
-    return _Reply(status, {"Content-Type": "application/json", **headers}, body)
+def _json_reply(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> _Reply:
+    return _Reply(status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(obj).encode())
 
 
 class HubServer:
@@ -196,9 +226,11 @@ class HubServer:
 
     Usage::
 
-        with HubServer(tmp_path).start() as hub:
-            hub.add_token("hf_alice", "alice")
-            os.environ["HF_ENDPOINT"] = hub.endpoint   # before importing huggingface_hub
+        hub = HubServer(tmp_path).start()
+        hub.add_token("hf_alice", "alice")
+        os.environ["HF_ENDPOINT"] = hub.endpoint  # before importing huggingface_hub
+        ...
+        hub.stop()
     """
 
     def __init__(self, root: Path) -> None:
@@ -212,25 +244,22 @@ class HubServer:
         self._upload_tickets: dict[str, tuple[str, int]] = {}  # LFS "presigned" PUT urls -> (sha256, size)
         self._commit_counter = 0
         self._connections: set[socket.socket] = set()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
-        self.requests: list[tuple[str, str]] = []  # (method, decoded path without query), every request
+        self.requests: list[tuple[str, str]] = []  # (method, unquoted path without query) of every request
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def start(self) -> HubServer:
         """Bind a free port now (so ``endpoint`` is known before the client is imported) and serve."""
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        httpd.daemon_threads = True
-        httpd.hub = self  # type: ignore[attr-defined]
-        self._httpd = httpd
-        self.endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
-        self._thread = threading.Thread(target=httpd.serve_forever, name="hub-server", daemon=True)
+        self._httpd = _HTTPServer(self)
+        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and hang up on kept-alive connections, so no handler thread outlives the server."""
+        """Stop serving and hang up kept-alive connections, so no handler thread outlives the server."""
         if self._httpd is None:
             return
         self._httpd.shutdown()
@@ -238,10 +267,8 @@ class HubServer:
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):  # the client closed it already
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the client
         if self._thread is not None:
             self._thread.join(timeout=_SOCKET_TIMEOUT_S)
         self._httpd = None
@@ -259,22 +286,21 @@ class HubServer:
             self._tokens[token] = _Token(user, write)
 
     def add_gated(self, repo_id: str, repo_type: str = "model", granted: Iterable[str] = ()) -> None:
-        """Gate an existing repo: file downloads need its owner or a user in ``granted``
-        (metadata stays readable, as on the Hub)."""
+        """Gate an existing repo (KeyError if missing): file downloads need its owner or a ``granted``
+        user; metadata stays readable, as on the Hub."""
         with self._lock:
             self._repos[(repo_type, repo_id)].gated_granted = set(granted)
 
     def fail_next(self, method: str, path_regex: str, status: int = 500, times: int = 1) -> None:
-        """Answer the next ``times`` requests whose method matches and whose decoded path (no query)
-        matches ``path_regex`` (``re.search``) with ``status``. Note the client retries 429/5xx by
-        itself (with 1 s, 2 s... sleeps) on preupload, LFS batch/PUT/verify and paginated GETs, but
-        not on the commit POST nor on ``create_repo``."""
+        """Answer the next ``times`` requests with this method whose unquoted path (no query) matches
+        ``path_regex`` (``re.search``) with ``status``. The client itself retries 429/5xx (sleeping 1 s,
+        2 s, ...) on preupload, LFS batch/PUT/verify and paginated GETs, not on the commit POST."""
         self._arm(_Fault(method.upper(), re.compile(path_regex), times, status=status))
 
     def cut_next_download(self, path_regex: str, after_bytes: int, times: int = 1) -> None:
         """For the next ``times`` matching GETs, send the headers (full ``Content-Length``) and only
-        ``after_bytes`` bytes of the body, then close the socket. Faults are used in the order armed,
-        so ``cut(p, n)`` then ``cut(p, 0, times=5)`` fails the first try and every in-call resume."""
+        ``after_bytes`` bytes of the body, then close the socket. Faults fire in the order armed, so
+        ``cut(p, n)`` then ``cut(p, 0, times=5)`` also defeats the client's 5 in-call resumes."""
         self._arm(_Fault("GET", re.compile(path_regex), times, cut_after=after_bytes))
 
     def reset_faults(self) -> None:
@@ -299,13 +325,16 @@ class HubServer:
 
     # ------------------------------------------------------------------------------------ introspection
     def commits(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> list[dict[str, Any]]:
-        """History of ``revision`` following first parents, newest first."""
+        """History of ``revision`` following first parents, newest first (KeyError if unknown)."""
         with self._lock:
             repo = self._repos[(repo_type, repo_id)]
-            return [{"oid": c.oid, "title": c.title, "parents": list(c.parents)} for c in self._history(repo, revision)]
+            head = repo.resolve(revision)
+            if head is None:
+                raise KeyError(revision)
+            return [{"oid": c.oid, "title": c.title, "parents": list(c.parents)} for c in repo.history(head)]
 
     def files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> dict[str, bytes]:
-        """Current file contents at ``revision``."""
+        """Current file contents at ``revision`` (KeyError if unknown)."""
         with self._lock:
             commit = self._repos[(repo_type, repo_id)].resolve(revision)
         if commit is None:
@@ -317,7 +346,7 @@ class HubServer:
         return self._objects / sha256
 
     def _store(self, data: bytes) -> str:
-        """Write content-addressed bytes atomically (concurrent uploads of one object are harmless)."""
+        """Write content-addressed bytes atomically, so concurrent uploads of one object are harmless."""
         sha256 = hashlib.sha256(data).hexdigest()
         target = self._object_path(sha256)
         if not target.exists():
@@ -334,32 +363,26 @@ class HubServer:
     def _regular_blob(self, data: bytes) -> Blob:
         return Blob(self._store(data), len(data), lfs=False, git_oid=git_blob_oid(data))
 
-    @staticmethod
-    def _lfs_blob(sha256: str, size: int) -> Blob:
+    def _lfs_blob(self, sha256: str, size: int | None) -> Blob:
+        """``size`` is None when the client copies an LFS file: take it from storage."""
+        size = self._object_path(sha256).stat().st_size if size is None else size
         return Blob(sha256, size, lfs=True, git_oid=git_blob_oid(_lfs_pointer(sha256, size)))
 
     # -------------------------------------------------------------------------------------- repo state
-    def _new_commit(self, repo: Repo, parents: tuple[str, ...], title: str, message: str,
-                    tree: Mapping[str, Blob], author: str) -> Commit:  # fmt: skip
-        """Record a commit. Its oid is a sha1 over a per-server counter, parents and tree: real-looking,
-        deterministic for a given sequence of operations, and unique even for identical content."""
+    def _new_commit(
+        self, repo: Repo, parent: Commit | None, title: str, message: str, *, tree: Mapping[str, Blob], author: str
+    ) -> Commit:
+        """Record a commit (lock held). Its oid is a sha1 over a per-server counter, parent and tree:
+        real-looking, deterministic for a given sequence of operations, unique even for equal content."""
         self._commit_counter += 1
+        parents = (parent.oid,) if parent is not None else ()
         listing = "".join(f"{path}\0{blob.git_oid}\n" for path, blob in sorted(tree.items()))
-        seed = f"{self._commit_counter}\n{','.join(parents)}\n{title}\n{message}\n{listing}"
-        commit = Commit(hashlib.sha1(seed.encode()).hexdigest(), title, message, parents, dict(tree), author, _now_iso())
-        repo.commits[commit.oid] = commit
+        oid = hashlib.sha1(f"{self._commit_counter}\n{parents}\n{title}\n{message}\n{listing}".encode()).hexdigest()
+        commit = Commit(oid, title, message, parents, dict(tree), author, _now_iso())
+        repo.commits[oid] = commit
         return commit
 
-    def _history(self, repo: Repo, revision: str) -> list[Commit]:
-        commit = repo.resolve(revision)
-        if commit is None:
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        history = [commit]
-        while history[-1].parents:
-            history.append(repo.commits[history[-1].parents[0]])
-        return history
-
-    def _user(self, authorization: str | None) -> _Token | None:
+    def _token(self, authorization: str | None) -> _Token | None:
         """Anonymous -> None; a known token -> its user; anything else -> 401 on every endpoint, like the Hub."""
         if not authorization:
             return None
@@ -371,15 +394,15 @@ class HubServer:
         return found
 
     def _readable(self, repo_type: str, repo_id: str, token: _Token | None) -> Repo:
-        """The Hub hides private repos behind the same answer as missing ones: 401 when anonymous (so
-        the client suggests logging in), 404 when authenticated; both carry ``RepoNotFound``."""
+        """The Hub hides private repos behind the same answer as missing ones: 401 when anonymous (so the
+        client suggests logging in), 404 when authenticated; both carry ``RepoNotFound``. Lock held."""
         repo = self._repos.get((repo_type, repo_id))
         if repo is None or (repo.private and (token is None or token.user != repo.owner)):
-            status = 401 if token is None else 404
-            raise HubError(status, "Repository not found", "RepoNotFound")
+            raise HubError(401 if token is None else 404, "Repository not found", "RepoNotFound")
         return repo
 
     def _writable(self, repo_type: str, repo_id: str, token: _Token | None) -> Repo:
+        """Writes need the owner's write token. Lock held."""
         repo = self._readable(repo_type, repo_id, token)
         if token is None:
             raise HubError(401, "You must be authenticated to write to a repository")
@@ -389,16 +412,16 @@ class HubServer:
             raise HubError(403, "You have read access but not the required permissions for this operation")
         return repo
 
-    def _check_gate(self, repo: Repo, token: _Token | None) -> None:
+    @staticmethod
+    def _check_gate(repo: Repo, token: _Token | None) -> None:
         user = token.user if token is not None else None
         if repo.gated_granted is None or user == repo.owner or user in repo.gated_granted:
             return
-        raise HubError(
-            401 if user is None else 403,
+        message = (
             f"Access to {repo.repo_type} {repo.repo_id} is restricted. You must have access to it and be"
-            " authenticated to access it. Please log in.",
-            "GatedRepo",
+            " authenticated to access it. Please log in."
         )
+        raise HubError(401 if user is None else 403, message, "GatedRepo")
 
     @staticmethod
     def _commit_of(repo: Repo, revision: str) -> Commit:
@@ -408,20 +431,21 @@ class HubServer:
         return commit
 
     def _is_lfs_path(self, tree: Mapping[str, Blob], path: str) -> bool:
-        """Whether ``.gitattributes`` at this tree routes ``path`` to LFS (pattern without ``/`` matches
-        the basename, otherwise the whole path, as in git)."""
+        """Whether ``.gitattributes`` in ``tree`` routes ``path`` to LFS. As in git, a pattern without
+        ``/`` matches the basename, otherwise the whole path."""
         attributes = tree.get(".gitattributes")
         if attributes is None:
             return False
         basename = path.rsplit("/", 1)[-1]
         for line in self._object_path(attributes.sha256).read_text().splitlines():
             pattern, *attrs = line.split() or [""]
-            if "filter=lfs" in attrs and fnmatch.fnmatchcase(basename if "/" not in pattern else path, pattern):
+            if "filter=lfs" in attrs and fnmatch.fnmatchcase(path if "/" in pattern else basename, pattern):
                 return True
         return False
 
     # ----------------------------------------------------------------------------------------- handlers
-    def _create_repo(self, body: dict[str, Any], token: _Token | None) -> _Reply:
+    def _create_repo(self, request: _Request) -> _Reply:
+        token, body = request.token, request.json()
         if token is None or not token.write:
             raise HubError(401 if token is None else 403, "You need a write token to create a repository")
         repo_type = body.get("type") or "model"
@@ -431,24 +455,24 @@ class HubServer:
         private = bool(body.get("private")) or body.get("visibility") == "private"
         with self._lock:
             existing = self._repos.get((repo_type, repo_id))
-            if existing is not None:
-                # The client reads `url` from the 409 body too when `exist_ok=True`.
-                return _json_reply(
-                    {"error": f"You already created this {repo_type} repo", "url": existing.url(self.endpoint)}, 409
-                )
+            if existing is not None:  # with exist_ok=True the client reads `url` from this 409 body
+                error = {"error": f"You already created this {repo_type} repo", "url": existing.url(self.endpoint)}
+                return _json_reply(error, 409)
             repo = Repo(repo_type, repo_id, owner=token.user, private=private, created_at=_now_iso())
             tree = {".gitattributes": self._regular_blob(DEFAULT_GITATTRIBUTES.encode())}
-            commit = self._new_commit(repo, (), "initial commit", "", tree, token.user)
-            repo.refs["refs/heads/main"] = commit.oid
+            repo.refs["refs/heads/main"] = self._new_commit(
+                repo, None, "initial commit", "", tree=tree, author=token.user
+            ).oid
             self._repos[(repo_type, repo_id)] = repo
         return _json_reply({"url": repo.url(self.endpoint), "name": repo_id})
 
-    def _delete_repo(self, body: dict[str, Any], token: _Token | None) -> _Reply:
+    def _delete_repo(self, request: _Request) -> _Reply:
+        body = request.json()
         repo_type = body.get("type") or "model"
-        repo_id = f"{body.get('organization') or (token.user if token else '')}/{body['name']}"
+        namespace = body.get("organization") or (request.token.user if request.token else "")
         with self._lock:
-            self._writable(repo_type, repo_id, token)
-            del self._repos[(repo_type, repo_id)]
+            self._writable(repo_type, f"{namespace}/{body['name']}", request.token)
+            del self._repos[(repo_type, f"{namespace}/{body['name']}")]
         return _Reply(200)
 
     def _repo_info(self, repo: Repo, revision: str, blobs: bool) -> _Reply:
@@ -461,8 +485,7 @@ class HubServer:
                 if blob.lfs:
                     sibling["lfs"] = {"sha256": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}
             siblings.append(sibling)
-        return _json_reply({
-            "_id": hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24],
+        info = {
             "id": repo.repo_id,
             "author": repo.repo_id.split("/")[0],
             "sha": commit.oid,
@@ -471,14 +494,14 @@ class HubServer:
             "disabled": False,
             "createdAt": repo.created_at,
             "lastModified": commit.date,
-            "tags": [],
-            "downloads": 0,
-            "likes": 0,
             "siblings": siblings,
-        })  # fmt: skip
+        }
+        return _json_reply(info)
 
-    def _entry(self, repo: Repo, commit: Commit, path: str, expand: bool) -> dict[str, Any] | None:
-        """The tree API's description of ``path`` (file or directory) at ``commit``, None if absent."""
+    @staticmethod
+    def _entry(repo: Repo, commit: Commit, path: str, expand: bool) -> dict[str, Any] | None:
+        """The tree API's description of ``path`` (file or directory) at ``commit``, None if absent.
+        ``expand`` adds the last commit that changed it (HfFileSystem asks for it)."""
         oid = _entry_oid(commit.tree, path)
         if oid is None:
             return None
@@ -490,7 +513,7 @@ class HubServer:
             entry = {"type": "file", "path": path, "oid": oid, "size": blob.size}
             if blob.lfs:
                 entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}
-        if expand:  # last commit that changed the entry, walking first parents while it is unchanged
+        if expand:
             last = commit
             while last.parents and _entry_oid(repo.commits[last.parents[0]].tree, path) == oid:
                 last = repo.commits[last.parents[0]]
@@ -501,41 +524,27 @@ class HubServer:
         commit = self._commit_of(repo, revision)
         prefix = f"{base}/" if base else ""
         if base and (base in commit.tree or not any(p.startswith(prefix) for p in commit.tree)):
-            raise HubError(404, f"{base} is not a directory at {revision}", "EntryNotFound",
-                           {"X-Repo-Commit": commit.oid})  # fmt: skip
+            message = f"{base} is not a directory at {revision}"
+            raise HubError(404, message, "EntryNotFound", {"X-Repo-Commit": commit.oid})
         dirs: set[str] = set()
         files: list[str] = []
         for path in commit.tree:
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix) :].split("/")
-            depth = len(parts) if recursive else 1
-            dirs.update(prefix + "/".join(parts[:i]) for i in range(1, min(depth, len(parts) - 1) + 1))
+            deepest_dir = len(parts) - 1 if recursive else min(1, len(parts) - 1)
+            dirs.update(prefix + "/".join(parts[:depth]) for depth in range(1, deepest_dir + 1))
             if recursive or len(parts) == 1:
                 files.append(path)
-        paths = sorted(dirs) + sorted(files)
-        return _json_reply([self._entry(repo, commit, p, expand) for p in paths])
+        return _json_reply([self._entry(repo, commit, path, expand) for path in sorted(dirs) + sorted(files)])
 
-    def _paths_info(self, repo: Repo, revision: str, paths: list[str], expand: bool) -> _Reply:
+    def _paths_info(self, repo: Repo, revision: str, form_body: bytes) -> _Reply:
+        """The client posts a form (``paths`` repeated, ``expand``); absent paths are left out."""
+        form = parse_qs(form_body.decode())
         commit = self._commit_of(repo, revision)
-        entries = (self._entry(repo, commit, p.strip("/"), expand) for p in paths)
-        return _json_reply([e for e in entries if e is not None])
-
-    def _refs(self, repo: Repo, include_prs: bool) -> _Reply:
-        def infos(prefix: str) -> list[dict[str, str]]:
-            return [{"name": ref.removeprefix(prefix) if prefix == "refs/heads/" else ref, "ref": ref,
-                     "targetCommit": oid} for ref, oid in sorted(repo.refs.items()) if ref.startswith(prefix)]  # fmt: skip
-
-        refs: dict[str, Any] = {"branches": infos("refs/heads/"), "converts": [], "tags": []}
-        if include_prs:
-            refs["pullRequests"] = infos("refs/pr/")
-        return _json_reply(refs)
-
-    def _list_commits(self, repo: Repo, revision: str) -> _Reply:
-        return _json_reply([
-            {"id": c.oid, "title": c.title, "message": c.message, "authors": [{"user": c.author}], "date": c.date}
-            for c in self._history(repo, revision)
-        ])  # fmt: skip
+        expand = _truthy(form.get("expand", [None])[0])
+        entries = (self._entry(repo, commit, path.strip("/"), expand) for path in form.get("paths", []))
+        return _json_reply([entry for entry in entries if entry is not None])
 
     def _preupload(self, repo: Repo, revision: str, body: dict[str, Any]) -> _Reply:
         """Tell the client how to upload each file, and the current remote ``oid`` (sha256 for LFS,
@@ -547,22 +556,24 @@ class HubServer:
             sample = base64.b64decode(item.get("sample", ""))
             lfs = size > 0 and (size > _LFS_SIZE_THRESHOLD or b"\0" in sample or self._is_lfs_path(tree, path))
             remote = tree.get(path)
-            oid = None if remote is None else remote.sha256 if remote.lfs else remote.git_oid
+            oid = None if remote is None else remote.etag
             files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
-        return _json_reply({"files": files, "commitOid": self._commit_of(repo, revision).oid})
+        return _json_reply({"files": files})
 
-    def _commit(self, repo: Repo, revision: str, body: bytes, create_pr: bool, user: str) -> _Reply:
+    def _commit(self, repo: Repo, revision: str, request: _Request) -> _Reply:
         """Apply an ndjson commit on top of the branch (or PR ref) head, atomically: any error leaves
-        the repo untouched. ``create_pr`` puts the commit on a new ``refs/pr/N`` instead."""
-        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        the repo untouched. With ``create_pr`` the commit goes to a new ``refs/pr/N`` instead."""
+        assert request.token is not None  # checked by _writable
+        lines = [json.loads(line) for line in request.body.splitlines() if line.strip()]
         header = next((line["value"] for line in lines if line.get("key") == "header"), None)
         if header is None or not header.get("summary"):
-            raise HubError(400, "Commit header with a summary is required")
-        # Regular contents are stored before taking the lock: content-addressed, so harmless on failure.
+            raise HubError(400, "A commit header with a summary is required")
+        # Regular contents are stored before taking the lock: content addressed, so harmless on failure.
         regular = {
             line["value"]["path"]: self._regular_blob(base64.b64decode(line["value"]["content"]))
-            for line in lines if line.get("key") == "file"
-        }  # fmt: skip
+            for line in lines
+            if line.get("key") == "file"
+        }
         ref = revision if revision.startswith("refs/") else f"refs/heads/{revision}"
         with self._lock:
             if ref not in repo.refs:
@@ -576,26 +587,26 @@ class HubServer:
                 if key == "file":
                     tree[value["path"]] = regular[value["path"]]
                 elif key == "lfsFile":
-                    size = value.get("size")  # absent when the client copies an LFS file
-                    if not self._has_object(value["oid"], size):
-                        raise HubError(400, f"LFS object {value['oid']} for {value['path']} was not uploaded")
-                    tree[value["path"]] = self._lfs_blob(value["oid"], size or self._object_path(value["oid"]).stat().st_size)
+                    if not self._has_object(value["oid"], value.get("size")):
+                        raise HubError(400, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                    tree[value["path"]] = self._lfs_blob(value["oid"], value.get("size"))
                 elif key in ("deletedFile", "deletedFolder"):
                     path = value["path"].strip("/")
-                    doomed = [p for p in tree if (p == path if key == "deletedFile" else p.startswith(f"{path}/"))]
+                    doomed = [p for p in tree if p == path or (key == "deletedFolder" and p.startswith(f"{path}/"))]
                     if not doomed:
                         raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     for p in doomed:
                         del tree[p]
                 elif key != "header":
                     raise HubError(400, f"Unsupported commit operation: {key}")
-            commit = self._new_commit(repo, (parent.oid,), header["summary"], header.get("description") or "", tree, user)
-            reply: dict[str, Any] = {"commitOid": commit.oid, "commitUrl": f"{repo.url(self.endpoint)}/commit/{commit.oid}"}
-            if create_pr:
-                number = repo.next_discussion
+            title, message = header["summary"], header.get("description") or ""
+            commit = self._new_commit(repo, parent, title, message, tree=tree, author=request.token.user)
+            url = repo.url(self.endpoint)
+            reply: dict[str, Any] = {"commitOid": commit.oid, "commitUrl": f"{url}/commit/{commit.oid}"}
+            if _truthy(request.arg("create_pr")):
+                ref = f"refs/pr/{repo.next_discussion}"
+                reply["pullRequestUrl"] = f"{url}/discussions/{repo.next_discussion}"
                 repo.next_discussion += 1
-                ref = f"refs/pr/{number}"
-                reply["pullRequestUrl"] = f"{repo.url(self.endpoint)}/discussions/{number}"
             repo.refs[ref] = commit.oid
         return _json_reply(reply)
 
@@ -608,16 +619,15 @@ class HubServer:
         return _Reply(200)
 
     def _lfs_batch(self, repo: Repo, body: dict[str, Any]) -> _Reply:
-        """Basic transfer only: the client never asks for multipart on its own (the server would have
-        to send ``chunk_size``). The PUT urls carry a random ticket, like presigned S3 urls, because the
-        client sends no credentials with them."""
+        """Basic transfers only (multipart happens only when the server sends ``chunk_size``). PUT urls
+        carry a random ticket, like presigned S3 urls, because the client sends no credentials there."""
         if body.get("operation") != "upload":
             raise HubError(400, "Only the upload operation is supported")
         objects = []
         for obj in body.get("objects", []):
             oid, size = obj["oid"], int(obj["size"])
-            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if not self._has_object(oid, size):  # no `actions`: the client skips objects already stored
+            entry: dict[str, Any] = {"oid": oid, "size": size}
+            if not self._has_object(oid, size):  # without `actions` the client skips the object
                 ticket = secrets.token_urlsafe(16)
                 with self._lock:
                     self._upload_tickets[ticket] = (oid, size)
@@ -626,7 +636,8 @@ class HubServer:
                     "verify": {"href": f"{repo.url(self.endpoint)}.git/info/lfs/objects/verify"},
                 }
             objects.append(entry)
-        return _json_reply({"transfer": "basic", "objects": objects}, headers={"Content-Type": "application/vnd.git-lfs+json"})
+        lfs_json = {"Content-Type": "application/vnd.git-lfs+json"}
+        return _json_reply({"transfer": "basic", "objects": objects}, headers=lfs_json)
 
     def _lfs_upload(self, ticket: str, data: bytes) -> _Reply:
         with self._lock:
@@ -634,7 +645,7 @@ class HubServer:
         if expected is None:
             raise HubError(404, "Unknown upload url")
         if (hashlib.sha256(data).hexdigest(), len(data)) != expected:
-            raise HubError(400, "Uploaded content does not match the announced oid/size")
+            raise HubError(400, "Uploaded content does not match the announced oid and size")
         self._store(data)
         return _Reply(200, {"ETag": f'"{hashlib.md5(data).hexdigest()}"'})
 
@@ -644,8 +655,8 @@ class HubServer:
         return _Reply(200)
 
     def _resolve(self, repo: Repo, revision: str, path: str, range_header: str | None) -> _Reply:
-        """Serve a file without redirects, with the headers ``hf_hub_download`` relies on: it needs
-        ``X-Repo-Commit`` and an ETag (``X-Linked-*`` take precedence for LFS) and resumes with Range."""
+        """Serve a file without redirects, with what ``hf_hub_download`` needs: ``X-Repo-Commit``, an
+        ETag (``X-Linked-*`` take precedence for LFS), the size, and ``Range`` to resume."""
         commit = self._commit_of(repo, revision)
         blob = commit.tree.get(path)
         if blob is None:
@@ -666,47 +677,34 @@ class HubServer:
         return _Reply(206, headers, file=self._object_path(blob.sha256), offset=start, length=end - start + 1)
 
     # ------------------------------------------------------------------------------------------ routing
-    def _route(self, method: str, segments: list[str], query: dict[str, list[str]], headers: Mapping[str, str],
-               body: bytes) -> _Reply:  # fmt: skip
-        """Dispatch on path segments, each already unquoted (so ``refs%2Fpr%2F1`` stays one segment)."""
-        token = self._user(headers.get("Authorization"))
-
-        def arg(name: str) -> str | None:
-            return query.get(name, [None])[0]
-
-        def json_body() -> dict[str, Any]:
-            try:
-                return json.loads(body or b"{}")
-            except json.JSONDecodeError as err:
-                raise HubError(400, f"Invalid JSON body: {err}") from err
-
-        match segments:
+    def _route(self, request: _Request) -> _Reply:
+        method = request.method
+        match request.segments:
             case ["api", "whoami-v2"] if method == "GET":
-                if token is None:
+                if request.token is None:
                     raise HubError(401, "You must be authenticated")
-                role = "write" if token.write else "read"
-                return _json_reply({"type": "user", "name": token.user, "fullname": token.user, "orgs": [],
-                                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})  # fmt: skip
+                role = "write" if request.token.write else "read"
+                auth = {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}
+                return _json_reply({"type": "user", "name": request.token.user, "orgs": [], "auth": auth})
             case ["api", "validate-yaml"] if method == "POST":
                 return _json_reply({"errors": [], "warnings": []})
             case ["api", "repos", "create"] if method == "POST":
-                return self._create_repo(json_body(), token)
+                return self._create_repo(request)
             case ["api", "repos", "delete"] if method == "DELETE":
-                return self._delete_repo(json_body(), token)
+                return self._delete_repo(request)
             case ["api", ("models" | "datasets" | "spaces") as kind, namespace, name, *rest]:
-                return self._route_repo_api(method, _URL_SEGMENT_TO_TYPE[kind], f"{namespace}/{name}", rest, token,
-                                            arg, json_body, body)  # fmt: skip
+                return self._route_repo_api(request, _URL_SEGMENT_TO_TYPE[kind], f"{namespace}/{name}", rest)
             case ["lfs-upload", ticket] if method == "PUT":
-                return self._lfs_upload(ticket, body)
+                return self._lfs_upload(ticket, request.body)
             case [("datasets" | "spaces") as kind, namespace, name, *rest]:
-                return self._route_repo_files(method, _URL_SEGMENT_TO_TYPE[kind], namespace, name, rest, token,
-                                              headers, json_body)  # fmt: skip
+                return self._route_repo_files(request, _URL_SEGMENT_TO_TYPE[kind], namespace, name, rest)
             case [namespace, name, *rest]:
-                return self._route_repo_files(method, "model", namespace, name, rest, token, headers, json_body)
-        raise HubError(404, f"No route for {method} /{'/'.join(segments)}")
+                return self._route_repo_files(request, "model", namespace, name, rest)
+        raise HubError(404, f"No route for {method} /{'/'.join(request.segments)}")
 
-    def _route_repo_api(self, method: str, repo_type: str, repo_id: str, rest: list[str], token: _Token | None,
-                        arg: Any, json_body: Any, body: bytes) -> _Reply:  # fmt: skip
+    def _route_repo_api(self, request: _Request, repo_type: str, repo_id: str, rest: list[str]) -> _Reply:
+        """``/api/{type}s/{repo_id}/...``: metadata reads, preupload, commit, branches."""
+        method, token = request.method, request.token
         if rest and rest[0].startswith("xet-"):
             raise HubError(501, "Xet storage is not supported by this test server: set HF_HUB_DISABLE_XET=1")
         if method == "GET":
@@ -714,51 +712,73 @@ class HubServer:
                 repo = self._readable(repo_type, repo_id, token)
                 match rest:
                     case []:
-                        return self._repo_info(repo, "main", _truthy(arg("blobs")))
-                    case ["revision", *rev] if rev:
-                        return self._repo_info(repo, "/".join(rev), _truthy(arg("blobs")))
-                    case ["tree", rev, *path]:
-                        return self._tree(repo, rev, "/".join(path).strip("/"), _truthy(arg("recursive")),
-                                          _truthy(arg("expand")))  # fmt: skip
+                        return self._repo_info(repo, "main", _truthy(request.arg("blobs")))
+                    case ["revision", *revision] if revision:
+                        return self._repo_info(repo, "/".join(revision), _truthy(request.arg("blobs")))
+                    case ["tree", revision, *path]:
+                        recursive, expand = _truthy(request.arg("recursive")), _truthy(request.arg("expand"))
+                        return self._tree(repo, revision, "/".join(path).strip("/"), recursive, expand)
                     case ["refs"]:
-                        return self._refs(repo, _truthy(arg("include_prs")))
-                    case ["commits", rev]:
-                        return self._list_commits(repo, rev)
-        elif method == "POST" and rest[:1] == ["paths-info"] and len(rest) == 2:
-            # The client posts a form (`paths` repeated); accept JSON too.
-            is_json = body.lstrip().startswith(b"{")
-            form = {} if is_json else parse_qs(body.decode())
-            paths = json_body().get("paths", []) if is_json else form.get("paths", [])
-            expand = bool(json_body().get("expand")) if is_json else _truthy(form.get("expand", [None])[0])
-            with self._lock:
-                return self._paths_info(self._readable(repo_type, repo_id, token), rest[1], paths, expand)
-        elif method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit", "branch"):
-            with self._lock:
-                repo = self._writable(repo_type, repo_id, token)
-            assert token is not None  # _writable guarantees it
-            if rest[0] == "preupload":
-                with self._lock:
-                    return self._preupload(repo, rest[1], json_body())
-            if rest[0] == "commit":
-                return self._commit(repo, rest[1], body, _truthy(arg("create_pr")), token.user)
-            return self._create_branch(repo, rest[1], json_body())
+                        return self._refs(repo, _truthy(request.arg("include_prs")))
+                    case ["commits", revision]:
+                        return self._list_commits(repo, revision)
+        elif method == "POST":
+            match rest:
+                case ["paths-info", revision]:
+                    with self._lock:
+                        return self._paths_info(self._readable(repo_type, repo_id, token), revision, request.body)
+                case ["preupload", revision]:
+                    with self._lock:
+                        return self._preupload(self._writable(repo_type, repo_id, token), revision, request.json())
+                case ["commit", revision]:
+                    with self._lock:
+                        repo = self._writable(repo_type, repo_id, token)
+                    return self._commit(repo, revision, request)  # stores blobs, then takes the lock
+                case ["branch", branch]:
+                    with self._lock:
+                        repo = self._writable(repo_type, repo_id, token)
+                    return self._create_branch(repo, branch, request.json())
         raise HubError(404, f"No route for {method} /api/{repo_type}s/{repo_id}/{'/'.join(rest)}")
 
-    def _route_repo_files(self, method: str, repo_type: str, namespace: str, name: str, rest: list[str],
-                          token: _Token | None, headers: Mapping[str, str], json_body: Any) -> _Reply:  # fmt: skip
-        if method == "POST" and name.endswith(".git") and rest[:3] == ["info", "lfs", "objects"] and len(rest) == 4:
-            with self._lock:
-                repo = self._writable(repo_type, f"{namespace}/{name.removesuffix('.git')}", token)
-            if rest[3] == "batch":
-                return self._lfs_batch(repo, json_body())
-            if rest[3] == "verify":
-                return self._lfs_verify(json_body())
-        if method in ("GET", "HEAD") and len(rest) >= 3 and rest[0] == "resolve":
-            with self._lock:
-                repo = self._readable(repo_type, f"{namespace}/{name}", token)
-                self._check_gate(repo, token)
-                return self._resolve(repo, rest[1], "/".join(rest[2:]), headers.get("Range"))
-        raise HubError(404, f"No route for {method} {namespace}/{name}/{'/'.join(rest)}")
+    def _route_repo_files(
+        self, request: _Request, repo_type: str, namespace: str, name: str, rest: list[str]
+    ) -> _Reply:
+        """``/{prefix}{repo_id}/resolve/...`` downloads and ``/{prefix}{repo_id}.git/info/lfs/...`` uploads."""
+        method, token = request.method, request.token
+        git_url = name.endswith(".git")
+        match rest:
+            case ["info", "lfs", "objects", ("batch" | "verify") as action] if git_url and method == "POST":
+                with self._lock:
+                    repo = self._writable(repo_type, f"{namespace}/{name.removesuffix('.git')}", token)
+                return self._lfs_batch(repo, request.json()) if action == "batch" else self._lfs_verify(request.json())
+            case ["resolve", revision, *path] if method in ("GET", "HEAD") and path:
+                with self._lock:
+                    repo = self._readable(repo_type, f"{namespace}/{name}", token)
+                    self._check_gate(repo, token)
+                    return self._resolve(repo, revision, "/".join(path), request.headers.get("Range"))
+        raise HubError(404, f"No route for {method} /{namespace}/{name}/{'/'.join(rest)}")
+
+    @staticmethod
+    def _refs(repo: Repo, include_prs: bool) -> _Reply:
+        def infos(prefix: str) -> list[dict[str, str]]:
+            return [
+                {"name": ref.removeprefix("refs/heads/"), "ref": ref, "targetCommit": oid}
+                for ref, oid in sorted(repo.refs.items())
+                if ref.startswith(prefix)
+            ]
+
+        refs: dict[str, Any] = {"branches": infos("refs/heads/"), "converts": [], "tags": []}
+        if include_prs:
+            refs["pullRequests"] = infos("refs/pr/")
+        return _json_reply(refs)
+
+    def _list_commits(self, repo: Repo, revision: str) -> _Reply:
+        return _json_reply(
+            [
+                {"id": c.oid, "title": c.title, "message": c.message, "authors": [{"user": c.author}], "date": c.date}
+                for c in repo.history(self._commit_of(repo, revision))
+            ]
+        )
 
 
 def _entry_oid(tree: Mapping[str, Blob], path: str) -> str | None:
@@ -772,8 +792,8 @@ def _entry_oid(tree: Mapping[str, Blob], path: str) -> str | None:
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """Single ``bytes=`` range -> inclusive (start, end); None to serve the whole file (no or
-    malformed header); 416 when it starts past the end (the client treats that as 'already complete')."""
+    """A single ``bytes=`` range -> inclusive (start, end); None serves the whole file (no header, or
+    one we do not parse); 416 when it starts past the end (the client reads that as 'complete')."""
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header or "")
     if match is None or not (match[1] or match[2]):
         return None
@@ -786,32 +806,43 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Parses one request, applies armed faults, and writes the :class:`_Reply` from the server.
+class _HTTPServer(ThreadingHTTPServer):
+    """Threaded server bound to a free loopback port, knowing its :class:`HubServer`."""
 
-    HTTP/1.1 keep-alive, because the client's connection pool reuses sockets; every response
-    therefore carries an exact ``Content-Length``."""
+    daemon_threads = True
+
+    def __init__(self, hub: HubServer) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.hub = hub
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client hanging up mid-response (aborted or partial reads) is normal; report anything else."""
+        if not isinstance(sys.exception(), ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Parses one request, applies armed faults, and writes the server's :class:`_Reply`.
+
+    Speaks HTTP/1.1 keep-alive because the client pools connections; every response therefore
+    carries an exact ``Content-Length``."""
 
     protocol_version = "HTTP/1.1"
-    timeout = _SOCKET_TIMEOUT_S  # applied to the socket by StreamRequestHandler.setup
-    server: ThreadingHTTPServer
-
-    @property
-    def hub(self) -> HubServer:
-        return self.server.hub  # type: ignore[attr-defined]
+    timeout = _SOCKET_TIMEOUT_S  # set on the socket by StreamRequestHandler.setup
+    server: _HTTPServer
 
     def setup(self) -> None:
         super().setup()
-        with self.hub._lock:
-            self.hub._connections.add(self.connection)
+        with self.server.hub._lock:
+            self.server.hub._connections.add(self.connection)
 
     def finish(self) -> None:
-        with self.hub._lock:
-            self.hub._connections.discard(self.connection)
+        with self.server.hub._lock:
+            self.server.hub._connections.discard(self.connection)
         super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Silence per-request stderr logging; tests read ``HubServer.requests`` instead."""
+        """Silence per-request logging on stderr; tests read ``HubServer.requests`` instead."""
 
     def do_GET(self) -> None:
         self._handle()
@@ -819,52 +850,51 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def _handle(self) -> None:
+        hub = self.server.hub
         url = urlsplit(self.path)
         # Split first, then unquote each segment: a revision like `refs%2Fpr%2F1` is one segment.
-        segments = [unquote(s) for s in url.path.split("/")[1:]]
-        if segments and segments[-1] == "" and len(segments) > 1:
-            segments.pop()
+        segments = [unquote(s) for s in url.path.strip("/").split("/")]
         path = "/" + "/".join(segments)
-        self.hub.requests.append((self.command, path))
+        hub.requests.append((self.command, path))
         cut_after: int | None = None
         try:
             body = self._read_body()
-            fault = self.hub._take_fault(self.command, path)
+            fault = hub._take_fault(self.command, path)
             if fault is not None and fault.cut_after is None:
                 raise HubError(fault.status, f"Injected failure ({fault.status}) for {self.command} {path}")
             cut_after = fault.cut_after if fault is not None else None
-            reply = self.hub._route(self.command, segments, parse_qs(url.query), self.headers, body)
+            token = hub._token(self.headers.get("Authorization"))
+            reply = hub._route(_Request(self.command, segments, parse_qs(url.query), self.headers, body, token))
         except HubError as err:
             reply = _json_reply({"error": err.message}, err.status, {**err.headers, "X-Error-Message": err.message})
             if err.code is not None:
                 reply.headers["X-Error-Code"] = err.code
-        except (KeyError, TypeError, ValueError) as err:  # malformed payloads are the client's fault
-            reply = _json_reply({"error": f"Bad request: {err!r}"}, 400)
+        except (KeyError, ValueError) as err:  # a payload missing a field or with a bad value
+            reply = _json_reply({"error": f"Malformed request: {err!r}"}, 400)
         self._send(reply, cut_after)
 
     def _read_body(self) -> bytes:
-        """Read the whole request body (Content-Length or chunked, as httpx streams file uploads),
-        bounded by ``_MAX_BODY_BYTES``; the socket timeout bounds the wait."""
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            parts: list[bytes] = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                total += size
-                if total > _MAX_BODY_BYTES:
-                    self.close_connection = True
-                    raise HubError(413, "Request body too large")
-                parts.append(self.rfile.read(size))
-                self.rfile.readline(1024)  # CRLF after each chunk
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY_BYTES:
-            self.close_connection = True
+        """Read the whole body (Content-Length, or chunked as httpx streams some uploads), bounded by
+        ``_MAX_BODY_BYTES``; the socket timeout bounds the wait."""
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            length = int(self.headers.get("Content-Length") or 0)
+            self._check_body_size(length)
+            return self.rfile.read(length)
+        parts: list[bytes] = []
+        total = 0
+        while size := int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16):
+            total += size
+            self._check_body_size(total)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # CRLF closing the chunk
+        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+        return b"".join(parts)
+
+    def _check_body_size(self, size: int) -> None:
+        if size > _MAX_BODY_BYTES:
+            self.close_connection = True  # the unread rest of the body makes the connection unusable
             raise HubError(413, "Request body too large")
-        return self.rfile.read(length) if length else b""
 
     def _send(self, reply: _Reply, cut_after: int | None) -> None:
         self.send_response(reply.status)

@@ -58,12 +58,11 @@ def test_upload_then_download_roundtrip(hub: HubServer, api: HfApi, hub_token: s
     commit_oid = _upload_sample(api, repo_id, tmp_path)
 
     assert any(method == "PUT" and path.startswith("/lfs-upload/") for method, path in hub.requests)
-    assert hub.files(repo_id) == {
-        ".gitattributes": hub.files(repo_id)[".gitattributes"],
-        "notes.txt": TEXT,
-        "model.safetensors": WEIGHTS,
-    }
-    assert b"*.safetensors filter=lfs" in hub.files(repo_id)[".gitattributes"]
+    files = hub.files(repo_id)
+    assert set(files) == {".gitattributes", "notes.txt", "model.safetensors"}
+    assert files["notes.txt"] == TEXT and files["model.safetensors"] == WEIGHTS
+    assert b"*.safetensors filter=lfs" in files[".gitattributes"]
+    assert api.create_repo(repo_id, exist_ok=True).repo_id == repo_id
     history = hub.commits(repo_id)
     assert [c["title"] for c in history] == ["add files", "initial commit"]
     assert history[0]["oid"] == commit_oid and history[0]["parents"] == [history[1]["oid"]]
@@ -97,6 +96,11 @@ def test_pinned_sha_and_unchanged_push(hub: HubServer, api: HfApi, tmp_path: Pat
 
     second = api.upload_file(path_or_fileobj=b"v2\n", path_in_repo="notes.txt", repo_id=repo_id).oid
     assert second != first
+    assert [c.commit_id for c in api.list_repo_commits(repo_id)] == [c["oid"] for c in hub.commits(repo_id)]
+    (notes,) = api.get_paths_info(repo_id, ["notes.txt", "absent.txt"], revision=first)
+    assert notes.blob_id == git_blob_oid(TEXT)
+    tree = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True)}
+    assert tree["notes.txt"].blob_id == git_blob_oid(b"v2\n") and tree["model.safetensors"].lfs is not None
     cache = tmp_path / "cache"
     assert Path(hf_hub_download(repo_id, "notes.txt", revision=first, cache_dir=cache)).read_bytes() == TEXT
     assert Path(hf_hub_download(repo_id, "notes.txt", cache_dir=cache)).read_bytes() == b"v2\n"
@@ -108,7 +112,7 @@ def test_pinned_sha_and_unchanged_push(hub: HubServer, api: HfApi, tmp_path: Pat
     assert hub.commits(repo_id)[0]["oid"] == second
 
 
-def test_create_pr_leaves_main_unchanged(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
+def test_create_pr_and_branch_leave_main_unchanged(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
     repo_id = _new_repo(api)
     main_oid = _upload_sample(api, repo_id, tmp_path)
 
@@ -121,9 +125,12 @@ def test_create_pr_leaves_main_unchanged(hub: HubServer, api: HfApi, tmp_path: P
 
     downloaded = hf_hub_download(repo_id, "notes.txt", revision="refs/pr/1", cache_dir=tmp_path / "cache")
     assert Path(downloaded).read_bytes() == b"proposal\n"
+    api.create_branch(repo_id, branch="dev")
+    api.upload_file(path_or_fileobj=b"dev\n", path_in_repo="dev.txt", repo_id=repo_id, revision="dev")
+    assert "dev.txt" in hub.files(repo_id, revision="dev") and "dev.txt" not in hub.files(repo_id)
     refs = api.list_repo_refs(repo_id, include_pull_requests=True)
     assert [r.ref for r in refs.pull_requests or []] == ["refs/pr/1"]
-    assert [b.target_commit for b in refs.branches] == [main_oid]
+    assert {b.name: b.target_commit for b in refs.branches}["main"] == main_oid
 
 
 def test_private_repo_and_bad_tokens(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
