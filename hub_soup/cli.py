@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="make the soup a recipe file describes")
     run.add_argument("recipe", type=Path, help="recipe YAML (see recipes/ and `hub-soup schema`)")
+    run.add_argument("-o", "--output", help="write the soup here instead of the recipe's output.path")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
 
     inspect = commands.add_parser("inspect", help="formats, dtypes and sizes; with several refs, alignment and similarity")
@@ -112,14 +114,22 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _run_recipe(load_recipe(args.recipe), args.token)
+    recipe = load_recipe(args.recipe)
+    if args.output or args.overwrite:
+        output = recipe.output.model_copy(
+            update={"path": args.output or recipe.output.path, "overwrite": args.overwrite or recipe.output.overwrite}
+        )
+        recipe = recipe.model_copy(update={"output": output})
+    return _run_recipe(recipe, args.token)
 
 
 def _run_recipe(recipe: Recipe, token: str | None) -> int:
     from hub_soup.pipeline import run
     from hub_soup.read import describe_size
+    from hub_soup.summary import markdown_summary, write_step_summary
 
     result = run(recipe, token=token)
+    write_step_summary(markdown_summary(result))
     stats = result.stats
     print(
         f"soup: {stats.tensors} tensors ({stats.averaged} averaged, {stats.copied} copied from the first), "
@@ -187,7 +197,7 @@ def _setup_output(quiet: bool) -> None:
     """Log lines to stderr; no progress bars when quiet, in CI, or without a terminal."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("hub-soup: %(message)s"))
-    logger.addHandler(handler)
+    logger.handlers[:] = [handler]  # main() may run many times in one process (tests, notebooks)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet or os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty():
         from huggingface_hub.utils import disable_progress_bars
@@ -204,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except HubSoupError as exc:
         print(f"hub-soup: error: {exc}", file=sys.stderr)
+        from hub_soup.summary import write_step_summary
+
+        write_step_summary(f"## hub-soup failed (exit {exc.exit_code})\n\n```\n{exc}\n```")
         return exc.exit_code
     except KeyboardInterrupt:
         print("hub-soup: interrupted; nothing was kept", file=sys.stderr)

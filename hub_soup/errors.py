@@ -87,6 +87,12 @@ class OutputError(HubSoupError):
     exit_code = EXIT_FAILURE
 
 
+class OutputExistsError(OutputError):
+    """The output folder exists and ``overwrite`` was not given: the user's choice to make."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class PushError(HubSoupError):
     """Uploading the soup to the Hub failed; the remote repo was left unchanged."""
 

@@ -19,6 +19,7 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -41,6 +42,8 @@ def hub_errors(repo_id: str, revision: str | None = None, *, action: str = "read
         yield
     except HubSoupError:
         raise
+    except LocalTokenNotFoundError:
+        raise AccessError(f"a Hub token is needed to {action} {at}, and none was found", hint=LOGIN_HINT) from None
     except GatedRepoError:
         raise AccessError(
             f"{at} is gated: its authors require you to accept their terms first",

@@ -19,7 +19,6 @@ import torch
 
 from hub_soup import card as card_stage
 from hub_soup.align import Layout, MergePlan, align
-from hub_soup.errors import OutputError
 from hub_soup.fetch import fetch, remote_layout
 from hub_soup.merge import MergeStats, normalize_weights, output_metas, stream_merge
 from hub_soup.push import PushResult, check_push_access, push_soup
@@ -28,7 +27,7 @@ from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
 from hub_soup.safetensors_io import parse_size
 from hub_soup.similarity import Similarity, weight_similarity
-from hub_soup.write import SoupWriter
+from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +62,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None) -> SoupResult:
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one. Never stored.
     """
     output = Path(recipe.output.path)
-    if output.exists() and not recipe.output.overwrite:
-        raise OutputError(f"{output} already exists; refusing to overwrite it", hint="pass --overwrite or choose another -o")
+    check_destination(output, recipe.output.overwrite)
     if recipe.push is not None:
         check_push_access(recipe.push, token)
     resolved = [resolve_ref(i.ref, i.revision, token=token) for i in recipe.ingredients]

@@ -20,8 +20,16 @@ from typing import Mapping
 import torch
 
 from hub_soup import files
-from hub_soup.errors import OutputError
+from hub_soup.errors import OutputError, OutputExistsError
 from hub_soup.safetensors_io import SafetensorsWriter, TensorMeta, plan_shards, shard_filenames
+
+
+def check_destination(destination: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless told to replace it (the pipeline asks before any download)."""
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{destination} already exists; refusing to overwrite it", hint="pass --overwrite or choose another -o"
+        )
 
 
 class SoupWriter:
@@ -41,10 +49,7 @@ class SoupWriter:
         self, destination: Path, tensors: Mapping[str, TensorMeta], max_shard_bytes: int, overwrite: bool = False
     ) -> None:
         self.destination = destination
-        if destination.exists() and not overwrite:
-            raise OutputError(
-                f"{destination} already exists; refusing to overwrite it", hint="pass --overwrite or choose another -o"
-            )
+        check_destination(destination, overwrite)
         destination.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the soup is an ordinary folder

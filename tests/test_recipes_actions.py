@@ -1,0 +1,139 @@
+"""Recipes and GitHub Actions: soups as reviewed, reproducible files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import HfApi, hf_hub_download
+
+from hub_soup.cli import main
+from hub_soup.errors import RecipeError
+from hub_soup.recipe import load_recipe, parse_recipe
+from tests.hub_fixtures import TEST_USER
+from tests.hub_models import timm_folder, unique, upload
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits" / "ingredients"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert len(recipe.ingredients) >= 2
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("ingredients:\n  - ref: a\n  - ref: b\noutput:\n  path: o\n  colour: red\n", ":6: output.colour"),
+        ("ingredients:\n  - ref: a\n  - ref: b\n    weight: -1\nmethod: weighted\noutput: {path: o}\n",
+         ":4: ingredients.1.weight"),
+        ("ingredients:\n  - ref: a\noutput: {path: o}\n", ":1: ingredients"),
+        ("ingredients: [{ref: a}, {ref: b}]\nmethod: average\noutput: {path: o}\n", ":2: method"),
+        ("ingredients: [{ref: a}, {ref: b}]\n", ": output: Field required"),
+        ("ingredients: [{ref: a}, {ref: b}]\ngreedy: true\noutput: {path: o}\n", "greedy: true needs an eval"),
+    ],
+)
+def test_bad_recipe_names_the_field_and_line(text: str, where: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "bad.yaml")
+    assert f"bad.yaml{where}" in str(info.value) or where in str(info.value), str(info.value)
+
+
+def test_bad_recipe_exits_2_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("ingredients: [{ref: a}, {ref: b}]\noutput: {path: o, shard: 1}\n")
+    assert main(["run", str(recipe)]) == 2
+    assert "r.yaml:2: output.shard: Extra inputs are not permitted" in capsys.readouterr().err
+
+
+def test_dump_recipe_then_run_gives_the_same_soup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    refs = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")]
+    flags = [*refs, "--weights", "1", "3", "--dtype", "float32", "--exclude", "fc.*"]
+    assert main(["--quiet", "merge", *flags, "-o", str(tmp_path / "cli")]) == 0
+    capsys.readouterr()
+    assert main(["merge", *flags, "-o", str(tmp_path / "recipe-out"), "--dump-recipe"]) == 0
+    dumped = capsys.readouterr().out
+    assert yaml.safe_load(dumped)["method"] == "weighted"
+    (tmp_path / "r.yaml").write_text(dumped)
+    assert not (tmp_path / "recipe-out").exists()  # --dump-recipe only prints
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    assert sha256(tmp_path / "cli" / "model.safetensors") == sha256(tmp_path / "recipe-out" / "model.safetensors")
+
+
+def test_pinned_recipe_rebuilds_a_bit_identical_soup_from_the_hub(hub_token: str, tmp_path: Path) -> None:
+    api = HfApi(token=hub_token)
+    repos = [f"{TEST_USER}/{unique(f'pin{i}')}" for i in (1, 2)]
+    for i, repo in enumerate(repos):
+        upload(api, timm_folder(tmp_path / f"f{i}", seed=20 + i), repo)
+    soup_repo = f"{TEST_USER}/{unique('pinned-soup')}"
+    assert main(["--quiet", "merge", *repos, "--push", soup_repo, "--token", hub_token, "-o", str(tmp_path / "s")]) == 0
+    # the ingredients move on after the soup was made; the pinned recipe must not follow them
+    upload(api, timm_folder(tmp_path / "later", seed=99), repos[0])
+
+    recipe = Path(hf_hub_download(soup_repo, "hub-soup.yaml"))
+    assert main(["--quiet", "run", str(recipe), "-o", str(tmp_path / "rebuilt"), "--token", hub_token]) == 0
+    pushed = Path(hf_hub_download(soup_repo, "model.safetensors"))
+    assert sha256(tmp_path / "rebuilt" / "model.safetensors") == sha256(pushed)
+
+
+def test_step_summary_has_the_ingredient_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("CI", "true")
+    refs = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-ls0.1")]
+    assert main(["merge", *refs, "-o", str(tmp_path / "soup")]) == 0
+    text = summary.read_text()
+    assert "| # | ingredient | commit | weight | in the soup |" in text
+    assert "ft-lr0.02-ls0.1` | local | 0.5000 | yes |" in text
+    assert main(["merge", *refs, "-o", str(tmp_path / "soup")]) == 2  # output exists
+    assert "## hub-soup failed (exit 2)" in summary.read_text()
+
+
+def test_ci_mode_prints_no_progress_bars(tmp_path: Path) -> None:
+    refs = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-ls0.1")]
+    env = {"CI": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", *refs, "-o", str(tmp_path / "soup")],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "merging" not in done.stderr and "\r" not in done.stderr
+    assert done.stdout.startswith("soup: 92 tensors")
+
+
+def test_schema_lists_the_recipe_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"ingredients", "output", "push", "eval", "greedy"} <= set(schema["properties"])
+
+
+def test_workflows_pass_actionlint() -> None:
+    actionlint = shutil.which("actionlint", path=str(Path(sys.executable).parent))
+    assert actionlint, "actionlint is part of the test extras: pip install -e '.[test]'"
+    workflows = sorted(str(p) for p in [*(ROOT / ".github" / "workflows").glob("*.yml"),
+                                        *(ROOT / "examples" / "workflows").glob("*.yml")])
+    assert len(workflows) >= 3
+    done = subprocess.run([actionlint, "-no-color", *workflows], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_composite_action_runs_the_recipe() -> None:
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert action["runs"]["using"] == "composite"
+    assert set(action["inputs"]) >= {"recipe", "hf-token"}
+    script = "\n".join(step.get("run", "") for step in action["runs"]["steps"])
+    assert 'hub-soup run "$RECIPE"' in script and "--isolated" in script
