@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -205,6 +206,11 @@ def _setup_output(quiet: bool) -> None:
         disable_progress_bars()
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (CI cancelling a job, ``kill``) unwinds like Ctrl-C, so partial output is removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hub-soup`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -223,5 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``hub-soup`` console script: :func:`main`, with SIGTERM unwinding like Ctrl-C."""
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -31,6 +31,9 @@ from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)
 
+# Elements of each tensor the shared-initialization check reads during a merge.
+SIMILARITY_SAMPLE = 1 << 16
+
 INDEPENDENT_WARNING = (
     "ingredients {pairs} look like independent trainings (weight cosine similarity {cos:.2f} < 0.5): "
     "averaging models that do not share an initialization usually collapses; see `hub-soup diagnose`"
@@ -133,7 +136,7 @@ def _make_soup(
     for note in plan.notes:
         logger.info(note)
     warnings: list[str] = []
-    similarity = weight_similarity(checkpoints, plan)
+    similarity = weight_similarity(checkpoints, plan, sample_per_tensor=SIMILARITY_SAMPLE)
     pairs = similarity.independent_pairs()
     if pairs:
         worst = min(similarity.cosine[i][j] for i, j in pairs)

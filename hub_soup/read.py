@@ -12,6 +12,7 @@ passes ``allow_pickle``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pickle
@@ -315,6 +316,10 @@ def clean_keys(keys: list[str], label: str) -> tuple[dict[str, str], list[str]]:
     return mapping, notes
 
 
+# Classes that training checkpoints hold besides tensors and that are safe to build:
+# timm's train.py saves its argparse ``args`` in every ``.pth.tar``.
+SAFE_GLOBALS = [argparse.Namespace]
+
 _GLOBAL_RE = re.compile(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)")
 
 
@@ -324,12 +329,15 @@ def _load_pickle(
     """``torch.load`` safely, then dig the state_dict out of whatever was saved."""
     notes: list[str] = []
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise _corrupt(path, exc) from None
         found = _GLOBAL_RE.search(str(exc))
-        what = f" (it needs {found.group(1)})" if found else ""
+        # The weights-only unpickler words every failure "Weights only load failed", a
+        # corrupt opcode too: only a refused GLOBAL means the file wants to run code.
+        if "Weights only load failed" not in str(exc) or found is None:
+            raise _corrupt(path, exc) from None
+        what = f" (it needs {found.group(1)})"
         if not allow_pickle:
             raise UnsafePickleError(
                 f"{label}: {path.name} is a pickle that runs code when loaded{what}; refusing to load it",
@@ -344,6 +352,8 @@ def _load_pickle(
                 f"{label}: {path.name} needs code that is not installed to load ({import_exc})",
                 hint="install the package that defined the model, or save its state_dict instead",
             ) from None
+        except Exception as load_exc:  # not caught by the handlers below: we are inside one
+            raise _corrupt(path, load_exc) from None
         notes.append("loaded with --allow-pickle (code in the file was executed)")
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for broken files
         raise _corrupt(path, exc) from None

@@ -11,6 +11,7 @@ data region exactly, and each byte count must match dtype x shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,7 +87,9 @@ def parse_header(raw: bytes, file_size: int, where: str) -> SafetensorsHeader:
     data_start = 8 + len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: JSONDecodeError, and integers past Python's 4300-digit limit;
+    # RecursionError: arrays or objects nested thousands deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointFormatError(
             f"{where}: the safetensors header is not valid UTF-8 JSON ({exc.__class__.__name__}: {exc})",
             hint="the file is corrupt or not a safetensors file; download it again",
@@ -255,8 +258,13 @@ class SafetensorsWriter:
         self._written += data.nbytes
 
     def discard(self) -> None:
-        """Close without the completeness check: the file is being thrown away."""
-        self._file.close()
+        """Close without the completeness check: the file is being thrown away.
+
+        Closing flushes the buffer, which fails again on a full disk: that error
+        changes nothing (the file is deleted next) and must not hide the first one.
+        """
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def close(self) -> None:
         """Flush and check that exactly the announced bytes were written."""

@@ -51,9 +51,9 @@ class SoupWriter:
         self.destination = destination
         check_destination(destination, overwrite)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+        _sweep_abandoned(destination)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the soup is an ordinary folder
-        self._overwrite = overwrite
         self._shards = plan_shards(tensors, max_shard_bytes)
         self._names = shard_filenames(len(self._shards))
         self._tensors = tensors
@@ -136,6 +136,28 @@ class SoupWriter:
             self.abort()
 
 
+def _sweep_abandoned(destination: Path) -> None:
+    """Remove temporary folders of this destination left by runs that were killed (SIGKILL, power loss).
+
+    Their names carry the writing process's id; a folder whose process is gone
+    can never be completed, and a live run's folder is left alone.
+    """
+    for partial in destination.parent.glob(f".{destination.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -143,9 +165,9 @@ def _umask() -> int:
 
 
 def _disk_error(destination: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OutputError(
-            f"no space left on the device while writing {destination}; nothing was kept",
+            f"no space left for {destination} ({exc.strerror}); nothing was kept",
             hint="free some space or choose another -o (the soup needs about one ingredient's size)",
         )
     return OutputError(f"cannot write {destination}: {exc.strerror or exc}")

@@ -1,0 +1,243 @@
+"""Why didn't the soup help? The score along the straight line between two ingredients.
+
+Averaging works when the ingredients sit in one basin of the loss landscape:
+then every point on the segment between them scores about as well as its ends,
+or better in the middle (Wortsman et al. 2022; Frankle et al. 2020 call this
+linear mode connectivity). A dip in the middle of the curve, a *barrier*, means
+different basins, and no weighting of those two will make a good soup. A dip
+that BatchNorm recalibration removes means the weights are fine and only the
+averaged running statistics are wrong. Weight distances say why the models
+drifted apart: independent initialisations (cosine near 0), or fine-tunes that
+moved far from their base relative to its own norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hub_soup.align import MergePlan, TensorPlan
+from hub_soup.errors import EvalError
+from hub_soup.evaluate import Evaluator, Score, format_delta
+from hub_soup.merge import average_tensors
+from hub_soup.read import Checkpoint
+from hub_soup.similarity import Similarity, weight_similarity
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# An interior point this far (relative to the endpoints' mean score) below the straight
+# line between the endpoint scores is called a barrier: ~2 points of accuracy at 98%.
+BARRIER_TOLERANCE = 0.02
+
+Curve = list[tuple[float, Score]]
+
+
+@dataclass
+class DiagnoseReport:
+    """Scores between two ingredients, weight distances, and what they mean."""
+
+    labels: tuple[str, str]
+    curve: Curve  # (alpha, score): alpha 0 is the first ingredient, 1 the second
+    similarity: Similarity  # of the two ingredients (and the base, last, when given)
+    curve_recalibrated: Curve | None = None  # the same soups with recalibrated BatchNorm statistics
+    base_label: str | None = None
+    base_distances: dict[str, float] | None = None  # label -> ||x - base|| / ||base||
+    plot_path: Path | None = None
+
+    @property
+    def barrier(self) -> float:
+        """How far the curve falls below the straight line between its endpoint scores, at worst
+        (in the metric's units, positive when worse); 0 when no interior point is worse."""
+        return _barrier(self.curve)
+
+    @property
+    def has_barrier(self) -> bool:
+        return _has_barrier(self.curve)
+
+    def verdict(self) -> str:
+        """What the curve says about averaging these two."""
+        a, b = self.labels
+        if not self.has_barrier:
+            ends = (self.curve[0][1], self.curve[-1][1])
+            if any(all(score.better_than(end) for end in ends) for _, score in self.curve[1:-1]):
+                return f"{a} and {b} are in one basin and soups between them beat both: averaging helps"
+            return f"{a} and {b} are in one basin (no dip between them): averaging them is safe"
+        dip = format_delta(self.curve[0][1].metric, self.barrier).lstrip("+")
+        message = (
+            f"a dip of {dip} in the middle: {a} and {b} sit in different basins, so averaging them "
+            "loses accuracy whatever the weights. Usual causes: independent initialisations, or fine-tunes "
+            "that moved far from their shared start (large learning rates, long training)"
+        )
+        if self.curve_recalibrated is not None and not _has_barrier(self.curve_recalibrated):
+            message = (
+                f"the dip between {a} and {b} disappears with recalibrated BatchNorm statistics: the weights "
+                "average well, the averaged running statistics do not; use recalibrate_bn"
+            )
+        return message
+
+    def text(self) -> str:
+        """The curve, the verdict, the distances, and where the plot is."""
+        first = self.curve[0][1]
+        a, b = self.labels
+        lines = [
+            f"scores on the line (1 - alpha) * {a} + alpha * {b}, {first.dataset} split {first.split} "
+            f"({first.examples} examples; {first.metric}, {'higher' if first.higher_is_better else 'lower'} is better):",
+            "  alpha  " + f"{'score':>9}" + (f"  {'recal BN':>9}" if self.curve_recalibrated else ""),
+        ]
+        for n, (alpha, score) in enumerate(self.curve):
+            row = f"  {alpha:5.2f}  {score.formatted():>9}"
+            if self.curve_recalibrated:
+                row += f"  {self.curve_recalibrated[n][1].formatted():>9}"
+            lines.append(row)
+        lines.append(self.verdict())
+        lines.append(self.similarity.table())
+        pairs = self.similarity.independent_pairs()
+        if pairs:
+            lines.append(
+                "independent trainings (cosine < 0.5): "
+                + ", ".join(f"{self.similarity.labels[i]} & {self.similarity.labels[j]}" for i, j in pairs)
+            )
+        if self.base_distances is not None:
+            lines.append(f"distance from the base {self.base_label}, relative to the base's weight norm:")
+            lines.extend(f"  {label}: {distance:.4f}" for label, distance in self.base_distances.items())
+        if self.plot_path is not None:
+            lines.append(f"plot: {self.plot_path}")
+        return "\n".join(lines)
+
+
+def diagnose(
+    a: Checkpoint,
+    b: Checkpoint,
+    plan: MergePlan,
+    evaluator: Evaluator,
+    *,
+    alphas: Sequence[float] = ALPHAS,
+    base: Checkpoint | None = None,
+    plot_path: Path | None = None,
+    recalibrate_bn_batches: int | None = None,
+) -> DiagnoseReport:
+    """Score the soups ``(1 - alpha) * a + alpha * b`` and measure how far apart the weights are.
+
+    Args:
+        a, b: the two ingredients (alpha 0 is ``a``).
+        plan: the alignment of ``[a, b]``, or of ``[a, b, base]`` when ``base`` is given.
+        evaluator: scores every point (built with ``a`` as reference).
+        alphas: where to evaluate, each in [0, 1]; sorted, and 0 and 1 are always included.
+        base: the checkpoint both were fine-tuned from, for distances relative to its norm.
+        plot_path: write the curve as a PNG there.
+        recalibrate_bn_batches: also score every point with BatchNorm recalibrated on this many batches.
+    """
+    checkpoints = [a, b] + ([base] if base is not None else [])
+    if len(plan.tensors[0].sources) != len(checkpoints):
+        raise EvalError(
+            f"the merge plan aligns {len(plan.tensors[0].sources)} checkpoints, diagnose got {len(checkpoints)}",
+            hint="align [a, b], or [a, b, base] when a base is given",
+        )
+    if any(not 0.0 <= alpha <= 1.0 for alpha in alphas):
+        raise EvalError(f"alphas must lie in [0, 1], got {list(alphas)}")
+    alphas = sorted({0.0, 1.0, *map(float, alphas)})
+    first = {t.key: a.read(t.sources[0]) for t in plan.tensors}
+    second = {t.key: b.read(t.sources[1]) for t in plan.tensors if t.average}
+    batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
+    curve: Curve = []
+    recalibrated_curve: Curve = []
+    for alpha in alphas:
+        soup = interpolate(first, second, plan, alpha)
+        curve.append((alpha, evaluator.score_state_dict(soup)))
+        if batches is not None:
+            recalibrated = evaluator.recalibrated(soup, batches)
+            if recalibrated is not None:
+                recalibrated_curve.append((alpha, evaluator.score_state_dict(recalibrated)))
+    report = DiagnoseReport(
+        labels=(a.label, b.label),
+        curve=curve,
+        similarity=weight_similarity(checkpoints, plan),
+        curve_recalibrated=recalibrated_curve or None,
+    )
+    if base is not None:
+        report.base_label = base.label
+        report.base_distances = _distances_from_base(plan, [first, second], [a.label, b.label], base)
+    if plot_path is not None:
+        report.plot_path = plot_curve(report, Path(plot_path))
+    return report
+
+
+def interpolate(
+    first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], plan: MergePlan, alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * first + alpha * second`` with the merge's arithmetic, in ``first``'s dtypes;
+    tensors the plan does not average are ``first``'s, as in every soup."""
+    return {
+        t.key: average_tensors([first[t.key], second[t.key]], [1.0 - alpha, alpha]) if t.average else first[t.key]
+        for t in plan.tensors
+    }
+
+
+def plot_curve(report: DiagnoseReport, path: Path) -> Path:
+    """Save the curve (and the recalibrated one) as a PNG, without touching pyplot's global state."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise EvalError("the diagnose plot needs matplotlib", hint="pip install 'hub-soup[eval]'") from None
+    first = report.curve[0][1]
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(*_xy(report.curve), marker="o", label="averaged BN statistics" if report.curve_recalibrated else "soup")
+    if report.curve_recalibrated:
+        axes.plot(*_xy(report.curve_recalibrated), marker="s", linestyle="--", label="recalibrated BN statistics")
+    axes.set_xlabel(f"alpha: 0 = {report.labels[0]}, 1 = {report.labels[1]}")
+    axes.set_ylabel(f"{first.metric} ({first.split})")
+    axes.set_title("score along the line between two ingredients")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _xy(curve: Curve) -> tuple[list[float], list[float]]:
+    return [alpha for alpha, _ in curve], [score.value for _, score in curve]
+
+
+def _barrier(curve: Curve) -> float:
+    (a0, s0), (a1, s1) = curve[0], curve[-1]
+    sign = 1.0 if s0.higher_is_better else -1.0
+    worst = 0.0
+    for alpha, score in curve[1:-1]:
+        expected = s0.value + (alpha - a0) / (a1 - a0) * (s1.value - s0.value)
+        drop = sign * (expected - score.value)
+        worst = max(worst, drop if not math.isnan(drop) else math.inf)
+    return worst
+
+
+def _has_barrier(curve: Curve) -> bool:
+    scale = abs(curve[0][1].value + curve[-1][1].value) / 2
+    return _barrier(curve) > BARRIER_TOLERANCE * scale
+
+
+def _compared(tensor: TensorPlan) -> bool:
+    """The tensors weight similarity compares: averaged matrices and kernels (see hub_soup.similarity)."""
+    return tensor.average and len(tensor.meta.shape) >= 2
+
+
+def _distances_from_base(
+    plan: MergePlan, ingredients: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str], base: Checkpoint
+) -> dict[str, float]:
+    """``||x - base|| / ||base||`` over the compared tensors, in float64: how far each fine-tune moved."""
+    squared = [0.0] * len(ingredients)
+    base_squared = 0.0
+    for tensor in plan.tensors:
+        if not _compared(tensor):
+            continue
+        reference = base.read(tensor.sources[2]).double()
+        base_squared += float(reference.square().sum())
+        for n, ingredient in enumerate(ingredients):
+            squared[n] += float((ingredient[tensor.key].double() - reference).square().sum())
+    norm = math.sqrt(base_squared)
+    return {label: math.sqrt(s) / norm if norm else math.inf for label, s in zip(labels, squared)}

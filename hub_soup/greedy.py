@@ -1,0 +1,312 @@
+"""Greedy soups, and the same scored report for plain soups.
+
+The greedy recipe of Wortsman et al. (2022, "Model soups"): score every
+ingredient on held-out data, sort them best first, start the soup from the best
+and add each next ingredient only if the soup's held-out score does not drop.
+Uniform soups of fine-tunes that ended up in different basins can score below
+their best ingredient; greedy never does on the held-out split, and its table
+shows which ingredient would have hurt and by how much.
+
+Memory stays at a running float32 sum of the kept ingredients plus one candidate:
+each step reads only the new ingredient. With BatchNorm recalibration every
+candidate soup is recalibrated before it is judged, so an ingredient is kept or
+dropped on the soup it would really make (averaged running statistics are not the
+statistics of the averaged network). The recalibrated statistics are kept only
+where they do not lower the held-out score: like the greedy choice itself, it is
+a choice made on held-out data, so the soup never scores below its start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hub_soup.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
+from hub_soup.merge import accumulation_dtype, weighted_sum_
+
+Loader = Callable[[int], dict[str, torch.Tensor]]
+
+
+@dataclass
+class GreedyStep:
+    """One ingredient tried: its own score and the score of the soup with it added."""
+
+    index: int  # position in recipe order
+    label: str
+    ingredient_score: Score
+    soup_score: Score  # what decided: with recalibrated BN stats where those did not lower it
+    kept: bool
+    soup_score_before_bn: Score | None = None  # averaged BN stats, when recalibration ran
+    soup_score_after_bn: Score | None = None  # recalibrated BN stats, when recalibration ran
+
+
+@dataclass
+class GreedyReport:
+    """Every ingredient's score, every greedy step, and the final soup (also for plain soups).
+
+    ``soup`` holds the scored soup's tensors in the ingredients' dtypes (recalibrated
+    BN statistics included when ``bn_recalibrated``): write it as it is, since that is
+    the soup that earned ``soup_score``.
+    """
+
+    ingredient_scores: list[Score]
+    steps: list[GreedyStep]
+    kept: list[bool]
+    soup: dict[str, torch.Tensor]
+    soup_score: Score
+    soup_score_before_bn: Score | None
+    test_scores: dict[str, Score] | None  # by ingredient label, plus "soup" (and "ensemble")
+    labels: list[str]
+    method: str = "greedy"
+    bn_recalibrated: bool = False
+    soup_score_after_bn: Score | None = None
+    ensemble_score: Score | None = None
+
+    @property
+    def comparison(self) -> Comparison:
+        """The soup against its best ingredient on the held-out split."""
+        return compare_to_best(self.soup_score, self.labels, self.ingredient_scores)
+
+    @property
+    def test_comparison(self) -> Comparison | None:
+        """The same on the test split (unbiased: nothing was chosen on it), when one was given."""
+        if self.test_scores is None:
+            return None
+        return compare_to_best(self.test_scores["soup"], self.labels, [self.test_scores[label] for label in self.labels])
+
+    def table(self) -> str:
+        """The whole story as text: ingredients, steps, the soup, its yardsticks and the verdict."""
+        first = self.soup_score
+        recal = self.soup_score_before_bn is not None
+        lines = [
+            f"{self.method} soup, scored on {first.dataset} split {first.split} ({first.examples} examples; "
+            f"{first.metric}, {'higher' if first.higher_is_better else 'lower'} is better)",
+        ]
+        width = max(len(label) for label in self.labels + ["ingredient"])
+        if self.steps:
+            header = f"  step  {'ingredient':<{width}}  {'alone':>9}  {'soup':>9}"
+            if recal:
+                header += f"  {'(avg BN)':>9}  {'(recal)':>9}"
+            lines.append(header + "  kept")
+            for number, step in enumerate(self.steps, 1):
+                row = f"  {number:>4}  {step.label:<{width}}  {step.ingredient_score.formatted():>9}  {step.soup_score.formatted():>9}"
+                if recal:
+                    row += f"  {_formatted(step.soup_score_before_bn):>9}  {_formatted(step.soup_score_after_bn):>9}"
+                lines.append(row + ("  yes (start)" if number == 1 else "  yes" if step.kept else "  no"))
+        else:
+            lines.append(f"  #  {'ingredient':<{width}}  {'score':>9}")
+            for i, (label, score) in enumerate(zip(self.labels, self.ingredient_scores)):
+                lines.append(f"  {i:>1}  {label:<{width}}  {score.formatted():>9}")
+        kept = sum(self.kept)
+        lines.append(f"soup of {kept} of {len(self.kept)} ingredients: {self.soup_score.formatted()}")
+        if recal:
+            assert self.soup_score_before_bn is not None
+            what = "kept" if self.bn_recalibrated else "not kept (it lowered the score)"
+            lines.append(
+                f"  BN recalibration: {self.soup_score_before_bn.formatted()} with averaged statistics, "
+                f"{_formatted(self.soup_score_after_bn)} recalibrated; {what}"
+            )
+        if self.ensemble_score is not None:
+            lines.append(f"output ensemble of the same {kept} (yardstick): {self.ensemble_score.formatted()}")
+        lines.append(self.comparison.message())
+        if self.test_scores is not None:
+            test = self.test_scores["soup"]
+            lines.append(f"test split {test.split} ({test.examples} examples; unbiased, nothing was chosen on it):")
+            for label in self.labels + ["soup", "ensemble"]:
+                if label in self.test_scores:
+                    lines.append(f"  {label:<{width}}  {self.test_scores[label].formatted():>9}")
+            comparison = self.test_comparison
+            assert comparison is not None
+            lines.append(comparison.message())
+        if self.comparison.soup_is_worse:
+            lines.append(
+                "why? a dip between two ingredients means they sit in different basins; see `hub-soup diagnose`"
+            )
+        return "\n".join(lines)
+
+
+def greedy_soup(
+    labels: Sequence[str],
+    load: Loader,
+    evaluator: Evaluator,
+    *,
+    average_keys: set[str],
+    recalibrate_bn_batches: int | None = None,
+    test_evaluator: Evaluator | None = None,
+    ensemble: bool = False,
+) -> GreedyReport:
+    """Make a greedy soup (see the module docstring).
+
+    Args:
+        labels: the ingredients' names, in recipe order.
+        load: ``load(i)`` returns ingredient ``i``'s aligned state dict (canonical keys,
+            original dtypes); called twice per ingredient at most (score, then add).
+        evaluator: scores on the held-out split that selection uses.
+        average_keys: keys to average; every other key comes from ingredient 0, as in
+            the streamed merge (integers, excluded keys).
+        recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
+        test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
+        ensemble: also score the output ensemble of the kept ingredients (a yardstick).
+    """
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, average_keys)
+    order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
+    batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
+    running: dict[str, torch.Tensor] = {}  # sum of the kept ingredients' averaged tensors
+    kept = [False] * len(labels)
+    steps: list[GreedyStep] = []
+    best: _Candidate | None = None
+    for i in order:
+        state_dict = load(i)
+        members = sum(kept) + 1
+        averaged = {}
+        for key in average_keys:
+            if best is None:
+                running[key] = state_dict[key].to(accumulation_dtype(pass_.dtypes[key]), copy=True)
+                averaged[key] = running[key].clone()  # the soup must not alias the running sum
+            else:
+                total = running[key].clone()
+                weighted_sum_(total, state_dict[key], 1.0, torch.empty_like(total), first=False)
+                averaged[key] = total.div_(members)
+        candidate = _judge(pass_.soup_of(averaged), evaluator, batches)
+        keep = best is None or candidate.score.at_least(best.score)
+        steps.append(
+            GreedyStep(i, labels[i], pass_.scores[i], candidate.score, keep, candidate.before_bn, candidate.after_bn)
+        )
+        if keep:
+            if best is not None:
+                for key in average_keys:
+                    weighted_sum_(running[key], state_dict[key], 1.0, torch.empty_like(running[key]), first=False)
+            kept[i] = True
+            best = candidate
+    assert best is not None
+    return pass_.report(steps, kept, best, "greedy")
+
+
+def score_soup(
+    labels: Sequence[str],
+    load: Loader,
+    soup: Mapping[str, torch.Tensor],
+    evaluator: Evaluator,
+    *,
+    method: str = "uniform",
+    recalibrate_bn_batches: int | None = None,
+    test_evaluator: Evaluator | None = None,
+    ensemble: bool = False,
+) -> GreedyReport:
+    """Score every ingredient and a soup made without greedy selection, in the same report.
+
+    Args:
+        soup: the soup's state dict (e.g. from :func:`hub_soup.merge.average_tensors`).
+        method: how the soup was made, for the table (``uniform``, ``weighted``).
+        Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
+        soup's BN statistics are recalibrated and kept if they do not lower its score.
+    """
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble)
+    batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
+    candidate = _judge(dict(soup), evaluator, batches)
+    return pass_.report([], [True] * len(labels), candidate, method)
+
+
+@dataclass
+class _Candidate:
+    state_dict: dict[str, torch.Tensor]
+    score: Score
+    before_bn: Score | None
+    after_bn: Score | None
+    recalibrated: bool
+
+
+def _judge(state_dict: dict[str, torch.Tensor], evaluator: Evaluator, batches: list[Inputs] | None) -> _Candidate:
+    """Score a candidate soup; with ``batches``, also recalibrated, keeping whichever is not worse."""
+    plain = evaluator.score_state_dict(state_dict)
+    if batches is None:
+        return _Candidate(state_dict, plain, None, None, False)
+    recalibrated = evaluator.recalibrated(state_dict, batches)
+    if recalibrated is None:  # no BatchNorm: nothing to recalibrate
+        return _Candidate(state_dict, plain, None, None, False)
+    after = evaluator.score_state_dict(recalibrated)
+    if after.at_least(plain):
+        return _Candidate(recalibrated, after, plain, after, True)
+    return _Candidate(state_dict, plain, plain, after, False)
+
+
+def _rank(score: Score) -> tuple[bool, float]:
+    """Sort key, best first; NaN last; ties keep recipe order (``sorted`` is stable)."""
+    if math.isnan(score.value):
+        return (True, 0.0)
+    return (False, -score.value if score.higher_is_better else score.value)
+
+
+def _formatted(score: Score | None) -> str:
+    return "-" if score is None else score.formatted()
+
+
+class _IngredientPass:
+    """Reads every ingredient once: scores it (and keeps its outputs for the ensemble, and its
+    test score) and keeps what the soup needs of ingredient 0 (dtypes, tensors not averaged)."""
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        load: Loader,
+        evaluator: Evaluator,
+        test_evaluator: Evaluator | None,
+        ensemble: bool,
+        average_keys: Collection[str] = (),
+    ) -> None:
+        self.labels = list(labels)
+        self.evaluator = evaluator
+        self.test_evaluator = test_evaluator
+        self.scores: list[Score] = []
+        self.outputs: list[torch.Tensor] = []
+        self.test_outputs: list[torch.Tensor] = []
+        self.test_scores: dict[str, Score] = {}
+        self.ensemble = ensemble
+        for i in range(len(labels)):
+            state_dict = load(i)
+            if i == 0:
+                self.dtypes = {k: v.dtype for k, v in state_dict.items()}
+                self.fixed = {k: v for k, v in state_dict.items() if k not in average_keys}
+            self.scores.append(self._score(evaluator, state_dict, self.outputs))
+            if test_evaluator is not None:
+                self.test_scores[labels[i]] = self._score(test_evaluator, state_dict, self.test_outputs)
+
+    def _score(self, evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor]) -> Score:
+        if not self.ensemble:
+            return evaluator.score_state_dict(state_dict)
+        outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
+        return evaluator.score_outputs(outputs[-1])
+
+    def soup_of(self, averaged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A soup state dict in ingredient 0's key order and dtypes: averaged tensors cast back,
+        the rest ingredient 0's own."""
+        return {k: averaged[k].to(dtype) if k in averaged else self.fixed[k] for k, dtype in self.dtypes.items()}
+
+    def report(self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str) -> GreedyReport:
+        ensemble_score = None
+        test_scores = None
+        members = [i for i, k in enumerate(kept) if k]
+        if self.ensemble:
+            ensemble_score = self.evaluator.ensemble_of_outputs([self.outputs[i] for i in members])
+        if self.test_evaluator is not None:
+            test_scores = dict(self.test_scores)
+            test_scores["soup"] = self.test_evaluator.score_state_dict(soup.state_dict)
+            if self.ensemble:
+                test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs([self.test_outputs[i] for i in members])
+        return GreedyReport(
+            ingredient_scores=self.scores,
+            steps=steps,
+            kept=kept,
+            soup=soup.state_dict,
+            soup_score=soup.score,
+            soup_score_before_bn=soup.before_bn,
+            test_scores=test_scores,
+            labels=self.labels,
+            method=method,
+            bn_recalibrated=soup.recalibrated,
+            soup_score_after_bn=soup.after_bn,
+            ensemble_score=ensemble_score,
+        )

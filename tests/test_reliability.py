@@ -1,0 +1,237 @@
+"""Reliability and security: untrusted files, faults mid-run, secrets never leaked."""
+
+from __future__ import annotations
+
+import functools
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from hub_soup.cli import main
+from hub_soup.errors import CheckpointFormatError
+from hub_soup.read import open_checkpoint
+from tests.hub_fixtures import TEST_USER
+from tests.hub_models import timm_folder, unique, upload
+from tests.hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits" / "ingredients"
+REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
+
+
+class _WritesMarker:
+    """Unpickling this runs code: it creates a marker file (a stand-in for anything worse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (self.marker,))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_code_in_a_pickle_never_runs_without_allow_pickle(
+    tmp_path: Path, zip_format: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    state = {"weight": torch.ones(2), "payload": _WritesMarker(marker)}
+    torch.save({"state_dict": state}, evil, _use_new_zipfile_serialization=zip_format)
+    good = tmp_path / "good.safetensors"
+    save_file({"weight": torch.ones(2)}, good)
+
+    for command in (["merge", str(evil), str(good), "-o", str(tmp_path / "soup")], ["inspect", str(evil)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "runs code when loaded" in err and "--allow-pickle" in err
+        assert not marker.exists()
+    assert not (tmp_path / "soup").exists()
+
+    # the flag really is the only thing standing between the file and its code
+    main(["merge", str(evil), str(good), "-o", str(tmp_path / "soup"), "--allow-pickle"])
+    assert marker.exists()
+
+
+@functools.cache
+def _seed_files() -> dict[str, bytes]:
+    """A small valid safetensors file and torch zip checkpoint, the starting points of mutation."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="hub-soup-seeds-"))
+    save_file({"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.zeros(0), "c": torch.tensor(3)},
+              tmp_path / "seed.safetensors")
+    torch.save({"state_dict": {"w": torch.ones(3, 2)}}, tmp_path / "seed.pt")
+    return {".safetensors": (tmp_path / "seed.safetensors").read_bytes(), ".pt": (tmp_path / "seed.pt").read_bytes()}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_checkpoints_only_raise_format_errors(tmp_path: Path, data: st.DataObject) -> None:
+    seeds = _seed_files()
+    suffix = data.draw(st.sampled_from(sorted(seeds)))
+    raw = bytearray(seeds[suffix])
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(raw) - 1))
+        raw[position] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path = tmp_path / f"mutant{suffix}"
+    path.write_bytes(bytes(raw))
+    try:
+        with open_checkpoint(path) as checkpoint:
+            for key in checkpoint.metas:
+                checkpoint.read(key)
+    except CheckpointFormatError:
+        pass
+
+
+@pytest.mark.parametrize("case", sorted(REGRESSIONS.glob("*")), ids=lambda p: p.name)
+def test_hostile_files_are_refused_cleanly(case: Path, tmp_path: Path) -> None:
+    """``tests/fuzz_regressions/``: hostile inputs, and any crash the fuzzers ever find."""
+    path = tmp_path / case.name
+    path.write_bytes(case.read_bytes())
+    with pytest.raises(CheckpointFormatError):
+        with open_checkpoint(path) as checkpoint:
+            for key in checkpoint.metas:
+                checkpoint.read(key)
+
+
+def test_atheris_fuzzes_the_readers_for_a_bounded_time(tmp_path: Path) -> None:
+    pytest.importorskip("atheris", reason="atheris has no wheel for this Python")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for suffix, data in _seed_files().items():
+        (corpus / f"seed{suffix}").write_bytes(data)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "fuzz_readers.py"), "-max_total_time=15", "-runs=20000",
+         f"-artifact_prefix={tmp_path}/crash-", str(corpus)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )
+    crashes = list(tmp_path.glob("crash-*"))
+    assert done.returncode == 0 and not crashes, (
+        f"a crash was found: copy {crashes} into tests/fuzz_regressions/\n{done.stderr[-3000:]}"
+    )
+
+
+def test_index_pointing_outside_its_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, tmp_path / "outside.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": "../outside.safetensors"}}')
+    assert main(["inspect", str(folder)]) == 2
+    assert "must be plain file names" in capsys.readouterr().err
+
+
+def _big_pair(tmp_path: Path) -> list[str]:
+    """Two 96 MB ingredients: big enough that a merge is still running when we strike."""
+    refs = []
+    for i in range(2):
+        path = tmp_path / f"big{i}.safetensors"
+        save_file({f"layer{j}.weight": torch.full((1024, 4096), float(i + j)) for j in range(6)}, path)
+        refs.append(str(path))
+    return refs
+
+
+def _start_merge(refs: list[str], out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hub_soup.cli", "--quiet", "merge", *refs, "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for_partial(out: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.partial-*")):
+        assert process.poll() is None, "the merge ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_sigkill_mid_merge_leaves_no_output_and_the_next_run_cleans_up(tmp_path: Path) -> None:
+    refs, out = _big_pair(tmp_path), tmp_path / "soup"
+    process = _start_merge(refs, out)
+    _wait_for_partial(out, process)
+    process.kill()
+    process.wait()
+    assert not out.exists()
+    assert main(["--quiet", "merge", *refs, "-o", str(out)]) == 0
+    assert out.is_dir() and not list(tmp_path.glob(".soup.partial-*"))
+
+
+def test_sigterm_mid_merge_removes_the_partial_soup(tmp_path: Path) -> None:
+    refs, out = _big_pair(tmp_path), tmp_path / "soup"
+    process = _start_merge(refs, out)
+    _wait_for_partial(out, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert b"interrupted; nothing was kept" in err
+    assert not out.exists() and not list(tmp_path.glob(".soup.partial-*"))
+
+
+def test_overwrite_keeps_the_previous_soup_when_the_new_one_fails(tmp_path: Path) -> None:
+    refs, out = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")], tmp_path / "soup"
+    assert main(["--quiet", "merge", *refs, "-o", str(out)]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert main(["--quiet", "merge", refs[0], str(broken), "-o", str(out), "--overwrite"]) == 2
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_disk_full_is_a_clear_error_and_keeps_nothing(tmp_path: Path) -> None:
+    refs, out = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")], tmp_path / "soup"
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "--quiet", "merge", *refs, "-o", str(out)],
+        capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=120, check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "no space left for" in done.stderr and "nothing was kept" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and not list(tmp_path.glob(".soup.partial-*"))
+
+
+SECRET = "hf_SeCrEt0123456789abcdefghij"
+
+
+def test_the_token_never_appears_in_anything_a_run_produces(
+    hub: HubServer, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add_token(SECRET, TEST_USER)
+    api = HfApi(token=SECRET)
+    repos = [f"{TEST_USER}/{unique(f'secret{i}')}" for i in (1, 2)]
+    for i, repo in enumerate(repos):
+        upload(api, timm_folder(tmp_path / f"f{i}", seed=30 + i), repo, private=True)
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    soup_repo = f"{TEST_USER}/{unique('secret-soup')}"
+    out = tmp_path / "soup"
+    assert main(["merge", *repos, "--push", soup_repo, "--private", "--token", SECRET, "-o", str(out)]) == 0
+    assert main(["merge", *repos, "--token", SECRET, "-o", str(tmp_path / "x"), "--dump-recipe"]) == 0
+    # failures too: a revoked token, a push refused half-way
+    monkeypatch.setenv("HF_TOKEN", SECRET + "revoked")
+    assert main(["merge", *repos, "--push", soup_repo, "-o", str(tmp_path / "y")]) == 1
+    monkeypatch.delenv("HF_TOKEN")
+    hub.fail_next("POST", rf"/api/models/{soup_repo}/commit/", status=500)
+    assert main(["merge", *repos, "--push", soup_repo, "--token", SECRET, "-o", str(tmp_path / "z"),
+                 "--commit-message", "again", "--overwrite"]) == 1
+
+    captured = capfd.readouterr()
+    produced = [captured.out, captured.err, summary.read_text()]
+    produced += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()]
+    produced += [data.decode(errors="replace") for data in hub.files(soup_repo).values()]
+    assert all(SECRET not in text for text in produced)
+    assert "rejected your token" in captured.err
