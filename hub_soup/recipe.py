@@ -101,7 +101,7 @@ class PushSpec(_Strict):
 class Recipe(_Strict):
     """A whole soup: ingredients, method, checks, output and destination."""
 
-    ingredients: list[Ingredient] = Field(min_length=2)
+    ingredients: list[Ingredient]
     method: Literal["uniform", "weighted"] = "uniform"
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
         None, description="output dtype of averaged tensors (default: each tensor's own)"
@@ -117,6 +117,13 @@ class Recipe(_Strict):
     force: bool = Field(False, description="push even if the soup scores below its best ingredient")
     output: OutputSpec
     push: PushSpec | None = None
+
+    @field_validator("ingredients")
+    @classmethod
+    def _at_least_two(cls, value: list[Ingredient]) -> list[Ingredient]:
+        if len(value) < 2:
+            raise ValueError(f"a soup needs at least 2 ingredients, got {len(value)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

@@ -162,7 +162,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
-            return _read_header_from(f, size, path.name)
+            return _read_header_from(f, size, str(path))
     except OSError as exc:
         raise CheckpointFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 

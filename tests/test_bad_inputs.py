@@ -1,0 +1,250 @@
+"""Every row of docs/BAD_INPUTS.md is a test: the bad input, its exit code and its message.
+
+The table in the docs is the contract; this module builds each case by its id,
+runs the CLI as a user would, and checks the exit code, the message, that
+nothing was written and that nothing was pushed. A row without a case here, or
+a case without a row, fails too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
+
+from hub_soup.cli import main
+from tests.hub_fixtures import TEST_TOKEN, TEST_USER
+from tests.hub_models import timm_folder, unique, upload
+from tests.hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BAD_INPUTS.md"
+A = str(ROOT / "examples" / "digits" / "ingredients" / "ft-lr0.01")
+B = str(ROOT / "examples" / "digits" / "ingredients" / "ft-lr0.02-shift")
+
+
+def _rows() -> list[tuple[str, int, str]]:
+    """(id, exit code, message fragment) of each table row."""
+    rows = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
+            rows.append((cells[0].strip("`"), int(cells[3]), cells[4].strip("`")))
+    return rows
+
+
+Case = Callable[[Path, HubServer], list[str]]
+CASES: dict[str, Case] = {}
+
+
+def case(name: str) -> Callable[[Case], Case]:
+    def register(build: Case) -> Case:
+        CASES[name] = build
+        return build
+
+    return register
+
+
+def _out(tmp: Path) -> str:
+    return str(tmp / "soup")
+
+
+@case("config-as-weights")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", f"{A}/config.json", B, "-o", _out(tmp)]
+
+
+@case("text-file")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "notes.pt").write_text("these are my notes, not weights\n")
+    return ["merge", A, str(tmp / "notes.pt"), "-o", _out(tmp)]
+
+
+@case("empty-folder")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "empty").mkdir()
+    return ["merge", A, str(tmp / "empty"), "-o", _out(tmp)]
+
+
+@case("other-architecture")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    model = timm.create_model("test_convnext", pretrained=False, num_classes=10, in_chans=1)
+    save_file(model.state_dict(), tmp / "convnext.safetensors")
+    return ["merge", A, str(tmp / "convnext.safetensors"), "-o", _out(tmp)]
+
+
+@case("other-num-classes")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=7, in_chans=1)
+    save_file(model.state_dict(), tmp / "seven.safetensors")
+    return ["merge", A, str(tmp / "seven.safetensors"), "-o", _out(tmp)]
+
+
+@case("truncated-safetensors")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    data = (Path(B) / "model.safetensors").read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    return ["merge", A, str(tmp / "cut.safetensors"), "-o", _out(tmp)]
+
+
+@case("truncated-bin")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    torch.save({"w": torch.ones(1000)}, tmp / "full.bin")
+    data = (tmp / "full.bin").read_bytes()
+    (tmp / "cut.bin").write_bytes(data[: len(data) // 2])
+    return ["merge", str(tmp / "full.bin"), str(tmp / "cut.bin"), "-o", _out(tmp)]
+
+
+@case("corrupt-header")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "bad.safetensors").write_bytes(b"\x06\x00\x00\x00\x00\x00\x00\x00{\xff\xfe}  ")
+    return ["merge", A, str(tmp / "bad.safetensors"), "-o", _out(tmp)]
+
+
+@case("pickled-module")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    torch.save(torch.nn.Linear(2, 2), tmp / "model.pt")
+    return ["merge", str(tmp / "model.pt"), str(tmp / "model.pt"), "-o", _out(tmp)]
+
+
+@case("index-escapes-folder")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "m").mkdir()
+    (tmp / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"w": "/etc/passwd"}}')
+    return ["merge", A, str(tmp / "m"), "-o", _out(tmp)]
+
+
+@case("missing-path")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, "./no/such/checkpoint", "-o", _out(tmp)]
+
+
+@case("unparseable-ref")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, "Not A Model!", "-o", _out(tmp)]
+
+
+@case("one-ingredient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, "-o", _out(tmp)]
+
+
+@case("weights-count")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--weights", "1", "-o", _out(tmp)]
+
+
+@case("negative-weight")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--weights", "1", "-2", "-o", _out(tmp)]
+
+
+@case("output-exists")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    Path(_out(tmp)).mkdir()
+    return ["merge", A, B, "-o", _out(tmp)]
+
+
+@case("no-output")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B]
+
+
+@case("bad-push-repo")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--push", "just-a-name", "-o", _out(tmp)]
+
+
+@case("recipe-unknown-key")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "r.yaml").write_text(f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\noutput: {{path: {_out(tmp)}}}\nmethd: uniform\n")
+    return ["run", str(tmp / "r.yaml")]
+
+
+@case("recipe-not-yaml")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "r.yaml").write_text("ingredients: [unclosed\n")
+    return ["run", str(tmp / "r.yaml")]
+
+
+@case("recipe-missing")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["run", str(tmp / "nowhere.yaml")]
+
+
+@case("missing-repo")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, f"{TEST_USER}/no-such-model", "-o", _out(tmp)]
+
+
+def _hub_pair(tmp: Path, private: bool = False) -> tuple[str, str]:
+    api = HfApi(token=TEST_TOKEN)
+    repos = (f"{TEST_USER}/{unique('bad-a')}", f"{TEST_USER}/{unique('bad-b')}")
+    for i, repo in enumerate(repos):
+        upload(api, timm_folder(tmp / f"h{i}", seed=40 + i), repo, private=private)
+    return repos
+
+
+@case("missing-revision")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    a, b = _hub_pair(tmp)
+    return ["merge", f"{a}@v9.9", b, "-o", _out(tmp)]
+
+
+@case("private-without-token")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    a, b = _hub_pair(tmp, private=True)
+    return ["merge", a, b, "-o", _out(tmp)]
+
+
+@case("bad-token")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    a, b = _hub_pair(tmp)
+    return ["merge", a, b, "--push", f"{TEST_USER}/{unique('never')}", "--token", "hf_wrong", "-o", _out(tmp)]
+
+
+@case("gated-repo")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    a, b = _hub_pair(tmp)
+    hub.add_gated(a)
+    return ["merge", a, b, "-o", _out(tmp)]
+
+
+def test_every_row_has_a_case_and_every_case_a_row() -> None:
+    assert {row[0] for row in _rows()} == set(CASES) | {"network-down"}
+
+
+@pytest.mark.parametrize(("name", "code", "message"), [r for r in _rows() if r[0] != "network-down"], ids=lambda v: str(v))
+def test_bad_input(
+    name: str, code: int, message: str, hub: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = CASES[name](tmp_path, hub)
+    existed = Path(_out(tmp_path)).exists()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert Path(_out(tmp_path)).exists() == existed  # nothing written (an existing output is left alone)
+    assert not list(tmp_path.glob(".soup.partial-*"))
+
+
+def test_network_down(tmp_path: Path) -> None:
+    """The Hub unreachable (a closed loopback port): retried, then one clear line; exit 1."""
+    row = next(r for r in _rows() if r[0] == "network-down")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", A, f"{TEST_USER}/anything", "-o", _out(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == row[1]
+    assert row[2] in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists()
