@@ -17,10 +17,10 @@ import json
 import math
 import pickle
 import re
-import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -122,7 +122,7 @@ class Checkpoint:
             source.close()
         self._sources.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,13 +251,16 @@ def _open_index(index_path: Path, label: str, allow_pickle: bool, ema: bool) -> 
     for name in shard_names:
         shard = _open_file(index_path.parent / name, f"{label}/{name}", allow_pickle, ema)
         sources.extend(shard._sources)
-        aliases.extend(shard.aliases)
-        notes.extend(n for n in shard.notes if n not in notes)
+        # The index names tensors as saved (``module.x``): match on saved names, and clean
+        # them once for the whole checkpoint below (a shard's own prefix notes would repeat).
+        saved = {key: shard._where[key][1] for key in shard.metas}
+        aliases.extend(tuple(saved[k] for k in group) for group in shard.aliases)
+        notes.extend(n for n in shard.notes if n not in notes and not n.startswith("stripped "))
         if shard.format == "safetensors":
             sharded_format = "safetensors-sharded"
         for key, meta in shard.metas.items():
-            if weight_map.get(key) == name:
-                metas[key], where[key] = meta, shard._where[key]
+            if weight_map.get(saved[key]) == name:
+                metas[saved[key]], where[saved[key]] = meta, shard._where[key]
     missing = [key for key in weight_map if key not in metas]
     if missing:
         raise CheckpointFormatError(
@@ -267,7 +270,8 @@ def _open_index(index_path: Path, label: str, allow_pickle: bool, ema: bool) -> 
     # Keep the index's order: transformers writes it sorted, shards hold each part in order.
     ordered = {key: metas[key] for key in weight_map}
     checkpoint = _checkpoint(label, index_path, sharded_format, ordered, where, sources, notes)
-    checkpoint.aliases = aliases
+    clean = {checkpoint._where[key][1]: key for key in checkpoint.metas}
+    checkpoint.aliases = [tuple(clean[k] for k in group) for group in aliases]
     return checkpoint
 
 

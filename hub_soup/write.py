@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping
 
 import torch
 
@@ -50,6 +50,8 @@ class SoupWriter:
     ) -> None:
         self.destination = destination
         check_destination(destination, overwrite)
+        # Parents this run creates (``-o new/dir/soup``) go again if it fails: nothing is left.
+        self._made_parents = [p for p in destination.parents if not p.exists()]
         destination.parent.mkdir(parents=True, exist_ok=True)
         _sweep_abandoned(destination)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-{os.getpid()}-", dir=destination.parent))
@@ -125,8 +127,13 @@ class SoupWriter:
             self._current.discard()
             self._current = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for parent in self._made_parents:  # innermost first; rmdir keeps any that are not empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
-    def __enter__(self) -> "SoupWriter":
+    def __enter__(self) -> SoupWriter:
         return self
 
     def __exit__(
