@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from huggingface_hub.utils import tqdm
@@ -85,9 +85,10 @@ def max_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 def output_metas(plan: MergePlan, dtype: torch.dtype | None) -> dict[str, TensorMeta]:
-    """The soup's tensors: ``dtype`` overrides every averaged tensor's dtype, never an integer's."""
+    """The soup's tensors: ``dtype`` overrides every floating tensor's dtype (averaged or
+    excluded, so the soup is all one float dtype as its config says), never an integer's."""
     return {
-        t.key: TensorMeta(dtype if (dtype is not None and t.average) else t.meta.dtype, t.meta.shape)
+        t.key: TensorMeta(dtype if (dtype is not None and t.meta.dtype.is_floating_point) else t.meta.dtype, t.meta.shape)
         for t in plan.tensors
     }
 
@@ -151,7 +152,7 @@ def stream_merge(
                 else:
                     chunk = checkpoints[0].read_into(tensor.sources[0], begin, count, read_buffer)
                     bytes_read += chunk.nbytes
-                    writer.write(chunk)
+                    writer.write(chunk.to(out_dtype))
                 bar.update(bytes_read - bar.n)
     averaged = sum(t.average for t in plan.tensors)
     return MergeStats(

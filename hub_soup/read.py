@@ -373,6 +373,17 @@ def _corrupt(path: Path, exc: Exception) -> CheckpointFormatError:
     )
 
 
+def _holds_weights(value: Any) -> bool:
+    """A module, a tensor dict, or a dict wrapping one (``{"ema": {"decay": ..}}`` is none of these)."""
+    if isinstance(value, torch.nn.Module):
+        return True
+    if not isinstance(value, Mapping):
+        return False
+    return any(isinstance(v, torch.Tensor) for v in value.values()) or any(
+        _holds_weights(value.get(k)) for k in EMA_KEYS + RAW_KEYS if k in value
+    )
+
+
 def _find_state_dict(obj: Any, label: str, ema: bool, notes: list[str]) -> dict[str, torch.Tensor]:
     """Unwrap ``{"state_dict": ...}``-style checkpoints and whole modules to a flat tensor dict."""
     for _ in range(3):  # e.g. {"model": {"state_dict": ...}}: a few levels, never unbounded
@@ -385,7 +396,7 @@ def _find_state_dict(obj: Any, label: str, ema: bool, notes: list[str]) -> dict[
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             break
         keys = (EMA_KEYS if ema else ()) + RAW_KEYS
-        inner = next((k for k in keys if isinstance(obj.get(k), (Mapping, torch.nn.Module))), None)
+        inner = next((k for k in keys if _holds_weights(obj.get(k))), None)
         if inner is None:
             break
         has_ema = [k for k in EMA_KEYS if k in obj]

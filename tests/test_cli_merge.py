@@ -123,6 +123,19 @@ def test_dtype_overrides_floating_tensors_only(tmp_path: Path, zoo: dict, capsys
             assert soup[key].dtype == torch.int64 and soup[key].item() == 10, key
 
 
+def test_dtype_also_converts_excluded_tensors(tmp_path: Path, zoo: dict, capsys) -> None:
+    """Excluded keys come from the first ingredient, but in the soup's one float dtype."""
+    out = tmp_path / "soup"
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out, "--dtype", "float32", "--exclude", "head.*")
+    assert code == 0, stderr
+    soup = load_file(out / "model.safetensors")
+    excluded = [k for k in soup if k.startswith("head.")]
+    assert excluded
+    for key in excluded:
+        ck.assert_bit_equal(soup[key], zoo["raw"][0][key].to(torch.float32), key)
+    assert {t.dtype for t in soup.values() if t.is_floating_point()} == {torch.float32}
+
+
 def test_max_shard_size_writes_a_valid_index(tmp_path: Path, zoo: dict, capsys) -> None:
     out = tmp_path / "soup"
     code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], zoo["train"], "-o", out, "--max-shard-size", "10KB")

@@ -97,6 +97,15 @@ def test_timm_train_checkpoint_uses_ema_unless_told_not_to(tmp_path: Path, regne
         assert any("raw weights" in n and "state_dict_ema" in n for n in checkpoint.notes), checkpoint.notes
 
 
+def test_ema_entry_without_weights_falls_back_to_the_state_dict(tmp_path: Path, regnet: dict) -> None:
+    """``{"ema": {"decay": ...}}`` is optimizer-side bookkeeping, not weights: use ``state_dict``."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": regnet["raw"], "ema": {"decay": 0.999, "updates": 10}}, path)
+    with open_checkpoint(path) as checkpoint:
+        _assert_same_tensors(checkpoint, regnet["raw"])
+        assert any("'state_dict'" in n for n in checkpoint.notes)
+
+
 def test_timm_train_checkpoint_without_ddp_prefix(tmp_path: Path, regnet: dict) -> None:
     path = ck.save_timm_train(tmp_path / "checkpoint-9.pth.tar", regnet["raw"], regnet["ema"], ddp=False)
     with open_checkpoint(path, ema=False) as checkpoint:
