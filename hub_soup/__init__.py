@@ -9,8 +9,8 @@ runs the same pipeline::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hub_soup.errors import HubSoupError
 from hub_soup.pipeline import SoupResult, run

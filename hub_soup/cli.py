@@ -16,8 +16,8 @@ import os
 import signal
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 from hub_soup.errors import EXIT_BAD_INPUT, EXIT_OK, HubSoupError, RecipeError
 from hub_soup.recipe import Recipe, load_recipe, recipe_schema

@@ -58,7 +58,7 @@ class EvalSpec(_Strict):
     higher_is_better: bool = True
 
     @model_validator(mode="after")
-    def _custom_needs_function(self) -> "EvalSpec":
+    def _custom_needs_function(self) -> EvalSpec:
         if self.task == "custom" and not self.function:
             raise ValueError("task: custom needs function: 'module:function'")
         return self
@@ -126,7 +126,7 @@ class Recipe(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         weighted = [i.weight is not None for i in self.ingredients]
         if self.method == "weighted" and not all(weighted):
             raise ValueError("method: weighted needs a weight on every ingredient")
@@ -141,7 +141,7 @@ class Recipe(_Strict):
         return self
 
     @classmethod
-    def from_refs(cls, refs: list[str], weights: list[float] | None = None, **fields: Any) -> "Recipe":
+    def from_refs(cls, refs: list[str], weights: list[float] | None = None, **fields: Any) -> Recipe:
         """The recipe for a command line or an API call: refs (and weights) plus any other fields.
 
         Raises:

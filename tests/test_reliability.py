@@ -98,10 +98,9 @@ def test_hostile_files_are_refused_cleanly(case: Path, tmp_path: Path) -> None:
     """``tests/fuzz_regressions/``: hostile inputs, and any crash the fuzzers ever find."""
     path = tmp_path / case.name
     path.write_bytes(case.read_bytes())
-    with pytest.raises(CheckpointFormatError):
-        with open_checkpoint(path) as checkpoint:
-            for key in checkpoint.metas:
-                checkpoint.read(key)
+    with pytest.raises(CheckpointFormatError), open_checkpoint(path) as checkpoint:
+        for key in checkpoint.metas:
+            checkpoint.read(key)
 
 
 def test_atheris_fuzzes_the_readers_for_a_bounded_time(tmp_path: Path) -> None:
