@@ -75,6 +75,7 @@ def agreed_license(ingredients: Sequence[ResolvedRef], override: str | None) -> 
 def build_card(
     *,
     repo_id: str | None,
+    name: str,
     ingredients: Sequence[ResolvedRef],
     weights: Sequence[float],
     kept: Sequence[bool],
@@ -84,17 +85,20 @@ def build_card(
     tags: Sequence[str] = (),
     scores: Sequence[Score] = (),
     method: str = "uniform",
+    bn_recalibrated: bool = False,
 ) -> ModelCard:
     """The card for a soup.
 
     Args:
         repo_id: where the soup will live (used in the loading snippet).
+        name: the soup's name when it has no repo yet (its output folder's name).
         ingredients: every ingredient, pinned.
         weights: the normalised weight of each kept ingredient (aligned with the kept ones).
         kept: which ingredients went into the soup (a greedy soup drops some).
         config: the soup's ``config.json`` (decides timm vs transformers instructions).
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
         scores: evaluation results, the soup's first.
+        bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
     """
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
@@ -107,7 +111,7 @@ def build_card(
         pipeline_tag=pipeline_tag,
         license=agreed_license(ingredients, license),
         tags=["merge", "model-soup", "hub-soup", *(t for t in tags if t not in ("merge", "model-soup", "hub-soup"))],
-        model_name=repo_id.split("/")[-1] if repo_id and soup_scores else None,
+        model_name=(repo_id or name).split("/")[-1] if soup_scores else None,
         eval_results=[
             EvalResult(
                 task_type=pipeline_tag or "other",
@@ -121,7 +125,7 @@ def build_card(
         ]
         or None,
     )
-    name = repo_id or "this soup"
+    name = repo_id or name
     lines = [
         f"# {name.split('/')[-1]}",
         "",
@@ -129,7 +133,13 @@ def build_card(
         "([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), made with "
         "[hub-soup](https://github.com/hub-soup/hub-soup). Every floating tensor, BatchNorm running "
         "statistics included, was averaged in float32 and stored in its original dtype; integer "
-        "buffers were taken from the first ingredient.",
+        "buffers were taken from the first ingredient."
+        + (
+            " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
+            "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
+            if bn_recalibrated
+            else ""
+        ),
         "",
         "## Ingredients",
         "",
@@ -138,7 +148,7 @@ def build_card(
     ]
     weight_of = iter(weights)
     for i, (ref, used) in enumerate(zip(ingredients, kept)):
-        where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.path}`"
+        where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.label}`"
         sha = f"`{ref.sha[:12]}`" if ref.sha else "local"
         weight = f"{next(weight_of):.4f}" if used else "-"
         row = f"| {i} | {where} | {sha} | {weight} | {'yes' if used else 'no'} |"

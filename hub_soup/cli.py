@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hub_soup.errors import EXIT_BAD_INPUT, EXIT_OK, HubSoupError, RecipeError
 from hub_soup.recipe import Recipe, load_recipe, recipe_schema
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     merge.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to accumulate")
     merge.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
+    _add_eval_flags(merge)
+    validate = merge.add_argument_group("validate the soup (needs --eval-task and --eval-data)")
+    validate.add_argument("--greedy", action="store_true", help="greedy soup: keep an ingredient only if the score does not drop")
+    validate.add_argument("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")
+    validate.add_argument("--ensemble-reference", action="store_true", help="also score the output ensemble (a yardstick)")
+    validate.add_argument("--force", action="store_true", help="push even if the soup scores below its best ingredient")
     _add_push_flags(merge)
 
     run = commands.add_parser("run", help="make the soup a recipe file describes")
@@ -59,8 +66,57 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     inspect.add_argument("--token", help="Hub token")
 
+    diagnose = commands.add_parser("diagnose", help="why (not) a soup: the score along the line between two models")
+    diagnose.add_argument("refs", nargs=2, metavar="REF", help="the two ingredients (alpha 0 is the first)")
+    diagnose.add_argument("--base", metavar="REF", help="the model both were fine-tuned from: distances relative to it")
+    diagnose.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="points on the line")
+    diagnose.add_argument("--plot", type=Path, default=Path("diagnose.png"), help="where to save the curve (PNG)")
+    diagnose.add_argument("--recalibrate-bn", type=int, metavar="N", help="also score each point with BatchNorm recalibrated")
+    diagnose.add_argument("--allow-pickle", action="store_true", help="load pickles that execute code (only files you trust)")
+    diagnose.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    diagnose.add_argument("--token", help="Hub token")
+    _add_eval_flags(diagnose, required=True)
+
     commands.add_parser("schema", help="print the JSON Schema of recipe files")
     return parser
+
+
+def _add_eval_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-task", required=required,
+                       choices=["image-classification", "text-classification", "causal-lm", "custom"])
+    group.add_argument("--eval-data", required=required, metavar="DATA",
+                       help="image folder (DATA/<split>/<class>/*), local dataset, or Hub dataset repo id")
+    group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
+    group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
+    group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
+    group.add_argument("--eval-batch-size", type=int, default=64)
+    group.add_argument("--image-column", default="image")
+    group.add_argument("--text-column", default="text")
+    group.add_argument("--label-column", default="label")
+    group.add_argument("--eval-function", metavar="MODULE:FUNCTION", help="for --eval-task custom: model -> float")
+    group.add_argument("--lower-is-better", action="store_true", help="for --eval-task custom")
+
+
+def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The recipe's ``eval`` section from the evaluation flags (``None`` without --eval-task)."""
+    if not args.eval_task:
+        return None
+    if not args.eval_data:
+        raise RecipeError("--eval-task needs --eval-data")
+    return {
+        "task": args.eval_task,
+        "data": args.eval_data,
+        "split": args.eval_split,
+        "test_split": args.test_eval,
+        "limit": args.eval_limit,
+        "batch_size": args.eval_batch_size,
+        "image_column": args.image_column,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "function": args.eval_function,
+        "higher_is_better": not args.lower_is_better,
+    }
 
 
 def _add_push_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +157,11 @@ def recipe_from_merge_args(args: argparse.Namespace) -> Recipe:
         ema=args.ema,
         allow_pickle=args.allow_pickle,
         device=args.device,
+        eval=eval_spec_from_args(args),
+        greedy=args.greedy,
+        recalibrate_bn=args.recalibrate_bn,
+        ensemble_reference=args.ensemble_reference,
+        force=args.force,
         output={"path": output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite},
         push=push,
     )
@@ -132,10 +193,13 @@ def _run_recipe(recipe: Recipe, token: str | None) -> int:
     result = run(recipe, token=token)
     write_step_summary(markdown_summary(result))
     stats = result.stats
+    if result.report is not None:
+        print(result.report.table())
+    read = f"read {describe_size(stats.bytes_read)}, " if stats.bytes_read else ""
     print(
         f"soup: {stats.tensors} tensors ({stats.averaged} averaged, {stats.copied} copied from the first), "
-        f"{stats.parameters:,} parameters, read {describe_size(stats.bytes_read)}, "
-        f"wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s -> {result.output}"
+        f"{stats.parameters:,} parameters, {read}wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s "
+        f"-> {result.output}"
     )
     if result.push is not None:
         where = result.push.pr_url or result.push.commit_url
@@ -189,6 +253,33 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from hub_soup.align import align
+    from hub_soup.diagnose import diagnose
+    from hub_soup.evaluate import Evaluator
+    from hub_soup.pipeline import device_for, layouts_of, open_ingredients
+    from hub_soup.recipe import EvalSpec
+    from hub_soup.resolve import resolve_ref
+
+    spec = EvalSpec.model_validate(eval_spec_from_args(args))
+    refs = [*args.refs, *([args.base] if args.base else [])]
+    resolved = [resolve_ref(r, token=args.token) for r in refs]
+    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=True, token=args.token)
+    try:
+        plan = align(layouts_of(checkpoints))
+        evaluator = Evaluator(spec, checkpoints[0], device=device_for(args.device))
+        report = diagnose(
+            checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,
+            base=checkpoints[2] if args.base else None, plot_path=args.plot,
+            recalibrate_bn_batches=args.recalibrate_bn,
+        )
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+    print(report.text())
+    return EXIT_OK
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(recipe_schema(), indent=2))
     return EXIT_OK
@@ -215,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hub-soup`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     _setup_output(args.quiet)
-    handlers = {"merge": _cmd_merge, "run": _cmd_run, "inspect": _cmd_inspect, "schema": _cmd_schema}
+    handlers = {
+        "merge": _cmd_merge, "run": _cmd_run, "inspect": _cmd_inspect, "diagnose": _cmd_diagnose, "schema": _cmd_schema,
+    }
     try:
         return handlers[args.command](args)
     except HubSoupError as exc:

@@ -55,6 +55,7 @@ class DiagnoseReport:
 
     @property
     def has_barrier(self) -> bool:
+        """True when the dip exceeds ``BARRIER_TOLERANCE`` of the endpoints' mean score."""
         return _has_barrier(self.curve)
 
     def verdict(self) -> str:
@@ -65,27 +66,29 @@ class DiagnoseReport:
             if any(all(score.better_than(end) for end in ends) for _, score in self.curve[1:-1]):
                 return f"{a} and {b} are in one basin and soups between them beat both: averaging helps"
             return f"{a} and {b} are in one basin (no dip between them): averaging them is safe"
-        dip = format_delta(self.curve[0][1].metric, self.barrier).lstrip("+")
-        message = (
-            f"a dip of {dip} in the middle: {a} and {b} sit in different basins, so averaging them "
-            "loses accuracy whatever the weights. Usual causes: independent initialisations, or fine-tunes "
-            "that moved far from their shared start (large learning rates, long training)"
-        )
         if self.curve_recalibrated is not None and not _has_barrier(self.curve_recalibrated):
-            message = (
+            return (
                 f"the dip between {a} and {b} disappears with recalibrated BatchNorm statistics: the weights "
                 "average well, the averaged running statistics do not; use recalibrate_bn"
             )
-        return message
+        dip = format_delta(self.curve[0][1].metric, self.barrier).lstrip("+")
+        return (
+            f"a dip of {dip} in the middle: {a} and {b} sit in different basins, so any average of the two "
+            "scores worse than its ends. Usual causes: independent initialisations, or fine-tunes that moved "
+            "far from their shared start (large learning rates, long training)"
+        )
 
     def text(self) -> str:
         """The curve, the verdict, the distances, and where the plot is."""
         first = self.curve[0][1]
         a, b = self.labels
+        direction = "higher" if first.higher_is_better else "lower"
         lines = [
-            f"scores on the line (1 - alpha) * {a} + alpha * {b}, {first.dataset} split {first.split} "
-            f"({first.examples} examples; {first.metric}, {'higher' if first.higher_is_better else 'lower'} is better):",
-            "  alpha  " + f"{'score':>9}" + (f"  {'recal BN':>9}" if self.curve_recalibrated else ""),
+            (
+                f"scores on the line (1 - alpha) * {a} + alpha * {b}, {first.dataset} split {first.split} "
+                f"({first.examples} examples; {first.metric}, {direction} is better):"
+            ),
+            f"  alpha  {'score':>9}" + (f"  {'recal BN':>9}" if self.curve_recalibrated else ""),
         ]
         for n, (alpha, score) in enumerate(self.curve):
             row = f"  {alpha:5.2f}  {score.formatted():>9}"

@@ -68,11 +68,11 @@ class Score:
     split: str
     dataset: str
 
-    def better_than(self, other: "Score") -> bool:
+    def better_than(self, other: Score) -> bool:
         """Strictly better in the declared direction (NaN is never better)."""
         return self.value > other.value if self.higher_is_better else self.value < other.value
 
-    def at_least(self, other: "Score") -> bool:
+    def at_least(self, other: Score) -> bool:
         """As good or better (the greedy soup's rule); False for NaN, so a broken soup is never kept."""
         return self.value >= other.value if self.higher_is_better else self.value <= other.value
 
@@ -80,7 +80,7 @@ class Score:
         """The value as people read it: accuracy in percent, anything else with 4 significant digits."""
         return f"{self.value:.2%}" if self.metric == "accuracy" else f"{self.value:.4g}"
 
-    def difference(self, other: "Score") -> str:
+    def difference(self, other: Score) -> str:
         """``self - other``, signed, as people read it."""
         return format_delta(self.metric, self.value - other.value)
 
@@ -140,25 +140,30 @@ class Evaluator:
         split: the split to score (default ``spec.split``); e.g. ``spec.test_split``.
         device: where models run (``cpu``, ``cuda``, ``cuda:1``); data is cached there.
 
+    Attributes:
+        examples: how many examples (images, texts) are scored; 0 for task custom.
+
     Raises:
         EvalError: for data, columns, labels or configs that cannot be used.
     """
 
-    def __init__(self, spec: EvalSpec, reference: Checkpoint, *, split: str | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, spec: EvalSpec, reference: Checkpoint, *, split: str | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         self.spec = spec
         self.split = split or spec.split
         self.device = torch.device(device)
         self.reference = reference.label
-        self._config = reference.config
-        if self._config is None:
+        config = reference.config
+        if config is None:
             raise EvalError(
                 f"{reference.label}: no config.json beside the weights, so the architecture to evaluate is unknown",
                 hint="evaluate a folder saved by timm (save_for_hf/push_to_hf_hub) or transformers (save_pretrained)",
             )
-        self._family = _family(self._config, reference.label)
+        self._config: dict[str, Any] = config
+        self._family = _family(config, reference.label)
         self._sidecars = list(reference.sidecars)
         self._model: nn.Module | None = None
-        self._tokenizer: Any = None
         self._function: Callable[[nn.Module], float] | None = None
         self._batches: list[_Batch] = []
         self.examples = 0
@@ -255,13 +260,18 @@ class Evaluator:
         return self.score_outputs(average_tensors(outputs, [1.0 / len(outputs)] * len(outputs)))
 
     def _score(self, value: float, metric: str, examples: int) -> Score:
+        # built-in metrics have their own direction; the spec's declares a custom function's
         higher = self.spec.higher_is_better if self.spec.task == "custom" else metric == "accuracy"
         return Score(value, metric, higher, examples, self.split, self.spec.data)
 
     # -- BatchNorm recalibration --------------------------------------------------------
 
     def unlabelled_batches(self, n: int) -> list[Inputs]:
-        """The first ``n`` cached input batches (fewer if the split is smaller), for BN recalibration."""
+        """The first ``n`` cached input batches (fewer if the split is smaller), for BN recalibration.
+
+        The examples are in a fixed shuffled order (see :func:`_example_order`), so these
+        batches are a sample of every class, not the first classes of a sorted folder.
+        """
         if self._function is not None:
             raise EvalError(
                 "recalibrate_bn needs eval inputs, and task custom has none",
@@ -271,7 +281,9 @@ class Evaluator:
             logger.info("recalibrate_bn: %s has only %d batches; using all of them", self.split, len(self._batches))
         return [batch.inputs for batch in self._batches[:n]]
 
-    def recalibrated(self, state_dict: Mapping[str, torch.Tensor], batches: Sequence[Inputs]) -> dict[str, torch.Tensor] | None:
+    def recalibrated(
+        self, state_dict: Mapping[str, torch.Tensor], batches: Sequence[Inputs]
+    ) -> dict[str, torch.Tensor] | None:
         """``state_dict`` with its BatchNorm statistics recomputed on ``batches`` (see :func:`recalibrate_bn`),
         in the state dict's own dtypes, so the result is exactly what would be saved; ``None`` without BN.
         """
@@ -304,14 +316,16 @@ class Evaluator:
         mode = "L" if data_config["input_size"][0] == 1 else "RGB"
         source = self._open_source(allow_image_folder=True)
         if isinstance(source, Path):
-            dataset = ImageDataset(str(source), input_img_mode=mode, transform=transform, class_map=self._class_map(source))
+            dataset = ImageDataset(
+                str(source), input_img_mode=mode, transform=transform, class_map=self._class_map(source)
+            )
             if len(dataset) == 0:
                 raise EvalError(f"{source}: no images found in class folders", hint="lay out images as <class>/<image>")
-            indices = _spread(len(dataset), self.spec.limit)
+            indices = _example_order(len(dataset), self.spec.limit)
             samples = (dataset[i] for i in indices)
         else:
             table = self._check_columns(source, (self.spec.image_column, self.spec.label_column))
-            indices = _spread(len(table), self.spec.limit)
+            indices = _example_order(len(table), self.spec.limit)
             table = _decoded_images(table.select(indices), self.spec.image_column)
             samples = (
                 (transform(row[self.spec.image_column].convert(mode)), self._label(row[self.spec.label_column]))
@@ -330,7 +344,13 @@ class Evaluator:
             batches.append(self._image_batch(images, labels))
         self.examples = len(indices)
         self._check_labels(batches)
-        logger.info("eval data: %d images from %s (%s), input %s", self.examples, self.spec.data, self.split, data_config["input_size"])
+        logger.info(
+            "eval data: %d images from %s (%s), input %s",
+            self.examples,
+            self.spec.data,
+            self.split,
+            data_config["input_size"],
+        )
         return batches
 
     def _image_batch(self, images: list[torch.Tensor], labels: list[int]) -> _Batch:
@@ -339,7 +359,7 @@ class Evaluator:
     def _class_map(self, folder: Path) -> dict[str, int] | None:
         """Folder name -> class index from the model's ``label_names`` when they name every folder;
         otherwise ``None``: timm's convention (class folders in natural sort order)."""
-        names = (self._config or {}).get("label_names") or (self._config or {}).get("pretrained_cfg", {}).get("label_names")
+        names = self._config.get("label_names") or self._config.get("pretrained_cfg", {}).get("label_names")
         folders = {p.name for p in folder.iterdir() if p.is_dir()}
         if names and folders <= set(names):
             return {name: i for i, name in enumerate(names)}
@@ -362,17 +382,20 @@ class Evaluator:
         language_model = self.spec.task == "causal-lm"
         if language_model and tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise EvalError(f"{self.reference}: the tokenizer has neither a pad nor an eos token to pad batches with")
+                raise EvalError(
+                    f"{self.reference}: the tokenizer has neither a pad nor an eos token to pad batches with"
+                )
             tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of the loss
         tokenizer.padding_side = "right"
         columns = (self.spec.text_column,) if language_model else (self.spec.text_column, self.spec.label_column)
         source = self._open_source(allow_image_folder=False)
         table = self._check_columns(source, columns)
-        table = table.select(_spread(len(table), self.spec.limit))
+        table = table.select(_example_order(len(table), self.spec.limit))
         texts = [str(t) for t in table[self.spec.text_column]]
         labels = None if language_model else [self._label(v) for v in table[self.spec.label_column]]
-        max_length = min(tokenizer.model_max_length, _max_positions(self._config or {}))
+        max_length = min(tokenizer.model_max_length, _max_positions(self._config))
         batches = []
+        scored_tokens = 0  # for perplexity: every token after the first of each text
         for start in range(0, len(texts), self.spec.batch_size):
             encoded = tokenizer(
                 texts[start : start + self.spec.batch_size],
@@ -380,12 +403,19 @@ class Evaluator:
                 truncation=True,
                 max_length=max_length,
                 return_tensors="pt",
+                # a language model scores tokens alone; GPT-2 would add token-type embeddings
+                return_token_type_ids=False if language_model else None,
             )
             inputs = {k: v.to(self.device) for k, v in encoded.items()}
-            batch_labels = None if labels is None else torch.tensor(labels[start : start + self.spec.batch_size], device=self.device)
+            scored_tokens += int(encoded["attention_mask"][:, 1:].sum())
+            batch_labels = (
+                None
+                if labels is None
+                else torch.tensor(labels[start : start + self.spec.batch_size], device=self.device)
+            )
             batches.append(_Batch(inputs, batch_labels))
         self.examples = len(texts)
-        if language_model and sum(int(b.inputs["attention_mask"][:, 1:].sum()) for b in batches if isinstance(b.inputs, dict)) == 0:
+        if language_model and scored_tokens == 0:
             raise EvalError(f"{self.spec.data} ({self.split}): no text has two tokens or more; perplexity is undefined")
         self._check_labels(batches)
         logger.info("eval data: %d texts from %s (%s)", self.examples, self.spec.data, self.split)
@@ -400,12 +430,11 @@ class Evaluator:
         can never silently reuse the selection data); or data files ``datasets`` can split by name
         (``data/<split>-*.parquet``). Anything else is a Hub dataset repo id.
         """
-        datasets = _import_datasets()
         path = Path(self.spec.data).expanduser()
         if not path.exists():
-            return self._hub_dataset(datasets)
+            return self._hub_dataset()
         if (path / _SAVED_DATASET_DICT).is_file():
-            splits = datasets.load_from_disk(str(path))
+            splits = _import_datasets().load_from_disk(str(path))
             if self.split not in splits:
                 raise EvalError(f"{path}: no split {self.split!r}; it has {', '.join(splits)}")
             return splits[self.split]
@@ -417,19 +446,19 @@ class Evaluator:
                     hint=f"put each split in its own folder: {path}/<split>/<class>/<image>",
                 )
             folder = path
-        if folder.is_dir():
-            if (folder / _SAVED_DATASET).is_file():
-                return datasets.load_from_disk(str(folder))
-            if _is_image_folder(folder):
-                if not allow_image_folder:
-                    raise EvalError(f"{folder} is an image folder, but task {self.spec.task} reads text")
-                return folder
+        if (folder / _SAVED_DATASET).is_file():
+            return _import_datasets().load_from_disk(str(folder))
+        if folder.is_dir() and _is_image_folder(folder):
+            if not allow_image_folder:
+                raise EvalError(f"{folder} is an image folder, but task {self.spec.task} reads text")
+            return folder  # read with timm, no datasets needed
         try:
-            return datasets.load_dataset(str(path), split=self.split)
+            return _import_datasets().load_dataset(str(path), split=self.split)
         except (ValueError, FileNotFoundError) as exc:
             raise EvalError(f"{path}: cannot read split {self.split!r} as a dataset ({exc})") from None
 
-    def _hub_dataset(self, datasets: Any) -> Any:
+    def _hub_dataset(self) -> Any:
+        datasets = _import_datasets()
         try:
             return datasets.load_dataset(self.spec.data, split=self.split)
         except datasets.exceptions.DatasetNotFoundError as exc:
@@ -453,7 +482,7 @@ class Evaluator:
         """A class index from an int label or a class name the model's config knows."""
         if isinstance(value, (int, bool)) or (isinstance(value, float) and value.is_integer()):
             return int(value)
-        config = self._config or {}
+        config = self._config
         names = config.get("label2id") or {n: i for i, n in enumerate(config.get("label_names") or [])}
         if isinstance(value, str) and value in names:
             return int(names[value])
@@ -464,7 +493,7 @@ class Evaluator:
 
     def _check_labels(self, batches: Sequence[_Batch]) -> None:
         """Labels outside the model's classes mean the eval set does not match the model."""
-        classes = _num_classes(self._config or {})
+        classes = _num_classes(self._config)
         labels = [b.labels for b in batches if b.labels is not None]
         if classes is None or not labels:
             return
@@ -506,6 +535,7 @@ class _KeywordInputs(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # update_bn restores the mode it finds on the module it is given
 
     def forward(self, inputs: Inputs) -> Any:
         return self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
@@ -526,7 +556,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if missing:
             details.append(f"{len(missing)} model keys are missing, e.g. {missing[0]!r}")
         if result.unexpected_keys:
-            details.append(f"{len(result.unexpected_keys)} keys are not in the model, e.g. {result.unexpected_keys[0]!r}")
+            details.append(
+                f"{len(result.unexpected_keys)} keys are not in the model, e.g. {result.unexpected_keys[0]!r}"
+            )
         raise EvalError(
             f"the weights do not fit the architecture of {label}'s config: " + "; ".join(details),
             hint="the config.json beside the first ingredient must describe the ingredients' architecture",
@@ -584,15 +616,15 @@ def _max_positions(config: dict[str, Any]) -> int:
     return 1 << 30
 
 
-def _spread(total: int, limit: int | None) -> list[int]:
-    """``limit`` indices spread evenly over ``total`` (all when no limit), in order.
+def _example_order(total: int, limit: int | None) -> list[int]:
+    """The examples to score, in a fixed pseudo-random order (its first ``limit`` with a limit).
 
-    Evenly spaced rather than the first N: image folders and many datasets are
-    sorted by class, and the first N would all be one class.
+    Not the stored order: image folders and many datasets are sorted by class, so the
+    first N examples, and the first batches BatchNorm is recalibrated on, would cover
+    a few classes only (measured: 4 class-sorted batches of digits cost a soup 2 points).
     """
-    if limit is None or limit >= total:
-        return list(range(total))
-    return [i * total // limit for i in range(limit)]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0)).tolist()
+    return order[:limit] if limit is not None else order
 
 
 def _class_probabilities(model: nn.Module, inputs: Inputs) -> torch.Tensor:

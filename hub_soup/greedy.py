@@ -75,35 +75,23 @@ class GreedyReport:
         """The same on the test split (unbiased: nothing was chosen on it), when one was given."""
         if self.test_scores is None:
             return None
-        return compare_to_best(self.test_scores["soup"], self.labels, [self.test_scores[label] for label in self.labels])
+        return compare_to_best(
+            self.test_scores["soup"], self.labels, [self.test_scores[label] for label in self.labels]
+        )
 
     def table(self) -> str:
         """The whole story as text: ingredients, steps, the soup, its yardsticks and the verdict."""
         first = self.soup_score
-        recal = self.soup_score_before_bn is not None
+        direction = "higher" if first.higher_is_better else "lower"
         lines = [
-            f"{self.method} soup, scored on {first.dataset} split {first.split} ({first.examples} examples; "
-            f"{first.metric}, {'higher' if first.higher_is_better else 'lower'} is better)",
+            f"{self.method} soup, scored on {first.dataset} split {first.split} "
+            + f"({first.examples} examples; {first.metric}, {direction} is better)"
         ]
         width = max(len(label) for label in self.labels + ["ingredient"])
-        if self.steps:
-            header = f"  step  {'ingredient':<{width}}  {'alone':>9}  {'soup':>9}"
-            if recal:
-                header += f"  {'(avg BN)':>9}  {'(recal)':>9}"
-            lines.append(header + "  kept")
-            for number, step in enumerate(self.steps, 1):
-                row = f"  {number:>4}  {step.label:<{width}}  {step.ingredient_score.formatted():>9}  {step.soup_score.formatted():>9}"
-                if recal:
-                    row += f"  {_formatted(step.soup_score_before_bn):>9}  {_formatted(step.soup_score_after_bn):>9}"
-                lines.append(row + ("  yes (start)" if number == 1 else "  yes" if step.kept else "  no"))
-        else:
-            lines.append(f"  #  {'ingredient':<{width}}  {'score':>9}")
-            for i, (label, score) in enumerate(zip(self.labels, self.ingredient_scores)):
-                lines.append(f"  {i:>1}  {label:<{width}}  {score.formatted():>9}")
+        lines += self._step_rows(width) if self.steps else self._ingredient_rows(width)
         kept = sum(self.kept)
         lines.append(f"soup of {kept} of {len(self.kept)} ingredients: {self.soup_score.formatted()}")
-        if recal:
-            assert self.soup_score_before_bn is not None
+        if self.soup_score_before_bn is not None:
             what = "kept" if self.bn_recalibrated else "not kept (it lowered the score)"
             lines.append(
                 f"  BN recalibration: {self.soup_score_before_bn.formatted()} with averaged statistics, "
@@ -112,20 +100,38 @@ class GreedyReport:
         if self.ensemble_score is not None:
             lines.append(f"output ensemble of the same {kept} (yardstick): {self.ensemble_score.formatted()}")
         lines.append(self.comparison.message())
-        if self.test_scores is not None:
-            test = self.test_scores["soup"]
-            lines.append(f"test split {test.split} ({test.examples} examples; unbiased, nothing was chosen on it):")
+        test = self.test_comparison
+        if self.test_scores is not None and test is not None:
+            lines.append(f"test split {test.soup.split} ({test.soup.examples} examples; nothing was chosen on it):")
             for label in self.labels + ["soup", "ensemble"]:
                 if label in self.test_scores:
                     lines.append(f"  {label:<{width}}  {self.test_scores[label].formatted():>9}")
-            comparison = self.test_comparison
-            assert comparison is not None
-            lines.append(comparison.message())
+            lines.append(test.message())
         if self.comparison.soup_is_worse:
             lines.append(
-                "why? a dip between two ingredients means they sit in different basins; see `hub-soup diagnose`"
+                "why? if the ensemble yardstick also falls short, the ingredients themselves are weak; if only the "
+                "soup does, they sit in different basins (or their BatchNorm statistics no longer fit: try "
+                "recalibrate_bn); `hub-soup diagnose` shows the curve between two of them"
             )
         return "\n".join(lines)
+
+    def _step_rows(self, width: int) -> list[str]:
+        recal = self.soup_score_before_bn is not None
+        header = f"  step  {'ingredient':<{width}}  {'alone':>9}  {'soup':>9}"
+        rows = [header + (f"  {'(avg BN)':>9}  {'(recal)':>9}" if recal else "") + "  kept"]
+        for number, step in enumerate(self.steps, 1):
+            row = f"  {number:>4}  {step.label:<{width}}  {step.ingredient_score.formatted():>9}"
+            row += f"  {step.soup_score.formatted():>9}"
+            if recal:
+                row += f"  {_formatted(step.soup_score_before_bn):>9}  {_formatted(step.soup_score_after_bn):>9}"
+            rows.append(row + ("  yes (start)" if number == 1 else "  yes" if step.kept else "  no"))
+        return rows
+
+    def _ingredient_rows(self, width: int) -> list[str]:
+        rows = [f"  #  {'ingredient':<{width}}  {'score':>9}"]
+        for i, (label, score) in enumerate(zip(self.labels, self.ingredient_scores)):
+            rows.append(f"  {i:>1}  {label:<{width}}  {score.formatted():>9}")
+        return rows
 
 
 def greedy_soup(
@@ -160,27 +166,21 @@ def greedy_soup(
     best: _Candidate | None = None
     for i in order:
         state_dict = load(i)
-        members = sum(kept) + 1
-        averaged = {}
+        totals = {}
         for key in average_keys:
-            if best is None:
-                running[key] = state_dict[key].to(accumulation_dtype(pass_.dtypes[key]), copy=True)
-                averaged[key] = running[key].clone()  # the soup must not alias the running sum
-            else:
-                total = running[key].clone()
-                weighted_sum_(total, state_dict[key], 1.0, torch.empty_like(total), first=False)
-                averaged[key] = total.div_(members)
-        candidate = _judge(pass_.soup_of(averaged), evaluator, batches)
+            if running:  # the kept ingredients' sum plus this one
+                totals[key] = running[key].clone()
+                weighted_sum_(totals[key], state_dict[key], 1.0, torch.empty_like(totals[key]), first=False)
+            else:  # the best ingredient starts the sum
+                totals[key] = state_dict[key].to(accumulation_dtype(pass_.dtypes[key]), copy=True)
+        members = sum(kept) + 1
+        candidate = _judge(pass_.soup_of({k: t / members for k, t in totals.items()}), evaluator, batches)
         keep = best is None or candidate.score.at_least(best.score)
         steps.append(
             GreedyStep(i, labels[i], pass_.scores[i], candidate.score, keep, candidate.before_bn, candidate.after_bn)
         )
         if keep:
-            if best is not None:
-                for key in average_keys:
-                    weighted_sum_(running[key], state_dict[key], 1.0, torch.empty_like(running[key]), first=False)
-            kept[i] = True
-            best = candidate
+            running, kept[i], best = totals, True, candidate
     assert best is not None
     return pass_.report(steps, kept, best, "greedy")
 
@@ -274,7 +274,9 @@ class _IngredientPass:
             if test_evaluator is not None:
                 self.test_scores[labels[i]] = self._score(test_evaluator, state_dict, self.test_outputs)
 
-    def _score(self, evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor]) -> Score:
+    def _score(
+        self, evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor]
+    ) -> Score:
         if not self.ensemble:
             return evaluator.score_state_dict(state_dict)
         outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
@@ -295,7 +297,9 @@ class _IngredientPass:
             test_scores = dict(self.test_scores)
             test_scores["soup"] = self.test_evaluator.score_state_dict(soup.state_dict)
             if self.ensemble:
-                test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs([self.test_outputs[i] for i in members])
+                test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs(
+                    [self.test_outputs[i] for i in members]
+                )
         return GreedyReport(
             ingredient_scores=self.scores,
             steps=steps,

@@ -20,8 +20,19 @@ import torch
 
 from hub_soup import card as card_stage
 from hub_soup.align import Layout, MergePlan, align
+from hub_soup.errors import WorseSoupError
 from hub_soup.fetch import fetch, remote_layout
-from hub_soup.merge import MergeStats, normalize_weights, output_metas, stream_merge
+from hub_soup.evaluate import Evaluator
+from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.merge import (
+    MergeStats,
+    aligned_state_dict,
+    merged_state_dict,
+    normalize_weights,
+    output_metas,
+    stream_merge,
+    write_state_dict,
+)
 from hub_soup.push import PushResult, check_push_access, push_soup
 from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Ingredient, Recipe
@@ -54,6 +65,7 @@ class SoupResult:
     similarity: Similarity | None
     pinned_recipe: Recipe
     scores: list[card_stage.Score] = field(default_factory=list)
+    report: GreedyReport | None = None  # ingredient scores, greedy steps, the evaluated soup
     push: PushResult | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -144,24 +156,40 @@ def _make_soup(
         warnings.append(INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst))
         logger.warning(warnings[-1])
     weights = normalize_weights(recipe.weights, len(checkpoints))
-    kept = [True] * len(checkpoints)
-    logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w in zip(checkpoints, weights)))
+    device = device_for(recipe.device)
+    report = _evaluate(recipe, checkpoints, plan, weights, device) if recipe.eval is not None else None
+    kept = report.kept if report is not None else [True] * len(checkpoints)
+    if recipe.greedy:  # a greedy soup is the uniform average of what it kept
+        weights = [1 / sum(kept)] * len(checkpoints)
+    kept_weights = [w for w, k in zip(weights, kept) if k]
+    logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w, k in zip(checkpoints, weights, kept) if k))
+    if report is not None and report.comparison.soup_is_worse:
+        warnings.append(report.comparison.message())
+        logger.warning(warnings[-1])
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     pinned = pin_recipe(recipe, resolved)
     config = _soup_config(checkpoints[0], recipe.dtype)
+    scores = _card_scores(report) if report is not None else []
     card = card_stage.build_card(
         repo_id=recipe.push.repo_id if recipe.push else None,
+        name=output.name,
         ingredients=resolved,
-        weights=weights,
+        weights=kept_weights,
         kept=kept,
         config=config,
         recipe_yaml=pinned.to_yaml(),
         license=recipe.push.license if recipe.push else None,
         tags=recipe.push.tags if recipe.push else (),
-        method=recipe.method,
+        scores=scores,
+        method="greedy" if recipe.greedy else recipe.method,
+        bn_recalibrated=report is not None and report.bn_recalibrated,
     )
-    with SoupWriter(output, output_metas(plan, dtype), parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
-        stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=_device(recipe.device))
+    metas = output_metas(plan, dtype)
+    with SoupWriter(output, metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
+        if report is not None:  # write exactly the soup that was scored (BN statistics recalibrated or not)
+            stats = write_state_dict(report.soup, plan, metas, writer)
+        else:
+            stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=device)
         for sidecar in checkpoints[0].sidecars:
             if sidecar.name == "config.json" and config is not None:
                 writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
@@ -171,13 +199,66 @@ def _make_soup(
         writer.add_file("README.md", str(card))
         writer.commit()
     result = SoupResult(
-        output=output, ingredients=resolved, kept=kept, weights=weights, plan=plan, stats=stats,
-        similarity=similarity, pinned_recipe=pinned, warnings=warnings,
+        output=output, ingredients=resolved, kept=kept, weights=kept_weights, plan=plan, stats=stats,
+        similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
     )
     if recipe.push is not None:
+        if report is not None and report.comparison.soup_is_worse and not recipe.force:
+            raise WorseSoupError(
+                f"not pushing to {recipe.push.repo_id}: {report.comparison.message()}; the soup was written to {output}",
+                hint="try greedy: true (--greedy) to keep only ingredients that help"
+                + (", or recalibrate_bn (--recalibrate-bn N) for BatchNorm networks" if _has_bn(plan) else "")
+                + "; --force pushes it anyway",
+            )
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
-        result.push = push_soup(output, recipe.push, token, f"hub-soup: {recipe.method} soup of {names}")
+        method = "greedy" if recipe.greedy else recipe.method
+        result.push = push_soup(output, recipe.push, token, f"hub-soup: {method} soup of {names}")
     return result
+
+
+def _evaluate(
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float], device: torch.device
+) -> GreedyReport:
+    """Score every ingredient and the soup (greedy or not), with optional BN recalibration."""
+    assert recipe.eval is not None
+    evaluator = Evaluator(recipe.eval, checkpoints[0], device=device)
+    test_evaluator = (
+        Evaluator(recipe.eval, checkpoints[0], split=recipe.eval.test_split, device=device)
+        if recipe.eval.test_split
+        else None
+    )
+    labels = [c.label for c in checkpoints]
+
+    def load(i: int) -> dict[str, torch.Tensor]:
+        return aligned_state_dict(checkpoints[i], plan, i)
+
+    options = {
+        "recalibrate_bn_batches": recipe.recalibrate_bn,
+        "test_evaluator": test_evaluator,
+        "ensemble": recipe.ensemble_reference,
+    }
+    if recipe.greedy:
+        average_keys = {t.key for t in plan.tensors if t.average}
+        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, **options)
+    else:
+        soup = merged_state_dict(checkpoints, plan, weights)
+        report = score_soup(labels, load, soup, evaluator, method=recipe.method, **options)
+    return report
+
+
+def _card_scores(report: GreedyReport) -> list[card_stage.Score]:
+    """The soup's and each ingredient's scores, held-out split first, then the test split."""
+    soup = report.soup_score
+    scores = [card_stage.Score("soup", soup.metric, soup.value, soup.split, soup.dataset)]
+    scores += [card_stage.Score(label, s.metric, s.value, s.split, s.dataset)
+               for label, s in zip(report.labels, report.ingredient_scores)]
+    for name, s in (report.test_scores or {}).items():
+        scores.append(card_stage.Score(name, s.metric, s.value, s.split, s.dataset))
+    return scores
+
+
+def _has_bn(plan: MergePlan) -> bool:
+    return any(t.key.endswith("running_var") for t in plan.tensors)
 
 
 def _soup_config(first: Checkpoint, dtype: str | None) -> dict[str, Any] | None:
@@ -190,7 +271,7 @@ def _soup_config(first: Checkpoint, dtype: str | None) -> dict[str, Any] | None:
     return config
 
 
-def _device(name: str) -> torch.device:
+def device_for(name: str) -> torch.device:
     """``auto`` picks CUDA when present; ``cuda`` without a GPU falls back to CPU with a warning."""
     if name in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda")

@@ -49,13 +49,13 @@ class EvalSpec(_Strict):
     data: str = Field(description="image folder, Hub dataset repo id, or local dataset path")
     split: str = "validation"
     test_split: str | None = Field(None, description="second split for unbiased final numbers")
-    limit: int | None = Field(None, gt=0, description="score on the first N examples only")
+    limit: int | None = Field(None, gt=0, description="score on N examples: the first N of a fixed (seed 0) shuffle")
     batch_size: int = Field(64, gt=0)
     image_column: str = "image"
     text_column: str = "text"
     label_column: str = "label"
     function: str | None = Field(None, description="module:function (model -> float) for task: custom")
-    higher_is_better: bool = True
+    higher_is_better: bool = Field(True, description="direction of a custom function's score (others know theirs)")
 
     @model_validator(mode="after")
     def _custom_needs_function(self) -> EvalSpec:

@@ -65,9 +65,9 @@ class ResolvedRef:
 
     @property
     def label(self) -> str:
-        """Short name for tables and messages."""
+        """Short name for tables and messages: a local path as the user wrote it."""
         if self.kind == "local":
-            return str(self.path)
+            return self.ref
         return f"{self.repo_id}@{self.sha[:10]}" if self.sha else str(self.repo_id)
 
 

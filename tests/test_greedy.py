@@ -1,0 +1,207 @@
+"""Greedy soups, BatchNorm recalibration and plain-soup reports on real digits fine-tunes.
+
+The models come from the shared digits kit (see ``tests/test_evaluate.py``): four fine-tunes
+of one pretrained timm ``test_resnet`` and two trainings from independent random inits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hub_soup.align import Layout, MergePlan, align
+from hub_soup.evaluate import Evaluator
+from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.merge import average_tensors
+from hub_soup.read import Checkpoint
+from hub_soup.recipe import EvalSpec
+from hub_soup.similarity import weight_similarity
+from tests.test_evaluate import DigitsKit, digits_kit, image_spec
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
+    return digits_kit(tmp_path_factory)
+
+
+class Soup:
+    """Ingredients opened and aligned, with the loader and evaluators greedy_soup takes."""
+
+    def __init__(self, kit: DigitsKit, checkpoints: list[Checkpoint]) -> None:
+        self.checkpoints = checkpoints
+        self.labels = [c.label for c in checkpoints]
+        self.plan: MergePlan = align([Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints])
+        self.average_keys = {t.key for t in self.plan.tensors if t.average}
+        self.val = Evaluator(image_spec(kit.data), checkpoints[0])
+        self.test = Evaluator(image_spec(kit.data), checkpoints[0], split="test")
+        self.loads: list[int] = []
+
+    def load(self, i: int) -> dict[str, torch.Tensor]:
+        self.loads.append(i)
+        return {t.key: self.checkpoints[i].read(t.sources[i]) for t in self.plan.tensors}
+
+    def uniform(self, indices: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The uniform soup of ``indices``, computed the streaming merge's way (the reference)."""
+        indices = list(range(len(self.checkpoints))) if indices is None else indices
+        state_dicts = [self.load(i) for i in indices]
+        weights = [1 / len(indices)] * len(indices)
+        first = self.load(0)  # tensors that are not averaged come from the first ingredient in recipe order
+        return {
+            t.key: average_tensors([sd[t.key] for sd in state_dicts], weights) if t.average else first[t.key]
+            for t in self.plan.tensors
+        }
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(digits: DigitsKit) -> Soup:
+    return Soup(digits, digits.open(digits.ingredients))
+
+
+@pytest.fixture(scope="module")
+def independent(digits: DigitsKit) -> Soup:
+    return Soup(digits, digits.open(digits.independent))
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(fine_tunes: Soup) -> GreedyReport:
+    fine_tunes.loads.clear()
+    report = greedy_soup(
+        fine_tunes.labels,
+        fine_tunes.load,
+        fine_tunes.val,
+        average_keys=fine_tunes.average_keys,
+        test_evaluator=fine_tunes.test,
+        ensemble=True,
+    )
+    print(report.table())
+    return report
+
+
+def test_greedy_soup_never_scores_below_its_best_ingredient(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
+    report = plain_greedy
+    best = max(report.ingredient_scores, key=lambda s: s.value)
+    assert report.soup_score.at_least(best) and not report.comparison.soup_is_worse
+    assert all(s.value > 0.85 for s in report.ingredient_scores)
+    # steps: best first, then in descending order, each judged on the running soup
+    assert [s.ingredient_score.value for s in report.steps] == sorted(
+        (s.value for s in report.ingredient_scores), reverse=True
+    )
+    assert report.steps[0].kept and report.steps[0].soup_score == report.steps[0].ingredient_score
+    assert report.kept == [any(s.kept and s.index == i for s in report.steps) for i in range(4)]
+    current = report.steps[0].soup_score
+    for step in report.steps[1:]:
+        assert step.kept == step.soup_score.at_least(current)
+        current = step.soup_score if step.kept else current
+    assert report.soup_score == current
+    # every ingredient read twice at most: once to score it, once when it is tried
+    assert sorted(fine_tunes.loads) == sorted([0, 1, 2, 3] * 2)
+
+
+def test_greedy_soup_is_the_average_of_the_kept_ingredients(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
+    report = plain_greedy
+    kept = [i for i, k in enumerate(report.kept) if k]
+    reference = fine_tunes.uniform(kept)
+    first = fine_tunes.load(0)
+    assert list(report.soup) == list(first)  # canonical key order
+    for key, tensor in report.soup.items():
+        assert tensor.dtype == first[key].dtype  # fp16 in, fp16 out
+        if key in fine_tunes.average_keys:
+            # running fp32 sum / count vs. the streamed weighted sum: one fp16 rounding apart at most
+            assert torch.allclose(tensor.float(), reference[key].float(), rtol=1e-3, atol=1e-4), key
+        else:
+            assert torch.equal(tensor, first[key])  # num_batches_tracked: the first ingredient's
+    assert fine_tunes.val.score_state_dict(report.soup) == report.soup_score  # the soup is what was scored
+
+
+def test_greedy_reports_test_split_and_ensemble(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
+    report = plain_greedy
+    assert report.test_scores is not None
+    assert set(report.test_scores) == {*fine_tunes.labels, "soup", "ensemble"}
+    assert all(s.split == "test" and s.examples == 360 for s in report.test_scores.values())
+    assert report.test_scores["soup"] == fine_tunes.test.score_state_dict(report.soup)
+    kept = [fine_tunes.load(i) for i, k in enumerate(report.kept) if k]
+    assert report.ensemble_score == fine_tunes.val.ensemble_score(kept)
+    table = report.table()
+    for label in fine_tunes.labels:
+        assert label in table
+    assert "yes (start)" in table and "test split test (360 examples; nothing was chosen on it)" in table
+    assert f"soup of {sum(report.kept)} of 4 ingredients: {report.soup_score.formatted()}" in table
+
+
+def test_uniform_bn_soup_improves_after_recalibration(fine_tunes: Soup) -> None:
+    report = score_soup(
+        fine_tunes.labels,
+        fine_tunes.load,
+        fine_tunes.uniform(),
+        fine_tunes.val,
+        recalibrate_bn_batches=4,
+        test_evaluator=fine_tunes.test,
+    )
+    print(report.table())
+    before, after = report.soup_score_before_bn, report.soup_score_after_bn
+    assert before is not None and after is not None
+    assert after.value >= before.value + 0.02  # averaged running statistics cost accuracy; recomputing them restores it
+    assert report.bn_recalibrated and report.soup_score == after
+    assert fine_tunes.val.score_state_dict(report.soup) == after  # shipped with the recalibrated fp16 statistics
+    assert report.soup["conv1.1.running_mean"].dtype == torch.float16
+    assert "BN recalibration" in report.table() and report.steps == [] and report.kept == [True] * 4
+
+
+def test_greedy_judges_every_candidate_with_recalibrated_bn(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
+    report = greedy_soup(
+        fine_tunes.labels,
+        fine_tunes.load,
+        fine_tunes.val,
+        average_keys=fine_tunes.average_keys,
+        recalibrate_bn_batches=4,
+    )
+    print(report.table())
+    for step in report.steps:
+        before, after = step.soup_score_before_bn, step.soup_score_after_bn
+        assert before is not None and after is not None
+        assert step.soup_score == (after if after.at_least(before) else before)
+    assert report.soup_score.at_least(plain_greedy.steps[0].ingredient_score)  # never below the best ingredient
+    assert report.soup_score_before_bn is not None
+    assert fine_tunes.val.score_state_dict(report.soup) == report.soup_score
+    assert "(avg BN)" in report.table()
+
+
+def test_independent_inits_collapse_and_are_flagged(independent: Soup) -> None:
+    report = score_soup(
+        independent.labels,
+        independent.load,
+        independent.uniform(),
+        independent.val,
+        recalibrate_bn_batches=4,
+    )
+    print(report.table())
+    assert all(s.value > 0.85 for s in report.ingredient_scores)
+    assert report.soup_score_before_bn is not None and report.soup_score_before_bn.value < 0.3  # chance is 0.1
+    assert report.comparison.soup_is_worse
+    assert "is worse than its best ingredient" in report.table() and "hub-soup diagnose" in report.table()
+    assert weight_similarity(independent.checkpoints, independent.plan).independent_pairs() == [(0, 1)]
+
+
+def test_fine_tunes_are_not_flagged_as_independent(fine_tunes: Soup) -> None:
+    similarity = weight_similarity(fine_tunes.checkpoints, fine_tunes.plan)
+    assert similarity.independent_pairs() == []
+
+
+def test_greedy_follows_a_lower_is_better_metric(digits: DigitsKit, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A custom metric where lower is better (distance of the head to ingredient 2's): greedy must start there."""
+    module = tmp_path_factory.mktemp("metric") / "head_distance.py"
+    soup = Soup(digits, digits.open(digits.ingredients))
+    torch.save(soup.load(2)["fc.weight"].float(), module.with_suffix(".pt"))
+    module.write_text(
+        "import torch\n"
+        f"TARGET = torch.load({str(module.with_suffix('.pt'))!r})\n"
+        "def score(model):\n"
+        "    return float((model.fc.weight - TARGET).norm())\n"
+    )
+    evaluator = Evaluator(
+        EvalSpec(task="custom", data="none", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0]
+    )
+    report = greedy_soup(soup.labels, soup.load, evaluator, average_keys=soup.average_keys)
+    assert report.steps[0].index == 2 and report.steps[0].ingredient_score.value == 0.0
+    assert report.kept == [False, False, True, False] and report.soup_score.value == 0.0
+    assert "lower is better" in report.table()

@@ -1,0 +1,209 @@
+"""The streaming merge (what the CLI runs) equals the in-memory reference bit for bit.
+
+``stream_merge`` reads every tensor in chunks into one reused buffer and may be
+tuned for speed (chunk size, threads, read-ahead); ``average_tensors`` is the
+simple whole-tensor definition. Whatever the tuning, the soup's bytes must be the
+same: odd shapes, 0-dim and empty tensors, non-contiguous and shared storages
+(from torch pickles), every floating dtype, integer buffers, ``--dtype``
+overrides, uneven weights and chunk sizes that cut tensors anywhere.
+No timing here: speed is measured by ``benchmarks/run.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hub_soup.align import MergePlan, align
+from hub_soup.merge import average_tensors, normalize_weights, output_metas, stream_merge
+from hub_soup.read import Checkpoint, open_checkpoint
+from hub_soup.pipeline import layouts_of
+from hub_soup.write import SoupWriter
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SHAPES = ((), (0,), (3, 0, 2), (1,), (7,), (13, 17), (5, 3, 11), (1000,), (33, 65), (2, 3, 5, 7))
+
+
+def _values(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Awkward values: wide magnitudes, exact ties, subnormals, signed zeros and infinities."""
+    generator = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    scale = torch.exp2(torch.randint(-20, 12, (numel,), generator=generator).double())
+    values = torch.randn(numel, generator=generator, dtype=torch.float64) * scale
+    if numel >= 8:
+        finfo = torch.finfo(dtype)
+        values[0], values[1], values[2] = -0.0, finfo.tiny / 4, finfo.max / 2  # fp16 sum would overflow
+        values[3], values[4], values[5] = 1.0, -1.0 / 3.0, 2.0**-24
+        if seed % 3 == 0:
+            values[6] = math.inf
+    return values.to(dtype).reshape(shape)
+
+
+def _ingredients(count: int, dtypes: tuple[torch.dtype, ...], seed: int) -> list[dict[str, torch.Tensor]]:
+    """State dicts with one tensor per (shape, dtype), plus integer and bool buffers."""
+    states = []
+    for i in range(count):
+        state: dict[str, torch.Tensor] = {}
+        for s, shape in enumerate(SHAPES):
+            for dtype in dtypes:
+                name = f"t{s}.{str(dtype).removeprefix('torch.')}"
+                state[name] = _values(shape, dtype, seed * 1000 + i * 100 + s)
+        state["bn.num_batches_tracked"] = torch.tensor(100 + i)
+        state["position_ids"] = torch.arange(11, dtype=torch.int32) + i
+        state["mask"] = torch.tensor([True, False, bool(i % 2)])
+        states.append(state)
+    return states
+
+
+def _save(states: list[dict[str, torch.Tensor]], folder: Path, fmt: str) -> list[Path]:
+    paths = []
+    for i, state in enumerate(states):
+        if fmt == "safetensors":
+            path = folder / f"ing{i}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, path)
+        else:
+            path = folder / f"ing{i}.pt"
+            torch.save(state, path)
+        paths.append(path)
+    return paths
+
+
+def _reference(checkpoints: list[Checkpoint], plan: MergePlan, weights: list[float], dtype: torch.dtype | None):
+    """The soup by definition: whole tensors through ``average_tensors``."""
+    out = {}
+    metas = output_metas(plan, dtype)
+    for t in plan.tensors:
+        if t.average:
+            whole = [c.read(k).contiguous() for c, k in zip(checkpoints, t.sources)]
+            out[t.key] = average_tensors(whole, weights, dtype)
+        else:
+            out[t.key] = checkpoints[0].read(t.sources[0])
+        assert out[t.key].dtype == metas[t.key].dtype
+    return out
+
+
+def _merge(paths: list[Path], out: Path, weights: list[float] | None, dtype: torch.dtype | None, chunk: int,
+           max_shard: int = 10**9) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    checkpoints = [open_checkpoint(p) for p in paths]
+    try:
+        plan = align(layouts_of(checkpoints))
+        normalized = normalize_weights(weights, len(checkpoints))
+        with SoupWriter(out, output_metas(plan, dtype), max_shard) as writer:
+            stats = stream_merge(checkpoints, plan, normalized, writer, dtype=dtype, chunk_elements=chunk)
+            writer.commit()
+        assert stats.bytes_written == sum(m.nbytes for m in output_metas(plan, dtype).values())
+        expected = _reference(checkpoints, plan, normalized, dtype)
+    finally:
+        for c in checkpoints:
+            c.close()
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got.update(load_file(shard))
+    return got, expected
+
+
+def _assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(expected) or set(got) == set(expected)
+    for key, want in expected.items():
+        have = got[key]
+        assert have.dtype == want.dtype and have.shape == want.shape, key
+        if want.dtype.is_floating_point:
+            nan = torch.isnan(want)
+            assert torch.equal(torch.isnan(have), nan), key
+            have, want = have[~nan], want[~nan]
+        # Compare bytes: torch.equal would call -0.0 == 0.0.
+        assert torch.equal(have.contiguous().view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 999, 1 << 20])
+def test_every_dtype_and_shape_any_chunk(tmp_path: Path, chunk: int) -> None:
+    states = _ingredients(3, FLOATS, seed=chunk)
+    paths = _save(states, tmp_path, "safetensors")
+    got, expected = _merge(paths, tmp_path / "soup", [0.2, 0.3, 0.5], None, chunk)
+    _assert_bit_identical(got, expected)
+    assert torch.equal(got["bn.num_batches_tracked"], states[0]["bn.num_batches_tracked"])
+    assert torch.equal(got["position_ids"], states[0]["position_ids"])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_dtype_override(tmp_path: Path, dtype: torch.dtype, chunk: int) -> None:
+    paths = _save(_ingredients(2, (torch.float16, torch.bfloat16, torch.float32), seed=3), tmp_path, "safetensors")
+    got, expected = _merge(paths, tmp_path / "soup", [1.0, 3.0], dtype, chunk)
+    _assert_bit_identical(got, expected)
+
+
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_ingredient_counts_and_uneven_weights(tmp_path: Path, count: int) -> None:
+    paths = _save(_ingredients(count, (torch.bfloat16, torch.float32), seed=count), tmp_path, "safetensors")
+    weights = [1.0 / (i + 3) for i in range(count)]  # not exactly representable, do not sum to 1
+    got, expected = _merge(paths, tmp_path / "soup", weights, None, 333)
+    _assert_bit_identical(got, expected)
+
+
+def test_chunks_cut_across_shards_and_tensors(tmp_path: Path) -> None:
+    """Many small tensors, a tiny shard limit (many output shards) and a chunk smaller than most tensors."""
+    states = [{f"layer{j}.w": _values((j + 1, 3), torch.bfloat16, 7 * i + j) for j in range(40)} for i in range(4)]
+    paths = _save(states, tmp_path, "safetensors")
+    got, expected = _merge(paths, tmp_path / "soup", None, None, 10, max_shard=200)
+    assert len(list((tmp_path / "soup").glob("*.safetensors"))) > 1
+    _assert_bit_identical(got, expected)
+
+
+def test_non_contiguous_and_shared_storages(tmp_path: Path) -> None:
+    """Torch pickles keep views: transposed, strided, offset views and tied weights of one storage."""
+    states = []
+    for i in range(3):
+        base = _values((24, 40), torch.float32, 50 + i)
+        half = _values((16, 9), torch.float16, 60 + i)
+        states.append({
+            "embed.weight": base,
+            "lm_head.weight": base,  # tied: same storage, same view
+            "transposed": base.t(),
+            "strided": base[::3, 1::4],
+            "offset_view": base.view(-1)[37:37 + 101],
+            "half.t": half.t(),
+            "half.rows": half[2:11],
+            "scalar": base[5, 7],
+            "empty": base[:, :0],
+        })
+    paths = _save(states, tmp_path, "pt")
+    got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.25, 0.25], None, 13)
+    _assert_bit_identical(got, expected)
+    for key in ("transposed", "strided", "offset_view"):  # the reference itself is the plain definition
+        manual = average_tensors([s[key].contiguous() for s in states], [0.5, 0.25, 0.25])
+        assert torch.equal(got[key].view(torch.uint8), manual.contiguous().view(torch.uint8))
+
+
+def test_sharded_folders_in_and_out(tmp_path: Path) -> None:
+    """save_pretrained-style sharded ingredients (index + shards), merged into shards."""
+    from huggingface_hub import save_torch_state_dict
+
+    folders = []
+    for i, state in enumerate(_ingredients(3, (torch.bfloat16, torch.float16), seed=11)):
+        folder = tmp_path / f"ing{i}"
+        folder.mkdir()
+        save_torch_state_dict(state, folder, max_shard_size=3000)
+        folders.append(folder)
+    assert (folders[0] / "model.safetensors.index.json").exists()
+    got, expected = _merge(folders, tmp_path / "soup", None, None, 100, max_shard=4000)
+    _assert_bit_identical(got, expected)
+
+
+def test_fast_path_matches_plain_loop_on_a_real_model(tmp_path: Path) -> None:
+    """A small transformers model: the soup equals averaging its state_dicts by hand."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=301, tie_word_embeddings=True)
+    folders = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / f"ing{i}", max_shard_size="40KB")
+        folders.append(tmp_path / f"ing{i}")
+    got, expected = _merge(folders, tmp_path / "soup", None, None, 1 << 12)
+    _assert_bit_identical(got, expected)

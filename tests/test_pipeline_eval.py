@@ -1,0 +1,69 @@
+"""Evaluation through the whole pipeline: the README's quickstart, the worse-soup gate, diagnose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file
+
+from hub_soup.cli import main
+from hub_soup.errors import EXIT_WORSE_SOUP
+from tests.hub_fixtures import TEST_USER
+from tests.hub_server import HubServer
+from tests.hub_models import unique
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits"
+INGREDIENTS = sorted(str(p) for p in (DIGITS / "ingredients").iterdir())
+EVAL = ["--eval-task", "image-classification", "--eval-data", str(DIGITS / "data"), "--eval-split", "val"]
+
+
+def test_quickstart_recipe_makes_a_greedy_soup_at_least_as_good_as_its_best_ingredient(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository, as in the README
+    out = tmp_path / "quickstart"
+    assert main(["--quiet", "run", "recipes/quickstart.yaml", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy soup, scored on" in printed and "kept" in printed
+    verdicts = [line for line in printed.splitlines() if "its best ingredient" in line]
+    assert "is at least as good as its best ingredient" in verdicts[0] and "on val:" in verdicts[0]
+    # the written soup is the scored one: BN statistics recalibrated, in fp16 like its ingredients
+    soup = load_file(out / "model.safetensors")
+    assert {t.dtype for t in soup.values() if t.is_floating_point()} == {torch.float16}
+    card = ModelCard.load(out / "README.md")
+    results = card.data.eval_results
+    assert results and {r.dataset_split for r in results} == {"val", "test"}
+    recipe = yaml.safe_load((out / "hub-soup.yaml").read_text())
+    assert recipe["greedy"] is True and recipe["recalibrate_bn"] == 8
+
+
+def test_worse_soup_is_not_pushed_without_force(
+    hub: HubServer, hub_token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A uniform soup of BN networks without recalibration loses to its best ingredient (see README)."""
+    soup_repo = f"{TEST_USER}/{unique('worse')}"
+    args = ["--quiet", "merge", *INGREDIENTS, *EVAL, "--push", soup_repo, "--token", hub_token]
+    assert main([*args, "-o", str(tmp_path / "a")]) == EXIT_WORSE_SOUP
+    err = capsys.readouterr().err
+    assert "not pushing" in err and "worse than its best ingredient" in err and "--recalibrate-bn" in err
+    assert not HfApi(token=hub_token).repo_exists(soup_repo)
+    assert (tmp_path / "a" / "model.safetensors").is_file()  # written locally, for a look
+
+    assert main([*args, "-o", str(tmp_path / "b"), "--force"]) == 0
+    assert HfApi(token=hub_token).repo_exists(soup_repo)
+
+
+def test_diagnose_prints_the_curve_and_saves_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = tmp_path / "curve.png"
+    base = str(DIGITS / "base")
+    code = main(["diagnose", INGREDIENTS[0], INGREDIENTS[1], *EVAL, "--base", base, "--plot", str(plot),
+                 "--alphas", "0", "0.5", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "0.50" in printed and "base" in printed.lower()
