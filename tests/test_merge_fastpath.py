@@ -80,20 +80,21 @@ def _reference(checkpoints: list[Checkpoint], plan: MergePlan, weights: list[flo
         if t.average:
             whole = [c.read(k).contiguous() for c, k in zip(checkpoints, t.sources)]
             out[t.key] = average_tensors(whole, weights, dtype)
-        else:
-            out[t.key] = checkpoints[0].read(t.sources[0])
+        else:  # integers, bools and excluded keys: the first ingredient's (floats in --dtype)
+            out[t.key] = checkpoints[0].read(t.sources[0]).to(metas[t.key].dtype)
         assert out[t.key].dtype == metas[t.key].dtype
     return out
 
 
 def _merge(paths: list[Path], out: Path, weights: list[float] | None, dtype: torch.dtype | None, chunk: int,
-           max_shard: int = 10**9) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+           max_shard: int = 10**9, exclude: tuple[str, ...] = (),
+           **options: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     checkpoints = [open_checkpoint(p) for p in paths]
     try:
-        plan = align(layouts_of(checkpoints))
+        plan = align(layouts_of(checkpoints), exclude)
         normalized = normalize_weights(weights, len(checkpoints))
         with SoupWriter(out, output_metas(plan, dtype), max_shard) as writer:
-            stats = stream_merge(checkpoints, plan, normalized, writer, dtype=dtype, chunk_elements=chunk)
+            stats = stream_merge(checkpoints, plan, normalized, writer, dtype=dtype, chunk_elements=chunk, **options)
             writer.commit()
         assert stats.bytes_written == sum(m.nbytes for m in output_metas(plan, dtype).values())
         expected = _reference(checkpoints, plan, normalized, dtype)
@@ -135,6 +136,48 @@ def test_dtype_override(tmp_path: Path, dtype: torch.dtype, chunk: int) -> None:
     paths = _save(_ingredients(2, (torch.float16, torch.bfloat16, torch.float32), seed=3), tmp_path, "safetensors")
     got, expected = _merge(paths, tmp_path / "soup", [1.0, 3.0], dtype, chunk)
     _assert_bit_identical(got, expected)
+
+
+@pytest.mark.parametrize(("read_ahead", "threads"), [(0, 1), (1, 1), (3, 2), (4, 1)])
+def test_read_ahead_and_threads_do_not_change_a_bit(tmp_path: Path, read_ahead: int, threads: int) -> None:
+    """Synchronous reads, one slot, several slots; one or two torch threads: the same bytes."""
+    paths = _save(_ingredients(3, FLOATS, seed=5), tmp_path, "safetensors")
+    before = torch.get_num_threads()
+    got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.3, 0.2], None, 37, read_ahead=read_ahead, threads=threads)
+    _assert_bit_identical(got, expected)
+    assert torch.get_num_threads() == before  # the merge restores the caller's setting
+
+
+def test_excluded_keys_are_copied_and_converted(tmp_path: Path) -> None:
+    paths = _save(_ingredients(3, (torch.float16, torch.float32), seed=9), tmp_path, "safetensors")
+    got, expected = _merge(paths, tmp_path / "soup", None, torch.bfloat16, 64, exclude=("t5.*", "t8.*"))
+    _assert_bit_identical(got, expected)
+    first = load_file(paths[0])
+    assert torch.equal(got["t5.float32"], first["t5.float32"].to(torch.bfloat16))
+
+
+def test_a_read_error_in_the_reader_threads_reaches_the_caller(tmp_path: Path) -> None:
+    """A file cut short after its header was checked: the error surfaces, no reader thread is left."""
+    import threading
+
+    from hub_soup.errors import CheckpointFormatError
+
+    states = [{"w": _values((512, 256), torch.float32, i)} for i in range(3)]
+    paths = _save(states, tmp_path, "safetensors")
+    checkpoints = [open_checkpoint(p) for p in paths]
+    with open(paths[2], "r+b") as f:
+        f.truncate(paths[2].stat().st_size - 4096)
+    threads_before = threading.active_count()
+    try:
+        plan = align(layouts_of(checkpoints))
+        with pytest.raises(CheckpointFormatError, match="truncated"):
+            with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
+                stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000, read_ahead=4)
+    finally:
+        for c in checkpoints:
+            c.close()
+    assert threading.active_count() == threads_before
+    assert not (tmp_path / "soup").exists()
 
 
 @pytest.mark.parametrize("count", [1, 2, 8])
