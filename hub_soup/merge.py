@@ -1,10 +1,12 @@
 """Average the ingredients, tensor by tensor and chunk by chunk.
 
-The arithmetic is defined once, in :func:`weighted_sum_`, and both paths use it:
-the streaming path (:func:`stream_merge`, what the CLI runs) and the in-memory
-path (:func:`average_tensors`, used by evaluation and as the reference in tests).
-Every step is a single IEEE-rounded elementwise op, so the result does not depend
-on how a tensor is cut into chunks: the two paths agree bit for bit.
+The arithmetic is defined once, in :func:`weighted_sum_`: each ingredient times
+its weight, added to the sum, every step a single IEEE-rounded elementwise op.
+The in-memory path (:func:`average_tensors`, used by evaluation and as the
+reference in tests) applies it to whole tensors; the streaming path
+(:func:`stream_merge`, what the CLI runs) applies it to cache-sized blocks of
+each chunk. Nothing depends on where a tensor is cut or on the CPU's vector
+width, so the two paths agree bit for bit.
 
 Floating tensors, parameters and buffers alike (BatchNorm running stats
 included), are accumulated in float32 (float64 stays float64) and written back
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -30,25 +34,35 @@ from hub_soup.align import MergePlan
 from hub_soup.errors import RecipeError
 from hub_soup.read import Checkpoint
 from hub_soup.safetensors_io import TensorMeta
+from hub_soup.similarity import GramAccumulator
 from hub_soup.write import SoupWriter
 
-# 1M elements: a 4 MiB float32 accumulator stays in cache; whole 64 MiB tensors
-# run about 10x slower on this arithmetic (measured, see benchmarks/RESULTS.md).
-CHUNK_ELEMENTS = 1 << 20
+# Input bytes of one chunk position (every ingredient's chunk of the same
+# elements), the unit the reader threads fill: memory stays flat as ingredients
+# are added. Smaller positions spend their time handing work between threads.
+POSITION_BYTES = 6 << 20
+MIN_CHUNK_ELEMENTS = 1 << 16
+
+# Elements the arithmetic works on at a time: accumulator and scratch (512 KiB in
+# float32) stay in the core's L2 cache, where these elementwise ops run 2-4x faster
+# per element than on multi-MiB buffers; much smaller blocks spend their time in
+# per-op dispatch (measured, see benchmarks/RESULTS.md).
+BLOCK_ELEMENTS = 1 << 16
 
 # Torch threads for the merge's elementwise ops (restored afterwards). One: the
-# loop is bound by reading and memory bandwidth, a second thread gains ~5% with
-# warm inputs, and its spinning between ops starves the kernel's I/O on small
-# machines (1.5B x 8 from a cold cache: 94 s with 2 threads, 24 s with 1; see
-# benchmarks/RESULTS.md). ``HUB_SOUP_THREADS`` overrides.
+# loop is bound by reading and memory bandwidth, and a second thread's spinning
+# between ops starves the kernel's I/O and the writer thread on small machines
+# (see benchmarks/RESULTS.md). ``HUB_SOUP_THREADS`` overrides.
 THREADS_ENV = "HUB_SOUP_THREADS"
 
-# Slots of the read buffer: background threads read up to this many chunks
-# ahead while the current one is averaged (0 reads synchronously). Overlapping
-# reads with arithmetic is worth ~30% with warm inputs; from disk, two reads in
-# flight beat one sequential stream (see benchmarks/RESULTS.md).
+# Chunk positions read ahead, and reader threads: two reads in flight keep a
+# disk busier than one, and reads overlap the arithmetic (see benchmarks/RESULTS.md).
 READ_AHEAD = 4
 READ_WORKERS = 2
+
+# Soup chunks queued for the writer thread: page-cache writes (memory copies in
+# the kernel, ~1 GB/s here) overlap the arithmetic instead of following it.
+WRITE_BEHIND = 4
 
 
 def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -68,7 +82,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def weighted_sum_(acc: torch.Tensor, chunk: torch.Tensor, weight: float, scratch: torch.Tensor, first: bool) -> None:
+def weighted_sum_(
+    acc: torch.Tensor, chunk: torch.Tensor, weight: float | torch.Tensor, scratch: torch.Tensor, first: bool
+) -> None:
     """``acc += weight * chunk`` (``acc = ...`` when ``first``), each op rounded once in acc's dtype.
 
     ``chunk`` may be any floating dtype; ``scratch`` is a buffer like ``acc``.
@@ -85,8 +101,20 @@ def weighted_sum_(acc: torch.Tensor, chunk: torch.Tensor, weight: float, scratch
         acc.add_(scratch)
 
 
+def weight_scalars(weights: Sequence[float], dtype: torch.dtype, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The weights as 0-dim tensors of the accumulator's dtype, for :func:`weighted_sum_`.
+
+    ``t.mul_(w)`` gives the same bits for a Python float and for a 0-dim tensor of
+    ``t``'s dtype (both multiply in that dtype, tests check), but the tensor skips
+    a slow wrapped-scalar path: 3-5x faster on cache-sized blocks.
+    """
+    return [torch.tensor(w, dtype=dtype, device=device) for w in weights]
+
+
 def average_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weighted average of whole tensors (the simple path); ``weights`` already normalised."""
+    """The weighted average of whole tensors, one :func:`weighted_sum_` per ingredient: the
+    definition, which :func:`stream_merge` matches bit for bit (tests check). ``weights``
+    already normalised."""
     out_dtype = dtype or tensors[0].dtype
     acc_dtype = accumulation_dtype(tensors[0].dtype if dtype is None else max_precision(tensors[0].dtype, dtype))
     acc = torch.empty(tensors[0].shape, dtype=acc_dtype)
@@ -123,6 +151,13 @@ class MergeStats:
     seconds: float
 
 
+def chunk_elements_for(checkpoints: Sequence[Checkpoint]) -> int:
+    """Elements per ingredient and chunk position, so that a position's input fits :data:`POSITION_BYTES`."""
+    itemsize = max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
+    per_row = POSITION_BYTES // (len(checkpoints) * itemsize)
+    return max(MIN_CHUNK_ELEMENTS, per_row // BLOCK_ELEMENTS * BLOCK_ELEMENTS)
+
+
 def stream_merge(
     checkpoints: Sequence[Checkpoint],
     plan: MergePlan,
@@ -130,60 +165,91 @@ def stream_merge(
     writer: SoupWriter,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     threads: int | None = None,
+    gram: GramAccumulator | None = None,
     read_ahead: int = READ_AHEAD,
+    write_behind: int = WRITE_BEHIND,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> MergeStats:
-    """Average ``checkpoints`` along ``plan`` into ``writer``, never holding more than a chunk per tensor.
+    """Average ``checkpoints`` along ``plan`` into ``writer``, never holding more than a chunk per ingredient.
 
-    Memory does not grow with the number of ingredients: one read buffer (cut
-    into ``read_ahead`` slots), one accumulator and one scratch buffer of
-    ``chunk_elements`` are reused for everything. ``weights`` must already be
-    normalised. ``threads``: torch threads for the arithmetic (default
-    ``$HUB_SOUP_THREADS`` or 1).
+    Three things overlap: reader threads fill the next chunk positions (every
+    ingredient's chunk of the same elements) with ``preadv``, this thread
+    averages the current one, cache-sized block by block, and a writer thread
+    writes the previous soup chunks. Reads and writes are memory copies in the
+    kernel that release the GIL. Memory does not grow with the model or the
+    number of ingredients: the read slots, the accumulator and the write slots
+    are a few MiB, reused for everything.
+
+    Args:
+        weights: one per checkpoint, already normalised.
+        chunk_elements: elements per ingredient and position (default: :func:`chunk_elements_for`).
+        threads: torch threads for the arithmetic (default ``$HUB_SOUP_THREADS`` or 1).
+        gram: if given, the shared-initialization check is fed from the chunks as they
+            pass (see :class:`~hub_soup.similarity.GramAccumulator`), at no extra read.
+        read_ahead: positions read ahead by the reader threads (0: read in this thread).
+        write_behind: soup chunks that may wait for the writer thread (at least 1).
+        block_elements: elements the arithmetic works on at a time.
     """
     device = torch.device(device)
     start_time = time.perf_counter()
+    count = len(checkpoints)
+    chunk_elements = chunk_elements or chunk_elements_for(checkpoints)
+    block_elements = min(block_elements, chunk_elements)
+    itemsize = max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
     metas = output_metas(plan, dtype)
-    accumulators = {
-        acc_dtype: (
-            torch.empty(chunk_elements, dtype=acc_dtype, device=device),
-            torch.empty(chunk_elements, dtype=acc_dtype, device=device),
-        )
-        for acc_dtype in (torch.float32, torch.float64)
-    }
-    total_read = sum(t.meta.nbytes * (len(checkpoints) if t.average else 1) for t in plan.tensors)
+    buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
+               for d in (torch.float32, torch.float64)}
+    scalars = {d: weight_scalars(weights, d, device) for d in buffers}
+    total_read = sum(t.meta.nbytes * (count if t.average else 1) for t in plan.tensors)
     bytes_read = 0
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
-    reader = _ChunkReader(_reads(checkpoints, plan, chunk_elements), chunk_elements * 8, read_ahead, READ_WORKERS)
+    reader = _ReadAhead(_positions(checkpoints, plan, chunk_elements), count, chunk_elements * itemsize, read_ahead)
     try:
-        with tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
+        out_itemsize = max((m.dtype.itemsize for m in metas.values()), default=1)
+        with _WriteBehind(writer, chunk_elements * out_itemsize, write_behind) as out, tqdm(
+            total=total_read, unit="B", unit_scale=True, desc="merging"
+        ) as bar:
             for tensor in plan.tensors:
-                writer.begin(tensor.key)
+                out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
-                numel = tensor.meta.numel
-                for begin in range(0, numel, chunk_elements):
-                    count = min(chunk_elements, numel - begin)
+                acc_dtype = accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype))
+                sample = gram.sample_of(tensor) if gram is not None else 0
+                for begin in range(0, tensor.meta.numel, chunk_elements):
+                    chunks = reader.next()
+                    size = chunks[0].numel()
+                    soup = out.slot(size, out_dtype)
                     if tensor.average:
-                        acc_dtype = accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype))
-                        acc, scratch = (buf[:count] for buf in accumulators[acc_dtype])
-                        for i in range(len(checkpoints)):
-                            chunk = reader.next()
-                            weighted_sum_(acc, chunk.to(device, non_blocking=False), weights[i], scratch, first=i == 0)
-                            bytes_read += chunk.nbytes
-                            reader.release()
-                        writer.write(acc.to(out_dtype).cpu())
+                        if begin < sample:
+                            gram.add(torch.stack([c[: sample - begin] for c in chunks]))  # type: ignore[union-attr]
+                        _average_chunks(chunks, scalars[acc_dtype], buffers[acc_dtype], soup)
                     else:
-                        chunk = reader.next()
-                        bytes_read += chunk.nbytes
-                        writer.write(chunk.to(out_dtype))
-                        reader.release()
-                    bar.update(bytes_read - bar.n)
+                        soup.copy_(chunks[0])
+                    out.submit()
+                    bytes_read += sum(chunk.nbytes for chunk in chunks)
+                    reader.release()
+                bar.update(bytes_read - bar.n)
     finally:
         reader.close()
         torch.set_num_threads(previous_threads)
     return _stats(plan, metas, bytes_read, start_time)
+
+
+def _average_chunks(
+    chunks: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], buffers: tuple[torch.Tensor, torch.Tensor],
+    soup: torch.Tensor,
+) -> None:
+    """``soup = sum(w * chunk)``, block by block through :func:`weighted_sum_` (the definition, so bit-identical)."""
+    acc_buffer, scratch_buffer = buffers
+    size = soup.numel()
+    for start in range(0, size, acc_buffer.numel()):
+        end = min(start + acc_buffer.numel(), size)
+        acc, scratch = acc_buffer[: end - start], scratch_buffer[: end - start]
+        for i, (chunk, weight) in enumerate(zip(chunks, weights)):
+            weighted_sum_(acc, chunk[start:end], weight, scratch, first=i == 0)  # copy_ crosses devices
+        soup[start:end].copy_(acc)
 
 
 def _stats(plan: MergePlan, metas: dict[str, TensorMeta], bytes_read: int, start_time: float) -> MergeStats:
@@ -229,50 +295,50 @@ def write_state_dict(
     return _stats(plan, metas, 0, start_time)
 
 
-def _reads(
-    checkpoints: Sequence[Checkpoint], plan: MergePlan, chunk_elements: int
-) -> Iterator[tuple[Checkpoint, str, int, int]]:
-    """Every read :func:`stream_merge` makes, in the order it consumes them."""
+Position = list[tuple[Checkpoint, str, int, int]]
+
+
+def _positions(checkpoints: Sequence[Checkpoint], plan: MergePlan, chunk_elements: int) -> Iterator[Position]:
+    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each ingredient."""
     for tensor in plan.tensors:
         sources = list(zip(checkpoints, tensor.sources)) if tensor.average else [(checkpoints[0], tensor.sources[0])]
         for begin in range(0, tensor.meta.numel, chunk_elements):
-            count = min(chunk_elements, tensor.meta.numel - begin)
-            for checkpoint, key in sources:
-                yield checkpoint, key, begin, count
+            size = min(chunk_elements, tensor.meta.numel - begin)
+            yield [(checkpoint, key, begin, size) for checkpoint, key in sources]
 
 
-class _ChunkReader:
-    """Chunks in merge order, read ahead by background threads into slots of one reused buffer.
+class _ReadAhead:
+    """Chunk positions in merge order, read ahead by background threads into slots of one reused buffer.
 
-    ``next()`` gives the next chunk (a view of a slot), ``release()`` hands the
-    oldest slot back once its chunk is used, and the slot's next read starts at
-    once. Reads release the GIL (``os.preadv``), so the disk and the page-cache
-    copies overlap the arithmetic; two readers keep two requests in flight, which
-    reads faster than one sequential stream does. With ``slots == 0`` every
-    read happens in ``next()``, in the caller's thread.
+    ``next()`` gives the next position's chunks (views of a slot), ``release()``
+    hands the oldest slot back once they are used, and the slot's next read
+    starts at once. One job reads a whole position, so the threads take the GIL
+    once per position, not once per chunk. With ``slots == 0`` every read
+    happens in ``next()``, in the caller's thread.
     """
 
-    def __init__(
-        self, reads: Iterator[tuple[Checkpoint, str, int, int]], slot_bytes: int, slots: int, workers: int = 2
-    ) -> None:
-        self._reads = reads
-        self._buffer = torch.empty(max(slots, 1), slot_bytes, dtype=torch.uint8)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hub-soup-reader") if slots else None
-        self._pending: deque[tuple[int, Future[torch.Tensor]]] = deque()
+    def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
+        self._positions = positions
+        self._buffer = torch.empty(max(slots, 1), count, chunk_bytes, dtype=torch.uint8)
+        self._pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="hub-soup-reader") if slots else None
+        self._pending: deque[tuple[int, Future[list[torch.Tensor]]]] = deque()
         self._in_use: deque[int] = deque()
         for slot in range(slots):
             self._submit(slot)
 
-    def _submit(self, slot: int) -> None:
-        read = next(self._reads, None)
-        if read is not None and self._pool is not None:
-            checkpoint, key, begin, count = read
-            self._pending.append((slot, self._pool.submit(checkpoint.read_into, key, begin, count, self._buffer[slot])))
+    def _read(self, position: Position, slot: int) -> list[torch.Tensor]:
+        buffers = self._buffer[slot]
+        return [checkpoint.read_into(key, begin, size, buffer)
+                for (checkpoint, key, begin, size), buffer in zip(position, buffers)]
 
-    def next(self) -> torch.Tensor:
+    def _submit(self, slot: int) -> None:
+        position = next(self._positions, None)
+        if position is not None and self._pool is not None:
+            self._pending.append((slot, self._pool.submit(self._read, position, slot)))
+
+    def next(self) -> list[torch.Tensor]:
         if self._pool is None:
-            checkpoint, key, begin, count = next(self._reads)
-            return checkpoint.read_into(key, begin, count, self._buffer[0])
+            return self._read(next(self._positions), 0)
         slot, future = self._pending.popleft()
         self._in_use.append(slot)
         return future.result()
@@ -287,3 +353,72 @@ class _ChunkReader:
             for _, future in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)
+
+
+class _WriteBehind:
+    """Hands soup chunks to a writer thread, so writing overlaps the next chunk's arithmetic.
+
+    :meth:`slot` gives a free buffer from a small pool for the next chunk, which
+    the caller fills and hands over with :meth:`submit`; the thread writes slots
+    in order and frees them. ``file.write`` releases the GIL, so the kernel's
+    copy into the page cache runs beside the arithmetic. The first error the
+    thread meets is raised in the caller's thread, at its next call or on exit;
+    leaving the ``with`` block always waits for the thread.
+    """
+
+    def __init__(self, writer: SoupWriter, slot_bytes: int, slots: int) -> None:
+        self._writer = writer
+        self._pool = torch.empty(slots, slot_bytes, dtype=torch.uint8)
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(slots):
+            self._free.put(slot)
+        self._jobs: queue.Queue[str | tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._filling: tuple[int, torch.Tensor] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hub-soup-writer", daemon=True)
+        self._thread.start()
+
+    def begin(self, key: str) -> None:
+        """The next chunks belong to tensor ``key``."""
+        self._check()
+        self._jobs.put(key)
+
+    def slot(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for the next ``count`` elements of the current tensor (waits while all are queued)."""
+        self._check()
+        slot = self._free.get()
+        view = self._pool[slot, : count * dtype.itemsize].view(dtype)
+        self._filling = (slot, view)
+        return view
+
+    def submit(self) -> None:
+        """Queue the filled slot for writing."""
+        assert self._filling is not None
+        self._jobs.put(self._filling)
+        self._filling = None
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None:
+                    if isinstance(job, str):
+                        self._writer.begin(job)
+                    else:
+                        self._writer.write(job[1])
+            except Exception as exc:  # handed to the caller's thread (signals only reach the main thread)
+                self._error = exc
+            if not isinstance(job, str):
+                self._free.put(job[0])
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._check()

@@ -21,8 +21,8 @@ import torch
 from hub_soup import card as card_stage
 from hub_soup.align import Layout, MergePlan, align
 from hub_soup.errors import WorseSoupError
-from hub_soup.fetch import fetch, remote_layout
 from hub_soup.evaluate import Evaluator
+from hub_soup.fetch import fetch, remote_layout
 from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
 from hub_soup.merge import (
     MergeStats,
@@ -38,7 +38,7 @@ from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
 from hub_soup.safetensors_io import parse_size
-from hub_soup.similarity import Similarity, weight_similarity
+from hub_soup.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)
@@ -149,12 +149,6 @@ def _make_soup(
     for note in plan.notes:
         logger.info(note)
     warnings: list[str] = []
-    similarity = weight_similarity(checkpoints, plan, sample_per_tensor=SIMILARITY_SAMPLE)
-    pairs = similarity.independent_pairs()
-    if pairs:
-        worst = min(similarity.cosine[i][j] for i, j in pairs)
-        warnings.append(INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst))
-        logger.warning(warnings[-1])
     weights = normalize_weights(recipe.weights, len(checkpoints))
     device = device_for(recipe.device)
     report = _evaluate(recipe, checkpoints, plan, weights, device) if recipe.eval is not None else None
@@ -188,8 +182,16 @@ def _make_soup(
     with SoupWriter(output, metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
         if report is not None:  # write exactly the soup that was scored (BN statistics recalibrated or not)
             stats = write_state_dict(report.soup, plan, metas, writer)
-        else:
-            stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=device)
+            similarity = weight_similarity(checkpoints, plan, sample_per_tensor=SIMILARITY_SAMPLE)
+        else:  # the shared-initialization check rides along the merge's own reads
+            gram = GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
+            stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=device, gram=gram)
+            similarity = gram.similarity([c.label for c in checkpoints])
+        pairs = similarity.independent_pairs()
+        if pairs:
+            worst = min(similarity.cosine[i][j] for i, j in pairs)
+            warnings.append(INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst))
+            logger.warning(warnings[-1])
         for sidecar in checkpoints[0].sidecars:
             if sidecar.name == "config.json" and config is not None:
                 writer.add_file("config.json", json.dumps(config, indent=2) + "\n")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hub_soup.align import MergePlan
+from hub_soup.align import MergePlan, TensorPlan
 from hub_soup.read import Checkpoint
 
 # Below this cosine similarity two ingredients are reported as independent trainings.
@@ -52,42 +52,69 @@ class Similarity:
         return "\n".join(lines)
 
 
+class GramAccumulator:
+    """The ingredients' Gram matrix (float64), fed block by block: the heart of :func:`weight_similarity`.
+
+    A block is ingredients x elements, the same elements of one tensor in every
+    ingredient. Only the first ``sample_per_tensor`` elements of each matrix count
+    (all of them when ``None``): :meth:`sample_of` says how many, so the streamed
+    merge can feed its own chunks here and the check costs no extra read.
+    """
+
+    def __init__(self, count: int, sample_per_tensor: int | None = None) -> None:
+        self.gram = torch.zeros(count, count, dtype=torch.float64)
+        self.sample_per_tensor = sample_per_tensor
+
+    def sample_of(self, tensor: TensorPlan) -> int:
+        """How many leading elements of ``tensor`` the check uses (0: not a matrix or kernel, or not averaged)."""
+        if not tensor.average or len(tensor.meta.shape) < 2:
+            return 0
+        return min(tensor.meta.numel, self.sample_per_tensor or tensor.meta.numel)
+
+    def add(self, block: torch.Tensor) -> None:
+        """Add a block of raw (unweighted) values, one row per ingredient."""
+        rows = block.to(torch.float64)
+        self.gram += rows @ rows.T
+
+    def similarity(self, labels: Sequence[str]) -> Similarity:
+        """Cosine similarity and relative distance of every pair, from the Gram matrix."""
+        gram = self.gram.tolist()
+        n = len(gram)
+        norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+        cosine = [[0.0] * n for _ in range(n)]
+        distance = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                denominator = norms[i] * norms[j]
+                cosine[i][j] = gram[i][j] / denominator if denominator else 0.0
+                squared = max(gram[i][i] + gram[j][j] - 2 * gram[i][j], 0.0)
+                mean_norm = (norms[i] + norms[j]) / 2
+                distance[i][j] = math.sqrt(squared) / mean_norm if mean_norm else 0.0
+        return Similarity(list(labels), cosine, distance)
+
+
 def weight_similarity(
     checkpoints: Sequence[Checkpoint],
     plan: MergePlan,
     sample_per_tensor: int | None = None,
     chunk_elements: int = 1 << 20,
 ) -> Similarity:
-    """Gram matrix of the ingredients' weights (float64), read chunk by chunk.
+    """Pairwise similarity of the ingredients' weights, read chunk by chunk in a pass of its own.
 
     Args:
-        sample_per_tensor: read only the first this many elements of each tensor.
-            ``merge`` samples so the check costs a small fraction of the merge's
-            reading; independent trainings sit near cosine 0 and fine-tunes near 1,
-            which a sample shows as clearly as the whole. ``inspect`` reads everything.
+        sample_per_tensor: read only the first this many elements of each tensor;
+            independent trainings sit near cosine 0 and fine-tunes near 1, which a
+            sample shows as clearly as the whole. ``inspect`` reads everything; a
+            streamed merge feeds the same check from its own reads instead.
     """
-    n = len(checkpoints)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    rows = torch.empty(n, chunk_elements, dtype=torch.float64)
+    gram = GramAccumulator(len(checkpoints), sample_per_tensor)
+    rows = torch.empty(len(checkpoints), chunk_elements, dtype=torch.float64)
     buffer = torch.empty(chunk_elements * 8, dtype=torch.uint8)
     for tensor in plan.tensors:
-        if not tensor.average or len(tensor.meta.shape) < 2:
-            continue
-        numel = min(tensor.meta.numel, sample_per_tensor or tensor.meta.numel)
+        numel = gram.sample_of(tensor)
         for begin in range(0, numel, chunk_elements):
             count = min(chunk_elements, numel - begin)
             for i, (checkpoint, key) in enumerate(zip(checkpoints, tensor.sources)):
                 rows[i, :count].copy_(checkpoint.read_into(key, begin, count, buffer))
-            block = rows[:, :count]
-            gram += block @ block.T
-    norms = [math.sqrt(max(gram[i, i].item(), 0.0)) for i in range(n)]
-    cosine = [[0.0] * n for _ in range(n)]
-    distance = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(n):
-            denominator = norms[i] * norms[j]
-            cosine[i][j] = gram[i, j].item() / denominator if denominator else 0.0
-            squared = max(gram[i, i].item() + gram[j, j].item() - 2 * gram[i, j].item(), 0.0)
-            mean_norm = (norms[i] + norms[j]) / 2
-            distance[i][j] = math.sqrt(squared) / mean_norm if mean_norm else 0.0
-    return Similarity([c.label for c in checkpoints], cosine, distance)
+            gram.add(rows[:, :count])
+    return gram.similarity([c.label for c in checkpoints])

@@ -70,9 +70,12 @@ class SoupWriter:
         if index != self._current_index:
             self._close_shard()
             names = self._shards[index]
-            self._current = SafetensorsWriter(
-                self.tmp / self._names[index], {n: self._tensors[n] for n in names}, {"format": "pt"}
-            )
+            try:
+                self._current = SafetensorsWriter(
+                    self.tmp / self._names[index], {n: self._tensors[n] for n in names}, {"format": "pt"}
+                )
+            except OSError as exc:
+                raise _disk_error(self.destination, exc) from None
             self._current_index = index
             self.files.append(self._names[index])
 

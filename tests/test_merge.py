@@ -22,7 +22,14 @@ from safetensors.torch import load_file
 import hub_soup
 from hub_soup.align import align
 from hub_soup.errors import CheckpointFormatError, RecipeError
-from hub_soup.merge import accumulation_dtype, average_tensors, normalize_weights, output_metas, stream_merge
+from hub_soup.merge import (
+    accumulation_dtype,
+    average_tensors,
+    normalize_weights,
+    output_metas,
+    stream_merge,
+    weight_scalars,
+)
 from hub_soup.pipeline import layouts_of
 from hub_soup.read import open_checkpoint
 from hub_soup.write import SoupWriter
@@ -97,6 +104,19 @@ def test_bf16_stays_bf16_within_one_ulp() -> None:
     out = average_tensors(tensors, [0.2, 0.3, 0.5])
     assert out.dtype == torch.bfloat16
     ck.assert_is_average(out, tensors, [0.2, 0.3, 0.5], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_as_0dim_tensors_multiply_like_python_floats(dtype: torch.dtype) -> None:
+    """The streamed merge multiplies by 0-dim tensors (faster); the definition by Python floats: same bits."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(4099, generator=generator, dtype=torch.float64) * torch.exp2(
+        torch.randint(-60, 60, (4099,), generator=generator).double())
+    values = values.to(dtype)
+    weights = [1 / 3, 1 / 7, 0.1, 2 / 3, 1e-8, 0.999999]
+    for weight, scalar in zip(weights, weight_scalars(weights, dtype)):
+        assert scalar.dtype == dtype and scalar.dim() == 0
+        assert torch.equal(values.clone().mul_(weight).view(torch.uint8), values.clone().mul_(scalar).view(torch.uint8))
 
 
 def test_accumulation_dtypes() -> None:

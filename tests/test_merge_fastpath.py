@@ -1,7 +1,7 @@
 """The streaming merge (what the CLI runs) equals the in-memory reference bit for bit.
 
 ``stream_merge`` reads every tensor in chunks into one reused buffer and may be
-tuned for speed (chunk size, threads, read-ahead); ``average_tensors`` is the
+tuned for speed (chunk size, threads, read-ahead, write-behind); ``average_tensors`` is the
 simple whole-tensor definition. Whatever the tuning, the soup's bytes must be the
 same: odd shapes, 0-dim and empty tensors, non-contiguous and shared storages
 (from torch pickles), every floating dtype, integer buffers, ``--dtype``
@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from hub_soup.align import MergePlan, align
 from hub_soup.merge import average_tensors, normalize_weights, output_metas, stream_merge
-from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.pipeline import layouts_of
+from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.write import SoupWriter
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -138,12 +138,18 @@ def test_dtype_override(tmp_path: Path, dtype: torch.dtype, chunk: int) -> None:
     _assert_bit_identical(got, expected)
 
 
-@pytest.mark.parametrize(("read_ahead", "threads"), [(0, 1), (1, 1), (3, 2), (4, 1)])
-def test_read_ahead_and_threads_do_not_change_a_bit(tmp_path: Path, read_ahead: int, threads: int) -> None:
-    """Synchronous reads, one slot, several slots; one or two torch threads: the same bytes."""
+@pytest.mark.parametrize(
+    ("read_ahead", "threads", "write_behind", "block"), [(0, 1, 1, 37), (1, 1, 4, 5), (3, 2, 2, 1), (4, 1, 1, 16)]
+)
+def test_read_ahead_threads_blocks_and_write_behind_do_not_change_a_bit(
+    tmp_path: Path, read_ahead: int, threads: int, write_behind: int, block: int
+) -> None:
+    """Synchronous reads, one slot, several slots; one or two torch threads; one or more write slots;
+    arithmetic blocks that divide the chunk or not."""
     paths = _save(_ingredients(3, FLOATS, seed=5), tmp_path, "safetensors")
     before = torch.get_num_threads()
-    got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.3, 0.2], None, 37, read_ahead=read_ahead, threads=threads)
+    got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.3, 0.2], None, 37, read_ahead=read_ahead,
+                           threads=threads, write_behind=write_behind, block_elements=block)
     _assert_bit_identical(got, expected)
     assert torch.get_num_threads() == before  # the merge restores the caller's setting
 
@@ -178,6 +184,66 @@ def test_a_read_error_in_the_reader_threads_reaches_the_caller(tmp_path: Path) -
             c.close()
     assert threading.active_count() == threads_before
     assert not (tmp_path / "soup").exists()
+
+
+def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path: Path) -> None:
+    """The disk fills up mid-merge (the writer thread's write fails): the caller gets the error, no thread is left."""
+    import threading
+
+    class FullDisk:
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def begin(self, key: str) -> None:
+            pass
+
+        def write(self, chunk: torch.Tensor) -> None:
+            self.writes += 1
+            if self.writes == 3:
+                raise OSError(28, "No space left on device")
+
+    paths = _save([{"w": _values((512, 256), torch.float32, i)} for i in range(3)], tmp_path, "safetensors")
+    checkpoints = [open_checkpoint(p) for p in paths]
+    threads_before = threading.active_count()
+    try:
+        plan = align(layouts_of(checkpoints))
+        writer = FullDisk()
+        with pytest.raises(OSError, match="No space left"):
+            stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000)  # type: ignore[arg-type]
+    finally:
+        for c in checkpoints:
+            c.close()
+    assert writer.writes == 3  # nothing written after the failure
+    assert threading.active_count() == threads_before
+
+
+def test_similarity_fed_by_the_merge_equals_its_own_pass(tmp_path: Path) -> None:
+    """The shared-initialization check the merge feeds from its chunks = the separate pass over the same sample."""
+    from hub_soup.similarity import GramAccumulator, weight_similarity
+
+    generator = torch.Generator().manual_seed(0)
+
+    def normal(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    base = {f"layer{j}.w": normal((40 + j, 33)).bfloat16() for j in range(5)} | {"bias": normal((33,))}
+    states = [{k: (v.float() + 0.1 * i * normal(v.shape)).to(v.dtype) for k, v in base.items()} for i in range(3)]
+    states.append({k: normal(v.shape).to(v.dtype) for k, v in base.items()})  # an independent training
+    paths = _save(states, tmp_path, "safetensors")
+    checkpoints = [open_checkpoint(p) for p in paths]
+    try:
+        plan = align(layouts_of(checkpoints))
+        gram = GramAccumulator(len(checkpoints), sample_per_tensor=500)
+        with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
+            stream_merge(checkpoints, plan, normalize_weights(None, 4), writer, chunk_elements=77, gram=gram)
+        streamed = gram.similarity([c.label for c in checkpoints])
+        separate = weight_similarity(checkpoints, plan, sample_per_tensor=500)
+    finally:
+        for c in checkpoints:
+            c.close()
+    for mine, theirs in zip(streamed.cosine + streamed.relative_distance, separate.cosine + separate.relative_distance):
+        assert mine == pytest.approx(theirs, rel=1e-9, abs=1e-12)  # float64 sums in other blocks
+    assert streamed.independent_pairs() == separate.independent_pairs() == [(0, 3), (1, 3), (2, 3)]
 
 
 @pytest.mark.parametrize("count", [1, 2, 8])
