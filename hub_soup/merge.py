@@ -190,13 +190,14 @@ def stream_merge(
             pass (see :class:`~hub_soup.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
         write_behind: soup chunks that may wait for the writer thread (at least 1).
-        block_elements: elements the arithmetic works on at a time.
+        block_elements: elements the arithmetic works on at a time (on the CPU).
     """
     device = torch.device(device)
     start_time = time.perf_counter()
     count = len(checkpoints)
     chunk_elements = chunk_elements or chunk_elements_for(checkpoints)
-    block_elements = min(block_elements, chunk_elements)
+    # The block is about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
+    block_elements = min(block_elements, chunk_elements) if device.type == "cpu" else chunk_elements
     itemsize = max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
