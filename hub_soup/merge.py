@@ -151,10 +151,14 @@ class MergeStats:
     seconds: float
 
 
+def _input_itemsize(checkpoints: Sequence[Checkpoint]) -> int:
+    """The widest element among the ingredients' tensors: what a read buffer must hold per element."""
+    return max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
+
+
 def chunk_elements_for(checkpoints: Sequence[Checkpoint]) -> int:
     """Elements per ingredient and chunk position, so that a position's input fits :data:`POSITION_BYTES`."""
-    itemsize = max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
-    per_row = POSITION_BYTES // (len(checkpoints) * itemsize)
+    per_row = POSITION_BYTES // (len(checkpoints) * _input_itemsize(checkpoints))
     return max(MIN_CHUNK_ELEMENTS, per_row // BLOCK_ELEMENTS * BLOCK_ELEMENTS)
 
 
@@ -198,7 +202,6 @@ def stream_merge(
     chunk_elements = chunk_elements or chunk_elements_for(checkpoints)
     # The block is about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
     block_elements = min(block_elements, chunk_elements) if device.type == "cpu" else chunk_elements
-    itemsize = max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
@@ -207,10 +210,12 @@ def stream_merge(
     bytes_read = 0
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
-    reader = _ReadAhead(_positions(checkpoints, plan, chunk_elements), count, chunk_elements * itemsize, read_ahead)
+    reader = _ReadAhead(
+        _positions(checkpoints, plan, chunk_elements), count, chunk_elements * _input_itemsize(checkpoints), read_ahead
+    )
     try:
         out_itemsize = max((m.dtype.itemsize for m in metas.values()), default=1)
-        with _WriteBehind(writer, chunk_elements * out_itemsize, write_behind) as out, tqdm(
+        with _WriteBehind(writer, chunk_elements * out_itemsize, max(write_behind, 1)) as out, tqdm(
             total=total_read, unit="B", unit_scale=True, desc="merging"
         ) as bar:
             for tensor in plan.tensors:
