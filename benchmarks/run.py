@@ -456,6 +456,14 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def excess(samples: list[dict], field: str, baseline: int | None) -> int | None:
+    """The worst run's ``field`` minus ``baseline``; ``None`` where a run or the baseline lacks it."""
+    values = [s.get(field) for s in samples]
+    if baseline is None or None in values:
+        return None
+    return max(values) - baseline
+
+
 def render(results: list[dict]) -> str:
     cells = latest(results)
     base = {(k[0], k[3]): best(v)["peak_rss"] for k, v in cells.items() if k[2] == "import-torch"}
@@ -481,10 +489,9 @@ def render(results: list[dict]) -> str:
         env_key = ("mk-env" if k[2] == "mergekit" else "main", k[3])
         plain_read = k[2] in ("cat", "py-read")
         peak = max(x["peak_rss"] for x in samples)  # memory: the worst run
-        working = None if plain_read else peak - base.get(env_key, 0)
-        anons = [x.get("peak_anon") for x in samples]
-        anon = None if None in anons else max(anons)
-        anon_working = None if (plain_read or anon is None or base_anon.get(env_key) is None) else anon - base_anon[env_key]
+        working = None if plain_read else excess(samples, "peak_rss", base.get(env_key, 0))
+        anon = excess(samples, "peak_anon", 0)
+        anon_working = None if plain_read else excess(samples, "peak_anon", base_anon.get(env_key))
         wall = f"{r['wall_s']:.2f}"
         if r.get("merge_loop_s"):
             wall += f" (loop {r['merge_loop_s']:.1f})"
@@ -518,10 +525,8 @@ def render(results: list[dict]) -> str:
         m = min(mk, key=lambda r: r["wall_s"]) if mk else None
         floor = floors.get(case)
         hs_all = [x for k in rows if (k[0], k[1], k[3]) == case and k[2] == "hub-soup" for x in cells[k]]
-        working = max(x["peak_rss"] for x in hs_all) - base.get(("main", case[2]), 0)
-        anons = [x.get("peak_anon") for x in hs_all]
-        anon_base = base_anon.get(("main", case[2]))
-        anon_working = None if (None in anons or anon_base is None) else max(anons) - anon_base
+        working = excess(hs_all, "peak_rss", base.get(("main", case[2]), 0))
+        anon_working = excess(hs_all, "peak_anon", base_anon.get(("main", case[2])))
         cols = [
             f"{case[0]} x {case[1]}", case[2], f"{h['wall_s']:.2f} s ({h['t']})",
             f"{m['wall_s']:.2f} s ({m['t']})" if m else "not run",

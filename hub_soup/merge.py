@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -151,14 +151,18 @@ class MergeStats:
     seconds: float
 
 
-def _input_itemsize(checkpoints: Sequence[Checkpoint]) -> int:
-    """The widest element among the ingredients' tensors: what a read buffer must hold per element."""
-    return max((m.dtype.itemsize for c in checkpoints for m in c.metas.values()), default=1)
+def _widest(metas: Iterable[TensorMeta]) -> int:
+    """The largest element size among ``metas``: what a buffer must hold per element."""
+    return max((m.dtype.itemsize for m in metas), default=1)
+
+
+def _input_metas(checkpoints: Sequence[Checkpoint]) -> Iterator[TensorMeta]:
+    return (m for c in checkpoints for m in c.metas.values())
 
 
 def chunk_elements_for(checkpoints: Sequence[Checkpoint]) -> int:
     """Elements per ingredient and chunk position, so that a position's input fits :data:`POSITION_BYTES`."""
-    per_row = POSITION_BYTES // (len(checkpoints) * _input_itemsize(checkpoints))
+    per_row = POSITION_BYTES // (len(checkpoints) * _widest(_input_metas(checkpoints)))
     return max(MIN_CHUNK_ELEMENTS, per_row // BLOCK_ELEMENTS * BLOCK_ELEMENTS)
 
 
@@ -211,11 +215,10 @@ def stream_merge(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
     reader = _ReadAhead(
-        _positions(checkpoints, plan, chunk_elements), count, chunk_elements * _input_itemsize(checkpoints), read_ahead
+        _positions(checkpoints, plan, chunk_elements), count, chunk_elements * _widest(_input_metas(checkpoints)), read_ahead
     )
     try:
-        out_itemsize = max((m.dtype.itemsize for m in metas.values()), default=1)
-        with _WriteBehind(writer, chunk_elements * out_itemsize, max(write_behind, 1)) as out, tqdm(
+        with _WriteBehind(writer, chunk_elements * _widest(metas.values()), max(write_behind, 1)) as out, tqdm(
             total=total_read, unit="B", unit_scale=True, desc="merging"
         ) as bar:
             for tensor in plan.tensors:
