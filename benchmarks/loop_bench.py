@@ -1,7 +1,7 @@
 """Time hub-soup's merge loop alone (no start-up), in-process, for tuning hub_soup/merge.py.
 
     .venv/bin/python benchmarks/loop_bench.py DIR [DIR ...] [--chunk N] [--threads 1] [--write-behind 4]
-                                              [--repeat 3] [--null-writer] [--no-gram] [--similarity]
+                                              [--repeat 3] [--cold] [--null-writer] [--no-gram] [--similarity]
 
 Prints one line per run: seconds, input GB/s and the settings. ``--null-writer``
 drops the soup's bytes (reading + arithmetic only); ``--no-gram`` leaves out the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--null-writer", action="store_true")
     parser.add_argument("--no-gram", action="store_true", help="leave out the shared-initialization check")
     parser.add_argument("--similarity", action="store_true", help="time the check's separate pass instead")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     args = parser.parse_args()
     disable_progress_bars()
     checkpoints = [open_checkpoint(d) for d in args.dirs]
@@ -66,6 +68,9 @@ def main() -> None:
     out_root = Path(tempfile.mkdtemp(dir=Path(__file__).parent / "_work"))
     for _ in range(args.repeat):
         gram = None if args.no_gram else GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
+        if args.cold:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         start = time.perf_counter()
         if args.similarity:
             torch.set_num_threads(args.threads or 1)
@@ -80,7 +85,7 @@ def main() -> None:
         mode = "similarity" if args.similarity else "null-writer" if args.null_writer else "write"
         print(f"{seconds:7.2f} s  {total / seconds / 1e9:5.2f} GB/s  threads={args.threads or 'default'} "
               f"chunk={chunk} block={args.block} read_ahead={args.read_ahead} workers={args.workers} "
-              f"write_behind={args.write_behind} gram={not args.no_gram} {mode}", flush=True)
+              f"write_behind={args.write_behind} gram={not args.no_gram} cold={args.cold} {mode}", flush=True)
     shutil.rmtree(out_root, ignore_errors=True)
 
 

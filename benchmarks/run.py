@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import os
 import platform
 import re
@@ -54,6 +55,8 @@ SIZES: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=151936, shard="1GB"),
 }
 MAX_N = 8
+# Plain reads of the inputs; the fastest of them in a cache state is the floor.
+FLOOR_TOOLS = ("cat", "py-read", "py-direct")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -197,6 +200,8 @@ def tool_commands(tool: str, size: str, n: int, threads: int | None) -> tuple[li
         return ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], env
     if tool == "py-read":
         return [str(PYTHON), "-S", __file__, "_read", *files], env
+    if tool == "py-direct":
+        return [str(PYTHON), "-S", __file__, "_read_direct", *files], env
     if tool == "hub-soup":
         return [str(HUB_SOUP), "-q", "merge", *dirs, "-o", str(out)], env
     if tool == "mergekit":
@@ -210,15 +215,19 @@ def tool_commands(tool: str, size: str, n: int, threads: int | None) -> tuple[li
     raise ValueError(tool)
 
 
-def _read(*paths: str) -> None:
-    """The read floor in Python: every input byte through one reused 8 MiB buffer."""
-    buffer = bytearray(8 << 20)
-    view = memoryview(buffer)
+def _read(*paths: str, flags: int = 0) -> None:
+    """The read floor in Python: every input byte through one reused, page-aligned 8 MiB buffer."""
+    view = memoryview(mmap.mmap(-1, 8 << 20))
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | flags)
         while os.readv(fd, [view]):
             pass
         os.close(fd)
+
+
+def _read_direct(*paths: str) -> None:
+    """The same with ``O_DIRECT``: from a cold disk, the page cache's CPU cost left out (hub-soup reads so too)."""
+    _read(*paths, flags=os.O_DIRECT)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -361,7 +370,9 @@ def run_case(size: str, n: int, tools: list[str], states: list[str], threads: li
             continue
         cells: list[tuple[str, int | None]] = []
         for tool in tools:
-            if tool in ("cat", "py-read"):
+            if tool == "py-direct" and state == "warm":
+                continue  # O_DIRECT reads the disk even when the page cache holds the data
+            if tool in FLOOR_TOOLS:
                 cells.append((tool, None))
             elif tool == "naive":
                 if 5 * one > 0.8 * mem_total():
@@ -444,7 +455,7 @@ def paired_floor_ratio(cells: dict[tuple, list[dict]], case: tuple, tool: str, s
     """Median over rounds of tool time / that round's floor (disk speed drifts between rounds)."""
     floors: dict[int, float] = {}
     for k, samples in cells.items():
-        if (k[0], k[1], k[3]) == case and k[2] in ("cat", "py-read"):
+        if (k[0], k[1], k[3]) == case and k[2] in FLOOR_TOOLS:
             for r in samples:
                 floors[r["repeat"]] = min(floors.get(r["repeat"], math.inf), r["wall_s"])
     ratios = [r["wall_s"] / floors[r["repeat"]] for r in cells.get((case[0], case[1], tool, case[2], setting), [])
@@ -468,13 +479,13 @@ def render(results: list[dict]) -> str:
     cells = latest(results)
     base = {(k[0], k[3]): best(v)["peak_rss"] for k, v in cells.items() if k[2] == "import-torch"}
     base_anon = {(k[0], k[3]): best(v).get("peak_anon") for k, v in cells.items() if k[2] == "import-torch"}
-    order = {"cat": 0, "py-read": 1, "hub-soup": 2, "mergekit": 3, "naive": 4}
+    order = {"cat": 0, "py-read": 1, "py-direct": 2, "hub-soup": 3, "mergekit": 4, "naive": 5}
     size_order = {s: i for i, s in enumerate(SIZES)}
     rows = sorted((k for k in cells if k[2] in order),
                   key=lambda k: (size_order.get(k[0], 9), k[1], k[3] != "warm", order[k[2]], k[4] or 0))
     floors: dict[tuple, float] = {}
     for k in rows:
-        if k[2] in ("cat", "py-read"):
+        if k[2] in FLOOR_TOOLS:
             case = (k[0], k[1], k[3])
             floors[case] = min(floors.get(case, 1e18), best(cells[k])["wall_s"])
     lines = [
@@ -487,7 +498,7 @@ def render(results: list[dict]) -> str:
         r = best(samples)
         floor = floors.get((k[0], k[1], k[3]))
         env_key = ("mk-env" if k[2] == "mergekit" else "main", k[3])
-        plain_read = k[2] in ("cat", "py-read")
+        plain_read = k[2] in FLOOR_TOOLS
         peak = max(x["peak_rss"] for x in samples)  # memory: the worst run
         working = None if plain_read else excess(samples, "peak_rss", base.get(env_key, 0))
         anon = excess(samples, "peak_anon", 0)
@@ -555,7 +566,8 @@ def write_report(notes: str) -> None:
         "",
         "Columns: `threads` is the torch intra-op thread count of that figure (`OMP_NUM_THREADS`, "
         "hub-soup's `HUB_SOUP_THREADS`, mergekit's `-j`; `-` for the plain read). `x floor` is wall time over "
-        "the fastest plain read of the same bytes in the same cache state (`cat` or a Python read loop). "
+        "the fastest plain read of the same bytes in the same cache state (`cat`, a Python read loop, or from a cold "
+        "cache the same loop with `O_DIRECT`). "
         "`working` = peak RSS minus the peak RSS of a bare `import torch` (ended with `os._exit`, as hub-soup ends) "
         "in the same environment and cache state; `peak anon` is the process tree's peak RssAnon, sampled every 20 ms. "
         "`cache`: `warm` = inputs read just before (in the page cache), `cold` = `sync; echo 3 > "
@@ -577,7 +589,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5b,1.5b", help="comma list of " + ", ".join(SIZES))
     parser.add_argument("--n", default="3,8", help="comma list of ingredient counts (<= 8)")
-    parser.add_argument("--tools", default="cat,py-read,hub-soup,mergekit,naive")
+    parser.add_argument("--tools", default="cat,py-read,py-direct,hub-soup,mergekit,naive")
     parser.add_argument("--cache", default="warm,cold", help="warm, cold or both")
     parser.add_argument("--threads", default="1,2", help="torch thread settings to measure (naive: the last)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell (the table shows the fastest, lists all)")
@@ -616,6 +628,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        {"_generate_base": _generate_base, "_perturb": _perturb, "_read": _read}[sys.argv[1]](*sys.argv[2:])
+        commands = {"_generate_base": _generate_base, "_perturb": _perturb, "_read": _read, "_read_direct": _read_direct}
+        commands[sys.argv[1]](*sys.argv[2:])
     else:
         main()

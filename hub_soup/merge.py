@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub.utils import tqdm
 
+from hub_soup import direct_io
 from hub_soup.align import MergePlan
 from hub_soup.errors import RecipeError
 from hub_soup.read import Checkpoint
@@ -328,7 +329,9 @@ class _ReadAhead:
 
     def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
         self._positions = positions
-        self._buffer = torch.empty(max(slots, 1), count, chunk_bytes, dtype=torch.uint8)
+        # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
+        rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
+        self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
         self._pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="hub-soup-reader") if slots else None
         self._pending: deque[tuple[int, Future[list[torch.Tensor]]]] = deque()
         self._in_use: deque[int] = deque()

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import torch
 
+from hub_soup import direct_io
 from hub_soup.errors import CheckpointFormatError
 
 # The safetensors reference implementation refuses headers above 100 MB.
@@ -189,31 +190,71 @@ class SafetensorsReader:
         self.path = path
         self.header = read_header(path)
         self._fd = os.open(path, os.O_RDONLY)
+        self._direct_fd: int | None = None  # opened by the first read that goes around the page cache
+        self._direct: bool | None = None if direct_io.ENABLED else False  # decided at the first chunk read
 
     def read_into(self, name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
         """Read elements ``[start, start+count)`` of tensor ``name`` (flattened).
 
         Args:
             buffer: a uint8 tensor of at least ``count * itemsize`` bytes that the
-                caller reuses from chunk to chunk: no allocation happens here.
+                caller reuses from chunk to chunk: no allocation happens here. If it
+                is page-aligned with :func:`~hub_soup.direct_io.padded` room
+                (:func:`~hub_soup.direct_io.aligned_buffer`), data that is not in
+                the page cache is read around it (see :mod:`hub_soup.direct_io`).
 
         Returns:
-            A 1-D view of ``buffer`` with the tensor's dtype and ``count`` elements.
+            A 1-D view of ``buffer`` with the tensor's dtype and ``count`` elements,
+            at its start or, after a direct read, up to a page into it.
         """
         meta = self.header.tensors[name]
         itemsize = meta.dtype.itemsize
         nbytes = count * itemsize
         if nbytes == 0:
             return buffer[:0].view(meta.dtype)
-        view = memoryview(buffer.numpy()).cast("B")[:nbytes]
         offset = self.header.offsets[name] + start * itemsize
+        if self._direct is not False and direct_io.can_read_into(buffer, offset, nbytes, itemsize):
+            if self._direct is None:
+                self._direct = self._mostly_uncached()
+            if self._direct:
+                at = self._read_direct(offset, nbytes, buffer, name)
+                if at is not None:
+                    return buffer[at : at + nbytes].view(meta.dtype)
+        view = memoryview(buffer.numpy()).cast("B")[:nbytes]
         done = 0
         while done < nbytes:
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got == 0:
-                raise CheckpointFormatError(f"{self.path}: file ended while reading {name!r} (truncated?)")
+                raise self._truncated(name)
             done += got
         return buffer[:nbytes].view(meta.dtype)
+
+    def _mostly_uncached(self) -> bool:
+        """Whether this file's reads should go around the page cache: decided once, for the whole file.
+
+        Not chunk by chunk: a buffered read starts the kernel's read-ahead, which
+        caches the next chunks, which then look cached and are read buffered too,
+        so one partly cached chunk (the pages read with the header) would turn a
+        whole cold file back into page-cache reads.
+        """
+        cached = direct_io.cached_fraction(self._fd, 0, max(os.fstat(self._fd).st_size, 1))
+        return cached is not None and cached < 0.5
+
+    def _read_direct(self, offset: int, nbytes: int, buffer: torch.Tensor, name: str) -> int | None:
+        """Read with ``O_DIRECT``: where the data starts in ``buffer``, or ``None`` to read buffered instead."""
+        try:
+            if self._direct_fd is None:
+                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            at = direct_io.read_direct(self._direct_fd, offset, nbytes, buffer)
+        except OSError:  # no O_DIRECT on this filesystem, or stricter alignment: the page cache it is
+            self._direct = False
+            return None
+        if at < 0:
+            raise self._truncated(name)
+        return at
+
+    def _truncated(self, name: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{self.path}: file ended while reading {name!r} (truncated?)")
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, freshly allocated (for evaluation and small models)."""
@@ -223,6 +264,8 @@ class SafetensorsReader:
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
 
 
 class SafetensorsWriter:

@@ -23,6 +23,7 @@ from hub_soup.merge import average_tensors, normalize_weights, output_metas, str
 from hub_soup.pipeline import layouts_of
 from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.write import SoupWriter
+from tests.page_cache import cached_fraction_of, evict_or_skip
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SHAPES = ((), (0,), (3, 0, 2), (1,), (7,), (13, 17), (5, 3, 11), (1000,), (33, 65), (2, 3, 5, 7))
@@ -152,6 +153,27 @@ def test_read_ahead_threads_blocks_and_write_behind_do_not_change_a_bit(
                            threads=threads, write_behind=write_behind, block_elements=block)
     _assert_bit_identical(got, expected)
     assert torch.get_num_threads() == before  # the merge restores the caller's setting
+
+
+@pytest.mark.parametrize(("read_ahead", "chunk"), [(0, 999), (2, 1 << 20)])
+def test_ingredients_read_around_the_page_cache_do_not_change_a_bit(tmp_path: Path, read_ahead: int, chunk: int) -> None:
+    """From a cold disk the chunks are read with O_DIRECT (views a page into the read slots), and leave no pages behind."""
+    paths = _save(_ingredients(3, FLOATS, seed=11), tmp_path, "safetensors")
+    checkpoints = [open_checkpoint(p) for p in paths]
+    try:
+        plan = align(layouts_of(checkpoints))
+        evict_or_skip(paths)  # after the headers were read (their read-ahead takes in small files whole)
+        weights = normalize_weights([0.5, 0.3, 0.2], 3)
+        with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
+            stream_merge(checkpoints, plan, weights, writer, chunk_elements=chunk, read_ahead=read_ahead)
+            writer.commit()
+        for path in paths:
+            assert cached_fraction_of(path) < 0.5, path.name
+        expected = _reference(checkpoints, plan, weights, None)
+    finally:
+        for c in checkpoints:
+            c.close()
+    _assert_bit_identical(load_file(tmp_path / "soup" / "model.safetensors"), expected)
 
 
 def test_excluded_keys_are_copied_and_converted(tmp_path: Path) -> None:
