@@ -20,7 +20,6 @@ reads stay buffered: the result is the same bytes either way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 
@@ -53,8 +52,8 @@ class _Cachestat(ctypes.Structure):
 def _load_syscall() -> Callable[..., int] | None:
     if not ENABLED or os.uname().sysname != "Linux":
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syscall
+    try:  # the C library the interpreter already uses (find_library would spawn ldconfig)
+        return ctypes.CDLL(None, use_errno=True).syscall
     except (OSError, AttributeError):
         return None
 

@@ -184,7 +184,8 @@ def stream_merge(
     """Average ``checkpoints`` along ``plan`` into ``writer``, never holding more than a chunk per ingredient.
 
     Three things overlap: reader threads fill the next chunk positions (every
-    ingredient's chunk of the same elements) with ``preadv``, this thread
+    ingredient's chunk of the same elements) with ``preadv`` (``O_DIRECT`` for
+    files not in the page cache, see :mod:`hub_soup.direct_io`), this thread
     averages the current one, cache-sized block by block, and a writer thread
     writes the previous soup chunks. Reads and writes are memory copies in the
     kernel that release the GIL. Memory does not grow with the model or the
