@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,10 @@ class SafetensorsReader:
         self.path = path
         self.header = read_header(path)
         self._fd = os.open(path, os.O_RDONLY)
-        self._direct_fd: int | None = None  # opened by the first read that goes around the page cache
-        self._direct: bool | None = None if direct_io.ENABLED else False  # decided at the first chunk read
+        # Decided, and the O_DIRECT descriptor opened, at the first chunk read (reader threads share this object).
+        self._direct: bool | None = None if direct_io.ENABLED else False
+        self._direct_fd: int | None = None
+        self._decide_lock = threading.Lock()
 
     def read_into(self, name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
         """Read elements ``[start, start+count)`` of tensor ``name`` (flattened).
@@ -215,7 +218,7 @@ class SafetensorsReader:
         offset = self.header.offsets[name] + start * itemsize
         if self._direct is not False and direct_io.can_read_into(buffer, offset, nbytes, itemsize):
             if self._direct is None:
-                self._direct = self._mostly_uncached()
+                self._decide()
             if self._direct:
                 at = self._read_direct(offset, nbytes, buffer, name)
                 if at is not None:
@@ -229,24 +232,29 @@ class SafetensorsReader:
             done += got
         return buffer[:nbytes].view(meta.dtype)
 
-    def _mostly_uncached(self) -> bool:
-        """Whether this file's reads should go around the page cache: decided once, for the whole file.
+    def _decide(self) -> None:
+        """Whether this file's reads go around the page cache: decided once, for the whole file.
 
         Not chunk by chunk: a buffered read starts the kernel's read-ahead, which
         caches the next chunks, which then look cached and are read buffered too,
         so one partly cached chunk (the pages read with the header) would turn a
         whole cold file back into page-cache reads.
         """
-        cached = direct_io.cached_fraction(self._fd, 0, max(os.fstat(self._fd).st_size, 1))
-        return cached is not None and cached < 0.5
+        with self._decide_lock:
+            if self._direct is not None:
+                return
+            cached = direct_io.cached_fraction(self._fd, 0, max(os.fstat(self._fd).st_size, 1))
+            if cached is not None and cached < 0.5:
+                with contextlib.suppress(OSError):  # no O_DIRECT on this filesystem: the page cache it is
+                    self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            self._direct = self._direct_fd is not None
 
     def _read_direct(self, offset: int, nbytes: int, buffer: torch.Tensor, name: str) -> int | None:
         """Read with ``O_DIRECT``: where the data starts in ``buffer``, or ``None`` to read buffered instead."""
+        assert self._direct_fd is not None
         try:
-            if self._direct_fd is None:
-                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
             at = direct_io.read_direct(self._direct_fd, offset, nbytes, buffer)
-        except OSError:  # no O_DIRECT on this filesystem, or stricter alignment: the page cache it is
+        except OSError:  # alignment rules stricter than direct_io.ALIGN: the page cache it is
             self._direct = False
             return None
         if at < 0:

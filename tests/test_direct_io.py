@@ -11,7 +11,9 @@ coming from there; a file cut short after opening is reported, not padded.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,24 @@ def test_a_file_cut_short_after_opening_is_reported(
     with pytest.raises(CheckpointFormatError, match="truncated"):
         reader.read_into("f.u8", 0, want.numel(), buffer)
     assert (reader._direct_fd is not None) == direct
+
+
+def test_reader_threads_share_one_decision_and_leave_no_descriptor(
+    cold: tuple[Path, dict[str, torch.Tensor], SafetensorsReader],
+) -> None:
+    """The merge's reader threads hit a fresh reader at once: right bytes, one O_DIRECT descriptor opened."""
+    path, state, reader = cold
+    names = list(state)
+    barrier = threading.Barrier(len(names))
+
+    def read(name: str) -> bool:
+        want = state[name].reshape(-1)
+        buffer = direct_io.aligned_buffer(direct_io.padded(want.nbytes))
+        barrier.wait()
+        got = reader.read_into(name, 0, want.numel(), buffer)
+        return torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert all(pool.map(read, names))
+    open_on_path = [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+    assert len(open_on_path) == 2  # the buffered descriptor and one O_DIRECT one, whatever the race
