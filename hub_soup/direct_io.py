@@ -93,12 +93,7 @@ def can_read_into(buffer: torch.Tensor, offset: int, nbytes: int, itemsize: int)
     The data lands ``offset % ALIGN`` bytes into the buffer, so that must be a
     multiple of the element size (true for every tensor of a well-formed safetensors file).
     """
-    return (
-        ENABLED
-        and buffer.data_ptr() % ALIGN == 0
-        and buffer.numel() >= nbytes + SLACK
-        and offset % ALIGN % itemsize == 0
-    )
+    return buffer.data_ptr() % ALIGN == 0 and buffer.numel() >= nbytes + SLACK and offset % ALIGN % itemsize == 0
 
 
 def read_direct(fd: int, offset: int, nbytes: int, buffer: torch.Tensor) -> int:
