@@ -25,6 +25,7 @@ from hub_soup.errors import CheckpointFormatError, RecipeError
 from hub_soup.merge import (
     accumulation_dtype,
     average_tensors,
+    is_uniform,
     normalize_weights,
     output_metas,
     stream_merge,
@@ -117,6 +118,37 @@ def test_weights_as_0dim_tensors_multiply_like_python_floats(dtype: torch.dtype)
     for weight, scalar in zip(weights, weight_scalars(weights, dtype)):
         assert scalar.dtype == dtype and scalar.dim() == 0
         assert torch.equal(values.clone().mul_(weight).view(torch.uint8), values.clone().mul_(scalar).view(torch.uint8))
+
+
+def test_equal_weights_sum_first_then_multiply_once() -> None:
+    """The default soup: ``(a + b + c) * w`` in float32, left to right, one multiplication."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(5000, generator=g).bfloat16() for _ in range(3)]
+    weights = normalize_weights(None, 3)
+    assert is_uniform(weights) and not is_uniform([0.5, 0.25, 0.25])
+    a, b, c = (t.float() for t in tensors)
+    expected = (((a + b) + c) * weights[0]).bfloat16()
+    ck.assert_bit_equal(average_tensors(tensors, weights), expected)
+    multiplied_first = (a * weights[0] + b * weights[0] + c * weights[0]).bfloat16()
+    assert not torch.equal(expected, multiplied_first)  # the two forms differ: the test tells them apart
+    uneven = [0.2, 0.3, 0.5]
+    ck.assert_bit_equal(average_tensors(tensors, uneven), (a * 0.2 + b * 0.3 + c * 0.5).bfloat16())
+
+
+def test_equal_weights_near_float32_max_take_the_weighted_form_element_by_element() -> None:
+    """A sum that overflows float32 (masks filled with ``finfo.min``, huge values) falls back to
+    ``w * a + w * b`` for those elements only; infinities and NaNs in the inputs still show."""
+    big = torch.finfo(torch.float32).max
+    a = torch.tensor([big, -big, big, 1.0, 3.0, math.inf, math.nan])
+    b = torch.tensor([big, -big, big / 2, 2.0, -big, 1.0, 1.0])
+    out = average_tensors([a, b], [0.5, 0.5])
+    assert out[0].item() == big and out[1].item() == -big
+    assert out[2].item() == ((a[2] * 0.5) + (b[2] * 0.5)).item() and math.isfinite(out[2].item())
+    assert out[3].item() == 1.5 and out[4].item() == ((a[4] + b[4]) * 0.5).item()
+    assert out[5].item() == math.inf and math.isnan(out[6].item())
+    # bf16 shares float32's range: a bf16 mask of finfo(bf16).min averages to itself
+    mask = torch.full((3,), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
+    assert torch.equal(average_tensors([mask, mask, mask], normalize_weights(None, 3)), mask)
 
 
 def test_accumulation_dtypes() -> None:

@@ -121,11 +121,14 @@ def _assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torc
         assert torch.equal(have.contiguous().view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8)), key
 
 
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]], ids=["equal", "uneven"])
 @pytest.mark.parametrize("chunk", [1, 5, 64, 999, 1 << 20])
-def test_every_dtype_and_shape_any_chunk(tmp_path: Path, chunk: int) -> None:
+def test_every_dtype_and_shape_any_chunk(tmp_path: Path, chunk: int, weights: list[float] | None) -> None:
+    """Equal weights sum first (float32 ingredients near float32's maximum take the weighted form
+    element by element: see ``_values``); uneven weights multiply first."""
     states = _ingredients(3, FLOATS, seed=chunk)
     paths = _save(states, tmp_path, "safetensors")
-    got, expected = _merge(paths, tmp_path / "soup", [0.2, 0.3, 0.5], None, chunk)
+    got, expected = _merge(paths, tmp_path / "soup", weights, None, chunk)
     _assert_bit_identical(got, expected)
     assert torch.equal(got["bn.num_batches_tracked"], states[0]["bn.num_batches_tracked"])
     assert torch.equal(got["position_ids"], states[0]["position_ids"])
@@ -139,31 +142,34 @@ def test_dtype_override(tmp_path: Path, dtype: torch.dtype, chunk: int) -> None:
     _assert_bit_identical(got, expected)
 
 
+@pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]], ids=["equal", "uneven"])
 @pytest.mark.parametrize(
     ("read_ahead", "threads", "write_behind", "block"), [(0, 1, 1, 37), (1, 1, 4, 5), (3, 2, 2, 1), (4, 1, 1, 16)]
 )
 def test_read_ahead_threads_blocks_and_write_behind_do_not_change_a_bit(
-    tmp_path: Path, read_ahead: int, threads: int, write_behind: int, block: int
+    tmp_path: Path, read_ahead: int, threads: int, write_behind: int, block: int, weights: list[float] | None
 ) -> None:
     """Synchronous reads, one slot, several slots; one or two torch threads; one or more write slots;
     arithmetic blocks that divide the chunk or not."""
     paths = _save(_ingredients(3, FLOATS, seed=5), tmp_path, "safetensors")
     before = torch.get_num_threads()
-    got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.3, 0.2], None, 37, read_ahead=read_ahead,
+    got, expected = _merge(paths, tmp_path / "soup", weights, None, 37, read_ahead=read_ahead,
                            threads=threads, write_behind=write_behind, block_elements=block)
     _assert_bit_identical(got, expected)
     assert torch.get_num_threads() == before  # the merge restores the caller's setting
 
 
-@pytest.mark.parametrize(("read_ahead", "chunk"), [(0, 999), (2, 1 << 20)])
-def test_ingredients_read_around_the_page_cache_do_not_change_a_bit(tmp_path: Path, read_ahead: int, chunk: int) -> None:
+@pytest.mark.parametrize(("read_ahead", "chunk", "given"), [(0, 999, [0.5, 0.3, 0.2]), (2, 1 << 20, None)])
+def test_ingredients_read_around_the_page_cache_do_not_change_a_bit(
+    tmp_path: Path, read_ahead: int, chunk: int, given: list[float] | None
+) -> None:
     """From a cold disk the chunks are read with O_DIRECT (views a page into the read slots), and leave no pages behind."""
     paths = _save(_ingredients(3, FLOATS, seed=11), tmp_path, "safetensors")
     checkpoints = [open_checkpoint(p) for p in paths]
     try:
         plan = align(layouts_of(checkpoints))
         evict_or_skip(paths)  # after the headers were read (their read-ahead takes in small files whole)
-        weights = normalize_weights([0.5, 0.3, 0.2], 3)
+        weights = normalize_weights(given, 3)
         with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
             stream_merge(checkpoints, plan, weights, writer, chunk_elements=chunk, read_ahead=read_ahead)
             writer.commit()
