@@ -296,12 +296,12 @@ def _average_chunks(
 ) -> None:
     """``soup`` = the average of ``chunks``, block by block through :func:`average_into_` (the definition)."""
     acc_buffer, scratch_buffer = buffers
-    block = acc_buffer.numel()
-    for soup_block, *parts in zip(soup.split(block), *(chunk.split(block) for chunk in chunks)):
-        size = soup_block.numel()
-        acc, scratch = (acc_buffer, scratch_buffer) if size == block else (acc_buffer[:size], scratch_buffer[:size])
-        average_into_(acc, parts, weights, scratch, uniform)
-        soup_block.copy_(acc)  # copy_ crosses devices
+    size = soup.numel()
+    for start in range(0, size, acc_buffer.numel()):
+        end = min(start + acc_buffer.numel(), size)
+        acc = acc_buffer[: end - start]
+        average_into_(acc, [chunk[start:end] for chunk in chunks], weights, scratch_buffer[: end - start], uniform)
+        soup[start:end].copy_(acc)  # copy_ crosses devices
 
 
 def _stats(plan: MergePlan, metas: dict[str, TensorMeta], bytes_read: int, start_time: float) -> MergeStats:
