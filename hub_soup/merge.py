@@ -120,15 +120,14 @@ def average_into_(
     (measured, benchmarks/NOTES.md), and one rounding fewer per ingredient.
     Elements whose sum leaves the accumulator's range (values near float32's
     maximum, such as a mask filled with ``finfo.min``) take the weighted form,
-    which cannot overflow; the check costs one ``sum`` of ``acc`` and is
-    conservative (a finite total means every element's sum is finite).
-    Other weights: ``w0 * p0 + w1 * p1 + ...`` through :func:`weighted_sum_`.
+    where each value is scaled before the sum; the check costs one ``sum`` of
+    ``acc`` and is conservative (a finite total means every element's sum is finite).
+    Other weights: ``w0 * p0 + w1 * p1 + ...`` (:func:`_multiply_first_`).
 
     ``parts`` may be of any floating dtype; ``acc`` and ``scratch`` are alike.
     """
     if not uniform:
-        for i, (part, weight) in enumerate(zip(parts, weights)):
-            weighted_sum_(acc, part, weight, scratch, first=i == 0)
+        _multiply_first_(acc, parts, weights, scratch)
         return
     acc.copy_(parts[0])
     for part in parts[1:]:
@@ -140,9 +139,17 @@ def average_into_(
     finite = torch.isfinite(acc)
     acc.mul_(weights[0])
     weighted = torch.empty_like(acc)
-    for i, (part, weight) in enumerate(zip(parts, weights)):
-        weighted_sum_(weighted, part, weight, scratch, first=i == 0)
+    _multiply_first_(weighted, parts, weights, scratch)
     acc.copy_(torch.where(finite, acc, weighted))
+
+
+def _multiply_first_(
+    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float] | Sequence[torch.Tensor],
+    scratch: torch.Tensor,
+) -> None:
+    """``acc = w0 * p0 + w1 * p1 + ...``, one :func:`weighted_sum_` per part."""
+    for i, (part, weight) in enumerate(zip(parts, weights)):
+        weighted_sum_(acc, part, weight, scratch, first=i == 0)
 
 
 def weight_scalars(weights: Sequence[float], dtype: torch.dtype, device: torch.device | str = "cpu") -> list[torch.Tensor]:
