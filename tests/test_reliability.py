@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from hub_soup.cli import main
+from hub_soup.cli import _terminate, main
 from hub_soup.errors import CheckpointFormatError
+from hub_soup.write import SoupWriter
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import timm_folder, unique, upload
 from tests.hub_server import HubServer
@@ -144,11 +147,16 @@ def _start_merge(refs: list[str], out: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_for_partial(out: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not list(out.parent.glob(f".{out.name}.partial-*")):
         assert process.poll() is None, "the merge ended before it could be interrupted"
         assert time.monotonic() < deadline
-        time.sleep(0.005)
+        time.sleep(0.001)
+
+
+def _hidden(folder: Path) -> list[str]:
+    """The hidden folders a run writes beside its output (``.soup.partial-*``, ``.soup.old-*``)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
 
 
 def test_sigkill_mid_merge_leaves_no_output_and_the_next_run_cleans_up(tmp_path: Path) -> None:
@@ -159,18 +167,157 @@ def test_sigkill_mid_merge_leaves_no_output_and_the_next_run_cleans_up(tmp_path:
     process.wait()
     assert not out.exists()
     assert main(["--quiet", "merge", *refs, "-o", str(out)]) == 0
-    assert out.is_dir() and not list(tmp_path.glob(".soup.partial-*"))
+    assert out.is_dir() and not _hidden(tmp_path)
 
 
 def test_sigterm_mid_merge_removes_the_partial_soup(tmp_path: Path) -> None:
+    """A real SIGTERM from outside, the instant the partial folder appears (the earliest moment a poll can see)."""
     refs, out = _big_pair(tmp_path), tmp_path / "soup"
     process = _start_merge(refs, out)
     _wait_for_partial(out, process)
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert b"interrupted; nothing was kept" in err
-    assert not out.exists() and not list(tmp_path.glob(".soup.partial-*"))
+    assert not out.exists() and not _hidden(tmp_path)
+
+
+def test_sigterm_while_starting_leaves_nothing(tmp_path: Path) -> None:
+    """Struck before the handler is installed (the default action ends it) or just after: nothing either way."""
+    refs, out = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")], tmp_path / "soup"
+    process = _start_merge(refs, out)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (-signal.SIGTERM, 130), err
+    assert not out.exists() and not _hidden(tmp_path)
+
+
+@pytest.fixture
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM in this process unwinds like Ctrl-C, as the console script sets it up."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_at(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, when: Callable[..., bool],
+                before: bool = False) -> list[bool]:
+    """Send this process a real SIGTERM once, just after (or before) the first ``owner.name`` call ``when`` picks.
+
+    In the main thread ``os.kill`` runs the handler at once, so the ``KeyboardInterrupt``
+    comes out of the patched call itself: the narrowest window there is (right after
+    ``mkdir`` returns, before the caller's next line). In the writer thread the
+    signal reaches the main thread wherever it is then. No timing is involved.
+    """
+    struck: list[bool] = []
+    original = getattr(owner, name)
+
+    def strike(*args: object) -> None:
+        if not struck and when(*args):
+            struck.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def patched(*args: object, **kwargs: object) -> object:
+        if before:
+            strike(*args)
+        result = original(*args, **kwargs)
+        if not before:
+            strike(*args)
+        return result
+
+    monkeypatch.setattr(owner, name, patched)
+    return struck
+
+
+def _soup(folder: Path) -> tuple[list[str], bytes]:
+    return sorted(p.name for p in folder.iterdir()), (folder / "model.safetensors").read_bytes()
+
+
+OLD_SOUP = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-ls0.1")]
+NEW_SOUP = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")]
+#: moment -> (what to patch, which call, strike before the call instead of after it)
+MOMENTS: dict[str, tuple[object, str, Callable[..., bool], bool]] = {
+    "first parent made": (os, "mkdir", lambda path, *_: Path(path).name == "a", False),
+    "partial folder made": (os, "mkdir", lambda path, *_: Path(path).name.startswith(".soup.partial-"), False),
+    "first bytes written": (SoupWriter, "write", lambda *_: True, False),
+    "side file written": (SoupWriter, "add_file", lambda *_: True, False),
+    "commit begun": (SoupWriter, "commit", lambda *_: True, True),
+    "old soup set aside": (os, "replace", lambda src, *_: Path(src).name == "soup", False),
+    "new soup in place": (os, "replace", lambda src, *_: Path(src).name.startswith(".soup.partial-"), False),
+}
+
+
+@pytest.mark.parametrize(
+    ("moment", "overwrite", "left"),
+    [
+        ("first parent made", False, None),
+        ("partial folder made", False, None),
+        ("partial folder made", True, "old"),
+        ("first bytes written", False, None),
+        ("side file written", True, "old"),
+        ("commit begun", True, "old"),
+        ("old soup set aside", True, "old"),
+        ("new soup in place", True, "new"),
+        ("new soup in place", False, "new"),
+    ],
+)
+@pytest.mark.usefixtures("sigterm_unwinds")
+def test_sigterm_at_any_moment_keeps_the_old_soup_or_the_new_one_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    moment: str, overwrite: bool, left: str | None,
+) -> None:
+    """Each moment of a run's life on disk, struck by a real SIGTERM: a whole soup or none, never a hidden folder."""
+    out = tmp_path / "a" / "b" / "soup"
+    new = None
+    if left == "new":
+        assert main(["--quiet", "merge", *NEW_SOUP, "-o", str(tmp_path / "reference")]) == 0
+        new = _soup(tmp_path / "reference")
+    if overwrite:
+        assert main(["--quiet", "merge", *OLD_SOUP, "-o", str(out)]) == 0
+        old = _soup(out)
+    owner, name, when, before = MOMENTS[moment]
+    struck = _sigterm_at(monkeypatch, owner, name, when, before)
+    code = main(["--quiet", "merge", *NEW_SOUP, "-o", str(out)] + (["--overwrite"] if overwrite else []))
+    monkeypatch.undo()
+    assert struck, f"the run never reached {moment!r}"
+    assert code == 130, capsys.readouterr().err
+    if left is None:
+        assert not out.exists() and not (tmp_path / "a").exists()
+    else:
+        assert _soup(out) == (old if left == "old" else new)
+        assert not _hidden(out.parent)
+
+
+_KILL_AFTER_SETTING_ASIDE = """
+import os, signal, sys
+from pathlib import Path
+out, real = Path(sys.argv.pop(1)), os.replace
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    if Path(src) == out:  # the old soup was just set aside: die before the new one is in place
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from hub_soup.cli import console_main
+console_main()
+"""
+
+
+def test_sigkill_mid_overwrite_keeps_the_old_soup_for_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "soup"
+    assert main(["--quiet", "merge", *OLD_SOUP, "-o", str(out)]) == 0
+    old = _soup(out)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_SETTING_ASIDE, str(out), "--quiet", "merge", *NEW_SOUP, "-o", str(out),
+         "--overwrite"],
+        capture_output=True, timeout=120, cwd=ROOT, check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not out.exists() and _hidden(tmp_path)  # the old soup aside, the new one in its partial folder
+    # the next run finds the old soup back in place before it decides anything: refused without --overwrite
+    assert main(["--quiet", "merge", *NEW_SOUP, "-o", str(out)]) == 2
+    assert _soup(out) == old and not _hidden(tmp_path)
 
 
 def test_overwrite_keeps_the_previous_soup_when_the_new_one_fails(tmp_path: Path) -> None:
