@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,12 +28,51 @@ from hub_soup.merge import average_tensors
 from hub_soup.read import Checkpoint
 from hub_soup.similarity import Similarity, weight_similarity
 
+if TYPE_CHECKING:  # matplotlib is an optional dependency, imported where the plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # An interior point this far (relative to the endpoints' mean score) below the straight
 # line between the endpoint scores is called a barrier: ~2 points of accuracy at 98%.
 BARRIER_TOLERANCE = 0.02
 
+# Ingredient labels longer than this are shortened on the plot (see _plot_name).
+PLOT_NAME_WIDTH = 28
+# Up to this many scored alphas each gets its own tick on the plot; more fall back to matplotlib's.
+MAX_ALPHA_TICKS = 11
+
 Curve = list[tuple[float, Score]]
+
+
+@dataclass(frozen=True)
+class _BestSoup:
+    """The best soup between two ingredients against the better ingredient's own score.
+
+    What a user of a soup asks is whether it beats the model they already have, so this,
+    not the barrier, decides whether the verdict may say "helps" or "safe".
+    """
+
+    alpha: float
+    score: Score
+    ingredient: str  # the label of the better ingredient (the first on a tie)
+    reference: Score  # that ingredient's own score
+
+    @property
+    def helps(self) -> bool:
+        """The soup beats the better ingredient, hence both."""
+        return self.score.better_than(self.reference)
+
+    @property
+    def safe(self) -> bool:
+        """The soup is at least as good as the better ingredient: nothing lost by averaging."""
+        return self.score.at_least(self.reference)
+
+    def __str__(self) -> str:
+        return (
+            f"best soup {self.score.formatted()} at alpha {self.alpha:.2f}, "
+            f"{self.ingredient} alone {self.reference.formatted()}"
+        )
 
 
 @dataclass
@@ -59,17 +99,44 @@ class DiagnoseReport:
         return _has_barrier(self.curve)
 
     def verdict(self) -> str:
-        """What the curve says about averaging these two."""
+        """What the curve says about averaging these two.
+
+        "No dip" alone is not "averaging is safe": the barrier is measured against the straight
+        line between the endpoint scores, so a curve that climbs from a weak ingredient to a
+        strong one has no barrier even where every soup on it is worse than the strong one.
+        Whether averaging helps is therefore judged against the better ingredient's own score.
+        """
         a, b = self.labels
+        if len(self.curve) < 3:
+            return f"only {a} and {b} themselves were scored: add alphas between 0 and 1 to see their soups"
         if not self.has_barrier:
-            ends = (self.curve[0][1], self.curve[-1][1])
-            if any(all(score.better_than(end) for end in ends) for _, score in self.curve[1:-1]):
-                return f"{a} and {b} are in one basin and soups between them beat both: averaging helps"
-            return f"{a} and {b} are in one basin (no dip between them): averaging them is safe"
-        if self.curve_recalibrated is not None and not _has_barrier(self.curve_recalibrated):
+            best = _best_soup(self.curve, self.labels)
+            if best.helps:
+                return f"{a} and {b} are in one basin and soups between them beat both: averaging helps ({best})"
+            if best.safe:
+                return (
+                    f"{a} and {b} are in one basin (no dip between them): averaging them is safe but gains "
+                    f"nothing ({best})"
+                )
             return (
+                f"no barrier between {a} and {b}, but no point between them beats {best.ingredient} "
+                f"({best.reference.formatted()}): the best soup on the line scores {best.score.formatted()} "
+                f"(alpha {best.alpha:.2f}); averaging them does not help"
+            )
+        if self.curve_recalibrated is not None and not _has_barrier(self.curve_recalibrated):
+            best = _best_soup(self.curve_recalibrated, self.labels)  # like with like: recalibrated ingredients
+            cause = (
                 f"the dip between {a} and {b} disappears with recalibrated BatchNorm statistics: the weights "
-                "average well, the averaged running statistics do not; use recalibrate_bn"
+                "average well, the averaged running statistics do not"
+            )
+            if best.helps:
+                return f"{cause}; recalibrated soups beat both: use recalibrate_bn, averaging helps ({best})"
+            if best.safe:
+                return f"{cause}; use recalibrate_bn: averaging is then safe but gains nothing ({best})"
+            return (
+                f"{cause}; even so no recalibrated soup beats {best.ingredient} recalibrated "
+                f"({best.reference.formatted()}): "
+                f"the best scores {best.score.formatted()} (alpha {best.alpha:.2f}); averaging them does not help"
             )
         dip = format_delta(self.curve[0][1].metric, self.barrier).lstrip("+")
         return (
@@ -180,32 +247,105 @@ def interpolate(
 
 
 def plot_curve(report: DiagnoseReport, path: Path) -> Path:
-    """Save the curve (and the recalibrated one) as a PNG, without touching pyplot's global state."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise EvalError("the diagnose plot needs matplotlib", hint="pip install 'hub-soup[eval]'") from None
-    first = report.curve[0][1]
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(*_xy(report.curve), marker="o", label="averaged BN statistics" if report.curve_recalibrated else "soup")
-    if report.curve_recalibrated:
-        axes.plot(*_xy(report.curve_recalibrated), marker="s", linestyle="--", label="recalibrated BN statistics")
-    axes.set_xlabel(f"alpha: 0 = {report.labels[0]}, 1 = {report.labels[1]}")
-    axes.set_ylabel(f"{first.metric} ({first.split})")
-    axes.set_title("score along the line between two ingredients")
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
+    """Save :func:`curve_figure` as a PNG at ``path`` (parent folders created)."""
+    figure = curve_figure(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
 
 
+def curve_figure(report: DiagnoseReport) -> Figure:
+    """The curve (and the recalibrated one) as a matplotlib Figure, without touching pyplot's global state.
+
+    It reads like the text: accuracy on a percent axis, other metrics in their own units. Each
+    ingredient's own score is a labelled horizontal line, because the question the plot answers
+    is whether any soup clears the better ingredient, not only whether the curve dips. Labels and
+    legend sit outside the axes so that nothing hides the curve; a single curve needs no legend.
+    Built separately from :func:`plot_curve` so that what it shows can be checked without pixels.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
+    except ImportError:
+        raise EvalError("the diagnose plot needs matplotlib", hint="pip install 'hub-soup[eval]'") from None
+    first = report.curve[0][1]
+    names = (_plot_name(report.labels[0]), _plot_name(report.labels[1]))
+    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    recalibrated = report.curve_recalibrated
+    axes.plot(*_xy(report.curve), marker="o", label="averaged BN statistics")  # in the legend only beside the other
+    if recalibrated:
+        axes.plot(*_xy(recalibrated), marker="s", linestyle="--", label="recalibrated BN statistics")
+        figure.legend(loc="outside lower center", ncols=2, frameon=False)
+    _reference_lines(axes, report, names)
+    percent = first.metric == "accuracy"
+    if percent:
+        axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    direction = "higher" if first.higher_is_better else "lower"
+    axes.set_ylabel(f"{first.metric}{' (%)' if percent else ''} on {first.split}, {direction} is better")
+    axes.set_xlabel(f"alpha: 0 = {names[0]}, 1 = {names[1]}")
+    if len(report.curve) <= MAX_ALPHA_TICKS:  # a tick under every scored point, while they stay legible
+        axes.set_xticks([alpha for alpha, _ in report.curve])
+    axes.set_title("score along the line between two ingredients")
+    axes.grid(True, alpha=0.3)
+    return figure
+
+
+def _reference_lines(axes: Axes, report: DiagnoseReport, names: tuple[str, str]) -> None:
+    """A grey line at each ingredient's score, labelled in the right margin (the higher label above
+    its line, the lower one below, so close scores never print over each other)."""
+    (_, first), (_, second) = report.curve[0], report.curve[-1]
+    if first.value == second.value:
+        labelled = [(f"{names[0]} and {names[1]} {first.formatted()}", first.value, "bottom")]
+    else:
+        (low_name, low), (high_name, high) = sorted(zip(names, (first, second)), key=lambda pair: pair[1].value)
+        labelled = [
+            (f"{low_name} {low.formatted()}", low.value, "top"),
+            (f"{high_name} {high.formatted()}", high.value, "bottom"),
+        ]
+    for text, value, place in labelled:
+        axes.axhline(value, color="grey", linestyle=":", linewidth=1.2, zorder=1)
+        axes.annotate(
+            text, xy=(1, value), xycoords=axes.get_yaxis_transform(), xytext=(4, 2 if place == "bottom" else -2),
+            textcoords="offset points", ha="left", va=place, color="dimgrey", fontsize="small",
+            annotation_clip=False,
+        )
+
+
+def _plot_name(label: str, width: int = PLOT_NAME_WIDTH) -> str:
+    """``label`` cut to its last path components that fit in ``width`` characters, behind "…/".
+
+    Labels are paths as typed or ``org/name@rev``: whole, two of them would squeeze the axes to
+    a sliver, and the distinctive part is the end. The text report keeps the full labels.
+    """
+    if len(label) <= width:
+        return label
+    parts = label.split("/")
+    name = parts.pop()
+    while parts and len(parts[-1]) + len(name) + 3 <= width:
+        name = f"{parts.pop()}/{name}"
+    return f"…/{name}" if parts else name
+
+
 def _xy(curve: Curve) -> tuple[list[float], list[float]]:
     return [alpha for alpha, _ in curve], [score.value for _, score in curve]
+
+
+def _best_soup(curve: Curve, labels: tuple[str, str]) -> _BestSoup:
+    """The best interior point of ``curve`` (the first on a tie) and the better of its endpoints.
+
+    A recalibrated curve's endpoints are the ingredients recalibrated: a soup whose
+    statistics were recomputed is judged against ingredients that got the same chance.
+    """
+    (_, first), (_, second) = curve[0], curve[-1]
+    ingredient, better = (labels[1], second) if second.better_than(first) else (labels[0], first)
+    alpha, score = curve[1]
+    for point_alpha, point in curve[2:-1]:
+        if point.better_than(score):
+            alpha, score = point_alpha, point
+    return _BestSoup(alpha=alpha, score=score, ingredient=ingredient, reference=better)
 
 
 def _barrier(curve: Curve) -> float:
