@@ -23,7 +23,7 @@ __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", 
 
 def merge(
     refs: Sequence[str],
-    output: str | Path,
+    output: str | Path | None = None,
     *,
     weights: Sequence[float] | None = None,
     dtype: str | None = None,
@@ -36,11 +36,13 @@ def merge(
     push: str | None = None,
     private: bool = False,
     create_pr: bool = False,
+    force: bool = False,
     token: str | bool | None = None,
 ) -> SoupResult:
     """Average ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
 
-    See :class:`hub_soup.recipe.Recipe` for what each argument means.
+    Without ``output``, a soup that is pushed is staged in a temporary folder and
+    removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
     """
     recipe = Recipe.from_refs(
         list(refs),
@@ -50,7 +52,9 @@ def merge(
         ema=ema,
         allow_pickle=allow_pickle,
         device=device,
-        output={"path": str(output), "max_shard_size": max_shard_size, "overwrite": overwrite},
+        force=force,
+        output={"path": str(output) if output is not None else None, "max_shard_size": max_shard_size,
+                "overwrite": overwrite},
         push={"repo_id": push, "private": private, "create_pr": create_pr} if push else None,
     )
     return run(recipe, token=token)

@@ -86,6 +86,9 @@ def build_card(
     scores: Sequence[Score] = (),
     method: str = "uniform",
     bn_recalibrated: bool = False,
+    has_batchnorm: bool = False,
+    warnings: Sequence[str] = (),
+    rebuild_pushes: bool = False,
 ) -> ModelCard:
     """The card for a soup.
 
@@ -99,6 +102,9 @@ def build_card(
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
         scores: evaluation results, the soup's first.
         bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
+        has_batchnorm: the model has BatchNorm layers (the card then says what became of their statistics).
+        warnings: what the run warned about (a soup pushed with ``force`` carries why it was held back).
+        rebuild_pushes: the recipe pushes, so a rebuild would push too unless told ``--no-push``.
     """
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
@@ -131,9 +137,10 @@ def build_card(
         "",
         f"A model soup: the {method} weight average of {sum(kept)} fine-tuned models "
         "([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), made with "
-        "[hub-soup](https://github.com/hub-soup/hub-soup). Every floating tensor, BatchNorm running "
-        "statistics included, was averaged in float32 and stored in its original dtype; integer "
-        "buffers were taken from the first ingredient."
+        "[hub-soup](https://github.com/hub-soup/hub-soup). Every floating tensor"
+        + (", BatchNorm running statistics included," if has_batchnorm else "")
+        + " was averaged in float32 and stored in its original dtype; integer "
+        "tensors were taken from the first ingredient."
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
@@ -159,20 +166,29 @@ def build_card(
     if scores:
         lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {s.split} | {s.metric} | {s.value:.4f} |" for s in scores]
-    lines += ["", "## How to use", "", *_usage(library, name), "", "## Recipe", "",
-              "Rebuild this soup bit for bit with `hub-soup run hub-soup.yaml`:", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    if warnings:
+        lines += ["", "## Warnings", "", "hub-soup warned about this soup when it was made:", ""]
+        lines += [f"- {warning}" for warning in warnings]
+    rebuild = "`hub-soup run hub-soup.yaml -o rebuilt`" + (
+        " (add `--no-push` to keep it local: the recipe pushes)" if rebuild_pushes else ""
+    )
+    lines += ["", "## How to use", "", *_usage(library, repo_id, name), "", "## Recipe", "",
+              f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
+              recipe_yaml.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _usage(library: str | None, repo_id: str) -> list[str]:
+def _usage(library: str | None, repo_id: str | None, name: str) -> list[str]:
+    """How to load the soup: from its Hub repo, or, for a soup not pushed, from its folder."""
     if library == "timm":
-        return ["```python", "import timm", "", f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)", "```"]
+        where = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{name}"
+        return ["```python", "import timm", "", f"model = timm.create_model('{where}', pretrained=True)", "```"]
     if library == "transformers":
         return [
             "```python",
             "from transformers import AutoModel",
             "",
-            f"model = AutoModel.from_pretrained('{repo_id}')  # or the Auto class of its task",
+            f"model = AutoModel.from_pretrained('{repo_id or f'path/to/{name}'}')  # or the Auto class of its task",
             "```",
         ]
     return ["```python", "from safetensors.torch import load_file", "", "state_dict = load_file('model.safetensors')", "```"]

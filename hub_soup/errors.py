@@ -50,9 +50,17 @@ class AccessError(HubSoupError):
 
 
 class NetworkError(HubSoupError):
-    """The Hub could not be reached or kept failing after retries."""
+    """The Hub could not be reached or kept failing after retries.
+
+    ``retryable`` is False for failures that a second try cannot change (offline
+    mode, a 4xx answer): :func:`hub_soup.hub_errors.with_retries` raises those at once.
+    """
 
     exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None, retryable: bool = True) -> None:
+        super().__init__(message, hint=hint)
+        self.retryable = retryable
 
 
 class CheckpointFormatError(HubSoupError):
@@ -71,6 +79,10 @@ class RecipeError(HubSoupError):
     """A recipe file or a set of command-line options is invalid."""
 
 
+class UntrustedCodeError(RecipeError):
+    """A recipe names code to run (a custom eval function) and ``trust_remote_code`` was not given."""
+
+
 class EvalError(HubSoupError):
     """An evaluation could not be set up or run (missing data, unknown task)."""
 
@@ -81,6 +93,10 @@ class WorseSoupError(HubSoupError):
     exit_code = EXIT_WORSE_SOUP
 
 
+class IndependentIngredientsError(WorseSoupError):
+    """Without an eval, the ingredients look like independent trainings: their average likely collapsed."""
+
+
 class OutputError(HubSoupError):
     """The soup could not be written (output exists, disk full, permission denied)."""
 
@@ -89,6 +105,12 @@ class OutputError(HubSoupError):
 
 class OutputExistsError(OutputError):
     """The output folder exists and ``overwrite`` was not given: the user's choice to make."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OutputOverlapsInputError(OutputError):
+    """The output is an ingredient, contains one or lies inside one: writing it would destroy an input."""
 
     exit_code = EXIT_BAD_INPUT
 

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hub_soup.card import detect_library
-from hub_soup.errors import EvalError
+from hub_soup.errors import EvalError, UntrustedCodeError
 from hub_soup.merge import average_tensors
 from hub_soup.read import Checkpoint
 from hub_soup.recipe import EvalSpec
@@ -95,11 +95,17 @@ def format_delta(metric: str, delta: float) -> str:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The soup against its best ingredient on one split: what decides whether to publish."""
+    """The soup against its best ingredient on one split: what decides whether to publish.
+
+    With BatchNorm recalibration the ingredients get it too (like with like), and
+    ``best_as_saved`` keeps the best one's score with the statistics it was saved
+    with, so a gain that recalibration alone explains is visible as such.
+    """
 
     soup: Score
     best: Score
     best_label: str
+    best_as_saved: Score | None = None  # set when ``best`` is the ingredient with recalibrated BN statistics
 
     @property
     def soup_is_worse(self) -> bool:
@@ -109,19 +115,29 @@ class Comparison:
         """One line for logs, the step summary and :class:`~hub_soup.errors.WorseSoupError`."""
         direction = "higher" if self.soup.higher_is_better else "lower"
         verdict = "worse than" if self.soup_is_worse else "at least as good as"
+        best = f"{self.best}"
+        if self.best_as_saved is not None:
+            best += f" with recalibrated BatchNorm statistics, {self.best_as_saved.formatted()} as saved"
         return (
-            f"the soup ({self.soup}) is {verdict} its best ingredient {self.best_label} ({self.best}) on "
+            f"the soup ({self.soup}) is {verdict} its best ingredient {self.best_label} ({best}) on "
             f"{self.soup.split}: {self.soup.difference(self.best)}, {direction} is better"
         )
 
 
-def compare_to_best(soup: Score, labels: Sequence[str], scores: Sequence[Score]) -> Comparison:
-    """Compare ``soup`` with the best of ``scores`` (first one on ties)."""
+def compare_to_best(
+    soup: Score, labels: Sequence[str], scores: Sequence[Score], as_saved: Sequence[Score | None] | None = None
+) -> Comparison:
+    """Compare ``soup`` with the best of ``scores`` (first one on ties).
+
+    ``as_saved[i]``, when given and not None, is ingredient ``i``'s score before BN
+    recalibration, where ``scores[i]`` is the recalibrated one.
+    """
     best = 0
     for i, score in enumerate(scores):
         if score.better_than(scores[best]):
             best = i
-    return Comparison(soup=soup, best=scores[best], best_label=labels[best])
+    saved = as_saved[best] if as_saved is not None else None
+    return Comparison(soup=soup, best=scores[best], best_label=labels[best], best_as_saved=saved)
 
 
 @dataclass
@@ -139,6 +155,9 @@ class Evaluator:
             the architecture; every state dict scored must have its keys.
         split: the split to score (default ``spec.split``); e.g. ``spec.test_split``.
         device: where models run (``cpu``, ``cuda``, ``cuda:1``); data is cached there.
+        trust_remote_code: import a custom task's function, and let transformers build models
+            and tokenizers whose config names custom code (``auto_map``). Off by default: the
+            eval spec may come from someone else's recipe.
 
     Attributes:
         examples: how many examples (images, texts) are scored; 0 for task custom.
@@ -148,9 +167,16 @@ class Evaluator:
     """
 
     def __init__(
-        self, spec: EvalSpec, reference: Checkpoint, *, split: str | None = None, device: str | torch.device = "cpu"
+        self,
+        spec: EvalSpec,
+        reference: Checkpoint,
+        *,
+        split: str | None = None,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
     ) -> None:
         self.spec = spec
+        self.trust_remote_code = trust_remote_code
         self.split = split or spec.split
         self.device = torch.device(device)
         self.reference = reference.label
@@ -169,6 +195,11 @@ class Evaluator:
         self.examples = 0
         if spec.task == "custom":
             assert spec.function is not None  # EvalSpec validates it
+            if not trust_remote_code:
+                raise UntrustedCodeError(
+                    f"eval function {spec.function} is code to run; refusing to import it without --trust-remote-code",
+                    hint="read that code first; then pass --trust-remote-code (Python: trust_remote_code=True)",
+                )
             self._function = load_function(spec.function)
         elif spec.task == "image-classification":
             self._batches = self._image_batches()
@@ -191,8 +222,8 @@ class Evaluator:
     def _transformers_model(self) -> nn.Module:
         import transformers
 
-        with _sidecar_dir(self._sidecars) as folder:
-            config = transformers.AutoConfig.from_pretrained(folder)
+        with _sidecar_dir(self._sidecars) as folder, self._custom_code_refused():
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
         if self.spec.task == "text-classification":
             auto: Any = transformers.AutoModelForSequenceClassification
         elif self.spec.task == "causal-lm":
@@ -203,9 +234,24 @@ class Evaluator:
                 transformers.AutoModel,
             )
         try:
-            return auto.from_config(config, dtype=torch.float32)
+            with self._custom_code_refused():
+                return auto.from_config(config, dtype=torch.float32, trust_remote_code=self.trust_remote_code)
         except ValueError as exc:
             raise EvalError(f"{self.reference}: cannot build a model for task {self.spec.task}: {exc}") from None
+
+    @contextmanager
+    def _custom_code_refused(self) -> Iterator[None]:
+        """transformers' refusal of a config's custom code (``auto_map``), as one line naming our flag."""
+        try:
+            yield
+        except ValueError as exc:
+            if self.trust_remote_code or "trust_remote_code" not in str(exc):
+                raise
+            raise UntrustedCodeError(
+                f"{self.reference}: its config names custom model code (auto_map); refusing to run it without "
+                "--trust-remote-code",
+                hint="read the code in the ingredient's repo first; then pass --trust-remote-code",
+            ) from None
 
     def model_with(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         """The evaluator's reused model instance with ``state_dict`` loaded strictly."""
@@ -373,7 +419,10 @@ class Evaluator:
 
         with _sidecar_dir(self._sidecars) as folder:
             try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+                with self._custom_code_refused():
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(
+                        folder, trust_remote_code=self.trust_remote_code
+                    )
             except (OSError, ValueError) as exc:
                 raise EvalError(
                     f"{self.reference}: cannot load its tokenizer ({exc})",
@@ -661,10 +710,15 @@ def _decoded_images(table: Any, column: str) -> Any:
 
 
 def _import_datasets() -> Any:
+    """``datasets``, its progress bars off when huggingface_hub's are (the CLI's switch: quiet, CI, no terminal)."""
     try:
         import datasets
     except ImportError:
         raise EvalError("evaluation data needs the datasets package", hint="pip install 'hub-soup[eval]'") from None
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        datasets.disable_progress_bars()
     return datasets
 
 

@@ -14,7 +14,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 from huggingface_hub.utils import TensorInfo
 
@@ -88,7 +88,27 @@ def fetch(resolved: ResolvedRef, token: str | bool | None = None) -> Fetched:
             )
 
     folder = with_retries(download, f"downloading {resolved.label}")
+    _remember_revision(folder, resolved)
     return Fetched(weights=folder / weights[0], sidecars=[folder / f for f in sidecars])
+
+
+def _remember_revision(snapshot: Path, resolved: ResolvedRef) -> None:
+    """Record in the cache's ``refs/`` which commit the asked revision (``main`` by default) resolved to.
+
+    The download asks for the pinned SHA, so huggingface_hub records no branch; this
+    is the entry it writes itself when it downloads by branch name, and what lets a
+    later run with ``HF_HUB_OFFLINE=1`` find the same commit (see ``resolve``).
+    """
+    revision = resolved.revision or constants.DEFAULT_REVISION
+    if resolved.sha is None or revision == resolved.sha or snapshot.parent.name != "snapshots":
+        return
+    ref = snapshot.parent.parent / "refs" / revision
+    try:
+        if not ref.is_file() or ref.read_text() != resolved.sha:
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(resolved.sha)
+    except OSError:  # a read-only shared cache: offline runs then need the SHA, nothing else changes
+        pass
 
 
 def remote_layout(resolved: ResolvedRef, token: str | bool | None = None) -> Layout | None:

@@ -38,7 +38,25 @@ SIDECAR_PATTERNS = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+    "*.py",  # custom model code a config's auto_map names: carried, and run only with trust_remote_code
 )
+
+
+# Side files that belong together: a soup takes each group from one ingredient, so a
+# tokenizer.json never meets another model's tokenizer_config.json.
+CONFIG_FILES = ("config.json", "generation_config.json")
+PROCESSOR_FILES = (
+    "preprocessor_config.json", "image_processor_config.json", "processor_config.json", "feature_extractor_config.json"
+)
+
+
+def sidecar_group(name: str) -> str:
+    """``config``, ``processor`` or ``tokenizer``: which group a side file belongs to."""
+    if name in CONFIG_FILES or name.endswith(".py"):  # code defines the config's classes: it goes with it
+        return "config"
+    if name in PROCESSOR_FILES:
+        return "processor"
+    return "tokenizer"
 
 
 def is_sidecar(name: str) -> bool:

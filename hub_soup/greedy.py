@@ -52,7 +52,7 @@ class GreedyReport:
     the soup that earned ``soup_score``.
     """
 
-    ingredient_scores: list[Score]
+    ingredient_scores: list[Score]  # each like the soup's: recalibrated BN statistics where those did not lower it
     steps: list[GreedyStep]
     kept: list[bool]
     soup: dict[str, torch.Tensor]
@@ -64,11 +64,13 @@ class GreedyReport:
     bn_recalibrated: bool = False
     soup_score_after_bn: Score | None = None
     ensemble_score: Score | None = None
+    # with BN recalibration: each ingredient's score as saved where the recalibrated one was used
+    ingredient_scores_as_saved: list[Score | None] | None = None
 
     @property
     def comparison(self) -> Comparison:
-        """The soup against its best ingredient on the held-out split."""
-        return compare_to_best(self.soup_score, self.labels, self.ingredient_scores)
+        """The soup against its best ingredient on the held-out split, both recalibrated when the soup may be."""
+        return compare_to_best(self.soup_score, self.labels, self.ingredient_scores, self.ingredient_scores_as_saved)
 
     @property
     def test_comparison(self) -> Comparison | None:
@@ -110,27 +112,38 @@ class GreedyReport:
         if self.comparison.soup_is_worse:
             lines.append(
                 "why? if the ensemble yardstick also falls short, the ingredients themselves are weak; if only the "
-                "soup does, they sit in different basins (or their BatchNorm statistics no longer fit: try "
-                "recalibrate_bn); `hub-soup diagnose` shows the curve between two of them"
+                "soup does, they sit in different basins"
+                + (" (or their BatchNorm statistics no longer fit: try recalibrate_bn)" if self.soup_score_before_bn
+                   is None else "")
+                + "; `hub-soup diagnose` shows the curve between two of them; greedy keeps only those that help"
             )
         return "\n".join(lines)
 
+    def _as_saved(self, index: int) -> str:
+        """An ingredient's score as saved, for the column beside its (recalibrated) score."""
+        saved = self.ingredient_scores_as_saved[index] if self.ingredient_scores_as_saved else None
+        return _formatted(saved or self.ingredient_scores[index])
+
     def _step_rows(self, width: int) -> list[str]:
         recal = self.soup_score_before_bn is not None
-        header = f"  step  {'ingredient':<{width}}  {'alone':>9}  {'soup':>9}"
+        saved = self.ingredient_scores_as_saved is not None
+        header = f"  step  {'ingredient':<{width}}" + (f"  {'as saved':>9}" if saved else "")
+        header += f"  {'alone':>9}  {'soup':>9}"
         rows = [header + (f"  {'(avg BN)':>9}  {'(recal)':>9}" if recal else "") + "  kept"]
         for number, step in enumerate(self.steps, 1):
-            row = f"  {number:>4}  {step.label:<{width}}  {step.ingredient_score.formatted():>9}"
-            row += f"  {step.soup_score.formatted():>9}"
+            row = f"  {number:>4}  {step.label:<{width}}" + (f"  {self._as_saved(step.index):>9}" if saved else "")
+            row += f"  {step.ingredient_score.formatted():>9}  {step.soup_score.formatted():>9}"
             if recal:
                 row += f"  {_formatted(step.soup_score_before_bn):>9}  {_formatted(step.soup_score_after_bn):>9}"
             rows.append(row + ("  yes (start)" if number == 1 else "  yes" if step.kept else "  no"))
         return rows
 
     def _ingredient_rows(self, width: int) -> list[str]:
-        rows = [f"  #  {'ingredient':<{width}}  {'score':>9}"]
+        saved = self.ingredient_scores_as_saved is not None
+        rows = [f"  #  {'ingredient':<{width}}" + (f"  {'as saved':>9}  {'recal BN':>9}" if saved else f"  {'score':>9}")]
         for i, (label, score) in enumerate(zip(self.labels, self.ingredient_scores)):
-            rows.append(f"  {i:>1}  {label:<{width}}  {score.formatted():>9}")
+            rows.append(f"  {i:>1}  {label:<{width}}" + (f"  {self._as_saved(i):>9}" if saved else "")
+                        + f"  {score.formatted():>9}")
         return rows
 
 
@@ -157,9 +170,9 @@ def greedy_soup(
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
     """
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, average_keys)
-    order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys)
+    order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     running: dict[str, torch.Tensor] = {}  # sum of the kept ingredients' averaged tensors
     kept = [False] * len(labels)
     steps: list[GreedyStep] = []
@@ -204,8 +217,8 @@ def score_soup(
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.
     """
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble)
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches)
     candidate = _judge(dict(soup), evaluator, batches)
     return pass_.report([], [True] * len(labels), candidate, method)
 
@@ -246,7 +259,12 @@ def _formatted(score: Score | None) -> str:
 
 class _IngredientPass:
     """Reads every ingredient once: scores it (and keeps its outputs for the ensemble, and its
-    test score) and keeps what the soup needs of ingredient 0 (dtypes, tensors not averaged)."""
+    test score) and keeps what the soup needs of ingredient 0 (dtypes, tensors not averaged).
+
+    With recalibration ``batches``, each ingredient is judged as a soup is (recalibrated BN
+    statistics kept where they do not lower its score): a soup that may recompute its
+    statistics is compared with ingredients that may too, not with ingredients as saved.
+    """
 
     def __init__(
         self,
@@ -255,12 +273,14 @@ class _IngredientPass:
         evaluator: Evaluator,
         test_evaluator: Evaluator | None,
         ensemble: bool,
+        batches: list[Inputs] | None,
         average_keys: Collection[str] = (),
     ) -> None:
         self.labels = list(labels)
         self.evaluator = evaluator
         self.test_evaluator = test_evaluator
         self.scores: list[Score] = []
+        self.as_saved: list[Score | None] | None = [] if batches is not None else None
         self.outputs: list[torch.Tensor] = []
         self.test_outputs: list[torch.Tensor] = []
         self.test_scores: dict[str, Score] = {}
@@ -270,7 +290,15 @@ class _IngredientPass:
             if i == 0:
                 self.dtypes = {k: v.dtype for k, v in state_dict.items()}
                 self.fixed = {k: v for k, v in state_dict.items() if k not in average_keys}
-            self.scores.append(self._score(evaluator, state_dict, self.outputs))
+            if self.as_saved is None:
+                self.scores.append(self._score(evaluator, state_dict, self.outputs))
+            else:
+                judged = _judge(state_dict, evaluator, batches)
+                state_dict = judged.state_dict
+                self.scores.append(judged.score)
+                self.as_saved.append(judged.before_bn if judged.recalibrated else None)
+                if ensemble:
+                    self.outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
             if test_evaluator is not None:
                 self.test_scores[labels[i]] = self._score(test_evaluator, state_dict, self.test_outputs)
 
@@ -313,4 +341,5 @@ class _IngredientPass:
             bn_recalibrated=soup.recalibrated,
             soup_score_after_bn=soup.after_bn,
             ensemble_score=ensemble_score,
+            ingredient_scores_as_saved=self.as_saved if self.as_saved and any(self.as_saved) else None,
         )

@@ -69,14 +69,37 @@ def hub_errors(repo_id: str, revision: str | None = None, *, action: str = "read
         if status in (401, 403):
             verb = "rejected your token" if status == 401 else "denied access"
             raise AccessError(f"the Hub {verb} while trying to {action} {at} (HTTP {status})", hint=LOGIN_HINT) from None
+        transient = status is None or status >= 500 or status in (408, 429)
         raise NetworkError(
-            f"the Hub failed while trying to {action} {at} (HTTP {status})", hint="try again later"
+            f"the Hub failed while trying to {action} {at} (HTTP {status})",
+            hint="try again later" if transient else "the Hub refused the request; check the repo id and revision",
+            retryable=transient,
         ) from None
-    except (httpx2.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
+    except OfflineModeIsEnabled:
+        raise offline_error(f"{action} {at}") from None
+    except LocalEntryNotFoundError:
+        if not constants.is_offline_mode():
+            raise NetworkError(
+                f"cannot reach the Hub at {constants.ENDPOINT} to {action} {at}, and its files are not all in the "
+                "local cache", hint="check your connection (or HF_ENDPOINT)"
+            ) from None
+        raise offline_error(f"{action} {at}: some of its files are not in the local cache") from None
+    except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
         raise NetworkError(
             f"cannot reach the Hub at {constants.ENDPOINT} to {action} {at} ({exc.__class__.__name__})",
-            hint="check your connection (or HF_ENDPOINT); files already downloaded are reused with HF_HUB_OFFLINE=1",
+            hint="check your connection (or HF_ENDPOINT); with HF_HUB_OFFLINE=1, ingredients already in the local "
+            "cache are used without asking the Hub",
         ) from None
+
+
+def offline_error(what: str) -> NetworkError:
+    """Offline mode forbids the request: no retry can change that, and the message must not suggest
+    setting HF_HUB_OFFLINE=1, which is what caused it."""
+    return NetworkError(
+        f"offline mode is on (HF_HUB_OFFLINE=1), so hub-soup cannot {what}",
+        hint="Hub ingredients already in the local cache are used offline; unset HF_HUB_OFFLINE to download others",
+        retryable=False,
+    )
 
 
 def _token_rejected(exc: HfHubHTTPError) -> bool:
@@ -95,6 +118,8 @@ def with_retries(call: Callable[[], T], what: str, attempts: int = 3, backoff: f
         try:
             return call()
         except NetworkError as exc:
+            if not exc.retryable:
+                raise
             if attempt == attempts:
                 exc.message += f" (after {attempts} attempts)"
                 raise

@@ -194,7 +194,7 @@ class MergeStats:
     tensors: int
     averaged: int
     copied: int
-    parameters: int
+    elements: int  # numbers in every tensor, buffers included (not only parameters)
     bytes_read: int
     bytes_written: int
     seconds: float
@@ -317,7 +317,7 @@ def _stats(plan: MergePlan, metas: dict[str, TensorMeta], bytes_read: int, start
         tensors=len(plan.tensors),
         averaged=averaged,
         copied=len(plan.tensors) - averaged,
-        parameters=sum(t.meta.numel for t in plan.tensors),
+        elements=sum(t.meta.numel for t in plan.tensors),
         bytes_read=bytes_read,
         bytes_written=sum(m.nbytes for m in metas.values()),
         seconds=time.perf_counter() - start_time,

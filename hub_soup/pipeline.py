@@ -1,29 +1,43 @@
 """The one code path from a :class:`~hub_soup.recipe.Recipe` to a soup on disk (and on the Hub).
 
-Stages run in order and data only flows down: resolve -> (remote headers ->
-align early) -> fetch -> read -> align -> [evaluate] -> merge/write -> card ->
-push. Every check that can fail on the user's input runs before the expensive
-stages: the output folder, the push token, the alignment (from headers over
-HTTP when possible), so a mistake costs seconds, not a download.
+Stages run in order and data only flows down: resolve -> (remote headers and
+configs -> align early) -> fetch -> read -> align -> side files -> [evaluate] ->
+merge/write -> card -> gate -> push. Every check that can fail on the user's
+input runs before the expensive stages: code the recipe names (only with
+``trust_remote_code``), the output folder (never an input), the push token, the
+alignment and the configs (from headers over HTTP when possible), so a mistake
+costs seconds, not a download. A soup that is pushed without an output folder is
+staged in a temporary one, so the same command can run again and again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants, hf_hub_download
 
 from hub_soup import card as card_stage
 from hub_soup.align import Layout, MergePlan, align
-from hub_soup.errors import WorseSoupError
+from hub_soup.errors import (
+    IndependentIngredientsError,
+    OutputOverlapsInputError,
+    RecipeError,
+    UntrustedCodeError,
+    WorseSoupError,
+)
 from hub_soup.evaluate import Evaluator
 from hub_soup.fetch import fetch, remote_layout
 from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.hub_errors import hub_errors
 from hub_soup.merge import (
     MergeStats,
     aligned_state_dict,
@@ -38,6 +52,7 @@ from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
 from hub_soup.safetensors_io import parse_size
+from hub_soup.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.write import SoupWriter, check_destination
 
@@ -56,7 +71,7 @@ INDEPENDENT_WARNING = (
 class SoupResult:
     """Everything a run did, for the CLI summary, the step summary and Python callers."""
 
-    output: Path
+    output: Path | None  # None when the soup was staged for a push and removed after it
     ingredients: list[ResolvedRef]
     kept: list[bool]
     weights: list[float]  # normalised, one per kept ingredient
@@ -70,46 +85,141 @@ class SoupResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def run(recipe: Recipe, *, token: str | bool | None = None) -> SoupResult:
+def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: bool = False) -> SoupResult:
     """Make the soup a recipe describes; see the module docstring for the stages.
 
     Args:
         recipe: a validated recipe (from flags, YAML or Python).
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one. Never stored.
+        trust_remote_code: allow the code the recipe names (``eval.function``) to be
+            imported and run, and transformers models with custom code to be built.
+            A recipe cannot grant itself this: it came with someone's soup.
     """
-    output = Path(recipe.output.path)
-    check_destination(output, recipe.output.overwrite)
+    check_trusted(recipe, trust_remote_code)
+    if recipe.output.path is None and recipe.push is None:
+        raise RecipeError(
+            "no output: pass -o OUT_DIR (or --push org/name)",
+            hint="a recipe says where the soup goes with output.path or push.repo_id",
+        )
+    if recipe.output.path is not None:
+        check_destination(Path(recipe.output.path), recipe.output.overwrite)
+        check_output_apart(Path(recipe.output.path), recipe)
     if recipe.push is not None:
         check_push_access(recipe.push, token)
-    resolved = [resolve_ref(i.ref, i.revision, token=token) for i in recipe.ingredients]
+    resolved = [resolve_ref(i.ref, i.revision, token=token, base=recipe.base_dir) for i in recipe.ingredients]
     for ref in resolved:
         logger.info("resolved %s -> %s", ref.ref, ref.pinned)
     _align_early(resolved, recipe, token)
     checkpoints = open_ingredients(resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token)
     try:
-        return _make_soup(recipe, resolved, checkpoints, output, token)
+        with _output_folder(recipe) as output:
+            result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code)
+        if recipe.output.path is None:
+            result.output = None
+        return result
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
 
 
+def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
+    """Refuse, before any work, a recipe that names code unless the caller trusts it."""
+    code = recipe.code_refs()
+    if code and not trust_remote_code:
+        raise UntrustedCodeError(
+            f"the recipe's eval.function names code to run ({code[0]}); refusing to import it without "
+            "--trust-remote-code",
+            hint="read that code first; then pass --trust-remote-code (Python: trust_remote_code=True, "
+            "the Action: trust-remote-code: true)",
+        )
+
+
+def check_output_apart(output: Path, recipe: Recipe) -> None:
+    """Refuse an output that is an input, contains one or lies inside one (symlinks resolved).
+
+    With ``overwrite`` such an output would replace an ingredient's files (or the
+    eval data, or the Hugging Face cache that Hub ingredients live in) with the soup.
+    """
+    target = output.resolve()
+    inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
+    if recipe.eval is not None:
+        inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
+    cache = Path(constants.HF_HUB_CACHE)
+    inputs.append(("the Hugging Face cache (HF_HUB_CACHE)", cache))
+    for what, path in inputs:
+        for held in [cache.resolve()] if path is cache else _paths_held(path):  # the cache, even before it exists
+            if target == held:
+                relation = f"is {what}"
+            elif held.is_relative_to(target):
+                relation = f"contains {what}" + ("" if held == path.resolve() else f" ({held})")
+            elif target.is_relative_to(held):
+                relation = f"lies inside {what}"
+            else:
+                continue
+            raise OutputOverlapsInputError(
+                f"the output {output} {relation}: writing the soup there would destroy an input",
+                hint="choose an -o outside every ingredient, the eval data and the Hugging Face cache",
+            )
+
+
+def _paths_held(path: Path) -> Iterator[Path]:
+    """Where an input's bytes live: the path, and what its top-level files link to (a Hub snapshot's blobs)."""
+    if not path.exists():
+        return
+    yield path.resolve()
+    if path.is_dir():
+        yield from (p.resolve() for p in path.iterdir() if p.is_symlink())
+    elif path.name.endswith(".index.json"):  # shards live beside their index
+        yield path.parent.resolve()
+
+
+@contextmanager
+def _output_folder(recipe: Recipe) -> Iterator[Path]:
+    """The recipe's output folder, or, for a push without one, a folder staged for the push and removed after it."""
+    if recipe.output.path is not None:
+        yield Path(recipe.output.path)
+        return
+    assert recipe.push is not None
+    logger.info(
+        "no -o given: the soup is staged in a temporary folder and removed after the push (pass -o DIR to keep a copy)"
+    )
+    with tempfile.TemporaryDirectory(prefix="hub-soup-") as stage:
+        yield Path(stage) / recipe.push.repo_id.split("/")[-1]
+
+
 def _align_early(resolved: Sequence[ResolvedRef], recipe: Recipe, token: str | bool | None) -> None:
-    """Align from safetensors headers over HTTP, before any download, when every ingredient allows it."""
+    """Align from safetensors headers, and compare configs, over HTTP before any weights are downloaded."""
     remote = [r for r in resolved if r.kind != "local"]
-    if not remote:
-        return  # local files are aligned right after opening, which reads headers only
+    if not remote or constants.is_offline_mode():
+        return  # local (and cached) files are checked right after opening, which reads headers only
     layouts: list[Layout] = []
-    for ref in resolved:
+    local_configs: dict[int, dict[str, Any] | None] = {}
+    for i, ref in enumerate(resolved):
         if ref.kind == "local":
             with open_checkpoint(ref.path, label=ref.label, allow_pickle=recipe.allow_pickle, ema=recipe.ema) as ckpt:
                 layouts.append(Layout(ckpt.label, ckpt.metas, tuple(ckpt.aliases)))
+                local_configs[i] = ckpt.config
         else:
             layout = remote_layout(ref, token)
-            if layout is None:
-                return  # pickled weights: checked after download
-            layouts.append(layout)
-    align(layouts, recipe.exclude)
-    logger.info("headers align across %d ingredients; downloading", len(layouts))
+            if layout is not None:  # pickled weights are aligned after download
+                layouts.append(layout)
+    if len(layouts) == len(resolved):  # tensor shapes first: their message names the tensor and the fix
+        align(layouts, recipe.exclude)
+    check_configs([
+        (ref.label, local_configs[i] if ref.kind == "local" else _remote_config(ref, token))
+        for i, ref in enumerate(resolved)
+    ])
+    logger.info("headers and configs agree across %d ingredients; downloading", len(resolved))
+
+
+def _remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any] | None:
+    """A Hub ingredient's config.json (a few kB, through the cache the download then reuses)."""
+    if "config.json" not in ref.files:
+        return None
+    assert ref.repo_id is not None
+    with hub_errors(ref.repo_id, ref.sha, action="download the config of"):
+        path = hf_hub_download(ref.repo_id, "config.json", revision=ref.sha, token=token)
+    return json.loads(Path(path).read_text())
 
 
 def open_ingredients(
@@ -143,15 +253,23 @@ def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:
 
 
 def _make_soup(
-    recipe: Recipe, resolved: list[ResolvedRef], checkpoints: list[Checkpoint], output: Path, token: str | bool | None
+    recipe: Recipe, resolved: list[ResolvedRef], checkpoints: list[Checkpoint], output: Path,
+    token: str | bool | None, trust_remote_code: bool,
 ) -> SoupResult:
     plan = align(layouts_of(checkpoints), recipe.exclude)
     for note in plan.notes:
         logger.info(note)
+    check_configs([(c.label, c.config) for c in checkpoints])
+    side_files = choose_side_files(checkpoints)
+    reference = checkpoints[side_files.config_source or 0]
     warnings: list[str] = []
     weights = normalize_weights(recipe.weights, len(checkpoints))
     device = device_for(recipe.device)
-    report = _evaluate(recipe, checkpoints, plan, weights, device) if recipe.eval is not None else None
+    report = (
+        _evaluate(recipe, checkpoints, reference, plan, weights, device, trust_remote_code)
+        if recipe.eval is not None
+        else None
+    )
     kept = report.kept if report is not None else [True] * len(checkpoints)
     if recipe.greedy:  # a greedy soup is the uniform average of what it kept
         weights = [1 / sum(kept)] * len(checkpoints)
@@ -161,23 +279,9 @@ def _make_soup(
         warnings.append(report.comparison.message())
         logger.warning(warnings[-1])
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
-    pinned = pin_recipe(recipe, resolved)
-    config = _soup_config(checkpoints[0], recipe.dtype)
+    pinned = pin_recipe(recipe, resolved, output if recipe.output.path is not None else None)
+    config = _soup_config(reference, recipe.dtype)
     scores = _card_scores(report) if report is not None else []
-    card = card_stage.build_card(
-        repo_id=recipe.push.repo_id if recipe.push else None,
-        name=output.name,
-        ingredients=resolved,
-        weights=kept_weights,
-        kept=kept,
-        config=config,
-        recipe_yaml=pinned.to_yaml(),
-        license=recipe.push.license if recipe.push else None,
-        tags=recipe.push.tags if recipe.push else (),
-        scores=scores,
-        method="greedy" if recipe.greedy else recipe.method,
-        bn_recalibrated=report is not None and report.bn_recalibrated,
-    )
     metas = output_metas(plan, dtype)
     with SoupWriter(output, metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
         if report is not None:  # write exactly the soup that was scored (BN statistics recalibrated or not)
@@ -187,16 +291,28 @@ def _make_soup(
             gram = GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
             stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=device, gram=gram)
             similarity = gram.similarity([c.label for c in checkpoints])
-        pairs = similarity.independent_pairs()
-        if pairs:
-            worst = min(similarity.cosine[i][j] for i, j in pairs)
-            warnings.append(INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst))
-            logger.warning(warnings[-1])
-        for sidecar in checkpoints[0].sidecars:
-            if sidecar.name == "config.json" and config is not None:
-                writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
-            else:
-                writer.add_file(sidecar.name, sidecar)
+        independent = _independence_warning(similarity)
+        if independent is not None:
+            warnings.append(independent)
+            logger.warning(independent)
+        _add_side_files(writer, side_files, config)
+        card = card_stage.build_card(
+            repo_id=recipe.push.repo_id if recipe.push else None,
+            name=output.name,
+            ingredients=resolved,
+            weights=kept_weights,
+            kept=kept,
+            config=config,
+            recipe_yaml=pinned.to_yaml(),
+            license=recipe.push.license if recipe.push else None,
+            tags=recipe.push.tags if recipe.push else (),
+            scores=scores,
+            method="greedy" if recipe.greedy else recipe.method,
+            bn_recalibrated=report is not None and report.bn_recalibrated,
+            has_batchnorm=_has_bn(plan),
+            warnings=warnings,
+            rebuild_pushes=recipe.push is not None,
+        )
         writer.add_file(card_stage.RECIPE_FILENAME, pinned.to_yaml())
         writer.add_file("README.md", str(card))
         writer.commit()
@@ -205,29 +321,70 @@ def _make_soup(
         similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
     )
     if recipe.push is not None:
-        if report is not None and report.comparison.soup_is_worse and not recipe.force:
-            raise WorseSoupError(
-                f"not pushing to {recipe.push.repo_id}: {report.comparison.message()}; the soup was written to {output}",
-                hint="try greedy: true (--greedy) to keep only ingredients that help"
-                + (", or recalibrate_bn (--recalibrate-bn N) for BatchNorm networks" if _has_bn(plan) else "")
-                + "; --force pushes it anyway",
-            )
+        _gate(recipe, report, independent, output, _has_bn(plan))
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
         method = "greedy" if recipe.greedy else recipe.method
         result.push = push_soup(output, recipe.push, token, f"hub-soup: {method} soup of {names}")
     return result
 
 
+def _independence_warning(similarity: Similarity) -> str | None:
+    pairs = similarity.independent_pairs()
+    if not pairs:
+        return None
+    worst = min(similarity.cosine[i][j] for i, j in pairs)
+    return INDEPENDENT_WARNING.format(pairs=", ".join(f"{i}&{j}" for i, j in pairs), cos=worst)
+
+
+def _gate(
+    recipe: Recipe, report: GreedyReport | None, independent: str | None, output: Path, has_bn: bool
+) -> None:
+    """Refuse to publish a soup that is worse than its best ingredient (with an eval) or, without
+    one, whose ingredients look independent: both usually mean a collapsed soup. ``force`` pushes."""
+    assert recipe.push is not None
+    if recipe.force:
+        return
+    kept = (
+        f"the soup was written to {output}"
+        if recipe.output.path is not None
+        else "nothing was kept (pass -o DIR to keep the soup and look at it)"
+    )
+    if report is not None and report.comparison.soup_is_worse:
+        raise WorseSoupError(
+            f"not pushing to {recipe.push.repo_id}: {report.comparison.message()}; {kept}",
+            hint="try greedy: true (--greedy) to keep only ingredients that help"
+            + (", or recalibrate_bn (--recalibrate-bn N) for BatchNorm networks" if has_bn else "")
+            + "; --force pushes it anyway",
+        )
+    if report is None and independent is not None:
+        raise IndependentIngredientsError(
+            f"not pushing to {recipe.push.repo_id}: {independent}; {kept}",
+            hint="score the soup with --eval-task/--eval-data (a soup that scores well is pushed), check the "
+            "ingredients with `hub-soup inspect`, or pass --force to push it anyway (its card says so)",
+        )
+
+
+def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str, Any] | None) -> None:
+    for name, path in side_files.paths.items():
+        if name == "config.json" and config is not None:
+            writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
+        else:
+            writer.add_file(name, path)
+
+
 def _evaluate(
-    recipe: Recipe, checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float], device: torch.device
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], reference: Checkpoint, plan: MergePlan,
+    weights: Sequence[float], device: torch.device, trust_remote_code: bool,
 ) -> GreedyReport:
-    """Score every ingredient and the soup (greedy or not), with optional BN recalibration."""
+    """Score every ingredient and the soup (greedy or not), with optional BN recalibration.
+
+    ``reference`` is the ingredient whose config the soup carries: models are built from it.
+    """
     assert recipe.eval is not None
-    evaluator = Evaluator(recipe.eval, checkpoints[0], device=device)
+    options: dict[str, Any] = {"device": device, "trust_remote_code": trust_remote_code}
+    evaluator = Evaluator(recipe.eval, reference, **options)
     test_evaluator = (
-        Evaluator(recipe.eval, checkpoints[0], split=recipe.eval.test_split, device=device)
-        if recipe.eval.test_split
-        else None
+        Evaluator(recipe.eval, reference, split=recipe.eval.test_split, **options) if recipe.eval.test_split else None
     )
     labels = [c.label for c in checkpoints]
 
@@ -254,6 +411,9 @@ def _card_scores(report: GreedyReport) -> list[card_stage.Score]:
     scores = [card_stage.Score("soup", soup.metric, soup.value, soup.split, soup.dataset)]
     scores += [card_stage.Score(label, s.metric, s.value, s.split, s.dataset)
                for label, s in zip(report.labels, report.ingredient_scores)]
+    saved = report.ingredient_scores_as_saved or []  # like with like: the soup's BN statistics were recalibrated
+    scores += [card_stage.Score(f"{label} (BN statistics as saved)", s.metric, s.value, s.split, s.dataset)
+               for label, s in zip(report.labels, saved) if s is not None]
     for name, s in (report.test_scores or {}).items():
         scores.append(card_stage.Score(name, s.metric, s.value, s.split, s.dataset))
     return scores
@@ -263,9 +423,9 @@ def _has_bn(plan: MergePlan) -> bool:
     return any(t.key.endswith("running_var") for t in plan.tensors)
 
 
-def _soup_config(first: Checkpoint, dtype: str | None) -> dict[str, Any] | None:
-    """The first ingredient's config.json, its dtype field updated when ``--dtype`` changes it."""
-    config = first.config
+def _soup_config(reference: Checkpoint, dtype: str | None) -> dict[str, Any] | None:
+    """The config.json the soup carries, its dtype field updated when ``--dtype`` changes it."""
+    config = reference.config
     if config is not None and dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in config:
@@ -282,16 +442,33 @@ def device_for(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef]) -> Recipe:
-    """The recipe with every Hub ingredient pinned to the commit it resolved to.
+def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | None = None) -> Recipe:
+    """The recipe the soup carries: every Hub ingredient pinned to the commit it resolved to.
 
-    Run-time switches that do not change the soup (``overwrite``) are reset, so the
-    same soup always carries the same recipe file (and a re-push changes nothing).
+    Local paths are written relative to the soup folder ``soup`` (absolute when the
+    soup is not kept), so the recipe rebuilds from wherever the folder is read. The
+    output path is left out: a rebuild goes where its runner says (``-o``), or to
+    the Hub. Run-time switches (``overwrite``) are reset too, so the same soup
+    always carries the same recipe file (and a re-push changes nothing).
     """
+    folder = os.path.abspath(soup) if soup is not None else None
+
+    def local(written: str, base: Path) -> str:
+        """An absolute path as the user wrote it; a relative one from the soup folder (symlinks kept as written)."""
+        path = Path(written).expanduser()
+        if path.is_absolute():
+            return written
+        where = os.path.abspath(base / path)
+        return os.path.relpath(where, folder) if folder is not None else where
+
     ingredients = [
-        Ingredient(ref=r.ref.removeprefix("hf-hub:").rsplit("@", 1)[0] if r.kind != "local" else i.ref,
-                   revision=r.sha if r.kind != "local" else None, weight=i.weight)
+        Ingredient(ref=r.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], revision=r.sha, weight=i.weight)
+        if r.kind != "local"
+        else Ingredient(ref=local(i.ref, recipe.base_dir), revision=None, weight=i.weight)
         for i, r in zip(recipe.ingredients, resolved)
     ]
-    output = recipe.output.model_copy(update={"overwrite": False})
-    return recipe.model_copy(update={"ingredients": ingredients, "output": output})
+    output = recipe.output.model_copy(update={"path": None, "overwrite": False})
+    update: dict[str, Any] = {"ingredients": ingredients, "output": output}
+    if recipe.eval is not None:
+        update["eval"] = recipe.eval.with_local_paths(lambda path: local(path, Path()), Path())
+    return recipe.model_copy(update=update)

@@ -106,7 +106,8 @@ class Checkpoint:
         return {key: self.read(key) for key in self.metas}
 
     @property
-    def num_params(self) -> int:
+    def num_elements(self) -> int:
+        """Numbers in every tensor: parameters and buffers (a state dict does not say which is which)."""
         return sum(meta.numel for meta in self.metas.values())
 
     @property

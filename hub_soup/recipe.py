@@ -4,16 +4,25 @@ The CLI turns its flags into a :class:`Recipe`, ``hub-soup run`` reads one from
 YAML, the GitHub Action passes a file, and the Python API builds one from its
 arguments; all of them then call :func:`hub_soup.pipeline.run`. Validation
 happens here, before anything is downloaded, with the field's path in every
-message. Secrets (the Hub token) never live in a recipe.
+message. Secrets (the Hub token) never live in a recipe, and neither does
+trust: a recipe may name code (``eval.function``), but only the person running
+it can allow that code to run (``--trust-remote-code``).
+
+Local paths in a recipe *file* (ingredient paths, ``eval.data``, an
+``eval.function`` file, ``output.path``) are relative to the file, not to
+wherever the command runs, so a recipe travels with what it names: the pinned
+``hub-soup.yaml`` inside a soup rebuilds it from any working directory.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hub_soup.errors import RecipeError
 from hub_soup.safetensors_io import parse_size
@@ -32,7 +41,9 @@ class Ingredient(_Strict):
 
     ref: str = Field(description="Hub repo id (org/name[@rev]), hf-hub:org/name, timm model name, or local path")
     revision: str | None = Field(None, description="branch, tag or commit SHA (overrides @rev in ref)")
-    weight: float | None = Field(None, ge=0, description="relative weight (method: weighted)")
+    weight: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="relative weight (method: weighted), a finite number >= 0"
+    )
 
     @field_validator("ref")
     @classmethod
@@ -57,6 +68,17 @@ class EvalSpec(_Strict):
     function: str | None = Field(None, description="module:function (model -> float) for task: custom")
     higher_is_better: bool = Field(True, description="direction of a custom function's score (others know theirs)")
 
+    def with_local_paths(self, convert: Callable[[str], str], base: Path) -> EvalSpec:
+        """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base``
+        (otherwise it names a Hub dataset), and a ``path/to/file.py:function`` file."""
+        changes: dict[str, str] = {}
+        if (base / Path(self.data).expanduser()).exists():
+            changes["data"] = convert(self.data)
+        module, _, name = (self.function or "").rpartition(":")
+        if module.endswith(".py"):
+            changes["function"] = f"{convert(module)}:{name}"
+        return self.model_copy(update=changes)
+
     @model_validator(mode="after")
     def _custom_needs_function(self) -> EvalSpec:
         if self.task == "custom" and not self.function:
@@ -65,9 +87,13 @@ class EvalSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Where and how the soup is written."""
+    """Where and how the soup is written.
 
-    path: str = Field(description="output folder")
+    Without a ``path``, a soup that is pushed is staged in a temporary folder that
+    is removed after the push; one that is not pushed needs ``-o``.
+    """
+
+    path: str | None = Field(None, description="output folder (default with push: a temporary one)")
     max_shard_size: str = Field("5GB", description="shard size limit, e.g. 5GB, 500MB")
     overwrite: bool = False
 
@@ -115,8 +141,9 @@ class Recipe(_Strict):
     recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")
     ensemble_reference: bool = False
     force: bool = Field(False, description="push even if the soup scores below its best ingredient")
-    output: OutputSpec
+    output: OutputSpec = Field(default_factory=OutputSpec)
     push: PushSpec | None = None
+    _base: Path | None = PrivateAttr(None)  # the recipe file's folder (see relative_to)
 
     @field_validator("ingredients")
     @classmethod
@@ -155,7 +182,33 @@ class Recipe(_Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise RecipeError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise RecipeError(f"{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
+
+    def code_refs(self) -> list[str]:
+        """The code this recipe would import and run: each needs ``trust_remote_code``."""
+        return [self.eval.function] if self.eval is not None and self.eval.function else []
+
+    def relative_to(self, base: Path) -> Recipe:
+        """This recipe with its relative local paths read from ``base`` (a recipe file's folder).
+
+        ``output.path``, an existing ``eval.data`` path and an ``eval.function`` file
+        are rewritten from ``base``; ingredient refs keep the user's spelling (it
+        labels them in tables) and are resolved from :attr:`base_dir`, where a ref
+        that exists is a path and anything else may be a Hub id or a timm name.
+        """
+        update: dict[str, Any] = {}
+        if self.output.path is not None:
+            update["output"] = self.output.model_copy(update={"path": _from_base(base, self.output.path)})
+        if self.eval is not None:
+            update["eval"] = self.eval.with_local_paths(lambda path: _from_base(base, path), base)
+        recipe = self.model_copy(update=update)
+        recipe._base = base
+        return recipe
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative ingredient paths are read from: the recipe file's, else the working directory."""
+        return self._base if self._base is not None else Path()
 
     @property
     def weights(self) -> list[float] | None:
@@ -168,13 +221,16 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; errors name the field path and its line."""
+    """Read and validate a YAML recipe; errors name the field path and its line.
+
+    Relative local paths in it are taken relative to the file (see :meth:`Recipe.relative_to`).
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path)).relative_to(path.parent)
 
 
 def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
@@ -195,7 +251,19 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         line = _line_of(node, location)
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RecipeError(f"{at}: {field_path}: {first['msg']}{more}", hint="`hub-soup schema` prints every field") from None
+        raise RecipeError(f"{at}: {field_path}: {_message(first)}{more}", hint="`hub-soup schema` prints every field") from None
+
+
+def _message(error: Any) -> str:
+    """A pydantic error's message without the "Value error, " pydantic puts before our own words."""
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ") if error.get("type") == "value_error" else message
+
+
+def _from_base(base: Path, path: str) -> str:
+    """``path`` read from ``base``: absolute paths and ``~`` stay as they are."""
+    expanded = Path(path).expanduser()
+    return path if expanded.is_absolute() or path.startswith("~") else os.path.normpath(base / expanded)
 
 
 def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import HfApi, ModelInfo
+from huggingface_hub import HfApi, ModelInfo, constants, get_cached_repo_tree
+from huggingface_hub.errors import CachedRepoTreeNotFoundError
+from huggingface_hub.file_download import repo_folder_name
 
 from hub_soup.errors import RefError, RefNotFoundError
-from hub_soup.hub_errors import hub_errors, with_retries
+from hub_soup.hub_errors import hub_errors, offline_error, with_retries
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,19 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def resolve_ref(ref: str, revision: str | None = None, *, token: str | bool | None = None) -> ResolvedRef:
+def resolve_ref(
+    ref: str, revision: str | None = None, *, token: str | bool | None = None, base: Path | None = None
+) -> ResolvedRef:
     """Locate one ingredient and pin it (see module docstring for the spellings).
 
     Args:
         ref: what the user typed.
         revision: overrides an ``@rev`` in ``ref``.
         token: Hub token (``None``: the logged-in one, or ``HF_TOKEN``).
+        base: the folder a relative path is read from (a recipe file's); default the working directory.
     """
-    local = Path(ref).expanduser()
+    base = base if base is not None else Path()
+    local = base / Path(ref).expanduser()
     if local.exists():
         if revision:
             raise RefError(f"{ref!r} is a local path: a revision ({revision!r}) makes no sense for it")
@@ -97,7 +104,20 @@ def resolve_ref(ref: str, revision: str | None = None, *, token: str | bool | No
     name, at = split_revision(ref.removeprefix("hf-hub:"))
     revision = revision or at
     if _REPO_ID.match(name):
-        return _resolve_hub(ref, "hub", name, revision, None, token)
+        near = None if ref.startswith("hf-hub:") else _near_miss(base, name)
+        if near is not None and constants.is_offline_mode():
+            raise RefNotFoundError(
+                f"{ref!r}: no local path of that name exists ({near}), and offline mode is on "
+                "(HF_HUB_OFFLINE=1), so it was not looked up on the Hub",
+                hint="check the path; a Hub repo is only used offline once it is in the local cache",
+            )
+        try:
+            return _resolve_hub(ref, "hub", name, revision, None, token)
+        except RefNotFoundError as exc:
+            if near is None:
+                raise
+            exc.message += f"; nor is it a local path ({near})"
+            raise
     if not ref.startswith("hf-hub:") and _TIMM_NAME.match(name):
         return _resolve_timm(ref, name, revision, token)
     if "/" in ref or ref.startswith((".", "~")):
@@ -106,6 +126,17 @@ def resolve_ref(ref: str, revision: str | None = None, *, token: str | bool | No
         f"{ref!r} is not a path, a Hub repo id (org/name[@revision]) or a timm model name",
         hint="e.g. ./checkpoints/a, timm/resnet50.a1_in1k, hf-hub:timm/resnet50.a1_in1k, resnet50.a1_in1k",
     )
+
+
+def _near_miss(base: Path, name: str) -> str | None:
+    """How ``org/name`` reads as a mistyped local path: its first folder exists here (None if not)."""
+    folder, _, rest = name.partition("/")
+    parent = base / folder
+    if not parent.is_dir():
+        return None
+    close = difflib.get_close_matches(rest, [p.name for p in parent.iterdir()], n=1, cutoff=0.6)
+    there = f"{folder}/ exists but holds no {rest!r}"
+    return f"{there}; did you mean {folder}/{close[0]}?" if close else there
 
 
 def _resolve_timm(ref: str, name: str, revision: str | None, token: str | bool | None) -> ResolvedRef:
@@ -132,6 +163,9 @@ def _resolve_hub(
     ref: str, kind: Literal["hub", "timm"], repo_id: str, revision: str | None, filename: str | None,
     token: str | bool | None,
 ) -> ResolvedRef:
+    if constants.is_offline_mode():
+        return _resolve_cached(ref, kind, repo_id, revision, filename)
+
     def lookup() -> ModelInfo:
         with hub_errors(repo_id, revision, action="resolve"):
             return HfApi().model_info(repo_id, revision=revision, token=token)
@@ -149,4 +183,31 @@ def _resolve_hub(
         license=card.get("license"),
         pipeline_tag=info.pipeline_tag or card.get("pipeline_tag"),
         files=tuple(s.rfilename for s in info.siblings or ()),
+    )
+
+
+def _resolve_cached(
+    ref: str, kind: Literal["hub", "timm"], repo_id: str, revision: str | None, filename: str | None
+) -> ResolvedRef:
+    """Offline (``HF_HUB_OFFLINE=1``): pin from the huggingface_hub cache, as a download would.
+
+    The revision is read from the cache's refs (a branch or tag downloaded before)
+    and the file list from the tree listing ``snapshot_download`` cached; the Hub
+    is never asked, so a re-run offline makes the same soup as the run before it.
+    """
+    asked = revision or constants.DEFAULT_REVISION
+    if _COMMIT.fullmatch(asked):
+        sha: str | None = asked
+    else:
+        refs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / asked
+        sha = refs.read_text().strip() if refs.is_file() else None
+    try:
+        tree = get_cached_repo_tree(repo_id, revision=sha) if sha else None
+    except CachedRepoTreeNotFoundError:
+        tree = None
+    if sha is None or tree is None:
+        raise offline_error(f"resolve {repo_id}@{asked}: it is not in the local cache")
+    return ResolvedRef(
+        ref=ref, kind=kind, repo_id=repo_id, revision=revision, sha=sha, filename=filename,
+        files=tuple(f.path for f in tree),
     )

@@ -27,7 +27,7 @@ def markdown_summary(result: SoupResult) -> str:
     stats = result.stats
     lines += [
         "",
-        f"{stats.tensors} tensors ({stats.averaged} averaged), {stats.parameters:,} parameters, "
+        f"{stats.tensors} tensors ({stats.averaged} averaged), {stats.elements:,} elements, "
         f"{describe_size(stats.bytes_written)} written to `{result.output}` in {stats.seconds:.1f}s.",
     ]
     lines += [f"> **warning:** {w}" for w in result.warnings]

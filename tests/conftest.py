@@ -6,6 +6,7 @@ The server starts when this conftest is imported, before any test module imports
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,3 +39,13 @@ def hub() -> Iterator[HubServer]:
 def hub_token() -> str:
     """A write token of ``TEST_USER``: repos created with it are ``f"{TEST_USER}/<name>"``."""
     return TEST_TOKEN
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main`` adds a stderr handler to the ``hub_soup`` logger on every call; drop them after each test."""
+    logger = logging.getLogger("hub_soup")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

@@ -53,7 +53,7 @@ def bert_folder(path: Path, seed: int, init_seed: int = 0) -> Path:
     )
     torch.manual_seed(init_seed)
     model = BertForSequenceClassification(config)
-    perturb_(model, seed)
+    perturb_(model, seed, scale=0.005)  # BERT initialises with std 0.02: a fine-tune moves a fraction of that
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

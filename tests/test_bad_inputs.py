@@ -8,7 +8,10 @@ a case without a row, fails too.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 
 from hub_soup.cli import main
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
-from tests.hub_models import timm_folder, unique, upload
+from tests.hub_models import bert_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +150,47 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--weights", "1", "-2", "-o", _out(tmp)]
 
 
+def _copy_of_a(tmp: Path) -> str:
+    """Ingredient A copied, so a regression destroys the copy and not the example."""
+    return str(shutil.copytree(A, tmp / "dir" / "a"))
+
+
+@case("output-is-ingredient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    a = _copy_of_a(tmp)
+    return ["merge", a, B, "-o", a, "--overwrite"]
+
+
+@case("output-contains-ingredient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", _copy_of_a(tmp), B, "-o", str(tmp / "dir"), "--overwrite"]
+
+
+@case("output-inside-ingredient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", _copy_of_a(tmp), B, "-o", str(tmp / "dir" / "a" / "soup")]
+
+
+@case("nan-weight")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--weights", "nan", "1", "-o", _out(tmp)]
+
+
+@case("architecture-mismatch")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    two, four = bert_folder(tmp / "bert2", seed=1), bert_folder(tmp / "bert4", seed=2)
+    config = json.loads((four / "config.json").read_text())
+    (four / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4}))
+    return ["merge", str(two), str(four), "-o", _out(tmp)]
+
+
+@case("untrusted-eval-function")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "f.py").write_text("raise SystemExit('this code must not run')\ndef score(model):\n    return 1.0\n")
+    return ["merge", A, B, "--eval-task", "custom", "--eval-function", f"{tmp / 'f.py'}:score", "--eval-data", "none",
+            "-o", _out(tmp)]
+
+
 @case("output-exists")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     Path(_out(tmp)).mkdir()
@@ -218,11 +262,16 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", a, b, "-o", _out(tmp)]
 
 
+# Rows run in a process of their own, with the environment they name.
+SUBPROCESS_ROWS = {"network-down", "offline-typo"}
+
+
 def test_every_row_has_a_case_and_every_case_a_row() -> None:
-    assert {row[0] for row in _rows()} == set(CASES) | {"network-down"}
+    assert {row[0] for row in _rows()} == set(CASES) | SUBPROCESS_ROWS
 
 
-@pytest.mark.parametrize(("name", "code", "message"), [r for r in _rows() if r[0] != "network-down"], ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "code", "message"), [r for r in _rows() if r[0] not in SUBPROCESS_ROWS],
+                         ids=lambda v: str(v))
 def test_bad_input(
     name: str, code: int, message: str, hub: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,6 +283,9 @@ def test_bad_input(
     assert "Traceback" not in err
     assert Path(_out(tmp_path)).exists() == existed  # nothing written (an existing output is left alone)
     assert not list(tmp_path.glob(".soup.partial-*"))
+    if (tmp_path / "dir" / "a").exists():  # the copied ingredient an output tried to be, hold or sit in
+        assert sorted(p.name for p in (tmp_path / "dir" / "a").iterdir()) == sorted(p.name for p in Path(A).iterdir())
+        assert all((tmp_path / "dir" / "a" / p.name).read_bytes() == p.read_bytes() for p in Path(A).iterdir())
 
 
 def test_network_down(tmp_path: Path) -> None:
@@ -247,4 +299,18 @@ def test_network_down(tmp_path: Path) -> None:
     )
     assert done.returncode == row[1]
     assert row[2] in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists()
+
+
+def test_offline_typo(tmp_path: Path) -> None:
+    """A mistyped local path that looks like a Hub id, with HF_HUB_OFFLINE=1: said at once, never retried."""
+    row = next(r for r in _rows() if r[0] == "offline-typo")
+    shutil.copytree(A, tmp_path / "myorg" / "my-finetune")
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", "myorg/my-finetun", B, "-o", _out(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=120,
+        check=False,
+    )
+    assert done.returncode == row[1]
+    assert row[2] in done.stderr and "Traceback" not in done.stderr and "retrying" not in done.stderr
     assert not Path(_out(tmp_path)).exists()

@@ -8,7 +8,6 @@ even a hidden temporary one.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -24,16 +23,6 @@ from hub_soup.merge import average_tensors, normalize_weights
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main`` adds a stderr handler to the ``hub_soup`` logger on every call; drop them after each test."""
-    logger = logging.getLogger("hub_soup")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm.models import save_for_hf
 
-from hub_soup.errors import EvalError
+from hub_soup.errors import EvalError, UntrustedCodeError
 from hub_soup.evaluate import Evaluator, Score, compare_to_best, has_batchnorm, recalibrate_bn
 from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import EvalSpec
@@ -492,15 +492,17 @@ def test_custom_function_from_a_file_and_a_module(
     for function in (f"{module}:head_norm", "my_metric:head_norm"):
         monkeypatch.syspath_prepend(str(tmp_path))
         spec = EvalSpec(task="custom", data="none", function=function, higher_is_better=False)
-        evaluator = Evaluator(spec, checkpoint)
+        with pytest.raises(UntrustedCodeError, match=f"eval function {function} is code to run.*--trust-remote-code"):
+            Evaluator(spec, checkpoint)  # the function is someone's code: never imported unasked
+        evaluator = Evaluator(spec, checkpoint, trust_remote_code=True)
         score = evaluator.score_state_dict(state_dict)
         assert (score.value, score.metric, score.higher_is_better) == (pytest.approx(expected), function, False)
         with pytest.raises(EvalError, match="task custom has none"):
             evaluator.unlabelled_batches(1)
     with pytest.raises(EvalError, match="cannot import"):
-        Evaluator(EvalSpec(task="custom", data="none", function="no_such_module_xyz:f"), checkpoint)
+        Evaluator(EvalSpec(task="custom", data="none", function="no_such_module_xyz:f"), checkpoint, trust_remote_code=True)
     with pytest.raises(EvalError, match="has no function"):
-        Evaluator(EvalSpec(task="custom", data="none", function=f"{module}:missing"), checkpoint)
+        Evaluator(EvalSpec(task="custom", data="none", function=f"{module}:missing"), checkpoint, trust_remote_code=True)
 
 
 def test_scores_compare_in_their_declared_direction() -> None:

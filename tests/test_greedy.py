@@ -151,6 +151,24 @@ def test_uniform_bn_soup_improves_after_recalibration(fine_tunes: Soup) -> None:
     assert report.soup["conv1.1.running_mean"].dtype == torch.float16
     assert "BN recalibration" in report.table() and report.steps == [] and report.kept == [True] * 4
 
+    # like with like: each ingredient was judged as the soup was, recalibrated where that did not lower it
+    batches = fine_tunes.val.unlabelled_batches(4)
+    saved = report.ingredient_scores_as_saved or [None] * 4
+    for i, score in enumerate(report.ingredient_scores):
+        as_saved = fine_tunes.val.score_state_dict(fine_tunes.load(i))
+        recalibrated = fine_tunes.val.recalibrated(fine_tunes.load(i), batches)
+        assert recalibrated is not None
+        with_recalibration = fine_tunes.val.score_state_dict(recalibrated)
+        uses_recalibration = with_recalibration.at_least(as_saved)
+        assert score == (with_recalibration if uses_recalibration else as_saved)
+        assert saved[i] == (as_saved if uses_recalibration else None)
+    best = report.comparison
+    assert best.best == max(report.ingredient_scores, key=lambda s: s.value)
+    if best.best_as_saved is not None:  # the verdict names both, so a gain recalibration explains shows as such
+        assert f"{best.best_as_saved.formatted()} as saved" in best.message()
+        assert "with recalibrated BatchNorm statistics" in best.message()
+    assert ("as saved" in report.table()) == (report.ingredient_scores_as_saved is not None)
+
 
 def test_greedy_judges_every_candidate_with_recalibrated_bn(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
     report = greedy_soup(
@@ -204,7 +222,8 @@ def test_greedy_follows_a_lower_is_better_metric(digits: DigitsKit, tmp_path_fac
         "    return float((model.fc.weight - TARGET).norm())\n"
     )
     evaluator = Evaluator(
-        EvalSpec(task="custom", data="none", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0]
+        EvalSpec(task="custom", data="none", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0],
+        trust_remote_code=True,
     )
     report = greedy_soup(soup.labels, soup.load, evaluator, average_keys=soup.average_keys)
     assert report.steps[0].index == 2 and report.steps[0].ingredient_score.value == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -94,19 +95,36 @@ def test_merge_and_push_timm_soup_loads_everywhere(
         assert sha in card.text
 
 
-def test_second_identical_push_makes_no_commit(
+def test_the_canonical_command_runs_twice_with_one_commit(
     hub: HubServer, timm_pair: tuple[str, str, Path, Path], hub_token: str, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """`hub-soup merge org/a org/b --push org/soup`, then again (a CI re-run): no -o, nothing left behind."""
     repo_a, repo_b, _, _ = timm_pair
     soup_repo = f"{TEST_USER}/{unique('soup')}"
-    out = str(tmp_path / "soup")
-    assert merge(repo_a, repo_b, "--push", soup_repo, "--token", hub_token, "-o", out) == 0
+    work, stage = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    stage.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(stage))  # where the soup is staged
+    assert main(["merge", repo_a, repo_b, "--push", soup_repo, "--token", hub_token]) == 0
+    first = capsys.readouterr()
+    assert "staged in a temporary folder and removed after the push (pass -o DIR to keep a copy)" in first.err
+    assert "-> a temporary folder, removed after the push" in first.out
     history = hub.commits(soup_repo)
-    capsys.readouterr()
-    assert merge(repo_a, repo_b, "--push", soup_repo, "--token", hub_token, "-o", out, "--overwrite") == 0
-    assert "unchanged on the Hub" in capsys.readouterr().out
-    assert hub.commits(soup_repo) == history
+    assert [c["title"] for c in history][1:] == ["initial commit"]
+
+    assert main(["merge", repo_a, repo_b, "--push", soup_repo, "--token", hub_token]) == 0
+    assert "no changes: the Hub already has this soup at" in capsys.readouterr().out
+    assert hub.commits(soup_repo) == history  # no second commit
+    assert list(work.iterdir()) == [] and list(stage.iterdir()) == []  # no ./soup, no staging folder left
+
+    # with -o, the soup is kept, and a second run with the same -o needs --overwrite, as before
+    out = str(work / "kept")
+    assert merge(repo_a, repo_b, "--push", soup_repo, "--token", hub_token, "-o", out) == 0
+    assert (work / "kept" / "model.safetensors").is_file()
+    assert merge(repo_a, repo_b, "--push", soup_repo, "--token", hub_token, "-o", out) == 2
+    assert hub.commits(soup_repo) == history  # the kept copy is the same soup: still no commit
 
 
 def test_create_pr_leaves_main_untouched(

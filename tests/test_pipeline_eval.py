@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_WORSE_SOUP
 from tests.hub_fixtures import TEST_USER
-from tests.hub_server import HubServer
 from tests.hub_models import unique
+from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -25,9 +25,9 @@ EVAL = ["--eval-task", "image-classification", "--eval-data", str(DIGITS / "data
 def test_quickstart_recipe_makes_a_greedy_soup_at_least_as_good_as_its_best_ingredient(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository, as in the README
+    monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to the recipe file, not to where it runs
     out = tmp_path / "quickstart"
-    assert main(["--quiet", "run", "recipes/quickstart.yaml", "-o", str(out)]) == 0
+    assert main(["--quiet", "run", str(ROOT / "recipes" / "quickstart.yaml"), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "greedy soup, scored on" in printed and "kept" in printed
     verdicts = [line for line in printed.splitlines() if "its best ingredient" in line]
@@ -56,6 +56,8 @@ def test_worse_soup_is_not_pushed_without_force(
 
     assert main([*args, "-o", str(tmp_path / "b"), "--force"]) == 0
     assert HfApi(token=hub_token).repo_exists(soup_repo)
+    card = ModelCard.load(soup_repo, token=hub_token)  # what was pushed with --force says why it was held back
+    assert "## Warnings" in card.text and "worse than its best ingredient" in card.text
 
 
 def test_diagnose_prints_the_curve_and_saves_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,9 @@ def test_every_example_recipe_validates(path: Path) -> None:
          ":4: ingredients.1.weight"),
         ("ingredients:\n  - ref: a\noutput: {path: o}\n", ":1: ingredients"),
         ("ingredients: [{ref: a}, {ref: b}]\nmethod: average\noutput: {path: o}\n", ":2: method"),
-        ("ingredients: [{ref: a}, {ref: b}]\n", ": output: Field required"),
+        ("ingredients:\n  - ref: a\n    weight: .nan\n  - ref: b\nmethod: weighted\n",
+         ":3: ingredients.0.weight: Input should be a finite number"),
+        ("ingredients: [{ref: a}]\n", ":1: ingredients: a soup needs at least 2 ingredients, got 1"),  # no "Value error,"
         ("ingredients: [{ref: a}, {ref: b}]\ngreedy: true\noutput: {path: o}\n", "greedy: true needs an eval"),
     ],
 )
