@@ -140,7 +140,11 @@ class Recipe(_Strict):
     greedy: bool = False
     recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")
     ensemble_reference: bool = False
-    force: bool = Field(False, description="push even if the soup scores below its best ingredient")
+    force: bool = Field(
+        False,
+        description="push even if the soup scores below its best ingredient (or, unscored, its ingredients look "
+        "independent); the card then carries the warning",
+    )
     output: OutputSpec = Field(default_factory=OutputSpec)
     push: PushSpec | None = None
     _base: Path | None = PrivateAttr(None)  # the recipe file's folder (see relative_to)

@@ -75,7 +75,14 @@ def digits_kit(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
     root = tmp_path_factory.getbasetemp() / "digits-kit"
     if not (root / "complete").exists():
         shutil.rmtree(root, ignore_errors=True)
-        _train_digits(root)
+        # One intra-op thread: on a loaded 2-core machine two spin-waiting torch threads made this
+        # take over 300 s (the suite's timeout); one thread trains the kit in tens of seconds anyway.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _train_digits(root)
+        finally:
+            torch.set_num_threads(threads)
         (root / "complete").touch()
     return DigitsKit(
         data=root / "data",

@@ -95,6 +95,5 @@ def test_image_folders_match_the_split(split: str) -> None:
 
 
 def test_ingredient_val_accuracy_through_png_and_timm_transform() -> None:
-    torch.set_num_threads(2)
     model = timm.create_model(f"local-dir:{INGREDIENT_DIRS[0]}", pretrained=True).eval()
     assert train.image_folder_accuracy(model, train.DATA_DIR / "val") > 0.8
