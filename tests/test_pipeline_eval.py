@@ -69,3 +69,12 @@ def test_diagnose_prints_the_curve_and_saves_the_plot(tmp_path: Path, capsys: py
     printed = capsys.readouterr().out
     assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
     assert "0.50" in printed and "base" in printed.lower()
+
+
+def test_diagnose_writes_no_plot_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["diagnose", INGREDIENTS[0], INGREDIENTS[1], *EVAL, "--alphas", "0", "0.5", "1"]) == 0
+    assert "plot:" not in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no silent ./diagnose.png
