@@ -119,6 +119,16 @@ def test_the_canonical_command_runs_twice_with_one_commit(
     assert hub.commits(soup_repo) == history  # no second commit
     assert list(work.iterdir()) == [] and list(stage.iterdir()) == []  # no ./soup, no staging folder left
 
+    # the same soup as a recipe (what a GitHub Action re-runs): no output path, staged, no commit either
+    assert main(["merge", repo_a, repo_b, "--push", soup_repo, "--dump-recipe"]) == 0
+    recipe = tmp_path / "soup.yaml"
+    recipe.write_text(capsys.readouterr().out)
+    assert "output" not in yaml.safe_load(recipe.read_text())
+    assert main(["run", str(recipe), "--token", hub_token]) == 0
+    assert "no changes: the Hub already has this soup at" in capsys.readouterr().out
+    assert hub.commits(soup_repo) == history
+    assert list(work.iterdir()) == [] and list(stage.iterdir()) == []
+
     # with -o, the soup is kept, and a second run with the same -o needs --overwrite, as before
     out = str(work / "kept")
     assert merge(repo_a, repo_b, "--push", soup_repo, "--token", hub_token, "-o", out) == 0
