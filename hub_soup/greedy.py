@@ -156,6 +156,7 @@ def greedy_soup(
     recalibrate_bn_batches: int | None = None,
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
@@ -169,9 +170,11 @@ def greedy_soup(
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
+        dtype: the soup's floating dtype (``--dtype``), so candidates are scored as they will be
+            written; ``None`` keeps each tensor's own.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys, dtype)
     order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     running: dict[str, torch.Tensor] = {}  # sum of the kept ingredients' averaged tensors
     kept = [False] * len(labels)
@@ -275,6 +278,7 @@ class _IngredientPass:
         ensemble: bool,
         batches: list[Inputs] | None,
         average_keys: Collection[str] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.labels = list(labels)
         self.evaluator = evaluator
@@ -287,9 +291,9 @@ class _IngredientPass:
         self.ensemble = ensemble
         for i in range(len(labels)):
             state_dict = load(i)
-            if i == 0:
-                self.dtypes = {k: v.dtype for k, v in state_dict.items()}
-                self.fixed = {k: v for k, v in state_dict.items() if k not in average_keys}
+            if i == 0:  # the soup's dtypes: --dtype for every floating tensor, as output_metas
+                self.dtypes = {k: dtype if dtype and v.is_floating_point() else v.dtype for k, v in state_dict.items()}
+                self.fixed = {k: v.to(self.dtypes[k]) for k, v in state_dict.items() if k not in average_keys}
             if self.as_saved is None:
                 self.scores.append(self._score(evaluator, state_dict, self.outputs))
             else:
@@ -311,8 +315,8 @@ class _IngredientPass:
         return evaluator.score_outputs(outputs[-1])
 
     def soup_of(self, averaged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A soup state dict in ingredient 0's key order and dtypes: averaged tensors cast back,
-        the rest ingredient 0's own."""
+        """A soup state dict in ingredient 0's key order and the soup's dtypes: averaged tensors
+        cast to them, the rest ingredient 0's own."""
         return {k: averaged[k].to(dtype) if k in averaged else self.fixed[k] for k, dtype in self.dtypes.items()}
 
     def report(self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str) -> GreedyReport:

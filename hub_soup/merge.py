@@ -330,16 +330,19 @@ def aligned_state_dict(checkpoint: Checkpoint, plan: MergePlan, index: int) -> d
 
 
 def merged_state_dict(
-    checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float]
+    checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """The soup in memory, tensor by tensor, with the same arithmetic as :func:`stream_merge`."""
+    """The soup in memory, tensor by tensor, with the same arithmetic and output dtypes as
+    :func:`stream_merge` (``dtype`` as there), so an evaluated soup is the streamed one."""
+    metas = output_metas(plan, dtype)
     soup: dict[str, torch.Tensor] = {}
     for t in plan.tensors:
+        out = metas[t.key].dtype
         if t.average:
-            soup[t.key] = average_tensors([c.read(k) for c, k in zip(checkpoints, t.sources)], weights)
+            tensor = average_tensors([c.read(k) for c, k in zip(checkpoints, t.sources)], weights, out)
         else:
-            soup[t.key] = checkpoints[0].read(t.sources[0])
-        soup[t.key] = soup[t.key].reshape(t.meta.shape)
+            tensor = checkpoints[0].read(t.sources[0]).to(out)
+        soup[t.key] = tensor.reshape(t.meta.shape)
     return soup
 
 

@@ -396,11 +396,12 @@ def _evaluate(
         "test_evaluator": test_evaluator,
         "ensemble": recipe.ensemble_reference,
     }
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     if recipe.greedy:
         average_keys = {t.key for t in plan.tensors if t.average}
-        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, **options)
+        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, dtype=dtype, **options)
     else:
-        soup = merged_state_dict(checkpoints, plan, weights)
+        soup = merged_state_dict(checkpoints, plan, weights, dtype)
         report = score_soup(labels, load, soup, evaluator, method=recipe.method, **options)
     return report
 

@@ -78,3 +78,19 @@ def test_diagnose_writes_no_plot_unless_asked(
     assert main(["diagnose", INGREDIENTS[0], INGREDIENTS[1], *EVAL, "--alphas", "0", "0.5", "1"]) == 0
     assert "plot:" not in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no silent ./diagnose.png
+
+
+def test_an_evaluated_soup_honours_dtype_like_the_streamed_one(tmp_path: Path) -> None:
+    """fp16 ingredients, --dtype float32: scoring the soup must not round it to fp16 first."""
+    pair = INGREDIENTS[:2]
+    assert main(["--quiet", "merge", *pair, "--dtype", "float32", "-o", str(tmp_path / "streamed")]) == 0
+    assert main(["--quiet", "merge", *pair, "--dtype", "float32", *EVAL, "-o", str(tmp_path / "scored")]) == 0
+    streamed, scored = (tmp_path / name / "model.safetensors" for name in ("streamed", "scored"))
+    assert scored.read_bytes() == streamed.read_bytes()
+
+    assert main(["--quiet", "merge", *pair, "--dtype", "float32", "--greedy", *EVAL, "-o", str(tmp_path / "greedy")]) == 0
+    soup = load_file(tmp_path / "greedy" / "model.safetensors")
+    floats = [t for t in soup.values() if t.is_floating_point()]
+    assert {t.dtype for t in floats} == {torch.float32}
+    if sum(1 for line in (tmp_path / "greedy" / "README.md").read_text().splitlines() if "| yes |" in line) == 2:
+        assert any(not torch.equal(t, t.half().float()) for t in floats)  # an fp32 average, not an fp16 one
