@@ -50,6 +50,11 @@ class MergePlan:
         """Keys taken from the first ingredient unchanged (integers, bools, excluded)."""
         return [t.key for t in self.tensors if not t.average]
 
+    @property
+    def has_batchnorm(self) -> bool:
+        """BatchNorm running statistics among the tensors (what the card and the hints speak of)."""
+        return any(t.key.endswith("running_var") for t in self.tensors)
+
 
 def align(layouts: list[Layout], exclude: list[str] | tuple[str, ...] = ()) -> MergePlan:
     """Build the merge plan, or raise :class:`AlignmentError` naming the key, shapes and files.

@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hub_soup.align import MergePlan
 from hub_soup.resolve import ResolvedRef
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def build_card(
     scores: Sequence[Score] = (),
     method: str = "uniform",
     bn_recalibrated: bool = False,
-    has_batchnorm: bool = False,
+    plan: MergePlan | None = None,
+    dtype: str | None = None,
     warnings: Sequence[str] = (),
     rebuild_pushes: bool = False,
 ) -> ModelCard:
@@ -102,7 +104,8 @@ def build_card(
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
         scores: evaluation results, the soup's first.
         bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
-        has_batchnorm: the model has BatchNorm layers (the card then says what became of their statistics).
+        plan: the merge plan, so the card says what was averaged, how, and what was copied.
+        dtype: the ``--dtype`` every floating tensor was written in (``None``: each its own).
         warnings: what the run warned about (a soup pushed with ``force`` carries why it was held back).
         rebuild_pushes: the recipe pushes, so a rebuild would push too unless told ``--no-push``.
     """
@@ -137,10 +140,8 @@ def build_card(
         "",
         f"A model soup: the {method} weight average of {sum(kept)} fine-tuned models "
         "([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), made with "
-        "[hub-soup](https://github.com/hub-soup/hub-soup). Every floating tensor"
-        + (", BatchNorm running statistics included," if has_batchnorm else "")
-        + " was averaged in float32 and stored in its original dtype; integer "
-        "tensors were taken from the first ingredient."
+        "[hub-soup](https://github.com/hub-soup/hub-soup)."
+        + (f" {arithmetic(plan, dtype)}" if plan is not None else "")
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
@@ -176,6 +177,45 @@ def build_card(
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def arithmetic(plan: MergePlan, dtype: str | None) -> str:
+    """What the merge did to each kind of tensor, true for this plan and ``--dtype``.
+
+    Floating tensors accumulate in float32, float64 ones (or all, with ``--dtype
+    float64``) in float64; excluded floating tensors are copied (and cast to
+    ``--dtype``); integer and bool tensors are copied unchanged.
+    """
+    averaged = [t for t in plan.tensors if t.average]
+    excluded = [t for t in plan.tensors if not t.average and t.meta.dtype.is_floating_point]
+    integers = [t for t in plan.tensors if not t.meta.dtype.is_floating_point]
+    sentences = []
+    if averaged:
+        wide = {dtype == "float64" or str(t.meta.dtype) == "torch.float64" for t in averaged}
+        accumulated = " (float64 ones in float64)" if wide == {True, False} else ""
+        where = "float64" if wide == {True} else "float32"
+        stored = f"stored as {dtype}" if dtype else "each stored in its own dtype"
+        sentences.append(
+            f"{_count(len(averaged), 'floating tensor')}"
+            + (", BatchNorm running statistics included," if plan.has_batchnorm else "")
+            + f" {'was' if len(averaged) == 1 else 'were'} averaged in {where}{accumulated} and {stored}."
+        )
+    if excluded:
+        sentences.append(
+            f"{_count(len(excluded), 'floating tensor')} left out of the average (`--exclude`) "
+            + f"{'was' if len(excluded) == 1 else 'were'} taken from the first ingredient"
+            + (f" (cast to {dtype})." if dtype else " unchanged.")
+        )
+    if integers:
+        sentences.append(
+            f"{_count(len(integers), 'integer or bool tensor')} "
+            + f"{'was' if len(integers) == 1 else 'were'} taken from the first ingredient unchanged."
+        )
+    return " ".join(sentences)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _usage(library: str | None, repo_id: str | None, name: str) -> list[str]:

@@ -288,7 +288,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from hub_soup.pipeline import layouts_of, open_ingredients
     from hub_soup.read import describe_size
     from hub_soup.resolve import resolve_ref
-    from hub_soup.similarity import weight_similarity
+    from hub_soup.similarity import SHARED_INIT_COSINE, weight_similarity
 
     resolved = [resolve_ref(r, token=args.token) for r in args.refs]
     checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
@@ -320,7 +320,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(
                 f"shared initialization: NO for pairs {pairs}: averaging them will likely collapse"
                 if pairs
-                else "shared initialization: likely (all pairs have cosine >= 0.5)"
+                else f"shared initialization: likely (all pairs have cosine >= {SHARED_INIT_COSINE})"
             )
     finally:
         for ckpt in checkpoints:

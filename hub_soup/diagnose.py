@@ -26,7 +26,7 @@ from hub_soup.errors import EvalError
 from hub_soup.evaluate import Evaluator, Score, format_delta
 from hub_soup.merge import average_tensors
 from hub_soup.read import Checkpoint
-from hub_soup.similarity import Similarity, weight_similarity
+from hub_soup.similarity import SHARED_INIT_COSINE, Similarity, weight_similarity
 
 if TYPE_CHECKING:  # matplotlib is an optional dependency, imported where the plot is drawn
     from matplotlib.axes import Axes
@@ -167,7 +167,7 @@ class DiagnoseReport:
         pairs = self.similarity.independent_pairs()
         if pairs:
             lines.append(
-                "independent trainings (cosine < 0.5): "
+                f"independent trainings (cosine < {SHARED_INIT_COSINE}): "
                 + ", ".join(f"{self.similarity.labels[i]} & {self.similarity.labels[j]}" for i, j in pairs)
             )
         if self.base_distances is not None:

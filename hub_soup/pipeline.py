@@ -53,7 +53,7 @@ from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
 from hub_soup.safetensors_io import parse_size
 from hub_soup.side_files import SideFiles, check_configs, choose_side_files
-from hub_soup.similarity import GramAccumulator, Similarity, weight_similarity
+from hub_soup.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 SIMILARITY_SAMPLE = 1 << 16
 
 INDEPENDENT_WARNING = (
-    "ingredients {pairs} look like independent trainings (weight cosine similarity {cos:.2f} < 0.5): "
+    "ingredients {pairs} look like independent trainings (weight cosine similarity {cos:.2f} < "
+    f"{SHARED_INIT_COSINE}): "
     "averaging models that do not share an initialization usually collapses; see `hub-soup diagnose`"
 )
 
@@ -309,7 +310,8 @@ def _make_soup(
             scores=scores,
             method="greedy" if recipe.greedy else recipe.method,
             bn_recalibrated=report is not None and report.bn_recalibrated,
-            has_batchnorm=_has_bn(plan),
+            plan=plan,
+            dtype=recipe.dtype,
             warnings=warnings,
             rebuild_pushes=recipe.push is not None,
         )
@@ -321,7 +323,7 @@ def _make_soup(
         similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
     )
     if recipe.push is not None:
-        _gate(recipe, report, independent, output, _has_bn(plan))
+        _gate(recipe, report, independent, output, plan.has_batchnorm)
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
         method = "greedy" if recipe.greedy else recipe.method
         result.push = push_soup(output, recipe.push, token, f"hub-soup: {method} soup of {names}")
@@ -418,10 +420,6 @@ def _card_scores(report: GreedyReport) -> list[card_stage.Score]:
     for name, s in (report.test_scores or {}).items():
         scores.append(card_stage.Score(name, s.metric, s.value, s.split, s.dataset))
     return scores
-
-
-def _has_bn(plan: MergePlan) -> bool:
-    return any(t.key.endswith("running_var") for t in plan.tensors)
 
 
 def _soup_config(reference: Checkpoint, dtype: str | None) -> dict[str, Any] | None:

@@ -68,7 +68,12 @@ def test_diagnose_prints_the_curve_and_saves_the_plot(tmp_path: Path, capsys: py
     assert code == 0
     printed = capsys.readouterr().out
     assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
-    assert "0.50" in printed and "base" in printed.lower()
+    assert f"plot: {plot}" in printed
+    assert [line.split()[0] for line in printed.splitlines() if line.startswith("   ")][:3] == ["0.00", "0.50", "1.00"]
+    assert f"distance from the base {base}, relative to the base's weight norm:" in printed
+    for label in INGREDIENTS[:2]:  # each fine-tune moved a measurable, finite distance from the base
+        distance = next(line for line in printed.splitlines() if line.startswith(f"  {label}: "))
+        assert 0 < float(distance.rsplit(": ", 1)[1]) < 1
 
 
 def test_diagnose_writes_no_plot_unless_asked(

@@ -317,7 +317,12 @@ def test_cards_say_only_what_is_true_of_the_soup(tmp_path: Path, capsys: pytest.
 
     assert main(["merge", str(A), str(B), "-o", str(tmp_path / "digits")]) == 0
     card = (tmp_path / "digits" / "README.md").read_text()
-    assert "BatchNorm running statistics included" in card
+    assert ("77 floating tensors, BatchNorm running statistics included, were averaged in float32 and each stored "
+            "in its own dtype. 15 integer or bool tensors were taken from the first ingredient unchanged.") in card
+    assert main(["merge", str(A), str(B), "--exclude", "fc.*", "--dtype", "float64", "-o", str(tmp_path / "f64")]) == 0
+    f64 = (tmp_path / "f64" / "README.md").read_text()
+    assert "75 floating tensors, BatchNorm running statistics included, were averaged in float64 and stored as float64" in f64
+    assert "2 floating tensors left out of the average (`--exclude`) were taken from the first ingredient (cast to float64)" in f64
     assert "timm.create_model('local-dir:path/to/digits', pretrained=True)" in card and "hf-hub:" not in card
 
 
