@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +110,10 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     resolved = [resolve_ref(i.ref, i.revision, token=token, base=recipe.base_dir) for i in recipe.ingredients]
     for ref in resolved:
         logger.info("resolved %s -> %s", ref.ref, ref.pinned)
-    _align_early(resolved, recipe, token)
-    checkpoints = open_ingredients(resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token)
+    checkpoints = open_ingredients(
+        resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
+        before_download=lambda local: _align_early(resolved, local, recipe, token),
+    )
     try:
         with _output_folder(recipe) as output:
             result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code)
@@ -188,18 +190,20 @@ def _output_folder(recipe: Recipe) -> Iterator[Path]:
         yield Path(stage) / recipe.push.repo_id.split("/")[-1]
 
 
-def _align_early(resolved: Sequence[ResolvedRef], recipe: Recipe, token: str | bool | None) -> None:
-    """Align from safetensors headers, and compare configs, over HTTP before any weights are downloaded."""
+def _align_early(
+    resolved: Sequence[ResolvedRef], local: Sequence[Checkpoint | None], recipe: Recipe, token: str | bool | None
+) -> None:
+    """Align from safetensors headers, and compare configs, over HTTP before any weights are downloaded.
+
+    ``local[i]`` is ingredient ``i`` already opened when it is local (headers only), None when it is on the Hub.
+    """
     remote = [r for r in resolved if r.kind != "local"]
     if not remote or constants.is_offline_mode():
         return  # local (and cached) files are checked right after opening, which reads headers only
     layouts: list[Layout] = []
-    local_configs: dict[int, dict[str, Any] | None] = {}
-    for i, ref in enumerate(resolved):
-        if ref.kind == "local":
-            with open_checkpoint(ref.path, label=ref.label, allow_pickle=recipe.allow_pickle, ema=recipe.ema) as ckpt:
-                layouts.append(Layout(ckpt.label, ckpt.metas, tuple(ckpt.aliases)))
-                local_configs[i] = ckpt.config
+    for ref, checkpoint in zip(resolved, local):
+        if checkpoint is not None:
+            layouts.append(Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases)))
         else:
             layout = remote_layout(ref, token)
             if layout is not None:  # pickled weights are aligned after download
@@ -207,8 +211,8 @@ def _align_early(resolved: Sequence[ResolvedRef], recipe: Recipe, token: str | b
     if len(layouts) == len(resolved):  # tensor shapes first: their message names the tensor and the fix
         align(layouts, recipe.exclude)
     check_configs([
-        (ref.label, local_configs[i] if ref.kind == "local" else _remote_config(ref, token))
-        for i, ref in enumerate(resolved)
+        (ref.label, checkpoint.config if checkpoint is not None else _remote_config(ref, token))
+        for ref, checkpoint in zip(resolved, local)
     ])
     logger.info("headers and configs agree across %d ingredients; downloading", len(resolved))
 
@@ -224,28 +228,44 @@ def _remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any]
 
 
 def open_ingredients(
-    resolved: Sequence[ResolvedRef], *, allow_pickle: bool, ema: bool, token: str | bool | None
+    resolved: Sequence[ResolvedRef],
+    *,
+    allow_pickle: bool,
+    ema: bool,
+    token: str | bool | None,
+    before_download: Callable[[list[Checkpoint | None]], None] | None = None,
 ) -> list[Checkpoint]:
-    """Fetch (Hub) and open (all) ingredients; on failure, close what was opened."""
-    checkpoints: list[Checkpoint] = []
+    """Open the local ingredients, then fetch and open the Hub ones; on failure, close what was opened.
+
+    ``before_download`` sees the local ones (None in place of each Hub one) before anything is
+    downloaded: the early checks use them, so no local file is opened (a pickle loaded) twice.
+    """
+    opened: list[Checkpoint | None] = [None] * len(resolved)
     try:
-        for ref in resolved:
+        for i, ref in enumerate(resolved):
             if ref.kind == "local":
                 assert ref.path is not None
-                checkpoint = open_checkpoint(ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema)
-            else:
+                opened[i] = _noted(open_checkpoint(ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema))
+        if before_download is not None:
+            before_download(opened)
+        for i, ref in enumerate(resolved):
+            if ref.kind != "local":
                 fetched = fetch(ref, token)
-                checkpoint = open_checkpoint(
+                opened[i] = _noted(open_checkpoint(
                     fetched.weights, label=ref.label, allow_pickle=allow_pickle, ema=ema, sidecars=fetched.sidecars
-                )
-            for note in checkpoint.notes:
-                logger.info("%s: %s", checkpoint.label, note)
-            checkpoints.append(checkpoint)
+                ))
     except BaseException:
-        for checkpoint in checkpoints:
-            checkpoint.close()
+        for checkpoint in opened:
+            if checkpoint is not None:
+                checkpoint.close()
         raise
-    return checkpoints
+    return [c for c in opened if c is not None]
+
+
+def _noted(checkpoint: Checkpoint) -> Checkpoint:
+    for note in checkpoint.notes:
+        logger.info("%s: %s", checkpoint.label, note)
+    return checkpoint
 
 
 def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:

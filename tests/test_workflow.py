@@ -356,3 +356,31 @@ def test_the_actions_trust_input_is_the_only_way_to_run_a_recipes_code(tmp_path:
         assert done.returncode == code, done.stderr
         assert outputs.read_text() == f"exit-code={code}\n"
         assert (tmp_path / "theirs" / "RAN").exists() == (trust == "true")
+
+
+def _count_load(path: str) -> None:
+    """Called by the unpickler: one line per time a pickle is loaded."""
+    with open(path, "a") as f:
+        f.write("loaded\n")
+
+
+class _CountsLoads:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_count_load, (str(self.path),))
+
+
+def test_a_local_pickle_is_loaded_once_beside_a_hub_ingredient(
+    hub: HubServer, hub_token: str, tmp_path: Path
+) -> None:
+    api = HfApi(token=hub_token)
+    remote = f"{TEST_USER}/{unique('beside-pickle')}"
+    upload(api, timm_folder(tmp_path / "remote", seed=2), remote)
+    state_dict = load_file(timm_folder(tmp_path / "local", seed=1) / "model.safetensors")
+    loads = tmp_path / "loads.txt"
+    torch.save({"state_dict": state_dict, "trainer": _CountsLoads(loads)}, tmp_path / "local.pth")
+    argv = ["--quiet", "merge", str(tmp_path / "local.pth"), remote, "--allow-pickle", "-o", str(tmp_path / "soup")]
+    assert main(argv) == 0
+    assert loads.read_text() == "loaded\n"  # the early header check and the merge share one opening
