@@ -105,7 +105,7 @@ def read_direct(fd: int, offset: int, nbytes: int, buffer: torch.Tensor) -> int:
     """
     delta = offset % ALIGN
     end = delta + nbytes
-    view = memoryview(buffer.numpy()).cast("B")[: -(-end // ALIGN) * ALIGN]
+    view = buffer.numpy().data.cast("B")[: -(-end // ALIGN) * ALIGN]
     done = 0
     while done < end:
         got = os.preadv(fd, [view[done:]], offset - delta + done)

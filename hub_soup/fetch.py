@@ -77,15 +77,14 @@ def fetch(resolved: ResolvedRef, token: str | bool | None = None) -> Fetched:
     """
     if resolved.kind == "local":
         raise ValueError("local ingredients are not fetched")
-    assert resolved.repo_id and resolved.sha
+    repo_id, sha = resolved.repo_id, resolved.sha
+    assert repo_id and sha
     weights = choose_weights(resolved.files, resolved.filename, resolved.label)
     sidecars = [f for f in resolved.files if files.is_sidecar(f)]
 
     def download() -> Path:
-        with hub_errors(resolved.repo_id, resolved.sha, action="download"):
-            return Path(
-                snapshot_download(resolved.repo_id, revision=resolved.sha, allow_patterns=weights + sidecars, token=token)
-            )
+        with hub_errors(repo_id, sha, action="download"):
+            return Path(snapshot_download(repo_id, revision=sha, allow_patterns=weights + sidecars, token=token))
 
     folder = with_retries(download, f"downloading {resolved.label}")
     _remember_revision(folder, resolved)
@@ -117,19 +116,20 @@ def remote_layout(resolved: ResolvedRef, token: str | bool | None = None) -> Lay
     Returns ``None`` when the weights are not safetensors (pickles are only
     checked after download).
     """
-    assert resolved.repo_id and resolved.sha
+    repo_id, sha = resolved.repo_id, resolved.sha
+    assert repo_id and sha
     weights = choose_weights(resolved.files, resolved.filename, resolved.label)
     if not weights[0].endswith((".safetensors", files.SAFETENSORS_INDEX)):
         return None
     api = HfApi()
 
     def read_headers() -> dict[str, TensorInfo]:
-        with hub_errors(resolved.repo_id, resolved.sha, action="read the headers of"):
+        with hub_errors(repo_id, sha, action="read the headers of"):
             try:
                 if weights[0] in (files.SAFETENSORS_SINGLE, files.SAFETENSORS_INDEX):
-                    repo = api.get_safetensors_metadata(resolved.repo_id, revision=resolved.sha, token=token)
+                    repo = api.get_safetensors_metadata(repo_id, revision=sha, token=token)
                     return {n: info for meta in repo.files_metadata.values() for n, info in meta.tensors.items()}
-                meta = api.parse_safetensors_file_metadata(resolved.repo_id, weights[0], revision=resolved.sha, token=token)
+                meta = api.parse_safetensors_file_metadata(repo_id, weights[0], revision=sha, token=token)
                 return dict(meta.tensors)
             except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
                 raise CheckpointFormatError(f"{resolved.label}: unreadable safetensors header ({exc})") from None

@@ -144,7 +144,7 @@ def average_into_(
 
 
 def _multiply_first_(
-    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float] | Sequence[torch.Tensor],
+    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float | torch.Tensor],
     scratch: torch.Tensor,
 ) -> None:
     """``acc = w0 * p0 + w1 * p1 + ...``, one :func:`weighted_sum_` per part."""
@@ -469,7 +469,7 @@ class _WriteBehind:
                         self._writer.begin(job)
                     else:
                         self._writer.write(job[1])
-            except Exception as exc:  # handed to the caller's thread (signals only reach the main thread)
+            except Exception as exc:  # noqa: BLE001  (any failure is handed to the caller's thread, and re-raised there)
                 self._error = exc
             if not isinstance(job, str):
                 self._free.put(job[0])

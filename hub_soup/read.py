@@ -323,7 +323,7 @@ def clean_keys(keys: list[str], label: str) -> tuple[dict[str, str], list[str]]:
 
 # Classes that training checkpoints hold besides tensors and that are safe to build:
 # timm's train.py saves its argparse ``args`` in every ``.pth.tar``.
-SAFE_GLOBALS = [argparse.Namespace]
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 _GLOBAL_RE = re.compile(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)")
 
@@ -357,10 +357,10 @@ def _load_pickle(
                 f"{label}: {path.name} needs code that is not installed to load ({import_exc})",
                 hint="install the package that defined the model, or save its state_dict instead",
             ) from None
-        except Exception as load_exc:  # not caught by the handlers below: we are inside one
+        except Exception as load_exc:  # noqa: BLE001  (not caught by the handlers below: we are inside one)
             raise _corrupt(path, load_exc) from None
         notes.append("loaded with --allow-pickle (code in the file was executed)")
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for broken files
+    except Exception as exc:  # noqa: BLE001  (torch raises RuntimeError, EOFError, ValueError... for broken files)
         raise _corrupt(path, exc) from None
     return _find_state_dict(obj, label, ema, notes), notes
 
@@ -427,7 +427,7 @@ def _shared_storage_groups(tensors: Mapping[str, torch.Tensor], checkpoint: Chec
     for name, tensor in tensors.items():
         if tensor.numel() == 0 or name not in saved_to_clean:
             continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        ident = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
         groups.setdefault(ident, []).append(saved_to_clean[name])
     return [tuple(group) for group in groups.values() if len(group) > 1]
 

@@ -223,7 +223,7 @@ class SafetensorsReader:
                 at = self._read_direct(offset, nbytes, buffer, name)
                 if at is not None:
                     return buffer[at : at + nbytes].view(meta.dtype)
-        view = memoryview(buffer.numpy()).cast("B")[:nbytes]
+        view = buffer.numpy().data.cast("B")[:nbytes]
         done = 0
         while done < nbytes:
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -327,7 +327,7 @@ class SafetensorsWriter:
     def write(self, chunk: torch.Tensor) -> None:
         """Append the bytes of ``chunk`` (contiguous, CPU) as the next piece of data."""
         data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(data.data)
         self._written += data.nbytes
 
     def discard(self) -> None:

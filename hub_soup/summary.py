@@ -25,10 +25,13 @@ def markdown_summary(result: SoupResult) -> str:
         lines += ["", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {s.split} | {s.metric} | {s.value:.4f} |" for s in result.scores]
     stats = result.stats
+    where = f"`{result.output}`" if result.output is not None else "a temporary folder, removed after the push"
     lines += [
         "",
-        f"{stats.tensors} tensors ({stats.averaged} averaged), {stats.elements:,} elements, "
-        f"{describe_size(stats.bytes_written)} written to `{result.output}` in {stats.seconds:.1f}s.",
+        (
+            f"{stats.tensors} tensors ({stats.averaged} averaged), {stats.elements:,} elements, "
+            f"{describe_size(stats.bytes_written)} written to {where} in {stats.seconds:.1f}s."
+        ),
     ]
     lines += [f"> **warning:** {w}" for w in result.warnings]
     if result.push is not None:

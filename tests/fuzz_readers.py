@@ -21,8 +21,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["hub_soup"]):
-    from hub_soup.errors import CheckpointFormatError
     from read_everything import read_everything  # the same path as tests/test_reliability.py
+
+    from hub_soup.errors import CheckpointFormatError
 
 _DIR = Path(tempfile.mkdtemp(prefix="hub-soup-fuzz-"))
 

@@ -204,9 +204,11 @@ def test_a_read_error_in_the_reader_threads_reaches_the_caller(tmp_path: Path) -
     threads_before = threading.active_count()
     try:
         plan = align(layouts_of(checkpoints))
-        with pytest.raises(CheckpointFormatError, match="truncated"):
-            with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
-                stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000, read_ahead=4)
+        with (
+            pytest.raises(CheckpointFormatError, match="truncated"),
+            SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer,
+        ):
+            stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000, read_ahead=4)
     finally:
         for c in checkpoints:
             c.close()
