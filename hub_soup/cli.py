@@ -262,7 +262,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> int:
     from hub_soup.pipeline import run
-    from hub_soup.read import describe_size
+    from hub_soup.sizes import describe_size
     from hub_soup.summary import markdown_summary, write_step_summary
 
     result = run(recipe, token=token, trust_remote_code=trust_remote_code)
@@ -286,9 +286,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from hub_soup.align import align
     from hub_soup.errors import AlignmentError
     from hub_soup.pipeline import layouts_of, open_ingredients
-    from hub_soup.read import describe_size
     from hub_soup.resolve import resolve_ref
     from hub_soup.similarity import SHARED_INIT_COSINE, weight_similarity
+    from hub_soup.sizes import describe_size
 
     resolved = [resolve_ref(r, token=args.token) for r in args.refs]
     checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)

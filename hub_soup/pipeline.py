@@ -51,9 +51,9 @@ from hub_soup.push import PushResult, check_push_access, push_soup
 from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
-from hub_soup.safetensors_io import parse_size
 from hub_soup.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
+from hub_soup.sizes import parse_size
 from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -430,11 +429,3 @@ def _shared_storage_groups(tensors: Mapping[str, torch.Tensor], checkpoint: Chec
         ident = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
         groups.setdefault(ident, []).append(saved_to_clean[name])
     return [tuple(group) for group in groups.values() if len(group) > 1]
-
-
-def describe_size(num_bytes: int) -> str:
-    """Human size in the Hub's units: ``1.2 GB``."""
-    if num_bytes < 1000:
-        return f"{num_bytes} B"
-    exponent = min(int(math.log(num_bytes, 1000)), 4)
-    return f"{num_bytes / 1000**exponent:.1f} {['B', 'kB', 'MB', 'GB', 'TB'][exponent]}"

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hub_soup.errors import RecipeError
-from hub_soup.safetensors_io import parse_size
+from hub_soup.sizes import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 

@@ -368,24 +368,3 @@ def shard_filenames(count: int, stem: str = "model") -> list[str]:
     if count == 1:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524288000 (huggingface_hub's units)."""
-    if isinstance(text, int):
-        return text
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    spec = text.strip().upper()
-    for unit, factor in units.items():
-        if spec.endswith(unit):
-            number = spec[: -len(unit)].strip()
-            break
-    else:
-        number, factor = spec, 1
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(value * factor)

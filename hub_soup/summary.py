@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hub_soup.pipeline import SoupResult
-from hub_soup.read import describe_size
+from hub_soup.sizes import describe_size
+
+if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
+    from hub_soup.pipeline import SoupResult
 
 
 def markdown_summary(result: SoupResult) -> str:

@@ -23,11 +23,11 @@ from hub_soup.safetensors_io import (
     SafetensorsReader,
     SafetensorsWriter,
     TensorMeta,
-    parse_size,
     plan_shards,
     read_header,
     shard_filenames,
 )
+from hub_soup.sizes import parse_size
 from tests.checkpoints import assert_bit_equal
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

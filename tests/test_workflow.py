@@ -384,3 +384,4 @@ def test_a_local_pickle_is_loaded_once_beside_a_hub_ingredient(
     argv = ["--quiet", "merge", str(tmp_path / "local.pth"), remote, "--allow-pickle", "-o", str(tmp_path / "soup")]
     assert main(argv) == 0
     assert loads.read_text() == "loaded\n"  # the early header check and the merge share one opening
+
