@@ -107,7 +107,9 @@ def test_the_canonical_command_runs_twice_with_one_commit(
     stage.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setattr(tempfile, "tempdir", str(stage))  # where the soup is staged
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
     assert main(["merge", repo_a, repo_b, "--push", soup_repo, "--token", hub_token]) == 0
+    assert "written to a temporary folder, removed after the push" in (tmp_path / "summary.md").read_text()
     first = capsys.readouterr()
     assert "staged in a temporary folder and removed after the push (pass -o DIR to keep a copy)" in first.err
     assert "-> a temporary folder, removed after the push" in first.out
