@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hub_soup.align import MergePlan
+from hub_soup.merge import accumulation_dtype, max_precision
 from hub_soup.resolve import ResolvedRef
 
 logger = logging.getLogger(__name__)
@@ -182,8 +184,8 @@ def build_card(
 def arithmetic(plan: MergePlan, dtype: str | None) -> str:
     """What the merge did to each kind of tensor, true for this plan and ``--dtype``.
 
-    Floating tensors accumulate in float32, float64 ones (or all, with ``--dtype
-    float64``) in float64; excluded floating tensors are copied (and cast to
+    The accumulation dtype is the merge's own rule (:func:`hub_soup.merge.accumulation_dtype`
+    of the wider of input and output); excluded floating tensors are copied (and cast to
     ``--dtype``); integer and bool tensors are copied unchanged.
     """
     averaged = [t for t in plan.tensors if t.average]
@@ -191,7 +193,8 @@ def arithmetic(plan: MergePlan, dtype: str | None) -> str:
     integers = [t for t in plan.tensors if not t.meta.dtype.is_floating_point]
     sentences = []
     if averaged:
-        wide = {dtype == "float64" or str(t.meta.dtype) == "torch.float64" for t in averaged}
+        out = getattr(torch, dtype) if dtype else None
+        wide = {accumulation_dtype(max_precision(t.meta.dtype, out or t.meta.dtype)) == torch.float64 for t in averaged}
         accumulated = " (float64 ones in float64)" if wide == {True, False} else ""
         where = "float64" if wide == {True} else "float32"
         stored = f"stored as {dtype}" if dtype else "each stored in its own dtype"

@@ -82,6 +82,11 @@ class RecipeError(HubSoupError):
 class UntrustedCodeError(RecipeError):
     """A recipe names code to run (a custom eval function) and ``trust_remote_code`` was not given."""
 
+    HINT = (
+        "read that code first; then pass --trust-remote-code (Python: trust_remote_code=True, "
+        "the Action: trust-remote-code: true)"
+    )
+
 
 class EvalError(HubSoupError):
     """An evaluation could not be set up or run (missing data, unknown task)."""

@@ -198,7 +198,7 @@ class Evaluator:
             if not trust_remote_code:
                 raise UntrustedCodeError(
                     f"eval function {spec.function} is code to run; refusing to import it without --trust-remote-code",
-                    hint="read that code first; then pass --trust-remote-code (Python: trust_remote_code=True)",
+                    hint=UntrustedCodeError.HINT,
                 )
             self._function = load_function(spec.function)
         elif spec.task == "image-classification":

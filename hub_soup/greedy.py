@@ -156,7 +156,7 @@ def greedy_soup(
     recalibrate_bn_batches: int | None = None,
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
-    dtype: torch.dtype | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
@@ -170,11 +170,11 @@ def greedy_soup(
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
-        dtype: the soup's floating dtype (``--dtype``), so candidates are scored as they will be
-            written; ``None`` keeps each tensor's own.
+        dtypes: the soup's dtype of each key (:func:`hub_soup.merge.output_metas`), so candidates
+            are scored as they will be written; ``None`` keeps ingredient 0's.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys, dtype)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys, dtypes)
     order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     running: dict[str, torch.Tensor] = {}  # sum of the kept ingredients' averaged tensors
     kept = [False] * len(labels)
@@ -278,7 +278,7 @@ class _IngredientPass:
         ensemble: bool,
         batches: list[Inputs] | None,
         average_keys: Collection[str] = (),
-        dtype: torch.dtype | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         self.labels = list(labels)
         self.evaluator = evaluator
@@ -291,8 +291,8 @@ class _IngredientPass:
         self.ensemble = ensemble
         for i in range(len(labels)):
             state_dict = load(i)
-            if i == 0:  # the soup's dtypes: --dtype for every floating tensor, as output_metas
-                self.dtypes = {k: dtype if dtype and v.is_floating_point() else v.dtype for k, v in state_dict.items()}
+            if i == 0:
+                self.dtypes = {k: dtypes[k] if dtypes else v.dtype for k, v in state_dict.items()}
                 self.fixed = {k: v.to(self.dtypes[k]) for k, v in state_dict.items() if k not in average_keys}
             if self.as_saved is None:
                 self.scores.append(self._score(evaluator, state_dict, self.outputs))

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -330,11 +330,13 @@ def aligned_state_dict(checkpoint: Checkpoint, plan: MergePlan, index: int) -> d
 
 
 def merged_state_dict(
-    checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float], dtype: torch.dtype | None = None
+    checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float],
+    metas: Mapping[str, TensorMeta] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The soup in memory, tensor by tensor, with the same arithmetic and output dtypes as
-    :func:`stream_merge` (``dtype`` as there), so an evaluated soup is the streamed one."""
-    metas = output_metas(plan, dtype)
+    :func:`stream_merge` (``metas`` from :func:`output_metas`; default: each tensor's own dtype),
+    so an evaluated soup is the streamed one."""
+    metas = metas if metas is not None else output_metas(plan, None)
     soup: dict[str, torch.Tensor] = {}
     for t in plan.tensors:
         out = metas[t.key].dtype

@@ -51,6 +51,7 @@ from hub_soup.push import PushResult, check_push_access, push_soup
 from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Ingredient, Recipe
 from hub_soup.resolve import ResolvedRef, resolve_ref
+from hub_soup.safetensors_io import TensorMeta
 from hub_soup.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.sizes import parse_size
@@ -132,8 +133,7 @@ def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
         raise UntrustedCodeError(
             f"the recipe's eval.function names code to run ({code[0]}); refusing to import it without "
             "--trust-remote-code",
-            hint="read that code first; then pass --trust-remote-code (Python: trust_remote_code=True, "
-            "the Action: trust-remote-code: true)",
+            hint=UntrustedCodeError.HINT,
         )
 
 
@@ -286,8 +286,10 @@ def _make_soup(
     warnings: list[str] = []
     weights = normalize_weights(recipe.weights, len(checkpoints))
     device = device_for(recipe.device)
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    metas = output_metas(plan, dtype)
     report = (
-        _evaluate(recipe, checkpoints, reference, plan, weights, device, trust_remote_code)
+        _evaluate(recipe, checkpoints, reference, plan, weights, metas, device, trust_remote_code)
         if recipe.eval is not None
         else None
     )
@@ -299,11 +301,10 @@ def _make_soup(
     if report is not None and report.comparison.soup_is_worse:
         warnings.append(report.comparison.message())
         logger.warning(warnings[-1])
-    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     pinned = pin_recipe(recipe, resolved, output if recipe.output.path is not None else None)
+    pinned_yaml = pinned.to_yaml()
     config = _soup_config(reference, recipe.dtype)
     scores = _card_scores(report) if report is not None else []
-    metas = output_metas(plan, dtype)
     with SoupWriter(output, metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
         if report is not None:  # write exactly the soup that was scored (BN statistics recalibrated or not)
             stats = write_state_dict(report.soup, plan, metas, writer)
@@ -324,7 +325,7 @@ def _make_soup(
             weights=kept_weights,
             kept=kept,
             config=config,
-            recipe_yaml=pinned.to_yaml(),
+            recipe_yaml=pinned_yaml,
             license=recipe.push.license if recipe.push else None,
             tags=recipe.push.tags if recipe.push else (),
             scores=scores,
@@ -335,7 +336,7 @@ def _make_soup(
             warnings=warnings,
             rebuild_pushes=recipe.push is not None,
         )
-        writer.add_file(card_stage.RECIPE_FILENAME, pinned.to_yaml())
+        writer.add_file(card_stage.RECIPE_FILENAME, pinned_yaml)
         writer.add_file("README.md", str(card))
         writer.commit()
     result = SoupResult(
@@ -396,11 +397,12 @@ def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str,
 
 def _evaluate(
     recipe: Recipe, checkpoints: Sequence[Checkpoint], reference: Checkpoint, plan: MergePlan,
-    weights: Sequence[float], device: torch.device, trust_remote_code: bool,
+    weights: Sequence[float], metas: dict[str, TensorMeta], device: torch.device, trust_remote_code: bool,
 ) -> GreedyReport:
     """Score every ingredient and the soup (greedy or not), with optional BN recalibration.
 
     ``reference`` is the ingredient whose config the soup carries: models are built from it.
+    ``metas`` are the soup's output tensors, so what is scored has the dtypes that are written.
     """
     assert recipe.eval is not None
     options: dict[str, Any] = {"device": device, "trust_remote_code": trust_remote_code}
@@ -418,12 +420,12 @@ def _evaluate(
         "test_evaluator": test_evaluator,
         "ensemble": recipe.ensemble_reference,
     }
-    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     if recipe.greedy:
         average_keys = {t.key for t in plan.tensors if t.average}
-        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, dtype=dtype, **options)
+        dtypes = {key: meta.dtype for key, meta in metas.items()}
+        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, dtypes=dtypes, **options)
     else:
-        soup = merged_state_dict(checkpoints, plan, weights, dtype)
+        soup = merged_state_dict(checkpoints, plan, weights, metas)
         report = score_soup(labels, load, soup, evaluator, method=recipe.method, **options)
     return report
 
