@@ -55,9 +55,9 @@ def choose_side_files(checkpoints: Sequence[Checkpoint]) -> SideFiles:
         groups = {files.sidecar_group(p.name) for p in checkpoint.sidecars} - set(origins)
         for group in sorted(groups):
             origins[group] = index
-            names = [p.name for p in checkpoint.sidecars if files.sidecar_group(p.name) == group]
-            paths.update((p.name, p) for p in checkpoint.sidecars if p.name in names)
-            logger.info("%s: from %s", ", ".join(sorted(names)), checkpoint.label)
+            members = [p for p in checkpoint.sidecars if files.sidecar_group(p.name) == group]
+            paths.update((p.name, p) for p in members)
+            logger.info("%s: from %s", ", ".join(sorted(p.name for p in members)), checkpoint.label)
     if len(checkpoints) and "config" not in origins:
         logger.info("no ingredient has a config.json: the soup is weights only")
     return SideFiles(paths=paths, origins=origins)
