@@ -14,7 +14,6 @@ Prints a markdown table and saves it as benchmarks/GREEDY_COST.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from hub_soup.align import align
-from hub_soup.evaluate import Evaluator
-from hub_soup.greedy import greedy_soup
+from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.greedy import greedy_soup
+from hub_soup.io.read import open_checkpoint
+from hub_soup.merging.plan import align
 from hub_soup.pipeline import layouts_of
-from hub_soup.read import open_checkpoint
 from hub_soup.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-merge = importlib.import_module("hub_soup.merge")  # the package's `merge` function shadows the module
+from hub_soup.merging import engine as merge
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:

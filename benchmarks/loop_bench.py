@@ -1,4 +1,4 @@
-"""Time hub-soup's merge loop alone (no start-up), in-process, for tuning hub_soup/merge.py.
+"""Time hub-soup's merge loop alone (no start-up), in-process, for tuning hub_soup/merging/engine.py.
 
     .venv/bin/python benchmarks/loop_bench.py DIR [DIR ...] [--chunk N] [--threads 1] [--write-behind 4]
                                               [--repeat 3] [--cold] [--null-writer] [--no-gram] [--similarity]
@@ -12,7 +12,6 @@ times the check's separate pass instead (what ``inspect`` and evaluated soups ru
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import tempfile
@@ -22,13 +21,12 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import disable_progress_bars
 
-from hub_soup.align import align
+from hub_soup.io.read import open_checkpoint
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging import engine as merge
+from hub_soup.merging.plan import align
+from hub_soup.merging.similarity import GramAccumulator, weight_similarity
 from hub_soup.pipeline import SIMILARITY_SAMPLE, layouts_of
-from hub_soup.read import open_checkpoint
-from hub_soup.similarity import GramAccumulator, weight_similarity
-from hub_soup.write import SoupWriter
-
-merge = importlib.import_module("hub_soup.merge")  # the package's `merge` function shadows the module
 
 
 class NullWriter:

@@ -11,14 +11,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hub_soup.errors import HubSoupError
-from hub_soup.pipeline import SoupResult, run
-from hub_soup.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from hub_soup.io.read import Checkpoint, open_checkpoint
+    from hub_soup.pipeline import SoupResult, run
 
 __version__ = "0.1.0"
 __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", "merge", "open_checkpoint", "run"]
+
+# Names imported on first use: the pipeline imports torch (~1.5 s), which light commands
+# (``hub-soup schema``, ``--help``, validating a recipe) and ``import hub_soup`` never need.
+_LAZY = {
+    "Checkpoint": "hub_soup.io.read",
+    "open_checkpoint": "hub_soup.io.read",
+    "SoupResult": "hub_soup.pipeline",
+    "run": "hub_soup.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hub_soup' has no attribute {name!r}")
 
 
 def merge(
@@ -57,4 +77,6 @@ def merge(
                 "overwrite": overwrite},
         push={"repo_id": push, "private": private, "create_pr": create_pr} if push else None,
     )
+    from hub_soup.pipeline import run
+
     return run(recipe, token=token)

@@ -53,7 +53,7 @@ class NetworkError(HubSoupError):
     """The Hub could not be reached or kept failing after retries.
 
     ``retryable`` is False for failures that a second try cannot change (offline
-    mode, a 4xx answer): :func:`hub_soup.hub_errors.with_retries` raises those at once.
+    mode, a 4xx answer): :func:`hub_soup.hub.errors.with_retries` raises those at once.
     """
 
     exit_code = EXIT_FAILURE

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from huggingface_hub import constants, hf_hub_download
 
-from hub_soup import card as card_stage
-from hub_soup.align import Layout, MergePlan, align
 from hub_soup.errors import (
     IndependentIngredientsError,
     OutputOverlapsInputError,
@@ -34,11 +32,18 @@ from hub_soup.errors import (
     UntrustedCodeError,
     WorseSoupError,
 )
-from hub_soup.evaluate import Evaluator
-from hub_soup.fetch import fetch, remote_layout
-from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
-from hub_soup.hub_errors import hub_errors
-from hub_soup.merge import (
+from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.hub import card as card_stage
+from hub_soup.hub.errors import hub_errors
+from hub_soup.hub.fetch import fetch, remote_layout
+from hub_soup.hub.push import PushResult, check_push_access, push_soup
+from hub_soup.hub.resolve import ResolvedRef, resolve_ref
+from hub_soup.io.read import Checkpoint, open_checkpoint
+from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.io.sizes import parse_size
+from hub_soup.io.write import SoupWriter, check_destination
+from hub_soup.merging.engine import (
     MergeStats,
     aligned_state_dict,
     merged_state_dict,
@@ -47,15 +52,10 @@ from hub_soup.merge import (
     stream_merge,
     write_state_dict,
 )
-from hub_soup.push import PushResult, check_push_access, push_soup
-from hub_soup.read import Checkpoint, open_checkpoint
+from hub_soup.merging.plan import Layout, MergePlan, align
+from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
+from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.recipe import Ingredient, Recipe
-from hub_soup.resolve import ResolvedRef, resolve_ref
-from hub_soup.safetensors_io import TensorMeta
-from hub_soup.side_files import SideFiles, check_configs, choose_side_files
-from hub_soup.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
-from hub_soup.sizes import parse_size
-from hub_soup.write import SoupWriter, check_destination
 
 logger = logging.getLogger(__name__)
 

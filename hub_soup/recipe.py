@@ -19,15 +19,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hub_soup.errors import RecipeError
-from hub_soup.sizes import parse_size
+from hub_soup.io.sizes import parse_size
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
+Dtype = Literal["float32", "float16", "bfloat16", "float64"]
+Device = Literal["cpu", "cuda", "auto"]
 
 
 class _Strict(BaseModel):
@@ -54,7 +56,7 @@ class Ingredient(_Strict):
 
 
 class EvalSpec(_Strict):
-    """How to score ingredients and soups (see hub_soup.evaluate)."""
+    """How to score ingredients and soups (see hub_soup.eval.evaluate)."""
 
     task: Literal["image-classification", "text-classification", "causal-lm", "custom"]
     data: str = Field(description="image folder, Hub dataset repo id, or local dataset path")
@@ -129,13 +131,13 @@ class Recipe(_Strict):
 
     ingredients: list[Ingredient]
     method: Literal["uniform", "weighted"] = "uniform"
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
+    dtype: Dtype | None = Field(
         None, description="output dtype of averaged tensors (default: each tensor's own)"
     )
     exclude: list[str] = Field(default_factory=list, description="glob patterns of keys taken from the first ingredient")
     ema: bool = Field(True, description="use EMA weights when a training checkpoint has them (timm's default)")
     allow_pickle: bool = Field(False, description="allow pickles that execute code on load: only for trusted files")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Device = "cpu"
     eval: EvalSpec | None = None
     greedy: bool = False
     recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")
@@ -286,6 +288,16 @@ def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:
         else:
             break
     return line if line is not None else (node.start_mark.line + 1 if node is not None else None)
+
+
+def method_names() -> tuple[str, ...]:
+    """The merge methods a recipe may name (the CLI's choices come from here)."""
+    return get_args(Recipe.model_fields["method"].annotation)
+
+
+def task_names() -> tuple[str, ...]:
+    """The eval tasks a recipe may name (the CLI's choices come from here)."""
+    return get_args(EvalSpec.model_fields["task"].annotation)
 
 
 def recipe_schema() -> dict[str, Any]:

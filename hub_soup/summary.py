@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hub_soup.sizes import describe_size
+from hub_soup.io.sizes import describe_size
 
 if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
     from hub_soup.pipeline import SoupResult

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_soup import direct_io
+from hub_soup.io import direct_io
 
 
 def cached_fraction_of(path: Path) -> float | None:

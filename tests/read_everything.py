@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hub_soup.read import open_checkpoint
+from hub_soup.io.read import open_checkpoint
 
 
 def read_everything(path: Path) -> None:

@@ -1,13 +1,13 @@
-"""hub_soup.align: one canonical key set, or a precise refusal before any averaging."""
+"""hub_soup.merging.plan: one canonical key set, or a precise refusal before any averaging."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hub_soup.align import Layout, align
 from hub_soup.errors import AlignmentError
-from hub_soup.safetensors_io import TensorMeta
+from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.plan import Layout, align
 from tests import checkpoints as ck
 
 F16, F32, I64 = torch.float16, torch.float32, torch.int64

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT
-from hub_soup.merge import average_tensors, normalize_weights
+from hub_soup.merging.engine import average_tensors, normalize_weights
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from matplotlib.ticker import PercentFormatter
 
-from hub_soup.align import Layout, MergePlan, align
-from hub_soup.diagnose import ALPHAS, Curve, DiagnoseReport, curve_figure, diagnose
 from hub_soup.errors import EvalError
-from hub_soup.evaluate import Evaluator, Score
-from hub_soup.read import Checkpoint
-from hub_soup.similarity import Similarity
+from hub_soup.eval.diagnose import ALPHAS, Curve, DiagnoseReport, curve_figure, diagnose
+from hub_soup.eval.evaluate import Evaluator, Score
+from hub_soup.io.read import Checkpoint
+from hub_soup.merging.plan import Layout, MergePlan, align
+from hub_soup.merging.similarity import Similarity
 from tests.test_evaluate import DigitsKit, digits_kit, image_spec
 
 

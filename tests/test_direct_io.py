@@ -1,4 +1,4 @@
-"""Reads around the page cache (``hub_soup.direct_io``) give the same bytes as buffered reads.
+"""Reads around the page cache (``hub_soup.io.direct_io``) give the same bytes as buffered reads.
 
 A chunk whose data the page cache does not hold is read with ``O_DIRECT``: the
 aligned blocks around it land in an aligned buffer and the reader returns a
@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hub_soup import direct_io
 from hub_soup.errors import CheckpointFormatError
-from hub_soup.safetensors_io import SafetensorsReader
+from hub_soup.io import direct_io
+from hub_soup.io.safetensors_io import SafetensorsReader
 from tests.page_cache import cached_fraction_of, evict_or_skip
 
 # Odd sizes and mixed dtypes put tensors at offsets that are not block-aligned.

@@ -28,8 +28,8 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm.models import save_for_hf
 
 from hub_soup.errors import EvalError, UntrustedCodeError
-from hub_soup.evaluate import Evaluator, Score, compare_to_best, has_batchnorm, recalibrate_bn
-from hub_soup.read import Checkpoint, open_checkpoint
+from hub_soup.eval.evaluate import Evaluator, Score, compare_to_best, has_batchnorm, recalibrate_bn
+from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import EvalSpec
 from tests.hub_server import HubServer
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hub_soup.align import Layout, MergePlan, align
-from hub_soup.evaluate import Evaluator
-from hub_soup.greedy import GreedyReport, greedy_soup, score_soup
-from hub_soup.merge import average_tensors
-from hub_soup.read import Checkpoint
+from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.io.read import Checkpoint
+from hub_soup.merging.engine import average_tensors
+from hub_soup.merging.plan import Layout, MergePlan, align
+from hub_soup.merging.similarity import weight_similarity
 from hub_soup.recipe import EvalSpec
-from hub_soup.similarity import weight_similarity
 from tests.test_evaluate import DigitsKit, digits_kit, image_spec
 
 

@@ -215,6 +215,6 @@ def test_program_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cli.program_name(str(tmp_path / "venv" / "bin" / "hf-soup")) == "hf-soup"
     assert cli.program_name("hf-soup") == "hf-soup"
     assert cli.program_name(str(installed / "hub-soup")) == "hub-soup"
-    assert cli.program_name(str(ROOT / "hub_soup" / "cli.py")) == "hub-soup"  # python -m hub_soup.cli
+    assert cli.program_name(str(ROOT / "hub_soup" / "cli" / "__main__.py")) == "hub-soup"  # python -m hub_soup.cli
     assert cli.program_name("") == "hub-soup"
     assert cli.program_name() == "hub-soup"  # in-process under pytest: argv[0] is pytest's

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hub_soup.cli import main
-from hub_soup.merge import average_tensors
+from hub_soup.merging.engine import average_tensors
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import bert_folder, state_dict_of, timm_folder, unique, upload
 from tests.hub_server import HubServer

@@ -1,6 +1,6 @@
 """The merge: exact arithmetic, every format in one soup, loadable results.
 
-Two references are used throughout: :func:`hub_soup.merge.average_tensors` (the
+Two references are used throughout: :func:`hub_soup.merging.engine.average_tensors` (the
 simple in-memory path; the streamed soup must equal it *bit for bit*), and a
 float64 average computed here independently (the soup must be within one ulp
 of its own dtype of it).
@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import hub_soup
-from hub_soup.align import align
 from hub_soup.errors import CheckpointFormatError, RecipeError
-from hub_soup.merge import (
+from hub_soup.io.read import open_checkpoint
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.engine import (
     accumulation_dtype,
     average_tensors,
     is_uniform,
@@ -31,9 +32,8 @@ from hub_soup.merge import (
     stream_merge,
     weight_scalars,
 )
+from hub_soup.merging.plan import align
 from hub_soup.pipeline import layouts_of
-from hub_soup.read import open_checkpoint
-from hub_soup.write import SoupWriter
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub_soup.align import MergePlan, align
-from hub_soup.merge import average_tensors, normalize_weights, output_metas, stream_merge
+from hub_soup.io.read import Checkpoint, open_checkpoint
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.engine import average_tensors, normalize_weights, output_metas, stream_merge
+from hub_soup.merging.plan import MergePlan, align
 from hub_soup.pipeline import layouts_of
-from hub_soup.read import Checkpoint, open_checkpoint
-from hub_soup.write import SoupWriter
 from tests.page_cache import cached_fraction_of, evict_or_skip
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -249,7 +249,7 @@ def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path: Path) -
 
 def test_similarity_fed_by_the_merge_equals_its_own_pass(tmp_path: Path) -> None:
     """The shared-initialization check the merge feeds from its chunks = the separate pass over the same sample."""
-    from hub_soup.similarity import GramAccumulator, weight_similarity
+    from hub_soup.merging.similarity import GramAccumulator, weight_similarity
 
     generator = torch.Generator().manual_seed(0)
 

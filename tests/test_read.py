@@ -1,4 +1,4 @@
-"""hub_soup.read: every checkpoint format people have opens as the same clean tensors.
+"""hub_soup.io.read: every checkpoint format people have opens as the same clean tensors.
 
 The ingredient is a real fp16 timm RegNet (BatchNorm buffers, int64
 ``num_batches_tracked``), saved the way each tool saves it.
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from hub_soup import open_checkpoint
 from hub_soup.errors import CheckpointFormatError, UnsafePickleError
-from hub_soup.read import clean_keys
+from hub_soup.io.read import clean_keys
 from tests import checkpoints as ck
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from hub_soup.cli import _terminate, main
 from hub_soup.errors import CheckpointFormatError
-from hub_soup.write import SoupWriter
+from hub_soup.io.write import SoupWriter
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import timm_folder, unique, upload
 from tests.hub_server import HubServer

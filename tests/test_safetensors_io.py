@@ -1,4 +1,4 @@
-"""hub_soup.safetensors_io: strict headers, chunked reads and streamed writes.
+"""hub_soup.io.safetensors_io: strict headers, chunked reads and streamed writes.
 
 Files come from strangers on the Hub, so every malformed or hostile header must
 end in a :class:`CheckpointFormatError` naming the file, never in another
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from hub_soup.errors import CheckpointFormatError
-from hub_soup.safetensors_io import (
+from hub_soup.io.safetensors_io import (
     MAX_HEADER_BYTES,
     SafetensorsReader,
     SafetensorsWriter,
@@ -27,7 +27,7 @@ from hub_soup.safetensors_io import (
     read_header,
     shard_filenames,
 )
-from hub_soup.sizes import parse_size
+from hub_soup.io.sizes import parse_size
 from tests.checkpoints import assert_bit_equal
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

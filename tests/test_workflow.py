@@ -330,7 +330,7 @@ def test_datasets_progress_bars_follow_the_terminal(capsys: pytest.CaptureFixtur
     import datasets
     from huggingface_hub.utils import enable_progress_bars
 
-    from hub_soup.evaluate import _import_datasets
+    from hub_soup.eval.evaluate import _import_datasets
 
     datasets.enable_progress_bars()
     enable_progress_bars()

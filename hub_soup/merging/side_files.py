@@ -2,7 +2,7 @@
 
 A soup must load like its ingredients, so it needs a ``config.json`` even when the
 first ingredient is a bare ``.pth``: each group of side files (config, processor,
-tokenizer; see :func:`hub_soup.files.sidecar_group`) comes from the first
+tokenizer; see :func:`hub_soup.io.files.sidecar_group`) comes from the first
 ingredient that has one. Configs that disagree on the architecture describe
 models a soup cannot be (a head count is invisible in tensor shapes), so they stop
 the run with both values named.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub_soup import files
 from hub_soup.errors import AlignmentError
-from hub_soup.read import Checkpoint
+from hub_soup.io import files
+from hub_soup.io.read import Checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -261,8 +261,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> int:
+    from hub_soup.io.sizes import describe_size
     from hub_soup.pipeline import run
-    from hub_soup.sizes import describe_size
     from hub_soup.summary import markdown_summary, write_step_summary
 
     result = run(recipe, token=token, trust_remote_code=trust_remote_code)
@@ -283,12 +283,12 @@ def _run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> i
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from hub_soup.align import align
     from hub_soup.errors import AlignmentError
+    from hub_soup.hub.resolve import resolve_ref
+    from hub_soup.io.sizes import describe_size
+    from hub_soup.merging.plan import align
+    from hub_soup.merging.similarity import SHARED_INIT_COSINE, weight_similarity
     from hub_soup.pipeline import layouts_of, open_ingredients
-    from hub_soup.resolve import resolve_ref
-    from hub_soup.similarity import SHARED_INIT_COSINE, weight_similarity
-    from hub_soup.sizes import describe_size
 
     resolved = [resolve_ref(r, token=args.token) for r in args.refs]
     checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
@@ -329,12 +329,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from hub_soup.align import align
-    from hub_soup.diagnose import diagnose
-    from hub_soup.evaluate import Evaluator
+    from hub_soup.eval.diagnose import diagnose
+    from hub_soup.eval.evaluate import Evaluator
+    from hub_soup.hub.resolve import resolve_ref
+    from hub_soup.merging.plan import align
     from hub_soup.pipeline import device_for, layouts_of, open_ingredients
     from hub_soup.recipe import EvalSpec
-    from hub_soup.resolve import resolve_ref
 
     spec = EvalSpec.model_validate(eval_spec_from_args(args))
     refs = [*args.refs, *([args.base] if args.base else [])]
@@ -415,6 +415,3 @@ def console_main() -> None:
     sys.stderr.flush()
     os._exit(code)
 
-
-if __name__ == "__main__":
-    console_main()

@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from hub_soup.errors import PushError
-from hub_soup.hub_errors import hub_errors
+from hub_soup.hub.errors import hub_errors
 from hub_soup.recipe import PushSpec
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hub_soup.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
-from hub_soup.merge import accumulation_dtype, weighted_sum_
+from hub_soup.eval.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
+from hub_soup.merging.engine import accumulation_dtype, weighted_sum_
 
 Loader = Callable[[int], dict[str, torch.Tensor]]
 
@@ -170,7 +170,7 @@ def greedy_soup(
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
-        dtypes: the soup's dtype of each key (:func:`hub_soup.merge.output_metas`), so candidates
+        dtypes: the soup's dtype of each key (:func:`hub_soup.merging.engine.output_metas`), so candidates
             are scored as they will be written; ``None`` keeps ingredient 0's.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
@@ -215,7 +215,7 @@ def score_soup(
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
     Args:
-        soup: the soup's state dict (e.g. from :func:`hub_soup.merge.average_tensors`).
+        soup: the soup's state dict (e.g. from :func:`hub_soup.merging.engine.average_tensors`).
         method: how the soup was made, for the table (``uniform``, ``weighted``).
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.

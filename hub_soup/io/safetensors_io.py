@@ -25,8 +25,8 @@ from typing import BinaryIO
 
 import torch
 
-from hub_soup import direct_io
 from hub_soup.errors import CheckpointFormatError
+from hub_soup.io import direct_io
 
 # The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -202,9 +202,9 @@ class SafetensorsReader:
         Args:
             buffer: a uint8 tensor of at least ``count * itemsize`` bytes that the
                 caller reuses from chunk to chunk: no allocation happens here. If it
-                is page-aligned with :func:`~hub_soup.direct_io.padded` room
-                (:func:`~hub_soup.direct_io.aligned_buffer`), data that is not in
-                the page cache is read around it (see :mod:`hub_soup.direct_io`).
+                is page-aligned with :func:`~hub_soup.io.direct_io.padded` room
+                (:func:`~hub_soup.io.direct_io.aligned_buffer`), data that is not in
+                the page cache is read around it (see :mod:`hub_soup.io.direct_io`).
 
         Returns:
             A 1-D view of ``buffer`` with the tensor's dtype and ``count`` elements,

@@ -24,7 +24,7 @@ from huggingface_hub.errors import CachedRepoTreeNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
 from hub_soup.errors import RefError, RefNotFoundError
-from hub_soup.hub_errors import hub_errors, offline_error, with_retries
+from hub_soup.hub.errors import hub_errors, offline_error, with_retries
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hub_soup.align import MergePlan, TensorPlan
 from hub_soup.errors import EvalError
-from hub_soup.evaluate import Evaluator, Score, format_delta
-from hub_soup.merge import average_tensors
-from hub_soup.read import Checkpoint
-from hub_soup.similarity import SHARED_INIT_COSINE, Similarity, weight_similarity
+from hub_soup.eval.evaluate import Evaluator, Score, format_delta
+from hub_soup.io.read import Checkpoint
+from hub_soup.merging.engine import average_tensors
+from hub_soup.merging.plan import MergePlan, TensorPlan
+from hub_soup.merging.similarity import SHARED_INIT_COSINE, Similarity, weight_similarity
 
 if TYPE_CHECKING:  # matplotlib is an optional dependency, imported where the plot is drawn
     from matplotlib.axes import Axes
@@ -365,7 +365,7 @@ def _has_barrier(curve: Curve) -> bool:
 
 
 def _compared(tensor: TensorPlan) -> bool:
-    """The tensors weight similarity compares: averaged matrices and kernels (see hub_soup.similarity)."""
+    """The tensors weight similarity compares: averaged matrices and kernels (see hub_soup.merging.similarity)."""
     return tensor.average and len(tensor.meta.shape) >= 2
 
 

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hub_soup.card import detect_library
 from hub_soup.errors import EvalError, UntrustedCodeError
-from hub_soup.merge import average_tensors
-from hub_soup.read import Checkpoint
+from hub_soup.hub.card import detect_library
+from hub_soup.io.read import Checkpoint
+from hub_soup.merging.engine import average_tensors
 from hub_soup.recipe import EvalSpec
 
 logger = logging.getLogger(__name__)

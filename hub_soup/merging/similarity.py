@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hub_soup.align import MergePlan, TensorPlan
-from hub_soup.read import Checkpoint
+from hub_soup.io.read import Checkpoint
+from hub_soup.merging.plan import MergePlan, TensorPlan
 
 # Below this cosine similarity two ingredients are reported as independent trainings.
 SHARED_INIT_COSINE = 0.5

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
-from hub_soup import files
 from hub_soup.errors import CheckpointFormatError, UnsafePickleError
-from hub_soup.safetensors_io import SafetensorsReader, TensorMeta
+from hub_soup.io import files
+from hub_soup.io.safetensors_io import SafetensorsReader, TensorMeta
 
 # Sub-dicts of a training checkpoint that hold the model, most specific first
 # (the names timm, Lightning, DeepSpeed and hand-written trainers use).

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub.utils import tqdm
 
-from hub_soup import direct_io
-from hub_soup.align import MergePlan
 from hub_soup.errors import RecipeError
-from hub_soup.read import Checkpoint
-from hub_soup.safetensors_io import TensorMeta
-from hub_soup.similarity import GramAccumulator
-from hub_soup.write import SoupWriter
+from hub_soup.io import direct_io
+from hub_soup.io.read import Checkpoint
+from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.plan import MergePlan
+from hub_soup.merging.similarity import GramAccumulator
 
 # Input bytes of one chunk position (every ingredient's chunk of the same
 # elements), the unit the reader threads fill: memory stays flat as ingredients
@@ -233,7 +233,7 @@ def stream_merge(
 
     Three things overlap: reader threads fill the next chunk positions (every
     ingredient's chunk of the same elements) with ``preadv`` (``O_DIRECT`` for
-    files not in the page cache, see :mod:`hub_soup.direct_io`), this thread
+    files not in the page cache, see :mod:`hub_soup.io.direct_io`), this thread
     averages the current one, cache-sized block by block, and a writer thread
     writes the previous soup chunks. Reads and writes are memory copies in the
     kernel that release the GIL. Memory does not grow with the model or the
@@ -245,7 +245,7 @@ def stream_merge(
         chunk_elements: elements per ingredient and position (default: :func:`chunk_elements_for`).
         threads: torch threads for the arithmetic (default ``$HUB_SOUP_THREADS`` or 1).
         gram: if given, the shared-initialization check is fed from the chunks as they
-            pass (see :class:`~hub_soup.similarity.GramAccumulator`), at no extra read.
+            pass (see :class:`~hub_soup.merging.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
         write_behind: soup chunks that may wait for the writer thread (at least 1).
         block_elements: elements the arithmetic works on at a time (on the CPU).

@@ -18,13 +18,13 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 from huggingface_hub.utils import TensorInfo
 
-from hub_soup import files
-from hub_soup.align import Layout
 from hub_soup.errors import CheckpointFormatError, RefNotFoundError
-from hub_soup.hub_errors import hub_errors, with_retries
-from hub_soup.read import clean_keys
-from hub_soup.resolve import ResolvedRef
-from hub_soup.safetensors_io import DTYPES, TensorMeta
+from hub_soup.hub.errors import hub_errors, with_retries
+from hub_soup.hub.resolve import ResolvedRef
+from hub_soup.io import files
+from hub_soup.io.read import clean_keys
+from hub_soup.io.safetensors_io import DTYPES, TensorMeta
+from hub_soup.merging.plan import Layout
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def choose_weights(repo_files: tuple[str, ...] | list[str], filename: str | None
     """The weights files to download: one format only, safetensors first.
 
     Returns:
-        The files, the first of which is what :func:`hub_soup.read.open_checkpoint` opens
+        The files, the first of which is what :func:`hub_soup.io.read.open_checkpoint` opens
         (the index for sharded weights).
     """
     present = set(repo_files)

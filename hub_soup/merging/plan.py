@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from hub_soup.errors import AlignmentError
-from hub_soup.safetensors_io import TensorMeta
+from hub_soup.io.safetensors_io import TensorMeta
 
 # Names of classifier heads: a shape mismatch there usually means different num_classes.
 _HEAD_HINTS = ("head", "classifier", "fc.", "lm_head", "score", "logits", "last_linear")

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hub_soup.align import MergePlan
-from hub_soup.merge import accumulation_dtype, max_precision
-from hub_soup.resolve import ResolvedRef
+from hub_soup.hub.resolve import ResolvedRef
+from hub_soup.merging.engine import accumulation_dtype, max_precision
+from hub_soup.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_card(
 def arithmetic(plan: MergePlan, dtype: str | None) -> str:
     """What the merge did to each kind of tensor, true for this plan and ``--dtype``.
 
-    The accumulation dtype is the merge's own rule (:func:`hub_soup.merge.accumulation_dtype`
+    The accumulation dtype is the merge's own rule (:func:`hub_soup.merging.engine.accumulation_dtype`
     of the wider of input and output); excluded floating tensors are copied (and cast to
     ``--dtype``); integer and bool tensors are copied unchanged.
     """

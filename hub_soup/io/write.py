@@ -27,9 +27,9 @@ from types import TracebackType
 
 import torch
 
-from hub_soup import files
 from hub_soup.errors import OutputError, OutputExistsError
-from hub_soup.safetensors_io import SafetensorsWriter, TensorMeta, plan_shards, shard_filenames
+from hub_soup.io import files
+from hub_soup.io.safetensors_io import SafetensorsWriter, TensorMeta, plan_shards, shard_filenames
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,33 @@
+"""Light commands answer without importing torch (~1.5 s): they need the recipe's types only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _imported(*args: str) -> set[str]:
+    """Top-level packages a fresh ``python -X importtime ...`` imports (importtime reports every import)."""
+    command = [sys.executable, "-X", "importtime", *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    return {name.split(".")[0] for name in rows}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["schema"], ["--help"], ["--version"], ["merge", "--help"], ["diagnose", "--help"]],
+    ids=lambda c: " ".join(c),
+)
+def test_light_command_imports_no_torch(command: list[str]) -> None:
+    imported = _imported("-m", "hub_soup.cli", *command)
+    assert "hub_soup" in imported  # the measurement sees our own imports
+    assert "torch" not in imported
+
+
+def test_import_hub_soup_and_validate_a_recipe_import_no_torch() -> None:
+    code = "import hub_soup; hub_soup.Recipe.from_refs(['a', 'b'], output={'path': 'soup'})"
+    assert "torch" not in _imported("-c", code)
