@@ -17,9 +17,19 @@ def _imported(*args: str) -> set[str]:
     return {name.split(".")[0] for name in rows}
 
 
+COMMANDS = ["merge", "run", "inspect", "diagnose", "schema"]
+
+
+def test_every_command_is_checked() -> None:
+    from hub_soup.cli import build_parser
+
+    parser = build_parser()
+    assert next(a for a in parser._actions if a.dest == "command").choices.keys() == set(COMMANDS)
+
+
 @pytest.mark.parametrize(
     "command",
-    [["schema"], ["--help"], ["--version"], ["merge", "--help"], ["diagnose", "--help"]],
+    [["schema"], ["--help"], ["--version"], *([name, "--help"] for name in COMMANDS)],
     ids=lambda c: " ".join(c),
 )
 def test_light_command_imports_no_torch(command: list[str]) -> None:

@@ -1,0 +1,63 @@
+"""``hub-soup diagnose A B``: why (not) a soup, the score along the straight line between two models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hub_soup.cli.options import (
+    ALLOW_PICKLE,
+    DEVICE,
+    RECALIBRATE_BN,
+    TOKEN,
+    TRUST_REMOTE_CODE,
+    add_eval_options,
+    eval_spec_from_args,
+)
+from hub_soup.errors import EXIT_OK
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``diagnose`` command to ``commands``."""
+    parser = commands.add_parser("diagnose", help="why (not) a soup: the score along the line between two models")
+    parser.add_argument("refs", nargs=2, metavar="REF", help="the two ingredients (alpha 0 is the first)")
+    parser.add_argument("--base", metavar="REF", help="the model both were fine-tuned from: distances relative to it")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="points on the line")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also save the curve as a PNG there")
+    RECALIBRATE_BN.add(parser, help="also score each point with BatchNorm recalibrated")
+    ALLOW_PICKLE.add(parser)
+    DEVICE.add(parser, help="where the models run")
+    TOKEN.add(parser)
+    TRUST_REMOTE_CODE.add(parser)
+    add_eval_options(parser, required=True)
+    parser.set_defaults(handler=diagnose_command)
+
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    """Score the line between the two refs (and measure distances from ``--base``) and print the report."""
+    from hub_soup.eval.diagnose import diagnose
+    from hub_soup.eval.evaluate import Evaluator
+    from hub_soup.hub.resolve import resolve_ref
+    from hub_soup.merging.plan import align
+    from hub_soup.pipeline import device_for, layouts_of, open_ingredients
+    from hub_soup.recipe import EvalSpec
+
+    spec = EvalSpec.model_validate(eval_spec_from_args(args))
+    refs = [*args.refs, *([args.base] if args.base else [])]
+    resolved = [resolve_ref(r, token=args.token) for r in refs]
+    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=True, token=args.token)
+    try:
+        plan = align(layouts_of(checkpoints))
+        evaluator = Evaluator(
+            spec, checkpoints[0], device=device_for(args.device), trust_remote_code=args.trust_remote_code
+        )
+        report = diagnose(
+            checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,
+            base=checkpoints[2] if args.base else None, plot_path=args.plot,
+            recalibrate_bn_batches=args.recalibrate_bn,
+        )
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+    print(report.text())
+    return EXIT_OK

@@ -1,0 +1,97 @@
+"""``hub-soup merge REF REF...``: the recipe a command line describes, made (or printed, ``--dump-recipe``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import get_args
+
+from hub_soup.cli.options import (
+    ALLOW_PICKLE,
+    DEVICE,
+    EXCLUDE,
+    NO_EMA,
+    OVERWRITE,
+    RECALIBRATE_BN,
+    REFS,
+    TRUST_REMOTE_CODE,
+    add_eval_options,
+    add_push_options,
+    eval_spec_from_args,
+    push_spec_from_args,
+)
+from hub_soup.cli.run import run_recipe
+from hub_soup.errors import EXIT_OK
+from hub_soup.recipe import Dtype, Recipe
+
+EXAMPLES = """examples:
+  # average two Hub fine-tunes and push the soup (staged in a temporary folder)
+  %(prog)s org/ft-a org/ft-b --push org/soup
+  # local folders, uneven weights, kept in ./soup
+  %(prog)s ./ft-a ./ft-b --weights 1 3 -o soup
+  # a greedy soup scored on an image folder, BatchNorm statistics recalibrated
+  %(prog)s ./ft-* --greedy --recalibrate-bn 8 --eval-task image-classification \\
+      --eval-data data/ --eval-split val -o soup
+  # the recipe file for the same soup, for the `run` command
+  %(prog)s org/ft-a org/ft-b --push org/soup --dump-recipe > soup.yaml
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``merge`` command to ``commands``."""
+    parser = commands.add_parser(
+        "merge", help="average checkpoints into a soup (and optionally push it)",
+        description="Average fine-tuned checkpoints into a soup folder, optionally scored and pushed to the Hub.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    REFS.add(parser)
+    parser.add_argument(
+        "-o", "--output", metavar="DIR",
+        help="write the soup here (with --push and no -o: a temporary folder, removed after the push)",
+    )
+    parser.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per REF (normalised)")
+    parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
+    EXCLUDE.add(parser)
+    NO_EMA.add(parser)
+    ALLOW_PICKLE.add(parser)
+    parser.add_argument("--max-shard-size", default="5GB", help="split output into shards of this size (default 5GB)")
+    OVERWRITE.add(parser)
+    DEVICE.add(parser)
+    parser.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
+    TRUST_REMOTE_CODE.add(parser)
+    add_eval_options(parser)
+    validate = parser.add_argument_group("validate the soup (needs --eval-task and --eval-data)")
+    validate.add_argument("--greedy", action="store_true", help="greedy soup: keep an ingredient only if the score does not drop")
+    RECALIBRATE_BN.add(validate)
+    validate.add_argument("--ensemble-reference", action="store_true", help="also score the output ensemble (a yardstick)")
+    add_push_options(parser)
+    parser.set_defaults(handler=merge_command)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
+    return Recipe.from_refs(
+        args.refs,
+        args.weights,
+        dtype=args.dtype,
+        exclude=args.exclude,
+        ema=args.ema,
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        eval=eval_spec_from_args(args),
+        greedy=args.greedy,
+        recalibrate_bn=args.recalibrate_bn,
+        ensemble_reference=args.ensemble_reference,
+        force=args.force,
+        output={"path": args.output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite},
+        push=push_spec_from_args(args),
+    )
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    """Print the recipe (``--dump-recipe``) or make its soup exactly as ``run`` would."""
+    recipe = recipe_from_args(args)
+    if args.dump_recipe:
+        sys.stdout.write(recipe.to_yaml())
+        return EXIT_OK
+    return run_recipe(recipe, args.token, args.trust_remote_code)

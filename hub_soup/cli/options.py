@@ -1,0 +1,133 @@
+"""Options that more than one command takes, each defined once, and the recipe sections they fill.
+
+A flag used by two commands is one :class:`Option` here, so its name, default,
+choices and help cannot drift apart between commands. Choices come from the
+recipe's own types (``Dtype``, ``Device``, :func:`~hub_soup.recipe.task_names`):
+a value the CLI offers is a value the recipe accepts. A command whose option
+means something narrower there (``--exclude`` in ``inspect`` leaves keys out of
+a table, not out of an average) says so with its own ``help``, never with its
+own definition. Nothing here imports torch: every command's ``--help`` builds
+this parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any, get_args
+
+from hub_soup.errors import RecipeError
+from hub_soup.recipe import Device, task_names
+
+
+class Option:
+    """One command-line option: its flags and :meth:`argparse.ArgumentParser.add_argument` settings.
+
+    Args:
+        flags: the option strings (``"-o", "--output"``), or a positional's name.
+        settings: ``add_argument`` keywords; each command that takes the option gets a copy.
+    """
+
+    def __init__(self, *flags: str, **settings: Any) -> None:
+        self.flags = flags
+        self.settings = settings
+
+    def add(self, parser: argparse._ActionsContainer, **changes: Any) -> argparse.Action:
+        """Add this option to ``parser`` (a parser or an argument group); ``changes`` override settings,
+        as when a command describes what the option does there in its own words (``help``)."""
+        return parser.add_argument(*self.flags, **{**copy.deepcopy(self.settings), **changes})
+
+
+REFS = Option("refs", nargs="+", metavar="REF", help="org/name[@rev], hf-hub:org/name, timm name, or local path")
+TOKEN = Option("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+ALLOW_PICKLE = Option(
+    "--allow-pickle", action="store_true", help="load pickles that execute code (only files you trust)"
+)
+NO_EMA = Option(
+    "--no-ema", dest="ema", action="store_false", help="use raw weights even when a checkpoint has EMA weights"
+)
+EXCLUDE = Option(
+    "--exclude", action="append", default=[], metavar="GLOB",
+    help="keys not averaged: taken from the first REF",
+)
+DEVICE = Option("--device", choices=get_args(Device), default="cpu", help="where to accumulate")
+OVERWRITE = Option("--overwrite", action="store_true", help="replace an existing output folder")
+RECALIBRATE_BN = Option("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")
+TRUST_REMOTE_CODE = Option(
+    "--trust-remote-code", action="store_true",
+    help="allow code a recipe names (eval function) and custom model code in configs to run: only code you have read",
+)
+
+
+def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """The "evaluation" group: what to score on, read back by :func:`eval_spec_from_args`."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-task", required=required, choices=task_names(),
+                       help="what to score: timm image classifiers, transformers text classifiers, language models "
+                       "(perplexity), or your own function")
+    group.add_argument("--eval-data", required=required, metavar="DATA",
+                       help="image folder (DATA/<split>/<class>/*), local dataset, or Hub dataset repo id")
+    group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
+    group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
+    group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
+    group.add_argument("--eval-batch-size", type=int, default=64, metavar="N", help="examples per batch (default: 64)")
+    group.add_argument("--image-column", default="image", help="dataset column with the images (default: image)")
+    group.add_argument("--text-column", default="text", help="dataset column with the texts (default: text)")
+    group.add_argument("--label-column", default="label", help="dataset column with the labels (default: label)")
+    group.add_argument("--eval-function", metavar="MODULE:FUNCTION",
+                       help="for --eval-task custom: model -> float (needs --trust-remote-code)")
+    group.add_argument("--lower-is-better", action="store_true", help="for --eval-task custom: a loss, not an accuracy")
+
+
+def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The recipe's ``eval`` section from the evaluation options (``None`` without --eval-task)."""
+    if not args.eval_task:
+        return None
+    if not args.eval_data:
+        raise RecipeError("--eval-task needs --eval-data")
+    return {
+        "task": args.eval_task,
+        "data": args.eval_data,
+        "split": args.eval_split,
+        "test_split": args.test_eval,
+        "limit": args.eval_limit,
+        "batch_size": args.eval_batch_size,
+        "image_column": args.image_column,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "function": args.eval_function,
+        "higher_is_better": not args.lower_is_better,
+    }
+
+
+def add_push_options(parser: argparse.ArgumentParser) -> None:
+    """The "push to the Hub" group (the token with it), read back by :func:`push_spec_from_args`."""
+    group = parser.add_argument_group("push to the Hub")
+    group.add_argument("--push", metavar="ORG/NAME", help="upload the soup to this model repo")
+    group.add_argument(
+        "--force", action="store_true",
+        help="push even if the soup scores below its best ingredient (or, unscored, its ingredients look "
+        "independent); the card carries the warning",
+    )
+    group.add_argument("--private", action="store_true", help="create the repo private")
+    group.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    group.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default: main)")
+    group.add_argument("--commit-message", metavar="MSG", help="commit title (default: names the method and ingredients)")
+    group.add_argument("--license", metavar="ID", help="license for the card (default: the ingredients' if they agree)")
+    group.add_argument("--tag", action="append", default=[], help="extra card tag (repeatable)")
+    TOKEN.add(group)
+
+
+def push_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The recipe's ``push`` section from the push options (``None`` without --push)."""
+    if not args.push:
+        return None
+    return {
+        "repo_id": args.push,
+        "private": args.private,
+        "create_pr": args.create_pr,
+        "revision": args.revision,
+        "commit_message": args.commit_message,
+        "license": args.license,
+        "tags": args.tag,
+    }

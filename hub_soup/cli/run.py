@@ -1,0 +1,67 @@
+"""``hub-soup run RECIPE``: make the soup a recipe file describes; also how ``merge`` runs its recipe."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hub_soup.cli.options import OVERWRITE, TOKEN, TRUST_REMOTE_CODE
+from hub_soup.errors import EXIT_OK
+from hub_soup.recipe import Recipe, load_recipe
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``run`` command to ``commands``."""
+    parser = commands.add_parser(
+        "run", help="make the soup a recipe file describes",
+        description="Make the soup a recipe file describes. Local paths in it are relative to the recipe file.",
+    )
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/ and `hub-soup schema`)")
+    parser.add_argument("-o", "--output", metavar="DIR", help="write the soup here instead of the recipe's output.path")
+    OVERWRITE.add(parser)
+    parser.add_argument(
+        "--no-push", dest="push", action="store_false", help="make the soup locally even if the recipe pushes it"
+    )
+    TOKEN.add(parser)
+    TRUST_REMOTE_CODE.add(parser)
+    parser.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The recipe file, with the command line's output and push choices over its own."""
+    recipe = load_recipe(args.recipe)
+    if args.output or args.overwrite:
+        output = recipe.output.model_copy(
+            update={"path": args.output or recipe.output.path, "overwrite": args.overwrite or recipe.output.overwrite}
+        )
+        recipe = recipe.model_copy(update={"output": output})
+    if not args.push:
+        recipe = recipe.model_copy(update={"push": None})
+    return run_recipe(recipe, args.token, args.trust_remote_code)
+
+
+def run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> int:
+    """Make the soup and print what was made: the one path of ``run`` and ``merge``.
+
+    The pipeline (and torch with it) is imported here, not at the top, so that
+    commands that only parse (``--help``, ``schema``, ``validate``) stay light.
+    """
+    from hub_soup.io.sizes import describe_size
+    from hub_soup.pipeline import run
+    from hub_soup.summary import markdown_summary, write_step_summary
+
+    result = run(recipe, token=token, trust_remote_code=trust_remote_code)
+    write_step_summary(markdown_summary(result))
+    stats = result.stats
+    if result.report is not None:
+        print(result.report.table())
+    read = f"read {describe_size(stats.bytes_read)}, " if stats.bytes_read else ""
+    print(
+        f"soup: {stats.tensors} tensors ({stats.averaged} averaged, {stats.copied} copied from the first), "
+        f"{stats.elements:,} elements, {read}wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s "
+        f"-> {result.output or 'a temporary folder, removed after the push'}"
+    )
+    if result.push is not None:
+        where = result.push.pr_url or result.push.commit_url
+        print(f"pushed: {where}" if result.push.changed else f"no changes: the Hub already has this soup at {where}")
+    return EXIT_OK
