@@ -1,4 +1,9 @@
-"""``hub-soup diagnose A B``: why (not) a soup, the score along the straight line between two models."""
+"""``hub-soup diagnose A B``: why (not) a soup, the score along the straight line between two models.
+
+The two models are opened and aligned as ``merge`` would open and align them
+(the same ``--no-ema``, ``--exclude`` and ``--allow-pickle``), so the curve is
+that of the soup a merge with the same flags would make.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from hub_soup.cli.options import (
     ALLOW_PICKLE,
     DEVICE,
+    EXCLUDE,
+    NO_EMA,
     RECALIBRATE_BN,
     TOKEN,
     TRUST_REMOTE_CODE,
@@ -26,6 +33,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also save the curve as a PNG there")
     RECALIBRATE_BN.add(parser, help="also score each point with BatchNorm recalibrated")
     ALLOW_PICKLE.add(parser)
+    NO_EMA.add(parser)
+    EXCLUDE.add(parser, help="keys not interpolated: taken from the first REF (repeatable)")
     DEVICE.add(parser, help="where the models run")
     TOKEN.add(parser)
     TRUST_REMOTE_CODE.add(parser)
@@ -45,9 +54,9 @@ def diagnose_command(args: argparse.Namespace) -> int:
     spec = EvalSpec.model_validate(eval_spec_from_args(args))
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]
-    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=True, token=args.token)
+    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
     try:
-        plan = align(layouts_of(checkpoints))
+        plan = align(layouts_of(checkpoints), args.exclude)
         evaluator = Evaluator(
             spec, checkpoints[0], device=device_for(args.device), trust_remote_code=args.trust_remote_code
         )
