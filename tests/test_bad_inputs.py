@@ -224,6 +224,13 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["run", str(tmp / "nowhere.yaml")]
 
 
+@case("validate-unknown-key")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "good.yaml").write_text(f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\noutput: {{path: {_out(tmp)}}}\n")
+    (tmp / "r.yaml").write_text(f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\noutput: {{path: {_out(tmp)}}}\nmethd: uniform\n")
+    return ["validate", str(tmp / "good.yaml"), str(tmp / "r.yaml")]
+
+
 @case("missing-repo")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, f"{TEST_USER}/no-such-model", "-o", _out(tmp)]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
 
 def _imported(*args: str) -> set[str]:
@@ -17,7 +20,7 @@ def _imported(*args: str) -> set[str]:
     return {name.split(".")[0] for name in rows}
 
 
-COMMANDS = ["merge", "run", "inspect", "diagnose", "schema"]
+COMMANDS = ["merge", "run", "inspect", "diagnose", "schema", "validate"]
 
 
 def test_every_command_is_checked() -> None:
@@ -29,8 +32,8 @@ def test_every_command_is_checked() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["schema"], ["--help"], ["--version"], *([name, "--help"] for name in COMMANDS)],
-    ids=lambda c: " ".join(c),
+    [["schema"], ["--help"], ["--version"], ["validate", *RECIPES], *([name, "--help"] for name in COMMANDS)],
+    ids=lambda c: " ".join(Path(a).name for a in c),
 )
 def test_light_command_imports_no_torch(command: list[str]) -> None:
     imported = _imported("-m", "hub_soup.cli", *command)

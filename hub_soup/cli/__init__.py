@@ -6,11 +6,11 @@ readable line and a documented exit code (see README, "Exit codes"). Bugs (any
 exception that is not a :class:`~hub_soup.errors.HubSoupError`) keep their
 traceback.
 
-One module per command (``merge``, ``run``, ``inspect``, ``diagnose``, ``schema``),
-each adding its subparser and the handler it runs; options more
+One module per command (``merge``, ``run``, ``inspect``, ``diagnose``, ``schema``,
+``validate``), each adding its subparser and the handler it runs; options more
 than one command takes are defined once, in :mod:`hub_soup.cli.options`. This
 package imports no torch: the pipeline is imported by the handlers that make
-or read models, so ``--help``, ``--version`` and ``schema`` answer at once.
+or read models, so ``--help``, ``--version``, ``schema`` and ``validate`` answer at once.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hub_soup.cli import diagnose, inspect, merge, run, schema
+from hub_soup.cli import diagnose, inspect, merge, run, schema, validate
 from hub_soup.errors import HubSoupError
 
 logger = logging.getLogger("hub_soup")
 
 #: The commands, in the order ``--help`` lists them: each module adds its subparser and handler.
-COMMANDS = (merge, run, inspect, diagnose, schema)
+COMMANDS = (merge, run, inspect, diagnose, schema, validate)
 
 #: Where ``hf extensions install`` puts extensions (``huggingface_hub.cli.extensions.EXTENSIONS_ROOT``:
 #: under the home directory, whatever ``HF_HOME`` or ``XDG_DATA_HOME`` say).
