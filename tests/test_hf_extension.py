@@ -128,7 +128,7 @@ def test_hf_soup_help(env: dict[str, str], tmp_path: Path, args: list[str], usag
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(usage), done.stdout
     if args[-1] == "--help" and "merge" not in args:
-        for command in ("merge", "run", "inspect", "diagnose", "schema"):
+        for command in ("merge", "run", "inspect", "diagnose", "schema", "validate"):
             assert f"    {command} " in done.stdout, done.stdout
     assert "hub-soup [" not in done.stdout and "hf-soup" not in done.stdout
 
