@@ -34,6 +34,7 @@ from hub_soup.errors import (
 )
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
 from hub_soup.hub.errors import hub_errors
 from hub_soup.hub.fetch import fetch, remote_layout
@@ -81,7 +82,7 @@ class SoupResult:
     stats: MergeStats
     similarity: Similarity | None
     pinned_recipe: Recipe
-    scores: list[card_stage.Score] = field(default_factory=list)
+    scores: list[ModelScore] = field(default_factory=list)
     report: GreedyReport | None = None  # ingredient scores, greedy steps, the evaluated soup
     push: PushResult | None = None
     warnings: list[str] = field(default_factory=list)
@@ -430,17 +431,14 @@ def _evaluate(
     return report
 
 
-def _card_scores(report: GreedyReport) -> list[card_stage.Score]:
+def _card_scores(report: GreedyReport) -> list[ModelScore]:
     """The soup's and each ingredient's scores, held-out split first, then the test split."""
-    soup = report.soup_score
-    scores = [card_stage.Score("soup", soup.metric, soup.value, soup.split, soup.dataset)]
-    scores += [card_stage.Score(label, s.metric, s.value, s.split, s.dataset)
-               for label, s in zip(report.labels, report.ingredient_scores)]
+    scores = [ModelScore("soup", report.soup_score)]
+    scores += [ModelScore(label, s) for label, s in zip(report.labels, report.ingredient_scores)]
     saved = report.ingredient_scores_as_saved or []  # like with like: the soup's BN statistics were recalibrated
-    scores += [card_stage.Score(f"{label} (BN statistics as saved)", s.metric, s.value, s.split, s.dataset)
-               for label, s in zip(report.labels, saved) if s is not None]
-    for name, s in (report.test_scores or {}).items():
-        scores.append(card_stage.Score(name, s.metric, s.value, s.split, s.dataset))
+    scores += [ModelScore(f"{label} (BN statistics as saved)", s) for label, s in zip(report.labels, saved)
+               if s is not None]
+    scores += [ModelScore(name, s) for name, s in (report.test_scores or {}).items()]
     return scores
 
 

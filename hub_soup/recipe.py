@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hub_soup.errors import RecipeError
+from hub_soup.eval import tasks
 from hub_soup.io.sizes import parse_size
 
 # Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
@@ -58,7 +59,10 @@ class Ingredient(_Strict):
 class EvalSpec(_Strict):
     """How to score ingredients and soups (see hub_soup.eval.evaluate)."""
 
-    task: Literal["image-classification", "text-classification", "causal-lm", "custom"]
+    task: str = Field(
+        description="eval task: a built-in one or one registered with hub_soup.eval.tasks.register_task",
+        json_schema_extra=lambda schema: schema.update(enum=list(task_names())),
+    )
     data: str = Field(description="image folder, Hub dataset repo id, or local dataset path")
     split: str = "validation"
     test_split: str | None = Field(None, description="second split for unbiased final numbers")
@@ -80,6 +84,13 @@ class EvalSpec(_Strict):
         if module.endswith(".py"):
             changes["function"] = f"{convert(module)}:{name}"
         return self.model_copy(update=changes)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in task_names():
+            raise ValueError(f"unknown eval task {value!r}; known tasks: {', '.join(task_names())}")
+        return value
 
     @model_validator(mode="after")
     def _custom_needs_function(self) -> EvalSpec:
@@ -296,8 +307,8 @@ def method_names() -> tuple[str, ...]:
 
 
 def task_names() -> tuple[str, ...]:
-    """The eval tasks a recipe may name (the CLI's choices come from here)."""
-    return get_args(EvalSpec.model_fields["task"].annotation)
+    """The eval tasks a recipe may name: the task registry's, without importing any (the CLI's choices)."""
+    return tasks.task_names()
 
 
 def recipe_schema() -> dict[str, Any]:

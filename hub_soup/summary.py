@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hub_soup.eval.score import score_rows
 from hub_soup.io.sizes import describe_size
 
 if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
@@ -26,7 +27,7 @@ def markdown_summary(result: SoupResult) -> str:
         lines.append(f"| {i} | `{ref.repo_id or ref.path}` | {sha} | {weight} | {'yes' if kept else 'no'} |")
     if result.scores:
         lines += ["", "| model | split | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {s.name} | {s.split} | {s.metric} | {s.value:.4f} |" for s in result.scores]
+        lines += score_rows(result.scores)
     stats = result.stats
     where = f"`{result.output}`" if result.output is not None else "a temporary folder, removed after the push"
     lines += [

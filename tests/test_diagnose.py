@@ -14,7 +14,9 @@ from matplotlib.ticker import PercentFormatter
 
 from hub_soup.errors import EvalError
 from hub_soup.eval.diagnose import ALPHAS, Curve, DiagnoseReport, curve_figure, diagnose
-from hub_soup.eval.evaluate import Evaluator, Score
+from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.metrics import get_metric
+from hub_soup.eval.score import Score
 from hub_soup.io.read import Checkpoint
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.similarity import Similarity
@@ -102,7 +104,7 @@ def test_plan_must_cover_the_checkpoints(digits: DigitsKit) -> None:
 def _curve(values: list[float], metric: str = "accuracy") -> Curve:
     """Scores at evenly spaced alphas; accuracy is higher-is-better, perplexity lower."""
     alphas = [n / (len(values) - 1) for n in range(len(values))]
-    return [(alpha, Score(value, metric, metric != "perplexity", 360, "val", "digits"))
+    return [(alpha, Score(get_metric(metric), value, 360, "val", "digits"))
             for alpha, value in zip(alphas, values)]
 
 

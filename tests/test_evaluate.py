@@ -28,7 +28,10 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm.models import save_for_hf
 
 from hub_soup.errors import EvalError, UntrustedCodeError
-from hub_soup.eval.evaluate import Evaluator, Score, compare_to_best, has_batchnorm, recalibrate_bn
+from hub_soup.eval.bn import has_batchnorm, recalibrate_bn
+from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.metrics import ACCURACY, NLL, PERPLEXITY
+from hub_soup.eval.score import Score, compare_to_best
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.recipe import EvalSpec
 from tests.hub_server import HubServer
@@ -188,11 +191,17 @@ def test_image_folder_accuracy_equals_timms_own_eval(digits: DigitsKit) -> None:
     dataset = ImageDataset(
         str(digits.data / "val"), input_img_mode="L", transform=create_transform(**resolve_data_config(model=model))
     )
+    correct, log_loss = 0, 0.0
     with torch.no_grad():
-        correct = sum(
-            int((model(x).argmax(1) == y).sum()) for x, y in torch.utils.data.DataLoader(dataset, batch_size=128)
-        )
-    assert score == Score(correct / len(dataset), "accuracy", True, 359, "val", str(digits.data))
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=128):
+            logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
+            log_loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+    assert (score.primary, score.value, score.examples, score.split, score.dataset) == (
+        ACCURACY, correct / len(dataset), 359, "val", str(digits.data)
+    )
+    [(nll, value)] = score.others
+    assert nll is NLL and not nll.higher_is_better and value == pytest.approx(log_loss / len(dataset), rel=1e-4)
     assert score.value > 0.9
     assert evaluator.score(evaluator.build_model()).value < 0.5  # a fresh instance is untrained
     test = Evaluator(image_spec(digits.data), checkpoint, split="test").score_state_dict(checkpoint.state_dict())
@@ -514,7 +523,7 @@ def test_custom_function_from_a_file_and_a_module(
 
 def test_scores_compare_in_their_declared_direction() -> None:
     def score(value: float, higher: bool = True) -> Score:
-        return Score(value, "accuracy" if higher else "perplexity", higher, 10, "val", "d")
+        return Score(ACCURACY if higher else PERPLEXITY, value, 10, "val", "d")
 
     assert score(0.9).better_than(score(0.8)) and not score(0.8).better_than(score(0.8))
     assert score(0.8).at_least(score(0.8)) and not score(math.nan).at_least(score(0.8))

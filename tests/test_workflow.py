@@ -280,7 +280,9 @@ def test_a_recipes_eval_function_never_runs_without_trust_remote_code(
     loaded = hub_soup.load_recipe(recipe)
     loaded = loaded.model_copy(update={"output": loaded.output.model_copy(update={"path": str(tmp_path / "py")})})
     result = hub_soup.run(loaded, trust_remote_code=True)
-    assert marker.exists() and result.scores[0].metric.endswith("score.py:head_norm")
+    soup, score = result.scores[0]
+    assert marker.exists() and soup == "soup" and score.metric.endswith("score.py:head_norm")
+    assert score.higher_is_better and score.examples == 0  # the spec's direction; a function scores no examples
 
 
 # ---------------------------------------------------------------- the small ones
@@ -330,13 +332,13 @@ def test_datasets_progress_bars_follow_the_terminal(capsys: pytest.CaptureFixtur
     import datasets
     from huggingface_hub.utils import enable_progress_bars
 
-    from hub_soup.eval.evaluate import _import_datasets
+    from hub_soup.eval.data import import_datasets
 
     datasets.enable_progress_bars()
     enable_progress_bars()
     try:
         assert main(["schema"]) == 0  # stderr is captured here: not a terminal
-        assert _import_datasets().is_progress_bar_enabled() is False  # as evaluation imports it
+        assert import_datasets().is_progress_bar_enabled() is False  # as evaluation imports it
     finally:
         datasets.enable_progress_bars()
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hub_soup.errors import EvalError
-from hub_soup.eval.evaluate import Evaluator, Score, format_delta
+from hub_soup.eval.evaluate import Evaluator, Score
 from hub_soup.io.read import Checkpoint
 from hub_soup.merging.engine import average_tensors
 from hub_soup.merging.plan import MergePlan, TensorPlan
@@ -138,7 +138,7 @@ class DiagnoseReport:
                 f"({best.reference.formatted()}): "
                 f"the best scores {best.score.formatted()} (alpha {best.alpha:.2f}); averaging them does not help"
             )
-        dip = format_delta(self.curve[0][1].metric, self.barrier).lstrip("+")
+        dip = self.curve[0][1].primary.format_delta(self.barrier).lstrip("+")
         return (
             f"a dip of {dip} in the middle: {a} and {b} sit in different basins, so any average of the two "
             "scores worse than its ends. Usual causes: independent initialisations, or fine-tunes that moved "
@@ -280,7 +280,7 @@ def curve_figure(report: DiagnoseReport) -> Figure:
         axes.plot(*_xy(recalibrated), marker="s", linestyle="--", label="recalibrated BN statistics")
         figure.legend(loc="outside lower center", ncols=2, frameon=False)
     _reference_lines(axes, report, names)
-    percent = first.metric == "accuracy"
+    percent = first.primary.percent
     if percent:
         axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     direction = "higher" if first.higher_is_better else "lower"

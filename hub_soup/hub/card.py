@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hub_soup.eval.score import ModelScore, score_rows
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import accumulation_dtype, max_precision
 from hub_soup.merging.plan import MergePlan
@@ -24,17 +24,6 @@ from hub_soup.merging.plan import MergePlan
 logger = logging.getLogger(__name__)
 
 RECIPE_FILENAME = "hub-soup.yaml"
-
-
-@dataclass(frozen=True)
-class Score:
-    """One scored model, as the card shows it."""
-
-    name: str  # "soup" or an ingredient label
-    metric: str
-    value: float
-    split: str
-    dataset: str
 
 
 def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -86,7 +75,7 @@ def build_card(
     recipe_yaml: str,
     license: str | None = None,
     tags: Sequence[str] = (),
-    scores: Sequence[Score] = (),
+    scores: Sequence[ModelScore] = (),
     method: str = "uniform",
     bn_recalibrated: bool = False,
     plan: MergePlan | None = None,
@@ -104,7 +93,8 @@ def build_card(
         kept: which ingredients went into the soup (a greedy soup drops some).
         config: the soup's ``config.json`` (decides timm vs transformers instructions).
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
-        scores: evaluation results, the soup's first.
+        scores: evaluation results, the soup's first; the model-index holds the soup's, every metric
+            of each (the primary first).
         bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
         plan: the merge plan, so the card says what was averaged, how, and what was copied.
         dtype: the ``--dtype`` every floating tensor was written in (``None``: each its own).
@@ -114,7 +104,7 @@ def build_card(
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
     pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
-    soup_scores = [s for s in scores if s.name == "soup"]
+    soup_scores = [s.score for s in scores if s.model == "soup"]
     data = ModelCardData(
         base_model=[r.repo_id for r, k in zip(ingredients, kept) if k and r.repo_id] or None,
         base_model_relation="merge",
@@ -129,10 +119,11 @@ def build_card(
                 dataset_type=s.dataset,
                 dataset_name=s.dataset,
                 dataset_split=s.split,
-                metric_type=s.metric,
-                metric_value=round(s.value, 6),
+                metric_type=metric.name,
+                metric_value=round(value, 6),
             )
             for s in soup_scores
+            for metric, value in s.measurements()
         ]
         or None,
     )
@@ -163,12 +154,12 @@ def build_card(
         weight = f"{next(weight_of):.4f}" if used else "-"
         row = f"| {i} | {where} | {sha} | {weight} | {'yes' if used else 'no'} |"
         if len(scores) > 1:
-            match = next((s for s in scores if s.name == ref.label), None)
+            match = next((s.score for s in scores if s.model == ref.label), None)
             row += f" {match.value:.4f} |" if match else " |"
         lines.append(row)
     if scores:
         lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
-        lines += [f"| {s.name} | {s.split} | {s.metric} | {s.value:.4f} |" for s in scores]
+        lines += score_rows(scores)
     if warnings:
         lines += ["", "## Warnings", "", "hub-soup warned about this soup when it was made:", ""]
         lines += [f"- {warning}" for warning in warnings]

@@ -1,0 +1,157 @@
+"""Eval data: opening a split (image folder, saved dataset, data files, Hub dataset) and the example order.
+
+Every task reads its split once, in one fixed order (:func:`example_order`), so
+every ingredient, soup and ensemble is scored on the same examples, and the first
+batches BatchNorm is recalibrated on are a sample of every class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hub_soup.errors import EvalError
+
+if TYPE_CHECKING:
+    from hub_soup.recipe import EvalSpec
+
+# Model inputs: an image batch tensor, or the keyword tensors a transformers model takes.
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+# Files ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write.
+_SAVED_DATASET = "state.json"
+_SAVED_DATASET_DICT = "dataset_dict.json"
+
+
+def open_split(spec: EvalSpec, split: str, *, image_folders: bool) -> Any:
+    """``split`` of ``spec.data`` as an image folder (a ``Path``) or a ``datasets.Dataset``.
+
+    A local ``data`` path may be: a ``DatasetDict.save_to_disk`` folder; a folder with one
+    subfolder per split (``data/<split>``), each an image folder or a ``save_to_disk`` dataset;
+    a single image folder or saved dataset (then only ``spec.split`` refers to it, so a test split
+    can never silently reuse the selection data); or data files ``datasets`` can split by name
+    (``data/<split>-*.parquet``). Anything else is a Hub dataset repo id. ``image_folders``
+    says whether the task reads image folders (a text task refuses them by name).
+    """
+    path = Path(spec.data).expanduser()
+    if not path.exists():
+        return _hub_dataset(spec.data, split)
+    if (path / _SAVED_DATASET_DICT).is_file():
+        splits = import_datasets().load_from_disk(str(path))
+        if split not in splits:
+            raise EvalError(f"{path}: no split {split!r}; it has {', '.join(splits)}")
+        return splits[split]
+    folder = path / split
+    if not folder.is_dir() and (is_image_folder(path) or (path / _SAVED_DATASET).is_file()):
+        if split != spec.split:
+            raise EvalError(
+                f"{path} holds one split, already used as {spec.split!r}; there is no {path / split}",
+                hint=f"put each split in its own folder: {path}/<split>/<class>/<image>",
+            )
+        folder = path
+    if (folder / _SAVED_DATASET).is_file():
+        return import_datasets().load_from_disk(str(folder))
+    if folder.is_dir() and is_image_folder(folder):
+        if not image_folders:
+            raise EvalError(f"{folder} is an image folder, but task {spec.task} reads text")
+        return folder  # read with timm, no datasets needed
+    try:
+        return import_datasets().load_dataset(str(path), split=split)
+    except (ValueError, FileNotFoundError) as exc:
+        raise EvalError(f"{path}: cannot read split {split!r} as a dataset ({exc})") from None
+
+
+def _hub_dataset(repo_id: str, split: str) -> Any:
+    datasets = import_datasets()
+    try:
+        return datasets.load_dataset(repo_id, split=split)
+    except datasets.exceptions.DatasetNotFoundError as exc:
+        raise EvalError(
+            f"eval data {repo_id!r} is neither a local path nor a Hub dataset ({exc})",
+            hint="pass an image folder, a saved dataset, or a Hub dataset repo id you can access",
+        ) from None
+    except ValueError as exc:  # datasets' "Unknown split" and friends
+        raise EvalError(f"Hub dataset {repo_id}: cannot load split {split!r} ({exc})") from None
+
+
+def checked_columns(table: Any, columns: Sequence[str], spec: EvalSpec, split: str) -> Any:
+    """``table`` once it is known to have ``columns``."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise EvalError(
+            f"{spec.data} ({split}) has no column {missing[0]!r}; columns: {', '.join(table.column_names)}",
+            hint="set image_column / text_column / label_column in the eval section",
+        )
+    return table
+
+
+def text_rows(spec: EvalSpec, split: str, columns: Sequence[str]) -> Any:
+    """The split's rows (a ``datasets.Dataset`` with ``columns``) in the fixed example order, for text tasks."""
+    table = checked_columns(open_split(spec, split, image_folders=False), columns, spec, split)
+    return table.select(example_order(len(table), spec.limit))
+
+
+def example_order(total: int, limit: int | None) -> list[int]:
+    """The examples to score, in a fixed pseudo-random order (its first ``limit`` with a limit).
+
+    Not the stored order: image folders and many datasets are sorted by class, so the
+    first N examples, and the first batches BatchNorm is recalibrated on, would cover
+    a few classes only (measured: 4 class-sorted batches of digits cost a soup 2 points).
+    """
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(0)).tolist()
+    return order[:limit] if limit is not None else order
+
+
+def is_image_folder(folder: Path) -> bool:
+    """True if ``folder`` holds images one level down (``<class>/<image>``)."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = get_img_extensions(as_set=True)
+    return any(p.suffix.lower() in extensions for p in folder.glob("*/*"))
+
+
+def decoded_images(table: Any, column: str) -> Any:
+    """Make ``datasets`` decode ``column`` to PIL images (parquet files often store raw ``{bytes, path}``)."""
+    datasets = import_datasets()
+    if not isinstance(table.features[column], datasets.Image):
+        table = table.cast_column(column, datasets.Image())
+    return table
+
+
+def import_datasets() -> Any:
+    """``datasets``, its progress bars off when huggingface_hub's are (the CLI's switch: quiet, CI, no terminal)."""
+    try:
+        import datasets
+    except ImportError:
+        raise EvalError("evaluation data needs the datasets package", hint="pip install 'hub-soup[eval]'") from None
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        datasets.disable_progress_bars()
+    return datasets
+
+
+def tokenized(
+    tokenizer: Any, texts: Sequence[str], *, batch_size: int, max_positions: int, language_model: bool
+) -> list[dict[str, torch.Tensor]]:
+    """``texts`` tokenized in batches of ``batch_size``, each padded on the right to its longest text
+    and truncated to what both the tokenizer and the model (``max_positions``) take.
+
+    A language model scores tokens alone (GPT-2 would add token-type embeddings), so it gets none.
+    """
+    tokenizer.padding_side = "right"
+    return [
+        dict(
+            tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=min(tokenizer.model_max_length, max_positions),
+                return_tensors="pt",
+                return_token_type_ids=False if language_model else None,
+            )
+        )
+        for start in range(0, len(texts), batch_size)
+    ]

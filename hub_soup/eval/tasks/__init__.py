@@ -1,0 +1,177 @@
+"""Eval tasks behind one interface, and the registry that names them.
+
+A task (:class:`EvalTask`) gives three things: its batches (the split read once,
+in a fixed order), its forward pass (outputs in a space where averaging over
+models *is* the output ensemble: probabilities, not logits) and its metrics (one
+declared primary, which greedy and the worse-soup gate decide on, and others
+reported beside it). Where the forward passes run is the backend's business
+(:mod:`hub_soup.eval.backends`), and scores, ensembles and BatchNorm
+recalibration are the :class:`~hub_soup.eval.evaluate.Evaluator`'s, the same for
+every task.
+
+The built-in tasks are named here with the module that defines each, imported
+only when a task is used, so the recipe can validate ``eval.task`` (and the CLI
+offer its choices) without importing torch. A plugin or a test adds a task with
+one decorator::
+
+    @register_task
+    class MyTask(EvalTask):
+        name = "my-task"
+        primary = register_metric("f1", higher_is_better=True, percent=True)
+        ...
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+from hub_soup.errors import EvalError
+from hub_soup.eval.metrics import Metric
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hub_soup.eval.data import Inputs
+    from hub_soup.eval.models import Architecture
+    from hub_soup.recipe import EvalSpec
+
+
+@dataclass
+class Batch:
+    """One batch of a task's data, on the task's device."""
+
+    inputs: Inputs
+    targets: torch.Tensor | None = None  # what outputs are measured against (class indices); None: the inputs are
+
+
+class EvalTask(ABC):
+    """One kind of evaluation: its data, its forward pass and its metrics.
+
+    Subclasses set :attr:`name` and :attr:`primary` (and :attr:`others`) and implement
+    :meth:`batches`, :meth:`forward` and :meth:`measure`; the constructor's arguments are
+    available as attributes. A task that measures the model itself rather than its
+    outputs (``custom``) sets :attr:`has_outputs` False and implements :meth:`measure_model`.
+
+    Args:
+        spec: the recipe's eval section (data, split, columns, batch size, limit).
+        architecture: the reference ingredient's config and files; :meth:`build_model` builds from it.
+        split: the split to read (``spec.split`` or ``spec.test_split``).
+        device: where models run and batches live.
+        trust_remote_code: the user allowed code named by the recipe or the configs to run.
+    """
+
+    name: ClassVar[str]
+    primary: Metric  # decides greedy and the gate
+    others: tuple[Metric, ...] = ()  # measured on the same outputs, reported beside the primary
+    has_outputs: ClassVar[bool] = True  # False: no inputs to recalibrate BatchNorm on, no outputs to ensemble
+    auto_class: ClassVar[str | None] = None  # the transformers Auto class; None: the config's architectures
+
+    def __init__(
+        self,
+        spec: EvalSpec,
+        architecture: Architecture,
+        *,
+        split: str,
+        device: torch.device,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.architecture = architecture
+        self.split = split
+        self.device = device
+        self.trust_remote_code = trust_remote_code
+        self._model: nn.Module | None = None
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """Every metric the task reports, the primary first."""
+        return (self.primary, *self.others)
+
+    def build_model(self) -> nn.Module:
+        """A fresh instance of the reference's architecture (float32, eval mode, on the device)."""
+        return self.architecture.build(self.device, self.auto_class)
+
+    def model(self) -> nn.Module:
+        """One instance built on first use and reused, so reading the data (which may need the model's
+        preprocessing config) and scoring build the architecture once."""
+        if self._model is None:
+            self._model = self.build_model()
+        return self._model
+
+    @abstractmethod
+    def batches(self) -> list[Batch]:
+        """The split, read and preprocessed once, in the fixed order of :func:`hub_soup.eval.data.example_order`."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """One batch's outputs, on any device, in a space where their mean over models is the ensemble's.
+
+        Outputs of all batches are concatenated along dim 0 in data order before :meth:`measure`.
+        """
+
+    @abstractmethod
+    def measure(self, outputs: torch.Tensor, targets: torch.Tensor | None) -> Mapping[str, float]:
+        """Every metric's value (by name) from all outputs (one model's, or averaged over several)
+        and the batches' targets concatenated (``None`` when the batches have none)."""
+
+    def measure_model(self, model: nn.Module) -> Mapping[str, float]:
+        """Every metric's value measured on the model itself: for tasks without outputs only."""
+        raise EvalError(f"task {self.name} scores outputs; it does not measure models directly")
+
+
+_T = TypeVar("_T", bound=type[EvalTask])
+
+# name -> "module:Class" until first used, then the class; plugins' classes go in directly.
+_TASKS: dict[str, str | type[EvalTask]] = {
+    "image-classification": "hub_soup.eval.tasks.image_classification:ImageClassification",
+    "text-classification": "hub_soup.eval.tasks.text_classification:TextClassification",
+    "causal-lm": "hub_soup.eval.tasks.causal_lm:CausalLM",
+    "custom": "hub_soup.eval.tasks.custom:Custom",
+}
+
+
+def register_task(task: _T) -> _T:
+    """Class decorator: make ``task`` available as ``eval.task: <task.name>`` in recipes and the API.
+
+    Raises:
+        EvalError: the class has no ``name``, or another task already has it.
+    """
+    name = getattr(task, "name", "")
+    if not name:
+        raise EvalError(f"task class {task.__qualname__} has no name", hint="set name = 'my-task' in the class")
+    known = _TASKS.get(name)
+    if known is not None and known is not task:
+        raise EvalError(
+            f"eval task {name!r} is already registered ({known if isinstance(known, str) else known.__qualname__})",
+            hint="give the new task its own name",
+        )
+    _TASKS[name] = task
+    return task
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task a recipe may name: the built-in ones, then the registered ones (no import of any)."""
+    return tuple(_TASKS)
+
+
+def get_task(name: str) -> type[EvalTask]:
+    """The task class called ``name``, importing a built-in one on first use.
+
+    Raises:
+        EvalError: no task has that name (the message lists the known ones).
+    """
+    entry = _TASKS.get(name)
+    if entry is None:
+        raise EvalError(
+            f"no eval task named {name!r}; known: {', '.join(_TASKS)}",
+            hint="register your own with @hub_soup.eval.tasks.register_task",
+        )
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = _TASKS[name] = getattr(importlib.import_module(module), attribute)
+    return entry

@@ -1,0 +1,84 @@
+"""Task ``custom``: a user's ``module:function`` (or ``path/to/file.py:function``) scores the model.
+
+The function takes the model (eval mode, inference mode) and returns a float,
+better in the direction the spec declares (``higher_is_better``). It is someone's
+code, so it is imported only with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hub_soup.errors import EvalError, UntrustedCodeError
+from hub_soup.eval.data import Inputs
+from hub_soup.eval.metrics import Metric
+from hub_soup.eval.tasks import Batch, EvalTask
+
+if TYPE_CHECKING:
+    from hub_soup.recipe import EvalSpec
+
+
+class Custom(EvalTask):
+    """The user's function is the metric, named after it, in the spec's direction; no data, no outputs."""
+
+    name = "custom"
+    has_outputs = False
+
+    def __init__(self, spec: EvalSpec, *args: Any, trust_remote_code: bool = False, **kwargs: Any) -> None:
+        super().__init__(spec, *args, trust_remote_code=trust_remote_code, **kwargs)
+        assert spec.function is not None  # EvalSpec validates it
+        if not trust_remote_code:
+            raise UntrustedCodeError(
+                f"eval function {spec.function} is code to run; refusing to import it without --trust-remote-code",
+                hint=UntrustedCodeError.HINT,
+            )
+        self.primary = Metric(spec.function, spec.higher_is_better)
+        self._function = load_function(spec.function)
+
+    def batches(self) -> list[Batch]:
+        return []
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        raise _no_outputs()
+
+    def measure(self, outputs: torch.Tensor, targets: torch.Tensor | None) -> Mapping[str, float]:
+        raise _no_outputs()
+
+    def measure_model(self, model: nn.Module) -> Mapping[str, float]:
+        return {self.primary.name: float(self._function(model))}
+
+
+def _no_outputs() -> EvalError:
+    return EvalError("task custom has no model outputs to ensemble", hint="drop ensemble_reference")
+
+
+def load_function(ref: str) -> Callable[[nn.Module], float]:
+    """Import ``module:function`` or ``path/to/file.py:function``."""
+    module_name, _, name = ref.partition(":")
+    if not module_name or not name:
+        raise EvalError(f"function {ref!r} must look like 'module:function' or 'path/to/file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec is None or spec.loader is None or not Path(module_name).is_file():
+                raise FileNotFoundError(module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as exc:
+        raise EvalError(
+            f"cannot import the eval function's module {module_name!r} ({exc})",
+            hint="pass an importable module, or a file path like ./my_eval.py:score",
+        ) from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise EvalError(f"{module_name} has no function {name!r}")
+    return function
