@@ -26,13 +26,17 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
     return digits_kit(tmp_path_factory)
 
 
-def _plan(checkpoints: list[Checkpoint]) -> MergePlan:
-    return align([Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints])
+def _layout(checkpoint: Checkpoint) -> Layout:
+    return Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases))
+
+
+def _plan(checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> MergePlan:
+    return align([_layout(c) for c in checkpoints], base=_layout(base) if base is not None else None)
 
 
 def test_curve_points_are_direct_evaluations_and_the_plot_is_written(digits: DigitsKit, tmp_path: Path) -> None:
     a, b, base = digits.open([digits.ingredients[0], digits.ingredients[2], digits.base])
-    plan = _plan([a, b, base])
+    plan = _plan([a, b], base)
     evaluator = Evaluator(image_spec(digits.data), a)
     plot = tmp_path / "plots" / "curve.png"
     report = diagnose(a, b, plan, evaluator, base=base, plot_path=plot)
@@ -63,6 +67,9 @@ def test_curve_points_are_direct_evaluations_and_the_plot_is_written(digits: Dig
     assert report.base_distances[b.label] > report.base_distances[a.label] > 0
     text = report.text()
     assert "alpha" in text and "distance from the base" in text and str(plot) in text
+    # the CLI's alignment of [a, b, base] (base as a third ingredient) reads the same
+    legacy = diagnose(a, b, _plan([a, b, base]), evaluator, alphas=(0.5,), base=base)
+    assert legacy.base_distances == report.base_distances and legacy.curve[1] == report.curve[2]
 
 
 def test_independent_trainings_show_a_barrier(digits: DigitsKit) -> None:
@@ -93,8 +100,12 @@ def test_fine_tunes_are_connected_once_bn_is_recalibrated(digits: DigitsKit) -> 
 def test_plan_must_cover_the_checkpoints(digits: DigitsKit) -> None:
     a, b, base = digits.open([digits.ingredients[0], digits.ingredients[1], digits.base])
     evaluator = Evaluator(image_spec(digits.data, limit=20), a)
-    with pytest.raises(EvalError, match="aligns 2 checkpoints, diagnose got 3"):
+    with pytest.raises(EvalError, match="diagnose got a base and a plan without one"):
         diagnose(a, b, _plan([a, b]), evaluator, base=base)
+    with pytest.raises(EvalError, match="aligns the base .* but diagnose got no base"):
+        diagnose(a, b, _plan([a, b], base), evaluator)
+    with pytest.raises(EvalError, match="aligns 3 ingredients, diagnose compares 2"):
+        diagnose(a, b, _plan([a, b, base]), evaluator)
     with pytest.raises(EvalError, match=r"alphas must lie in \[0, 1\]"):
         diagnose(a, b, _plan([a, b]), evaluator, alphas=(0.5, 1.5))
 

@@ -45,7 +45,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hub_soup.errors import EvalError, UntrustedCodeError
 from hub_soup.hub.card import detect_library
 from hub_soup.io.read import Checkpoint
-from hub_soup.merging.engine import average_tensors
 from hub_soup.recipe import EvalSpec
 
 logger = logging.getLogger(__name__)
@@ -303,7 +302,7 @@ class Evaluator:
 
     def ensemble_of_outputs(self, outputs: Sequence[torch.Tensor]) -> Score:
         """Score of the mean of several models' :meth:`predict` outputs."""
-        return self.score_outputs(average_tensors(outputs, [1.0 / len(outputs)] * len(outputs)))
+        return self.score_outputs(torch.stack(list(outputs)).mean(dim=0))
 
     def _score(self, value: float, metric: str, examples: int) -> Score:
         # built-in metrics have their own direction; the spec's declares a custom function's
