@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/loop_bench.py DIR [DIR ...] [--chunk N] [--threads 1] [--write-behind 4]
                                               [--repeat 3] [--cold] [--null-writer] [--no-gram] [--similarity]
+                                              [--method uniform|weighted]
 
 Prints one line per run: seconds, input GB/s and the settings. ``--null-writer``
 drops the soup's bytes (reading + arithmetic only); ``--no-gram`` leaves out the
@@ -24,6 +25,7 @@ from huggingface_hub.utils import disable_progress_bars
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging import engine as merge
+from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
 from hub_soup.merging.similarity import GramAccumulator, weight_similarity
 from hub_soup.pipeline import SIMILARITY_SAMPLE, layouts_of
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=merge.READ_WORKERS, help="reader threads")
     parser.add_argument("--write-behind", type=int, default=merge.WRITE_BEHIND, help="queued soup chunks")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--method", default="uniform", help="uniform, or weighted (weights 1, 2, 3, ...)")
     parser.add_argument("--null-writer", action="store_true")
     parser.add_argument("--no-gram", action="store_true", help="leave out the shared-initialization check")
     parser.add_argument("--similarity", action="store_true", help="time the check's separate pass instead")
@@ -57,7 +60,8 @@ def main() -> None:
     disable_progress_bars()
     checkpoints = [open_checkpoint(d) for d in args.dirs]
     plan = align(layouts_of(checkpoints))
-    weights = merge.normalize_weights(None, len(checkpoints))
+    method_class = get_method(args.method)
+    method = method_class(weights=[i + 1.0 for i in range(len(checkpoints))] if method_class.uses_weights else None)
     chunk = args.chunk or merge.chunk_elements_for(checkpoints)
     merge.READ_WORKERS = args.workers
     options = {"chunk_elements": chunk, "threads": args.threads, "read_ahead": args.read_ahead,
@@ -74,16 +78,16 @@ def main() -> None:
             torch.set_num_threads(args.threads or 1)
             weight_similarity(checkpoints, plan, SIMILARITY_SAMPLE)
         elif args.null_writer:
-            merge.stream_merge(checkpoints, plan, weights, NullWriter(), gram=gram, **options)
+            merge.stream_merge(checkpoints, plan, method, NullWriter(), gram=gram, **options)
         else:
             with SoupWriter(out_root / "soup", merge.output_metas(plan, None), 5 * 10**9, overwrite=True) as writer:
-                merge.stream_merge(checkpoints, plan, weights, writer, gram=gram, **options)
+                merge.stream_merge(checkpoints, plan, method, writer, gram=gram, **options)
                 writer.commit()
         seconds = time.perf_counter() - start
         mode = "similarity" if args.similarity else "null-writer" if args.null_writer else "write"
         print(f"{seconds:7.2f} s  {total / seconds / 1e9:5.2f} GB/s  threads={args.threads or 'default'} "
               f"chunk={chunk} block={args.block} read_ahead={args.read_ahead} workers={args.workers} "
-              f"write_behind={args.write_behind} gram={not args.no_gram} cold={args.cold} {mode}", flush=True)
+              f"write_behind={args.write_behind} gram={not args.no_gram} cold={args.cold} {args.method} {mode}", flush=True)
     shutil.rmtree(out_root, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from huggingface_hub import constants, hf_hub_download
@@ -41,22 +41,21 @@ from hub_soup.hub.fetch import fetch, remote_layout
 from hub_soup.hub.push import PushResult, check_push_access, push_soup
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.io.read import Checkpoint, open_checkpoint
-from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.sizes import parse_size
 from hub_soup.io.write import SoupWriter, check_destination
 from hub_soup.merging.engine import (
     MergeStats,
     aligned_state_dict,
     merged_state_dict,
-    normalize_weights,
     output_metas,
     stream_merge,
     write_state_dict,
 )
+from hub_soup.merging.methods import MergeMethod, normalize_weights
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
-from hub_soup.recipe import Ingredient, Recipe
+from hub_soup.recipe import Ingredient, ModelRef, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +75,7 @@ class SoupResult:
 
     output: Path | None  # None when the soup was staged for a push and removed after it
     ingredients: list[ResolvedRef]
+    base: ResolvedRef | None  # the recipe's base model, for methods that need one
     kept: list[bool]
     weights: list[float]  # normalised, one per kept ingredient
     plan: MergePlan
@@ -109,10 +109,11 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
         check_output_apart(Path(recipe.output.path), recipe)
     if recipe.push is not None:
         check_push_access(recipe.push, token)
-    resolved = [resolve_ref(i.ref, i.revision, token=token, base=recipe.base_dir) for i in recipe.ingredients]
+    models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
+    resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
     for ref in resolved:
         logger.info("resolved %s -> %s", ref.ref, ref.pinned)
-    checkpoints = open_ingredients(
+    checkpoints = open_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
         resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
         before_download=lambda local: _align_early(resolved, local, recipe, token),
     )
@@ -146,6 +147,8 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
     """
     target = output.resolve()
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
+    if recipe.base is not None:
+        inputs.append((f"the base {recipe.base.ref}", recipe.base_dir / Path(recipe.base.ref).expanduser()))
     if recipe.eval is not None:
         inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
     cache = Path(constants.HF_HUB_CACHE)
@@ -196,7 +199,9 @@ def _align_early(
 ) -> None:
     """Align from safetensors headers, and compare configs, over HTTP before any weights are downloaded.
 
-    ``local[i]`` is ingredient ``i`` already opened when it is local (headers only), None when it is on the Hub.
+    ``local[i]`` is model ``i`` already opened when it is local (headers only), None when it is on the Hub;
+    with a recipe ``base``, the last model is the base: aligned in its role, its config not compared
+    (a base may carry another head).
     """
     remote = [r for r in resolved if r.kind != "local"]
     if not remote or constants.is_offline_mode():
@@ -210,12 +215,22 @@ def _align_early(
             if layout is not None:  # pickled weights are aligned after download
                 layouts.append(layout)
     if len(layouts) == len(resolved):  # tensor shapes first: their message names the tensor and the fix
-        align(layouts, recipe.exclude)
+        ingredients, base = _split_base(layouts, recipe)
+        align(ingredients, recipe.exclude, base=base)
+    ingredient_refs, _ = _split_base(list(zip(resolved, local)), recipe)
     check_configs([
         (ref.label, checkpoint.config if checkpoint is not None else _remote_config(ref, token))
-        for ref, checkpoint in zip(resolved, local)
+        for ref, checkpoint in ingredient_refs
     ])
     logger.info("headers and configs agree across %d ingredients; downloading", len(resolved))
+
+
+T = TypeVar("T")
+
+
+def _split_base(models: list[T], recipe: Recipe) -> tuple[list[T], T | None]:
+    """The ingredients and the base (None without one) of a list of the recipe's models, base last."""
+    return (models[:-1], models[-1]) if recipe.base is not None else (models, None)
 
 
 def _remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any] | None:
@@ -275,10 +290,11 @@ def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:
 
 
 def _make_soup(
-    recipe: Recipe, resolved: list[ResolvedRef], checkpoints: list[Checkpoint], output: Path,
+    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path,
     token: str | bool | None, trust_remote_code: bool,
 ) -> SoupResult:
-    plan = align(layouts_of(checkpoints), recipe.exclude)
+    (resolved, resolved_base), (checkpoints, base) = _split_base(models, recipe), _split_base(opened, recipe)
+    plan = align(layouts_of(checkpoints), recipe.exclude, base=layouts_of([base])[0] if base is not None else None)
     for note in plan.notes:
         logger.info(note)
     check_configs([(c.label, c.config) for c in checkpoints])
@@ -289,8 +305,9 @@ def _make_soup(
     device = device_for(recipe.device)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     metas = output_metas(plan, dtype)
+    method = recipe.merge_method()
     report = (
-        _evaluate(recipe, checkpoints, reference, plan, weights, metas, device, trust_remote_code)
+        _evaluate(recipe, checkpoints, base, reference, plan, method, dtype, device, trust_remote_code)
         if recipe.eval is not None
         else None
     )
@@ -302,7 +319,7 @@ def _make_soup(
     if report is not None and report.comparison.soup_is_worse:
         warnings.append(report.comparison.message())
         logger.warning(warnings[-1])
-    pinned = pin_recipe(recipe, resolved, output if recipe.output.path is not None else None)
+    pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
     pinned_yaml = pinned.to_yaml()
     config = _soup_config(reference, recipe.dtype)
     scores = _card_scores(report) if report is not None else []
@@ -312,7 +329,7 @@ def _make_soup(
             similarity = weight_similarity(checkpoints, plan, sample_per_tensor=SIMILARITY_SAMPLE)
         else:  # the shared-initialization check rides along the merge's own reads
             gram = GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
-            stats = stream_merge(checkpoints, plan, weights, writer, dtype=dtype, device=device, gram=gram)
+            stats = stream_merge(checkpoints, plan, method, writer, dtype, base=base, device=device, gram=gram)
             similarity = gram.similarity([c.label for c in checkpoints])
         independent = _independence_warning(similarity)
         if independent is not None:
@@ -323,6 +340,7 @@ def _make_soup(
             repo_id=recipe.push.repo_id if recipe.push else None,
             name=output.name,
             ingredients=resolved,
+            base=resolved_base,
             weights=kept_weights,
             kept=kept,
             config=config,
@@ -341,14 +359,14 @@ def _make_soup(
         writer.add_file("README.md", str(card))
         writer.commit()
     result = SoupResult(
-        output=output, ingredients=resolved, kept=kept, weights=kept_weights, plan=plan, stats=stats,
+        output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=kept_weights, plan=plan, stats=stats,
         similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
     )
     if recipe.push is not None:
         _gate(recipe, report, independent, output, plan.has_batchnorm)
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
-        method = "greedy" if recipe.greedy else recipe.method
-        result.push = push_soup(output, recipe.push, token, f"hub-soup: {method} soup of {names}")
+        title = "greedy" if recipe.greedy else recipe.method
+        result.push = push_soup(output, recipe.push, token, f"hub-soup: {title} soup of {names}")
     return result
 
 
@@ -397,13 +415,14 @@ def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str,
 
 
 def _evaluate(
-    recipe: Recipe, checkpoints: Sequence[Checkpoint], reference: Checkpoint, plan: MergePlan,
-    weights: Sequence[float], metas: dict[str, TensorMeta], device: torch.device, trust_remote_code: bool,
+    recipe: Recipe, checkpoints: Sequence[Checkpoint], base: Checkpoint | None, reference: Checkpoint,
+    plan: MergePlan, method: MergeMethod, dtype: torch.dtype | None, device: torch.device, trust_remote_code: bool,
 ) -> GreedyReport:
     """Score every ingredient and the soup (greedy or not), with optional BN recalibration.
 
     ``reference`` is the ingredient whose config the soup carries: models are built from it.
-    ``metas`` are the soup's output tensors, so what is scored has the dtypes that are written.
+    Soups are made by the streamed engine into memory (``dtype`` as written), so what is
+    scored, and then written, is what the streamed merge writes.
     """
     assert recipe.eval is not None
     options: dict[str, Any] = {"device": device, "trust_remote_code": trust_remote_code}
@@ -422,11 +441,15 @@ def _evaluate(
         "ensemble": recipe.ensemble_reference,
     }
     if recipe.greedy:
-        average_keys = {t.key for t in plan.tensors if t.average}
-        dtypes = {key: meta.dtype for key, meta in metas.items()}
-        report = greedy_soup(labels, load, evaluator, average_keys=average_keys, dtypes=dtypes, **options)
+
+        def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
+            """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
+            chosen = [checkpoints[i] for i in members]
+            return merged_state_dict(chosen, plan.select(members), recipe.merge_method(), dtype, base=base, device=device)
+
+        report = greedy_soup(labels, load, evaluator, soup_of=soup_of, **options)
     else:
-        soup = merged_state_dict(checkpoints, plan, weights, metas)
+        soup = merged_state_dict(checkpoints, plan, method, dtype, base=base, device=device)
         report = score_soup(labels, load, soup, evaluator, method=recipe.method, **options)
     return report
 
@@ -462,7 +485,9 @@ def device_for(name: str) -> torch.device:
 
 
 def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | None = None) -> Recipe:
-    """The recipe the soup carries: every Hub ingredient pinned to the commit it resolved to.
+    """The recipe the soup carries: every Hub ingredient (and the base) pinned to the commit it resolved to.
+
+    ``resolved`` are the ingredients' refs, then the base's when the recipe has one.
 
     Local paths are written relative to the soup folder ``soup`` (absolute when the
     soup is not kept), so the recipe rebuilds from wherever the folder is read. The
@@ -480,14 +505,16 @@ def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | Non
         where = os.path.abspath(base / path)
         return os.path.relpath(where, folder) if folder is not None else where
 
-    ingredients = [
-        Ingredient(ref=r.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], revision=r.sha, weight=i.weight)
-        if r.kind != "local"
-        else Ingredient(ref=local(i.ref, recipe.base_dir), revision=None, weight=i.weight)
-        for i, r in zip(recipe.ingredients, resolved)
-    ]
+    def pinned(model: ModelRef, ref: ResolvedRef) -> dict[str, Any]:
+        if ref.kind != "local":
+            return {"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha}
+        return {"ref": local(model.ref, recipe.base_dir), "revision": None}
+
+    ingredients = [Ingredient(**pinned(i, r), weight=i.weight) for i, r in zip(recipe.ingredients, resolved)]
     output = recipe.output.model_copy(update={"path": None, "overwrite": False})
     update: dict[str, Any] = {"ingredients": ingredients, "output": output}
+    if recipe.base is not None:  # resolved after the ingredients
+        update["base"] = ModelRef(**pinned(recipe.base, resolved[len(ingredients)]))
     if recipe.eval is not None:
         update["eval"] = recipe.eval.with_local_paths(lambda path: local(path, Path()), Path())
     return recipe.model_copy(update=update)

@@ -17,16 +17,27 @@ wherever the command runs, so a recipe travels with what it names: the pinned
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hub_soup.errors import RecipeError
 from hub_soup.eval import tasks
 from hub_soup.io.sizes import parse_size
+from hub_soup.merging import methods
+from hub_soup.merging.methods import MergeMethod, get_method
 
 # Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
@@ -39,14 +50,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class Ingredient(_Strict):
-    """One model to put in the soup."""
+class ModelRef(_Strict):
+    """A model, named the way an ingredient is: the recipe's ``base``."""
 
     ref: str = Field(description="Hub repo id (org/name[@rev]), hf-hub:org/name, timm model name, or local path")
     revision: str | None = Field(None, description="branch, tag or commit SHA (overrides @rev in ref)")
-    weight: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="relative weight (method: weighted), a finite number >= 0"
-    )
 
     @field_validator("ref")
     @classmethod
@@ -54,6 +62,15 @@ class Ingredient(_Strict):
         if not value.strip():
             raise ValueError("ref must not be empty")
         return value.strip()
+
+
+class Ingredient(ModelRef):
+    """One model to put in the soup."""
+
+    weight: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="relative weight (methods that weigh ingredients: weighted), a finite number >= 0",
+    )
 
 
 class EvalSpec(_Strict):
@@ -141,7 +158,14 @@ class Recipe(_Strict):
     """A whole soup: ingredients, method, checks, output and destination."""
 
     ingredients: list[Ingredient]
-    method: Literal["uniform", "weighted"] = "uniform"
+    method: str = Field(
+        "uniform", description="merge method (hub_soup.merging.methods)",
+        json_schema_extra=lambda schema: schema.update(enum=list(method_names())),
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    base: ModelRef | None = Field(
+        None, description="the model the ingredients were fine-tuned from, for methods that need one"
+    )
     dtype: Dtype | None = Field(
         None, description="output dtype of averaged tensors (default: each tensor's own)"
     )
@@ -169,17 +193,45 @@ class Recipe(_Strict):
             raise ValueError(f"a soup needs at least 2 ingredients, got {len(value)}")
         return value
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        try:
+            get_method(value)
+        except RecipeError as exc:
+            raise ValueError(f"{exc.message}; {exc.hint}") from None
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _method_parameters(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Validated by the method's own ``Parameters``: pydantic's errors then name ``parameters.<field>``."""
+        if "method" in info.data:  # else the method's own error is the one to show
+            get_method(info.data["method"]).parameters_from(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        method = get_method(self.method)
         weighted = [i.weight is not None for i in self.ingredients]
-        if self.method == "weighted" and not all(weighted):
-            raise ValueError("method: weighted needs a weight on every ingredient")
-        if self.method == "uniform" and any(weighted):
-            raise ValueError("weights are given but method is uniform; set method: weighted")
+        if method.uses_weights and not all(weighted):
+            raise ValueError(f"method: {self.method} needs a weight on every ingredient")
+        if not method.uses_weights and any(weighted):
+            takes = [name for name in method_names() if get_method(name).uses_weights]
+            raise ValueError(
+                f"weights are given but method {self.method} takes none; set method: {' or '.join(takes)}"
+            )
+        if method.needs_base and self.base is None:
+            raise ValueError(
+                f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
+                "(base: {ref: org/name})"
+            )
+        if not method.needs_base and self.base is not None:
+            raise ValueError(f"a base is given but method {self.method} uses none; drop base or change the method")
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
-        if self.greedy and self.method == "weighted":
-            raise ValueError("greedy soups are uniform over the kept ingredients; drop the weights")
+        if self.greedy and method.uses_weights:
+            raise ValueError("greedy soups weigh the kept ingredients equally; drop the weights")
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
         return self
@@ -229,7 +281,13 @@ class Recipe(_Strict):
 
     @property
     def weights(self) -> list[float] | None:
-        return [i.weight for i in self.ingredients] if self.method == "weighted" else None  # type: ignore[misc]
+        """Each ingredient's weight, as given, for a method that weighs them; else None."""
+        return [i.weight for i in self.ingredients] if get_method(self.method).uses_weights else None  # type: ignore[misc]
+
+    def merge_method(self, weights: Sequence[float] | None = None) -> MergeMethod:
+        """The recipe's method with its parameters, weighing the ingredients by ``weights``
+        (default: the recipe's own, for a method that uses them)."""
+        return get_method(self.method)(self.parameters, weights if weights is not None else self.weights)
 
     def to_yaml(self) -> str:
         """The recipe as a YAML file, defaults omitted, that :func:`load_recipe` reads back identically."""
@@ -302,8 +360,8 @@ def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:
 
 
 def method_names() -> tuple[str, ...]:
-    """The merge methods a recipe may name (the CLI's choices come from here)."""
-    return get_args(Recipe.model_fields["method"].annotation)
+    """The merge methods a recipe may name: the registry's (the CLI's choices come from here)."""
+    return methods.method_names()
 
 
 def task_names() -> tuple[str, ...]:

@@ -265,6 +265,30 @@ def fp64_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float]) ->
     return sum(t.double() * (w / total) for t, w in zip(tensors, weights))
 
 
+def reference_soup(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The soup of whole tensors by the definition, written out here independently of the engine.
+
+    Accumulated in float32 (float64 when the first tensor or ``dtype`` is float64) and stored
+    in ``dtype`` (default: the first tensor's). Equal weights: ``(t0 + t1 + ...) * w``, where that
+    sum stays finite, ``w * t0 + w * t1 + ...`` where it does not; other weights:
+    ``w0 * t0 + w1 * t1 + ...``. Every op is one elementwise, once-rounded torch op.
+    """
+    out = dtype or tensors[0].dtype
+    acc = torch.float64 if torch.float64 in (tensors[0].dtype, out) else torch.float32
+    terms = [t.to(acc) for t in tensors]
+    multiplied = terms[0] * weights[0]
+    for term, weight in zip(terms[1:], weights[1:]):
+        multiplied = multiplied + term * weight
+    if any(w != weights[0] for w in weights):
+        return multiplied.to(out)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return torch.where(torch.isfinite(total), total * weights[0], multiplied).to(out)
+
+
 def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` at each value of ``reference`` (float64)."""
     info = torch.finfo(dtype)

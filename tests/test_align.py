@@ -169,3 +169,29 @@ def test_regnet_with_other_num_classes() -> None:
         k for k in ten.metas if k.endswith("running_var")
     }
     assert all(not t.average and t.meta.dtype == I64 for t in plan.tensors if t.key.endswith("num_batches_tracked"))
+
+
+# ---------------------------------------------------------------- the base model's role
+
+
+def test_the_base_has_its_own_role_and_is_named_as_the_base() -> None:
+    prefixed = {f"model.{k}": v for k, v in NET.items()}
+    plan = align([_layout("a", NET), _layout("b", NET)], base=_layout("pretrained", prefixed))
+    assert plan.base == "pretrained"
+    assert all(t.sources == (t.key, t.key) for t in plan.tensors)  # the base is not an ingredient
+    for t in plan.tensors:  # read through its own key mapping, for averaged tensors only
+        assert t.base_source == (f"model.{t.key}" if t.average else None)
+    assert "the base pretrained: read keys with prefix 'model.' as ''" in plan.notes
+    assert align([_layout("a", NET), _layout("b", NET)]).base is None  # positional use: no base
+    assert all(t.base_source is None for t in align([_layout("a", NET), _layout("b", NET)], ()).tensors)
+
+
+def test_a_base_that_does_not_fit_is_refused_naming_the_base() -> None:
+    smaller = {**NET, "stem.conv.weight": (F16, (4, 3, 3, 3))}
+    with pytest.raises(AlignmentError, match=r"shape mismatch at stem.conv.weight: .* in the base pretrained"):
+        align([_layout("a", NET), _layout("b", NET)], base=_layout("pretrained", smaller))
+    headless = {k: v for k, v in NET.items() if not k.startswith("head.")}
+    with pytest.raises(AlignmentError, match="keys of a are missing in the base pretrained"):
+        align([_layout("a", NET), _layout("b", NET)], base=_layout("pretrained", headless))
+    plan = align([_layout("a", NET), _layout("b", NET)], ["head.*"], base=_layout("pretrained", headless))
+    assert [t.base_source for t in plan.tensors if t.key.startswith("head.")] == [None, None]  # excluded: not read

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT
-from hub_soup.merging.engine import average_tensors, normalize_weights
+from hub_soup.merging.methods import normalize_weights
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -70,7 +70,7 @@ def test_merge_prints_normalised_weights_and_a_summary(tmp_path: Path, zoo: dict
     soup = load_file(out / "model.safetensors")
     weights = normalize_weights([1, 3], 2)
     for key, first in zoo["raw"][0].items():
-        expected = average_tensors([first, zoo["raw"][1][key]], weights) if first.is_floating_point() else first
+        expected = ck.reference_soup([first, zoo["raw"][1][key]], weights) if first.is_floating_point() else first
         ck.assert_bit_equal(soup[key], expected, key)
 
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "hub-soup.yaml", "model.safetensors"]
@@ -96,7 +96,7 @@ def test_ema_default_and_no_ema(tmp_path: Path, zoo: dict, capsys) -> None:
         soup = load_file(out / "model.safetensors")
         for key, first in zoo["raw"][0].items():
             if first.is_floating_point():
-                ck.assert_bit_equal(soup[key], average_tensors([first, second[key]], [0.5, 0.5]), key)
+                ck.assert_bit_equal(soup[key], ck.reference_soup([first, second[key]], [0.5, 0.5]), key)
 
 
 def test_dtype_overrides_floating_tensors_only(tmp_path: Path, zoo: dict, capsys) -> None:
@@ -106,7 +106,7 @@ def test_dtype_overrides_floating_tensors_only(tmp_path: Path, zoo: dict, capsys
     soup = load_file(out / "model.safetensors")
     for key, first in zoo["raw"][0].items():
         if first.is_floating_point():
-            expected = average_tensors([first, zoo["raw"][1][key]], [0.5, 0.5], torch.float32)
+            expected = ck.reference_soup([first, zoo["raw"][1][key]], [0.5, 0.5], torch.float32)
             ck.assert_bit_equal(soup[key], expected, key)
         else:
             assert soup[key].dtype == torch.int64 and soup[key].item() == 10, key
@@ -203,7 +203,7 @@ def test_pickled_module_needs_allow_pickle(tmp_path: Path, zoo: dict, capsys) ->
     soup = load_file(out / "model.safetensors")
     for key, first in zoo["raw"][0].items():
         if first.is_floating_point():
-            ck.assert_bit_equal(soup[key], average_tensors([first, whole[key]], [0.5, 0.5]), key)
+            ck.assert_bit_equal(soup[key], ck.reference_soup([first, whole[key]], [0.5, 0.5]), key)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -290,7 +290,7 @@ def test_following_the_exclude_hint_works(tmp_path: Path, zoo: dict, capsys) -> 
         ck.assert_bit_equal(soup[key], zoo["raw"][0][key], key)
     five = load_file(zoo["five"])
     key = "stem.conv.weight"
-    ck.assert_bit_equal(soup[key], average_tensors([zoo["raw"][0][key], five[key]], [0.5, 0.5]), key)
+    ck.assert_bit_equal(soup[key], ck.reference_soup([zoo["raw"][0][key], five[key]], [0.5, 0.5]), key)
 
 
 # ---------------------------------------------------------------- inspect

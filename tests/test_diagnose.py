@@ -28,13 +28,17 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
     return digits_kit(tmp_path_factory)
 
 
-def _plan(checkpoints: list[Checkpoint]) -> MergePlan:
-    return align([Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints])
+def _layout(checkpoint: Checkpoint) -> Layout:
+    return Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases))
+
+
+def _plan(checkpoints: list[Checkpoint], base: Checkpoint | None = None) -> MergePlan:
+    return align([_layout(c) for c in checkpoints], base=_layout(base) if base is not None else None)
 
 
 def test_curve_points_are_direct_evaluations_and_the_plot_is_written(digits: DigitsKit, tmp_path: Path) -> None:
     a, b, base = digits.open([digits.ingredients[0], digits.ingredients[2], digits.base])
-    plan = _plan([a, b, base])
+    plan = _plan([a, b], base)
     evaluator = Evaluator(image_spec(digits.data), a)
     plot = tmp_path / "plots" / "curve.png"
     report = diagnose(a, b, plan, evaluator, base=base, plot_path=plot)
@@ -95,8 +99,12 @@ def test_fine_tunes_are_connected_once_bn_is_recalibrated(digits: DigitsKit) -> 
 def test_plan_must_cover_the_checkpoints(digits: DigitsKit) -> None:
     a, b, base = digits.open([digits.ingredients[0], digits.ingredients[1], digits.base])
     evaluator = Evaluator(image_spec(digits.data, limit=20), a)
-    with pytest.raises(EvalError, match="aligns 2 checkpoints, diagnose got 3"):
+    with pytest.raises(EvalError, match="diagnose got a base and a plan without one"):
         diagnose(a, b, _plan([a, b]), evaluator, base=base)
+    with pytest.raises(EvalError, match="aligns the base .* but diagnose got no base"):
+        diagnose(a, b, _plan([a, b], base), evaluator)
+    with pytest.raises(EvalError, match="aligns 3 ingredients, diagnose compares 2"):
+        diagnose(a, b, _plan([a, b, base]), evaluator)
     with pytest.raises(EvalError, match=r"alphas must lie in \[0, 1\]"):
         diagnose(a, b, _plan([a, b]), evaluator, alphas=(0.5, 1.5))
 

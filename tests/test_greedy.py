@@ -6,16 +6,22 @@ of one pretrained timm ``test_resnet`` and two trainings from independent random
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 import torch
 
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
 from hub_soup.io.read import Checkpoint
-from hub_soup.merging.engine import average_tensors
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
+from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.similarity import weight_similarity
 from hub_soup.recipe import EvalSpec
+from tests import checkpoints as ck
 from tests.test_evaluate import DigitsKit, digits_kit, image_spec
 
 
@@ -25,31 +31,33 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
 
 
 class Soup:
-    """Ingredients opened and aligned, with the loader and evaluators greedy_soup takes."""
+    """Ingredients opened and aligned, with the loader, the soup maker and evaluators greedy_soup takes."""
 
     def __init__(self, kit: DigitsKit, checkpoints: list[Checkpoint]) -> None:
         self.checkpoints = checkpoints
         self.labels = [c.label for c in checkpoints]
         self.plan: MergePlan = align([Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints])
-        self.average_keys = {t.key for t in self.plan.tensors if t.average}
         self.val = Evaluator(image_spec(kit.data), checkpoints[0])
         self.test = Evaluator(image_spec(kit.data), checkpoints[0], split="test")
         self.loads: list[int] = []
+        self.soups: list[list[int]] = []
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         self.loads.append(i)
         return {t.key: self.checkpoints[i].read(t.sources[i]) for t in self.plan.tensors}
 
-    def uniform(self, indices: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """The uniform soup of ``indices``, computed the streaming merge's way (the reference)."""
-        indices = list(range(len(self.checkpoints))) if indices is None else indices
-        state_dicts = [self.load(i) for i in indices]
-        weights = [1 / len(indices)] * len(indices)
-        first = self.load(0)  # tensors that are not averaged come from the first ingredient in recipe order
-        return {
-            t.key: average_tensors([sd[t.key] for sd in state_dicts], weights) if t.average else first[t.key]
-            for t in self.plan.tensors
-        }
+    def soup_of(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The uniform soup of ``members`` through the engine, as the pipeline makes greedy's candidates."""
+        self.soups.append(list(members))
+        return merged_state_dict([self.checkpoints[i] for i in members], self.plan.select(members), Uniform())
+
+    def streamed(self, members: Sequence[int], folder: Path) -> dict[str, torch.Tensor]:
+        """The uniform soup of ``members`` streamed into a file and read back: what a recipe of them writes."""
+        plan = self.plan.select(members)
+        with SoupWriter(folder, output_metas(plan, None), 10**9) as writer:
+            stream_merge([self.checkpoints[i] for i in members], plan, Uniform(), writer)
+            writer.commit()
+        return ck.load_soup(folder)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +73,12 @@ def independent(digits: DigitsKit) -> Soup:
 @pytest.fixture(scope="module")
 def plain_greedy(fine_tunes: Soup) -> GreedyReport:
     fine_tunes.loads.clear()
+    fine_tunes.soups.clear()
     report = greedy_soup(
         fine_tunes.labels,
         fine_tunes.load,
         fine_tunes.val,
-        average_keys=fine_tunes.average_keys,
+        soup_of=fine_tunes.soup_of,
         test_evaluator=fine_tunes.test,
         ensemble=True,
     )
@@ -82,7 +91,7 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(fine_tunes: Soup, pl
     best = max(report.ingredient_scores, key=lambda s: s.value)
     assert report.soup_score.at_least(best) and not report.comparison.soup_is_worse
     assert all(s.value > 0.85 for s in report.ingredient_scores)
-    # steps: best first, then in descending order, each judged on the running soup
+    # steps: best first, then in descending order, each judged on the soup of the kept ones and itself
     assert [s.ingredient_score.value for s in report.steps] == sorted(
         (s.value for s in report.ingredient_scores), reverse=True
     )
@@ -93,24 +102,31 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(fine_tunes: Soup, pl
         assert step.kept == step.soup_score.at_least(current)
         current = step.soup_score if step.kept else current
     assert report.soup_score == current
-    # every ingredient read twice at most: once to score it, once when it is tried
-    assert sorted(fine_tunes.loads) == sorted([0, 1, 2, 3] * 2)
+    # every ingredient loaded once, to score it; each candidate soup made from the files, in recipe order
+    assert sorted(fine_tunes.loads) == [0, 1, 2, 3]
+    kept: list[int] = []
+    for step, members in zip(report.steps, fine_tunes.soups, strict=True):
+        assert members == sorted([*kept, step.index])
+        kept = members if step.kept else kept
 
 
-def test_greedy_soup_is_the_average_of_the_kept_ingredients(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
+def test_greedy_soup_is_the_streamed_soup_of_the_kept_ingredients(
+    fine_tunes: Soup, plain_greedy: GreedyReport, tmp_path: Path
+) -> None:
     report = plain_greedy
     kept = [i for i, k in enumerate(report.kept) if k]
-    reference = fine_tunes.uniform(kept)
-    first = fine_tunes.load(0)
-    assert list(report.soup) == list(first)  # canonical key order
+    streamed = fine_tunes.streamed(kept, tmp_path / "soup")
+    assert list(report.soup) == [t.key for t in fine_tunes.plan.tensors]  # canonical key order
+    assert report.soup.keys() == streamed.keys()
     for key, tensor in report.soup.items():
-        assert tensor.dtype == first[key].dtype  # fp16 in, fp16 out
-        if key in fine_tunes.average_keys:
-            # running fp32 sum / count vs. the streamed weighted sum: one fp16 rounding apart at most
-            assert torch.allclose(tensor.float(), reference[key].float(), rtol=1e-3, atol=1e-4), key
-        else:
-            assert torch.equal(tensor, first[key])  # num_batches_tracked: the first ingredient's
+        ck.assert_bit_equal(tensor, streamed[key], key)  # fp16 in, fp16 out; copied tensors from the first kept
     assert fine_tunes.val.score_state_dict(report.soup) == report.soup_score  # the soup is what was scored
+    # every candidate greedy judged is a streamed soup too: the second one has two members, kept or not
+    pair = sorted([report.steps[0].index, report.steps[1].index])
+    candidate, streamed_pair = fine_tunes.soup_of(pair), fine_tunes.streamed(pair, tmp_path / "pair")
+    for key, tensor in candidate.items():
+        ck.assert_bit_equal(tensor, streamed_pair[key], key)
+    assert fine_tunes.val.score_state_dict(candidate) == report.steps[1].soup_score  # what greedy judged
 
 
 def test_greedy_reports_test_split_and_ensemble(fine_tunes: Soup, plain_greedy: GreedyReport) -> None:
@@ -132,7 +148,7 @@ def test_uniform_bn_soup_improves_after_recalibration(fine_tunes: Soup) -> None:
     report = score_soup(
         fine_tunes.labels,
         fine_tunes.load,
-        fine_tunes.uniform(),
+        fine_tunes.soup_of([0, 1, 2, 3]),
         fine_tunes.val,
         recalibrate_bn_batches=4,
         test_evaluator=fine_tunes.test,
@@ -144,7 +160,7 @@ def test_uniform_bn_soup_improves_after_recalibration(fine_tunes: Soup) -> None:
     # How much it gains depends on the trained kit (a few points with one torch release, one image with
     # another), so the gain's size is the quickstart's to show, not this test's.
     assert after.value >= before.value
-    uniform = fine_tunes.uniform()
+    uniform = fine_tunes.soup_of([0, 1, 2, 3])
     assert not torch.equal(report.soup["conv1.1.running_var"], uniform["conv1.1.running_var"])
     assert report.bn_recalibrated and report.soup_score == after
     assert fine_tunes.val.score_state_dict(report.soup) == after  # shipped with the recalibrated fp16 statistics
@@ -175,7 +191,7 @@ def test_greedy_judges_every_candidate_with_recalibrated_bn(fine_tunes: Soup, pl
         fine_tunes.labels,
         fine_tunes.load,
         fine_tunes.val,
-        average_keys=fine_tunes.average_keys,
+        soup_of=fine_tunes.soup_of,
         recalibrate_bn_batches=4,
     )
     print(report.table())
@@ -193,7 +209,7 @@ def test_independent_inits_collapse_and_are_flagged(independent: Soup) -> None:
     report = score_soup(
         independent.labels,
         independent.load,
-        independent.uniform(),
+        independent.soup_of([0, 1]),
         independent.val,
         recalibrate_bn_batches=4,
     )
@@ -225,7 +241,7 @@ def test_greedy_follows_a_lower_is_better_metric(digits: DigitsKit, tmp_path_fac
         EvalSpec(task="custom", data="none", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0],
         trust_remote_code=True,
     )
-    report = greedy_soup(soup.labels, soup.load, evaluator, average_keys=soup.average_keys)
+    report = greedy_soup(soup.labels, soup.load, evaluator, soup_of=soup.soup_of)
     assert report.steps[0].index == 2 and report.steps[0].ingredient_score.value == 0.0
     assert report.kept == [False, False, True, False] and report.soup_score.value == 0.0
     assert "lower is better" in report.table()

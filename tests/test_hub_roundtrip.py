@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hub_soup.cli import main
-from hub_soup.merging.engine import average_tensors
+from tests.checkpoints import reference_soup
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import bert_folder, state_dict_of, timm_folder, unique, upload
 from tests.hub_server import HubServer
@@ -58,7 +58,7 @@ def merge(*args: str) -> int:
 def expected_average(*folders: Path) -> dict[str, torch.Tensor]:
     dicts = [state_dict_of(f) for f in folders]
     return {
-        k: average_tensors([d[k] for d in dicts], [1 / len(dicts)] * len(dicts)) if v.is_floating_point() else v
+        k: reference_soup([d[k] for d in dicts], [1 / len(dicts)] * len(dicts)) if v.is_floating_point() else v
         for k, v in dicts[0].items()
     }
 

@@ -1,9 +1,10 @@
 """The merge: exact arithmetic, every format in one soup, loadable results.
 
-Two references are used throughout: :func:`hub_soup.merging.engine.average_tensors` (the
-simple in-memory path; the streamed soup must equal it *bit for bit*), and a
-float64 average computed here independently (the soup must be within one ulp
-of its own dtype of it).
+Two references are used throughout: :func:`tests.checkpoints.reference_soup` (the
+definition on whole tensors, written out in the tests; the streamed soup must equal
+it *bit for bit*), and a float64 average computed here independently (the soup must
+be within one ulp of its own dtype of it). The arithmetic tests run the methods'
+kernels through the engine itself (:func:`_engine_soup`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,10 @@ import hub_soup
 from hub_soup.errors import CheckpointFormatError, RecipeError
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import (
-    accumulation_dtype,
-    average_tensors,
-    is_uniform,
-    normalize_weights,
-    output_metas,
-    stream_merge,
-    weight_scalars,
-)
+from hub_soup.merging.engine import accumulation_dtype, merged_state_dict, output_metas, stream_merge
+from hub_soup.merging.methods import MergeMethod, normalize_weights
+from hub_soup.merging.methods.uniform import Uniform
+from hub_soup.merging.methods.weighted import Weighted
 from hub_soup.merging.plan import align
 from hub_soup.pipeline import layouts_of
 from tests import checkpoints as ck
@@ -40,15 +36,33 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _simple_soup(ingredients: list[dict[str, torch.Tensor]], weights=None, dtype=None) -> dict[str, torch.Tensor]:
-    """What the soup must hold, from hub-soup's simple path: floats averaged, the rest from the first."""
+    """What the soup must hold, by the definition: floats averaged, the rest from the first."""
     normalised = normalize_weights(weights, len(ingredients))
     out = {}
     for key, first in ingredients[0].items():
         if first.is_floating_point():
-            out[key] = average_tensors([sd[key] for sd in ingredients], normalised, dtype)
+            out[key] = ck.reference_soup([sd[key] for sd in ingredients], normalised, dtype)
         else:
             out[key] = first
     return out
+
+
+def _method(weights: list[float] | None) -> MergeMethod:
+    return Uniform() if weights is None else Weighted(weights=weights)
+
+
+def _engine_soup(
+    folder: Path, tensors: list[torch.Tensor], weights: list[float] | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The soup of one tensor per ingredient made by the engine (``uniform``, or ``weighted`` by ``weights``)."""
+    folder.mkdir(exist_ok=True)
+    paths = [ck.save_safetensors({"t": t}, folder / f"{i}.safetensors") for i, t in enumerate(tensors)]
+    checkpoints = [open_checkpoint(p) for p in paths]
+    try:
+        return merged_state_dict(checkpoints, align(layouts_of(checkpoints)), _method(weights), dtype)["t"]
+    finally:
+        for c in checkpoints:
+            c.close()
 
 
 def _assert_soup(soup: dict, ingredients: list[dict], weights=None, dtype=None) -> None:
@@ -82,11 +96,11 @@ def test_normalize_weights() -> None:
         normalize_weights([1, 2, 3], 2)
 
 
-def test_fp16_near_65504_does_not_overflow() -> None:
+def test_fp16_near_65504_does_not_overflow(tmp_path: Path) -> None:
     a = torch.tensor([65504, 65504, -65504, 65504, 60000, 1e-7], dtype=torch.float16)
     b = torch.tensor([65504, 65000, -65504, 1, 65504, 3e-7], dtype=torch.float16)
     assert torch.isinf(a + b).any()  # the naive fp16 sum overflows
-    out = average_tensors([a, b], [0.5, 0.5])
+    out = _engine_soup(tmp_path / "ab", [a, b])
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert out[0].item() == 65504 and out[2].item() == -65504
     ck.assert_within_ulp(out, ck.fp64_reference([a, b], [1, 1]), torch.float16)
@@ -94,64 +108,65 @@ def test_fp16_near_65504_does_not_overflow() -> None:
     c = torch.full((4,), 65504, dtype=torch.float16)
     third = (c * (1 / 3)).to(torch.float16)
     assert torch.isinf(third + third + third).all()
-    out = average_tensors([c, c, c], normalize_weights(None, 3))
+    out = _engine_soup(tmp_path / "ccc", [c, c, c])
     assert out.dtype == torch.float16 and (out == 65504).all()
 
 
-def test_bf16_stays_bf16_within_one_ulp() -> None:
+def test_bf16_stays_bf16_within_one_ulp(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = [(torch.randn(1000, generator=g) * 10 ** torch.randint(-3, 4, (1000,), generator=g)).bfloat16()
                for _ in range(3)]
-    out = average_tensors(tensors, [0.2, 0.3, 0.5])
+    out = _engine_soup(tmp_path, tensors, [0.2, 0.3, 0.5])
     assert out.dtype == torch.bfloat16
     ck.assert_is_average(out, tensors, [0.2, 0.3, 0.5], torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_as_0dim_tensors_multiply_like_python_floats(dtype: torch.dtype) -> None:
-    """The streamed merge multiplies by 0-dim tensors (faster); the definition by Python floats: same bits."""
+    """Kernels multiply by 0-dim tensors (faster); the definition by Python floats: same bits."""
     generator = torch.Generator().manual_seed(3)
     values = torch.randn(4099, generator=generator, dtype=torch.float64) * torch.exp2(
         torch.randint(-60, 60, (4099,), generator=generator).double())
     values = values.to(dtype)
     weights = [1 / 3, 1 / 7, 0.1, 2 / 3, 1e-8, 0.999999]
-    for weight, scalar in zip(weights, weight_scalars(weights, dtype)):
+    for weight, scalar in zip(weights, Uniform().scalars(weights, values)):
         assert scalar.dtype == dtype and scalar.dim() == 0
         assert torch.equal(values.clone().mul_(weight).view(torch.uint8), values.clone().mul_(scalar).view(torch.uint8))
 
 
-def test_equal_weights_sum_first_then_multiply_once() -> None:
-    """The default soup: ``(a + b + c) * w`` in float32, left to right, one multiplication."""
+def test_equal_weights_sum_first_then_multiply_once(tmp_path: Path) -> None:
+    """The default soup: ``(a + b + c) * w`` in float32, left to right, one multiplication;
+    ``weighted`` with equal weights is the same soup, other weights multiply first."""
     g = torch.Generator().manual_seed(1)
     tensors = [torch.randn(5000, generator=g).bfloat16() for _ in range(3)]
     weights = normalize_weights(None, 3)
-    assert is_uniform(weights) and not is_uniform([0.5, 0.25, 0.25])
     a, b, c = (t.float() for t in tensors)
     expected = (((a + b) + c) * weights[0]).bfloat16()
-    ck.assert_bit_equal(average_tensors(tensors, weights), expected)
+    ck.assert_bit_equal(_engine_soup(tmp_path / "uniform", tensors), expected)
+    ck.assert_bit_equal(_engine_soup(tmp_path / "equal", tensors, [2.0, 2.0, 2.0]), expected)
     multiplied_first = (a * weights[0] + b * weights[0] + c * weights[0]).bfloat16()
     assert not torch.equal(expected, multiplied_first)  # the two forms differ: the test tells them apart
     uneven = [0.2, 0.3, 0.5]
-    ck.assert_bit_equal(average_tensors(tensors, uneven), (a * 0.2 + b * 0.3 + c * 0.5).bfloat16())
+    ck.assert_bit_equal(_engine_soup(tmp_path / "uneven", tensors, uneven), (a * 0.2 + b * 0.3 + c * 0.5).bfloat16())
 
 
-def test_equal_weights_near_float32_max_take_the_weighted_form_element_by_element() -> None:
+def test_equal_weights_near_float32_max_take_the_weighted_form_element_by_element(tmp_path: Path) -> None:
     """A sum that overflows float32 (masks filled with ``finfo.min``, huge values) falls back to
     ``w * a + w * b`` for those elements only; infinities and NaNs in the inputs still show."""
     big = torch.finfo(torch.float32).max
     a = torch.tensor([big, -big, big, 1.0, 3.0, math.inf, math.nan])
     b = torch.tensor([big, -big, big / 2, 2.0, -big, 1.0, 1.0])
-    out = average_tensors([a, b], [0.5, 0.5])
+    out = _engine_soup(tmp_path / "ab", [a, b])
     assert out[0].item() == big and out[1].item() == -big
     assert out[2].item() == ((a[2] * 0.5) + (b[2] * 0.5)).item() and math.isfinite(out[2].item())
     assert out[3].item() == 1.5 and out[4].item() == ((a[4] + b[4]) * 0.5).item()
     assert out[5].item() == math.inf and math.isnan(out[6].item())
     # bf16 shares float32's range: a bf16 mask of finfo(bf16).min averages to itself
     mask = torch.full((3,), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
-    assert torch.equal(average_tensors([mask, mask, mask], normalize_weights(None, 3)), mask)
+    assert torch.equal(_engine_soup(tmp_path / "mask", [mask, mask, mask]), mask)
 
 
-def test_accumulation_dtypes() -> None:
+def test_accumulation_dtypes(tmp_path: Path) -> None:
     assert accumulation_dtype(torch.float16) == torch.float32
     assert accumulation_dtype(torch.bfloat16) == torch.float32
     assert accumulation_dtype(torch.float32) == torch.float32
@@ -159,11 +174,11 @@ def test_accumulation_dtypes() -> None:
     # float64 keeps a difference float32 accumulation would lose
     a = torch.tensor([1 + 2**-40], dtype=torch.float64)
     b = torch.tensor([1 + 3 * 2**-40], dtype=torch.float64)
-    assert average_tensors([a, b], [0.5, 0.5]).item() == 1 + 2**-39
+    assert _engine_soup(tmp_path / "f64", [a, b]).item() == 1 + 2**-39
     # --dtype float64 on float32 ingredients accumulates in float64
     one, tiny = torch.tensor([1.0]), torch.tensor([2.0**-30])
-    assert average_tensors([one, tiny], [0.5, 0.5], torch.float64).item() == 0.5 + 2**-31
-    assert average_tensors([one, tiny], [0.5, 0.5]).item() == 0.5  # float32 cannot hold it
+    assert _engine_soup(tmp_path / "to64", [one, tiny], dtype=torch.float64).item() == 0.5 + 2**-31
+    assert _engine_soup(tmp_path / "f32", [one, tiny]).item() == 0.5  # float32 cannot hold it
 
 
 # ---------------------------------------------------------------- streaming == simple, bit for bit
@@ -216,7 +231,7 @@ def _stream(paths, out: Path, weights, dtype=None, chunk_elements=7) -> dict[str
     try:
         plan = align(layouts_of(checkpoints))
         with SoupWriter(out, output_metas(plan, dtype), 10**9, overwrite=True) as writer:
-            stream_merge(checkpoints, plan, weights, writer, dtype=dtype, chunk_elements=chunk_elements)
+            stream_merge(checkpoints, plan, _method(weights), writer, dtype=dtype, chunk_elements=chunk_elements)
             writer.commit()
     finally:
         for c in checkpoints:
@@ -227,8 +242,7 @@ def _stream(paths, out: Path, weights, dtype=None, chunk_elements=7) -> dict[str
 @pytest.mark.parametrize("chunk_elements", [1, 7, 64, 1 << 20])
 def test_stream_merge_equals_simple_path_bit_for_bit(tmp_path: Path, awkward, chunk_elements: int) -> None:
     ingredients, paths = awkward
-    weights = normalize_weights([1, 2, 4], 3)
-    soup = _stream(paths, tmp_path / "soup", weights, chunk_elements=chunk_elements)
+    soup = _stream(paths, tmp_path / "soup", [1, 2, 4], chunk_elements=chunk_elements)
     expected = _simple_soup(ingredients, [1, 2, 4])
     assert set(soup) == set(expected)
     for key in expected:
@@ -241,8 +255,7 @@ def test_stream_merge_equals_simple_path_bit_for_bit(tmp_path: Path, awkward, ch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_stream_merge_with_dtype_override(tmp_path: Path, awkward, dtype: torch.dtype) -> None:
     ingredients, paths = awkward
-    weights = normalize_weights(None, 3)
-    soup = _stream(paths, tmp_path / "soup", weights, dtype=dtype)
+    soup = _stream(paths, tmp_path / "soup", None, dtype=dtype)
     expected = _simple_soup(ingredients, None, dtype)
     for key in expected:
         ck.assert_bit_equal(soup[key], expected[key].contiguous(), key)
@@ -268,8 +281,8 @@ def test_stream_equals_simple_property(tmp_path_factory, shape, count, dtype, we
     folder = tmp_path_factory.mktemp("prop")
     paths = [ck.save_safetensors(sd, folder / f"{i}.safetensors") for i, sd in enumerate(sds)]
     normalised = normalize_weights(weights[:count], count)
-    soup = _stream(paths, folder / "soup", normalised, chunk_elements=chunk)
-    ck.assert_bit_equal(soup["t"], average_tensors([sd["t"] for sd in sds], normalised))
+    soup = _stream(paths, folder / "soup", weights[:count], chunk_elements=chunk)
+    ck.assert_bit_equal(soup["t"], ck.reference_soup([sd["t"] for sd in sds], normalised))
 
 
 # ---------------------------------------------------------------- a RegNet soup from six formats
@@ -463,7 +476,7 @@ def test_tied_weights_align_and_keep_the_first_convention(tmp_path: Path, tied: 
     assert ("lm_head.weight" in soup) == has_head
     embed = "model.embed_tokens.weight"
     sds = [tied["sds"][i] for i in order]
-    expected = average_tensors([sd[embed] for sd in sds], [0.5, 0.5])
+    expected = ck.reference_soup([sd[embed] for sd in sds], [0.5, 0.5])
     ck.assert_bit_equal(soup[embed], expected, embed)
     if has_head:
         ck.assert_bit_equal(soup["lm_head.weight"], expected, "lm_head.weight")

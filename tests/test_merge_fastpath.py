@@ -1,8 +1,9 @@
 """The streaming merge (what the CLI runs) equals the in-memory reference bit for bit.
 
 ``stream_merge`` reads every tensor in chunks into one reused buffer and may be
-tuned for speed (chunk size, threads, read-ahead, write-behind); ``average_tensors`` is the
-simple whole-tensor definition. Whatever the tuning, the soup's bytes must be the
+tuned for speed (chunk size, threads, read-ahead, write-behind);
+:func:`tests.checkpoints.reference_soup` is the whole-tensor definition, written out
+in the tests. Whatever the tuning, the soup's bytes must be the
 same: odd shapes, 0-dim and empty tensors, non-contiguous and shared storages
 (from torch pickles), every floating dtype, integer buffers, ``--dtype``
 overrides, uneven weights and chunk sizes that cut tensors anywhere.
@@ -11,6 +12,7 @@ No timing here: speed is measured by ``benchmarks/run.py``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,9 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import average_tensors, normalize_weights, output_metas, stream_merge
+from hub_soup.merging.engine import output_metas, stream_merge
+from hub_soup.merging.methods import MergeMethod, normalize_weights
+from hub_soup.merging.methods.uniform import Uniform
+from hub_soup.merging.methods.weighted import Weighted
 from hub_soup.merging.plan import MergePlan, align
 from hub_soup.pipeline import layouts_of
+from tests.checkpoints import reference_soup
 from tests.page_cache import cached_fraction_of, evict_or_skip
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,17 +80,21 @@ def _save(states: list[dict[str, torch.Tensor]], folder: Path, fmt: str) -> list
 
 
 def _reference(checkpoints: list[Checkpoint], plan: MergePlan, weights: list[float], dtype: torch.dtype | None):
-    """The soup by definition: whole tensors through ``average_tensors``."""
+    """The soup by definition: whole tensors through ``reference_soup``."""
     out = {}
     metas = output_metas(plan, dtype)
     for t in plan.tensors:
         if t.average:
             whole = [c.read(k).contiguous() for c, k in zip(checkpoints, t.sources)]
-            out[t.key] = average_tensors(whole, weights, dtype)
+            out[t.key] = reference_soup(whole, weights, dtype)
         else:  # integers, bools and excluded keys: the first ingredient's (floats in --dtype)
             out[t.key] = checkpoints[0].read(t.sources[0]).to(metas[t.key].dtype)
         assert out[t.key].dtype == metas[t.key].dtype
     return out
+
+
+def _method(weights: list[float] | None) -> MergeMethod:
+    return Uniform() if weights is None else Weighted(weights=weights)
 
 
 def _merge(paths: list[Path], out: Path, weights: list[float] | None, dtype: torch.dtype | None, chunk: int,
@@ -95,7 +105,9 @@ def _merge(paths: list[Path], out: Path, weights: list[float] | None, dtype: tor
         plan = align(layouts_of(checkpoints), exclude)
         normalized = normalize_weights(weights, len(checkpoints))
         with SoupWriter(out, output_metas(plan, dtype), max_shard) as writer:
-            stats = stream_merge(checkpoints, plan, normalized, writer, dtype=dtype, chunk_elements=chunk, **options)
+            stats = stream_merge(
+                checkpoints, plan, _method(weights), writer, dtype=dtype, chunk_elements=chunk, **options
+            )
             writer.commit()
         assert stats.bytes_written == sum(m.nbytes for m in output_metas(plan, dtype).values())
         expected = _reference(checkpoints, plan, normalized, dtype)
@@ -104,12 +116,21 @@ def _merge(paths: list[Path], out: Path, weights: list[float] | None, dtype: tor
             c.close()
     got: dict[str, torch.Tensor] = {}
     for shard in sorted(out.glob("*.safetensors")):
-        got.update(load_file(shard))
+        tensors = load_file(shard)  # in an order of its own: take the file's
+        got.update({key: tensors[key] for key in _stored_order(shard)})
     return got, expected
 
 
+def _stored_order(shard: Path) -> list[str]:
+    """The tensors of a safetensors file in the order their bytes lie in it."""
+    with open(shard, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda key: header[key]["data_offsets"])
+
+
 def _assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()  # load_file orders keys its own way: compare the sets
+    assert list(got) == list(expected)  # every tensor, written in the plan's order
     for key, want in expected.items():
         have = got[key]
         assert have.dtype == want.dtype and have.shape == want.shape, key
@@ -171,7 +192,7 @@ def test_ingredients_read_around_the_page_cache_do_not_change_a_bit(
         evict_or_skip(paths)  # after the headers were read (their read-ahead takes in small files whole)
         weights = normalize_weights(given, 3)
         with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
-            stream_merge(checkpoints, plan, weights, writer, chunk_elements=chunk, read_ahead=read_ahead)
+            stream_merge(checkpoints, plan, _method(given), writer, chunk_elements=chunk, read_ahead=read_ahead)
             writer.commit()
         for path in paths:
             assert cached_fraction_of(path) < 0.5, path.name
@@ -179,7 +200,8 @@ def test_ingredients_read_around_the_page_cache_do_not_change_a_bit(
     finally:
         for c in checkpoints:
             c.close()
-    _assert_bit_identical(load_file(tmp_path / "soup" / "model.safetensors"), expected)
+    shard = tmp_path / "soup" / "model.safetensors"
+    _assert_bit_identical({key: load_file(shard)[key] for key in _stored_order(shard)}, expected)
 
 
 def test_excluded_keys_are_copied_and_converted(tmp_path: Path) -> None:
@@ -208,7 +230,7 @@ def test_a_read_error_in_the_reader_threads_reaches_the_caller(tmp_path: Path) -
             pytest.raises(CheckpointFormatError, match="truncated"),
             SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer,
         ):
-            stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000, read_ahead=4)
+            stream_merge(checkpoints, plan, Uniform(), writer, chunk_elements=1000, read_ahead=4)
     finally:
         for c in checkpoints:
             c.close()
@@ -239,7 +261,7 @@ def test_a_write_error_in_the_writer_thread_reaches_the_caller(tmp_path: Path) -
         plan = align(layouts_of(checkpoints))
         writer = FullDisk()
         with pytest.raises(OSError, match="No space left"):
-            stream_merge(checkpoints, plan, normalize_weights(None, 3), writer, chunk_elements=1000)  # type: ignore[arg-type]
+            stream_merge(checkpoints, plan, Uniform(), writer, chunk_elements=1000)  # type: ignore[arg-type]
     finally:
         for c in checkpoints:
             c.close()
@@ -265,7 +287,7 @@ def test_similarity_fed_by_the_merge_equals_its_own_pass(tmp_path: Path) -> None
         plan = align(layouts_of(checkpoints))
         gram = GramAccumulator(len(checkpoints), sample_per_tensor=500)
         with SoupWriter(tmp_path / "soup", output_metas(plan, None), 10**9) as writer:
-            stream_merge(checkpoints, plan, normalize_weights(None, 4), writer, chunk_elements=77, gram=gram)
+            stream_merge(checkpoints, plan, Uniform(), writer, chunk_elements=77, gram=gram)
         streamed = gram.similarity([c.label for c in checkpoints])
         separate = weight_similarity(checkpoints, plan, sample_per_tensor=500)
     finally:
@@ -313,8 +335,8 @@ def test_non_contiguous_and_shared_storages(tmp_path: Path) -> None:
     paths = _save(states, tmp_path, "pt")
     got, expected = _merge(paths, tmp_path / "soup", [0.5, 0.25, 0.25], None, 13)
     _assert_bit_identical(got, expected)
-    for key in ("transposed", "strided", "offset_view"):  # the reference itself is the plain definition
-        manual = average_tensors([s[key].contiguous() for s in states], [0.5, 0.25, 0.25])
+    for key in ("transposed", "strided", "offset_view"):  # the views' values, not their storages, are averaged
+        manual = reference_soup([s[key].contiguous() for s in states], [0.5, 0.25, 0.25])
         assert torch.equal(got[key].view(torch.uint8), manual.contiguous().view(torch.uint8))
 
 

@@ -56,7 +56,8 @@ def diagnose_command(args: argparse.Namespace) -> int:
     resolved = [resolve_ref(r, token=args.token) for r in refs]
     checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
     try:
-        plan = align(layouts_of(checkpoints), args.exclude)
+        layouts = layouts_of(checkpoints)
+        plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
         evaluator = Evaluator(
             spec, checkpoints[0], device=device_for(args.device), trust_remote_code=args.trust_remote_code
         )

@@ -14,8 +14,8 @@ moved far from their base relative to its own norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,8 @@ import torch
 from hub_soup.errors import EvalError
 from hub_soup.eval.evaluate import Evaluator, Score
 from hub_soup.io.read import Checkpoint
-from hub_soup.merging.engine import average_tensors
+from hub_soup.merging.engine import merged_state_dict
+from hub_soup.merging.methods.weighted import Weighted
 from hub_soup.merging.plan import MergePlan, TensorPlan
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, Similarity, weight_similarity
 
@@ -193,29 +194,33 @@ def diagnose(
 
     Args:
         a, b: the two ingredients (alpha 0 is ``a``).
-        plan: the alignment of ``[a, b]``, or of ``[a, b, base]`` when ``base`` is given.
+        plan: the alignment of ``[a, b]``, with ``base`` in the base role when it is given
+            (``align([a, b], base=base)``).
         evaluator: scores every point (built with ``a`` as reference).
         alphas: where to evaluate, each in [0, 1]; sorted, and 0 and 1 are always included.
         base: the checkpoint both were fine-tuned from, for distances relative to its norm.
         plot_path: write the curve as a PNG there.
         recalibrate_bn_batches: also score every point with BatchNorm recalibrated on this many batches.
     """
-    checkpoints = [a, b] + ([base] if base is not None else [])
-    if len(plan.tensors[0].sources) != len(checkpoints):
+    if len(plan.tensors[0].sources) != 2:
         raise EvalError(
-            f"the merge plan aligns {len(plan.tensors[0].sources)} checkpoints, diagnose got {len(checkpoints)}",
-            hint="align [a, b], or [a, b, base] when a base is given",
+            f"the merge plan aligns {len(plan.tensors[0].sources)} ingredients, diagnose compares 2",
+            hint="align [a, b] (with base=... for a base)",
+        )
+    if (base is None) != (plan.base is None):
+        raise EvalError(
+            "diagnose got a base and a plan without one" if base is not None else
+            f"the merge plan aligns the base {plan.base}, but diagnose got no base",
+            hint="align [a, b] with base=... exactly when diagnose gets a base",
         )
     if any(not 0.0 <= alpha <= 1.0 for alpha in alphas):
         raise EvalError(f"alphas must lie in [0, 1], got {list(alphas)}")
     alphas = sorted({0.0, 1.0, *map(float, alphas)})
-    first = {t.key: a.read(t.sources[0]) for t in plan.tensors}
-    second = {t.key: b.read(t.sources[1]) for t in plan.tensors if t.average}
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
     curve: Curve = []
     recalibrated_curve: Curve = []
     for alpha in alphas:
-        soup = interpolate(first, second, plan, alpha)
+        soup = interpolate(a, b, plan, alpha)
         curve.append((alpha, evaluator.score_state_dict(soup)))
         if batches is not None:
             recalibrated = evaluator.recalibrated(soup, batches)
@@ -224,26 +229,31 @@ def diagnose(
     report = DiagnoseReport(
         labels=(a.label, b.label),
         curve=curve,
-        similarity=weight_similarity(checkpoints, plan),
+        similarity=weight_similarity([a, b, *([base] if base is not None else [])], _base_as_last(plan)),
         curve_recalibrated=recalibrated_curve or None,
     )
     if base is not None:
         report.base_label = base.label
-        report.base_distances = _distances_from_base(plan, [first, second], [a.label, b.label], base)
+        report.base_distances = _distances_from_base(plan, [a, b], base)
     if plot_path is not None:
         report.plot_path = plot_curve(report, Path(plot_path))
     return report
 
 
-def interpolate(
-    first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], plan: MergePlan, alpha: float
-) -> dict[str, torch.Tensor]:
-    """``(1 - alpha) * first + alpha * second`` with the merge's arithmetic, in ``first``'s dtypes;
-    tensors the plan does not average are ``first``'s, as in every soup."""
-    return {
-        t.key: average_tensors([first[t.key], second[t.key]], [1.0 - alpha, alpha]) if t.average else first[t.key]
-        for t in plan.tensors
-    }
+def interpolate(a: Checkpoint, b: Checkpoint, plan: MergePlan, alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * a + alpha * b``: the weighted soup the engine streams, in ``a``'s dtypes;
+    tensors the plan does not average are ``a``'s, as in every soup."""
+    return merged_state_dict([a, b], plan, Weighted(weights=[1.0 - alpha, alpha]))
+
+
+def _base_as_last(plan: MergePlan) -> MergePlan:
+    """``plan`` with its base (if any) as a third ingredient, for the weight similarity of all three."""
+    if plan.base is None:
+        return plan
+    return replace(plan, base=None, tensors=[
+        # a tensor that is not averaged has no base source, and weight similarity never reads it
+        replace(t, sources=(*t.sources, t.base_source or t.sources[0]), base_source=None) for t in plan.tensors
+    ])
 
 
 def plot_curve(report: DiagnoseReport, path: Path) -> Path:
@@ -369,18 +379,17 @@ def _compared(tensor: TensorPlan) -> bool:
     return tensor.average and len(tensor.meta.shape) >= 2
 
 
-def _distances_from_base(
-    plan: MergePlan, ingredients: Sequence[Mapping[str, torch.Tensor]], labels: Sequence[str], base: Checkpoint
-) -> dict[str, float]:
+def _distances_from_base(plan: MergePlan, ingredients: Sequence[Checkpoint], base: Checkpoint) -> dict[str, float]:
     """``||x - base|| / ||base||`` over the compared tensors, in float64: how far each fine-tune moved."""
     squared = [0.0] * len(ingredients)
     base_squared = 0.0
     for tensor in plan.tensors:
         if not _compared(tensor):
             continue
-        reference = base.read(tensor.sources[2]).double()
+        assert tensor.base_source is not None
+        reference = base.read(tensor.base_source).double()
         base_squared += float(reference.square().sum())
-        for n, ingredient in enumerate(ingredients):
-            squared[n] += float((ingredient[tensor.key].double() - reference).square().sum())
+        for n, (ingredient, key) in enumerate(zip(ingredients, tensor.sources)):
+            squared[n] += float((ingredient.read(key).double() - reference).square().sum())
     norm = math.sqrt(base_squared)
-    return {label: math.sqrt(s) / norm if norm else math.inf for label, s in zip(labels, squared)}
+    return {c.label: math.sqrt(s) / norm if norm else math.inf for c, s in zip(ingredients, squared)}

@@ -7,8 +7,13 @@ Uniform soups of fine-tunes that ended up in different basins can score below
 their best ingredient; greedy never does on the held-out split, and its table
 shows which ingredient would have hurt and by how much.
 
-Memory stays at a running float32 sum of the kept ingredients plus one candidate:
-each step reads only the new ingredient. With BatchNorm recalibration every
+Each candidate soup (the kept ingredients plus the next one, in recipe order) is
+made by the streamed engine from the ingredients' files, exactly as the soup of
+those ingredients alone would be written (:func:`hub_soup.merging.engine.merged_state_dict`),
+so the soup greedy scores is bit for bit the soup a recipe of the kept ingredients
+streams. That re-reads the kept ingredients at every step (from the page cache,
+for models that fit in it) instead of keeping a running sum: exactness, and memory
+of one soup instead of a running sum plus its clone. With BatchNorm recalibration every
 candidate soup is recalibrated before it is judged, so an ingredient is kept or
 dropped on the soup it would really make (averaged running statistics are not the
 statistics of the averaged network). The recalibrated statistics are kept only
@@ -19,15 +24,16 @@ a choice made on held-out data, so the soup never scores below its start.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from hub_soup.eval.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
-from hub_soup.merging.engine import accumulation_dtype, weighted_sum_
 
 Loader = Callable[[int], dict[str, torch.Tensor]]
+# The soup of the ingredients at the given indices (in recipe order), as the engine streams it.
+SoupMaker = Callable[[Sequence[int]], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -152,51 +158,40 @@ def greedy_soup(
     load: Loader,
     evaluator: Evaluator,
     *,
-    average_keys: set[str],
+    soup_of: SoupMaker,
     recalibrate_bn_batches: int | None = None,
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
-    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
     Args:
         labels: the ingredients' names, in recipe order.
         load: ``load(i)`` returns ingredient ``i``'s aligned state dict (canonical keys,
-            original dtypes); called twice per ingredient at most (score, then add).
+            original dtypes); called once per ingredient, to score it.
         evaluator: scores on the held-out split that selection uses.
-        average_keys: keys to average; every other key comes from ingredient 0, as in
-            the streamed merge (integers, excluded keys).
+        soup_of: ``soup_of(indices)`` makes the soup of the ingredients at ``indices`` (sorted,
+            recipe order) through the engine, in the dtypes it is written in, as a recipe of
+            those ingredients alone would (uniform: tensors not averaged from the first of them).
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
-        dtypes: the soup's dtype of each key (:func:`hub_soup.merging.engine.output_metas`), so candidates
-            are scored as they will be written; ``None`` keeps ingredient 0's.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, average_keys, dtypes)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches)
     order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
-    running: dict[str, torch.Tensor] = {}  # sum of the kept ingredients' averaged tensors
     kept = [False] * len(labels)
     steps: list[GreedyStep] = []
     best: _Candidate | None = None
     for i in order:
-        state_dict = load(i)
-        totals = {}
-        for key in average_keys:
-            if running:  # the kept ingredients' sum plus this one
-                totals[key] = running[key].clone()
-                weighted_sum_(totals[key], state_dict[key], 1.0, torch.empty_like(totals[key]), first=False)
-            else:  # the best ingredient starts the sum
-                totals[key] = state_dict[key].to(accumulation_dtype(pass_.dtypes[key]), copy=True)
-        members = sum(kept) + 1
-        candidate = _judge(pass_.soup_of({k: t / members for k, t in totals.items()}), evaluator, batches)
+        members = [j for j in range(len(labels)) if kept[j] or j == i]
+        candidate = _judge(soup_of(members), evaluator, batches)
         keep = best is None or candidate.score.at_least(best.score)
         steps.append(
             GreedyStep(i, labels[i], pass_.scores[i], candidate.score, keep, candidate.before_bn, candidate.after_bn)
         )
         if keep:
-            running, kept[i], best = totals, True, candidate
+            kept[i], best = True, candidate
     assert best is not None
     return pass_.report(steps, kept, best, "greedy")
 
@@ -215,7 +210,7 @@ def score_soup(
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
     Args:
-        soup: the soup's state dict (e.g. from :func:`hub_soup.merging.engine.average_tensors`).
+        soup: the soup's state dict (from :func:`hub_soup.merging.engine.merged_state_dict`).
         method: how the soup was made, for the table (``uniform``, ``weighted``).
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.
@@ -262,7 +257,7 @@ def _formatted(score: Score | None) -> str:
 
 class _IngredientPass:
     """Reads every ingredient once: scores it (and keeps its outputs for the ensemble, and its
-    test score) and keeps what the soup needs of ingredient 0 (dtypes, tensors not averaged).
+    test score).
 
     With recalibration ``batches``, each ingredient is judged as a soup is (recalibrated BN
     statistics kept where they do not lower its score): a soup that may recompute its
@@ -277,8 +272,6 @@ class _IngredientPass:
         test_evaluator: Evaluator | None,
         ensemble: bool,
         batches: list[Inputs] | None,
-        average_keys: Collection[str] = (),
-        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         self.labels = list(labels)
         self.evaluator = evaluator
@@ -291,9 +284,6 @@ class _IngredientPass:
         self.ensemble = ensemble
         for i in range(len(labels)):
             state_dict = load(i)
-            if i == 0:
-                self.dtypes = {k: dtypes[k] if dtypes else v.dtype for k, v in state_dict.items()}
-                self.fixed = {k: v.to(self.dtypes[k]) for k, v in state_dict.items() if k not in average_keys}
             if self.as_saved is None:
                 self.scores.append(self._score(evaluator, state_dict, self.outputs))
             else:
@@ -313,11 +303,6 @@ class _IngredientPass:
             return evaluator.score_state_dict(state_dict)
         outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
         return evaluator.score_outputs(outputs[-1])
-
-    def soup_of(self, averaged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A soup state dict in ingredient 0's key order and the soup's dtypes: averaged tensors
-        cast to them, the rest ingredient 0's own."""
-        return {k: averaged[k].to(dtype) if k in averaged else self.fixed[k] for k, dtype in self.dtypes.items()}
 
     def report(self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str) -> GreedyReport:
         ensemble_score = None

@@ -70,6 +70,7 @@ def build_card(
     name: str,
     ingredients: Sequence[ResolvedRef],
     weights: Sequence[float],
+    base: ResolvedRef | None = None,
     kept: Sequence[bool],
     config: dict[str, Any] | None,
     recipe_yaml: str,
@@ -89,6 +90,8 @@ def build_card(
         repo_id: where the soup will live (used in the loading snippet).
         name: the soup's name when it has no repo yet (its output folder's name).
         ingredients: every ingredient, pinned.
+        base: the base model of a method that needs one, pinned: listed first among
+            ``base_model`` (the model tree shows the soup under it too, as mergekit's cards do).
         weights: the normalised weight of each kept ingredient (aligned with the kept ones).
         kept: which ingredients went into the soup (a greedy soup drops some).
         config: the soup's ``config.json`` (decides timm vs transformers instructions).
@@ -106,7 +109,9 @@ def build_card(
     pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
     soup_scores = [s.score for s in scores if s.model == "soup"]
     data = ModelCardData(
-        base_model=[r.repo_id for r, k in zip(ingredients, kept) if k and r.repo_id] or None,
+        base_model=[
+            r.repo_id for r, k in [(base, True), *zip(ingredients, kept)] if k and r is not None and r.repo_id
+        ] or None,
         base_model_relation="merge",
         library_name=library,
         pipeline_tag=pipeline_tag,
@@ -149,14 +154,16 @@ def build_card(
     ]
     weight_of = iter(weights)
     for i, (ref, used) in enumerate(zip(ingredients, kept)):
-        where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.label}`"
-        sha = f"`{ref.sha[:12]}`" if ref.sha else "local"
+        where, sha = _model_cell(ref)
         weight = f"{next(weight_of):.4f}" if used else "-"
         row = f"| {i} | {where} | {sha} | {weight} | {'yes' if used else 'no'} |"
         if len(scores) > 1:
             match = next((s.score for s in scores if s.model == ref.label), None)
             row += f" {match.value:.4f} |" if match else " |"
         lines.append(row)
+    if base is not None:
+        where, sha = _model_cell(base)
+        lines += ["", f"Base model (the ingredients' common start, used by the {method} method): {where} at {sha}"]
     if scores:
         lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += score_rows(scores)
@@ -170,6 +177,12 @@ def build_card(
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _model_cell(ref: ResolvedRef) -> tuple[str, str]:
+    """How the card names a model (a link to its Hub page, or its local label) and its commit."""
+    where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.label}`"
+    return where, f"`{ref.sha[:12]}`" if ref.sha else "local"
 
 
 def arithmetic(plan: MergePlan, dtype: str | None) -> str:

@@ -1,14 +1,13 @@
-"""Average the ingredients, tensor by tensor and chunk by chunk.
+"""Merge the ingredients, tensor by tensor and chunk by chunk: the one place tensors are combined.
 
-The arithmetic is defined once, in :func:`average_into_`: with equal weights
-(the default soup) the ingredients are summed and the sum multiplied by the
-weight once; with other weights each ingredient is multiplied by its weight
-and added to the sum. Every step is a single IEEE-rounded elementwise op. The
-in-memory path (:func:`average_tensors`, used by evaluation and as the
-reference in tests) applies it to whole tensors; the streaming path
-(:func:`stream_merge`, what the CLI runs) applies it to cache-sized blocks of
-each chunk. Nothing depends on where a tensor is cut or on the CPU's vector
-width, so the two paths agree bit for bit.
+A merge method (:mod:`hub_soup.merging.methods`) says what each soup element is,
+in a kernel over cache-sized blocks; :func:`stream_merge` feeds it. The soup that
+is written (into a :class:`~hub_soup.io.write.SoupWriter`) and the soups that are
+scored in memory (:func:`merged_state_dict`, for evaluation, greedy and diagnose)
+run this same loop with the same chunks and blocks, into different sinks, so a
+scored soup is the written one bit for bit by construction. The built-in kernels
+do not even depend on where a tensor is cut: every step is a single IEEE-rounded
+elementwise op.
 
 Floating tensors, parameters and buffers alike (BatchNorm running stats
 included), are accumulated in float32 (float64 stays float64) and written back
@@ -19,15 +18,15 @@ where an fp16 sum would. Integer and bool tensors (``num_batches_tracked``,
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from huggingface_hub.utils import tqdm
@@ -36,8 +35,8 @@ from hub_soup.errors import RecipeError
 from hub_soup.io import direct_io
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.io.write import SoupWriter
-from hub_soup.merging.plan import MergePlan
+from hub_soup.merging.methods import MergeMethod
+from hub_soup.merging.plan import MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
 
 # Input bytes of one chunk position (every ingredient's chunk of the same
@@ -68,109 +67,9 @@ READ_WORKERS = 2
 WRITE_BEHIND = 4
 
 
-def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """Weights that sum to one (uniform when ``None``); refuses negative or all-zero weights."""
-    if weights is None:
-        return [1.0 / count] * count
-    if len(weights) != count:
-        raise RecipeError(f"got {len(weights)} weights for {count} ingredients", hint="give one weight per ingredient")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise RecipeError(f"weights must be finite, non-negative and not all zero: {list(weights)}")
-    total = math.fsum(weights)
-    return [w / total for w in weights]
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def weighted_sum_(
-    acc: torch.Tensor, chunk: torch.Tensor, weight: float | torch.Tensor, scratch: torch.Tensor, first: bool
-) -> None:
-    """``acc += weight * chunk`` (``acc = ...`` when ``first``), each op rounded once in acc's dtype.
-
-    ``chunk`` may be any floating dtype; ``scratch`` is a buffer like ``acc``.
-    Not ``acc.add_(chunk, alpha=weight)``: a fused multiply-add rounds once
-    where the scalar tail of the kernel rounds twice, so results would depend
-    on where chunks end.
-    """
-    if first:
-        acc.copy_(chunk)
-        acc.mul_(weight)
-    else:
-        scratch.copy_(chunk)
-        scratch.mul_(weight)
-        acc.add_(scratch)
-
-
-def is_uniform(weights: Sequence[float]) -> bool:
-    """All weights equal: :func:`average_into_` then sums first and multiplies once."""
-    return all(w == weights[0] for w in weights)
-
-
-def average_into_(
-    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float] | Sequence[torch.Tensor],
-    scratch: torch.Tensor, uniform: bool,
-) -> None:
-    """``acc`` = the weighted average of ``parts``: the definition of a soup's tensor.
-
-    Equal weights (``uniform``): ``(p0 + p1 + ...) * w``. That is one multiplication
-    instead of one per ingredient, 20% less time for the merge's arithmetic
-    (measured, benchmarks/NOTES.md), and one rounding fewer per ingredient.
-    Elements whose sum leaves the accumulator's range (values near float32's
-    maximum, such as a mask filled with ``finfo.min``) take the weighted form,
-    where each value is scaled before the sum; the check costs one ``sum`` of
-    ``acc`` and is conservative (a finite total means every element's sum is finite).
-    Other weights: ``w0 * p0 + w1 * p1 + ...`` (:func:`_multiply_first_`).
-
-    ``parts`` may be of any floating dtype; ``acc`` and ``scratch`` are alike.
-    """
-    if not uniform:
-        _multiply_first_(acc, parts, weights, scratch)
-        return
-    acc.copy_(parts[0])
-    for part in parts[1:]:
-        scratch.copy_(part)
-        acc.add_(scratch)
-    if math.isfinite(acc.sum()):
-        acc.mul_(weights[0])
-        return
-    finite = torch.isfinite(acc)
-    acc.mul_(weights[0])
-    weighted = torch.empty_like(acc)
-    _multiply_first_(weighted, parts, weights, scratch)
-    acc.copy_(torch.where(finite, acc, weighted))
-
-
-def _multiply_first_(
-    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float | torch.Tensor],
-    scratch: torch.Tensor,
-) -> None:
-    """``acc = w0 * p0 + w1 * p1 + ...``, one :func:`weighted_sum_` per part."""
-    for i, (part, weight) in enumerate(zip(parts, weights)):
-        weighted_sum_(acc, part, weight, scratch, first=i == 0)
-
-
-def weight_scalars(weights: Sequence[float], dtype: torch.dtype, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """The weights as 0-dim tensors of the accumulator's dtype, for :func:`average_into_`.
-
-    ``t.mul_(w)`` gives the same bits for a Python float and for a 0-dim tensor of
-    ``t``'s dtype (both multiply in that dtype, tests check), but the tensor skips
-    a slow wrapped-scalar path: 3-5x faster on cache-sized blocks.
-    """
-    return [torch.tensor(w, dtype=dtype, device=device) for w in weights]
-
-
-def average_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weighted average of whole tensors through :func:`average_into_`: the definition,
-    which :func:`stream_merge` matches bit for bit (tests check). ``weights`` already normalised."""
-    out_dtype = dtype or tensors[0].dtype
-    acc_dtype = accumulation_dtype(tensors[0].dtype if dtype is None else max_precision(tensors[0].dtype, dtype))
-    acc = torch.empty(tensors[0].shape, dtype=acc_dtype)
-    scratch = torch.empty_like(acc)
-    average_into_(acc, tensors, weights, scratch, is_uniform(weights))
-    return acc.to(out_dtype)
 
 
 def max_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -215,12 +114,24 @@ def chunk_elements_for(checkpoints: Sequence[Checkpoint]) -> int:
     return max(MIN_CHUNK_ELEMENTS, per_row // BLOCK_ELEMENTS * BLOCK_ELEMENTS)
 
 
+class Sink(Protocol):
+    """Where :func:`stream_merge` puts the soup: a :class:`~hub_soup.io.write.SoupWriter`, or memory."""
+
+    def begin(self, key: str) -> None:
+        """The next chunks are tensor ``key``'s, in order."""
+
+    def write(self, chunk: torch.Tensor) -> None:
+        """The next elements of the current tensor, flat, in its output dtype."""
+
+
 def stream_merge(
     checkpoints: Sequence[Checkpoint],
     plan: MergePlan,
-    weights: Sequence[float],
-    writer: SoupWriter,
+    method: MergeMethod,
+    sink: Sink,
     dtype: torch.dtype | None = None,
+    *,
+    base: Checkpoint | None = None,
     device: torch.device | str = "cpu",
     chunk_elements: int | None = None,
     threads: int | None = None,
@@ -229,62 +140,78 @@ def stream_merge(
     write_behind: int = WRITE_BEHIND,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> MergeStats:
-    """Average ``checkpoints`` along ``plan`` into ``writer``, never holding more than a chunk per ingredient.
+    """Merge ``checkpoints`` along ``plan`` with ``method`` into ``sink``, never holding more than a chunk per input.
 
     Three things overlap: reader threads fill the next chunk positions (every
-    ingredient's chunk of the same elements) with ``preadv`` (``O_DIRECT`` for
-    files not in the page cache, see :mod:`hub_soup.io.direct_io`), this thread
-    averages the current one, cache-sized block by block, and a writer thread
-    writes the previous soup chunks. Reads and writes are memory copies in the
+    input's chunk of the same elements: each ingredient's, and the base's when
+    the method needs it) with ``preadv`` (``O_DIRECT`` for files not in the page
+    cache, see :mod:`hub_soup.io.direct_io`), this thread runs the method's kernel
+    on the current one, cache-sized block by block, and a writer thread hands the
+    previous soup chunks to ``sink``. Reads and writes are memory copies in the
     kernel that release the GIL. Memory does not grow with the model or the
     number of ingredients: the read slots, the accumulator and the write slots
-    are a few MiB, reused for everything.
+    are a few MiB, reused for everything. A method with a statistics pass
+    (:attr:`~hub_soup.merging.methods.MergeMethod.has_statistics`) reads each
+    averaged tensor twice, through the same read-ahead: once to observe, once to merge.
 
     Args:
-        weights: one per checkpoint, already normalised.
-        chunk_elements: elements per ingredient and position (default: :func:`chunk_elements_for`).
+        method: the merge method, with its parameters and weights (one per checkpoint).
+        dtype: every floating tensor's output dtype (default: each tensor's own).
+        base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one.
+        chunk_elements: elements per input and position (default: :func:`chunk_elements_for`).
         threads: torch threads for the arithmetic (default ``$HUB_SOUP_THREADS`` or 1).
         gram: if given, the shared-initialization check is fed from the chunks as they
             pass (see :class:`~hub_soup.merging.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
         write_behind: soup chunks that may wait for the writer thread (at least 1).
-        block_elements: elements the arithmetic works on at a time (on the CPU).
+        block_elements: elements the kernel works on at a time (on the CPU).
     """
+    _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
     start_time = time.perf_counter()
     count = len(checkpoints)
-    chunk_elements = chunk_elements or chunk_elements_for(checkpoints)
+    inputs = [*checkpoints, *([base] if base is not None else [])]
+    chunk_elements = chunk_elements or chunk_elements_for(inputs)
     # The block is about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
     block_elements = min(block_elements, chunk_elements) if device.type == "cpu" else chunk_elements
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
-    scalars = {d: weight_scalars(weights, d, device) for d in buffers}
-    uniform = is_uniform(weights)
-    total_read = sum(t.meta.nbytes * (count if t.average else 1) for t in plan.tensors)
+    passes = 2 if method.has_statistics else 1
+    total_read = sum(
+        t.meta.nbytes * (len(inputs) * passes if t.average else 1) for t in plan.tensors
+    )
     bytes_read = 0
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
     reader = _ReadAhead(
-        _positions(checkpoints, plan, chunk_elements), count, chunk_elements * _widest(_input_metas(checkpoints)), read_ahead
+        _positions(checkpoints, base, plan, chunk_elements, passes), len(inputs),
+        chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with _WriteBehind(writer, chunk_elements * _widest(metas.values()), max(write_behind, 1)) as out, tqdm(
+        with _WriteBehind(sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)) as out, tqdm(
             total=total_read, unit="B", unit_scale=True, desc="merging"
         ) as bar:
             for tensor in plan.tensors:
+                statistics = None
+                if tensor.average and passes == 2:
+                    statistics = method.start_statistics()
+                    for _ in range(0, tensor.meta.numel, chunk_elements):
+                        chunks = reader.next()
+                        statistics = method.observe(statistics, chunks[:count], chunks[count] if base else None)
+                        bytes_read += sum(chunk.nbytes for chunk in chunks)
+                        reader.release()
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
                 acc_dtype = accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype))
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 for begin in range(0, tensor.meta.numel, chunk_elements):
                     chunks = reader.next()
-                    size = chunks[0].numel()
-                    soup = out.slot(size, out_dtype)
+                    soup = out.slot(chunks[0].numel(), out_dtype)
                     if tensor.average:
                         if begin < sample:
-                            gram.add(torch.stack([c[: sample - begin] for c in chunks]))  # type: ignore[union-attr]
-                        _average_chunks(chunks, scalars[acc_dtype], buffers[acc_dtype], soup, uniform)
+                            gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
+                        _merge_chunks(method, chunks, count, buffers[acc_dtype], soup, statistics)
                     else:
                         soup.copy_(chunks[0])
                     out.submit()
@@ -297,17 +224,36 @@ def stream_merge(
     return _stats(plan, metas, bytes_read, start_time)
 
 
-def _average_chunks(
-    chunks: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], buffers: tuple[torch.Tensor, torch.Tensor],
-    soup: torch.Tensor, uniform: bool,
+def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, base: Checkpoint | None) -> None:
+    """The inputs fit the plan and the method: one checkpoint per aligned ingredient, a base exactly when needed."""
+    aligned = len(plan.tensors[0].sources) if plan.tensors else len(checkpoints)
+    if aligned != len(checkpoints):
+        raise RecipeError(f"the merge plan aligns {aligned} ingredients, the merge got {len(checkpoints)}")
+    if method.needs_base and (base is None or plan.base is None):
+        raise RecipeError(
+            f"method {method.name} needs a base model, aligned in the plan's base role",
+            hint="give the recipe a base: (the model the ingredients were fine-tuned from)",
+        )
+    if base is not None and not method.needs_base:
+        raise RecipeError(f"method {method.name} uses no base model, got {base.label}", hint="drop the base")
+
+
+def _merge_chunks(
+    method: MergeMethod, chunks: Sequence[torch.Tensor], count: int, buffers: tuple[torch.Tensor, torch.Tensor],
+    soup: torch.Tensor, statistics: Any,
 ) -> None:
-    """``soup`` = the average of ``chunks``, block by block through :func:`average_into_` (the definition)."""
+    """``soup`` = the method's soup of one position: ``chunks`` are the ``count`` ingredients' (then the base's),
+    merged block by block, each block's result copied out of the cache-sized accumulator."""
     acc_buffer, scratch_buffer = buffers
     size = soup.numel()
+    with_base = len(chunks) > count
     for start in range(0, size, acc_buffer.numel()):
         end = min(start + acc_buffer.numel(), size)
         acc = acc_buffer[: end - start]
-        average_into_(acc, [chunk[start:end] for chunk in chunks], weights, scratch_buffer[: end - start], uniform)
+        method.kernel(
+            acc, [chunk[start:end] for chunk in chunks[:count]], scratch=scratch_buffer[: end - start],
+            base=chunks[count][start:end] if with_base else None, statistics=statistics,
+        )
         soup[start:end].copy_(acc)  # copy_ crosses devices
 
 
@@ -329,27 +275,41 @@ def aligned_state_dict(checkpoint: Checkpoint, plan: MergePlan, index: int) -> d
     return {t.key: checkpoint.read(t.sources[index]).reshape(t.meta.shape) for t in plan.tensors}
 
 
+class _StateDictSink:
+    """A :class:`Sink` that keeps the soup in memory: each tensor filled chunk by chunk, in its output dtype."""
+
+    def __init__(self, metas: dict[str, TensorMeta]) -> None:
+        self._metas = metas
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._flat = torch.empty(0)
+        self._filled = 0
+
+    def begin(self, key: str) -> None:
+        meta = self._metas[key]
+        self.tensors[key] = torch.empty(meta.shape, dtype=meta.dtype)
+        self._flat, self._filled = self.tensors[key].view(-1), 0
+
+    def write(self, chunk: torch.Tensor) -> None:
+        self._flat[self._filled : self._filled + chunk.numel()].copy_(chunk)
+        self._filled += chunk.numel()
+
+
 def merged_state_dict(
-    checkpoints: Sequence[Checkpoint], plan: MergePlan, weights: Sequence[float],
-    metas: Mapping[str, TensorMeta] | None = None,
+    checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, dtype: torch.dtype | None = None,
+    **options: Any,
 ) -> dict[str, torch.Tensor]:
-    """The soup in memory, tensor by tensor, with the same arithmetic and output dtypes as
-    :func:`stream_merge` (``metas`` from :func:`output_metas`; default: each tensor's own dtype),
-    so an evaluated soup is the streamed one."""
-    metas = metas if metas is not None else output_metas(plan, None)
-    soup: dict[str, torch.Tensor] = {}
-    for t in plan.tensors:
-        out = metas[t.key].dtype
-        if t.average:
-            tensor = average_tensors([c.read(k) for c, k in zip(checkpoints, t.sources)], weights, out)
-        else:
-            tensor = checkpoints[0].read(t.sources[0]).to(out)
-        soup[t.key] = tensor.reshape(t.meta.shape)
-    return soup
+    """The soup in memory, made by :func:`stream_merge` itself (same chunks, blocks and kernel, into
+    memory instead of a writer), so the soup that is scored is the soup that is streamed, bit for bit.
+
+    ``options`` are :func:`stream_merge`'s (``base``, ``device``, ``chunk_elements``, ...).
+    """
+    sink = _StateDictSink(output_metas(plan, dtype))
+    stream_merge(checkpoints, plan, method, sink, dtype, **options)
+    return sink.tensors
 
 
 def write_state_dict(
-    state_dict: dict[str, torch.Tensor], plan: MergePlan, metas: dict[str, TensorMeta], writer: SoupWriter
+    state_dict: dict[str, torch.Tensor], plan: MergePlan, metas: dict[str, TensorMeta], writer: Sink
 ) -> MergeStats:
     """Write an in-memory soup (an evaluated one) through the same writer, in each tensor's output dtype."""
     start_time = time.perf_counter()
@@ -362,13 +322,30 @@ def write_state_dict(
 Position = list[tuple[Checkpoint, str, int, int]]
 
 
-def _positions(checkpoints: Sequence[Checkpoint], plan: MergePlan, chunk_elements: int) -> Iterator[Position]:
-    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each ingredient."""
+def _positions(
+    checkpoints: Sequence[Checkpoint], base: Checkpoint | None, plan: MergePlan, chunk_elements: int, passes: int
+) -> Iterator[Position]:
+    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
+
+    An averaged tensor is read ``passes`` times (a statistics pass, then the kernel's);
+    a copied one once, from the first ingredient.
+    """
     for tensor in plan.tensors:
-        sources = list(zip(checkpoints, tensor.sources)) if tensor.average else [(checkpoints[0], tensor.sources[0])]
-        for begin in range(0, tensor.meta.numel, chunk_elements):
-            size = min(chunk_elements, tensor.meta.numel - begin)
-            yield [(checkpoint, key, begin, size) for checkpoint, key in sources]
+        sources = _sources(checkpoints, base, tensor)
+        for _ in range(passes if tensor.average else 1):
+            for begin in range(0, tensor.meta.numel, chunk_elements):
+                size = min(chunk_elements, tensor.meta.numel - begin)
+                yield [(checkpoint, key, begin, size) for checkpoint, key in sources]
+
+
+def _sources(checkpoints: Sequence[Checkpoint], base: Checkpoint | None, tensor: TensorPlan) -> list[tuple[Checkpoint, str]]:
+    if not tensor.average:
+        return [(checkpoints[0], tensor.sources[0])]
+    sources = list(zip(checkpoints, tensor.sources))
+    if base is not None:
+        assert tensor.base_source is not None
+        sources.append((base, tensor.base_source))
+    return sources
 
 
 class _ReadAhead:
@@ -432,7 +409,7 @@ class _WriteBehind:
     leaving the ``with`` block always waits for the thread.
     """
 
-    def __init__(self, writer: SoupWriter, slot_bytes: int, slots: int) -> None:
+    def __init__(self, writer: Sink, slot_bytes: int, slots: int) -> None:
         self._writer = writer
         self._pool = torch.empty(slots, slot_bytes, dtype=torch.uint8)
         self._free: queue.Queue[int] = queue.Queue()

@@ -3,13 +3,16 @@
 Alignment works on :class:`Layout` (names, dtypes, shapes and tied groups), which
 can come from local files or from safetensors headers read over HTTP, so a
 mismatch is found in seconds, before anything large is downloaded. The first
-ingredient sets the canonical names, order and tied-weight convention.
+ingredient sets the canonical names, order and tied-weight convention. A base
+model (the one the ingredients were fine-tuned from, for methods that need it)
+has its own role: it is aligned like an ingredient, but it is not one.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from hub_soup.errors import AlignmentError
 from hub_soup.io.safetensors_io import TensorMeta
@@ -35,6 +38,7 @@ class TensorPlan:
     meta: TensorMeta  # the first ingredient's dtype and shape
     sources: tuple[str, ...]  # the key to read in each ingredient
     average: bool  # False: copied from the first ingredient (integer, bool, excluded)
+    base_source: str | None = None  # the key to read in the base (None: no base, or not averaged)
 
 
 @dataclass
@@ -44,6 +48,13 @@ class MergePlan:
     tensors: list[TensorPlan]
     excluded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    base: str | None = None  # the base model's label, when one was aligned
+
+    def select(self, indices: Sequence[int]) -> MergePlan:
+        """The plan of the ingredients at ``indices`` only (in that order), as if only they had
+        been aligned: the first of them gives the tensors that are copied (greedy's candidate soups)."""
+        tensors = [replace(t, sources=tuple(t.sources[i] for i in indices)) for t in self.tensors]
+        return replace(self, tensors=tensors)
 
     @property
     def copied(self) -> list[str]:
@@ -56,19 +67,27 @@ class MergePlan:
         return any(t.key.endswith("running_var") for t in self.tensors)
 
 
-def align(layouts: list[Layout], exclude: list[str] | tuple[str, ...] = ()) -> MergePlan:
+def align(
+    layouts: list[Layout], exclude: list[str] | tuple[str, ...] = (), base: Layout | None = None
+) -> MergePlan:
     """Build the merge plan, or raise :class:`AlignmentError` naming the key, shapes and files.
 
     Args:
         layouts: the ingredients, first one canonical.
         exclude: glob patterns of keys not to average; the soup takes them from the
             first ingredient as they are (e.g. ``head.*`` for heads of different classes).
+        base: the base model, for methods that need it: every averaged tensor must be in
+            it with the ingredients' shape (messages call it "the base"); it may lack excluded keys.
     """
     reference = layouts[0]
     plans: list[list[str]] = [list(reference.metas)]
     notes: list[str] = []
     for other in layouts[1:]:
         plans.append(_map_keys(reference, other, exclude, notes))
+    base_label = base.label if base is not None else None
+    if base is not None:
+        base = replace(base, label=f"the base {base.label}")
+        base_keys = _map_keys(reference, base, exclude, notes)
     tensors: list[TensorPlan] = []
     excluded: list[str] = []
     for index, key in enumerate(reference.metas):
@@ -79,15 +98,19 @@ def align(layouts: list[Layout], exclude: list[str] | tuple[str, ...] = ()) -> M
         else:
             for other, keys in zip(layouts[1:], plans[1:]):
                 _check_pair(reference, other, key, keys[index])
+            if base is not None:
+                _check_pair(reference, base, key, base_keys[index])
+        average = meta.dtype.is_floating_point and not is_excluded
         tensors.append(
             TensorPlan(
                 key=key,
                 meta=meta,
                 sources=tuple(keys[index] for keys in plans),
-                average=meta.dtype.is_floating_point and not is_excluded,
+                average=average,
+                base_source=base_keys[index] if base is not None and average else None,
             )
         )
-    return MergePlan(tensors=tensors, excluded=excluded, notes=notes)
+    return MergePlan(tensors=tensors, excluded=excluded, notes=notes, base=base_label)
 
 
 def _excluded(key: str, patterns: list[str] | tuple[str, ...]) -> bool:

@@ -1,0 +1,41 @@
+"""The elementwise steps kernels are built from, each one IEEE-rounded op.
+
+Nothing here depends on where a tensor is cut or on the CPU's vector width, so a
+kernel built from these steps gives the same bits block by block as on a whole
+tensor. Tensor methods only: importing this imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def weighted_sum_(
+    acc: torch.Tensor, chunk: torch.Tensor, weight: float | torch.Tensor, scratch: torch.Tensor, first: bool
+) -> None:
+    """``acc += weight * chunk`` (``acc = ...`` when ``first``), each op rounded once in acc's dtype.
+
+    ``chunk`` may be any floating dtype; ``scratch`` is a buffer like ``acc``.
+    Not ``acc.add_(chunk, alpha=weight)``: a fused multiply-add rounds once
+    where the scalar tail of the kernel rounds twice, so results would depend
+    on where chunks end.
+    """
+    if first:
+        acc.copy_(chunk)
+        acc.mul_(weight)
+    else:
+        scratch.copy_(chunk)
+        scratch.mul_(weight)
+        acc.add_(scratch)
+
+
+def multiply_first_(
+    acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float | torch.Tensor], scratch: torch.Tensor
+) -> None:
+    """``acc = w0 * p0 + w1 * p1 + ...``, one :func:`weighted_sum_` per part."""
+    for i, (part, weight) in enumerate(zip(parts, weights)):
+        weighted_sum_(acc, part, weight, scratch, first=i == 0)
