@@ -41,6 +41,7 @@ from hub_soup.hub.fetch import fetch, remote_layout
 from hub_soup.hub.push import PushResult, check_push_access, push_soup
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.io.read import Checkpoint, open_checkpoint
+from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.sizes import parse_size
 from hub_soup.io.write import SoupWriter, check_destination
 from hub_soup.merging.engine import (
@@ -289,68 +290,76 @@ def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:
     return [Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints]
 
 
-def _make_soup(
-    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path,
-    token: str | bool | None, trust_remote_code: bool,
-) -> SoupResult:
-    (resolved, resolved_base), (checkpoints, base) = _split_base(models, recipe), _split_base(opened, recipe)
+@dataclass
+class _Soup:
+    """How the soup is made and of what: everything the stages after alignment share."""
+
+    checkpoints: list[Checkpoint]  # the ingredients, in recipe order
+    base: Checkpoint | None
+    plan: MergePlan
+    method: MergeMethod
+    dtype: torch.dtype | None  # the recipe's output dtype of floating tensors (None: each tensor's own)
+    metas: dict[str, TensorMeta]  # the soup's tensors, as written
+    device: torch.device
+    side_files: SideFiles
+    reference: Checkpoint  # the ingredient whose config the soup carries: models are built from it
+
+
+def _prepare(recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | None) -> _Soup:
+    """Align the opened checkpoints (the base in its role), check their configs, and choose the side files."""
     plan = align(layouts_of(checkpoints), recipe.exclude, base=layouts_of([base])[0] if base is not None else None)
     for note in plan.notes:
         logger.info(note)
     check_configs([(c.label, c.config) for c in checkpoints])
     side_files = choose_side_files(checkpoints)
-    reference = checkpoints[side_files.config_source or 0]
-    warnings: list[str] = []
-    weights = normalize_weights(recipe.weights, len(checkpoints))
-    device = device_for(recipe.device)
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
-    metas = output_metas(plan, dtype)
-    method = recipe.merge_method()
-    report = (
-        _evaluate(recipe, checkpoints, base, reference, plan, method, dtype, device, trust_remote_code)
-        if recipe.eval is not None
-        else None
+    return _Soup(
+        checkpoints=checkpoints, base=base, plan=plan, method=recipe.merge_method(), dtype=dtype,
+        metas=output_metas(plan, dtype), device=device_for(recipe.device), side_files=side_files,
+        reference=checkpoints[side_files.config_source or 0],
     )
+
+
+def _make_soup(
+    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path,
+    token: str | bool | None, trust_remote_code: bool,
+) -> SoupResult:
+    """Align, [evaluate], write the soup with its card, then gate and push: the stages after opening."""
+    (resolved, resolved_base), (checkpoints, base) = _split_base(models, recipe), _split_base(opened, recipe)
+    soup = _prepare(recipe, checkpoints, base)
+    report = _evaluate(recipe, soup, trust_remote_code) if recipe.eval is not None else None
     kept = report.kept if report is not None else [True] * len(checkpoints)
-    if recipe.greedy:  # a greedy soup is the uniform average of what it kept
-        weights = [1 / sum(kept)] * len(checkpoints)
-    kept_weights = [w for w, k in zip(weights, kept) if k]
-    logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w, k in zip(checkpoints, weights, kept) if k))
+    weights = _kept_weights(recipe, checkpoints, kept)
+    warnings: list[str] = []
     if report is not None and report.comparison.soup_is_worse:
         warnings.append(report.comparison.message())
         logger.warning(warnings[-1])
     pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
     pinned_yaml = pinned.to_yaml()
-    config = _soup_config(reference, recipe.dtype)
+    config = _soup_config(soup.reference, recipe.dtype)
     scores = _card_scores(report) if report is not None else []
-    with SoupWriter(output, metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
-        if report is not None:  # write exactly the soup that was scored (BN statistics recalibrated or not)
-            stats = write_state_dict(report.soup, plan, metas, writer)
-            similarity = weight_similarity(checkpoints, plan, sample_per_tensor=SIMILARITY_SAMPLE)
-        else:  # the shared-initialization check rides along the merge's own reads
-            gram = GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
-            stats = stream_merge(checkpoints, plan, method, writer, dtype, base=base, device=device, gram=gram)
-            similarity = gram.similarity([c.label for c in checkpoints])
+    with SoupWriter(output, soup.metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
+        stats, similarity = _write_tensors(writer, soup, report)
         independent = _independence_warning(similarity)
         if independent is not None:
             warnings.append(independent)
             logger.warning(independent)
-        _add_side_files(writer, side_files, config)
+        _add_side_files(writer, soup.side_files, config)
         card = card_stage.build_card(
             repo_id=recipe.push.repo_id if recipe.push else None,
             name=output.name,
             ingredients=resolved,
             base=resolved_base,
-            weights=kept_weights,
+            weights=weights,
             kept=kept,
             config=config,
             recipe_yaml=pinned_yaml,
             license=recipe.push.license if recipe.push else None,
             tags=recipe.push.tags if recipe.push else (),
             scores=scores,
-            method="greedy" if recipe.greedy else recipe.method,
+            method=_method_title(recipe),
             bn_recalibrated=report is not None and report.bn_recalibrated,
-            plan=plan,
+            plan=soup.plan,
             dtype=recipe.dtype,
             warnings=warnings,
             rebuild_pushes=recipe.push is not None,
@@ -359,15 +368,39 @@ def _make_soup(
         writer.add_file("README.md", str(card))
         writer.commit()
     result = SoupResult(
-        output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=kept_weights, plan=plan, stats=stats,
-        similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
+        output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=weights, plan=soup.plan,
+        stats=stats, similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
     )
     if recipe.push is not None:
-        _gate(recipe, report, independent, output, plan.has_batchnorm)
+        _gate(recipe, report, independent, output, soup.plan.has_batchnorm)
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
-        title = "greedy" if recipe.greedy else recipe.method
-        result.push = push_soup(output, recipe.push, token, f"hub-soup: {title} soup of {names}")
+        result.push = push_soup(output, recipe.push, token, f"hub-soup: {_method_title(recipe)} soup of {names}")
     return result
+
+
+def _method_title(recipe: Recipe) -> str:
+    """How the card and the commit name the soup's method."""
+    return "greedy" if recipe.greedy else recipe.method
+
+
+def _kept_weights(recipe: Recipe, checkpoints: Sequence[Checkpoint], kept: Sequence[bool]) -> list[float]:
+    """The normalised weight of each kept ingredient (a greedy soup weighs what it kept equally), logged."""
+    weights = [1 / sum(kept)] * len(kept) if recipe.greedy else normalize_weights(recipe.weights, len(kept))
+    logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w, k in zip(checkpoints, weights, kept) if k))
+    return [w for w, k in zip(weights, kept) if k]
+
+
+def _write_tensors(writer: SoupWriter, soup: _Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
+    """Write the soup's tensors: the scored soup as it was scored (BN statistics recalibrated or not), or,
+    unscored, the streamed merge, with the shared-initialization check riding along its reads."""
+    if report is not None:
+        stats = write_state_dict(report.soup, soup.plan, soup.metas, writer)
+        return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
+    gram = GramAccumulator(len(soup.checkpoints), SIMILARITY_SAMPLE)
+    stats = stream_merge(
+        soup.checkpoints, soup.plan, soup.method, writer, soup.dtype, base=soup.base, device=soup.device, gram=gram
+    )
+    return stats, gram.similarity([c.label for c in soup.checkpoints])
 
 
 def _independence_warning(similarity: Similarity) -> str | None:
@@ -414,26 +447,33 @@ def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str,
             writer.add_file(name, path)
 
 
-def _evaluate(
-    recipe: Recipe, checkpoints: Sequence[Checkpoint], base: Checkpoint | None, reference: Checkpoint,
-    plan: MergePlan, method: MergeMethod, dtype: torch.dtype | None, device: torch.device, trust_remote_code: bool,
-) -> GreedyReport:
+def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyReport:
     """Score every ingredient and the soup (greedy or not), with optional BN recalibration.
 
-    ``reference`` is the ingredient whose config the soup carries: models are built from it.
-    Soups are made by the streamed engine into memory (``dtype`` as written), so what is
-    scored, and then written, is what the streamed merge writes.
+    Models are built from the reference ingredient's config. Soups are made by the
+    streamed engine into memory (in the dtypes written), so what is scored, and then
+    written, is what the streamed merge writes.
     """
     assert recipe.eval is not None
-    options: dict[str, Any] = {"device": device, "trust_remote_code": trust_remote_code}
-    evaluator = Evaluator(recipe.eval, reference, **options)
+    options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code}
+    evaluator = Evaluator(recipe.eval, soup.reference, **options)
     test_evaluator = (
-        Evaluator(recipe.eval, reference, split=recipe.eval.test_split, **options) if recipe.eval.test_split else None
+        Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options)
+        if recipe.eval.test_split
+        else None
     )
+    checkpoints, plan = soup.checkpoints, soup.plan
     labels = [c.label for c in checkpoints]
 
     def load(i: int) -> dict[str, torch.Tensor]:
         return aligned_state_dict(checkpoints[i], plan, i)
+
+    def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
+        chosen = [checkpoints[i] for i in members]  # greedy's subsets: its methods take no weights
+        return merged_state_dict(
+            chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device
+        )
 
     options = {
         "recalibrate_bn_batches": recipe.recalibrate_bn,
@@ -441,17 +481,8 @@ def _evaluate(
         "ensemble": recipe.ensemble_reference,
     }
     if recipe.greedy:
-
-        def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
-            """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
-            chosen = [checkpoints[i] for i in members]
-            return merged_state_dict(chosen, plan.select(members), recipe.merge_method(), dtype, base=base, device=device)
-
-        report = greedy_soup(labels, load, evaluator, soup_of=soup_of, **options)
-    else:
-        soup = merged_state_dict(checkpoints, plan, method, dtype, base=base, device=device)
-        report = score_soup(labels, load, soup, evaluator, method=recipe.method, **options)
-    return report
+        return greedy_soup(labels, load, evaluator, soup_of=soup_of, **options)
+    return score_soup(labels, load, soup_of(range(len(checkpoints))), evaluator, method=recipe.method, **options)
 
 
 def _card_scores(report: GreedyReport) -> list[ModelScore]:
