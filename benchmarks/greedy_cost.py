@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     assert recipe.eval is not None and recipe.greedy, "needs a greedy recipe with eval"
-    checkpoints = [open_checkpoint(REPO / i.ref) for i in recipe.ingredients]
+    checkpoints = [open_checkpoint(recipe.base_dir / i.ref) for i in recipe.ingredients]
     plan = align(layouts_of(checkpoints), recipe.exclude)
     labels = [c.label for c in checkpoints]
     n = len(checkpoints)
@@ -58,19 +58,22 @@ def main() -> None:
     evaluator = Evaluator(recipe.eval, checkpoints[0])
     test_evaluator = Evaluator(recipe.eval, checkpoints[0], split=recipe.eval.test_split) if recipe.eval.test_split else None
     load_seconds = time.perf_counter() - start
-    average_keys = {t.key for t in plan.tensors if t.average}
+    method = recipe.merge_method()
 
     def load(i: int) -> dict[str, torch.Tensor]:
         return merge.aligned_state_dict(checkpoints[i], plan, i)
+
+    def soup_of(members) -> dict[str, torch.Tensor]:  # as the pipeline makes greedy's candidates
+        return merge.merged_state_dict([checkpoints[i] for i in members], plan.select(members), method)
 
     state = load(0)
     evaluator.score_state_dict(state)  # warm-up: first model build, first forward
     one_eval, _ = timed(lambda: evaluator.score_state_dict(state), args.repeat)
     greedy_selection, report = timed(
-        lambda: greedy_soup(labels, load, evaluator, average_keys=average_keys,
+        lambda: greedy_soup(labels, load, evaluator, soup_of=soup_of,
                             recalibrate_bn_batches=recipe.recalibrate_bn), args.repeat)
     greedy_full, _ = timed(
-        lambda: greedy_soup(labels, load, evaluator, average_keys=average_keys,
+        lambda: greedy_soup(labels, load, evaluator, soup_of=soup_of,
                             recalibrate_bn_batches=recipe.recalibrate_bn, test_evaluator=test_evaluator,
                             ensemble=recipe.ensemble_reference), args.repeat)
     out = HERE / "_work" / "out" / "greedy-quickstart"
