@@ -162,7 +162,9 @@ class Recipe(_Strict):
         "uniform", description="merge method (hub_soup.merging.methods)",
         json_schema_extra=lambda schema: schema.update(enum=list(method_names())),
     )
-    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="the method's parameters"
+    )  # validated even when left out: a method's required parameter (slerp's t) is then missing
     base: ModelRef | None = Field(
         None, description="the model the ingredients were fine-tuned from, for methods that need one"
     )

@@ -90,7 +90,7 @@ def _toy_by_hand(parts: Sequence[torch.Tensor], base: torch.Tensor, scale: float
 
 
 def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplicate_names() -> None:
-    built_in = {"model_stock", "uniform", "weighted"}
+    built_in = {"model_stock", "slerp", "uniform", "weighted"}
     assert built_in <= set(method_names()) and recipe_method_names() == method_names()
     assert not get_method("uniform").uses_weights and get_method("weighted").uses_weights
     with pytest.raises(RecipeError, match="unknown merge method 'ties'") as caught:

@@ -170,7 +170,7 @@ def method_names() -> tuple[str, ...]:
 
 
 # The built-in methods register themselves on import (they need the definitions above).
-from hub_soup.merging.methods import model_stock, uniform, weighted
+from hub_soup.merging.methods import model_stock, slerp, uniform, weighted
 
 __all__ = ["MergeMethod", "NoParameters", "get_method", "method_names", "model_stock", "normalize_weights",
-           "register_method", "uniform", "weighted"]
+           "register_method", "slerp", "uniform", "weighted"]
