@@ -162,7 +162,9 @@ class Recipe(_Strict):
         "uniform", description="merge method (hub_soup.merging.methods)",
         json_schema_extra=lambda schema: schema.update(enum=list(method_names())),
     )
-    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="the method's parameters"
+    )  # validated even when left out: a method's required parameter (slerp's t) is then missing
     base: ModelRef | None = Field(
         None, description="the model the ingredients were fine-tuned from, for methods that need one"
     )
@@ -195,11 +197,14 @@ class Recipe(_Strict):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
         try:
-            get_method(value)
+            exact = get_method(value).exact_ingredients
         except RecipeError as exc:
             raise ValueError(f"{exc.message}; {exc.hint}") from None
+        count = len(info.data["ingredients"]) if "ingredients" in info.data else exact
+        if exact is not None and count != exact:
+            raise ValueError(f"{value} merges exactly {exact} ingredients, the recipe lists {count}")
         return value
 
     @field_validator("parameters")
@@ -230,6 +235,9 @@ class Recipe(_Strict):
             raise ValueError(f"a base is given but method {self.method} uses none; drop base or change the method")
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
+        if self.greedy and method.exact_ingredients is not None:
+            raise ValueError(f"greedy soups try subsets of the ingredients, method {self.method} merges exactly "
+                             f"{method.exact_ingredients}; drop greedy")
         if self.greedy and method.uses_weights:
             raise ValueError("greedy soups weigh the kept ingredients equally; drop the weights")
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:

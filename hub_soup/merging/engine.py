@@ -10,7 +10,8 @@ do not even depend on where a tensor is cut: every step is a single IEEE-rounded
 elementwise op.
 
 Floating tensors, parameters and buffers alike (BatchNorm running stats
-included), are accumulated in float32 (float64 stays float64) and written back
+included), are accumulated in float32 (float64 stays float64, and methods that ask
+for it work in float64) and written back
 in their own dtype, so an fp16 soup of fp16 ingredients cannot overflow even
 where an fp16 sum would. Integer and bool tensors (``num_batches_tracked``,
 ``position_ids``) are never averaged: the soup takes the first ingredient's.
@@ -201,9 +202,11 @@ def stream_merge(
                         statistics = method.observe(statistics, chunks[:count], chunks[count] if base else None)
                         bytes_read += sum(chunk.nbytes for chunk in chunks)
                         reader.release()
+                    statistics = method.finish_statistics(statistics, tensor.key)
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
-                acc_dtype = accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype))
+                acc_dtype = (torch.float64 if method.float64_kernel
+                             else accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype)))
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 for begin in range(0, tensor.meta.numel, chunk_elements):
                     chunks = reader.next()
@@ -234,6 +237,9 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
             f"method {method.name} needs a base model, aligned in the plan's base role",
             hint="give the recipe a base: (the model the ingredients were fine-tuned from)",
         )
+    if method.exact_ingredients is not None and len(checkpoints) != method.exact_ingredients:
+        raise RecipeError(f"method {method.name} merges exactly {method.exact_ingredients} ingredients, "
+                          f"got {len(checkpoints)}")
     if base is not None and not method.needs_base:
         raise RecipeError(f"method {method.name} uses no base model, got {base.label}", hint="drop the base")
 

@@ -47,12 +47,20 @@ class MergeMethod:
             and refuses one otherwise).
         uses_weights: the method weighs each ingredient (a recipe then gives ``weight`` on every
             ingredient, and refuses weights otherwise); :attr:`weights` are normalised to sum to one.
+        exact_ingredients: the number of ingredients the method merges, for a method that takes a
+            fixed number (``slerp``: 2); ``None``, the default: any number (a recipe gives two or more).
+            A recipe with another number is refused, and so is a greedy one (greedy tries subsets).
+        float64_kernel: the kernel's ``acc`` and ``scratch`` are float64 whatever the tensors' dtypes,
+            for a method whose per-tensor factors would cost float32 arithmetic more than an output
+            ulp: its soup is then its float64 definition rounded once to the output dtype.
     """
 
     name: ClassVar[str]
     Parameters: ClassVar[type[BaseModel]] = NoParameters
     needs_base: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
+    exact_ingredients: ClassVar[int | None] = None
+    float64_kernel: ClassVar[bool] = False
 
     def __init__(self, parameters: BaseModel | dict[str, Any] | None = None,
                  weights: Sequence[float] | None = None) -> None:
@@ -81,7 +89,12 @@ class MergeMethod:
 
     def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         """Fold one chunk of every ingredient (and of the base) into ``statistics`` and return them;
-        the engine passes what the last chunk returned to every :meth:`kernel` call of that tensor."""
+        the engine passes what the last chunk returned to :meth:`finish_statistics`."""
+        return statistics
+
+    def finish_statistics(self, statistics: Any, key: str) -> Any:
+        """What the kernel calls of tensor ``key`` are given, made once from what the last :meth:`observe`
+        returned (the default: that, unchanged). ``key`` names the tensor in warnings."""
         return statistics
 
     def kernel(
@@ -92,7 +105,8 @@ class MergeMethod:
 
         ``parts`` are every ingredient's block of the same elements, in recipe order, in their
         stored dtypes; ``base`` is the base's block (methods that need one). ``acc`` and
-        ``scratch`` are alike: float32 (float64 when an input or the output is float64), at
+        ``scratch`` are alike: float32 (float64 when an input or the output is float64, or the
+        method sets :attr:`float64_kernel`), at
         most a few hundred KiB so that they stay in the CPU's cache. A kernel must be
         elementwise in effect: an element's result may depend on its values and on the
         tensor's statistics, never on where the engine cut the tensor into blocks.
@@ -156,7 +170,7 @@ def method_names() -> tuple[str, ...]:
 
 
 # The built-in methods register themselves on import (they need the definitions above).
-from hub_soup.merging.methods import uniform, weighted
+from hub_soup.merging.methods import model_stock, slerp, uniform, weighted
 
-__all__ = ["MergeMethod", "NoParameters", "get_method", "method_names", "normalize_weights", "register_method",
-           "uniform", "weighted"]
+__all__ = ["MergeMethod", "NoParameters", "get_method", "method_names", "model_stock", "normalize_weights",
+           "register_method", "slerp", "uniform", "weighted"]

@@ -1,0 +1,46 @@
+"""Angles between whole tensors, from dot products accumulated chunk by chunk (a statistics pass).
+
+:class:`Gram` keeps every pair's dot product of a few flattened vectors in float64
+Python floats: a few numbers per tensor, however large the tensor. Tensor methods
+only: importing this imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Gram:
+    """The dot products ``<v_i, v_j>`` (``i <= j``) of ``count`` vectors seen one chunk at a time."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._dots = [[0.0] * count for _ in range(count)]
+
+    def add(self, vectors: Sequence[torch.Tensor]) -> Gram:
+        """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64)."""
+        wide = [v.double() for v in vectors]
+        for i, a in enumerate(wide):
+            for j in range(i, self.count):
+                self._dots[i][j] += float(a.mul(wide[j]).sum())
+        return self
+
+    def dot(self, i: int, j: int) -> float:
+        """``<v_i, v_j>``."""
+        return self._dots[min(i, j)][max(i, j)]
+
+    def cosine(self, i: int, j: int) -> float | None:
+        """The cosine of the angle between ``v_i`` and ``v_j``, in [-1, 1]; ``None`` where either is zero.
+
+        ``dot / sqrt(|v_i|^2 |v_j|^2)``: for equal vectors that is exactly 1 (the square root of a
+        rounded square is exact in binary floating point).
+        """
+        squares = self.dot(i, i) * self.dot(j, j)
+        if squares == 0:
+            return None
+        return max(-1.0, min(1.0, self.dot(i, j) / math.sqrt(squares)))
