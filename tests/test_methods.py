@@ -90,14 +90,14 @@ def _toy_by_hand(parts: Sequence[torch.Tensor], base: torch.Tensor, scale: float
 
 
 def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplicate_names() -> None:
-    assert method_names()[:2] == ("uniform", "weighted") and recipe_method_names() == method_names()
+    assert {"uniform", "weighted", "task_arithmetic"} <= set(method_names()) and recipe_method_names() == method_names()
     assert not get_method("uniform").uses_weights and get_method("weighted").uses_weights
     with pytest.raises(RecipeError, match="unknown merge method 'ties'") as caught:
         get_method("ties")
     assert caught.value.hint is not None and "uniform, weighted" in caught.value.hint
     with pytest.raises(ValueError, match="'uniform' is registered already"):
         register_method(type("Again", (MergeMethod,), {"name": "uniform"}))
-    assert method_names()[:2] == ("uniform", "weighted")
+    assert method_names().count("uniform") == 1
 
 
 def test_a_registered_method_is_a_recipe_choice_and_disappears_with_the_fixture(toy: type[MergeMethod]) -> None:
@@ -126,7 +126,7 @@ def _ingredients(dtype: torch.dtype, seed: int) -> list[dict[str, torch.Tensor]]
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.float64], ids=["own", "to-f16", "to-f64"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", ["uniform", "weighted", TOY])
+@pytest.mark.parametrize("name", ["uniform", "weighted", "task_arithmetic", TOY])
 def test_the_scored_soup_is_the_streamed_soup_bit_for_bit(
     tmp_path: Path, toy: type[MergeMethod], name: str, dtype: torch.dtype, out_dtype: torch.dtype | None
 ) -> None:
@@ -212,7 +212,7 @@ def test_bad_parameters_and_a_missing_or_needless_base_are_refused(toy: type[Mer
 
 
 def test_weight_and_greedy_rules_come_from_what_the_method_declares(toy: type[MergeMethod]) -> None:
-    with pytest.raises(RecipeError, match=f"weights are given but method {TOY} takes none; set method: weighted"):
+    with pytest.raises(RecipeError, match=f"weights are given but method {TOY} takes none; set method: .*weighted"):
         _recipe(f"ingredients: [{{ref: a, weight: 1}}, {{ref: b, weight: 2}}]\nmethod: {TOY}\nbase: {{ref: c}}\n")
     with pytest.raises(RecipeError, match="method: weighted needs a weight on every ingredient"):
         _recipe("ingredients: [{ref: a, weight: 1}, {ref: b}]\nmethod: weighted\n")
