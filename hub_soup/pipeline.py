@@ -358,6 +358,7 @@ def _make_soup(
             tags=recipe.push.tags if recipe.push else (),
             scores=scores,
             method=_method_title(recipe),
+            merge_method=soup.method,
             bn_recalibrated=report is not None and report.bn_recalibrated,
             plan=soup.plan,
             dtype=recipe.dtype,
