@@ -52,7 +52,7 @@ from hub_soup.merging.engine import (
     stream_merge,
     write_state_dict,
 )
-from hub_soup.merging.methods import MergeMethod, normalize_weights
+from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
@@ -78,7 +78,7 @@ class SoupResult:
     ingredients: list[ResolvedRef]
     base: ResolvedRef | None  # the recipe's base model, for methods that need one
     kept: list[bool]
-    weights: list[float]  # normalised, one per kept ingredient
+    weights: list[float]  # as the method used them (normalised by an average), one per kept ingredient
     plan: MergePlan
     stats: MergeStats
     similarity: Similarity | None
@@ -329,7 +329,7 @@ def _make_soup(
     soup = _prepare(recipe, checkpoints, base)
     report = _evaluate(recipe, soup, trust_remote_code) if recipe.eval is not None else None
     kept = report.kept if report is not None else [True] * len(checkpoints)
-    weights = _kept_weights(recipe, checkpoints, kept)
+    weights = _kept_weights(recipe, soup.method, checkpoints, kept)
     warnings: list[str] = []
     if report is not None and report.comparison.soup_is_worse:
         warnings.append(report.comparison.message())
@@ -358,6 +358,7 @@ def _make_soup(
             tags=recipe.push.tags if recipe.push else (),
             scores=scores,
             method=_method_title(recipe),
+            merge_method=soup.method,
             bn_recalibrated=report is not None and report.bn_recalibrated,
             plan=soup.plan,
             dtype=recipe.dtype,
@@ -383,9 +384,12 @@ def _method_title(recipe: Recipe) -> str:
     return "greedy" if recipe.greedy else recipe.method
 
 
-def _kept_weights(recipe: Recipe, checkpoints: Sequence[Checkpoint], kept: Sequence[bool]) -> list[float]:
-    """The normalised weight of each kept ingredient (a greedy soup weighs what it kept equally), logged."""
-    weights = [1 / sum(kept)] * len(kept) if recipe.greedy else normalize_weights(recipe.weights, len(kept))
+def _kept_weights(
+    recipe: Recipe, method: MergeMethod, checkpoints: Sequence[Checkpoint], kept: Sequence[bool]
+) -> list[float]:
+    """The weight of each kept ingredient, as the method used it (normalised by an average; a greedy soup
+    weighs what it kept equally), logged."""
+    weights = [1 / sum(kept)] * len(kept) if recipe.greedy else method.weights_for(len(kept))
     logger.info("weights: %s", ", ".join(f"{c.label}={w:.4f}" for c, w, k in zip(checkpoints, weights, kept) if k))
     return [w for w, k in zip(weights, kept) if k]
 

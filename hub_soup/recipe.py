@@ -69,7 +69,8 @@ class Ingredient(ModelRef):
 
     weight: float | None = Field(
         None, ge=0, allow_inf_nan=False,
-        description="relative weight (methods that weigh ingredients: weighted), a finite number >= 0",
+        description="weight, a finite number >= 0, for methods that weigh ingredients: weighted (relative, "
+        "normalised), task_arithmetic (scales the task vector, default 1)",
     )
 
 
@@ -219,7 +220,7 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         method = get_method(self.method)
         weighted = [i.weight is not None for i in self.ingredients]
-        if method.uses_weights and not all(weighted):
+        if method.uses_weights and method.default_weight is None and not all(weighted):
             raise ValueError(f"method: {self.method} needs a weight on every ingredient")
         if not method.uses_weights and any(weighted):
             takes = [name for name in method_names() if get_method(name).uses_weights]
@@ -239,7 +240,10 @@ class Recipe(_Strict):
             raise ValueError(f"greedy soups try subsets of the ingredients, method {self.method} merges exactly "
                              f"{method.exact_ingredients}; drop greedy")
         if self.greedy and method.uses_weights:
-            raise ValueError("greedy soups weigh the kept ingredients equally; drop the weights")
+            raise ValueError(
+                "greedy soups weigh the kept ingredients equally; "
+                + ("drop the weights" if any(weighted) else f"method {self.method} weighs each ingredient")
+            )
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
         return self
@@ -289,8 +293,11 @@ class Recipe(_Strict):
 
     @property
     def weights(self) -> list[float] | None:
-        """Each ingredient's weight, as given, for a method that weighs them; else None."""
-        return [i.weight for i in self.ingredients] if get_method(self.method).uses_weights else None  # type: ignore[misc]
+        """Each ingredient's weight, as given (or the method's default weight), for a method that weighs them; else None."""
+        method = get_method(self.method)
+        if not method.uses_weights:
+            return None
+        return [i.weight if i.weight is not None else method.default_weight for i in self.ingredients]  # type: ignore[misc]
 
     def merge_method(self, weights: Sequence[float] | None = None) -> MergeMethod:
         """The recipe's method with its parameters, weighing the ingredients by ``weights``

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hub_soup.cli.options import (
     ALLOW_PICKLE,
+    BASE,
     DEVICE,
     EXCLUDE,
     NO_EMA,
@@ -28,7 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``diagnose`` command to ``commands``."""
     parser = commands.add_parser("diagnose", help="why (not) a soup: the score along the line between two models")
     parser.add_argument("refs", nargs=2, metavar="REF", help="the two ingredients (alpha 0 is the first)")
-    parser.add_argument("--base", metavar="REF", help="the model both were fine-tuned from: distances relative to it")
+    BASE.add(parser, help="the model both were fine-tuned from: distances relative to it")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="points on the line")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also save the curve as a PNG there")
     RECALIBRATE_BN.add(parser, help="also score each point with BatchNorm recalibrated")

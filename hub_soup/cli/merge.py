@@ -8,6 +8,7 @@ from typing import get_args
 
 from hub_soup.cli.options import (
     ALLOW_PICKLE,
+    BASE,
     DEVICE,
     EXCLUDE,
     NO_EMA,
@@ -21,14 +22,26 @@ from hub_soup.cli.options import (
     push_spec_from_args,
 )
 from hub_soup.cli.run import run_recipe
-from hub_soup.errors import EXIT_OK
-from hub_soup.recipe import Dtype, Recipe
+from hub_soup.errors import EXIT_OK, RecipeError
+from hub_soup.merging.methods import get_method
+from hub_soup.recipe import Dtype, Recipe, method_names
+
+# The method parameters the CLI takes, as (flag, the recipe's parameters key, type, help): mergekit's names.
+# Each fills ``parameters`` only when given; a method that takes no such parameter refuses it by name.
+METHOD_PARAMETERS = (
+    ("--lambda", "lambda", float, "task vectors' scale (task_arithmetic)"),
+    ("--t", "t", float, "interpolation factor (methods that interpolate)"),
+    ("--density", "density", float, "fraction of each task vector kept (methods that sparsify)"),
+    ("--seed", "seed", int, "random seed (methods that sample)"),
+)
 
 EXAMPLES = """examples:
   # average two Hub fine-tunes and push the soup (staged in a temporary folder)
   %(prog)s org/ft-a org/ft-b --push org/soup
   # local folders, uneven weights, kept in ./soup
   %(prog)s ./ft-a ./ft-b --weights 1 3 -o soup
+  # task arithmetic: the base plus half the sum of the task vectors
+  %(prog)s ./ft-a ./ft-b --method task_arithmetic --base ./base --lambda 0.5 -o soup
   # a greedy soup scored on an image folder, BatchNorm statistics recalibrated
   %(prog)s ./ft-* --greedy --recalibrate-bn 8 --eval-task image-classification \\
       --eval-data data/ --eval-split val -o soup
@@ -49,7 +62,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "-o", "--output", metavar="DIR",
         help="write the soup here (with --push and no -o: a temporary folder, removed after the push)",
     )
-    parser.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per REF (normalised)")
+    parser.add_argument("--weights", type=float, nargs="+", metavar="W",
+                        help="one weight per REF (normalised by weighted, as given by task_arithmetic)")
+    methods = parser.add_argument_group("merge method (mergekit's names)")
+    methods.add_argument("--method", choices=method_names(),
+                         help="how to merge (default: uniform, or weighted with --weights)")
+    BASE.add(methods, help="the model the ingredients were fine-tuned from, for methods that need one")
+    for flag, key, kind, text in METHOD_PARAMETERS:
+        methods.add_argument(flag, dest=f"parameter_{key}", type=kind, metavar=key[0].upper(), help=text)
     parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
     EXCLUDE.add(parser)
     NO_EMA.add(parser)
@@ -70,9 +90,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
+    given = {key: getattr(args, f"parameter_{key}") for _, key, _, _ in METHOD_PARAMETERS}
+    method = {"method": args.method} if args.method else {}
+    name = args.method or ("weighted" if args.weights else "uniform")
+    takes = {field.alias or key for key, field in get_method(name).Parameters.model_fields.items()}
+    for flag, key, _, _ in METHOD_PARAMETERS:
+        if given[key] is not None and key not in takes:
+            raise RecipeError(
+                f"parameters.{key}: method {name} takes no {key} ({flag})",
+                hint=f"drop {flag}, or choose a method that takes it with --method",
+            )
     return Recipe.from_refs(
         args.refs,
         args.weights,
+        **method,
+        parameters={key: value for key, value in given.items() if value is not None},
+        base={"ref": args.base} if args.base else None,
         dtype=args.dtype,
         exclude=args.exclude,
         ema=args.ema,

@@ -50,6 +50,7 @@ EXCLUDE = Option(
     "--exclude", action="append", default=[], metavar="GLOB",
     help="keys not averaged: taken from the first REF",
 )
+BASE = Option("--base", metavar="REF", help="the model the ingredients were fine-tuned from (the recipe's base)")
 DEVICE = Option("--device", choices=get_args(Device), default="cpu", help="where to accumulate")
 OVERWRITE = Option("--overwrite", action="store_true", help="replace an existing output folder")
 RECALIBRATE_BN = Option("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")

@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hub_soup.eval.score import ModelScore, score_rows
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import accumulation_dtype, max_precision
+from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def build_card(
     tags: Sequence[str] = (),
     scores: Sequence[ModelScore] = (),
     method: str = "uniform",
+    merge_method: MergeMethod | None = None,
     bn_recalibrated: bool = False,
     plan: MergePlan | None = None,
     dtype: str | None = None,
@@ -96,6 +98,9 @@ def build_card(
         kept: which ingredients went into the soup (a greedy soup drops some).
         config: the soup's ``config.json`` (decides timm vs transformers instructions).
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
+        method: how the card names the soup's method (``greedy`` for a greedy soup).
+        merge_method: the method that made the soup: one with a ``summary`` is described in its own
+            words and paper, and any method's parameters are listed.
         scores: evaluation results, the soup's first; the model-index holds the soup's, every metric
             of each (the primary first).
         bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
@@ -133,13 +138,12 @@ def build_card(
         or None,
     )
     name = repo_id or name
+    described = merge_method is not None and merge_method.summary is not None
     lines = [
         f"# {name.split('/')[-1]}",
         "",
-        f"A model soup: the {method} weight average of {sum(kept)} fine-tuned models "
-        "([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), made with "
-        "[hub-soup](https://github.com/hub-soup/hub-soup)."
-        + (f" {arithmetic(plan, dtype)}" if plan is not None else "")
+        _what_it_is(method, merge_method, sum(kept))
+        + (f" {arithmetic(plan, dtype, merged=described)}" if plan is not None else "")
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
@@ -164,6 +168,9 @@ def build_card(
     if base is not None:
         where, sha = _model_cell(base)
         lines += ["", f"Base model (the ingredients' common start, used by the {method} method): {where} at {sha}"]
+    parameters = merge_method.parameters.model_dump(mode="json", by_alias=True) if merge_method is not None else {}
+    if parameters:
+        lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
     if scores:
         lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += score_rows(scores)
@@ -185,8 +192,23 @@ def _model_cell(ref: ResolvedRef) -> tuple[str, str]:
     return where, f"`{ref.sha[:12]}`" if ref.sha else "local"
 
 
-def arithmetic(plan: MergePlan, dtype: str | None) -> str:
+def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> str:
+    """The card's first sentence: a weight average (the model soup), or what the method says it did."""
+    made_with = "made with [hub-soup](https://github.com/hub-soup/hub-soup)"
+    if merge_method is None or merge_method.summary is None:
+        return (
+            f"A model soup: the {method} weight average of {count} fine-tuned models "
+            f"([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), {made_with}."
+        )
+    title = merge_method.title or merge_method.name
+    paper = f" ({merge_method.paper})" if merge_method.paper else ""
+    return f"A merge of {count} fine-tuned models by {title}{paper}, {made_with}: {merge_method.summary}"
+
+
+def arithmetic(plan: MergePlan, dtype: str | None, merged: bool = False) -> str:
     """What the merge did to each kind of tensor, true for this plan and ``--dtype``.
+
+    ``merged``: the method is not an average (its tensors were merged, not averaged).
 
     The accumulation dtype is the merge's own rule (:func:`hub_soup.merging.engine.accumulation_dtype`
     of the wider of input and output); excluded floating tensors are copied (and cast to
@@ -205,11 +227,12 @@ def arithmetic(plan: MergePlan, dtype: str | None) -> str:
         sentences.append(
             f"{_count(len(averaged), 'floating tensor')}"
             + (", BatchNorm running statistics included," if plan.has_batchnorm else "")
-            + f" {'was' if len(averaged) == 1 else 'were'} averaged in {where}{accumulated} and {stored}."
+            + f" {'was' if len(averaged) == 1 else 'were'} {'merged' if merged else 'averaged'} in {where}"
+            + f"{accumulated} and {stored}."
         )
     if excluded:
         sentences.append(
-            f"{_count(len(excluded), 'floating tensor')} left out of the average (`--exclude`) "
+            f"{_count(len(excluded), 'floating tensor')} left out of the {'merge' if merged else 'average'} (`--exclude`) "
             + f"{'was' if len(excluded) == 1 else 'were'} taken from the first ingredient"
             + (f" (cast to {dtype})." if dtype else " unchanged.")
         )

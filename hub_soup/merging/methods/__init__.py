@@ -46,7 +46,15 @@ class MergeMethod:
         needs_base: the kernel is given the base model's block (a recipe then needs ``base``,
             and refuses one otherwise).
         uses_weights: the method weighs each ingredient (a recipe then gives ``weight`` on every
-            ingredient, and refuses weights otherwise); :attr:`weights` are normalised to sum to one.
+            ingredient, unless :attr:`default_weight` says what a missing one is; weights are
+            refused otherwise).
+        default_weight: the weight of an ingredient whose recipe gives none (``None``: every
+            ingredient needs one). Only for methods that use weights.
+        normalizes_weights: :attr:`weights` are normalised to sum to one (a weighted average);
+            ``False`` keeps them as given (task arithmetic scales each task vector by its weight).
+        title, paper, summary: what the soup's card says: the method's name in words, a Markdown
+            link to its paper, and one sentence on what it did to the ingredients. Without a
+            ``summary`` the card calls the soup a weight average (``uniform``, ``weighted``).
         exact_ingredients: the number of ingredients the method merges, for a method that takes a
             fixed number (``slerp``: 2); ``None``, the default: any number (a recipe gives two or more).
             A recipe with another number is refused, and so is a greedy one (greedy tries subsets).
@@ -61,16 +69,37 @@ class MergeMethod:
     uses_weights: ClassVar[bool] = False
     exact_ingredients: ClassVar[int | None] = None
     float64_kernel: ClassVar[bool] = False
+    default_weight: ClassVar[float | None] = None
+    normalizes_weights: ClassVar[bool] = True
+    title: ClassVar[str | None] = None
+    paper: ClassVar[str | None] = None
+    summary: ClassVar[str | None] = None
 
     def __init__(self, parameters: BaseModel | dict[str, Any] | None = None,
                  weights: Sequence[float] | None = None) -> None:
         self.parameters = self.parameters_from(parameters or {})
-        if self.uses_weights and weights is None:
+        if self.uses_weights and weights is None and self.default_weight is None:
             raise RecipeError(f"method {self.name} needs a weight on every ingredient", hint="give weight: on each")
         if not self.uses_weights and weights is not None:
             raise RecipeError(f"method {self.name} takes no weights, got {list(weights)}", hint="drop the weights")
-        self.weights: list[float] | None = normalize_weights(weights, len(weights)) if weights is not None else None
+        if weights is not None and not self.normalizes_weights:
+            if not all(math.isfinite(w) for w in weights):
+                raise RecipeError(f"weights must be finite: {list(weights)}")
+            self.weights: list[float] | None = [float(w) for w in weights]
+        else:
+            self.weights = normalize_weights(weights, len(weights)) if weights is not None else None
         self._scalars: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+    def weights_for(self, count: int) -> list[float]:
+        """The weight each of ``count`` ingredients counts with: :attr:`weights` when given, else
+        :attr:`default_weight` each, else (a method that weighs none) ``1 / count`` each."""
+        if self.weights is not None:
+            if len(self.weights) != count:
+                raise RecipeError(f"got {len(self.weights)} weights for {count} ingredients")
+            return list(self.weights)
+        if self.uses_weights and self.default_weight is not None:
+            return [self.default_weight] * count
+        return normalize_weights(None, count)
 
     @classmethod
     def parameters_from(cls, parameters: BaseModel | dict[str, Any]) -> BaseModel:
@@ -170,7 +199,7 @@ def method_names() -> tuple[str, ...]:
 
 
 # The built-in methods register themselves on import (they need the definitions above).
-from hub_soup.merging.methods import model_stock, slerp, uniform, weighted
+from hub_soup.merging.methods import model_stock, slerp, task_arithmetic, uniform, weighted
 
 __all__ = ["MergeMethod", "NoParameters", "get_method", "method_names", "model_stock", "normalize_weights",
-           "register_method", "slerp", "uniform", "weighted"]
+           "register_method", "slerp", "task_arithmetic", "uniform", "weighted"]
