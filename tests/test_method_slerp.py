@@ -80,6 +80,8 @@ def test_through_a_yaml_recipe_and_run(tmp_path: Path) -> None:
     for key in a:
         ck.assert_within_ulp(soup[key], slerp_by_hand(0.3, a[key], b[key]), torch.float32, key)
     assert parse_recipe(result.pinned_recipe.to_yaml()).parameters == {"t": 0.3}
+    card = (tmp_path / "soup" / "README.md").read_text()  # what it says is what the engine did: a float64 kernel
+    assert "by spherical linear interpolation (SLERP)" in card and "were merged in float64" in card
 
 
 def test_a_wrong_ingredient_count_a_bad_t_and_greedy_are_refused() -> None:

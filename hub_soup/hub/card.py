@@ -18,8 +18,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hub_soup.eval.score import ModelScore, score_rows
 from hub_soup.hub.resolve import ResolvedRef
-from hub_soup.merging.engine import accumulation_dtype, max_precision
+from hub_soup.merging.engine import kernel_dtype
 from hub_soup.merging.methods import MergeMethod
+from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
@@ -138,12 +139,11 @@ def build_card(
         or None,
     )
     name = repo_id or name
-    described = merge_method is not None and merge_method.summary is not None
     lines = [
         f"# {name.split('/')[-1]}",
         "",
         _what_it_is(method, merge_method, sum(kept))
-        + (f" {arithmetic(plan, dtype, merged=described)}" if plan is not None else "")
+        + (f" {arithmetic(plan, dtype, merge_method)}" if plan is not None else "")
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
@@ -205,22 +205,23 @@ def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> st
     return f"A merge of {count} fine-tuned models by {title}{paper}, {made_with}: {merge_method.summary}"
 
 
-def arithmetic(plan: MergePlan, dtype: str | None, merged: bool = False) -> str:
-    """What the merge did to each kind of tensor, true for this plan and ``--dtype``.
+def arithmetic(plan: MergePlan, dtype: str | None, merge_method: MergeMethod | None = None) -> str:
+    """What the merge did to each kind of tensor, true for this plan, ``--dtype`` and method.
 
-    ``merged``: the method is not an average (its tensors were merged, not averaged).
-
-    The accumulation dtype is the merge's own rule (:func:`hub_soup.merging.engine.accumulation_dtype`
-    of the wider of input and output); excluded floating tensors are copied (and cast to
+    A method with a card ``summary`` merged its tensors (it is not an average); the dtype
+    they were computed in is the engine's own rule (:func:`hub_soup.merging.engine.kernel_dtype`;
+    without a method, an average's); excluded floating tensors are copied (and cast to
     ``--dtype``); integer and bool tensors are copied unchanged.
     """
+    merged = merge_method is not None and merge_method.summary is not None
+    method = merge_method if merge_method is not None else Uniform()
     averaged = [t for t in plan.tensors if t.average]
     excluded = [t for t in plan.tensors if not t.average and t.meta.dtype.is_floating_point]
     integers = [t for t in plan.tensors if not t.meta.dtype.is_floating_point]
     sentences = []
     if averaged:
         out = getattr(torch, dtype) if dtype else None
-        wide = {accumulation_dtype(max_precision(t.meta.dtype, out or t.meta.dtype)) == torch.float64 for t in averaged}
+        wide = {kernel_dtype(method, t.meta.dtype, out or t.meta.dtype) == torch.float64 for t in averaged}
         accumulated = " (float64 ones in float64)" if wide == {True, False} else ""
         where = "float64" if wide == {True} else "float32"
         stored = f"stored as {dtype}" if dtype else "each stored in its own dtype"

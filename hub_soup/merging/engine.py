@@ -78,6 +78,13 @@ def max_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (a, b) else a
 
 
+def kernel_dtype(method: MergeMethod, stored: torch.dtype, output: torch.dtype) -> torch.dtype:
+    """The dtype ``method``'s kernel computes a tensor stored as ``stored`` and written as ``output`` in:
+    float64 for a float64 kernel or when either side is float64, float32 otherwise. The engine
+    follows it and the card states it, so what the card says is what was done."""
+    return torch.float64 if method.float64_kernel else accumulation_dtype(max_precision(stored, output))
+
+
 def output_metas(plan: MergePlan, dtype: torch.dtype | None) -> dict[str, TensorMeta]:
     """The soup's tensors: ``dtype`` overrides every floating tensor's dtype (averaged or
     excluded, so the soup is all one float dtype as its config says), never an integer's."""
@@ -205,8 +212,7 @@ def stream_merge(
                     statistics = method.finish_statistics(statistics, tensor.key)
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
-                acc_dtype = (torch.float64 if method.float64_kernel
-                             else accumulation_dtype(max_precision(tensor.meta.dtype, out_dtype)))
+                acc_dtype = kernel_dtype(method, tensor.meta.dtype, out_dtype)
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 for begin in range(0, tensor.meta.numel, chunk_elements):
                     chunks = reader.next()

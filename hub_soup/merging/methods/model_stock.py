@@ -63,6 +63,12 @@ class ModelStock(MergeMethod):
     """
 
     name = "model_stock"
+    title = "Model Stock"
+    paper = "[Jang et al., 2024, Model Stock: All we need is just a few fine-tuned models](https://arxiv.org/abs/2403.19522)"
+    summary = (
+        "per tensor, the fine-tunes' average was pulled towards the base model by a ratio set by the angle "
+        "between their task vectors (t = N cos / (1 + (N - 1) cos); soup = t * average + (1 - t) * base)."
+    )
     Parameters = ModelStockParameters
     needs_base = True
     float64_kernel = True

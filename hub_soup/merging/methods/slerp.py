@@ -49,6 +49,12 @@ class Slerp(MergeMethod):
     """SLERP (Shoemake 1985, "Animating rotation with quaternion curves"): two models along the arc between them."""
 
     name = "slerp"
+    title = "spherical linear interpolation (SLERP)"
+    paper = "[Shoemake, 1985, Animating Rotation with Quaternion Curves](https://doi.org/10.1145/325165.325242)"
+    summary = (
+        "per tensor, the two models were interpolated along the great circle between them, at t from the "
+        "first to the second (linearly where they are nearly parallel)."
+    )
     Parameters = SlerpParameters
     exact_ingredients = 2
     float64_kernel = True
