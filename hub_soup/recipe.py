@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -48,6 +48,9 @@ class _Strict(BaseModel):
     """Unknown keys are errors: a typo in a recipe must not be silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ModelRef(_Strict):
@@ -259,11 +262,7 @@ class Recipe(_Strict):
             raise RecipeError(f"got {len(weights)} weights for {len(refs)} refs", hint="give one weight per ref")
         ingredients = [{"ref": r} if weights is None else {"ref": r, "weight": w} for r, w in zip(refs, weights or refs)]
         data = {"ingredients": ingredients, "method": "uniform" if weights is None else "weighted", **fields}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise RecipeError(f"{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
+        return validated(cls, data)
 
     def code_refs(self) -> list[str]:
         """The code this recipe would import and run: each needs ``trust_remote_code``."""
@@ -342,6 +341,20 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise RecipeError(f"{at}: {field_path}: {_message(first)}{more}", hint="`hub-soup schema` prints every field") from None
+
+
+def validated(model: type[M], data: dict[str, Any], section: str = "") -> M:
+    """``model`` (a recipe or one of its sections, at ``section``) from flags or API arguments.
+
+    Raises:
+        RecipeError: pydantic's first error, naming its field path (none for a rule of the whole model).
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(map(str, (*([section] if section else []), *first["loc"])))
+        raise RecipeError(f"{path}: {_message(first)}" if path else _message(first)) from None
 
 
 def _message(error: Any) -> str:

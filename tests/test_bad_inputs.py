@@ -207,6 +207,16 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--push", "just-a-name", "-o", _out(tmp)]
 
 
+@case("method-needs-base")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--method", "task_arithmetic", "-o", _out(tmp)]
+
+
+@case("diagnose-bad-eval-flag")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["diagnose", A, B, "--eval-task", "image-classification", "--eval-data", str(tmp), "--eval-batch-size", "0"]
+
+
 @case("recipe-unknown-key")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     (tmp / "r.yaml").write_text(f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\noutput: {{path: {_out(tmp)}}}\nmethd: uniform\n")

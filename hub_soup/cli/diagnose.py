@@ -50,9 +50,11 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.hub.resolve import resolve_ref
     from hub_soup.merging.plan import align
     from hub_soup.pipeline import device_for, layouts_of, open_ingredients
-    from hub_soup.recipe import EvalSpec
+    from hub_soup.recipe import EvalSpec, validated
 
-    spec = EvalSpec.model_validate(eval_spec_from_args(args))
+    section = eval_spec_from_args(args)
+    assert section is not None  # --eval-task and --eval-data are required here
+    spec = validated(EvalSpec, section, "eval")
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]
     checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
