@@ -114,19 +114,14 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
     for ref in resolved:
         logger.info("resolved %s -> %s", ref.ref, ref.pinned)
-    checkpoints = open_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
+    with opened_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
         resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
         before_download=lambda local: _align_early(resolved, local, recipe, token),
-    )
-    try:
-        with _output_folder(recipe) as output:
-            result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code)
-        if recipe.output.path is None:
-            result.output = None
-        return result
-    finally:
-        for checkpoint in checkpoints:
-            checkpoint.close()
+    ) as checkpoints, _output_folder(recipe) as output:
+        result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code)
+    if recipe.output.path is None:
+        result.output = None
+    return result
 
 
 def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
@@ -244,15 +239,17 @@ def _remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any]
     return json.loads(Path(path).read_text())
 
 
-def open_ingredients(
+@contextmanager
+def opened_ingredients(
     resolved: Sequence[ResolvedRef],
     *,
     allow_pickle: bool,
     ema: bool,
     token: str | bool | None,
     before_download: Callable[[list[Checkpoint | None]], None] | None = None,
-) -> list[Checkpoint]:
-    """Open the local ingredients, then fetch and open the Hub ones; on failure, close what was opened.
+) -> Iterator[list[Checkpoint]]:
+    """Open the local ingredients, then fetch and open the Hub ones; every one opened is closed on
+    leaving the ``with`` block, or at once when opening another fails.
 
     ``before_download`` sees the local ones (None in place of each Hub one) before anything is
     downloaded: the early checks use them, so no local file is opened (a pickle loaded) twice.
@@ -271,12 +268,11 @@ def open_ingredients(
                 opened[i] = _noted(open_checkpoint(
                     fetched.weights, label=ref.label, allow_pickle=allow_pickle, ema=ema, sidecars=fetched.sidecars
                 ))
-    except BaseException:
+        yield [c for c in opened if c is not None]
+    finally:
         for checkpoint in opened:
             if checkpoint is not None:
                 checkpoint.close()
-        raise
-    return [c for c in opened if c is not None]
 
 
 def _noted(checkpoint: Checkpoint) -> Checkpoint:

@@ -49,7 +49,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.eval.evaluate import Evaluator
     from hub_soup.hub.resolve import resolve_ref
     from hub_soup.merging.plan import align
-    from hub_soup.pipeline import device_for, layouts_of, open_ingredients
+    from hub_soup.pipeline import device_for, layouts_of, opened_ingredients
     from hub_soup.recipe import EvalSpec, validated
 
     section = eval_spec_from_args(args)
@@ -57,8 +57,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     spec = validated(EvalSpec, section, "eval")
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]
-    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
-    try:
+    with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
         layouts = layouts_of(checkpoints)
         plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
         evaluator = Evaluator(
@@ -69,8 +68,5 @@ def diagnose_command(args: argparse.Namespace) -> int:
             base=checkpoints[2] if args.base else None, plot_path=args.plot,
             recalibrate_bn_batches=args.recalibrate_bn,
         )
-    finally:
-        for checkpoint in checkpoints:
-            checkpoint.close()
     print(report.text())
     return EXIT_OK

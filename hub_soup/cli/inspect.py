@@ -30,11 +30,10 @@ def inspect_command(args: argparse.Namespace) -> int:
     from hub_soup.io.sizes import describe_size
     from hub_soup.merging.plan import align
     from hub_soup.merging.similarity import SHARED_INIT_COSINE, weight_similarity
-    from hub_soup.pipeline import layouts_of, open_ingredients
+    from hub_soup.pipeline import layouts_of, opened_ingredients
 
     resolved = [resolve_ref(r, token=args.token) for r in args.refs]
-    checkpoints = open_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token)
-    try:
+    with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
         for ref, ckpt in zip(resolved, checkpoints):
             dtypes = Counter(str(m.dtype).removeprefix("torch.") for m in ckpt.metas.values())
             size = sum(m.nbytes for m in ckpt.metas.values())
@@ -64,7 +63,4 @@ def inspect_command(args: argparse.Namespace) -> int:
                 if pairs
                 else f"shared initialization: likely (all pairs have cosine >= {SHARED_INIT_COSINE})"
             )
-    finally:
-        for ckpt in checkpoints:
-            ckpt.close()
     return EXIT_OK
