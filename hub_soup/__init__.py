@@ -9,7 +9,7 @@ runs the same pipeline::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,9 @@ def merge(
     output: str | Path | None = None,
     *,
     weights: Sequence[float] | None = None,
+    method: str | None = None,
+    base: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
     dtype: str | None = None,
     exclude: Sequence[str] = (),
     ema: bool = True,
@@ -59,14 +62,21 @@ def merge(
     force: bool = False,
     token: str | bool | None = None,
 ) -> SoupResult:
-    """Average ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
+    """Merge ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
 
+    By default the soup is their average (weighted with ``weights``); ``method`` names another
+    merge method, ``base`` the model they were fine-tuned from and ``parameters`` the method's
+    (``merge(refs, "soup", method="ties", base="org/base", parameters={"density": 0.3})``).
     Without ``output``, a soup that is pushed is staged in a temporary folder and
     removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
     """
+    fields: dict[str, Any] = {"method": method} if method is not None else {}
     recipe = Recipe.from_refs(
         list(refs),
         list(weights) if weights is not None else None,
+        **fields,
+        base={"ref": base} if base is not None else None,
+        parameters=dict(parameters or {}),
         dtype=dtype,
         exclude=list(exclude),
         ema=ema,

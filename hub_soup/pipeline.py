@@ -56,7 +56,7 @@ from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
-from hub_soup.recipe import Ingredient, ModelRef, Recipe
+from hub_soup.recipe import ModelRef, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -541,9 +541,9 @@ def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | Non
             return {"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha}
         return {"ref": local(model.ref, recipe.base_dir), "revision": None}
 
-    ingredients = [Ingredient(**pinned(i, r), weight=i.weight) for i, r in zip(recipe.ingredients, resolved)]
+    ingredients = [i.model_copy(update=pinned(i, r)) for i, r in zip(recipe.ingredients, resolved)]
     output = recipe.output.model_copy(update={"path": None, "overwrite": False})
-    update: dict[str, Any] = {"ingredients": ingredients, "output": output}
+    update: dict[str, Any] = {"ingredients": ingredients, "output": output, "parameters": recipe.pinned_parameters()}
     if recipe.base is not None:  # resolved after the ingredients
         update["base"] = ModelRef(**pinned(recipe.base, resolved[len(ingredients)]))
     if recipe.eval is not None:

@@ -73,8 +73,21 @@ class Ingredient(ModelRef):
     weight: float | None = Field(
         None, ge=0, allow_inf_nan=False,
         description="weight, a finite number >= 0, for methods that weigh ingredients: weighted (relative, "
-        "normalised), task_arithmetic (scales the task vector, default 1)",
+        "normalised), task_arithmetic, ties, dare_linear, dare_ties (scales the task vector, default 1)",
     )
+    density: float | None = Field(
+        None, gt=0, le=1,
+        description="fraction of this ingredient's task vector kept, for methods that sparsify (ties, dare_linear, "
+        "dare_ties; default: parameters.density)",
+    )
+
+    def method_parameters(self, names: Sequence[str]) -> dict[str, Any]:
+        """The per-ingredient method parameters among ``names`` this ingredient sets."""
+        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
+
+
+# The method parameters an ingredient may set for itself (a method says which it takes: ``ingredient_parameters``).
+PER_INGREDIENT = ("density",)
 
 
 class EvalSpec(_Strict):
@@ -230,6 +243,13 @@ class Recipe(_Strict):
             raise ValueError(
                 f"weights are given but method {self.method} takes none; set method: {' or '.join(takes)}"
             )
+        for index, ingredient in enumerate(self.ingredients):
+            for name in sorted(set(ingredient.method_parameters(PER_INGREDIENT)) - set(method.ingredient_parameters)):
+                takes = [m for m in method_names() if name in get_method(m).ingredient_parameters]
+                raise ValueError(
+                    f"ingredients.{index}.{name}: method {self.method} takes no per-ingredient {name}"
+                    + (f"; methods that do: {', '.join(takes)}" if takes else "")
+                )
         if method.needs_base and self.base is None:
             raise ValueError(
                 f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
@@ -252,15 +272,24 @@ class Recipe(_Strict):
         return self
 
     @classmethod
-    def from_refs(cls, refs: list[str], weights: list[float] | None = None, **fields: Any) -> Recipe:
-        """The recipe for a command line or an API call: refs (and weights) plus any other fields.
+    def from_refs(
+        cls, refs: list[str], weights: list[float] | None = None, *,
+        densities: Sequence[float] | None = None, **fields: Any,
+    ) -> Recipe:
+        """The recipe for a command line or an API call: refs (with their weights and densities, one per ref)
+        plus any other fields.
 
         Raises:
             RecipeError: naming the offending field.
         """
-        if weights is not None and len(weights) != len(refs):
-            raise RecipeError(f"got {len(weights)} weights for {len(refs)} refs", hint="give one weight per ref")
-        ingredients = [{"ref": r} if weights is None else {"ref": r, "weight": w} for r, w in zip(refs, weights or refs)]
+        ingredients: list[dict[str, Any]] = [{"ref": r} for r in refs]
+        for name, plural, values in (("weight", "weights", weights), ("density", "densities", densities)):
+            if values is None:
+                continue
+            if len(values) != len(refs):
+                raise RecipeError(f"got {len(values)} {plural} for {len(refs)} refs", hint=f"give one {name} per ref")
+            for ingredient, value in zip(ingredients, values):
+                ingredient[name] = value
         data = {"ingredients": ingredients, "method": "uniform" if weights is None else "weighted", **fields}
         return validated(cls, data)
 
@@ -301,7 +330,14 @@ class Recipe(_Strict):
     def merge_method(self, weights: Sequence[float] | None = None) -> MergeMethod:
         """The recipe's method with its parameters, weighing the ingredients by ``weights``
         (default: the recipe's own, for a method that uses them)."""
-        return get_method(self.method)(self.parameters, weights if weights is not None else self.weights)
+        method = get_method(self.method)
+        own = [i.method_parameters(method.ingredient_parameters) for i in self.ingredients]
+        return method(self.parameters, weights if weights is not None else self.weights, own if any(own) else None)
+
+    def pinned_parameters(self) -> dict[str, Any]:
+        """The method's parameters with every default filled in (DARE's seed among them), as the pinned recipe
+        records them: a rebuild does not depend on defaults that may change."""
+        return get_method(self.method).parameters_from(self.parameters).model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
         """The recipe as a YAML file, defaults omitted, that :func:`load_recipe` reads back identically."""

@@ -156,7 +156,7 @@ def test_the_cli_merges_by_task_arithmetic_and_the_card_says_so(tmp_path: Path, 
     assert code == 0, capsys.readouterr().err
     _assert_task_arithmetic(ck.load_soup(out), tunes, base, [1.0, 1.0], 0.5)
     recipe = yaml.safe_load((out / "hub-soup.yaml").read_text())
-    assert recipe["method"] == "task_arithmetic" and recipe["parameters"] == {"lambda": 0.5}
+    assert recipe["method"] == "task_arithmetic" and recipe["parameters"] == {"lambda": 0.5, "normalize": False}
     assert recipe["base"]["ref"].endswith("base.safetensors")
     card = (out / "README.md").read_text()
     assert "by task arithmetic" in card and "https://arxiv.org/abs/2212.04089" in card

@@ -25,7 +25,7 @@ from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging import methods
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
-from hub_soup.merging.methods import MergeMethod, NoParameters, get_method, method_names, register_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, get_method, method_names, register_method
 from hub_soup.merging.plan import align
 from hub_soup.pipeline import layouts_of
 from hub_soup.recipe import Recipe, parse_recipe
@@ -54,7 +54,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[MergeMethod]]:
         class Parameters(NoParameters):
             scale: float = Field(1.0, gt=0)
 
-        def start_statistics(self) -> float:
+        def start_statistics(self, tensor: MergedTensor) -> float:
             return 0.0
 
         def observe(self, statistics: float, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> float:
@@ -64,7 +64,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[MergeMethod]]:
 
         def kernel(
             self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-            base: torch.Tensor | None = None, statistics: Any = None,
+            base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
         ) -> None:
             assert base is not None
             acc.zero_()
@@ -90,11 +90,11 @@ def _toy_by_hand(parts: Sequence[torch.Tensor], base: torch.Tensor, scale: float
 
 
 def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplicate_names() -> None:
-    built_in = {"model_stock", "slerp", "task_arithmetic", "uniform", "weighted"}
+    built_in = {"dare_linear", "dare_ties", "model_stock", "slerp", "task_arithmetic", "ties", "uniform", "weighted"}
     assert built_in <= set(method_names()) and recipe_method_names() == method_names()
     assert not get_method("uniform").uses_weights and get_method("weighted").uses_weights
-    with pytest.raises(RecipeError, match="unknown merge method 'ties'") as caught:
-        get_method("ties")
+    with pytest.raises(RecipeError, match="unknown merge method 'della'") as caught:
+        get_method("della")
     assert caught.value.hint is not None and "uniform, weighted" in caught.value.hint
     with pytest.raises(ValueError, match="'uniform' is registered already"):
         register_method(type("Again", (MergeMethod,), {"name": "uniform"}))
@@ -103,7 +103,7 @@ def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplica
 
 def test_a_registered_method_is_a_recipe_choice_and_disappears_with_the_fixture(toy: type[MergeMethod]) -> None:
     assert TOY in method_names() and TOY in recipe_method_names()
-    assert toy().has_statistics and not get_method("uniform")().has_statistics
+    assert toy().statistics_passes(torch.float32) == 1 and get_method("uniform")().statistics_passes(torch.float32) == 0
 
 
 def test_the_toy_is_gone_after_its_test() -> None:

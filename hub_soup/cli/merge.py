@@ -29,10 +29,9 @@ from hub_soup.recipe import Dtype, Recipe, method_names
 # The method parameters the CLI takes, as (flag, the recipe's parameters key, type, help): mergekit's names.
 # Each fills ``parameters`` only when given; a method that takes no such parameter refuses it by name.
 METHOD_PARAMETERS = (
-    ("--lambda", "lambda", float, "task vectors' scale (task_arithmetic)"),
-    ("--t", "t", float, "interpolation factor (methods that interpolate)"),
-    ("--density", "density", float, "fraction of each task vector kept (methods that sparsify)"),
-    ("--seed", "seed", int, "random seed (methods that sample)"),
+    ("--lambda", "lambda", float, "task vectors' scale (task_arithmetic, ties, dare_linear, dare_ties)"),
+    ("--t", "t", float, "interpolation factor (slerp)"),
+    ("--seed", "seed", int, "random seed (dare_linear, dare_ties; default 0)"),
 )
 
 EXAMPLES = """examples:
@@ -42,6 +41,8 @@ EXAMPLES = """examples:
   %(prog)s ./ft-a ./ft-b --weights 1 3 -o soup
   # task arithmetic: the base plus half the sum of the task vectors
   %(prog)s ./ft-a ./ft-b --method task_arithmetic --base ./base --lambda 0.5 -o soup
+  # TIES: each task vector trimmed to its largest 30%%, signs elected, the agreeing entries averaged
+  %(prog)s ./ft-a ./ft-b ./ft-c --method ties --base ./base --density 0.3 -o soup
   # a greedy soup scored on an image folder, BatchNorm statistics recalibrated
   %(prog)s ./ft-* --greedy --recalibrate-bn 8 --eval-task image-classification \\
       --eval-data data/ --eval-split val -o soup
@@ -70,6 +71,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     BASE.add(methods, help="the model the ingredients were fine-tuned from, for methods that need one")
     for flag, key, kind, text in METHOD_PARAMETERS:
         methods.add_argument(flag, dest=f"parameter_{key}", type=kind, metavar=key[0].upper(), help=text)
+    methods.add_argument(
+        "--density", type=float, nargs="+", metavar="D",
+        help="fraction of each task vector kept (ties, dare_linear, dare_ties): one for every REF, or one per REF",
+    )
     parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
     EXCLUDE.add(parser)
     NO_EMA.add(parser)
@@ -91,11 +96,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
     given = {key: getattr(args, f"parameter_{key}") for _, key, _, _ in METHOD_PARAMETERS}
+    densities = args.density
+    if densities is not None and len(densities) == 1 and len(args.refs) != 1:
+        given["density"], densities = densities[0], None  # one density for every ingredient: the parameter
     method = {"method": args.method} if args.method else {}
     name = args.method or ("weighted" if args.weights else "uniform")
     takes = {field.alias or key for key, field in get_method(name).Parameters.model_fields.items()}
-    for flag, key, _, _ in METHOD_PARAMETERS:
-        if given[key] is not None and key not in takes:
+    for flag, key in [(flag, key) for flag, key, _, _ in METHOD_PARAMETERS] + [("--density", "density")]:
+        if (given.get(key) is not None or (key == "density" and densities is not None)) and key not in takes:
             raise RecipeError(
                 f"parameters.{key}: method {name} takes no {key} ({flag})",
                 hint=f"drop {flag}, or choose a method that takes it with --method",
@@ -103,6 +111,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe.from_refs(
         args.refs,
         args.weights,
+        densities=densities,
         **method,
         parameters={key: value for key, value in given.items() if value is not None},
         base={"ref": args.base} if args.base else None,

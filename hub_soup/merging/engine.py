@@ -36,7 +36,7 @@ from hub_soup.errors import RecipeError
 from hub_soup.io import direct_io
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.merging.methods import MergeMethod
+from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
 
@@ -158,9 +158,9 @@ def stream_merge(
     previous soup chunks to ``sink``. Reads and writes are memory copies in the
     kernel that release the GIL. Memory does not grow with the model or the
     number of ingredients: the read slots, the accumulator and the write slots
-    are a few MiB, reused for everything. A method with a statistics pass
-    (:attr:`~hub_soup.merging.methods.MergeMethod.has_statistics`) reads each
-    averaged tensor twice, through the same read-ahead: once to observe, once to merge.
+    are a few MiB, reused for everything. A method with statistics passes
+    (:meth:`~hub_soup.merging.methods.MergeMethod.statistics_passes`) reads each
+    merged tensor once more per pass, through the same read-ahead, before it merges it.
 
     Args:
         method: the merge method, with its parameters and weights (one per checkpoint).
@@ -185,9 +185,11 @@ def stream_merge(
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
-    passes = 2 if method.has_statistics else 1
+    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(method, t.meta.dtype, metas[t.key].dtype))
+              for t in plan.tensors if t.average}
+    passes = {key: method.statistics_passes(m.dtype) for key, m in merged.items()}
     total_read = sum(
-        t.meta.nbytes * (len(inputs) * passes if t.average else 1) for t in plan.tensors
+        t.meta.nbytes * (len(inputs) * (1 + passes[t.key]) if t.average else 1) for t in plan.tensors
     )
     bytes_read = 0
     previous_threads = torch.get_num_threads()
@@ -202,14 +204,15 @@ def stream_merge(
         ) as bar:
             for tensor in plan.tensors:
                 statistics = None
-                if tensor.average and passes == 2:
-                    statistics = method.start_statistics()
-                    for _ in range(0, tensor.meta.numel, chunk_elements):
-                        chunks = reader.next()
-                        statistics = method.observe(statistics, chunks[:count], chunks[count] if base else None)
-                        bytes_read += sum(chunk.nbytes for chunk in chunks)
-                        reader.release()
-                    statistics = method.finish_statistics(statistics, tensor.key)
+                if tensor.average:
+                    statistics = method.start_statistics(merged[tensor.key])
+                    for _ in range(passes[tensor.key]):
+                        for _ in range(0, tensor.meta.numel, chunk_elements):
+                            chunks = reader.next()
+                            statistics = method.observe(statistics, chunks[:count], chunks[count] if base else None)
+                            bytes_read += sum(chunk.nbytes for chunk in chunks)
+                            reader.release()
+                        statistics = method.finish_statistics(statistics, merged[tensor.key])
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
                 acc_dtype = kernel_dtype(method, tensor.meta.dtype, out_dtype)
@@ -220,7 +223,7 @@ def stream_merge(
                     if tensor.average:
                         if begin < sample:
                             gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
-                        _merge_chunks(method, chunks, count, buffers[acc_dtype], soup, statistics)
+                        _merge_chunks(method, chunks, count, buffers[acc_dtype], soup, statistics, begin)
                     else:
                         soup.copy_(chunks[0])
                     out.submit()
@@ -252,10 +255,11 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
 
 def _merge_chunks(
     method: MergeMethod, chunks: Sequence[torch.Tensor], count: int, buffers: tuple[torch.Tensor, torch.Tensor],
-    soup: torch.Tensor, statistics: Any,
+    soup: torch.Tensor, statistics: Any, offset: int,
 ) -> None:
-    """``soup`` = the method's soup of one position: ``chunks`` are the ``count`` ingredients' (then the base's),
-    merged block by block, each block's result copied out of the cache-sized accumulator."""
+    """``soup`` = the method's soup of one position, the tensor's elements from ``offset`` on: ``chunks`` are the
+    ``count`` ingredients' (then the base's), merged block by block, each block's result copied out of the
+    cache-sized accumulator."""
     acc_buffer, scratch_buffer = buffers
     size = soup.numel()
     with_base = len(chunks) > count
@@ -264,7 +268,7 @@ def _merge_chunks(
         acc = acc_buffer[: end - start]
         method.kernel(
             acc, [chunk[start:end] for chunk in chunks[:count]], scratch=scratch_buffer[: end - start],
-            base=chunks[count][start:end] if with_base else None, statistics=statistics,
+            base=chunks[count][start:end] if with_base else None, statistics=statistics, offset=offset + start,
         )
         soup[start:end].copy_(acc)  # copy_ crosses devices
 
@@ -335,16 +339,17 @@ Position = list[tuple[Checkpoint, str, int, int]]
 
 
 def _positions(
-    checkpoints: Sequence[Checkpoint], base: Checkpoint | None, plan: MergePlan, chunk_elements: int, passes: int
+    checkpoints: Sequence[Checkpoint], base: Checkpoint | None, plan: MergePlan, chunk_elements: int,
+    passes: dict[str, int],
 ) -> Iterator[Position]:
     """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
 
-    An averaged tensor is read ``passes`` times (a statistics pass, then the kernel's);
-    a copied one once, from the first ingredient.
+    A merged tensor is read once per statistics pass (``passes``, by key), then for the
+    kernel; a copied one once, from the first ingredient.
     """
     for tensor in plan.tensors:
         sources = _sources(checkpoints, base, tensor)
-        for _ in range(passes if tensor.average else 1):
+        for _ in range(1 + passes[tensor.key] if tensor.average else 1):
             for begin in range(0, tensor.meta.numel, chunk_elements):
                 size = min(chunk_elements, tensor.meta.numel - begin)
                 yield [(checkpoint, key, begin, size) for checkpoint, key in sources]

@@ -17,10 +17,11 @@ tensors they are given; torch types appear only under ``TYPE_CHECKING``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hub_soup.errors import RecipeError
 
@@ -34,11 +35,32 @@ class NoParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class MergedTensor:
+    """The tensor a method's statistics and kernel calls are about, as the engine merges it.
+
+    Attributes:
+        key: its name in the soup (for warnings, and for anything a method derives per tensor,
+            such as DARE's random stream).
+        numel: its number of elements.
+        dtype: the dtype its kernel computes in (``acc`` and ``scratch``), float32 or float64.
+    """
+
+    key: str
+    numel: int
+    dtype: torch.dtype
+
+
 class MergeMethod:
     """One way to combine aligned tensors; an instance is one merge's method, its parameters and weights.
 
     Subclasses set the class attributes and override :meth:`kernel` (and, for a
     statistics pass, :meth:`start_statistics` and :meth:`observe`).
+
+    Per tensor, the engine calls :meth:`start_statistics`, then for each of
+    :meth:`statistics_passes` reads of the tensor :meth:`observe` on every chunk and
+    :meth:`finish_statistics` at the end, and finally :meth:`kernel` on every block, with
+    what the last call returned: a method's per-tensor state flows through that one value.
 
     Attributes:
         name: what a recipe's ``method`` says.
@@ -48,6 +70,9 @@ class MergeMethod:
         uses_weights: the method weighs each ingredient (a recipe then gives ``weight`` on every
             ingredient, unless :attr:`default_weight` says what a missing one is; weights are
             refused otherwise).
+        ingredient_parameters: the fields of :attr:`Parameters` an ingredient may set for itself
+            (mergekit's per-model parameters, such as ``density``); the recipe's ``parameters``
+            give the value of every ingredient that does not (see :meth:`per_ingredient`).
         default_weight: the weight of an ingredient whose recipe gives none (``None``: every
             ingredient needs one). Only for methods that use weights.
         normalizes_weights: :attr:`weights` are normalised to sum to one (a weighted average);
@@ -67,6 +92,7 @@ class MergeMethod:
     Parameters: ClassVar[type[BaseModel]] = NoParameters
     needs_base: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
+    ingredient_parameters: ClassVar[tuple[str, ...]] = ()
     exact_ingredients: ClassVar[int | None] = None
     float64_kernel: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None
@@ -76,8 +102,10 @@ class MergeMethod:
     summary: ClassVar[str | None] = None
 
     def __init__(self, parameters: BaseModel | dict[str, Any] | None = None,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None,
+                 ingredients: Sequence[Mapping[str, Any]] | None = None) -> None:
         self.parameters = self.parameters_from(parameters or {})
+        self.ingredients = [self._ingredient_parameters(i, given) for i, given in enumerate(ingredients or ())]
         if self.uses_weights and weights is None and self.default_weight is None:
             raise RecipeError(f"method {self.name} needs a weight on every ingredient", hint="give weight: on each")
         if not self.uses_weights and weights is not None:
@@ -89,6 +117,7 @@ class MergeMethod:
         else:
             self.weights = normalize_weights(weights, len(weights)) if weights is not None else None
         self._scalars: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._workspace: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def weights_for(self, count: int) -> list[float]:
         """The weight each of ``count`` ingredients counts with: :attr:`weights` when given, else
@@ -101,34 +130,61 @@ class MergeMethod:
             return [self.default_weight] * count
         return normalize_weights(None, count)
 
+    def per_ingredient(self, name: str, count: int) -> list[Any]:
+        """Each of ``count`` ingredients' value of parameter ``name``: its own where it set one
+        (:attr:`ingredient_parameters`), else the recipe's ``parameters`` (or the default)."""
+        if self.ingredients and len(self.ingredients) != count:
+            raise RecipeError(f"got parameters for {len(self.ingredients)} ingredients, merging {count}")
+        default = getattr(self.parameters, name)
+        return [own.get(name, default) for own in self.ingredients] if self.ingredients else [default] * count
+
+    def _ingredient_parameters(self, index: int, given: Mapping[str, Any]) -> dict[str, Any]:
+        """One ingredient's own parameters, validated as :attr:`Parameters` validates them."""
+        given = {name: value for name, value in given.items() if value is not None}
+        unknown = set(given) - set(self.ingredient_parameters)
+        if unknown:
+            takes = ", ".join(self.ingredient_parameters) or "none"
+            raise RecipeError(
+                f"ingredients.{index}: method {self.name} takes no per-ingredient {', '.join(sorted(unknown))}",
+                hint=f"its per-ingredient parameters: {takes}",
+            )
+        merged = self.parameters.model_dump(by_alias=True) | given
+        try:
+            checked = self.Parameters.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RecipeError(f"ingredients.{index}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return {name: getattr(checked, name) for name in given}
+
     @classmethod
     def parameters_from(cls, parameters: BaseModel | dict[str, Any]) -> BaseModel:
         """Validated :attr:`Parameters` (pydantic's ``ValidationError`` names the field)."""
         return parameters if isinstance(parameters, cls.Parameters) else cls.Parameters.model_validate(parameters)
 
-    @property
-    def has_statistics(self) -> bool:
-        """The method looks at a whole tensor before its kernel runs (it overrides :meth:`observe`):
-        the engine then reads each averaged tensor twice, once for :meth:`observe`, once for the kernel."""
-        return type(self).observe is not MergeMethod.observe
+    def statistics_passes(self, dtype: torch.dtype) -> int:
+        """How many times the engine reads each merged tensor, computed in ``dtype``, before its kernel runs:
+        1 for a method that overrides :meth:`observe` (it looks at whole tensors), 0 otherwise. Each
+        pass is one more read of the tensor's chunks through the same read-ahead, at flat memory."""
+        return 0 if type(self).observe is MergeMethod.observe else 1
 
-    def start_statistics(self) -> Any:
-        """A fresh accumulator for one tensor's statistics (see :meth:`observe`)."""
+    def start_statistics(self, tensor: MergedTensor) -> Any:
+        """The state of one tensor's merge, before its first pass (and the kernel's, with no passes)."""
         return None
 
     def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         """Fold one chunk of every ingredient (and of the base) into ``statistics`` and return them;
-        the engine passes what the last chunk returned to :meth:`finish_statistics`."""
+        the engine passes what the pass's last chunk returned to :meth:`finish_statistics`."""
         return statistics
 
-    def finish_statistics(self, statistics: Any, key: str) -> Any:
-        """What the kernel calls of tensor ``key`` are given, made once from what the last :meth:`observe`
-        returned (the default: that, unchanged). ``key`` names the tensor in warnings."""
+    def finish_statistics(self, statistics: Any, tensor: MergedTensor) -> Any:
+        """Called at the end of each pass with what the last :meth:`observe` returned: its result is what
+        the next pass folds into, and after the last pass what the kernel calls are given (the default:
+        ``statistics``, unchanged). ``tensor.key`` names the tensor in warnings."""
         return statistics
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         """Fill ``acc`` with the soup of one block of elements.
 
@@ -136,9 +192,10 @@ class MergeMethod:
         stored dtypes; ``base`` is the base's block (methods that need one). ``acc`` and
         ``scratch`` are alike: float32 (float64 when an input or the output is float64, or the
         method sets :attr:`float64_kernel`), at
-        most a few hundred KiB so that they stay in the CPU's cache. A kernel must be
-        elementwise in effect: an element's result may depend on its values and on the
-        tensor's statistics, never on where the engine cut the tensor into blocks.
+        most a few hundred KiB so that they stay in the CPU's cache. ``offset`` is the index
+        of the block's first element in the (flattened) tensor. A kernel must be elementwise
+        in effect: an element's result may depend on its values, its index and the tensor's
+        statistics, never on where the engine cut the tensor into blocks.
         """
         raise NotImplementedError
 
@@ -154,6 +211,18 @@ class MergeMethod:
         if found is None:
             found = self._scalars[key] = [like.new_tensor(v) for v in values]
         return found
+
+    def workspace(self, like: torch.Tensor, count: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """``count`` scratch buffers of ``like``'s size and device (and dtype, unless ``dtype`` says otherwise)
+        beyond ``acc`` and ``scratch``, for a kernel that keeps more per block (TIES keeps each ingredient's
+        sparsified task vector); made once per merge and reused, so memory stays a few blocks whatever the
+        model's size. Calls with the same ``count`` and dtype get the same buffers."""
+        dtype = dtype or like.dtype
+        key = (dtype, like.device, count)
+        found = self._workspace.get(key)
+        if found is None or found.shape[1] < like.numel():
+            found = self._workspace[key] = like.new_empty(count, like.numel(), dtype=dtype)
+        return [row[: like.numel()] for row in found]
 
 
 def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -199,7 +268,17 @@ def method_names() -> tuple[str, ...]:
 
 
 # The built-in methods register themselves on import (they need the definitions above).
-from hub_soup.merging.methods import model_stock, slerp, task_arithmetic, uniform, weighted
+from hub_soup.merging.methods import (
+    dare_linear,
+    dare_ties,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+    uniform,
+    weighted,
+)
 
-__all__ = ["MergeMethod", "NoParameters", "get_method", "method_names", "model_stock", "normalize_weights",
-           "register_method", "slerp", "task_arithmetic", "uniform", "weighted"]
+__all__ = ["MergeMethod", "MergedTensor", "NoParameters", "dare_linear", "dare_ties", "get_method", "method_names",
+           "model_stock", "normalize_weights", "register_method", "slerp", "task_arithmetic", "ties", "uniform",
+           "weighted"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from hub_soup.merging.methods import MergeMethod, NoParameters, register_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, register_method
 from hub_soup.merging.methods.angles import Gram
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class ModelStock(MergeMethod):
     needs_base = True
     float64_kernel = True
 
-    def start_statistics(self) -> Gram | None:
+    def start_statistics(self, tensor: MergedTensor) -> Gram | None:
         return None  # made on the first chunk, which says how many ingredients there are
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
@@ -82,8 +82,8 @@ class ModelStock(MergeMethod):
         wide = base.double()
         return gram.add([p.double().sub_(wide) for p in parts])
 
-    def finish_statistics(self, statistics: Gram | None, key: str) -> float:
-        """``t`` of tensor ``key`` (1 for a tensor the engine never observed: a 0-dim one is observed, an
+    def finish_statistics(self, statistics: Gram | None, tensor: MergedTensor) -> float:
+        """``t`` of the tensor (1 for a tensor the engine never observed: a 0-dim one is observed, an
         empty one has no elements to merge)."""
         if statistics is None:
             return 1.0
@@ -98,19 +98,19 @@ class ModelStock(MergeMethod):
         if not all(moved):
             logger.warning(
                 "model_stock: %s: %d of %d fine-tunes leave it as the base has it (no angle: cosine 0 for them)",
-                key, moved.count(False), count,
+                tensor.key, moved.count(False), count,
             )
         if cosine <= 0:
             logger.warning(
                 "model_stock: %s: the task vectors' mean cosine is %.3g <= 0; t clamped to 0 (the base's tensor)",
-                key, cosine,
+                tensor.key, cosine,
             )
             return 0.0
         return interpolation_ratio(cosine, count)
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         """``base + (t / N) * sum(part - base)``: the paper's soup, on task vectors."""
         assert base is not None and statistics is not None

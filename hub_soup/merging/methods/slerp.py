@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from hub_soup.merging.methods import MergeMethod, NoParameters, register_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, register_method
 from hub_soup.merging.methods.angles import Gram
 
 if TYPE_CHECKING:
@@ -59,19 +59,19 @@ class Slerp(MergeMethod):
     exact_ingredients = 2
     float64_kernel = True
 
-    def start_statistics(self) -> Gram:
+    def start_statistics(self, tensor: MergedTensor) -> Gram:
         return Gram(2)
 
     def observe(self, statistics: Gram, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
         return statistics.add(parts)
 
-    def finish_statistics(self, statistics: Gram, key: str) -> tuple[float, float]:
-        """The weights of the two ingredients in tensor ``key``."""
+    def finish_statistics(self, statistics: Gram, tensor: MergedTensor) -> tuple[float, float]:
+        """The weights of the two ingredients in the tensor."""
         return coefficients(self.parameters.t, statistics.cosine(0, 1))  # type: ignore[attr-defined]
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         """``s_a * a + s_b * b``; an end (``t`` 0 or 1) is copied, so it comes back bit for bit."""
         a, b = parts

@@ -71,7 +71,7 @@ class TaskArithmetic(MergeMethod):
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         assert base is not None
         for i, (part, coefficient) in enumerate(zip(parts, self.scalars(self.coefficients(len(parts)), acc))):

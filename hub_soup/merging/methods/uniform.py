@@ -21,7 +21,7 @@ class Uniform(MergeMethod):
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         scale = self.scalars([1.0 / len(parts)], acc)[0]
         sum_then_scale_(acc, parts, scale, scratch)

@@ -28,7 +28,7 @@ class Weighted(MergeMethod):
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
-        base: torch.Tensor | None = None, statistics: Any = None,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         assert self.weights is not None
         weights = self.scalars(self.weights, acc)

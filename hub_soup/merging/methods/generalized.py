@@ -1,0 +1,192 @@
+"""Task arithmetic with sparsified task vectors and sign election: what ``ties``, ``dare_linear`` and
+``dare_ties`` share (mergekit's "generalized task arithmetic").
+
+Per tensor and element, with ``delta_i = theta_i - theta_base``::
+
+    d_i   = sparsify(delta_i, density_i) * w_i        # magnitude top-k (TIES) or random (DARE)
+    keep  = sign(d_i) == sign(sum_j d_j)              # with sign election (ties, dare_ties): else all
+    mixed = sum_i keep_i d_i                          # / sum_i keep_i w_i with normalize (else / sum_i w_i)
+    soup  = theta_base + lambda * mixed
+
+An element whose votes sum to 0 elects ``+``; a zero ``d_i`` agrees with neither sign;
+where no weight agrees, the divisor is 1 (all as mergekit). The kernel computes in
+float32 (float64 for float64 tensors), keeps every ingredient's ``d_i`` of a block in a
+workspace (so each is computed once), and every step is one IEEE-rounded elementwise
+op, so the soup does not depend on where the engine cuts a tensor; mergekit computes in
+the tensors' own dtype (bf16), hub-soup rounds once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
+from hub_soup.merging.methods.sparsify import DROP, MagnitudeThresholds, RandomMasks, delta_, radix_passes
+
+if TYPE_CHECKING:
+    import torch
+
+
+class GeneralizedParameters(NoParameters):
+    """Parameters every generalized task-arithmetic method takes, spelled as mergekit spells them."""
+
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the mixed task vectors")
+    density: float = Field(
+        1.0, gt=0, le=1, description="fraction of each task vector's elements kept (per ingredient too)"
+    )
+    int8_mask: bool = Field(
+        False, description="mergekit's memory saving for its whole-tensor masks; accepted so configs port, and "
+        "without effect: hub-soup's masks are per block",
+    )
+
+
+class RandomParameters(GeneralizedParameters):
+    """Parameters of the DARE methods (mergekit's names and defaults), which drop elements at random.
+
+    ``rescale`` divides the kept elements by ``density``, as the DARE paper does, so each
+    task vector is unchanged in expectation; mergekit's ``rescale`` instead matches each
+    trimmed vector's L1 norm to the untrimmed one's (also 1 / density in expectation).
+    """
+
+    normalize: bool = Field(False, description="divide by the sum of the (agreeing) weights")
+    rescale: bool = Field(True, description="divide the kept elements by density (the DARE paper's rescaling)")
+    seed: int = Field(0, ge=0, description="the random masks' seed: the same seed gives the same soup anywhere")
+
+
+DARE_PAPER = (
+    "[Yu et al., 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
+    "Lunch](https://arxiv.org/abs/2311.03099)"
+)
+DARE_DROPPED = (
+    "each task vector (a fine-tune's difference from the base model) kept each element with probability density "
+    "(a hash of the seed, the tensor and the element decides), the kept ones divided by density with rescale; "
+)
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    """The shared kernel; a subclass sets :attr:`sparsification` and :attr:`consensus` (and its parameters)."""
+
+    sparsification: ClassVar[Literal["magnitude", "random"]]
+    consensus: ClassVar[bool]
+    Parameters: ClassVar[type[GeneralizedParameters]] = GeneralizedParameters
+    needs_base = True
+    uses_weights = True
+    default_weight = 1.0
+    normalizes_weights = False
+    ingredient_parameters = ("density",)
+
+    def densities(self, count: int) -> list[float]:
+        return self.per_ingredient("density", count)
+
+    @property
+    def _sparsifies(self) -> bool:
+        """Some ingredient keeps less than its whole task vector."""
+        own = [i.get("density", 1.0) for i in self.ingredients]
+        return min([self.parameters.density, *own]) < 1  # type: ignore[attr-defined]
+
+    def statistics_passes(self, dtype: torch.dtype) -> int:
+        """Magnitude sparsification reads each tensor once per radix digit of its threshold (2 in float32)."""
+        return radix_passes(dtype) if self.sparsification == "magnitude" and self._sparsifies else 0
+
+    def start_statistics(self, tensor: MergedTensor) -> Any:
+        if self.sparsification == "random":
+            return RandomMasks(self.parameters.seed, tensor)  # type: ignore[attr-defined]
+        return tensor  # the thresholds are made on the first chunk, which says how many ingredients there are
+
+    def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
+        assert base is not None
+        if isinstance(statistics, MergedTensor):
+            statistics = MagnitudeThresholds(self.densities(len(parts)), statistics)
+        statistics.observe(parts, base)
+        return statistics
+
+    def finish_statistics(self, statistics: Any, tensor: MergedTensor) -> Any:
+        if isinstance(statistics, MagnitudeThresholds):
+            statistics.finish_pass()
+        return statistics
+
+    def kernel(
+        self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
+    ) -> None:
+        import torch
+
+        assert base is not None
+        count = len(parts)
+        weights = self.weights_for(count)
+        deltas = self.workspace(acc, count)
+        (mask,) = self.workspace(acc, 1, torch.bool)
+        self._sparse_weighted_deltas(deltas, parts, base, weights, scratch, mask, statistics, offset)
+        parameters = self.parameters
+        if self.consensus:
+            divisor = self._elect_and_mix(acc, deltas, weights, scratch)
+        else:
+            acc.copy_(deltas[0])
+            for delta in deltas[1:]:
+                acc.add_(delta)
+            total = math.fsum(weights)
+            divisor = self.scalars([total if abs(total) >= 1e-8 else 1.0], acc)[0]
+        if parameters.normalize:  # type: ignore[attr-defined]
+            acc.div_(divisor)
+        if parameters.lambda_ != 1:  # type: ignore[attr-defined]
+            acc.mul_(self.scalars([parameters.lambda_], acc)[0])  # type: ignore[attr-defined]
+        acc.add_(base)
+
+    def _sparse_weighted_deltas(
+        self, deltas: list[torch.Tensor], parts: Sequence[torch.Tensor], base: torch.Tensor, weights: list[float],
+        scratch: torch.Tensor, mask: torch.Tensor, statistics: Any, offset: int,
+    ) -> None:
+        """``deltas[i] = sparsify(parts[i] - base) * w_i`` for one block."""
+        import torch
+
+        densities = self.densities(len(parts))
+        scales = self.scalars(weights, scratch)
+        hashed = None
+        if self.sparsification == "random" and min(densities) < 1:
+            hashed, bits, tmp = self.workspace(scratch, 3, torch.int32)
+            statistics.element_hash_(hashed, tmp, offset)
+        for i, (delta, part) in enumerate(zip(deltas, parts)):
+            delta_(delta, part, base)
+            if self.sparsification == "magnitude" and statistics is not None:
+                threshold = statistics.thresholds[i]
+                if threshold is DROP:
+                    delta.zero_()
+                elif threshold is not None:
+                    torch.ge(torch.abs(delta, out=scratch), threshold, out=mask)
+                    delta.mul_(mask)
+            elif hashed is not None and densities[i] < 1:
+                delta.mul_(statistics.keep_(mask, hashed, bits, tmp, i, densities[i]))
+                if self.parameters.rescale:  # type: ignore[attr-defined]
+                    delta.div_(self.scalars([densities[i]], scratch)[0])
+            delta.mul_(scales[i])
+
+    def _elect_and_mix(
+        self, acc: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scratch: torch.Tensor,
+    ) -> torch.Tensor:
+        """``acc`` = the sum of the ``deltas`` that agree with their element's elected sign; returns the divisor
+        normalising divides by (the sum of the agreeing weights, 1 where none agrees), in ``scratch``."""
+        import torch
+
+        acc.copy_(deltas[0])
+        for delta in deltas[1:]:
+            acc.add_(delta)
+        elected, agree, positive = self.workspace(acc, 3, torch.bool)
+        torch.ge(acc, 0, out=elected)
+        acc.zero_()
+        normalize = self.parameters.normalize  # type: ignore[attr-defined]
+        if normalize:
+            scratch.zero_()
+        for delta, weight in zip(deltas, weights):
+            torch.gt(delta, 0, out=positive)
+            torch.lt(delta, 0, out=agree)
+            agree.copy_(positive.where(elected, agree))
+            acc.addcmul_(delta, agree)  # delta * 0 or delta * 1 is exact: one rounding, fused or not
+            if normalize:
+                scratch.add_(agree, alpha=weight)  # weight * 0 or weight * 1 is exact too
+        if normalize:
+            scratch.masked_fill_(scratch == 0, 1.0)
+        return scratch

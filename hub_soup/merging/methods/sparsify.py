@@ -1,0 +1,189 @@
+"""Sparsified task vectors, streamed: TIES's exact magnitude threshold and DARE's random masks.
+
+Both work on each ingredient's task vector ``delta = part - base`` in the kernel's
+dtype, computed the same way (one upcast, one subtraction) in the statistics pass
+as in the kernel, so the threshold is compared with the very values it was chosen
+from.
+
+**Magnitude** (TIES, mergekit's ``magnitude``): keep the ``k = int(density * numel)``
+largest ``|delta|`` of the whole tensor. The k-th largest value is found exactly with
+flat memory by radix selection over the bits of ``|delta|`` (non-negative floats
+order as their bit patterns do): each statistics pass counts one 16-bit digit of the
+elements that share the digits found so far, so float32 needs two passes (31 bits) and
+float64 four. Elements equal to the threshold are all kept (mergekit's ``argsort``
+keeps an arbitrary ``k`` of them): the only way the two may differ.
+
+**Random** (DARE, mergekit's ``random``): keep each element with probability
+``density``. The draw is a hash of (seed, tensor, ingredient, element index), so it
+does not depend on where the engine cuts the tensor, on the device, or on how many
+threads run: the same seed gives the same soup on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hub_soup.errors import RecipeError
+from hub_soup.merging.methods import MergedTensor
+
+if TYPE_CHECKING:
+    import torch
+
+# Radix digits, from the top: (shift, width) of each pass over the bits of |delta|.
+_DIGITS = {4: ((15, 16), (0, 15)), 8: ((47, 16), (31, 16), (15, 16), (0, 15))}
+
+# DARE compares the top 24 bits of a 32-bit hash with density * 2**24.
+_UNIFORM_BITS = 24
+
+
+def delta_(out: torch.Tensor, part: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``out = part - base`` in ``out``'s dtype: one exact upcast, one rounded subtraction."""
+    out.copy_(part)
+    return out.sub_(base)
+
+
+def radix_passes(dtype: torch.dtype) -> int:
+    """Statistics passes the exact magnitude threshold of a tensor computed in ``dtype`` takes."""
+    return len(_DIGITS[dtype.itemsize])
+
+
+DROP = "drop"
+"""A :class:`MagnitudeThresholds` threshold: the ingredient keeps no element of the tensor (``k = 0``)."""
+
+
+class MagnitudeThresholds:
+    """One tensor's exact top-``k`` magnitude threshold of each ingredient's task vector, pass by pass.
+
+    :meth:`observe` counts a chunk's current digit, :meth:`finish_pass` settles it;
+    after the last pass :attr:`thresholds` holds, per ingredient, ``None`` (density 1:
+    keep every element), the k-th largest ``|delta|`` as a 0-dim tensor of the kernel's
+    dtype (keep ``|delta| >= threshold``), or :data:`DROP` (``k = 0``: keep none).
+    """
+
+    def __init__(self, densities: Sequence[float], tensor: MergedTensor) -> None:
+        import torch
+
+        self.tensor = tensor
+        self._int = torch.int32 if tensor.dtype.itemsize == 4 else torch.int64
+        self._digits = _DIGITS[tensor.dtype.itemsize]
+        self._pass = 0
+        # Per ingredient: k (None: keep all), how many of the largest are still to be placed, the digits found.
+        self._k: list[int | None] = [None if d >= 1 else int(d * tensor.numel) for d in densities]
+        self._need = list(self._k)
+        self._prefix = [0] * len(densities)
+        self._counts: list[torch.Tensor | None] = [None] * len(densities)
+        self._scratch = torch.empty(0, dtype=tensor.dtype)
+        self.thresholds: list[torch.Tensor | str | None] = []
+
+    def observe(self, parts: Sequence[torch.Tensor], base: torch.Tensor) -> None:
+        """Count the current digit of every ingredient's ``|delta|`` in one chunk."""
+        import torch
+
+        shift, width = self._digits[self._pass]
+        for i, part in enumerate(parts):
+            if not self._need[i]:  # keeps all (None) or none (0): nothing to count
+                continue
+            if self._scratch.numel() < part.numel():
+                self._scratch = part.new_empty(part.numel(), dtype=self.tensor.dtype)
+            bits = delta_(self._scratch[: part.numel()], part, base).abs_().view(self._int)
+            if self._pass:  # only the elements whose higher digits are the ones found so far
+                bits = bits[(bits >> self._digits[self._pass - 1][0]) == self._prefix[i]]
+            counts = torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width)
+            previous = self._counts[i]
+            self._counts[i] = counts if previous is None else previous.add_(counts)
+
+    def finish_pass(self) -> None:
+        """Settle this pass's digit of each threshold: the digit (from the top) where the ``need``-th largest lies."""
+        import torch
+
+        _, width = self._digits[self._pass]
+        for i, counts in enumerate(self._counts):
+            need = self._need[i]
+            if not need:
+                continue
+            assert counts is not None  # every chunk of the tensor was counted
+            from_top = counts.flip(0).cumsum(0)
+            position = min(int(torch.searchsorted(from_top, need)), (1 << width) - 1)
+            self._need[i] = need - (int(from_top[position - 1]) if position else 0)
+            self._prefix[i] = (self._prefix[i] << width) | ((1 << width) - 1 - position)
+            self._counts[i] = None
+        self._pass += 1
+        if self._pass == len(self._digits):
+            self.thresholds = [
+                None if k is None else DROP if k == 0 else torch.tensor(prefix, dtype=self._int).view(self.tensor.dtype)
+                for k, prefix in zip(self._k, self._prefix)
+            ]
+
+
+class RandomMasks:
+    """DARE's keep-masks of one tensor: element ``j`` of ingredient ``i`` is kept when a hash of
+    (seed, tensor, ``i``, ``j``) falls below ``density_i``.
+
+    Per block, :meth:`element_hash_` hashes the element indices once (keyed by the seed and
+    the tensor), and :meth:`keep_` mixes that with each ingredient's key into its mask.
+    """
+
+    def __init__(self, seed: int, tensor: MergedTensor) -> None:
+        if tensor.numel > 1 << 32:
+            raise RecipeError(
+                f"{tensor.key}: {tensor.numel:,} elements; DARE's masks index at most 2**32 elements of a tensor",
+                hint="exclude the tensor (--exclude) or choose a method that does not sample",
+            )
+        self.tensor = tensor
+        self._seed = seed
+        self._keys: dict[int, int] = {}
+
+    def key(self, stream: int) -> int:
+        """A signed 32-bit key of (seed, tensor, ``stream``): ``-1`` keys the element hash, ``i`` ingredient ``i``."""
+        found = self._keys.get(stream)
+        if found is None:
+            text = f"{self._seed}\0{self.tensor.key}\0{stream}".encode()
+            found = self._keys[stream] = int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little", signed=True)
+        return found
+
+    def element_hash_(self, out: torch.Tensor, tmp: torch.Tensor, offset: int) -> torch.Tensor:
+        """``out`` (int32) = the keyed hash of the element indices ``offset, offset + 1, ...``; ``tmp``: int32 scratch."""
+        import torch
+
+        end = offset + out.numel()
+        if end <= 1 << 31:
+            torch.arange(offset, end, dtype=torch.int32, out=out)
+        else:  # indices as their low 32 bits (two's complement): unique below 2**32
+            out.copy_(torch.arange(offset, end, dtype=torch.int64).to(torch.int32))
+        out.bitwise_xor_(self.key(-1))
+        return mix_(out, tmp)
+
+    def keep_(self, out: torch.Tensor, hashed: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, index: int,
+              density: float) -> torch.Tensor:
+        """``out`` (bool) = the elements ingredient ``index`` keeps, from the block's :meth:`element_hash_`;
+        ``bits`` and ``tmp`` are int32 scratch. Kept: the hash's top 24 bits below ``density * 2**24``."""
+        import torch
+
+        limit = round(density * (1 << _UNIFORM_BITS)) << (32 - _UNIFORM_BITS)
+        if limit >= 1 << 32:  # density within 2**-25 of 1
+            return out.fill_(True)
+        bits.copy_(hashed)
+        bits.bitwise_xor_(self.key(index))
+        mix_(bits, tmp)
+        # Unsigned compare of the hash with density * 2**32, as signed: flip the sign bits of both sides.
+        bits.bitwise_xor_(-(1 << 31))
+        return torch.lt(bits, limit - (1 << 31), out=out)
+
+
+def mix_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``x`` (int32) through the ``lowbias32`` integer hash (C. Wellons), in place; ``tmp`` is int32 scratch.
+
+    Right shifts are logical (masked after torch's arithmetic shift); products wrap modulo 2**32,
+    as int32 arithmetic does on CPUs and GPUs alike.
+    """
+    import torch
+
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B - (1 << 32)), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        tmp.bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
