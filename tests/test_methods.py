@@ -125,9 +125,16 @@ def _ingredients(dtype: torch.dtype, seed: int) -> list[dict[str, torch.Tensor]]
     return states
 
 
+# The parameters each method is merged with: TIES and DARE trim, so their statistics passes and masks run.
+PARAMETERS: dict[str, dict[str, Any]] = {
+    TOY: {"scale": 0.7}, "ties": {"density": 0.4}, "dare_linear": {"density": 0.4, "seed": 1},
+    "dare_ties": {"density": 0.6},
+}
+
+
 @pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.float64], ids=["own", "to-f16", "to-f64"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", ["uniform", "weighted", "task_arithmetic", TOY])
+@pytest.mark.parametrize("name", ["uniform", "weighted", "task_arithmetic", "ties", "dare_linear", "dare_ties", TOY])
 def test_the_scored_soup_is_the_streamed_soup_bit_for_bit(
     tmp_path: Path, toy: type[MergeMethod], name: str, dtype: torch.dtype, out_dtype: torch.dtype | None
 ) -> None:
@@ -136,9 +143,7 @@ def test_the_scored_soup_is_the_streamed_soup_bit_for_bit(
     opened = [open_checkpoint(p) for p in paths]
     checkpoints, base = opened[:3], opened[3]
     method_class = get_method(name)
-    method = method_class(
-        {"scale": 0.7} if name == TOY else None, [1.0, 2.0, 4.5] if method_class.uses_weights else None
-    )
+    method = method_class(PARAMETERS.get(name), [1.0, 2.0, 4.5] if method_class.uses_weights else None)
     options: dict[str, Any] = {"base": base} if method.needs_base else {}
     plan = align(layouts_of(checkpoints), base=layouts_of([base])[0] if method.needs_base else None)
     try:
