@@ -33,7 +33,7 @@ from hub_soup.errors import (
     WorseSoupError,
 )
 from hub_soup.eval.evaluate import Evaluator
-from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.eval.greedy import Base, GreedyReport, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
 from hub_soup.hub.errors import hub_errors
@@ -52,7 +52,7 @@ from hub_soup.merging.engine import (
     stream_merge,
     write_state_dict,
 )
-from hub_soup.merging.methods import MergeMethod
+from hub_soup.merging.methods import MergeMethod, get_method
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
@@ -87,6 +87,13 @@ class SoupResult:
     report: GreedyReport | None = None  # ingredient scores, greedy steps, the evaluated soup
     push: PushResult | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def combined(self) -> str:
+        """What the method did to the soup's floating tensors, in the closing line's and the step summary's
+        words: ``averaged`` (uniform, weighted) or ``merged by task_arithmetic``, as the card tells them apart."""
+        method = get_method(self.pinned_recipe.method)
+        return "averaged" if method.summary is None else f"merged by {method.name}"
 
 
 def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: bool = False) -> SoupResult:
@@ -218,7 +225,8 @@ def _align_early(
         (ref.label, checkpoint.config if checkpoint is not None else _remote_config(ref, token))
         for ref, checkpoint in ingredient_refs
     ])
-    logger.info("headers and configs agree across %d ingredients; downloading", len(resolved))
+    logger.info("headers and configs agree across %d ingredients%s; downloading", len(ingredient_refs),
+                " and the base" if recipe.base is not None else "")
 
 
 T = TypeVar("T")
@@ -330,6 +338,9 @@ def _make_soup(
     if report is not None and report.comparison.soup_is_worse:
         warnings.append(report.comparison.message())
         logger.warning(warnings[-1])
+    if report is not None and report.below_base_warning is not None:  # warned, not gated (see _gate)
+        warnings.append(report.below_base_warning)
+        logger.warning(warnings[-1])
     pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
     pinned_yaml = pinned.to_yaml()
     config = _soup_config(soup.reference, recipe.dtype)
@@ -376,8 +387,11 @@ def _make_soup(
 
 
 def _method_title(recipe: Recipe) -> str:
-    """How the card and the commit name the soup's method."""
-    return "greedy" if recipe.greedy else recipe.method
+    """How the card, the score table and the commit name the soup's method: ``greedy`` for a greedy
+    uniform soup, ``greedy model_stock`` when greedy chose the ingredients another method combined."""
+    if not recipe.greedy:
+        return recipe.method
+    return "greedy" if recipe.method == "uniform" else f"greedy {recipe.method}"
 
 
 def _kept_weights(
@@ -415,7 +429,12 @@ def _gate(
     recipe: Recipe, report: GreedyReport | None, independent: str | None, output: Path, has_bn: bool
 ) -> None:
     """Refuse to publish a soup that is worse than its best ingredient (with an eval) or, without
-    one, whose ingredients look independent: both usually mean a collapsed soup. ``force`` pushes."""
+    one, whose ingredients look independent: both usually mean a collapsed soup. ``force`` pushes.
+
+    A soup below its base (methods with one) is only warned about: a soup at least as good as
+    its best ingredient is what the gate promises, and a fine-tune is better than its base on
+    the task it was tuned for, so such a soup is below its best ingredient as well unless the
+    eval measures something the fine-tunes gave up (a task negation forgets on purpose)."""
     assert recipe.push is not None
     if recipe.force:
         return
@@ -448,11 +467,13 @@ def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str,
 
 
 def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyReport:
-    """Score every ingredient and the soup (greedy or not), with optional BN recalibration.
+    """Score every ingredient, the base of a method that has one, and the soup (greedy or not), with
+    optional BN recalibration.
 
     Models are built from the reference ingredient's config. Soups are made by the
     streamed engine into memory (in the dtypes written), so what is scored, and then
-    written, is what the streamed merge writes.
+    written, is what the streamed merge writes. Greedy chooses the ingredients; the
+    recipe's method (Model Stock, with its base) combines each candidate set.
     """
     assert recipe.eval is not None
     options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code}
@@ -475,24 +496,47 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
             chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device
         )
 
+    base = None
+    if soup.base is not None:
+        base_checkpoint = soup.base
+        base = Base(base_checkpoint.label, lambda: base_state_dict(base_checkpoint, checkpoints[0], plan))
     options = {
         "recalibrate_bn_batches": recipe.recalibrate_bn,
         "test_evaluator": test_evaluator,
         "ensemble": recipe.ensemble_reference,
+        "base": base,
     }
     if recipe.greedy:
-        return greedy_soup(labels, load, evaluator, soup_of=soup_of, **options)
+        return greedy_soup(labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), **options)
     return score_soup(labels, load, soup_of(range(len(checkpoints))), evaluator, method=recipe.method, **options)
 
 
+def base_state_dict(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> dict[str, torch.Tensor]:
+    """The base model in memory under the plan's canonical keys, to be scored beside the ingredients.
+
+    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_source`);
+    the tensors every soup copies from the first ingredient (integers, ``--exclude``d keys, which a
+    base may lack or hold for another head) are the first ingredient's here too. So the base is
+    scored as the soup with every task vector zero (task arithmetic at ``lambda: 0``), on the same
+    architecture, head and config as the soup.
+    """
+    return {
+        t.key: (base.read(t.base_source) if t.base_source is not None else first.read(t.sources[0])).reshape(t.meta.shape)
+        for t in plan.tensors
+    }
+
+
 def _card_scores(report: GreedyReport) -> list[ModelScore]:
-    """The soup's and each ingredient's scores, held-out split first, then the test split."""
+    """The soup's, each ingredient's and the base's scores, held-out split first, then the test split."""
+    base = report.base_name or ""  # a base's scores exist only with its name
     scores = [ModelScore("soup", report.soup_score)]
     scores += [ModelScore(label, s) for label, s in zip(report.labels, report.ingredient_scores)]
-    saved = report.ingredient_scores_as_saved or []  # like with like: the soup's BN statistics were recalibrated
-    scores += [ModelScore(f"{label} (BN statistics as saved)", s) for label, s in zip(report.labels, saved)
-               if s is not None]
+    scores += [ModelScore(base, report.base_score)] if report.base_score is not None else []
+    # like with like: the soup's BN statistics were recalibrated
+    saved = [*zip(report.labels, report.ingredient_scores_as_saved or []), (base, report.base_score_as_saved)]
+    scores += [ModelScore(f"{label} (BN statistics as saved)", s) for label, s in saved if s is not None]
     scores += [ModelScore(name, s) for name, s in (report.test_scores or {}).items()]
+    scores += [ModelScore(base, report.base_test_score)] if report.base_test_score is not None else []
     return scores
 
 

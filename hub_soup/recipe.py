@@ -17,6 +17,7 @@ wherever the command runs, so a recipe travels with what it names: the pinned
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -71,9 +72,10 @@ class Ingredient(ModelRef):
     """One model to put in the soup."""
 
     weight: float | None = Field(
-        None, ge=0, allow_inf_nan=False,
-        description="weight, a finite number >= 0, for methods that weigh ingredients: weighted (relative, "
-        "normalised), task_arithmetic, ties, dare_linear, dare_ties (scales the task vector, default 1)",
+        None, allow_inf_nan=False,
+        description="weight, a finite number, for methods that weigh ingredients: weighted (relative, "
+        "normalised, >= 0), task_arithmetic, ties, dare_linear, dare_ties (scales the task vector, default 1; "
+        "negative subtracts it: task negation)",
     )
     density: float | None = Field(
         None, gt=0, le=1,
@@ -250,6 +252,8 @@ class Recipe(_Strict):
                     f"ingredients.{index}.{name}: method {self.method} takes no per-ingredient {name}"
                     + (f"; methods that do: {', '.join(takes)}" if takes else "")
                 )
+        if method.uses_weights and method.normalizes_weights:
+            self._weights_not_negative(method)
         if method.needs_base and self.base is None:
             raise ValueError(
                 f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
@@ -270,6 +274,18 @@ class Recipe(_Strict):
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
         return self
+
+    def _weights_not_negative(self, method: type[MergeMethod]) -> None:
+        """A method that averages (weights normalised to sum to one) takes no negative weight: only
+        one that scales task vectors by their weights as given can subtract one (task negation)."""
+        for i, ingredient in enumerate(self.ingredients):
+            if ingredient.weight is not None and ingredient.weight < 0:
+                negates = [n for n in method_names() if get_method(n).uses_weights and not get_method(n).normalizes_weights]
+                raise ValueError(
+                    f"ingredients.{i}.weight: {ingredient.weight:g} is negative, and method {method.name} averages "
+                    "the ingredients (weights >= 0, normalised to sum to 1); to subtract a fine-tune's task vector "
+                    f"(task negation), use method {' or '.join(negates)} with a base"
+                )
 
     @classmethod
     def from_refs(
@@ -371,12 +387,21 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        location = first["loc"]
+        location, message = first["loc"], _message(first)
+        named = _NAMED_FIELD.match(message) if not location else None
+        if named:  # a rule of the whole recipe, about the field its message names: the line is that field's
+            location = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
         field_path = ".".join(str(p) for p in location) or "(top level)"
         line = _line_of(node, location)
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RecipeError(f"{at}: {field_path}: {_message(first)}{more}", hint="`hub-soup schema` prints every field") from None
+        said = message if named else f"{field_path}: {message}"
+        raise RecipeError(f"{at}: {said}{more}", hint="`hub-soup schema` prints every field") from None
+
+
+# A recipe-wide rule (a model validator, whose error is at the top level) that is about one field
+# starts its message with that field's path: ``ingredients.1.weight: ...``, ``greedy: ...``.
+_NAMED_FIELD = re.compile(r"([a-z_]+(?:\.[a-z0-9_]+)*): ")
 
 
 def validated(model: type[M], data: dict[str, Any], section: str = "") -> M:

@@ -25,6 +25,9 @@ def markdown_summary(result: SoupResult) -> str:
         sha = f"`{ref.sha[:12]}`" if ref.sha else "local"
         weight = f"{next(weights):.4f}" if kept else "-"
         lines.append(f"| {i} | `{ref.repo_id or ref.path}` | {sha} | {weight} | {'yes' if kept else 'no'} |")
+    if result.base is not None:
+        sha = f"`{result.base.sha[:12]}`" if result.base.sha else "local"
+        lines += ["", f"Base model (the ingredients' common start): `{result.base.repo_id or result.base.path}` at {sha}"]
     if result.scores:
         lines += ["", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += score_rows(result.scores)
@@ -33,7 +36,7 @@ def markdown_summary(result: SoupResult) -> str:
     lines += [
         "",
         (
-            f"{stats.tensors} tensors ({stats.averaged} averaged), {stats.elements:,} elements, "
+            f"{stats.tensors} tensors ({stats.averaged} {result.combined}), {stats.elements:,} elements, "
             f"{describe_size(stats.bytes_written)} written to {where} in {stats.seconds:.1f}s."
         ),
     ]

@@ -147,7 +147,16 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 
 @case("negative-weight")
 def _(tmp: Path, hub: HubServer) -> list[str]:
-    return ["merge", A, B, "--weights", "1", "-2", "-o", _out(tmp)]
+    return ["merge", A, B, "--weights", "-1", "1", "-o", _out(tmp)]  # argparse takes "-1" as a value
+
+
+@case("recipe-negative-weight")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "r.yaml").write_text(
+        f"ingredients:\n  - ref: {A}\n    weight: 1\n  - ref: {B}\n    weight: -2\nmethod: weighted\n"
+        f"output: {{path: {_out(tmp)}}}\n"
+    )
+    return ["run", str(tmp / "r.yaml")]
 
 
 def _copy_of_a(tmp: Path) -> str:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import hub_soup
 from hub_soup.cli import main
-from hub_soup.errors import AlignmentError
+from hub_soup.errors import AlignmentError, RecipeError
 from hub_soup.hub.card import build_card
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.io.read import open_checkpoint
@@ -217,3 +217,38 @@ def test_method_parameters_are_refused_by_methods_that_take_none(tmp_path: Path,
     assert code != 0 and "parameters.t: method task_arithmetic takes no t" in capsys.readouterr().err
     code = main(["merge", "a", "b", "--method", "task_arithmetic", "-o", str(tmp_path / "soup")])
     assert code != 0 and "needs a base" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- task negation (negative weights)
+
+
+@pytest.mark.parametrize("second", ["base", "fine-tune"])
+def test_a_negative_weight_subtracts_a_task_vector(tmp_path: Path, second: str, capsys) -> None:
+    """Ilharco et al.'s forgetting by negation, ``--weights -1 1`` on the command line (argparse takes
+    ``-1`` as a value): with the base as the second ingredient (a zero task vector) the soup is
+    ``base - lambda * (ft - base)``; with a second fine-tune it also adds that one's task vector."""
+    paths, base_path, tunes, base = _save(tmp_path)
+    refs = [paths[0], base_path if second == "base" else paths[1]]
+    out = tmp_path / "soup"
+    code = main(["merge", *map(str, refs), "--method", "task_arithmetic", "--base", str(base_path),
+                 "--weights", "-1", "1", "--lambda", "0.5", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    soup = ck.load_soup(out)
+    for key, start in base.items():
+        if not start.is_floating_point():
+            continue
+        forget = start.double() - 0.5 * (tunes[0][key].double() - start.double())  # the formula, written here
+        expected = forget if second == "base" else forget + 0.5 * (tunes[1][key].double() - start.double())
+        ck.assert_within_ulp(soup[key], expected, start.dtype, key)
+    assert yaml.safe_load((out / "hub-soup.yaml").read_text())["ingredients"][0]["weight"] == -1.0
+    assert "| -1.0000 | yes |" in (out / "README.md").read_text()
+    assert "merged by task_arithmetic, " in capsys.readouterr().out
+
+
+def test_methods_that_average_refuse_a_negative_weight_naming_it() -> None:
+    with pytest.raises(RecipeError, match=r"^ingredients\.1\.weight: -2 is negative, and method weighted averages"):
+        hub_soup.Recipe.from_refs(["a", "b"], [1, -2], output={"path": "o"})
+    with pytest.raises(RecipeError, match=r"^r\.yaml:5: ingredients\.1\.weight: -0\.5 is negative.*use method task_arithmetic"):
+        parse_recipe("ingredients:\n  - ref: a\n    weight: 1\n  - ref: b\n    weight: -0.5\nmethod: weighted\n", "r.yaml")
+    negated = parse_recipe("ingredients:\n  - {ref: a, weight: -1}\n  - {ref: b}\nmethod: task_arithmetic\nbase: {ref: c}\n")
+    assert negated.weights == [-1.0, 1.0]

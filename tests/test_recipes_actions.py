@@ -38,16 +38,17 @@ def test_every_example_recipe_validates(path: Path) -> None:
     [
         ("ingredients:\n  - ref: a\n  - ref: b\noutput:\n  path: o\n  colour: red\n",
          ":6: output.colour: Extra inputs are not permitted"),
-        ("ingredients:\n  - ref: a\n  - ref: b\n    weight: -1\nmethod: weighted\noutput: {path: o}\n",
-         ":4: ingredients.1.weight: Input should be greater than or equal to 0"),
+        ("ingredients:\n  - ref: a\n    weight: 1\n  - ref: b\n    weight: -1\nmethod: weighted\noutput: {path: o}\n",
+         ":5: ingredients.1.weight: -1 is negative, and method weighted averages the ingredients"),
         ("ingredients:\n  - ref: a\noutput: {path: o}\n", ":1: ingredients: a soup needs at least 2 ingredients"),
         ("ingredients: [{ref: a}, {ref: b}]\nmethod: average\noutput: {path: o}\n",
-         ":2: method: unknown merge method 'average'; choose one of: model_stock, slerp, task_arithmetic, uniform, weighted"),
+         ":2: method: unknown merge method 'average'; choose one of: dare_linear, dare_ties, model_stock, slerp, "
+         "task_arithmetic, ties, uniform, weighted"),
         ("ingredients:\n  - ref: a\n    weight: .nan\n  - ref: b\nmethod: weighted\n",
          ":3: ingredients.0.weight: Input should be a finite number"),
         ("ingredients: [{ref: a}]\n", ":1: ingredients: a soup needs at least 2 ingredients, got 1"),  # no "Value error,"
         ("ingredients: [{ref: a}, {ref: b}]\ngreedy: true\noutput: {path: o}\n",
-         ":1: (top level): greedy: true needs an eval section"),
+         ":2: greedy: true needs an eval section"),  # a rule of the whole recipe, at the line of the field it names
     ],
 )
 def test_bad_recipe_names_the_field_and_line(text: str, where: str) -> None:

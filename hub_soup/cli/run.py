@@ -57,7 +57,7 @@ def run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> in
         print(result.report.table())
     read = f"read {describe_size(stats.bytes_read)}, " if stats.bytes_read else ""
     print(
-        f"soup: {stats.tensors} tensors ({stats.averaged} averaged, {stats.copied} copied from the first), "
+        f"soup: {stats.tensors} tensors ({stats.averaged} {result.combined}, {stats.copied} copied from the first), "
         f"{stats.elements:,} elements, {read}wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s "
         f"-> {result.output or 'a temporary folder, removed after the push'}"
     )

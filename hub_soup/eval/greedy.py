@@ -19,6 +19,11 @@ dropped on the soup it would really make (averaged running statistics are not th
 statistics of the averaged network). The recalibrated statistics are kept only
 where they do not lower the held-out score: like the greedy choice itself, it is
 a choice made on held-out data, so the soup never scores below its start.
+
+Methods that merge the ingredients into a base model (task arithmetic, Model Stock)
+get the base scored beside them, judged the way an ingredient is: a soup below its
+base lost what fine-tuning gained. That is reported and warned about; whether to
+publish is still decided against the best ingredient, as for every soup.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +40,13 @@ from hub_soup.eval.evaluate import Comparison, Evaluator, Inputs, Score, compare
 Loader = Callable[[int], dict[str, torch.Tensor]]
 # The soup of the ingredients at the given indices (in recipe order), as the engine streams it.
 SoupMaker = Callable[[Sequence[int]], dict[str, torch.Tensor]]
+
+
+class Base(NamedTuple):
+    """The model the ingredients were fine-tuned from, scored beside them (methods that use a base)."""
+
+    label: str
+    load: Callable[[], dict[str, torch.Tensor]]  # its state dict under the plan's canonical keys; called once
 
 
 @dataclass
@@ -72,6 +85,11 @@ class GreedyReport:
     ensemble_score: Score | None = None
     # with BN recalibration: each ingredient's score as saved where the recalibrated one was used
     ingredient_scores_as_saved: list[Score | None] | None = None
+    # methods with a base: the base, judged like an ingredient, on the held-out and the test split
+    base_label: str | None = None
+    base_score: Score | None = None
+    base_score_as_saved: Score | None = None  # with BN recalibration, where the recalibrated score was used
+    base_test_score: Score | None = None
 
     @property
     def comparison(self) -> Comparison:
@@ -87,6 +105,31 @@ class GreedyReport:
             self.test_scores["soup"], self.labels, [self.test_scores[label] for label in self.labels]
         )
 
+    @property
+    def base_comparison(self) -> Comparison | None:
+        """The soup against its base on the held-out split (methods with a base; else None)."""
+        if self.base_score is None or self.base_label is None:
+            return None
+        return Comparison(self.soup_score, self.base_score, self.base_label, self.base_score_as_saved, "its base")
+
+    @property
+    def below_base_warning(self) -> str | None:
+        """Why a soup that scores below its base deserves a look (None when it does not): the merge
+        undid what fine-tuning gained. Warned about, not gated: the gate compares with the best ingredient."""
+        comparison = self.base_comparison
+        if comparison is None or not comparison.soup_is_worse:
+            return None
+        return (
+            f"{comparison.message()}: the merge undid what fine-tuning gained; check that the ingredients were "
+            "fine-tuned from this base, and try other parameters or greedy selection"
+        )
+
+    @property
+    def base_name(self) -> str | None:
+        """The base's row name in tables, the card and the step summary, apart from any ingredient's
+        (None without a base)."""
+        return f"base ({self.base_label})" if self.base_label is not None else None
+
     def table(self) -> str:
         """The whole story as text: ingredients, steps, the soup, its yardsticks and the verdict."""
         first = self.soup_score
@@ -95,7 +138,7 @@ class GreedyReport:
             f"{self.method} soup, scored on {first.dataset} split {first.split} "
             + f"({first.examples} examples; {first.metric}, {direction} is better)"
         ]
-        width = max(len(label) for label in self.labels + ["ingredient"])
+        width = max(len(label) for label in [*self.labels, "ingredient", *([self.base_name] if self.base_name else [])])
         lines += self._step_rows(width) if self.steps else self._ingredient_rows(width)
         kept = sum(self.kept)
         lines.append(f"soup of {kept} of {len(self.kept)} ingredients: {self.soup_score.formatted()}")
@@ -108,13 +151,19 @@ class GreedyReport:
         if self.ensemble_score is not None:
             lines.append(f"output ensemble of the same {kept} (yardstick): {self.ensemble_score.formatted()}")
         lines.append(self.comparison.message())
+        if self.base_comparison is not None:
+            lines.append(self.below_base_warning or self.base_comparison.message())
         test = self.test_comparison
         if self.test_scores is not None and test is not None:
             lines.append(f"test split {test.soup.split} ({test.soup.examples} examples; nothing was chosen on it):")
             for label in self.labels + ["soup", "ensemble"]:
                 if label in self.test_scores:
                     lines.append(f"  {label:<{width}}  {self.test_scores[label].formatted():>9}")
+            if self.base_name is not None and self.base_test_score is not None:
+                lines.append(f"  {self.base_name:<{width}}  {self.base_test_score.formatted():>9}")
             lines.append(test.message())
+            if self.base_label is not None and self.base_test_score is not None:
+                lines.append(Comparison(test.soup, self.base_test_score, self.base_label, against="its base").message())
         if self.comparison.soup_is_worse:
             lines.append(
                 "why? if the ensemble yardstick also falls short, the ingredients themselves are weak; if only the "
@@ -142,6 +191,11 @@ class GreedyReport:
             if recal:
                 row += f"  {_formatted(step.soup_score_before_bn):>9}  {_formatted(step.soup_score_after_bn):>9}"
             rows.append(row + ("  yes (start)" if number == 1 else "  yes" if step.kept else "  no"))
+        if self.base_name is not None and self.base_score is not None:
+            row = f"  {'-':>4}  {self.base_name:<{width}}"
+            row += f"  {_formatted(self.base_score_as_saved or self.base_score):>9}" if saved else ""
+            row += f"  {self.base_score.formatted():>9}  {'-':>9}" + (f"  {'-':>9}  {'-':>9}" if recal else "")
+            rows.append(row + "  (the base: not an ingredient)")
         return rows
 
     def _ingredient_rows(self, width: int) -> list[str]:
@@ -150,6 +204,10 @@ class GreedyReport:
         for i, (label, score) in enumerate(zip(self.labels, self.ingredient_scores)):
             rows.append(f"  {i:>1}  {label:<{width}}" + (f"  {self._as_saved(i):>9}" if saved else "")
                         + f"  {score.formatted():>9}")
+        if self.base_name is not None and self.base_score is not None:
+            rows.append(f"  -  {self.base_name:<{width}}"
+                        + (f"  {_formatted(self.base_score_as_saved or self.base_score):>9}" if saved else "")
+                        + f"  {self.base_score.formatted():>9}")
         return rows
 
 
@@ -162,6 +220,8 @@ def greedy_soup(
     recalibrate_bn_batches: int | None = None,
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
+    base: Base | None = None,
+    method: str = "greedy",
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
@@ -176,9 +236,12 @@ def greedy_soup(
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
         ensemble: also score the output ensemble of the kept ingredients (a yardstick).
+        base: the base model of a method that merges into one (``soup_of`` then uses it), scored
+            beside the ingredients, judged as they are; never a candidate.
+        method: how the table names the soup (``greedy``, or ``greedy model_stock`` for another method).
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
     order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     kept = [False] * len(labels)
     steps: list[GreedyStep] = []
@@ -193,7 +256,7 @@ def greedy_soup(
         if keep:
             kept[i], best = True, candidate
     assert best is not None
-    return pass_.report(steps, kept, best, "greedy")
+    return pass_.report(steps, kept, best, method)
 
 
 def score_soup(
@@ -206,17 +269,18 @@ def score_soup(
     recalibrate_bn_batches: int | None = None,
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
+    base: Base | None = None,
 ) -> GreedyReport:
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
     Args:
         soup: the soup's state dict (from :func:`hub_soup.merging.engine.merged_state_dict`).
-        method: how the soup was made, for the table (``uniform``, ``weighted``).
+        method: how the soup was made, for the table (``uniform``, ``weighted``, ``task_arithmetic``...).
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
     candidate = _judge(dict(soup), evaluator, batches)
     return pass_.report([], [True] * len(labels), candidate, method)
 
@@ -256,12 +320,12 @@ def _formatted(score: Score | None) -> str:
 
 
 class _IngredientPass:
-    """Reads every ingredient once: scores it (and keeps its outputs for the ensemble, and its
-    test score).
+    """Reads every ingredient (and the base) once: scores it (and keeps an ingredient's outputs for
+    the ensemble, and its test score).
 
-    With recalibration ``batches``, each ingredient is judged as a soup is (recalibrated BN
+    With recalibration ``batches``, each model is judged as a soup is (recalibrated BN
     statistics kept where they do not lower its score): a soup that may recompute its
-    statistics is compared with ingredients that may too, not with ingredients as saved.
+    statistics is compared with ingredients (and a base) that may too, not with them as saved.
     """
 
     def __init__(
@@ -272,10 +336,12 @@ class _IngredientPass:
         test_evaluator: Evaluator | None,
         ensemble: bool,
         batches: list[Inputs] | None,
+        base: Base | None = None,
     ) -> None:
         self.labels = list(labels)
         self.evaluator = evaluator
         self.test_evaluator = test_evaluator
+        self.batches = batches
         self.scores: list[Score] = []
         self.as_saved: list[Score | None] | None = [] if batches is not None else None
         self.outputs: list[torch.Tensor] = []
@@ -283,23 +349,40 @@ class _IngredientPass:
         self.test_scores: dict[str, Score] = {}
         self.ensemble = ensemble
         for i in range(len(labels)):
-            state_dict = load(i)
-            if self.as_saved is None:
-                self.scores.append(self._score(evaluator, state_dict, self.outputs))
-            else:
-                judged = _judge(state_dict, evaluator, batches)
-                state_dict = judged.state_dict
-                self.scores.append(judged.score)
-                self.as_saved.append(judged.before_bn if judged.recalibrated else None)
-                if ensemble:
-                    self.outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
-            if test_evaluator is not None:
-                self.test_scores[labels[i]] = self._score(test_evaluator, state_dict, self.test_outputs)
+            score, as_saved, test = self._measure(load(i), keep_outputs=ensemble)
+            self.scores.append(score)
+            if self.as_saved is not None:
+                self.as_saved.append(as_saved)
+            if test is not None:
+                self.test_scores[labels[i]] = test
+        self.base = base
+        self.base_scores = self._measure(base.load(), keep_outputs=False) if base is not None else None
 
+    def _measure(
+        self, state_dict: dict[str, torch.Tensor], keep_outputs: bool
+    ) -> tuple[Score, Score | None, Score | None]:
+        """A model's score (recalibrated where that helps), its score as saved when the recalibrated
+        one was used, and its test score; ``keep_outputs`` keeps its outputs for the ensemble."""
+        as_saved = None
+        if self.batches is None:
+            score = self._score(self.evaluator, state_dict, self.outputs if keep_outputs else None)
+        else:
+            judged = _judge(state_dict, self.evaluator, self.batches)
+            state_dict, score = judged.state_dict, judged.score
+            as_saved = judged.before_bn if judged.recalibrated else None
+            if keep_outputs:
+                self.outputs.append(self.evaluator.predict(self.evaluator.model_with(state_dict)))
+        test = None
+        if self.test_evaluator is not None:
+            test = self._score(self.test_evaluator, state_dict, self.test_outputs if keep_outputs else None)
+        return score, as_saved, test
+
+    @staticmethod
     def _score(
-        self, evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor]
+        evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor] | None
     ) -> Score:
-        if not self.ensemble:
+        """The score; with ``outputs``, from outputs predicted once and kept there (for the ensemble)."""
+        if outputs is None:
             return evaluator.score_state_dict(state_dict)
         outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
         return evaluator.score_outputs(outputs[-1])
@@ -317,6 +400,7 @@ class _IngredientPass:
                 test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs(
                     [self.test_outputs[i] for i in members]
                 )
+        base_score, base_as_saved, base_test = self.base_scores or (None, None, None)
         return GreedyReport(
             ingredient_scores=self.scores,
             steps=steps,
@@ -331,4 +415,8 @@ class _IngredientPass:
             soup_score_after_bn=soup.after_bn,
             ensemble_score=ensemble_score,
             ingredient_scores_as_saved=self.as_saved if self.as_saved and any(self.as_saved) else None,
+            base_label=self.base.label if self.base is not None else None,
+            base_score=base_score,
+            base_score_as_saved=base_as_saved,
+            base_test_score=base_test,
         )

@@ -91,17 +91,19 @@ def score_rows(scores: Sequence[ModelScore]) -> list[str]:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The soup against its best ingredient on one split: what decides whether to publish.
+    """The soup against a yardstick on one split: its best ingredient (what decides whether to
+    publish) or, for methods with one, its base (what the merge started from).
 
-    With BatchNorm recalibration the ingredients get it too (like with like), and
-    ``best_as_saved`` keeps the best one's score with the statistics it was saved
-    with, so a gain that recalibration alone explains is visible as such.
+    With BatchNorm recalibration the yardstick gets it too (like with like), and
+    ``best_as_saved`` keeps its score with the statistics it was saved with, so a
+    gain that recalibration alone explains is visible as such.
     """
 
     soup: Score
-    best: Score
+    best: Score  # the yardstick's score
     best_label: str
-    best_as_saved: Score | None = None  # set when ``best`` is the ingredient with recalibrated BN statistics
+    best_as_saved: Score | None = None  # set when ``best`` is the yardstick with recalibrated BN statistics
+    against: str = "its best ingredient"  # what the yardstick is to the soup, in the message ("its base")
 
     @property
     def soup_is_worse(self) -> bool:
@@ -114,7 +116,7 @@ class Comparison:
         if self.best_as_saved is not None:
             best += f" with recalibrated BatchNorm statistics, {self.best_as_saved.formatted()} as saved"
         return (
-            f"the soup ({self.soup}) is {verdict} its best ingredient {self.best_label} ({best}) on "
+            f"the soup ({self.soup}) is {verdict} {self.against} {self.best_label} ({best}) on "
             f"{self.soup.split}: {self.soup.difference(self.best)}, {self.soup.primary.direction} is better"
         )
 

@@ -99,7 +99,8 @@ def build_card(
         kept: which ingredients went into the soup (a greedy soup drops some).
         config: the soup's ``config.json`` (decides timm vs transformers instructions).
         recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
-        method: how the card names the soup's method (``greedy`` for a greedy soup).
+        method: how the card names the soup's method (``greedy`` for a greedy soup, ``greedy model_stock`` for
+            the ingredients greedy chose, combined by another method).
         merge_method: the method that made the soup: one with a ``summary`` is described in its own
             words and paper, and any method's parameters are listed.
         scores: evaluation results, the soup's first; the model-index holds the soup's, every metric
@@ -167,7 +168,8 @@ def build_card(
         lines.append(row)
     if base is not None:
         where, sha = _model_cell(base)
-        lines += ["", f"Base model (the ingredients' common start, used by the {method} method): {where} at {sha}"]
+        uses = merge_method.name if merge_method is not None else method
+        lines += ["", f"Base model (the ingredients' common start, used by the {uses} method): {where} at {sha}"]
     parameters = merge_method.parameters.model_dump(mode="json", by_alias=True) if merge_method is not None else {}
     if parameters:
         lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
@@ -202,7 +204,8 @@ def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> st
         )
     title = merge_method.title or merge_method.name
     paper = f" ({merge_method.paper})" if merge_method.paper else ""
-    return f"A merge of {count} fine-tuned models by {title}{paper}, {made_with}: {merge_method.summary}"
+    chosen = " (chosen by greedy selection on held-out scores)" if method.startswith("greedy") else ""
+    return f"A merge of {_count(count, 'fine-tuned model')}{chosen} by {title}{paper}, {made_with}: {merge_method.summary}"
 
 
 def arithmetic(plan: MergePlan, dtype: str | None, merge_method: MergeMethod | None = None) -> str:
