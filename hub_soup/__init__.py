@@ -58,11 +58,12 @@ def merge(
     create_pr: bool = False,
     force: bool = False,
     token: str | bool | None = None,
-) -> SoupResult:
+) -> SoupResult | None:
     """Average ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
 
     Without ``output``, a soup that is pushed is staged in a temporary folder and
     removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
+    None only in the processes of an ``accelerate launch`` other than the main one, which writes.
     """
     recipe = Recipe.from_refs(
         list(refs),
