@@ -61,7 +61,7 @@ def merge(
     create_pr: bool = False,
     force: bool = False,
     token: str | bool | None = None,
-) -> SoupResult:
+) -> SoupResult | None:
     """Merge ``refs`` into a soup folder at ``output`` (and push it to ``push``), like ``hub-soup merge``.
 
     By default the soup is their average (weighted with ``weights``); ``method`` names another
@@ -69,6 +69,7 @@ def merge(
     (``merge(refs, "soup", method="ties", base="org/base", parameters={"density": 0.3})``).
     Without ``output``, a soup that is pushed is staged in a temporary folder and
     removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
+    None only in the processes of an ``accelerate launch`` other than the main one, which writes.
     """
     fields: dict[str, Any] = {"method": method} if method is not None else {}
     recipe = Recipe.from_refs(

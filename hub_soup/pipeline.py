@@ -8,6 +8,14 @@ input runs before the expensive stages: code the recipe names (only with
 alignment and the configs (from headers over HTTP when possible), so a mistake
 costs seconds, not a download. A soup that is pushed without an output folder is
 staged in a temporary one, so the same command can run again and again.
+
+Started by ``accelerate launch`` among K processes (see
+:func:`~hub_soup.eval.backends.launched_backend`), every process runs the same
+stages up to the evaluation: it checks, opens the ingredients, makes every
+candidate soup and scores its share of the eval data, and the gathered outputs
+give every process the same scores and choices. Only the main process (rank 0)
+then writes the soup and its card and pushes; the others return without writing
+and, meanwhile, log nothing but errors.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from hub_soup.errors import (
     IndependentIngredientsError,
@@ -32,6 +41,7 @@ from hub_soup.errors import (
     UntrustedCodeError,
     WorseSoupError,
 )
+from hub_soup.eval.backends import Backend, launched_backend
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import Base, GreedyReport, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
@@ -96,8 +106,11 @@ class SoupResult:
         return "averaged" if method.summary is None else f"merged by {method.name}"
 
 
-def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: bool = False) -> SoupResult:
+def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: bool = False) -> SoupResult | None:
     """Make the soup a recipe describes; see the module docstring for the stages.
+
+    Returns what was made; None in the processes of a launch other than the main one
+    (they score their share and write nothing, like accelerate's ``on_main_process``).
 
     Args:
         recipe: a validated recipe (from flags, YAML or Python).
@@ -112,23 +125,48 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             "no output: pass -o OUT_DIR (or --push org/name)",
             hint="a recipe says where the soup goes with output.path or push.repo_id",
         )
-    if recipe.output.path is not None:
-        check_destination(Path(recipe.output.path), recipe.output.overwrite)
-        check_output_apart(Path(recipe.output.path), recipe)
-    if recipe.push is not None:
-        check_push_access(recipe.push, token)
-    models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
-    resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
-    for ref in resolved:
-        logger.info("resolved %s -> %s", ref.ref, ref.pinned)
-    with opened_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
-        resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
-        before_download=lambda local: _align_early(resolved, local, recipe, token),
-    ) as checkpoints, _output_folder(recipe) as output:
-        result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code)
-    if recipe.output.path is None:
+    device = device_for(recipe.device)
+    backend = launched_backend(device)  # every process of a launch joins here, before any work
+    writes = backend.rank == 0
+    with _speaking(writes):
+        # every process checks, so a bad input stops each of them with the same message
+        if recipe.output.path is not None:
+            check_destination(Path(recipe.output.path), recipe.output.overwrite, sweep=writes)
+            check_output_apart(Path(recipe.output.path), recipe)
+        if recipe.push is not None:
+            check_push_access(recipe.push, token)
+        models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
+        resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
+        for ref in resolved:
+            logger.info("resolved %s -> %s", ref.ref, ref.pinned)
+        folder: AbstractContextManager[Path | None] = _output_folder(recipe) if writes else nullcontext()
+        with opened_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
+            resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
+            before_download=lambda local: _align_early(resolved, local, recipe, token),
+        ) as checkpoints, folder as output:
+            result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code, backend, device)
+    if result is not None and recipe.output.path is None:
         result.output = None
     return result
+
+
+@contextmanager
+def _speaking(main: bool) -> Iterator[None]:
+    """The main process logs and shows progress bars; the other processes of a launch log only
+    errors, since the same lines K times tell no one more (errors stay: one process may fail alone)."""
+    if main:
+        yield
+        return
+    log = logging.getLogger("hub_soup")
+    level, bars_off = log.level, are_progress_bars_disabled()
+    log.setLevel(logging.ERROR)
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if not bars_off:
+            enable_progress_bars()
 
 
 def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
@@ -307,9 +345,12 @@ class _Soup:
     device: torch.device
     side_files: SideFiles
     reference: Checkpoint  # the ingredient whose config the soup carries: models are built from it
+    backend: Backend  # where models are scored: this process alone, or its share of a launch
 
 
-def _prepare(recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | None) -> _Soup:
+def _prepare(
+    recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | None, backend: Backend, device: torch.device
+) -> _Soup:
     """Align the opened checkpoints (the base in its role), check their configs, and choose the side files."""
     plan = align(layouts_of(checkpoints), recipe.exclude, base=layouts_of([base])[0] if base is not None else None)
     for note in plan.notes:
@@ -319,19 +360,24 @@ def _prepare(recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | N
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     return _Soup(
         checkpoints=checkpoints, base=base, plan=plan, method=recipe.merge_method(), dtype=dtype,
-        metas=output_metas(plan, dtype), device=device_for(recipe.device), side_files=side_files,
-        reference=checkpoints[side_files.config_source or 0],
+        metas=output_metas(plan, dtype), device=backend.device_for(device), side_files=side_files,
+        reference=checkpoints[side_files.config_source or 0], backend=backend,
     )
 
 
 def _make_soup(
-    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path,
-    token: str | bool | None, trust_remote_code: bool,
-) -> SoupResult:
-    """Align, [evaluate], write the soup with its card, then gate and push: the stages after opening."""
+    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path | None,
+    token: str | bool | None, trust_remote_code: bool, backend: Backend, device: torch.device,
+) -> SoupResult | None:
+    """Align, [evaluate], write the soup with its card, then gate and push: the stages after opening.
+
+    ``output`` is None in the processes of a launch that do not write: they stop after scoring.
+    """
     (resolved, resolved_base), (checkpoints, base) = _split_base(models, recipe), _split_base(opened, recipe)
-    soup = _prepare(recipe, checkpoints, base)
+    soup = _prepare(recipe, checkpoints, base, backend, device)
     report = _evaluate(recipe, soup, trust_remote_code) if recipe.eval is not None else None
+    if output is None:
+        return None
     kept = report.kept if report is not None else [True] * len(checkpoints)
     weights = _kept_weights(recipe, soup.method, checkpoints, kept)
     warnings: list[str] = []
@@ -476,7 +522,7 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     recipe's method (Model Stock, with its base) combines each candidate set.
     """
     assert recipe.eval is not None
-    options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code}
+    options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend}
     evaluator = Evaluator(recipe.eval, soup.reference, **options)
     test_evaluator = (
         Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options)

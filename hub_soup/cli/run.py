@@ -51,6 +51,8 @@ def run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> in
     from hub_soup.summary import markdown_summary, write_step_summary
 
     result = run(recipe, token=token, trust_remote_code=trust_remote_code)
+    if result is None:  # a process of a launch that scored its share; the main one reports
+        return EXIT_OK
     write_step_summary(markdown_summary(result))
     stats = result.stats
     if result.report is not None:

@@ -122,7 +122,8 @@ class Evaluator:
         model.eval()
         with torch.inference_mode():
             mine = [self.task.forward(model, batch.inputs).cpu() for batch in self.backend.shard(self._batches)]
-        return self.backend.gather(torch.cat(mine))
+        # more processes than batches leave some with none: they still take part in the gather
+        return self.backend.gather(torch.cat(mine) if mine else torch.empty(0))
 
     def score_outputs(self, outputs: torch.Tensor) -> Score:
         """The metrics of :meth:`predict`'s outputs (of one model, or averaged over several)."""

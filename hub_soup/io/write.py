@@ -34,13 +34,16 @@ from hub_soup.io.safetensors_io import SafetensorsWriter, TensorMeta, plan_shard
 logger = logging.getLogger(__name__)
 
 
-def check_destination(destination: Path, overwrite: bool) -> None:
+def check_destination(destination: Path, overwrite: bool, *, sweep: bool = True) -> None:
     """Refuse an existing output unless told to replace it (the pipeline asks before any download).
 
     Leftovers of killed runs are swept first (:func:`_sweep_abandoned`), so a
     soup that a killed overwrite had set aside is back in place before it is judged.
+    ``sweep=False`` only looks: for the processes of a launch that do not write
+    (two processes restoring one folder would race).
     """
-    _sweep_abandoned(destination)
+    if sweep:
+        _sweep_abandoned(destination)
     if destination.exists() and not overwrite:
         raise OutputExistsError(
             f"{destination} already exists; refusing to overwrite it", hint="pass --overwrite or choose another -o"
