@@ -212,13 +212,14 @@ class MergeMethod:
             found = self._scalars[key] = [like.new_tensor(v) for v in values]
         return found
 
-    def workspace(self, like: torch.Tensor, count: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """``count`` scratch buffers of ``like``'s size and device (and dtype, unless ``dtype`` says otherwise)
-        beyond ``acc`` and ``scratch``, for a kernel that keeps more per block (TIES keeps each ingredient's
-        sparsified task vector); made once per merge and reused, so memory stays a few blocks whatever the
-        model's size. Calls with the same ``count`` and dtype get the same buffers."""
+    def workspace(self, name: str, like: torch.Tensor, count: int = 1, dtype: torch.dtype | None = None
+                  ) -> list[torch.Tensor]:
+        """``count`` scratch buffers called ``name``, of ``like``'s size and device (and dtype, unless ``dtype``
+        says otherwise), beyond ``acc`` and ``scratch``, for a kernel that keeps more per block (TIES keeps each
+        ingredient's sparsified task vector); made once per merge and reused, so memory stays a few blocks
+        whatever the model's size. Calls with the same name, dtype and device get the same buffers."""
         dtype = dtype or like.dtype
-        key = (dtype, like.device, count)
+        key = (name, dtype, like.device, count)
         found = self._workspace.get(key)
         if found is None or found.shape[1] < like.numel():
             found = self._workspace[key] = like.new_empty(count, like.numel(), dtype=dtype)

@@ -58,8 +58,9 @@ class MagnitudeThresholds:
 
     :meth:`observe` counts a chunk's current digit, :meth:`finish_pass` settles it;
     after the last pass :attr:`thresholds` holds, per ingredient, ``None`` (density 1:
-    keep every element), the k-th largest ``|delta|`` as a 0-dim tensor of the kernel's
-    dtype (keep ``|delta| >= threshold``), or :data:`DROP` (``k = 0``: keep none).
+    keep every element), the k-th largest ``|delta|`` (a value of the kernel's dtype: keep
+    ``|delta| >= threshold``), or :data:`DROP` (``k = 0``: keep none); :attr:`below` the
+    same with the next value of the dtype below each threshold (keep ``|delta| > below``).
     """
 
     def __init__(self, densities: Sequence[float], tensor: MergedTensor) -> None:
@@ -75,24 +76,32 @@ class MagnitudeThresholds:
         self._prefix = [0] * len(densities)
         self._counts: list[torch.Tensor | None] = [None] * len(densities)
         self._scratch = torch.empty(0, dtype=tensor.dtype)
-        self.thresholds: list[torch.Tensor | str | None] = []
+        self.thresholds: list[float | str | None] = []
+        self.below: list[float | str | None] = []
 
     def observe(self, parts: Sequence[torch.Tensor], base: torch.Tensor) -> None:
         """Count the current digit of every ingredient's ``|delta|`` in one chunk."""
         import torch
 
         shift, width = self._digits[self._pass]
+        if base.dtype != self.tensor.dtype:  # upcast once, not once per ingredient (exact either way)
+            base = base.to(self.tensor.dtype)
         for i, part in enumerate(parts):
             if not self._need[i]:  # keeps all (None) or none (0): nothing to count
                 continue
             if self._scratch.numel() < part.numel():
                 self._scratch = part.new_empty(part.numel(), dtype=self.tensor.dtype)
             bits = delta_(self._scratch[: part.numel()], part, base).abs_().view(self._int)
-            if self._pass:  # only the elements whose higher digits are the ones found so far
-                bits = bits[(bits >> self._digits[self._pass - 1][0]) == self._prefix[i]]
-            counts = torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width)
+            if self._pass:
+                # Only the elements whose higher digits are the ones found so far count: shifted so that theirs
+                # are 0 .. 2**width - 1, the rest clamped into one bin on either side (cheaper than selecting them).
+                above = self._digits[self._pass - 1][0]
+                keys = (bits >> shift).sub_((self._prefix[i] << (above - shift)) - 1).clamp_(0, (1 << width) + 1)
+                counts = torch.bincount(keys, minlength=(1 << width) + 2)[1:-1]
+            else:
+                counts = torch.bincount(bits >> shift, minlength=1 << width)  # |delta|'s top bit is 0
             previous = self._counts[i]
-            self._counts[i] = counts if previous is None else previous.add_(counts)
+            self._counts[i] = counts.clone() if previous is None else previous.add_(counts)
 
     def finish_pass(self) -> None:
         """Settle this pass's digit of each threshold: the digit (from the top) where the ``need``-th largest lies."""
@@ -112,8 +121,14 @@ class MagnitudeThresholds:
         self._pass += 1
         if self._pass == len(self._digits):
             self.thresholds = [
-                None if k is None else DROP if k == 0 else torch.tensor(prefix, dtype=self._int).view(self.tensor.dtype)
+                None if k is None else DROP if k == 0 else float(torch.tensor(prefix, dtype=self._int).view(
+                    self.tensor.dtype))
                 for k, prefix in zip(self._k, self._prefix)
+            ]
+            self.below = [  # the largest value of the kernel's dtype under each threshold: keep |d| > below
+                t if t is None or t is DROP else float(torch.nextafter(
+                    torch.tensor(t, dtype=self.tensor.dtype), torch.tensor(-1.0, dtype=self.tensor.dtype)))
+                for t in self.thresholds
             ]
 
 
@@ -157,19 +172,25 @@ class RandomMasks:
 
     def keep_(self, out: torch.Tensor, hashed: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, index: int,
               density: float) -> torch.Tensor:
-        """``out`` (bool) = the elements ingredient ``index`` keeps, from the block's :meth:`element_hash_`;
-        ``bits`` and ``tmp`` are int32 scratch. Kept: the hash's top 24 bits below ``density * 2**24``."""
+        """``out`` (the kernel's float dtype) = ``-1`` where ingredient ``index`` keeps the element, ``0`` where
+        it drops it, from the block's :meth:`element_hash_`; ``bits`` and ``tmp`` are int32 scratch.
+
+        Kept: the hash's top 24 bits below ``density * 2**24``. In integer ops only (``u - limit`` is negative
+        exactly when kept, and its arithmetic shift by 31 is then -1): comparisons that make bool masks cost
+        several times more per element.
+        """
         import torch
 
-        limit = round(density * (1 << _UNIFORM_BITS)) << (32 - _UNIFORM_BITS)
-        if limit >= 1 << 32:  # density within 2**-25 of 1
-            return out.fill_(True)
+        limit = round(density * (1 << _UNIFORM_BITS))
+        if limit >= 1 << _UNIFORM_BITS:  # density within 2**-25 of 1
+            return out.fill_(-1.0)
         bits.copy_(hashed)
         bits.bitwise_xor_(self.key(index))
         mix_(bits, tmp)
-        # Unsigned compare of the hash with density * 2**32, as signed: flip the sign bits of both sides.
-        bits.bitwise_xor_(-(1 << 31))
-        return torch.lt(bits, limit - (1 << 31), out=out)
+        torch.bitwise_right_shift(bits, 32 - _UNIFORM_BITS, out=tmp)
+        tmp.bitwise_and_((1 << _UNIFORM_BITS) - 1).sub_(limit)
+        torch.bitwise_right_shift(tmp, 31, out=bits)
+        return out.copy_(bits)
 
 
 def mix_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
