@@ -1,0 +1,237 @@
+"""Merge methods side by side with mergekit: time, memory and precision of ``task_arithmetic`` and ``ties``.
+
+    .venv/bin/python benchmarks/methods.py                   # 0.5b and 1.5b: three fine-tunes and their base
+    .venv/bin/python benchmarks/methods.py --sizes tiny      # a smoke run of the script itself
+
+The models are run.py's benchmark models: ``ing0`` is the base, ``ing1..3`` its
+perturbed copies, the fine-tunes (generated if missing). Each method runs in
+hub-soup (``merge ing1 ing2 ing3 --method M --base ing0``) and in mergekit with the
+same config (weights 1, TIES at density 0.5, each tool's defaults otherwise, which
+agree), both with the page cache warm, under ``/usr/bin/time``; mergekit in its
+default arithmetic (the tensors' own dtype, bf16) and with ``dtype: float32``, each
+with ``-j 1`` and ``-j 2``; its best time is the one compared.
+
+Precision: every output tensor against the method's definition computed here in
+float64 from the inputs (TIES's threshold by ``kthvalue`` on the whole tensor) and
+rounded to bf16; the share of elements more than one bf16 ulp away is reported.
+TIES elements whose magnitude equals the threshold (kept by hub-soup, an arbitrary
+subset kept by mergekit's ``argsort``) or whose elected sign rests on a vote sum that
+is 0 up to float32 rounding are left out of the count, and counted separately.
+
+Results go to ``benchmarks/_work/methods.jsonl`` and into the "Merge methods" section
+of ``benchmarks/RESULTS.md`` (rewritten in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run  # the benchmark models, the tools' environments and the measuring
+
+RESULTS_JSONL = run.WORK / "methods.jsonl"
+SECTION = "## Merge methods: hub-soup and mergekit side by side"
+DENSITY = 0.5
+FINE_TUNES = 3
+
+
+def hub_soup_command(method: str, size: str, out: Path) -> list[str]:
+    dirs = run.ingredient_dirs(size, FINE_TUNES + 1)
+    extra = ["--density", str(DENSITY)] if method == "ties" else []
+    return [str(run.HUB_SOUP), "-q", "merge", *map(str, dirs[1:]), "--method", method, "--base", str(dirs[0]),
+            *extra, "-o", str(out)]
+
+
+def mergekit_command(method: str, size: str, out: Path, dtype: str | None, threads: int) -> list[str]:
+    dirs = run.ingredient_dirs(size, FINE_TUNES + 1)
+    density = f"\n      density: {DENSITY}" if method == "ties" else ""
+    models = "\n".join(f"  - model: {d}\n    parameters:\n      weight: 1.0{density}" for d in dirs[1:])
+    arithmetic = f"dtype: {dtype}\nout_dtype: bfloat16\n" if dtype else "dtype: bfloat16\n"
+    config = run.WORK / f"mergekit-{method}-{size}-{dtype or 'bf16'}.yaml"
+    config.write_text(f"merge_method: {method}\nbase_model: {dirs[0]}\n{arithmetic}models:\n{models}\n")
+    return [str(run.MK_VENV / "bin" / "mergekit-yaml"), str(config), str(out), "--quiet", "-j", str(threads)]
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def definition(method: str, parts: list, base):  # -> (float64 soup, elements left out of the count)
+    """The method's soup in float64 on whole tensors, and the elements where the definition itself is undecided."""
+    import torch
+
+    b = base.double()
+    deltas = [p.double() - b for p in parts]
+    if method == "task_arithmetic":
+        return b + sum(deltas), torch.zeros(b.shape, dtype=torch.bool)
+    ties = torch.zeros(b.shape, dtype=torch.bool)
+    trimmed = []
+    for delta in deltas:
+        k = int(DENSITY * delta.numel())
+        magnitude = delta.abs()
+        threshold = torch.kthvalue(magnitude.reshape(-1), delta.numel() - k + 1).values if k else torch.inf
+        ties |= magnitude == threshold
+        trimmed.append(delta * (magnitude >= threshold))
+    stacked = torch.stack(trimmed)
+    votes = stacked.sum(0)
+    ties |= votes.abs() <= 8 * torch.finfo(torch.float32).eps * stacked.abs().sum(0)
+    agree = stacked.sign() == torch.where(votes >= 0, 1.0, -1.0).double()
+    divisor = agree.double().sum(0)
+    divisor[divisor == 0] = 1
+    return b + (stacked * agree).sum(0) / divisor, ties & (stacked != 0).any(0)
+
+
+def off_by_more_than_an_ulp(out, expected):  # -> bool tensor
+    """Elements of ``out`` more than one bf16 ulp (at the float64 ``expected``) from it."""
+    import torch
+
+    exponent = torch.floor(torch.log2(expected.abs().clamp_min(2.0**-126)))  # subnormals: the smallest spacing
+    return (out.double() - expected).abs() > 2.0 ** (exponent - 7)  # bf16: 8 significant bits
+
+
+def precision(method: str, size: str, outputs: dict[str, Path]) -> dict[str, dict]:
+    """Per output folder: elements compared, off by more than one bf16 ulp, and left out (definition undecided)."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, Path]:
+        return {k: f for f in sorted(folder.glob("*.safetensors")) for k in safe_open(f, "pt").keys()}  # noqa: SIM118
+
+    dirs = run.ingredient_dirs(size, FINE_TUNES + 1)
+    sources = [tensors(d) for d in dirs]
+    found = {name: tensors(folder) for name, folder in outputs.items()}
+    counts = {name: {"elements": 0, "off": 0, "undecided": 0} for name in outputs}
+    for key, path in sources[0].items():
+        base = safe_open(path, "pt").get_tensor(key)
+        if not base.is_floating_point():
+            continue
+        parts = [safe_open(s[key], "pt").get_tensor(key) for s in sources[1:]]
+        expected, undecided = definition(method, parts, base)
+        for name, files in found.items():
+            out = safe_open(files[key], "pt").get_tensor(key)
+            off = off_by_more_than_an_ulp(out, expected) & ~undecided
+            counts[name]["elements"] += out.numel()
+            counts[name]["off"] += int(off.sum())
+            counts[name]["undecided"] += int(undecided.sum())
+    return counts
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def case(size: str, method: str, repeat: int, mergekit: list[tuple[str | None, int]]) -> dict:
+    run.generate(size, FINE_TUNES + 1)
+    run.warm_up(size, FINE_TUNES + 1)
+    outputs, timings = {}, {}
+    settings = [("hub-soup", None, 1)] + [("mergekit", d, j) for d, j in mergekit]
+    for _ in range(repeat):  # alternating: the VM's speed drifts
+        for tool, dtype, threads in settings:
+            name = tool if tool == "hub-soup" else f"mergekit {dtype or 'bf16'} -j{threads}"
+            out = run.OUTPUTS / f"{method}-{size}-{name.replace(' ', '_')}"
+            shutil.rmtree(out, ignore_errors=True)
+            command = (hub_soup_command(method, size, out) if tool == "hub-soup"
+                       else mergekit_command(method, size, out, dtype, threads))
+            run.log(f"{size} {method}: {name}")
+            result = run.measure(command, {"OMP_NUM_THREADS": str(threads), "HUB_SOUP_THREADS": str(threads)})
+            previous = timings.get(name)
+            if previous is None or result["wall_s"] < previous["wall_s"]:
+                timings[name] = result
+            outputs[name] = out
+    compared = {}
+    for name, folder in outputs.items():  # one output per arithmetic (threads do not change mergekit's bits)
+        compared.setdefault(name.rsplit(" -j", 1)[0], (name, folder))
+    compared = dict(compared.values())
+    run.log(f"{size} {method}: precision against float64")
+    counts = precision(method, size, compared)
+    for folder in outputs.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    baseline = run.measure(run.tool_commands("import-torch", size, 0, 1)[0], {})["peak_rss"]
+    return {"size": size, "method": method, "timings": timings, "precision": counts, "import_torch_rss": baseline,
+            "input_bytes": run.input_bytes(size, FINE_TUNES + 1), "when": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def render(results: list[dict]) -> str:
+    latest = {(r["size"], r["method"]): r for r in results}
+    lines = [
+        SECTION, "",
+        (f"Three fine-tunes and their base (run.py's models: `ing0` the base, `ing1..3` the fine-tunes), bf16, page "
+         f"cache warm; TIES at density {DENSITY}, weights 1, each tool's defaults otherwise. mergekit "
+         f"{run.MERGEKIT_VERSION} in its default arithmetic (bf16) and with `dtype: float32` (its `-j` as noted); "
+         "hub-soup with one thread. Working memory: peak RSS minus a bare `import torch` (measured in the same run). "
+         "Precision: elements more than one bf16 ulp from the method's float64 definition (see "
+         "`benchmarks/methods.py`); TIES elements at the magnitude threshold or with a sign vote of 0 up to rounding "
+         "are left out (`undecided`)."), "",
+        ("| model | method | hub-soup s | mergekit best s (setting) | mergekit / hub-soup | hub-soup MiB | "
+         "mergekit MiB | > 1 ulp: hub-soup | > 1 ulp: mergekit bf16 | > 1 ulp: mergekit fp32 | undecided |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (size, method), r in sorted(latest.items()):
+        t = r["timings"]
+        ours = t["hub-soup"]
+        name, best = min(((k, v) for k, v in t.items() if k != "hub-soup"), key=lambda kv: kv[1]["wall_s"])
+        found = {k.rsplit(" -j", 1)[0]: v for k, v in r["precision"].items()}
+        undecided = r["precision"]["hub-soup"]
+        lines.append(
+            f"| {size} | {method} | {ours['wall_s']:.1f} | {best['wall_s']:.1f} ({name.removeprefix('mergekit ')}) | "
+            f"{best['wall_s'] / ours['wall_s']:.1f}x | {_mib(ours['peak_rss'], r)} | {_mib(best['peak_rss'], r)} | "
+            f"{_share(found, 'hub-soup')} | {_share(found, 'mergekit bf16')} | {_share(found, 'mergekit float32')} | "
+            f"{100 * undecided['undecided'] / undecided['elements']:.3f}% |"
+        )
+    lines += ["", f"Measured {max(r['when'] for r in latest.values())} on {run.machine()}.", ""]
+    return "\n".join(lines)
+
+
+def _mib(rss: int, result: dict) -> str:
+    return f"{(rss - result['import_torch_rss']) / 2**20:,.0f}"
+
+
+def _share(precision: dict[str, dict], name: str) -> str:
+    if name not in precision:
+        return "-"
+    counts = precision[name]
+    return f"{100 * counts['off'] / counts['elements']:.3f}% ({counts['off']:,})"
+
+
+def write_section(text: str) -> None:
+    report = run.RESULTS_MD.read_text() if run.RESULTS_MD.exists() else ""
+    if SECTION in report:
+        before, _, after = report.partition(SECTION)
+        rest = re.search(r"\n## ", after)
+        report = before + text + (after[rest.start() + 1:] if rest else "")
+    else:
+        report = report.rstrip("\n") + "\n\n" + text
+    run.RESULTS_MD.write_text(report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.5b,1.5b")
+    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--repeat", type=int, default=2, help="alternating runs of every setting; the best counts")
+    parser.add_argument("--mergekit", default="bf16:1,bf16:2,float32:1,float32:2",
+                        help="mergekit settings, ARITHMETIC:THREADS (its -j), comma-separated")
+    args = parser.parse_args()
+    mergekit = [(None if a == "bf16" else a, int(j)) for a, j in (s.split(":") for s in args.mergekit.split(","))]
+    if run.mergekit_python() is None:
+        sys.exit("mergekit is needed for the side-by-side (see run.mergekit_python)")
+    for size in args.sizes.split(","):
+        for method in args.methods.split(","):
+            result = case(size, method, args.repeat, mergekit)
+            run.WORK.mkdir(parents=True, exist_ok=True)
+            with RESULTS_JSONL.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    results = [json.loads(line) for line in RESULTS_JSONL.read_text().splitlines() if line.strip()]
+    measured = [r for r in results if r["size"] != "tiny"]
+    if measured:  # a smoke run (tiny) is printed, never recorded
+        write_section(render(measured))
+    print(render([r for r in results if r["size"] in args.sizes.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
