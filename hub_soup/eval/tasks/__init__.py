@@ -144,6 +144,7 @@ _TASKS: dict[str, str | type[EvalTask]] = {
     "text-classification": "hub_soup.eval.tasks.text_classification:TextClassification",
     "causal-lm": "hub_soup.eval.tasks.causal_lm:CausalLM",
     "custom": "hub_soup.eval.tasks.custom:Custom",
+    "lm-eval": "hub_soup.eval.tasks.lm_eval:LmEval",
 }
 
 
