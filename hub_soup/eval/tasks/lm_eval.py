@@ -16,7 +16,9 @@ them (the few-shot count, its seeds), and the harness's own ``evaluate`` scores
 it, so a candidate gets the number ``simple_evaluate`` gives it, without the
 environment report ``simple_evaluate`` collects on every call (``pip list`` and
 ``git``: seconds per candidate). Nothing is cached between candidates: no request
-cache (``use_cache``), no reused responses.
+cache (``use_cache``), no reused responses. The harness's ``HFLM`` around a model
+object is a world of one, so under a multi-process launch every process scores
+every document: the same numbers on every rank, without a speedup.
 
 Task YAMLs are code: the harness renders their Jinja templates unsandboxed and
 imports what their ``!function`` tags name, so task YAMLs of your own
