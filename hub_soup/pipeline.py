@@ -173,9 +173,9 @@ def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
     """Refuse, before any work, a recipe that names code unless the caller trusts it."""
     code = recipe.code_refs()
     if code and not trust_remote_code:
+        field, value = code[0]
         raise UntrustedCodeError(
-            f"the recipe's eval.function names code to run ({code[0]}); refusing to import it without "
-            "--trust-remote-code",
+            f"the recipe's {field} names code to run ({value}); refusing to run it without --trust-remote-code",
             hint=UntrustedCodeError.HINT,
         )
 
@@ -190,8 +190,10 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
     if recipe.base is not None:
         inputs.append((f"the base {recipe.base.ref}", recipe.base_dir / Path(recipe.base.ref).expanduser()))
-    if recipe.eval is not None:
+    if recipe.eval is not None and recipe.eval.data is not None:
         inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
+    if recipe.eval is not None and recipe.eval.include_path is not None:
+        inputs.append((f"the task YAMLs {recipe.eval.include_path}", Path(recipe.eval.include_path).expanduser()))
     cache = Path(constants.HF_HUB_CACHE)
     inputs.append(("the Hugging Face cache (HF_HUB_CACHE)", cache))
     for what, path in inputs:

@@ -99,26 +99,44 @@ class EvalSpec(_Strict):
         description="eval task: a built-in one or one registered with hub_soup.eval.tasks.register_task",
         json_schema_extra=lambda schema: schema.update(enum=list(task_names())),
     )
-    data: str = Field(description="image folder, Hub dataset repo id, or local dataset path")
+    data: str | None = Field(
+        None, description="image folder, Hub dataset repo id, or local dataset path (every task but lm-eval)"
+    )
     split: str = "validation"
     test_split: str | None = Field(None, description="second split for unbiased final numbers")
-    limit: int | None = Field(None, gt=0, description="score on N examples: the first N of a fixed (seed 0) shuffle")
+    limit: int | None = Field(
+        None, gt=0,
+        description="score on N examples: the first N of a fixed (seed 0) shuffle; lm-eval: the harness's limit, "
+        "the first N documents of each harness task",
+    )
     batch_size: int = Field(64, gt=0)
     image_column: str = "image"
     text_column: str = "text"
     label_column: str = "label"
     function: str | None = Field(None, description="module:function (model -> float) for task: custom")
     higher_is_better: bool = Field(True, description="direction of a custom function's score (others know theirs)")
+    # task: lm-eval (lm-evaluation-harness), spelled as the harness spells them
+    tasks: list[str] | None = Field(
+        None, min_length=1, description="for task: lm-eval: harness task, group or tag names (lm_eval --tasks)"
+    )
+    include_path: str | None = Field(
+        None, description="for task: lm-eval: a folder of task YAMLs of your own (lm_eval --include_path)"
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="for task: lm-eval: few-shot examples per prompt (default: each task's own)"
+    )
 
     def with_local_paths(self, convert: Callable[[str], str], base: Path) -> EvalSpec:
         """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base``
-        (otherwise it names a Hub dataset), and a ``path/to/file.py:function`` file."""
+        (otherwise it names a Hub dataset), a ``path/to/file.py:function`` file, and ``include_path``."""
         changes: dict[str, str] = {}
-        if (base / Path(self.data).expanduser()).exists():
+        if self.data is not None and (base / Path(self.data).expanduser()).exists():
             changes["data"] = convert(self.data)
         module, _, name = (self.function or "").rpartition(":")
         if module.endswith(".py"):
             changes["function"] = f"{convert(module)}:{name}"
+        if self.include_path is not None:
+            changes["include_path"] = convert(self.include_path)
         return self.model_copy(update=changes)
 
     @field_validator("task")
@@ -128,11 +146,47 @@ class EvalSpec(_Strict):
             raise ValueError(f"unknown eval task {value!r}; known tasks: {', '.join(task_names())}")
         return value
 
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(name.strip() for name in value):
+            raise ValueError("harness task names must not be empty")
+        return [name.strip() for name in value] if value is not None else None
+
     @model_validator(mode="after")
-    def _custom_needs_function(self) -> EvalSpec:
+    def _fields_of_the_task(self) -> EvalSpec:
+        """Each field means something to some tasks only: one given to a task that would ignore it is an error."""
         if self.task == "custom" and not self.function:
             raise ValueError("task: custom needs function: 'module:function'")
+        harness = {"tasks": self.tasks, "include_path": self.include_path, "num_fewshot": self.num_fewshot}
+        if self.task != LM_EVAL:
+            given = [name for name, value in harness.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only task: lm-eval takes {'it' if len(given) == 1 else 'them'}")
+            if self.data is None:
+                raise ValueError(f"task: {self.task} needs data (--eval-data): an image folder, dataset path or Hub id")
+            return self
+        if not self.tasks:
+            raise ValueError(
+                "task: lm-eval needs tasks: the harness task names (--eval-tasks arc_easy,hellaswag); "
+                "`lm-eval ls tasks` lists the built-in ones"
+            )
+        defaults = type(self).model_fields
+        ignored = [name for name in _NOT_FOR_LM_EVAL if getattr(self, name) != defaults[name].default]
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)}: task lm-eval does not take {'it' if len(ignored) == 1 else 'them'}: each "
+                "harness task reads its own dataset and split (its YAML's dataset_path and test_split); for data "
+                "of your own, write a task YAML with dataset_path: json and put its folder in include_path"
+            )
         return self
+
+
+LM_EVAL = "lm-eval"  # the task that runs lm-evaluation-harness (hub_soup.eval.tasks.lm_eval)
+# Fields the harness's task YAMLs decide instead (dataset, split, columns) or that name other tasks' code.
+_NOT_FOR_LM_EVAL = (
+    "data", "split", "test_split", "image_column", "text_column", "label_column", "function", "higher_is_better"
+)
 
 
 class OutputSpec(_Strict):
@@ -273,6 +327,15 @@ class Recipe(_Strict):
             )
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
+        if self.eval is not None and self.eval.task == LM_EVAL and (self.recalibrate_bn or self.ensemble_reference):
+            field, lacking = (
+                ("recalibrate_bn", "eval inputs to recompute BatchNorm statistics on") if self.recalibrate_bn
+                else ("ensemble_reference", "model outputs to average into an ensemble")
+            )
+            raise ValueError(
+                f"{field}: task lm-eval scores each model through the harness, which gives back metrics, not "
+                f"{lacking}; drop {field}"
+            )
         return self
 
     def _weights_not_negative(self, method: type[MergeMethod]) -> None:
@@ -309,9 +372,18 @@ class Recipe(_Strict):
         data = {"ingredients": ingredients, "method": "uniform" if weights is None else "weighted", **fields}
         return validated(cls, data)
 
-    def code_refs(self) -> list[str]:
-        """The code this recipe would import and run: each needs ``trust_remote_code``."""
-        return [self.eval.function] if self.eval is not None and self.eval.function else []
+    def code_refs(self) -> list[tuple[str, str]]:
+        """The code this recipe would import and run, as ``(field, value)``: each needs ``trust_remote_code``.
+
+        Task YAMLs of one's own (``eval.include_path``) are code too: the harness renders their Jinja
+        templates unsandboxed and imports what their ``!function`` tags name.
+        """
+        if self.eval is None:
+            return []
+        code = [("eval.function", self.eval.function)] if self.eval.function else []
+        if self.eval.include_path:
+            code.append(("eval.include_path", f"task YAMLs in {self.eval.include_path}, which the harness runs as code"))
+        return code
 
     def relative_to(self, base: Path) -> Recipe:
         """This recipe with its relative local paths read from ``base`` (a recipe file's folder).

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from timm.models import save_for_hf
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, LlamaConfig, LlamaForCausalLM
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "soup", "is", "the", "very", "not"]
 
@@ -54,6 +54,30 @@ def bert_folder(path: Path, seed: int, init_seed: int = 0) -> Path:
     torch.manual_seed(init_seed)
     model = BertForSequenceClassification(config)
     perturb_(model, seed, scale=0.005)  # BERT initialises with std 0.02: a fine-tune moves a fraction of that
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def llama_folder(path: Path, seed: int, words: list[str], init_seed: int = 0) -> Path:
+    """A tiny LlamaForCausalLM folder (float32) with a word-level fast tokenizer over ``words`` (plus
+    ``[UNK]``, ``[PAD]`` and ``</s>``, its eos token), saved by transformers."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "[PAD]", "</s>", *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, eos_token_id=vocab["</s>"], pad_token_id=vocab["[PAD]"],
+    )
+    torch.manual_seed(init_seed)
+    model = LlamaForCausalLM(config)
+    perturb_(model, seed, scale=0.01)  # Llama initialises with std 0.02: far enough apart to score differently
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

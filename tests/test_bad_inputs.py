@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hub_soup.cli import main
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
-from tests.hub_models import bert_folder, timm_folder, unique, upload
+from tests.hub_models import bert_folder, llama_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +226,34 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["diagnose", A, B, "--eval-task", "image-classification", "--eval-data", str(tmp), "--eval-batch-size", "0"]
 
 
+def _llamas(tmp: Path) -> list[str]:
+    """Two tiny causal LMs with a tokenizer: what an lm-eval case needs to get as far as the harness."""
+    return [str(llama_folder(tmp / f"llama{i}", seed=i, words=["the", "soup", "is", "good"])) for i in range(2)]
+
+
+@case("lm-eval-unknown-task")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", *_llamas(tmp), "--eval-task", "lm-eval", "--eval-tasks", "no_such_task", "-o", _out(tmp)]
+
+
+@case("lm-eval-with-data")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-task", "lm-eval", "--eval-tasks", "arc_easy", "--eval-data", str(tmp), "-o", _out(tmp)]
+
+
+@case("lm-eval-untrusted-yamls")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "tasks").mkdir()
+    (tmp / "tasks" / "mine.yaml").write_text("task: mine\ndoc_to_text: \"{{ cycler.__init__.__globals__ }}\"\n")
+    return ["merge", A, B, "--eval-task", "lm-eval", "--eval-tasks", "mine", "--include-path", str(tmp / "tasks"),
+            "-o", _out(tmp)]
+
+
+@case("lm-eval-ensemble")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-task", "lm-eval", "--eval-tasks", "arc_easy", "--ensemble-reference", "-o", _out(tmp)]
+
+
 @case("recipe-unknown-key")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     (tmp / "r.yaml").write_text(f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\noutput: {{path: {_out(tmp)}}}\nmethd: uniform\n")
@@ -289,7 +317,7 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 
 
 # Rows run in a process of their own, with the environment they name.
-SUBPROCESS_ROWS = {"network-down", "offline-typo"}
+SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task"}
 
 
 def test_every_row_has_a_case_and_every_case_a_row() -> None:
@@ -340,3 +368,17 @@ def test_offline_typo(tmp_path: Path) -> None:
     assert done.returncode == row[1]
     assert row[2] in done.stderr and "Traceback" not in done.stderr and "retrying" not in done.stderr
     assert not Path(_out(tmp_path)).exists()
+
+
+def test_lm_eval_offline_task(tmp_path: Path) -> None:
+    """A built-in harness task whose dataset is on the Hub, with HF_HUB_OFFLINE=1: which task needed the
+    network, and how to give it local data instead; nothing written."""
+    row = next(r for r in _rows() if r[0] == "lm-eval-offline-task")
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", *_llamas(tmp_path), "--eval-task", "lm-eval",
+         "--eval-tasks", "arc_easy", "-o", _out(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240, check=False,
+    )
+    assert done.returncode == row[1], done.stderr
+    assert row[2] in done.stderr and "include_path" in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists() and not list(tmp_path.glob(".soup.partial-*"))

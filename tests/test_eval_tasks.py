@@ -137,7 +137,7 @@ def test_a_lower_is_better_primary_metric_decides_the_other_way(digits_f1: type[
 
 
 def test_the_task_registry_names_what_recipes_accept(registry: None) -> None:
-    for name in ("image-classification", "text-classification", "causal-lm", "custom"):
+    for name in ("image-classification", "text-classification", "causal-lm", "custom", "lm-eval"):
         assert get_task(name).name == name
     with pytest.raises(RecipeError, match="eval.task: unknown eval task 'nope'; known tasks: image-classification"):
         Recipe.from_refs(["a", "b"], eval={"task": "nope", "data": "d"})

@@ -46,6 +46,8 @@ EXAMPLES = """examples:
   # a greedy soup scored on an image folder, BatchNorm statistics recalibrated
   %(prog)s ./ft-* --greedy --recalibrate-bn 8 --eval-task image-classification \\
       --eval-data data/ --eval-split val -o soup
+  # a greedy soup of language models, scored by lm-evaluation-harness on two of its tasks
+  %(prog)s ./llm-ft-* --greedy --eval-task lm-eval --eval-tasks arc_easy,hellaswag --eval-limit 500 -o soup
   # the recipe file for the same soup, for the `run` command
   %(prog)s org/ft-a org/ft-b --push org/soup --dump-recipe > soup.yaml
 """
@@ -85,7 +87,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
     TRUST_REMOTE_CODE.add(parser)
     add_eval_options(parser)
-    validate = parser.add_argument_group("validate the soup (needs --eval-task and --eval-data)")
+    validate = parser.add_argument_group("validate the soup (needs --eval-task and its data or harness tasks)")
     validate.add_argument("--greedy", action="store_true", help="greedy soup: keep an ingredient only if the score does not drop")
     RECALIBRATE_BN.add(validate)
     validate.add_argument("--ensemble-reference", action="store_true", help="also score the output ensemble (a yardstick)")

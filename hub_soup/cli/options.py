@@ -16,7 +16,6 @@ import argparse
 import copy
 from typing import Any, get_args
 
-from hub_soup.errors import RecipeError
 from hub_soup.recipe import Device, task_names
 
 
@@ -61,13 +60,17 @@ TRUST_REMOTE_CODE = Option(
 
 
 def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """The "evaluation" group: what to score on, read back by :func:`eval_spec_from_args`."""
+    """The "evaluation" group: what to score on, read back by :func:`eval_spec_from_args`.
+
+    ``required``: the command needs ``--eval-task`` (the recipe's validation says which task needs ``--eval-data``).
+    """
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-task", required=required, choices=task_names(),
                        help="what to score: timm image classifiers, transformers text classifiers, language models "
-                       "(perplexity), or your own function")
-    group.add_argument("--eval-data", required=required, metavar="DATA",
-                       help="image folder (DATA/<split>/<class>/*), local dataset, or Hub dataset repo id")
+                       "(perplexity), lm-evaluation-harness tasks (lm-eval), or your own function")
+    group.add_argument("--eval-data", metavar="DATA",
+                       help="image folder (DATA/<split>/<class>/*), local dataset, or Hub dataset repo id "
+                       "(every task but lm-eval)")
     group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
     group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
     group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
@@ -78,14 +81,24 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) ->
     group.add_argument("--eval-function", metavar="MODULE:FUNCTION",
                        help="for --eval-task custom: model -> float (needs --trust-remote-code)")
     group.add_argument("--lower-is-better", action="store_true", help="for --eval-task custom: a loss, not an accuracy")
+    group.add_argument("--eval-tasks", type=_comma_separated, metavar="NAME[,NAME...]",
+                       help="for --eval-task lm-eval: harness task, group or tag names (lm_eval --tasks)")
+    group.add_argument("--num-fewshot", type=int, metavar="N",
+                       help="for --eval-task lm-eval: few-shot examples per prompt (default: each task's own)")
+    group.add_argument("--include-path", metavar="DIR",
+                       help="for --eval-task lm-eval: a folder of task YAMLs of your own (needs --trust-remote-code: "
+                       "the harness runs task YAMLs as code)")
+
+
+def _comma_separated(value: str) -> list[str]:
+    """``arc_easy,hellaswag`` as lm_eval's ``--tasks`` spells a list."""
+    return [name.strip() for name in value.split(",")]
 
 
 def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """The recipe's ``eval`` section from the evaluation options (``None`` without --eval-task)."""
     if not args.eval_task:
         return None
-    if not args.eval_data:
-        raise RecipeError("--eval-task needs --eval-data")
     return {
         "task": args.eval_task,
         "data": args.eval_data,
@@ -98,6 +111,9 @@ def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         "label_column": args.label_column,
         "function": args.eval_function,
         "higher_is_better": not args.lower_is_better,
+        "tasks": args.eval_tasks,
+        "include_path": args.include_path,
+        "num_fewshot": args.num_fewshot,
     }
 
 

@@ -35,6 +35,7 @@ def open_split(spec: EvalSpec, split: str, *, image_folders: bool) -> Any:
     (``data/<split>-*.parquet``). Anything else is a Hub dataset repo id. ``image_folders``
     says whether the task reads image folders (a text task refuses them by name).
     """
+    assert spec.data is not None  # EvalSpec requires data of every task that reads it
     path = Path(spec.data).expanduser()
     if not path.exists():
         return _hub_dataset(spec.data, split)

@@ -8,7 +8,8 @@ which every candidate state dict is loaded strictly: a key the model does not
 expect is an error, never silently skipped.
 
 What is measured is the task's (:mod:`hub_soup.eval.tasks`: image and text
-classification, causal-lm perplexity, a custom function, or a registered one);
+classification, causal-lm perplexity, a custom function, lm-evaluation-harness
+tasks, or a registered one);
 where the forward passes run is the backend's (:mod:`hub_soup.eval.backends`,
 one process by default). Task outputs live in a space where averaging over
 models *is* the output ensemble (probabilities), so ensembles and scores share
@@ -57,7 +58,7 @@ class Evaluator:
 
     Attributes:
         task: the :class:`~hub_soup.eval.tasks.EvalTask` that reads the data and measures.
-        examples: how many examples (images, texts) are scored; 0 for task custom.
+        examples: how many examples (images, texts, harness documents) are scored; 0 for task custom.
 
     Raises:
         EvalError: for data, columns, labels or configs that cannot be used.
@@ -85,7 +86,10 @@ class Evaluator:
         self._batches = self.task.batches()
         targets = [b.targets for b in self._batches if b.targets is not None]
         self._targets = torch.cat(targets).cpu() if targets else None
-        self.examples = sum(_batch_size(b.inputs) for b in self._batches)
+        self.examples = (
+            sum(_batch_size(b.inputs) for b in self._batches) if self.task.has_outputs
+            else self.task.measured_examples()
+        )
 
     # -- models --------------------------------------------------------------------------
 
@@ -148,7 +152,7 @@ class Evaluator:
             )
         others = tuple((m, float(values[m.name])) for m in metrics[1:])
         primary = self.task.primary
-        return Score(primary, float(values[primary.name]), self.examples, self.split, self.spec.data, others)
+        return Score(primary, float(values[primary.name]), self.examples, self.task.split, self.task.dataset, others)
 
     def _need_outputs(self, what: str, hint: str) -> None:
         if not self.task.has_outputs:

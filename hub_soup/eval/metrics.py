@@ -26,12 +26,23 @@ class Metric:
         percent: a fraction in [0, 1] read as a percentage (accuracy, F1): values in percent,
             changes in points; anything else shows 4 significant digits.
         description: one line for people (docs, plugins); not shown in tables.
+        dataset: for a score that spans several eval sets (lm-eval's harness tasks), the one this metric
+            measures, and ``name`` starts with ``dataset/`` (``arc_easy/acc``); None: the score's own.
+        split: that eval set's split, where it is known; None: the score's.
     """
 
     name: str
     higher_is_better: bool
     percent: bool = False
     description: str = ""
+    dataset: str | None = None
+    split: str | None = None
+
+    @property
+    def measure(self) -> str:
+        """What is measured, without the eval set a qualified name starts with: ``acc`` for ``arc_easy/acc``
+        (the model-index names the eval set and the metric apart)."""
+        return self.name.removeprefix(f"{self.dataset}/") if self.dataset is not None else self.name
 
     def format(self, value: float) -> str:
         """``value`` as people read it: ``97.50%`` or ``12.34``."""

@@ -81,9 +81,9 @@ class ModelScore(NamedTuple):
 
 def score_rows(scores: Sequence[ModelScore]) -> list[str]:
     """Markdown rows ``| model | split | metric | value |`` for the card and the step summary:
-    every metric of every score, each score's primary first."""
+    every metric of every score, each score's primary first (a metric of one of several eval sets in its own split)."""
     return [
-        f"| {model} | {score.split} | {metric.name} | {value:.4f} |"
+        f"| {model} | {metric.split or score.split} | {metric.name} | {value:.4f} |"
         for model, score in scores
         for metric, value in score.measurements()
     ]

@@ -104,7 +104,8 @@ def build_card(
         merge_method: the method that made the soup: one with a ``summary`` is described in its own
             words and paper, and any method's parameters are listed.
         scores: evaluation results, the soup's first; the model-index holds the soup's, every metric
-            of each (the primary first).
+            of each (the primary first), a metric of one of several eval sets (an lm-eval harness task)
+            under that set's name and split.
         bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
         plan: the merge plan, so the card says what was averaged, how, and what was copied.
         dtype: the ``--dtype`` every floating tensor was written in (``None``: each its own).
@@ -128,10 +129,10 @@ def build_card(
         eval_results=[
             EvalResult(
                 task_type=pipeline_tag or "other",
-                dataset_type=s.dataset,
-                dataset_name=s.dataset,
-                dataset_split=s.split,
-                metric_type=metric.name,
+                dataset_type=metric.dataset or s.dataset,
+                dataset_name=metric.dataset or s.dataset,
+                dataset_split=metric.split or s.split,
+                metric_type=metric.measure,
                 metric_value=round(value, 6),
             )
             for s in soup_scores

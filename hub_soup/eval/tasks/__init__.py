@@ -55,7 +55,7 @@ class EvalTask(ABC):
     Subclasses set :attr:`name` and :attr:`primary` (and :attr:`others`) and implement
     :meth:`batches`, :meth:`forward` and :meth:`measure`; the constructor's arguments are
     available as attributes. A task that measures the model itself rather than its
-    outputs (``custom``) sets :attr:`has_outputs` False and implements :meth:`measure_model`.
+    outputs (``custom``, ``lm-eval``) sets :attr:`has_outputs` False and implements :meth:`measure_model`.
 
     Args:
         spec: the recipe's eval section (data, split, columns, batch size, limit).
@@ -91,6 +91,18 @@ class EvalTask(ABC):
     def metrics(self) -> tuple[Metric, ...]:
         """Every metric the task reports, the primary first."""
         return (self.primary, *self.others)
+
+    @property
+    def dataset(self) -> str:
+        """What scores name as their eval data: ``spec.data`` (a task that reads data of its own choosing,
+        as lm-eval's harness tasks do, names that instead)."""
+        assert self.spec.data is not None  # EvalSpec requires data of every task but lm-eval
+        return self.spec.data
+
+    def measured_examples(self) -> int:
+        """How many examples a score of :meth:`measure_model` covers; 0 where the task cannot say (custom).
+        Tasks with outputs count their batches instead."""
+        return 0
 
     def build_model(self) -> nn.Module:
         """A fresh instance of the reference's architecture (float32, eval mode, on the device)."""
@@ -132,6 +144,7 @@ _TASKS: dict[str, str | type[EvalTask]] = {
     "text-classification": "hub_soup.eval.tasks.text_classification:TextClassification",
     "causal-lm": "hub_soup.eval.tasks.causal_lm:CausalLM",
     "custom": "hub_soup.eval.tasks.custom:Custom",
+    "lm-eval": "hub_soup.eval.tasks.lm_eval:LmEval",
 }
 
 
