@@ -248,7 +248,7 @@ def test_a_negative_weight_subtracts_a_task_vector(tmp_path: Path, second: str, 
 def test_methods_that_average_refuse_a_negative_weight_naming_it() -> None:
     with pytest.raises(RecipeError, match=r"^ingredients\.1\.weight: -2 is negative, and method weighted averages"):
         hub_soup.Recipe.from_refs(["a", "b"], [1, -2], output={"path": "o"})
-    with pytest.raises(RecipeError, match=r"^r\.yaml:5: ingredients\.1\.weight: -0\.5 is negative.*use method task_arithmetic"):
+    with pytest.raises(RecipeError, match=r"^r\.yaml:5: ingredients\.1\.weight: -0\.5 is negative.*use method .*task_arithmetic"):
         parse_recipe("ingredients:\n  - ref: a\n    weight: 1\n  - ref: b\n    weight: -0.5\nmethod: weighted\n", "r.yaml")
     negated = parse_recipe("ingredients:\n  - {ref: a, weight: -1}\n  - {ref: b}\nmethod: task_arithmetic\nbase: {ref: c}\n")
     assert negated.weights == [-1.0, 1.0]
