@@ -104,12 +104,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     method = {"method": args.method} if args.method else {}
     name = args.method or ("weighted" if args.weights else "uniform")
     takes = {field.alias or key for key, field in get_method(name).Parameters.model_fields.items()}
-    for flag, key in [(flag, key) for flag, key, _, _ in METHOD_PARAMETERS] + [("--density", "density")]:
-        if (given.get(key) is not None or (key == "density" and densities is not None)) and key not in takes:
-            raise RecipeError(
-                f"parameters.{key}: method {name} takes no {key} ({flag})",
-                hint=f"drop {flag}, or choose a method that takes it with --method",
-            )
+    flags = {key: flag for flag, key, _, _ in METHOD_PARAMETERS} | {"density": "--density"}
+    used = {key for key, value in given.items() if value is not None} | ({"density"} if densities else set())
+    refused = [key for key in flags if key in used and key not in takes]  # the flags' order
+    if refused:
+        key = refused[0]
+        raise RecipeError(
+            f"parameters.{key}: method {name} takes no {key} ({flags[key]})",
+            hint=f"drop {flags[key]}, or choose a method that takes it with --method",
+        )
     return Recipe.from_refs(
         args.refs,
         args.weights,

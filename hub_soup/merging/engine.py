@@ -215,7 +215,6 @@ def stream_merge(
                         statistics = method.finish_statistics(statistics, merged[tensor.key])
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
-                acc_dtype = kernel_dtype(method, tensor.meta.dtype, out_dtype)
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 for begin in range(0, tensor.meta.numel, chunk_elements):
                     chunks = reader.next()
@@ -223,7 +222,8 @@ def stream_merge(
                     if tensor.average:
                         if begin < sample:
                             gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
-                        _merge_chunks(method, chunks, count, buffers[acc_dtype], soup, statistics, begin)
+                        _merge_chunks(method, chunks, count, buffers[merged[tensor.key].dtype], soup, statistics,
+                                      begin)
                     else:
                         soup.copy_(chunks[0])
                     out.submit()

@@ -39,3 +39,11 @@ def multiply_first_(
     """``acc = w0 * p0 + w1 * p1 + ...``, one :func:`weighted_sum_` per part."""
     for i, (part, weight) in enumerate(zip(parts, weights)):
         weighted_sum_(acc, part, weight, scratch, first=i == 0)
+
+
+def sum_(acc: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``acc = t0 + t1 + ...`` in order, for ``terms`` already in ``acc``'s dtype (no scratch copy needed)."""
+    acc.copy_(terms[0])
+    for term in terms[1:]:
+        acc.add_(term)
+    return acc

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
+from hub_soup.merging.methods.arithmetic import sum_
 from hub_soup.merging.methods.sparsify import DROP, MagnitudeThresholds, RandomMasks, delta_, radix_passes
 
 if TYPE_CHECKING:
@@ -113,7 +114,6 @@ class GeneralizedTaskArithmetic(MergeMethod):
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
-
         assert base is not None
         count = len(parts)
         weights = self.weights_for(count)
@@ -123,9 +123,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.consensus:
             divisor = self._elect_and_mix(acc, deltas, weights, scratch)
         else:
-            acc.copy_(deltas[0])
-            for delta in deltas[1:]:
-                acc.add_(delta)
+            sum_(acc, deltas)
             total = math.fsum(weights)
             divisor = self.scalars([total if abs(total) >= 1e-8 else 1.0], acc)[0]
         if parameters.normalize:  # type: ignore[attr-defined]
@@ -186,10 +184,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         import torch
 
         (elected,) = self.workspace("elected", acc)
-        acc.copy_(deltas[0])
-        for delta in deltas[1:]:
-            acc.add_(delta)
-        elected.copy_(acc.ge_(0)).mul_(2).sub_(1)
+        elected.copy_(sum_(acc, deltas).ge_(0)).mul_(2).sub_(1)
         normalize = self.parameters.normalize  # type: ignore[attr-defined]
         for i, (delta, weight) in enumerate(zip(deltas, self.scalars(weights, acc))):
             delta.mul_(elected).clamp_(min=0)

@@ -57,10 +57,10 @@ class MagnitudeThresholds:
     """One tensor's exact top-``k`` magnitude threshold of each ingredient's task vector, pass by pass.
 
     :meth:`observe` counts a chunk's current digit, :meth:`finish_pass` settles it;
-    after the last pass :attr:`thresholds` holds, per ingredient, ``None`` (density 1:
-    keep every element), the k-th largest ``|delta|`` (a value of the kernel's dtype: keep
-    ``|delta| >= threshold``), or :data:`DROP` (``k = 0``: keep none); :attr:`below` the
-    same with the next value of the dtype below each threshold (keep ``|delta| > below``).
+    after the last pass :attr:`below` holds, per ingredient, ``None`` (density 1: keep
+    every element), :data:`DROP` (``k = 0``: keep none), or the value of the kernel's dtype
+    just below the k-th largest ``|delta|``: keeping ``|delta| > below`` keeps exactly
+    ``|delta| >= threshold``.
     """
 
     def __init__(self, densities: Sequence[float], tensor: MergedTensor) -> None:
@@ -76,7 +76,6 @@ class MagnitudeThresholds:
         self._prefix = [0] * len(densities)
         self._counts: list[torch.Tensor | None] = [None] * len(densities)
         self._scratch = torch.empty(0, dtype=tensor.dtype)
-        self.thresholds: list[float | str | None] = []
         self.below: list[float | str | None] = []
 
     def observe(self, parts: Sequence[torch.Tensor], base: torch.Tensor) -> None:
@@ -120,15 +119,11 @@ class MagnitudeThresholds:
             self._counts[i] = None
         self._pass += 1
         if self._pass == len(self._digits):
-            self.thresholds = [
-                None if k is None else DROP if k == 0 else float(torch.tensor(prefix, dtype=self._int).view(
-                    self.tensor.dtype))
+            down = torch.tensor(-1.0, dtype=self.tensor.dtype)
+            self.below = [  # the prefix is now the threshold's bits; below it, the next value down
+                None if k is None else DROP if k == 0
+                else float(torch.nextafter(torch.tensor(prefix, dtype=self._int).view(self.tensor.dtype), down))
                 for k, prefix in zip(self._k, self._prefix)
-            ]
-            self.below = [  # the largest value of the kernel's dtype under each threshold: keep |d| > below
-                t if t is None or t is DROP else float(torch.nextafter(
-                    torch.tensor(t, dtype=self.tensor.dtype), torch.tensor(-1.0, dtype=self.tensor.dtype)))
-                for t in self.thresholds
             ]
 
 
