@@ -195,6 +195,11 @@ def _adapter_base(
             f"method {recipe.method}: an adapter soup is the uniform or weighted mean of the adapters' deltas",
             hint="drop --method (or use --weights for a weighted soup)",
         )
+    if recipe.exclude:
+        raise AdapterError(
+            f"exclude ({', '.join(recipe.exclude)}): an adapter soup combines every tensor of its adapters",
+            hint="drop --exclude; to leave an adapter's module out, train it without that target module",
+        )
     if recipe.recalibrate_bn and not recipe.output.merge_into_base:
         raise AdapterError(
             "recalibrate_bn: recomputed BatchNorm statistics cannot be written into an adapter",

@@ -151,7 +151,7 @@ def test_averaging_lora_a_and_lora_b_separately_is_measurably_wrong(
     mean_b = sum(t[f"{PREFIX}{key}.lora_B.weight"].double() for t in tensors) / 2
     naive = 16 / 4 * mean_b @ mean_a
     assert (ours - exact).norm() / exact.norm() < 1e-6
-    assert (naive - exact).norm() / exact.norm() > 0.3
+    assert (naive - exact).norm() / exact.norm() > 0.5  # 68% here
 
 
 def test_merge_into_base_equals_peft_merge_and_unload_of_the_exact_soup(
@@ -251,6 +251,8 @@ def test_dora_mixed_ingredients_and_full_model_flags_are_refused(
     assert "is a LoRA adapter (adapter_config.json) and" in capsys.readouterr().err
     assert main(["merge", str(base), str(base), "--max-rank", "4", "-o", str(tmp_path / "s")]) == 2
     assert "max_rank is for soups of LoRA adapters" in capsys.readouterr().err
+    assert main(["merge", str(a), str(a), "--exclude", "*v_proj*", "-o", str(tmp_path / "s")]) == 2
+    assert "an adapter soup combines every tensor of its adapters" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 
@@ -266,7 +268,8 @@ def _on_hub(api: HfApi, adapter: Path, tmp: Path, base_repo: str) -> str:
 
 
 def test_hub_adapters_pin_their_base_and_never_download_its_weights(
-    llama: tuple[Path, Path, Path, Path], hub: HubServer, hub_token: str, tmp_path: Path
+    llama: tuple[Path, Path, Path, Path], hub: HubServer, hub_token: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     base, a, b, _ = llama
     api = HfApi(token=hub_token)
@@ -286,6 +289,13 @@ def test_hub_adapters_pin_their_base_and_never_download_its_weights(
     assert yaml.safe_load((out / "hub-soup.yaml").read_text())["base"] == {"ref": base_repo, "revision": sha}
     got, want = outputs(on_base(base, out)), outputs(expected_model(base, [a, b], [1, 1]))
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+    other = f"{TEST_USER}/{unique('not-the-base')}"
+    api.create_repo(other)
+    assert main(["merge", *repos, "--base", other, "-o", str(tmp_path / "other")]) == 2
+    assert f"the base {other} is not the base the adapters were trained on" in capsys.readouterr().err
+    assert main(["merge", *repos, "--base", str(base), "-o", str(tmp_path / "local")]) == 0  # a local copy: named
+    assert (tmp_path / "local" / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
 def test_an_adapter_of_another_base_stops_before_any_download(
