@@ -9,6 +9,14 @@ alignment and the configs (from headers over HTTP when possible), so a mistake
 costs seconds, not a download. A soup that is pushed without an output folder is
 staged in a temporary one, so the same command can run again and again.
 
+Ingredients that are PEFT LoRA adapters (:mod:`hub_soup.adapters`) take one branch
+at each stage that must differ: right after resolving, their configs are read and
+checked and the base they name is resolved and pinned as the recipe's base; the
+early checks compare their headers with each other and the base; the soup is their
+deltas' weighted mean, scored as the base with it merged in, and written as an
+adapter or (``merge_into_base``) as the base streamed with it merged in. The stages
+around (output, card, gate, push) are the same.
+
 Started by ``accelerate launch`` among K processes (see
 :func:`~hub_soup.eval.backends.launched_backend`), every process runs the same
 stages up to the evaluation: it checks, opens the ingredients, makes every
