@@ -55,6 +55,8 @@ def merge(
     allow_pickle: bool = False,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    max_rank: int | None = None,
+    merge_into_base: bool = False,
     device: str = "cpu",
     push: str | None = None,
     private: bool = False,
@@ -67,6 +69,8 @@ def merge(
     By default the soup is their average (weighted with ``weights``); ``method`` names another
     merge method, ``base`` the model they were fine-tuned from and ``parameters`` the method's
     (``merge(refs, "soup", method="ties", base="org/base", parameters={"density": 0.3})``).
+    LoRA adapters (folders or repos with an ``adapter_config.json``) make an exact adapter soup of their
+    base; ``max_rank`` reduces it by a truncated SVD, ``merge_into_base`` writes the base with it merged in.
     Without ``output``, a soup that is pushed is staged in a temporary folder and
     removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
     None only in the processes of an ``accelerate launch`` other than the main one, which writes.
@@ -85,7 +89,7 @@ def merge(
         device=device,
         force=force,
         output={"path": str(output) if output is not None else None, "max_shard_size": max_shard_size,
-                "overwrite": overwrite},
+                "overwrite": overwrite, "max_rank": max_rank, "merge_into_base": merge_into_base},
         push={"repo_id": push, "private": private, "create_pr": create_pr} if push else None,
     )
     from hub_soup.pipeline import run

@@ -75,6 +75,10 @@ class AlignmentError(HubSoupError):
     """The ingredients' state_dicts cannot be mapped onto one set of keys and shapes."""
 
 
+class AdapterError(AlignmentError):
+    """LoRA adapters that cannot make one exact soup: another base, other settings, a kind of adapter not handled."""
+
+
 class RecipeError(HubSoupError):
     """A recipe file or a set of command-line options is invalid."""
 

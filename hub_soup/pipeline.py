@@ -9,6 +9,14 @@ alignment and the configs (from headers over HTTP when possible), so a mistake
 costs seconds, not a download. A soup that is pushed without an output folder is
 staged in a temporary one, so the same command can run again and again.
 
+Ingredients that are PEFT LoRA adapters (:mod:`hub_soup.adapters`) take one branch
+at each stage that must differ: right after resolving, their configs are read and
+checked and the base they name is resolved and pinned as the recipe's base; the
+early checks compare their headers with each other and the base; the soup is their
+deltas' weighted mean, scored as the base with it merged in, and written as an
+adapter or (``merge_into_base``) as the base streamed with it merged in. The stages
+around (output, card, gate, push) are the same.
+
 Started by ``accelerate launch`` among K processes (see
 :func:`~hub_soup.eval.backends.launched_backend`), every process runs the same
 stages up to the evaluation: it checks, opens the ingredients, makes every
@@ -34,7 +42,13 @@ import torch
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+from hub_soup.adapters import config as adapter_config
+from hub_soup.adapters.config import AdapterConfig
+from hub_soup.adapters.lora import check_base_fits, plan_adapters
+from hub_soup.adapters.soup import ADAPTER_STEM, AdapterOutput, AdapterSoup
 from hub_soup.errors import (
+    AdapterError,
+    HubSoupError,
     IndependentIngredientsError,
     OutputOverlapsInputError,
     RecipeError,
@@ -43,7 +57,7 @@ from hub_soup.errors import (
 )
 from hub_soup.eval.backends import Backend, launched_backend
 from hub_soup.eval.evaluate import Evaluator
-from hub_soup.eval.greedy import Base, GreedyReport, greedy_soup, score_soup
+from hub_soup.eval.greedy import Base, GreedyReport, SoupMaker, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
 from hub_soup.hub.errors import hub_errors
@@ -94,6 +108,8 @@ class SoupResult:
     similarity: Similarity | None
     pinned_recipe: Recipe
     scores: list[ModelScore] = field(default_factory=list)
+    adapter: AdapterOutput | None = None  # a LoRA adapter soup written as an adapter (not --merge-into-base)
+    of_adapters: bool = False  # the ingredients were LoRA adapters (written as an adapter, or merged into their base)
     report: GreedyReport | None = None  # ingredient scores, greedy steps, the evaluated soup
     push: PushResult | None = None
     warnings: list[str] = field(default_factory=list)
@@ -101,7 +117,10 @@ class SoupResult:
     @property
     def combined(self) -> str:
         """What the method did to the soup's floating tensors, in the closing line's and the step summary's
-        words: ``averaged`` (uniform, weighted) or ``merged by task_arithmetic``, as the card tells them apart."""
+        words: ``averaged`` (uniform, weighted) or ``merged by task_arithmetic``, as the card tells them apart;
+        an adapter soup's tensors are its adapters' deltas combined."""
+        if self.of_adapters:
+            return "combined from the adapters' deltas" if self.adapter is not None else "with the adapters' deltas merged in"
         method = get_method(self.pinned_recipe.method)
         return "averaged" if method.summary is None else f"merged by {method.name}"
 
@@ -139,15 +158,103 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
         resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
         for ref in resolved:
             logger.info("resolved %s -> %s", ref.ref, ref.pinned)
+        adapters = adapter_config.read_adapters(resolved[: len(recipe.ingredients)], token)  # configs only, no weights
+        recipe, resolved = _adapter_base(recipe, resolved, adapters, token)
+        if adapters is not None and recipe.output.path is not None and recipe.base is not None:
+            check_output_apart(Path(recipe.output.path), recipe)  # the base the adapters name, too
+        opened = _needed(recipe, resolved, adapters)
         folder: AbstractContextManager[Path | None] = _output_folder(recipe) if writes else nullcontext()
         with opened_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
-            resolved, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
-            before_download=lambda local: _align_early(resolved, local, recipe, token),
+            opened, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
+            before_download=lambda local: (
+                _align_early(resolved, local, recipe, token) if adapters is None
+                else _check_adapters_early(resolved, local, adapters, token)
+            ),
         ) as checkpoints, folder as output:
-            result = _make_soup(recipe, resolved, checkpoints, output, token, trust_remote_code, backend, device)
+            result = _make_soup(
+                recipe, resolved, checkpoints, output, token, trust_remote_code, backend, device, adapters
+            )
     if result is not None and recipe.output.path is None:
         result.output = None
     return result
+
+
+def _adapter_base(
+    recipe: Recipe, resolved: list[ResolvedRef], adapters: list[AdapterConfig] | None, token: str | bool | None
+) -> tuple[Recipe, list[ResolvedRef]]:
+    """The recipe and its resolved models, the adapter case settled: the base the adapters name resolved and
+    pinned as the recipe's base (or the user's ``base`` checked against it), each adapter naming its weights file.
+
+    Full models keep the rules of methods: a base only for a method that uses one, and no adapter outputs.
+    """
+    count = len(recipe.ingredients)
+    adapter_only = [name for name in ("max_rank", "merge_into_base") if getattr(recipe.output, name)]
+    if adapters is None:
+        if adapter_only:
+            raise RecipeError(
+                f"{adapter_only[0]} is for soups of LoRA adapters; the ingredients are full models",
+                hint="drop --max-rank / --merge-into-base",
+            )
+        if recipe.base is not None and not get_method(recipe.method).needs_base:
+            raise RecipeError(f"a base is given but method {recipe.method} uses none; drop base or change the method")
+        return recipe, resolved
+    if recipe.method not in ("uniform", "weighted"):
+        raise AdapterError(
+            f"method {recipe.method}: an adapter soup is the uniform or weighted mean of the adapters' deltas",
+            hint="drop --method (or use --weights for a weighted soup)",
+        )
+    if recipe.exclude:
+        raise AdapterError(
+            f"exclude ({', '.join(recipe.exclude)}): an adapter soup combines every tensor of its adapters",
+            hint="drop --exclude; to leave an adapter's module out, train it without that target module",
+        )
+    if recipe.recalibrate_bn and not recipe.output.merge_into_base:
+        raise AdapterError(
+            "recalibrate_bn: recomputed BatchNorm statistics cannot be written into an adapter",
+            hint="add --merge-into-base to write the full model, or drop --recalibrate-bn",
+        )
+    refs = [adapter_config.with_adapter_weights(ref) for ref in resolved[:count]]
+    if recipe.base is not None:
+        adapter_config.check_base(adapters, resolved[count])
+        return recipe, [*refs, resolved[count]]
+    named = adapters[0]
+    try:
+        base = resolve_ref(named.base, named.revision, token=token)
+    except HubSoupError as exc:
+        raise adapter_config.base_error(adapters, exc) from None
+    logger.info("resolved the adapters' base %s -> %s", named.base, base.pinned)
+    pinned_ref = str(base.path) if base.kind == "local" else named.base  # a local base as found from here
+    recipe = recipe.model_copy(update={"base": ModelRef(ref=pinned_ref, revision=named.revision)})
+    return recipe, [*refs, base]
+
+
+def _needed(recipe: Recipe, resolved: list[ResolvedRef], adapters: list[AdapterConfig] | None) -> list[ResolvedRef]:
+    """The models to open: all, except a Hub base of an adapter soup that is neither scored nor merged into
+    (its weights are not needed; a local one is opened, reading its headers, to check that the adapters fit)."""
+    if adapters is None or recipe.output.merge_into_base or recipe.eval is not None or resolved[-1].kind == "local":
+        return resolved
+    return resolved[:-1]
+
+
+def _check_adapters_early(
+    resolved: Sequence[ResolvedRef], local: Sequence[Checkpoint | None], adapters: list[AdapterConfig],
+    token: str | bool | None,
+) -> None:
+    """The adapters' modules and shapes, and that they fit the base, from safetensors headers before any
+    weights are downloaded (Hub refs over HTTP); the rest is checked once they are opened."""
+    count = len(adapters)
+    offline = constants.is_offline_mode()
+    layouts: list[Layout] = []
+    for ref, checkpoint in zip(resolved, [*local, None]):
+        if checkpoint is not None:
+            layouts.append(Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases)))
+        elif ref.kind != "local" and not offline and (layout := remote_layout(ref, token)) is not None:
+            layouts.append(layout)
+        else:
+            return  # a pickle, or offline: checked after opening
+    plan = plan_adapters(adapters, layouts[:count])
+    check_base_fits(plan, layouts[count], layouts[0].label)
+    logger.info("the adapters' configs and headers agree, and fit the base %s", resolved[count].label)
 
 
 @contextmanager
@@ -307,7 +414,9 @@ def opened_ingredients(
         for i, ref in enumerate(resolved):
             if ref.kind == "local":
                 assert ref.path is not None
-                opened[i] = _noted(open_checkpoint(ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema))
+                opened[i] = _noted(open_checkpoint(
+                    ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema, weights=ref.filename
+                ))
         if before_download is not None:
             before_download(opened)
         for i, ref in enumerate(resolved):
@@ -348,12 +457,18 @@ class _Soup:
     side_files: SideFiles
     reference: Checkpoint  # the ingredient whose config the soup carries: models are built from it
     backend: Backend  # where models are scored: this process alone, or its share of a launch
+    adapters: AdapterSoup | None = None  # LoRA ingredients: the soup is of their deltas (``base`` is their base)
 
 
 def _prepare(
-    recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | None, backend: Backend, device: torch.device
+    recipe: Recipe, checkpoints: list[Checkpoint], base: Checkpoint | None, backend: Backend, device: torch.device,
+    adapters: list[AdapterConfig] | None = None, base_sha: str | None = None,
 ) -> _Soup:
-    """Align the opened checkpoints (the base in its role), check their configs, and choose the side files."""
+    """Align the opened checkpoints (the base in its role), check their configs, and choose the side files.
+
+    LoRA ingredients (``adapters``: their configs) take their own branch; ``base_sha`` pins their base."""
+    if adapters is not None:
+        return _prepare_adapters(recipe, adapters, checkpoints, base, backend, device, base_sha)
     plan = align(layouts_of(checkpoints), recipe.exclude, base=layouts_of([base])[0] if base is not None else None)
     for note in plan.notes:
         logger.info(note)
@@ -367,16 +482,47 @@ def _prepare(
     )
 
 
+def _prepare_adapters(
+    recipe: Recipe, configs: list[AdapterConfig], checkpoints: list[Checkpoint], base: Checkpoint | None,
+    backend: Backend, device: torch.device, base_sha: str | None,
+) -> _Soup:
+    """LoRA ingredients: their modules, ranks and scalings, checked against each other and the base (when it is
+    opened); side files are the base's (config, tokenizer) for a merged model, the adapters' tokenizer for an adapter."""
+    plan = plan_adapters(configs, layouts_of(checkpoints))
+    base_plan = None
+    if base is not None:
+        check_base_fits(plan, layouts_of([base])[0], checkpoints[0].label)
+        base_plan = align(layouts_of([base]))
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    merged = recipe.output.merge_into_base
+    # an adapter carries no model config (PEFT reads the base's); a merged model carries the base's
+    side_files = choose_side_files([base, *checkpoints]) if merged and base is not None else choose_side_files(
+        checkpoints, config=False
+    )
+    adapter_soup = AdapterSoup(
+        configs=configs, adapters=checkpoints, plan=plan, base=base, base_plan=base_plan, base_revision=base_sha, max_rank=recipe.output.max_rank, merge_into_base=merged, dtype=dtype,
+        device=backend.device_for(device),
+    )
+    return _Soup(
+        checkpoints=checkpoints, base=base, plan=base_plan or MergePlan([]), method=recipe.merge_method(), dtype=dtype,
+        metas=output_metas(base_plan, dtype) if base_plan is not None else {}, device=backend.device_for(device),
+        side_files=side_files, reference=base or checkpoints[0], backend=backend, adapters=adapter_soup,
+    )
+
+
 def _make_soup(
     recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path | None,
     token: str | bool | None, trust_remote_code: bool, backend: Backend, device: torch.device,
+    adapters: list[AdapterConfig] | None = None,
 ) -> SoupResult | None:
     """Align, [evaluate], write the soup with its card, then gate and push: the stages after opening.
 
     ``output`` is None in the processes of a launch that do not write: they stop after scoring.
     """
-    (resolved, resolved_base), (checkpoints, base) = _split_base(models, recipe), _split_base(opened, recipe)
-    soup = _prepare(recipe, checkpoints, base, backend, device)
+    resolved, resolved_base = _split_base(models, recipe)
+    # the base, if any, is last; an adapter soup written as an adapter, unscored, never opens a Hub base
+    checkpoints, base = opened[: len(resolved)], opened[len(resolved)] if len(opened) > len(resolved) else None
+    soup = _prepare(recipe, checkpoints, base, backend, device, adapters, resolved_base.sha if resolved_base else None)
     report = _evaluate(recipe, soup, trust_remote_code) if recipe.eval is not None else None
     if output is None:
         return None
@@ -391,11 +537,26 @@ def _make_soup(
         logger.warning(warnings[-1])
     pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
     pinned_yaml = pinned.to_yaml()
-    config = _soup_config(soup.reference, recipe.dtype)
     scores = _card_scores(report) if report is not None else []
-    with SoupWriter(output, soup.metas, parse_size(recipe.output.max_shard_size), recipe.output.overwrite) as writer:
-        stats, similarity = _write_tensors(writer, soup, report)
-        independent = _independence_warning(similarity)
+    members = [i for i, k in enumerate(kept) if k]
+    adapter = soup.adapters.output(members, weights) if soup.adapters and not soup.adapters.merge_into_base else None
+    config = _soup_config(soup.reference, recipe.dtype) if adapter is None else None
+    plan = adapter.plan(len(members)) if adapter is not None else soup.plan
+    metas, shards = (adapter.metas, None) if adapter is not None else (soup.metas, recipe.output.max_shard_size)
+    with SoupWriter(  # PEFT reads one adapter file: an adapter is never sharded
+        output, metas, parse_size(shards) if shards else sum(m.nbytes for m in metas.values()) + 1,
+        recipe.output.overwrite, stem=ADAPTER_STEM if adapter is not None else "model",
+    ) as writer:
+        if adapter is not None:
+            stats, similarity = write_state_dict(adapter.tensors, plan, metas, writer), None
+            writer.add_file(adapter_config.ADAPTER_CONFIG, json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+        elif soup.adapters is not None:  # --merge-into-base: the scored soup, or the streamed one
+            stats = (soup.adapters.stream(members, weights, writer) if report is None
+                     else write_state_dict(report.soup, plan, metas, writer))
+            similarity = None
+        else:
+            stats, similarity = _write_tensors(writer, soup, report)
+        independent = _independence_warning(similarity) if similarity is not None else None
         if independent is not None:
             warnings.append(independent)
             logger.warning(independent)
@@ -415,23 +576,49 @@ def _make_soup(
             method=_method_title(recipe),
             merge_method=soup.method,
             bn_recalibrated=report is not None and report.bn_recalibrated,
-            plan=soup.plan,
+            plan=plan,
             dtype=recipe.dtype,
             warnings=warnings,
             rebuild_pushes=recipe.push is not None,
+            adapter=_adapter_card(soup.adapters, adapter, sum(kept)) if soup.adapters is not None else None,
         )
         writer.add_file(card_stage.RECIPE_FILENAME, pinned_yaml)
         writer.add_file("README.md", str(card))
         writer.commit()
     result = SoupResult(
-        output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=weights, plan=soup.plan,
+        output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=weights, plan=plan,
         stats=stats, similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
+        adapter=adapter, of_adapters=soup.adapters is not None,
     )
     if recipe.push is not None:
         _gate(recipe, report, independent, output, soup.plan.has_batchnorm)
         names = ", ".join(r.label for r, k in zip(resolved, kept) if k)
         result.push = push_soup(output, recipe.push, token, f"hub-soup: {_method_title(recipe)} soup of {names}")
     return result
+
+
+def _adapter_card(soup: AdapterSoup, adapter: AdapterOutput | None, count: int) -> card_stage.AdapterCard:
+    """What the card says of an adapter soup: an exact (or reduced) adapter, or the base with the delta merged in."""
+    if adapter is None:
+        return card_stage.AdapterCard(merged=True, summary=(
+            f"The base model with the weighted mean of {count} LoRA adapters' weight deltas merged in "
+            "(base + sum_i w_i * s_i * B_i @ A_i, PEFT's scaling s_i = lora_alpha / r, or / sqrt(r) with rsLoRA): "
+            "the base's tensors streamed, each adapted weight's delta added in float32, each tensor stored in its "
+            "own dtype, heads saved with the adapters (modules_to_save) averaged."
+        ))
+    exact = (
+        f"An exact soup of {count} LoRA adapters in concatenated-rank form ({adapter.ranks}, the sum of their "
+        "ranks): A is the adapters' lora_A stacked, B their lora_B side by side, each scaled by its weight and "
+        "PEFT's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA), and the soup's own scaling is 1, so loaded "
+        "with PEFT it adds exactly the weighted mean of the adapters' deltas to the base."
+    )
+    if adapter.reduction is not None:
+        exact = (
+            f"A soup of {count} LoRA adapters: the weighted mean of their deltas (PEFT's scaling lora_alpha / r, "
+            f"or / sqrt(r) with rsLoRA, folded in), reduced per module to {adapter.ranks} by a truncated SVD "
+            f"(B = U diag(S), A = V^T). {adapter.reduction.describe()}."
+        )
+    return card_stage.AdapterCard(merged=False, summary=exact)
 
 
 def _method_title(recipe: Recipe) -> str:
@@ -531,11 +718,24 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
         if recipe.eval.test_split
         else None
     )
-    checkpoints, plan = soup.checkpoints, soup.plan
-    labels = [c.label for c in checkpoints]
+    labels = [c.label for c in soup.checkpoints]
+    # each adapter, and each candidate soup, is scored as the base with its delta merged in
+    load, soup_of, base = soup.adapters.scorers(soup.method) if soup.adapters is not None else _scorers(soup)
+    options = {
+        "recalibrate_bn_batches": recipe.recalibrate_bn,
+        "test_evaluator": test_evaluator,
+        "ensemble": recipe.ensemble_reference,
+        "base": base,
+    }
+    if recipe.greedy:
+        return greedy_soup(labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), **options)
+    return score_soup(labels, load, soup_of(range(len(labels))), evaluator, method=recipe.method, **options)
 
-    def load(i: int) -> dict[str, torch.Tensor]:
-        return aligned_state_dict(checkpoints[i], plan, i)
+
+def _scorers(soup: _Soup) -> tuple[Callable[[int], dict[str, torch.Tensor]], SoupMaker, Base | None]:
+    """What evaluation scores of full models: each ingredient as saved, the recipe's soup of any subset of them
+    (greedy's), and the base of a method that has one."""
+    checkpoints, plan = soup.checkpoints, soup.plan
 
     def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
         """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
@@ -548,15 +748,7 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     if soup.base is not None:
         base_checkpoint = soup.base
         base = Base(base_checkpoint.label, lambda: base_state_dict(base_checkpoint, checkpoints[0], plan))
-    options = {
-        "recalibrate_bn_batches": recipe.recalibrate_bn,
-        "test_evaluator": test_evaluator,
-        "ensemble": recipe.ensemble_reference,
-        "base": base,
-    }
-    if recipe.greedy:
-        return greedy_soup(labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), **options)
-    return score_soup(labels, load, soup_of(range(len(checkpoints))), evaluator, method=recipe.method, **options)
+    return lambda i: aligned_state_dict(checkpoints[i], plan, i), soup_of, base
 
 
 def base_state_dict(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> dict[str, torch.Tensor]:

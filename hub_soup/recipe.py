@@ -199,6 +199,24 @@ class OutputSpec(_Strict):
     path: str | None = Field(None, description="output folder (default with push: a temporary one)")
     max_shard_size: str = Field("5GB", description="shard size limit, e.g. 5GB, 500MB")
     overwrite: bool = False
+    # LoRA adapter soups (hub_soup.adapters): what is written of the ingredients' weighted mean delta
+    max_rank: int | None = Field(
+        None, gt=0,
+        description="adapter soups: reduce each module's delta to this rank by a truncated SVD (the reconstruction "
+        "error is reported) instead of the exact concatenated-rank adapter",
+    )
+    merge_into_base: bool = Field(
+        False, description="adapter soups: write the full base model with the mean delta merged in, not an adapter"
+    )
+
+    @model_validator(mode="after")
+    def _one_adapter_output(self) -> OutputSpec:
+        if self.max_rank is not None and self.merge_into_base:
+            raise ValueError(
+                "max_rank reduces the adapter soup's rank, merge_into_base writes a full model instead of an "
+                "adapter: choose one"
+            )
+        return self
 
     @field_validator("max_shard_size")
     @classmethod
@@ -239,7 +257,8 @@ class Recipe(_Strict):
         default_factory=dict, validate_default=True, description="the method's parameters"
     )  # validated even when left out: a method's required parameter (slerp's t) is then missing
     base: ModelRef | None = Field(
-        None, description="the model the ingredients were fine-tuned from, for methods that need one"
+        None, description="the model the ingredients were fine-tuned from, for methods that need one; for LoRA "
+        "adapters, the base their adapter_config.json names, pinned or overridden (the same repo, or a local folder)"
     )
     dtype: Dtype | None = Field(
         None, description="output dtype of averaged tensors (default: each tensor's own)"
@@ -313,8 +332,6 @@ class Recipe(_Strict):
                 f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
                 "(base: {ref: org/name})"
             )
-        if not method.needs_base and self.base is not None:
-            raise ValueError(f"a base is given but method {self.method} uses none; drop base or change the method")
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
         if self.greedy and method.exact_ingredients is not None:

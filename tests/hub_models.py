@@ -83,6 +83,30 @@ def llama_folder(path: Path, seed: int, words: list[str], init_seed: int = 0) ->
     return path
 
 
+def lora_folder(
+    base: Path, out: Path, seed: int, *, r: int, alpha: float, rslora: bool = False, dora: bool = False,
+    rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+) -> Path:
+    """A PEFT LoRA adapter of ``base`` (Llama: q_proj, v_proj; BERT: query, value and its head) with random factors."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    bert = config_of(base)["model_type"] == "bert"
+    model = (BertForSequenceClassification if bert else LlamaForCausalLM).from_pretrained(base)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if bert else TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, use_rslora=rslora,
+        use_dora=dora, target_modules=["query", "value"] if bert else ["q_proj", "v_proj"],
+        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:  # lora_A, lora_B (zero at init) and the head PEFT saves (modules_to_save)
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(out)
+    return out
+
+
 def upload(api: HfApi, folder: Path, repo_id: str, private: bool = False) -> str:
     """Create ``repo_id`` and upload ``folder``; returns the commit SHA."""
     api.create_repo(repo_id, private=private, exist_ok=True)

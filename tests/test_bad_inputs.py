@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from hub_soup.cli import main
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
-from tests.hub_models import bert_folder, llama_folder, timm_folder, unique, upload
+from tests.hub_models import bert_folder, llama_folder, lora_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +229,50 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 def _llamas(tmp: Path) -> list[str]:
     """Two tiny causal LMs with a tokenizer: what an lm-eval case needs to get as far as the harness."""
     return [str(llama_folder(tmp / f"llama{i}", seed=i, words=["the", "soup", "is", "good"])) for i in range(2)]
+
+
+def _loras(tmp: Path, **changes: object) -> list[str]:
+    """Two PEFT LoRA adapters of one tiny Llama; ``changes`` edit the second one's adapter_config.json."""
+    base = llama_folder(tmp / "base", seed=0, words=["the", "soup", "is", "good"])
+    folders = [lora_folder(base, tmp / f"lora{i}", seed=i + 1, r=4, alpha=8) for i in range(2)]
+    config = folders[1] / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    return [str(f) for f in folders]
+
+
+@case("adapter-other-base")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", *_loras(tmp, base_model_name_or_path="org/another-base"), "-o", _out(tmp)]
+
+
+@case("adapter-dora")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", *_loras(tmp, use_dora=True), "-o", _out(tmp)]
+
+
+@case("adapter-and-full-model")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", _loras(tmp)[0], str(tmp / "base"), "-o", _out(tmp)]
+
+
+@case("adapter-other-method")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", *_loras(tmp), "--method", "ties", "--base", str(tmp / "base"), "-o", _out(tmp)]
+
+
+@case("max-rank-of-full-models")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--max-rank", "8", "-o", _out(tmp)]
+
+
+@case("max-rank-and-merge-into-base")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--max-rank", "8", "--merge-into-base", "-o", _out(tmp)]
+
+
+@case("base-for-an-average")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--base", A, "-o", _out(tmp)]
 
 
 @case("lm-eval-unknown-task")

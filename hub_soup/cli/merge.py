@@ -48,6 +48,10 @@ EXAMPLES = """examples:
       --eval-data data/ --eval-split val -o soup
   # a greedy soup of language models, scored by lm-evaluation-harness on two of its tasks
   %(prog)s ./llm-ft-* --greedy --eval-task lm-eval --eval-tasks arc_easy,hellaswag --eval-limit 500 -o soup
+  # an exact soup of two LoRA adapters of one base (their base named in adapter_config.json)
+  %(prog)s org/lora-a org/lora-b -o soup
+  # the same soup merged into the base: a full model
+  %(prog)s org/lora-a org/lora-b --merge-into-base -o merged
   # the recipe file for the same soup, for the `run` command
   %(prog)s org/ft-a org/ft-b --push org/soup --dump-recipe > soup.yaml
 """
@@ -78,6 +82,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="fraction of each task vector kept (ties, dare_linear, dare_ties): one for every REF, or one per REF",
     )
     parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
+    adapters = parser.add_argument_group("LoRA adapter soups (PEFT adapters of one base, found by adapter_config.json)")
+    adapters.add_argument(
+        "--max-rank", type=int, metavar="R",
+        help="reduce each module's delta to rank R by a truncated SVD (default: the exact soup, of the summed ranks)",
+    )
+    adapters.add_argument(
+        "--merge-into-base", action="store_true", help="write the base model with the soup's delta merged in",
+    )
     EXCLUDE.add(parser)
     NO_EMA.add(parser)
     ALLOW_PICKLE.add(parser)
@@ -130,7 +142,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         recalibrate_bn=args.recalibrate_bn,
         ensemble_reference=args.ensemble_reference,
         force=args.force,
-        output={"path": args.output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite},
+        output={"path": args.output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite,
+                "max_rank": args.max_rank, "merge_into_base": args.merge_into_base},
         push=push_spec_from_args(args),
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,16 @@ from hub_soup.merging.plan import MergePlan
 logger = logging.getLogger(__name__)
 
 RECIPE_FILENAME = "hub-soup.yaml"
+
+
+@dataclass(frozen=True)
+class AdapterCard:
+    """What the card of a LoRA adapter soup says: it is an adapter of its base (``base_model_relation:
+    adapter``, ``library_name: peft``), or, ``merged``, the base with the adapters merged in (``merge``).
+    ``summary`` replaces the card's first paragraph, which for other soups speaks of averaged tensors."""
+
+    merged: bool
+    summary: str
 
 
 def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -86,6 +97,7 @@ def build_card(
     dtype: str | None = None,
     warnings: Sequence[str] = (),
     rebuild_pushes: bool = False,
+    adapter: AdapterCard | None = None,
 ) -> ModelCard:
     """The card for a soup.
 
@@ -111,20 +123,24 @@ def build_card(
         dtype: the ``--dtype`` every floating tensor was written in (``None``: each its own).
         warnings: what the run warned about (a soup pushed with ``force`` carries why it was held back).
         rebuild_pushes: the recipe pushes, so a rebuild would push too unless told ``--no-push``.
+        adapter: the soup is of LoRA adapters: ``base_model`` is their base alone (they are listed in the
+            body and the recipe), and the card says how their deltas were combined.
     """
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
     pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
+    if adapter is not None and not adapter.merged:
+        library = "peft"
     soup_scores = [s.score for s in scores if s.model == "soup"]
+    own_tags = ["merge", "model-soup", "hub-soup", *(["lora"] if adapter is not None else [])]
+    parents = [(base, True)] if adapter is not None else [(base, True), *zip(ingredients, kept)]
     data = ModelCardData(
-        base_model=[
-            r.repo_id for r, k in [(base, True), *zip(ingredients, kept)] if k and r is not None and r.repo_id
-        ] or None,
-        base_model_relation="merge",
+        base_model=[r.repo_id for r, k in parents if k and r is not None and r.repo_id] or None,
+        base_model_relation="adapter" if adapter is not None and not adapter.merged else "merge",
         library_name=library,
         pipeline_tag=pipeline_tag,
         license=agreed_license(ingredients, license),
-        tags=["merge", "model-soup", "hub-soup", *(t for t in tags if t not in ("merge", "model-soup", "hub-soup"))],
+        tags=[*own_tags, *(t for t in tags if t not in own_tags)],
         model_name=(repo_id or name).split("/")[-1] if soup_scores else None,
         eval_results=[
             EvalResult(
@@ -141,11 +157,15 @@ def build_card(
         or None,
     )
     name = repo_id or name
+    first = (
+        adapter.summary if adapter is not None
+        else _what_it_is(method, merge_method, sum(kept))
+        + (f" {arithmetic(plan, dtype, merge_method)}" if plan is not None else "")
+    )
     lines = [
         f"# {name.split('/')[-1]}",
         "",
-        _what_it_is(method, merge_method, sum(kept))
-        + (f" {arithmetic(plan, dtype, merge_method)}" if plan is not None else "")
+        first
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
@@ -170,7 +190,10 @@ def build_card(
     if base is not None:
         where, sha = _model_cell(base)
         uses = merge_method.name if merge_method is not None else method
-        lines += ["", f"Base model (the ingredients' common start, used by the {uses} method): {where} at {sha}"]
+        role = "the model the adapters were trained on" if adapter is not None else (
+            f"the ingredients' common start, used by the {uses} method"
+        )
+        lines += ["", f"Base model ({role}): {where} at {sha}"]
     parameters = merge_method.parameters.model_dump(mode="json", by_alias=True) if merge_method is not None else {}
     if parameters:
         lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
@@ -183,7 +206,8 @@ def build_card(
     rebuild = "`hub-soup run hub-soup.yaml -o rebuilt`" + (
         " (add `--no-push` to keep it local: the recipe pushes)" if rebuild_pushes else ""
     )
-    lines += ["", "## How to use", "", *_usage(library, repo_id, name), "", "## Recipe", "",
+    usage = _peft_usage(base, repo_id, name) if adapter is not None and not adapter.merged else _usage(library, repo_id, name)
+    lines += ["", "## How to use", "", *usage, "", "## Recipe", "",
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
@@ -251,6 +275,21 @@ def arithmetic(plan: MergePlan, dtype: str | None, merge_method: MergeMethod | N
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _peft_usage(base: ResolvedRef | None, repo_id: str | None, name: str) -> list[str]:
+    """How to load an adapter soup: on its base, with PEFT."""
+    where = base.repo_id or "path/to/base" if base is not None else "path/to/base"
+    revision = f", revision='{base.sha}'" if base is not None and base.repo_id and base.sha else ""
+    return [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModel",
+        "",
+        f"base = AutoModel.from_pretrained('{where}'{revision})  # or the Auto class of its task",
+        f"model = PeftModel.from_pretrained(base, '{repo_id or f'path/to/{name}'}')",
+        "```",
+    ]
 
 
 def _usage(library: str | None, repo_id: str | None, name: str) -> list[str]:

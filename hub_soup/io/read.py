@@ -136,6 +136,7 @@ def open_checkpoint(
     allow_pickle: bool = False,
     ema: bool = True,
     sidecars: list[Path] | None = None,
+    weights: str | None = None,
 ) -> Checkpoint:
     """Open a checkpoint file or folder without reading its tensors.
 
@@ -149,19 +150,21 @@ def open_checkpoint(
             the EMA ones (timm's default); ``False`` takes the raw weights.
         sidecars: config/tokenizer files that go with a weights *file* (a folder's
             are found in it).
+        weights: the weights file to open in a folder, by name, instead of the one found in it
+            (a PEFT adapter's ``adapter_model.safetensors`` beside a trainer's other files).
     """
     path = Path(path)
     label = label or str(path)
     if not path.exists():
         raise CheckpointFormatError(f"{label}: no such file or folder")
     if path.is_dir():
-        weights, sidecars = _find_weights(path, label), _find_sidecars(path)
+        found, sidecars = [path / weights] if weights else _find_weights(path, label), _find_sidecars(path)
     else:
-        weights, sidecars = [path], sidecars or []
-    if weights[0].name.endswith(".index.json"):
-        checkpoint = _open_index(weights[0], label, allow_pickle, ema)
+        found, sidecars = [path], sidecars or []
+    if found[0].name.endswith(".index.json"):
+        checkpoint = _open_index(found[0], label, allow_pickle, ema)
     else:
-        checkpoint = _open_file(weights[0], label, allow_pickle, ema)
+        checkpoint = _open_file(found[0], label, allow_pickle, ema)
     checkpoint.path = path
     checkpoint.sidecars = sidecars
     return checkpoint

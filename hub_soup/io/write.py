@@ -28,7 +28,6 @@ from types import TracebackType
 import torch
 
 from hub_soup.errors import OutputError, OutputExistsError
-from hub_soup.io import files
 from hub_soup.io.safetensors_io import SafetensorsWriter, TensorMeta, plan_shards, shard_filenames
 
 logger = logging.getLogger(__name__)
@@ -77,16 +76,19 @@ class SoupWriter:
         tensors: every output tensor, in the order they will be written.
         max_shard_bytes: shard size limit (``save_pretrained``'s ``max_shard_size``).
         overwrite: replace an existing destination (only once the new soup is complete).
+        stem: the weights files' name: ``model`` (``model.safetensors``), or ``adapter_model`` for a PEFT adapter.
     """
 
     def __init__(
-        self, destination: Path, tensors: Mapping[str, TensorMeta], max_shard_bytes: int, overwrite: bool = False
+        self, destination: Path, tensors: Mapping[str, TensorMeta], max_shard_bytes: int, overwrite: bool = False,
+        *, stem: str = "model",
     ) -> None:
         self.destination = destination
         self._overwrite = overwrite
         check_destination(destination, overwrite)
         self._shards = plan_shards(tensors, max_shard_bytes)
-        self._names = shard_filenames(len(self._shards))
+        self._stem = stem
+        self._names = shard_filenames(len(self._shards), stem)
         self._tensors = tensors
         self._shard_of = {key: i for i, shard in enumerate(self._shards) for key in shard}
         self._current: SafetensorsWriter | None = None
@@ -187,7 +189,7 @@ class SoupWriter:
             weight_map = {key: self._names[i] for key, i in self._shard_of.items()}
             total = sum(meta.nbytes for meta in self._tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            self.add_file(files.SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+            self.add_file(f"{self._stem}.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         tmp = self.tmp
         try:
             if self.destination.exists():

@@ -47,18 +47,21 @@ class SideFiles:
         return self.origins.get("config") if "config.json" in self.paths else None
 
 
-def choose_side_files(checkpoints: Sequence[Checkpoint]) -> SideFiles:
-    """Each group of side files from the first ingredient that has one; says where each came from."""
+def choose_side_files(checkpoints: Sequence[Checkpoint], *, config: bool = True) -> SideFiles:
+    """Each group of side files from the first ingredient that has one; says where each came from.
+
+    ``config=False`` leaves the config group out (a PEFT adapter soup: PEFT reads its base's config).
+    """
     paths: dict[str, Path] = {}
     origins: dict[str, int] = {}
     for index, checkpoint in enumerate(checkpoints):
-        groups = {files.sidecar_group(p.name) for p in checkpoint.sidecars} - set(origins)
+        groups = {files.sidecar_group(p.name) for p in checkpoint.sidecars} - set(origins) - (set() if config else {"config"})
         for group in sorted(groups):
             origins[group] = index
             members = [p for p in checkpoint.sidecars if files.sidecar_group(p.name) == group]
             paths.update((p.name, p) for p in members)
             logger.info("%s: from %s", ", ".join(sorted(p.name for p in members)), checkpoint.label)
-    if len(checkpoints) and "config" not in origins:
+    if config and len(checkpoints) and "config" not in origins:
         logger.info("no ingredient has a config.json: the soup is weights only")
     return SideFiles(paths=paths, origins=origins)
 
