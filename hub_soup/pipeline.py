@@ -42,7 +42,7 @@ from hub_soup.errors import (
     WorseSoupError,
 )
 from hub_soup.eval.backends import Backend, launched_backend
-from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import Base, GreedyReport, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
@@ -56,11 +56,13 @@ from hub_soup.io.sizes import parse_size
 from hub_soup.io.write import SoupWriter, check_destination
 from hub_soup.merging.engine import (
     MergeStats,
-    aligned_state_dict,
-    merged_state_dict,
+    Weights,
+    base_weights,
+    ingredient_weights,
     output_metas,
+    soup_weights,
     stream_merge,
-    write_state_dict,
+    write_weights,
 )
 from hub_soup.merging.methods import MergeMethod, get_method
 from hub_soup.merging.plan import Layout, MergePlan, align
@@ -453,10 +455,10 @@ def _kept_weights(
 
 
 def _write_tensors(writer: SoupWriter, soup: _Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
-    """Write the soup's tensors: the scored soup as it was scored (BN statistics recalibrated or not), or,
-    unscored, the streamed merge, with the shared-initialization check riding along its reads."""
+    """Write the soup's tensors: the scored soup as it was scored (merged again, BN statistics recalibrated
+    or not), or, unscored, the streamed merge, with the shared-initialization check riding along its reads."""
     if report is not None:
-        stats = write_state_dict(report.soup, soup.plan, soup.metas, writer)
+        stats = write_weights(report.soup, soup.plan, soup.metas, writer)
         return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
     gram = GramAccumulator(len(soup.checkpoints), SIMILARITY_SAMPLE)
     stats = stream_merge(
@@ -518,13 +520,18 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     """Score every ingredient, the base of a method that has one, and the soup (greedy or not), with
     optional BN recalibration.
 
-    Models are built from the reference ingredient's config. Soups are made by the
-    streamed engine into memory (in the dtypes written), so what is scored, and then
-    written, is what the streamed merge writes. Greedy chooses the ingredients; the
-    recipe's method (Model Stock, with its base) combines each candidate set.
+    Models are built once, from the reference ingredient's config, in the eval dtype
+    (:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored is
+    streamed into that one instance: ingredients (and the base) from their files, soups
+    from the streamed engine (in the dtypes written), so what is scored, and then written,
+    is what the streamed merge writes, and memory stays near one model. Greedy chooses the
+    ingredients; the recipe's method (Model Stock, with its base) combines each candidate set.
     """
     assert recipe.eval is not None
-    options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend}
+    dtype = eval_dtype(recipe.eval.dtype, soup.metas, soup.device)
+    options: dict[str, Any] = {
+        "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
+    }
     evaluator = Evaluator(recipe.eval, soup.reference, **options)
     test_evaluator = (
         Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options)
@@ -534,20 +541,18 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     checkpoints, plan = soup.checkpoints, soup.plan
     labels = [c.label for c in checkpoints]
 
-    def load(i: int) -> dict[str, torch.Tensor]:
-        return aligned_state_dict(checkpoints[i], plan, i)
+    def load(i: int) -> Weights:
+        return ingredient_weights(checkpoints[i], plan, i)
 
-    def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
+    def soup_of(members: Sequence[int]) -> Weights:
         """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
         chosen = [checkpoints[i] for i in members]  # greedy's subsets: its methods take no weights
-        return merged_state_dict(
-            chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device
-        )
+        return soup_weights(chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device)
 
     base = None
     if soup.base is not None:
         base_checkpoint = soup.base
-        base = Base(base_checkpoint.label, lambda: base_state_dict(base_checkpoint, checkpoints[0], plan))
+        base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], plan))
     options = {
         "recalibrate_bn_batches": recipe.recalibrate_bn,
         "test_evaluator": test_evaluator,
@@ -557,21 +562,6 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     if recipe.greedy:
         return greedy_soup(labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), **options)
     return score_soup(labels, load, soup_of(range(len(checkpoints))), evaluator, method=recipe.method, **options)
-
-
-def base_state_dict(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> dict[str, torch.Tensor]:
-    """The base model in memory under the plan's canonical keys, to be scored beside the ingredients.
-
-    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_source`);
-    the tensors every soup copies from the first ingredient (integers, ``--exclude``d keys, which a
-    base may lack or hold for another head) are the first ingredient's here too. So the base is
-    scored as the soup with every task vector zero (task arithmetic at ``lambda: 0``), on the same
-    architecture, head and config as the soup.
-    """
-    return {
-        t.key: (base.read(t.base_source) if t.base_source is not None else first.read(t.sources[0])).reshape(t.meta.shape)
-        for t in plan.tensors
-    }
 
 
 def _card_scores(report: GreedyReport) -> list[ModelScore]:
