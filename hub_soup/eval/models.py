@@ -104,10 +104,15 @@ class Architecture:
             )
         try:
             with self.custom_code_refused(), no_init_weights():
-                return auto.from_config(config, dtype=dtype, trust_remote_code=self.trust_remote_code)
+                if hasattr(auto, "from_config"):  # an Auto class
+                    model = auto.from_config(config, dtype=dtype, trust_remote_code=self.trust_remote_code)
+                else:  # the config's own class (LlamaForCausalLM), as the Auto classes build it
+                    model = auto._from_config(config, dtype=dtype)
         except ValueError as exc:
             what = auto_class or "its architecture"
             raise EvalError(f"{self.label}: cannot build a model with {what}: {exc}") from None
+        model.tie_weights()  # skipped with the initialisation; from_pretrained ties them after loading too
+        return model
 
     def tokenizer(self, task: str) -> Any:
         """The reference's own tokenizer (from its sidecar files), for text task ``task``.
