@@ -29,17 +29,16 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from run import measure_output  # benchmarks/run.py: this script's folder is first on sys.path
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
-TIME = "/usr/bin/time"
 RESULTS = WORK / "greedy_memory.jsonl"
 
 
@@ -129,41 +128,14 @@ def _driver(kind: str, spec_json: str) -> None:
 
 
 def measure(cmd: list[str]) -> dict:
-    """Peak RSS (``/usr/bin/time -v``), peak RssAnon (sampled every 20 ms), wall time, and the JSON the command prints."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen([TIME, "-v", *cmd], stdout=out, stderr=err, text=True)
-        peak_anon = 0
-        while proc.poll() is None:
-            peak_anon = max(peak_anon, _anon(proc.pid))
-            time.sleep(0.02)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1)) * 1024  # type: ignore[union-attr]
-    printed = [line for line in stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": wall, "peak_rss": rss, "peak_anon": peak_anon, **(json.loads(printed[-1]) if printed else {})}
+    """run.py's peak RSS, peak RssAnon and wall time of ``cmd``, and the JSON it printed last."""
+    result = measure_output(cmd, {})
+    printed = [line for line in result.pop("stdout").splitlines() if line.startswith("{")]
+    return {**result, **(json.loads(printed[-1]) if printed else {})}
 
 
-def _anon(pid: int) -> int:
-    """RssAnon of ``pid`` and its children (the time wrapper's child is the measured process)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            todo += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
-        except OSError:
-            continue
-        found = re.search(r"RssAnon:\s+(\d+)", status)  # none for a process that is exiting
-        total += int(found.group(1)) * 1024 if found else 0
-    return total
-
-
-def warm(folders: list[Path]) -> None:
+def warm_up(folders: list[Path]) -> None:
+    """Read the ingredients' weights once, so they are in the page cache."""
     files = [str(f.resolve()) for d in folders for f in d.glob("*.safetensors")]
     subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
 
@@ -179,21 +151,21 @@ def run_case(args: argparse.Namespace, size: str, n: int) -> dict:
     python = sys.executable
     row: dict = {"size": size, "n": n, "ingredient_bytes": ingredient, "texts": args.texts, "words": args.words,
                  "batch": args.batch, "threads": os.environ.get("OMP_NUM_THREADS") or "default"}
-    warm(folders)
+    warm_up(folders)
     row["bare"] = measure([python, "-c", "import os, torch; os._exit(0)"])
     for kind in ("merge", "greedy"):
-        warm(folders)
+        warm_up(folders)
         row[kind] = measure([python, __file__, "_driver", kind, json.dumps(spec)])
     shutil.rmtree(out, ignore_errors=True)
     return row
 
 
 def render(rows: list[dict]) -> str:
-    lines = [
+    header = (
         "| model x N | ingredient | tool | wall s | in run s | evaluations (s) | eval setup s | beyond evaluations s "
-        "| beyond / merge | peak RSS MiB | working MiB | working / ingredient | peak anon MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| beyond / merge | peak RSS MiB | working MiB | working / ingredient | peak anon MiB |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mib = 1 << 20
     for row in rows:
         bare = row["bare"]["peak_rss"]

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -193,16 +194,14 @@ def stream_merge(
         t.meta.nbytes * (len(inputs) * (1 + passes[t.key]) if t.average else 1) for t in plan.tensors
     )
     bytes_read = 0
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
     reader = _ReadAhead(
         _positions(checkpoints, base, plan, chunk_elements, passes), len(inputs),
         chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with _WriteBehind(sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)) as out, tqdm(
-            total=total_read, unit="B", unit_scale=True, desc="merging"
-        ) as bar:
+        with _torch_threads(threads), _WriteBehind(
+            sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
+        ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
                 statistics = None
                 if tensor.average:
@@ -233,8 +232,20 @@ def stream_merge(
                 bar.update(bytes_read - bar.n)
     finally:
         reader.close()
-        torch.set_num_threads(previous_threads)
     return _stats(plan, metas, bytes_read, start_time)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads for a merge or a copy (``threads``, else ``$HUB_SOUP_THREADS`` or 1), then
+    as they were: elementwise ops and copies on a few MiB are bound by memory, and a second thread's
+    spinning between them costs more than it gives on small machines (see benchmarks/RESULTS.md)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, base: Checkpoint | None) -> None:
@@ -338,12 +349,13 @@ def stream_copy(sources: Sequence[tuple[str, Checkpoint, str]], sink: Sink, chun
     """Stream tensors unchanged into ``sink``: for each ``(key, checkpoint, source)``, ``key`` begins and
     ``checkpoint``'s tensor ``source`` follows in chunks of about ``chunk_bytes``, read into one reused buffer."""
     buffer = direct_io.aligned_buffer(direct_io.padded(chunk_bytes))
-    for key, checkpoint, source in sources:
-        meta = checkpoint.metas[source]
-        step = max(chunk_bytes // meta.dtype.itemsize, 1)
-        sink.begin(key)
-        for begin in range(0, meta.numel, step):
-            sink.write(checkpoint.read_into(source, begin, min(step, meta.numel - begin), buffer))
+    with _torch_threads(None):
+        for key, checkpoint, source in sources:
+            meta = checkpoint.metas[source]
+            step = max(chunk_bytes // meta.dtype.itemsize, 1)
+            sink.begin(key)
+            for begin in range(0, meta.numel, step):
+                sink.write(checkpoint.read_into(source, begin, min(step, meta.numel - begin), buffer))
 
 
 def ingredient_weights(checkpoint: Checkpoint, plan: MergePlan, index: int) -> Weights:
