@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/greedy_cost.py [--recipe recipes/quickstart.yaml] [--repeat 3]
 
 Measures, in one process with torch threads as noted:
-  - one evaluation: ``Evaluator.score_state_dict`` of one ingredient on the held-out split
+  - one evaluation: ``Evaluator.score`` of one ingredient on the held-out split
     (the data is loaded once, before timing, as the pipeline does);
   - the greedy loop: ``greedy_soup`` with the recipe's options (BN recalibration, test split);
   - the same greedy loop without the test split and ensemble, the part that selection needs;
@@ -60,15 +60,15 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     method = recipe.merge_method()
 
-    def load(i: int) -> dict[str, torch.Tensor]:
-        return merge.aligned_state_dict(checkpoints[i], plan, i)
+    def load(i: int) -> merge.Weights:
+        return merge.ingredient_weights(checkpoints[i], plan, i)
 
-    def soup_of(members) -> dict[str, torch.Tensor]:  # as the pipeline makes greedy's candidates
-        return merge.merged_state_dict([checkpoints[i] for i in members], plan.select(members), method)
+    def soup_of(members) -> merge.Weights:  # as the pipeline makes greedy's candidates
+        return merge.soup_weights([checkpoints[i] for i in members], plan.select(members), method)
 
-    state = load(0)
-    evaluator.score_state_dict(state)  # warm-up: first model build, first forward
-    one_eval, _ = timed(lambda: evaluator.score_state_dict(state), args.repeat)
+    model = evaluator.model_from(load(0))
+    evaluator.score(model)  # warm-up: first model build, first forward
+    one_eval, _ = timed(lambda: evaluator.score(model), args.repeat)
     greedy_selection, report = timed(
         lambda: greedy_soup(labels, load, evaluator, soup_of=soup_of,
                             recalibrate_bn_batches=recipe.recalibrate_bn), args.repeat)

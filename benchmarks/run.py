@@ -282,6 +282,13 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict:
     Peak RSS (what the issue asks for) also counts the pages of shared libraries a
     process maps, which vary with the page cache; RssAnon is the process's own memory.
     """
+    result = measure_output(cmd, env)
+    inner = re.search(r"wrote .* in ([\d.]+)s", result.pop("stdout"))
+    return {**result, "merge_loop_s": float(inner.group(1)) if inner else None}
+
+
+def measure_output(cmd: list[str], env: dict[str, str]) -> dict:
+    """:func:`measure`'s wall time, peak RSS and peak RssAnon, and what ``cmd`` printed (``stdout``)."""
     full_env = {**os.environ, **env}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -297,9 +304,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
-    inner = re.search(r"wrote .* in ([\d.]+)s", stdout)
-    return {"wall_s": round(wall, 3), "peak_rss": rss_kb * 1024, "peak_anon": peak_anon,
-            "merge_loop_s": float(inner.group(1)) if inner else None}
+    return {"wall_s": round(wall, 3), "peak_rss": rss_kb * 1024, "peak_anon": peak_anon, "stdout": stdout}
 
 
 def record(result: dict) -> None:

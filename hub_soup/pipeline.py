@@ -56,8 +56,8 @@ from hub_soup.errors import (
     WorseSoupError,
 )
 from hub_soup.eval.backends import Backend, launched_backend
-from hub_soup.eval.evaluate import Evaluator
-from hub_soup.eval.greedy import Base, GreedyReport, SoupMaker, greedy_soup, score_soup
+from hub_soup.eval.evaluate import Evaluator, eval_dtype
+from hub_soup.eval.greedy import Base, GreedyReport, Loader, SoupMaker, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
 from hub_soup.hub.errors import hub_errors
@@ -70,11 +70,14 @@ from hub_soup.io.sizes import parse_size
 from hub_soup.io.write import SoupWriter, check_destination
 from hub_soup.merging.engine import (
     MergeStats,
-    aligned_state_dict,
-    merged_state_dict,
+    Weights,
+    base_weights,
+    ingredient_weights,
     output_metas,
+    soup_weights,
+    state_dict_weights,
     stream_merge,
-    write_state_dict,
+    write_weights,
 )
 from hub_soup.merging.methods import MergeMethod, get_method
 from hub_soup.merging.plan import Layout, MergePlan, align
@@ -548,11 +551,11 @@ def _make_soup(
         recipe.output.overwrite, stem=ADAPTER_STEM if adapter is not None else "model",
     ) as writer:
         if adapter is not None:
-            stats, similarity = write_state_dict(adapter.tensors, plan, metas, writer), None
+            stats, similarity = write_weights(state_dict_weights(adapter.tensors), plan, metas, writer), None
             writer.add_file(adapter_config.ADAPTER_CONFIG, json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
         elif soup.adapters is not None:  # --merge-into-base: the scored soup, or the streamed one
             stats = (soup.adapters.stream(members, weights, writer) if report is None
-                     else write_state_dict(report.soup, plan, metas, writer))
+                     else write_weights(report.soup, plan, metas, writer))
             similarity = None
         else:
             stats, similarity = _write_tensors(writer, soup, report)
@@ -640,10 +643,10 @@ def _kept_weights(
 
 
 def _write_tensors(writer: SoupWriter, soup: _Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
-    """Write the soup's tensors: the scored soup as it was scored (BN statistics recalibrated or not), or,
-    unscored, the streamed merge, with the shared-initialization check riding along its reads."""
+    """Write the soup's tensors: the scored soup as it was scored (merged again, BN statistics recalibrated
+    or not), or, unscored, the streamed merge, with the shared-initialization check riding along its reads."""
     if report is not None:
-        stats = write_state_dict(report.soup, soup.plan, soup.metas, writer)
+        stats = write_weights(report.soup, soup.plan, soup.metas, writer)
         return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
     gram = GramAccumulator(len(soup.checkpoints), SIMILARITY_SAMPLE)
     stats = stream_merge(
@@ -705,13 +708,18 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     """Score every ingredient, the base of a method that has one, and the soup (greedy or not), with
     optional BN recalibration.
 
-    Models are built from the reference ingredient's config. Soups are made by the
-    streamed engine into memory (in the dtypes written), so what is scored, and then
-    written, is what the streamed merge writes. Greedy chooses the ingredients; the
-    recipe's method (Model Stock, with its base) combines each candidate set.
+    Models are built once, from the reference ingredient's config, in the eval dtype
+    (:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored is
+    streamed into that one instance: ingredients (and the base) from their files, soups
+    from the streamed engine (in the dtypes written), so what is scored, and then written,
+    is what the streamed merge writes, and memory stays near one model. Greedy chooses the
+    ingredients; the recipe's method (Model Stock, with its base) combines each candidate set.
     """
     assert recipe.eval is not None
-    options: dict[str, Any] = {"device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend}
+    dtype = eval_dtype(recipe.eval.dtype, soup.metas, soup.device)
+    options: dict[str, Any] = {
+        "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
+    }
     evaluator = Evaluator(recipe.eval, soup.reference, **options)
     test_evaluator = (
         Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options)
@@ -732,38 +740,22 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     return score_soup(labels, load, soup_of(range(len(labels))), evaluator, method=recipe.method, **options)
 
 
-def _scorers(soup: _Soup) -> tuple[Callable[[int], dict[str, torch.Tensor]], SoupMaker, Base | None]:
+
+def _scorers(soup: _Soup) -> tuple[Loader, SoupMaker, Base | None]:
     """What evaluation scores of full models: each ingredient as saved, the recipe's soup of any subset of them
-    (greedy's), and the base of a method that has one."""
+    (greedy's), and the base of a method that has one, each streamed from the files."""
     checkpoints, plan = soup.checkpoints, soup.plan
 
-    def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
+    def soup_of(members: Sequence[int]) -> Weights:
         """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
         chosen = [checkpoints[i] for i in members]  # greedy's subsets: its methods take no weights
-        return merged_state_dict(
-            chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device
-        )
+        return soup_weights(chosen, plan.select(members), soup.method, soup.dtype, base=soup.base, device=soup.device)
 
     base = None
     if soup.base is not None:
         base_checkpoint = soup.base
-        base = Base(base_checkpoint.label, lambda: base_state_dict(base_checkpoint, checkpoints[0], plan))
-    return lambda i: aligned_state_dict(checkpoints[i], plan, i), soup_of, base
-
-
-def base_state_dict(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> dict[str, torch.Tensor]:
-    """The base model in memory under the plan's canonical keys, to be scored beside the ingredients.
-
-    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_source`);
-    the tensors every soup copies from the first ingredient (integers, ``--exclude``d keys, which a
-    base may lack or hold for another head) are the first ingredient's here too. So the base is
-    scored as the soup with every task vector zero (task arithmetic at ``lambda: 0``), on the same
-    architecture, head and config as the soup.
-    """
-    return {
-        t.key: (base.read(t.base_source) if t.base_source is not None else first.read(t.sources[0])).reshape(t.meta.shape)
-        for t in plan.tensors
-    }
+        base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], plan))
+    return lambda i: ingredient_weights(checkpoints[i], plan, i), soup_of, base
 
 
 def _card_scores(report: GreedyReport) -> list[ModelScore]:

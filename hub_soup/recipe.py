@@ -110,6 +110,11 @@ class EvalSpec(_Strict):
         "the first N documents of each harness task",
     )
     batch_size: int = Field(64, gt=0)
+    dtype: Dtype | None = Field(
+        None,
+        description="dtype models are scored in (default: the soup's, as the ingredients are saved or --dtype "
+        "says; float16 on the CPU: float32)",
+    )
     image_column: str = "image"
     text_column: str = "text"
     label_column: str = "label"

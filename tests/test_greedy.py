@@ -16,7 +16,7 @@ from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
+from hub_soup.merging.engine import Weights, ingredient_weights, output_metas, soup_weights, stream_merge
 from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.similarity import weight_similarity
@@ -42,14 +42,18 @@ class Soup:
         self.loads: list[int] = []
         self.soups: list[list[int]] = []
 
-    def load(self, i: int) -> dict[str, torch.Tensor]:
+    def load(self, i: int) -> Weights:
         self.loads.append(i)
+        return ingredient_weights(self.checkpoints[i], self.plan, i)
+
+    def state(self, i: int) -> dict[str, torch.Tensor]:
+        """Ingredient ``i`` in memory."""
         return {t.key: self.checkpoints[i].read(t.sources[i]) for t in self.plan.tensors}
 
-    def soup_of(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+    def soup_of(self, members: Sequence[int]) -> Weights:
         """The uniform soup of ``members`` through the engine, as the pipeline makes greedy's candidates."""
         self.soups.append(list(members))
-        return merged_state_dict([self.checkpoints[i] for i in members], self.plan.select(members), Uniform())
+        return soup_weights([self.checkpoints[i] for i in members], self.plan.select(members), Uniform())
 
     def streamed(self, members: Sequence[int], folder: Path) -> dict[str, torch.Tensor]:
         """The uniform soup of ``members`` streamed into a file and read back: what a recipe of them writes."""
@@ -116,14 +120,15 @@ def test_greedy_soup_is_the_streamed_soup_of_the_kept_ingredients(
     report = plain_greedy
     kept = [i for i, k in enumerate(report.kept) if k]
     streamed = fine_tunes.streamed(kept, tmp_path / "soup")
-    assert list(report.soup) == [t.key for t in fine_tunes.plan.tensors]  # canonical key order
-    assert report.soup.keys() == streamed.keys()
-    for key, tensor in report.soup.items():
+    soup = report.soup.state_dict()
+    assert list(soup) == [t.key for t in fine_tunes.plan.tensors]  # canonical key order
+    assert soup.keys() == streamed.keys()
+    for key, tensor in soup.items():
         ck.assert_bit_equal(tensor, streamed[key], key)  # fp16 in, fp16 out; copied tensors from the first kept
-    assert fine_tunes.val.score_state_dict(report.soup) == report.soup_score  # the soup is what was scored
+    assert fine_tunes.val.score_state_dict(soup) == report.soup_score  # the soup is what was scored
     # every candidate greedy judged is a streamed soup too: the second one has two members, kept or not
     pair = sorted([report.steps[0].index, report.steps[1].index])
-    candidate, streamed_pair = fine_tunes.soup_of(pair), fine_tunes.streamed(pair, tmp_path / "pair")
+    candidate, streamed_pair = fine_tunes.soup_of(pair).state_dict(), fine_tunes.streamed(pair, tmp_path / "pair")
     for key, tensor in candidate.items():
         ck.assert_bit_equal(tensor, streamed_pair[key], key)
     assert fine_tunes.val.score_state_dict(candidate) == report.steps[1].soup_score  # what greedy judged
@@ -134,8 +139,8 @@ def test_greedy_reports_test_split_and_ensemble(fine_tunes: Soup, plain_greedy: 
     assert report.test_scores is not None
     assert set(report.test_scores) == {*fine_tunes.labels, "soup", "ensemble"}
     assert all(s.split == "test" and s.examples == 360 for s in report.test_scores.values())
-    assert report.test_scores["soup"] == fine_tunes.test.score_state_dict(report.soup)
-    kept = [fine_tunes.load(i) for i, k in enumerate(report.kept) if k]
+    assert report.test_scores["soup"] == fine_tunes.test.score_weights(report.soup)
+    kept = [fine_tunes.state(i) for i, k in enumerate(report.kept) if k]
     assert report.ensemble_score == fine_tunes.val.ensemble_score(kept)
     table = report.table()
     for label in fine_tunes.labels:
@@ -160,19 +165,20 @@ def test_uniform_bn_soup_improves_after_recalibration(fine_tunes: Soup) -> None:
     # How much it gains depends on the trained kit (a few points with one torch release, one image with
     # another), so the gain's size is the quickstart's to show, not this test's.
     assert after.value >= before.value
-    uniform = fine_tunes.soup_of([0, 1, 2, 3])
-    assert not torch.equal(report.soup["conv1.1.running_var"], uniform["conv1.1.running_var"])
+    uniform = fine_tunes.soup_of([0, 1, 2, 3]).state_dict()
+    soup = report.soup.state_dict()
+    assert not torch.equal(soup["conv1.1.running_var"], uniform["conv1.1.running_var"])
     assert report.bn_recalibrated and report.soup_score == after
-    assert fine_tunes.val.score_state_dict(report.soup) == after  # shipped with the recalibrated fp16 statistics
-    assert report.soup["conv1.1.running_mean"].dtype == torch.float16
+    assert fine_tunes.val.score_state_dict(soup) == after  # shipped with the recalibrated fp16 statistics
+    assert soup["conv1.1.running_mean"].dtype == torch.float16
     assert "BN recalibration" in report.table() and report.steps == [] and report.kept == [True] * 4
 
     # like with like: each ingredient was judged as the soup was, recalibrated where that did not lower it
     batches = fine_tunes.val.unlabelled_batches(4)
     saved = report.ingredient_scores_as_saved or [None] * 4
     for i, score in enumerate(report.ingredient_scores):
-        as_saved = fine_tunes.val.score_state_dict(fine_tunes.load(i))
-        recalibrated = fine_tunes.val.recalibrated(fine_tunes.load(i), batches)
+        as_saved = fine_tunes.val.score_state_dict(fine_tunes.state(i))
+        recalibrated = fine_tunes.val.recalibrated(fine_tunes.state(i), batches)
         assert recalibrated is not None
         with_recalibration = fine_tunes.val.score_state_dict(recalibrated)
         uses_recalibration = with_recalibration.at_least(as_saved)
@@ -201,7 +207,7 @@ def test_greedy_judges_every_candidate_with_recalibrated_bn(fine_tunes: Soup, pl
         assert step.soup_score == (after if after.at_least(before) else before)
     assert report.soup_score.at_least(plain_greedy.steps[0].ingredient_score)  # never below the best ingredient
     assert report.soup_score_before_bn is not None
-    assert fine_tunes.val.score_state_dict(report.soup) == report.soup_score
+    assert fine_tunes.val.score_weights(report.soup) == report.soup_score
     assert "(avg BN)" in report.table()
 
 
@@ -230,7 +236,7 @@ def test_greedy_follows_a_lower_is_better_metric(digits: DigitsKit, tmp_path_fac
     """A custom metric where lower is better (distance of the head to ingredient 2's): greedy must start there."""
     module = tmp_path_factory.mktemp("metric") / "head_distance.py"
     soup = Soup(digits, digits.open(digits.ingredients))
-    torch.save(soup.load(2)["fc.weight"].float(), module.with_suffix(".pt"))
+    torch.save(soup.state(2)["fc.weight"].float(), module.with_suffix(".pt"))
     module.write_text(
         "import torch\n"
         f"TARGET = torch.load({str(module.with_suffix('.pt'))!r})\n"

@@ -1,7 +1,7 @@
 """The pipeline's adapter branch: an adapter soup's candidates, for scoring, and its two outputs.
 
 :class:`AdapterSoup` is what the pipeline's stages after opening need of LoRA ingredients:
-candidate soups in memory as the base with their delta merged in (what evaluation and
+candidate soups streamed as the base with their delta merged in (what evaluation and
 greedy score), the exact adapter (or its ``--max-rank`` reduction) to write, or the base
 with the delta merged in, streamed by the engine like any soup (``--merge-into-base``).
 """
@@ -9,7 +9,7 @@ with the delta merged in, streamed by the engine like any soup (``--merge-into-b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +26,10 @@ from hub_soup.adapters.lora import (
     soup_config,
     soup_factors,
 )
-from hub_soup.eval.greedy import Base
+from hub_soup.eval.greedy import Base, Loader, SoupMaker
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.merging.engine import MergeStats, Sink, aligned_state_dict, merged_state_dict, stream_merge
+from hub_soup.merging.engine import MergeStats, Sink, Weights, ingredient_weights, soup_weights, stream_merge
 from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import MergePlan, TensorPlan
 
@@ -91,10 +91,10 @@ class AdapterSoup:
         factors, _ = self.candidate(members, weights)
         return AddDeltas(self.plan, factors, full_average(self.adapters, self.plan, members, weights), self.device)
 
-    def merged(self, members: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """The base with the soup of ``members`` merged in, in memory, as the streamed engine makes it."""
+    def merged(self, members: Sequence[int], weights: Sequence[float]) -> Weights:
+        """The base with the soup of ``members`` merged in, streamed by the engine (into the model scored)."""
         assert self.base is not None and self.base_plan is not None
-        return merged_state_dict(
+        return soup_weights(
             [self.base], self.base_plan, self._deltas(members, weights), self.dtype, device=self.device
         )
 
@@ -119,21 +119,19 @@ class AdapterSoup:
             ranks=f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}",
         )
 
-    def scorers(
-        self, method: MergeMethod
-    ) -> tuple[Callable[[int], dict[str, torch.Tensor]], Callable[[Sequence[int]], dict[str, torch.Tensor]], Base]:
+    def scorers(self, method: MergeMethod) -> tuple[Loader, SoupMaker, Base]:
         """What evaluation scores: each adapter alone (the base plus its delta), the soup of any subset
         (weighted as the recipe says when all are in it, equally otherwise: greedy's candidates), and the base."""
         count = len(self.adapters)
         base, base_plan = self.base, self.base_plan
         assert base is not None and base_plan is not None
 
-        def soup_of(members: Sequence[int]) -> dict[str, torch.Tensor]:
+        def soup_of(members: Sequence[int]) -> Weights:
             weights = method.weights_for(count) if len(members) == count else [1 / len(members)] * len(members)
             return self.merged(members, weights)
 
         return (
             lambda i: self.merged([i], [1.0]),
             soup_of,
-            Base(base.label, lambda: aligned_state_dict(base, base_plan, 0)),
+            Base(base.label, lambda: ingredient_weights(base, base_plan, 0)),
         )

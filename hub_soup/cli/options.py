@@ -16,7 +16,7 @@ import argparse
 import copy
 from typing import Any, get_args
 
-from hub_soup.recipe import Device, task_names
+from hub_soup.recipe import Device, Dtype, task_names
 
 
 class Option:
@@ -75,6 +75,8 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) ->
     group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
     group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
     group.add_argument("--eval-batch-size", type=int, default=64, metavar="N", help="examples per batch (default: 64)")
+    group.add_argument("--eval-dtype", choices=get_args(Dtype),
+                       help="dtype models are scored in (default: the soup's; float16 on the CPU: float32)")
     group.add_argument("--image-column", default="image", help="dataset column with the images (default: image)")
     group.add_argument("--text-column", default="text", help="dataset column with the texts (default: text)")
     group.add_argument("--label-column", default="label", help="dataset column with the labels (default: label)")
@@ -106,6 +108,7 @@ def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         "test_split": args.test_eval,
         "limit": args.eval_limit,
         "batch_size": args.eval_batch_size,
+        "dtype": args.eval_dtype,
         "image_column": args.image_column,
         "text_column": args.text_column,
         "label_column": args.label_column,

@@ -7,7 +7,7 @@ re-estimating them is what makes many BatchNorm soups work (as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,14 +41,37 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def batchnorm_buffers(model: nn.Module, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``like`` with the model's BatchNorm buffers copied in, each in ``like``'s dtype (what would be saved)."""
-    result = dict(like)
+    return {**like, **saved_batchnorm(model, {key: tensor.dtype for key, tensor in like.items()})}
+
+
+def saved_batchnorm(model: nn.Module, dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The model's BatchNorm buffers as they would be saved: those ``dtypes`` names, on the CPU, each in
+    its dtype there; the model's own are set to those values, so the model scores what would be saved
+    (float32 statistics of a float16 soup are rounded to float16)."""
+    saved = {}
+    for key, buffer in _batchnorm_named_buffers(model):
+        if key in dtypes:
+            saved[key] = buffer.detach().to("cpu", dtypes[key], copy=True)
+            buffer.copy_(saved[key])
+    return saved
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's BatchNorm buffers, to put back with :func:`restore_batchnorm`."""
+    return {key: buffer.detach().clone() for key, buffer in _batchnorm_named_buffers(model)}
+
+
+def restore_batchnorm(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put back BatchNorm buffers saved by :func:`batchnorm_state`."""
+    for key, buffer in _batchnorm_named_buffers(model):
+        buffer.copy_(state[key])
+
+
+def _batchnorm_named_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm):
             for buffer_name, buffer in module.named_buffers(recurse=False):
-                key = f"{name}.{buffer_name}" if name else buffer_name
-                if key in result:
-                    result[key] = buffer.detach().to("cpu", result[key].dtype, copy=True)
-    return result
+                yield (f"{name}.{buffer_name}" if name else buffer_name), buffer
 
 
 class _KeywordInputs(nn.Module):

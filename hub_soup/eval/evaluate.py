@@ -3,9 +3,15 @@
 A soup is only worth publishing if it beats its ingredients, and "the averaging
 doesn't raise accuracy" is only actionable with numbers measured identically for
 all of them. An :class:`Evaluator` therefore reads its data once (through its
-task, into cached batches in a fixed order) and reuses one model instance, into
-which every candidate state dict is loaded strictly: a key the model does not
-expect is an error, never silently skipped.
+task, into cached batches in a fixed order) and reuses one model instance, built
+once in the dtype models are scored in, into which every candidate is streamed
+strictly, chunk by chunk (:class:`~hub_soup.eval.models.ModelSink`): a key the
+model does not expect is an error, never silently skipped, and no candidate is
+ever held beside the model.
+
+Models are scored in one dtype (:func:`eval_dtype`): by default the soup's own
+(bf16 ingredients are scored in bf16), except that float16 on the CPU is scored
+in float32, since CPU kernels for float16 are slow and some are missing.
 
 What is measured is the task's (:mod:`hub_soup.eval.tasks`: image and text
 classification, causal-lm perplexity, a custom function, lm-evaluation-harness
@@ -19,7 +25,10 @@ one code path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,12 +36,14 @@ from torch import nn
 from hub_soup.errors import EvalError
 from hub_soup.eval.backends import Backend
 from hub_soup.eval.backends.local import LocalBackend
-from hub_soup.eval.bn import batchnorm_buffers, recalibrate_bn
+from hub_soup.eval.bn import batchnorm_buffers, recalibrate_bn, saved_batchnorm
 from hub_soup.eval.data import Inputs
-from hub_soup.eval.models import Architecture, load_state_dict_strict
+from hub_soup.eval.models import Architecture, ModelSink
 from hub_soup.eval.score import Comparison, Score, compare_to_best
 from hub_soup.eval.tasks import EvalTask, get_task
 from hub_soup.io.read import Checkpoint
+from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.engine import Weights, state_dict_weights
 from hub_soup.recipe import EvalSpec
 
 # Score, Comparison and Inputs live in score.py and data.py; greedy and diagnose import them from here.
@@ -55,6 +66,8 @@ class Evaluator:
             eval spec may come from someone else's recipe.
         backend: where forward passes run; one process by default. Every process of a
             multi-process backend gets the same scores.
+        dtype: the dtype the model is built and scored in (the pipeline's: :func:`eval_dtype`);
+            floating inputs are cast to it once, when they are read.
 
     Attributes:
         task: the :class:`~hub_soup.eval.tasks.EvalTask` that reads the data and measures.
@@ -73,17 +86,19 @@ class Evaluator:
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
         backend: Backend | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.spec = spec
+        self.dtype = dtype
         self.split = split or spec.split
         self.device = torch.device(device)
         self.backend = backend or LocalBackend()
         self.reference = reference.label
         architecture = Architecture.of(reference, trust_remote_code=trust_remote_code)
         self.task: EvalTask = get_task(spec.task)(
-            spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code
+            spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code, dtype=dtype
         )
-        self._batches = self.task.batches()
+        self._batches = [replace(b, inputs=_cast(b.inputs, dtype)) for b in self.task.batches()]
         targets = [b.targets for b in self._batches if b.targets is not None]
         self._targets = torch.cat(targets).cpu() if targets else None
         self.examples = (
@@ -94,14 +109,24 @@ class Evaluator:
     # -- models --------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
-        """A fresh instance of the reference's architecture, float32, eval mode, on the device."""
+        """A fresh instance of the reference's architecture, in the evaluator's dtype, eval mode, on the device."""
         return self.task.build_model()
 
-    def model_with(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-        """The evaluator's reused model instance with ``state_dict`` loaded strictly."""
-        model = self.task.model()
-        load_state_dict_strict(model, state_dict, self.reference)
+    @property
+    def model(self) -> nn.Module:
+        """The reused model instance: it holds the weights streamed into it last."""
+        return self.task.model()
+
+    def model_from(self, weights: Weights) -> nn.Module:
+        """The reused model instance with ``weights`` streamed into it, strictly (see :class:`ModelSink`)."""
+        model = self.model
+        with torch.no_grad():
+            weights.stream(ModelSink(model, weights.metas, self.reference))
         return model
+
+    def model_with(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The reused model instance with ``state_dict`` loaded strictly."""
+        return self.model_from(state_dict_weights(state_dict))
 
     # -- scoring -------------------------------------------------------------------------
 
@@ -110,8 +135,12 @@ class Evaluator:
         if self.task.has_outputs:
             return self.score_outputs(self.predict(model))
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._runs_in_dtype():
             return self._score(self.task.measure_model(model))
+
+    def score_weights(self, weights: Weights) -> Score:
+        """Score weights streamed into the reused model instance."""
+        return self.score(self.model_from(weights))
 
     def score_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> Score:
         """Score a state dict (canonical keys, any floating dtype) in the reused model instance."""
@@ -124,7 +153,7 @@ class Evaluator:
         """
         self._need_outputs("ensemble_reference needs model outputs", "drop ensemble_reference")
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._runs_in_dtype():
             mine = [self.task.forward(model, batch.inputs).cpu() for batch in self.backend.shard(self._batches)]
         # more processes than batches leave some with none: they still take part in the gather
         return self.backend.gather(torch.cat(mine) if mine else torch.empty(0))
@@ -181,9 +210,84 @@ class Evaluator:
         in the state dict's own dtypes, so the result is exactly what would be saved; ``None`` without BN.
         """
         model = self.model_with(state_dict)
-        if not recalibrate_bn(model, batches):
+        if not self.recalibrate(model, batches):
             return None
         return batchnorm_buffers(model, state_dict)
+
+    def recalibrate(self, model: nn.Module, batches: Sequence[Inputs]) -> bool:
+        """Recompute ``model``'s BatchNorm statistics on ``batches``, in place; False (untouched) without BN."""
+        with self._runs_in_dtype():
+            return recalibrate_bn(model, batches)
+
+    def recalibrated_weights(self, weights: Weights, batches: Sequence[Inputs]) -> dict[str, torch.Tensor] | None:
+        """The reused model, holding ``weights``, with its BatchNorm statistics recomputed on ``batches`` and
+        rounded to the dtypes ``weights`` streams them in: those statistics, as they would be saved (the
+        model holds them so), or ``None`` (the model untouched) without BN."""
+        model = self.model
+        if not self.recalibrate(model, batches):
+            return None
+        return saved_batchnorm(model, {key: meta.dtype for key, meta in weights.metas.items()})
+
+    @contextmanager
+    def _runs_in_dtype(self) -> Iterator[None]:
+        """An operation the device has no kernel for in the evaluator's dtype, as one line saying what to do."""
+        try:
+            yield
+        except (NotImplementedError, RuntimeError) as exc:
+            if self.dtype == torch.float32 or _TORCH_NAMES.get(self.dtype, "?") not in str(exc):
+                raise
+            raise EvalError(
+                f"{self.reference} cannot be scored in {_name(self.dtype)} on {self.device}: an operation of the "
+                f"model or the task has no {_name(self.dtype)} kernel there ({str(exc).splitlines()[0]})",
+                hint="pass --eval-dtype float32 (eval.dtype: float32), which every device runs, or score on a "
+                f"device that runs {_name(self.dtype)} (--device)",
+            ) from None
+
+
+# How torch's kernel errors name the dtypes ("not implemented for 'BFloat16'", "Unsupported dtype Half").
+_TORCH_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float64: "Double"}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cast(inputs: Inputs, dtype: torch.dtype) -> Inputs:
+    """Floating input tensors in ``dtype`` (images, features); token ids and masks as they are."""
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    return cast(inputs) if isinstance(inputs, torch.Tensor) else {key: cast(t) for key, t in inputs.items()}
+
+
+def eval_dtype(requested: str | None, metas: Mapping[str, TensorMeta], device: torch.device) -> torch.dtype:
+    """The dtype models are scored in: ``requested`` (``eval.dtype``), else the soup's: the dtype most of
+    its floating elements are written in (bf16 ingredients: bf16), except float16 on the CPU, scored in
+    float32 (CPU float16 kernels are slow, and some are missing; ask for float16 to have it anyway).
+
+    Raises:
+        EvalError: the device cannot compute in that dtype at all (a small matrix product fails there).
+    """
+    if requested is not None:
+        dtype = getattr(torch, requested)
+    else:
+        counts: Counter[torch.dtype] = Counter()
+        for meta in metas.values():
+            if meta.dtype.is_floating_point:
+                counts[meta.dtype] += meta.numel
+        dtype = counts.most_common(1)[0][0] if counts else torch.float32
+        if dtype == torch.float16 and device.type == "cpu":
+            dtype = torch.float32
+    try:
+        probe = torch.ones(2, 2, dtype=dtype, device=device)
+        (probe @ probe).softmax(-1).sum().item()
+    except (NotImplementedError, RuntimeError, TypeError) as exc:
+        raise EvalError(
+            f"eval dtype {_name(dtype)}: {device} cannot compute in {_name(dtype)} ({str(exc).splitlines()[0]})",
+            hint="pass --eval-dtype float32 (eval.dtype: float32), which every device runs, or another --device",
+        ) from None
+    logger.info("models are scored in %s on %s", _name(dtype), device)
+    return dtype
 
 
 def _batch_size(inputs: Inputs) -> int:

@@ -7,13 +7,17 @@ Uniform soups of fine-tunes that ended up in different basins can score below
 their best ingredient; greedy never does on the held-out split, and its table
 shows which ingredient would have hurt and by how much.
 
-Each candidate soup (the kept ingredients plus the next one, in recipe order) is
-made by the streamed engine from the ingredients' files, exactly as the soup of
-those ingredients alone would be written (:func:`hub_soup.merging.engine.merged_state_dict`),
-so the soup greedy scores is bit for bit the soup a recipe of the kept ingredients
-streams. That re-reads the kept ingredients at every step (from the page cache,
-for models that fit in it) instead of keeping a running sum: exactness, and memory
-of one soup instead of a running sum plus its clone. With BatchNorm recalibration every
+Every model is streamed into the evaluator's one model instance, chunk by chunk
+(:class:`~hub_soup.merging.engine.Weights`): an ingredient from its files, each
+candidate soup (the kept ingredients plus the next one, in recipe order) from the
+streamed engine, exactly as the soup of those ingredients alone would be written
+(:func:`hub_soup.merging.engine.soup_weights`), so the soup greedy scores is bit
+for bit the soup a recipe of the kept ingredients streams, and memory stays near
+one model whatever the number of ingredients. That re-reads the kept ingredients
+at every step (from the page cache, for models that fit in it) instead of keeping
+a float32 running sum (twice the model, on disk or on the device): exactness, at
+the price of reading the kept ingredients again; the chosen soup is merged once
+more, into the writer, the same way. With BatchNorm recalibration every
 candidate soup is recalibrated before it is judged, so an ingredient is kept or
 dropped on the soup it would really make (averaged running statistics are not the
 statistics of the averaged network). The recalibrated statistics are kept only
@@ -29,24 +33,28 @@ publish is still decided against the best ingredient, as for every soup.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
+from hub_soup.eval.bn import batchnorm_state, restore_batchnorm
 from hub_soup.eval.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
+from hub_soup.merging.engine import Weights
 
-Loader = Callable[[int], dict[str, torch.Tensor]]
+# Ingredient ``i``'s weights (canonical keys, its own dtypes).
+Loader = Callable[[int], Weights]
 # The soup of the ingredients at the given indices (in recipe order), as the engine streams it.
-SoupMaker = Callable[[Sequence[int]], dict[str, torch.Tensor]]
+SoupMaker = Callable[[Sequence[int]], Weights]
 
 
 class Base(NamedTuple):
     """The model the ingredients were fine-tuned from, scored beside them (methods that use a base)."""
 
     label: str
-    load: Callable[[], dict[str, torch.Tensor]]  # its state dict under the plan's canonical keys; called once
+    load: Callable[[], Weights]  # its weights under the plan's canonical keys; called once
 
 
 @dataclass
@@ -66,15 +74,15 @@ class GreedyStep:
 class GreedyReport:
     """Every ingredient's score, every greedy step, and the final soup (also for plain soups).
 
-    ``soup`` holds the scored soup's tensors in the ingredients' dtypes (recalibrated
-    BN statistics included when ``bn_recalibrated``): write it as it is, since that is
-    the soup that earned ``soup_score``.
+    ``soup`` streams the scored soup's tensors in the dtypes written (recalibrated BN
+    statistics included when ``bn_recalibrated``): stream it into the writer as it is,
+    since that is the soup that earned ``soup_score``.
     """
 
     ingredient_scores: list[Score]  # each like the soup's: recalibrated BN statistics where those did not lower it
     steps: list[GreedyStep]
     kept: list[bool]
-    soup: dict[str, torch.Tensor]
+    soup: Weights
     soup_score: Score
     soup_score_before_bn: Score | None
     test_scores: dict[str, Score] | None  # by ingredient label, plus "soup" (and "ensemble")
@@ -227,11 +235,11 @@ def greedy_soup(
 
     Args:
         labels: the ingredients' names, in recipe order.
-        load: ``load(i)`` returns ingredient ``i``'s aligned state dict (canonical keys,
-            original dtypes); called once per ingredient, to score it.
+        load: ``load(i)`` returns ingredient ``i``'s weights (canonical keys, original dtypes);
+            streamed once per ingredient, to score it.
         evaluator: scores on the held-out split that selection uses.
-        soup_of: ``soup_of(indices)`` makes the soup of the ingredients at ``indices`` (sorted,
-            recipe order) through the engine, in the dtypes it is written in, as a recipe of
+        soup_of: ``soup_of(indices)`` gives the soup of the ingredients at ``indices`` (sorted,
+            recipe order) as the engine streams it, in the dtypes it is written in, as a recipe of
             those ingredients alone would (uniform: tensors not averaged from the first of them).
         recalibrate_bn_batches: recalibrate BatchNorm on this many eval batches for every candidate.
         test_evaluator: scores ingredients and the final soup on a split nothing was chosen on.
@@ -256,13 +264,13 @@ def greedy_soup(
         if keep:
             kept[i], best = True, candidate
     assert best is not None
-    return pass_.report(steps, kept, best, method)
+    return pass_.report(steps, kept, best, method, holds_soup=steps[-1].kept)
 
 
 def score_soup(
     labels: Sequence[str],
     load: Loader,
-    soup: Mapping[str, torch.Tensor],
+    soup: Weights,
     evaluator: Evaluator,
     *,
     method: str = "uniform",
@@ -274,38 +282,43 @@ def score_soup(
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
     Args:
-        soup: the soup's state dict (from :func:`hub_soup.merging.engine.merged_state_dict`).
+        soup: the soup's weights (from :func:`hub_soup.merging.engine.soup_weights`).
         method: how the soup was made, for the table (``uniform``, ``weighted``, ``task_arithmetic``...).
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
     pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
-    candidate = _judge(dict(soup), evaluator, batches)
-    return pass_.report([], [True] * len(labels), candidate, method)
+    candidate = _judge(soup, evaluator, batches)
+    return pass_.report([], [True] * len(labels), candidate, method, holds_soup=True)
 
 
 @dataclass
 class _Candidate:
-    state_dict: dict[str, torch.Tensor]
+    weights: Weights  # as judged: with the recalibrated BN statistics where those were kept
     score: Score
     before_bn: Score | None
     after_bn: Score | None
     recalibrated: bool
 
 
-def _judge(state_dict: dict[str, torch.Tensor], evaluator: Evaluator, batches: list[Inputs] | None) -> _Candidate:
-    """Score a candidate soup; with ``batches``, also recalibrated, keeping whichever is not worse."""
-    plain = evaluator.score_state_dict(state_dict)
+def _judge(weights: Weights, evaluator: Evaluator, batches: list[Inputs] | None) -> _Candidate:
+    """Score a candidate soup; with ``batches``, also recalibrated, keeping whichever is not worse.
+
+    The evaluator's model holds the candidate as judged afterwards (its BN statistics as kept)."""
+    model = evaluator.model_from(weights)
+    plain = evaluator.score(model)
     if batches is None:
-        return _Candidate(state_dict, plain, None, None, False)
-    recalibrated = evaluator.recalibrated(state_dict, batches)
+        return _Candidate(weights, plain, None, None, False)
+    as_streamed = batchnorm_state(model)
+    recalibrated = evaluator.recalibrated_weights(weights, batches)
     if recalibrated is None:  # no BatchNorm: nothing to recalibrate
-        return _Candidate(state_dict, plain, None, None, False)
-    after = evaluator.score_state_dict(recalibrated)
+        return _Candidate(weights, plain, None, None, False)
+    after = evaluator.score(model)
     if after.at_least(plain):
-        return _Candidate(recalibrated, after, plain, after, True)
-    return _Candidate(state_dict, plain, plain, after, False)
+        return _Candidate(weights.overridden(recalibrated), after, plain, after, True)
+    restore_batchnorm(model, as_streamed)
+    return _Candidate(weights, plain, plain, after, False)
 
 
 def _rank(score: Score) -> tuple[bool, float]:
@@ -358,36 +371,39 @@ class _IngredientPass:
         self.base = base
         self.base_scores = self._measure(base.load(), keep_outputs=False) if base is not None else None
 
-    def _measure(
-        self, state_dict: dict[str, torch.Tensor], keep_outputs: bool
-    ) -> tuple[Score, Score | None, Score | None]:
+    def _measure(self, weights: Weights, keep_outputs: bool) -> tuple[Score, Score | None, Score | None]:
         """A model's score (recalibrated where that helps), its score as saved when the recalibrated
-        one was used, and its test score; ``keep_outputs`` keeps its outputs for the ensemble."""
+        one was used, and its test score; ``keep_outputs`` keeps its outputs for the ensemble.
+
+        The model is streamed into the evaluator's instance once; the test split is scored on it there."""
         as_saved = None
         if self.batches is None:
-            score = self._score(self.evaluator, state_dict, self.outputs if keep_outputs else None)
+            model = self.evaluator.model_from(weights)
+            score = self._score(self.evaluator, model, self.outputs if keep_outputs else None)
         else:
-            judged = _judge(state_dict, self.evaluator, self.batches)
-            state_dict, score = judged.state_dict, judged.score
+            judged = _judge(weights, self.evaluator, self.batches)
+            model, score = self.evaluator.model, judged.score
             as_saved = judged.before_bn if judged.recalibrated else None
             if keep_outputs:
-                self.outputs.append(self.evaluator.predict(self.evaluator.model_with(state_dict)))
+                self.outputs.append(self.evaluator.predict(model))
         test = None
         if self.test_evaluator is not None:
-            test = self._score(self.test_evaluator, state_dict, self.test_outputs if keep_outputs else None)
+            test = self._score(self.test_evaluator, model, self.test_outputs if keep_outputs else None)
         return score, as_saved, test
 
     @staticmethod
-    def _score(
-        evaluator: Evaluator, state_dict: Mapping[str, torch.Tensor], outputs: list[torch.Tensor] | None
-    ) -> Score:
+    def _score(evaluator: Evaluator, model: nn.Module, outputs: list[torch.Tensor] | None) -> Score:
         """The score; with ``outputs``, from outputs predicted once and kept there (for the ensemble)."""
         if outputs is None:
-            return evaluator.score_state_dict(state_dict)
-        outputs.append(evaluator.predict(evaluator.model_with(state_dict)))
+            return evaluator.score(model)
+        outputs.append(evaluator.predict(model))
         return evaluator.score_outputs(outputs[-1])
 
-    def report(self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str) -> GreedyReport:
+    def report(
+        self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str, holds_soup: bool
+    ) -> GreedyReport:
+        """The report of ``soup``; ``holds_soup``: the evaluator's model holds it as judged (it was judged
+        last), so the test split scores it without streaming it in again."""
         ensemble_score = None
         test_scores = None
         members = [i for i, k in enumerate(kept) if k]
@@ -395,7 +411,8 @@ class _IngredientPass:
             ensemble_score = self.evaluator.ensemble_of_outputs([self.outputs[i] for i in members])
         if self.test_evaluator is not None:
             test_scores = dict(self.test_scores)
-            test_scores["soup"] = self.test_evaluator.score_state_dict(soup.state_dict)
+            model = self.evaluator.model if holds_soup else self.evaluator.model_from(soup.weights)
+            test_scores["soup"] = self.test_evaluator.score(model)
             if self.ensemble:
                 test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs(
                     [self.test_outputs[i] for i in members]
@@ -405,7 +422,7 @@ class _IngredientPass:
             ingredient_scores=self.scores,
             steps=steps,
             kept=kept,
-            soup=soup.state_dict,
+            soup=soup.weights,
             soup_score=soup.score,
             soup_score_before_bn=soup.before_bn,
             test_scores=test_scores,

@@ -1,8 +1,8 @@
 """Models to score: the reference ingredient's architecture, built by the library that saved it.
 
-Every candidate state dict is loaded strictly into an instance built from the
-reference's own ``config.json`` (timm or transformers): a key the model does not
-expect is an error, never silently skipped. Custom model code named by a config
+Every candidate is streamed strictly (:class:`ModelSink`) into one instance built
+from the reference's own ``config.json`` (timm or transformers), in the dtype it
+is scored in: a key the model does not expect is an error, never silently skipped. Custom model code named by a config
 (``auto_map``) runs only with ``trust_remote_code``.
 """
 
@@ -22,6 +22,7 @@ from torch import nn
 from hub_soup.errors import EvalError, UntrustedCodeError
 from hub_soup.hub.card import detect_library
 from hub_soup.io.read import Checkpoint
+from hub_soup.io.safetensors_io import TensorMeta
 
 
 @dataclass(frozen=True)
@@ -64,23 +65,33 @@ class Architecture:
             )
         return cls(reference.label, config, tuple(reference.sidecars), library, trust_remote_code)
 
-    def build(self, device: torch.device, auto_class: str | None = None) -> nn.Module:
-        """A fresh, randomly initialised instance: float32, eval mode, on ``device``.
+    def build(
+        self, device: torch.device, auto_class: str | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """A fresh instance in ``dtype`` (None: float32), eval mode, on ``device``, its weights left uninitialised (every
+        one is streamed in before it is scored).
+
+        The model is made in ``dtype`` on ``device`` from the start, never in float32 on the CPU first:
+        a 7B model then needs its own size once, not twice that. transformers keeps what it keeps in
+        float32 whatever the dtype (rotary frequencies), as ``from_pretrained`` does.
 
         ``auto_class`` names the transformers Auto class of the task (``AutoModelForCausalLM``);
         ``None`` takes the config's own ``architectures`` (timm ignores it).
         """
+        dtype = dtype or torch.float32
         if self.family == "timm":
             import timm
 
             config_dir = next(p.parent for p in self.sidecars if p.name == "config.json")
-            model = timm.create_model(f"local-dir:{config_dir}", pretrained=False)
-        else:
-            model = self._transformers_model(auto_class)
-        return model.float().eval().to(device)
+            with torch.device(device):
+                model = timm.create_model(f"local-dir:{config_dir}", pretrained=False)
+            return model.to(dtype).eval()
+        with torch.device(device):
+            return self._transformers_model(auto_class, dtype).eval()
 
-    def _transformers_model(self, auto_class: str | None) -> nn.Module:
+    def _transformers_model(self, auto_class: str | None, dtype: torch.dtype) -> nn.Module:
         import transformers
+        from transformers.initialization import no_init_weights
 
         with self.sidecar_dir() as folder, self.custom_code_refused():
             config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
@@ -92,11 +103,16 @@ class Architecture:
                 transformers.AutoModel,
             )
         try:
-            with self.custom_code_refused():
-                return auto.from_config(config, dtype=torch.float32, trust_remote_code=self.trust_remote_code)
+            with self.custom_code_refused(), no_init_weights():
+                if hasattr(auto, "from_config"):  # an Auto class
+                    model = auto.from_config(config, dtype=dtype, trust_remote_code=self.trust_remote_code)
+                else:  # the config's own class (LlamaForCausalLM), as the Auto classes build it
+                    model = auto._from_config(config, dtype=dtype)
         except ValueError as exc:
             what = auto_class or "its architecture"
             raise EvalError(f"{self.label}: cannot build a model with {what}: {exc}") from None
+        model.tie_weights()  # skipped with the initialisation; from_pretrained ties them after loading too
+        return model
 
     def tokenizer(self, task: str) -> Any:
         """The reference's own tokenizer (from its sidecar files), for text task ``task``.
@@ -159,28 +175,59 @@ class Architecture:
             yield folder
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
-    """``load_state_dict(strict=True)``, except that a missing key tied to a loaded one is fine.
+class ModelSink:
+    """A :class:`~hub_soup.merging.engine.Sink` that writes weights straight into a model's own tensors,
+    chunk by chunk, each cast to the model's dtype and device there: a soup is scored without a copy
+    of it anywhere else.
 
-    transformers saves tied weights once (``lm_head.weight`` is ``wte.weight``), so a
-    saved state dict legitimately lacks the alias; anything else missing or extra is an error.
+    The keys are checked once, strictly, as ``load_state_dict(strict=True)`` checks them, except that
+    a model key tied to a streamed one may be absent: transformers saves tied weights once
+    (``lm_head.weight`` is ``embed_tokens.weight``). A tensor the model ties to one already streamed
+    takes the first one's values and later ones are dropped, as transformers' ``tie_weights`` keeps the
+    input embeddings: the model then holds what ``from_pretrained`` of the written soup holds.
+
+    Raises:
+        EvalError: keys missing or extra, or a shape the model does not have, naming the first.
     """
-    result = model.load_state_dict(state_dict, strict=False)
-    own = model.state_dict()
-    loaded = {own[k].data_ptr() for k in state_dict if k in own}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
-    if missing or result.unexpected_keys:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} model keys are missing, e.g. {missing[0]!r}")
-        if result.unexpected_keys:
-            details.append(
-                f"{len(result.unexpected_keys)} keys are not in the model, e.g. {result.unexpected_keys[0]!r}"
+
+    def __init__(self, model: nn.Module, metas: Mapping[str, TensorMeta], label: str) -> None:
+        own = model.state_dict(keep_vars=True)
+        extra = [key for key in metas if key not in own]
+        streamed = {own[key].data_ptr() for key in metas if key in own}
+        missing = [key for key in own if key not in metas and own[key].data_ptr() not in streamed]
+        if missing or extra:
+            details = []
+            if missing:
+                details.append(f"{len(missing)} model keys are missing, e.g. {missing[0]!r}")
+            if extra:
+                details.append(f"{len(extra)} keys are not in the model, e.g. {extra[0]!r}")
+            raise EvalError(
+                f"the weights do not fit the architecture of {label}'s config: " + "; ".join(details),
+                hint="the config.json beside the first ingredient must describe the ingredients' architecture",
             )
-        raise EvalError(
-            f"the weights do not fit the architecture of {label}'s config: " + "; ".join(details),
-            hint="the config.json beside the first ingredient must describe the ingredients' architecture",
-        )
+        for key, meta in metas.items():
+            if tuple(own[key].shape) != tuple(meta.shape):
+                raise EvalError(
+                    f"the weights do not fit the architecture of {label}'s config: {key} is "
+                    f"{list(meta.shape)}, the model's {list(own[key].shape)}",
+                    hint="the config.json beside the first ingredient must describe the ingredients' architecture",
+                )
+        self._targets: dict[str, torch.Tensor | None] = {}
+        claimed: set[int] = set()
+        for key in metas:
+            tensor = own[key].detach()
+            self._targets[key] = tensor.view(-1) if tensor.data_ptr() not in claimed else None
+            claimed.add(tensor.data_ptr())
+        self._flat: torch.Tensor | None = None
+        self._filled = 0
+
+    def begin(self, key: str) -> None:
+        self._flat, self._filled = self._targets[key], 0
+
+    def write(self, chunk: torch.Tensor) -> None:
+        if self._flat is not None:
+            self._flat[self._filled : self._filled + chunk.numel()].copy_(chunk)
+        self._filled += chunk.numel()
 
 
 def logits(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:

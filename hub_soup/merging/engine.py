@@ -3,9 +3,10 @@
 A merge method (:mod:`hub_soup.merging.methods`) says what each soup element is,
 in a kernel over cache-sized blocks; :func:`stream_merge` feeds it. The soup that
 is written (into a :class:`~hub_soup.io.write.SoupWriter`) and the soups that are
-scored in memory (:func:`merged_state_dict`, for evaluation, greedy and diagnose)
-run this same loop with the same chunks and blocks, into different sinks, so a
-scored soup is the written one bit for bit by construction. The built-in kernels
+scored (:func:`soup_weights`, streamed straight into the model being scored, or
+:func:`merged_state_dict` into memory) run this same loop with the same chunks and
+blocks, into different sinks, so a scored soup is the written one bit for bit by
+construction. The built-in kernels
 do not even depend on where a tensor is cut: every step is a single IEEE-rounded
 elementwise op.
 
@@ -24,8 +25,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -192,16 +194,14 @@ def stream_merge(
         t.meta.nbytes * (len(inputs) * (1 + passes[t.key]) if t.average else 1) for t in plan.tensors
     )
     bytes_read = 0
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
     reader = _ReadAhead(
         _positions(checkpoints, base, plan, chunk_elements, passes), len(inputs),
         chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with _WriteBehind(sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)) as out, tqdm(
-            total=total_read, unit="B", unit_scale=True, desc="merging"
-        ) as bar:
+        with _torch_threads(threads), _WriteBehind(
+            sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
+        ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
                 statistics = None
                 if tensor.average:
@@ -232,8 +232,20 @@ def stream_merge(
                 bar.update(bytes_read - bar.n)
     finally:
         reader.close()
-        torch.set_num_threads(previous_threads)
     return _stats(plan, metas, bytes_read, start_time)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads for a merge or a copy (``threads``, else ``$HUB_SOUP_THREADS`` or 1), then
+    as they were: elementwise ops and copies on a few MiB are bound by memory, and a second thread's
+    spinning between them costs more than it gives on small machines (see benchmarks/RESULTS.md)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, base: Checkpoint | None) -> None:
@@ -286,9 +298,116 @@ def _stats(plan: MergePlan, metas: dict[str, TensorMeta], bytes_read: int, start
     )
 
 
-def aligned_state_dict(checkpoint: Checkpoint, plan: MergePlan, index: int) -> dict[str, torch.Tensor]:
-    """Ingredient ``index`` in memory under the plan's canonical keys (for evaluation)."""
-    return {t.key: checkpoint.read(t.sources[index]).reshape(t.meta.shape) for t in plan.tensors}
+@dataclass(frozen=True)
+class Weights:
+    """A model's tensors as a stream: ``stream(sink)`` begins each tensor of :attr:`metas`, in order, and
+    writes its elements, flat, in its dtype there.
+
+    An ingredient read from its files, a soup made by the engine, a state dict: the evaluator
+    streams each into its one model (:class:`~hub_soup.eval.models.ModelSink`) and the writer into the
+    soup's files, so scoring a model or a soup never holds a second copy of it. Streaming the same
+    weights twice streams the same bits (the engine is deterministic), which is how the soup that
+    was scored is the soup that is written.
+    """
+
+    metas: Mapping[str, TensorMeta]  # every tensor streamed, under canonical keys, in order and dtype
+    stream: Callable[[Sink], None]
+
+    def overridden(self, tensors: Mapping[str, torch.Tensor]) -> Weights:
+        """These weights with ``tensors`` (recalibrated BatchNorm statistics, a few kB) in place of their
+        own, each cast to the dtype streamed."""
+        metas = self.metas
+        replaced = {key: tensor.detach().to("cpu", metas[key].dtype).reshape(-1) for key, tensor in tensors.items()}
+        return Weights(metas, lambda sink: self.stream(_OverridingSink(sink, replaced)))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors in memory, shaped (for tests and small models)."""
+        sink = _StateDictSink(dict(self.metas))
+        self.stream(sink)
+        return sink.tensors
+
+
+class _OverridingSink:
+    """Passes tensors through to ``sink``, except those in ``tensors``: written from there, their streamed
+    chunks dropped."""
+
+    def __init__(self, sink: Sink, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._sink, self._tensors, self._dropping = sink, tensors, False
+
+    def begin(self, key: str) -> None:
+        self._sink.begin(key)
+        self._dropping = key in self._tensors
+        if self._dropping:
+            self._sink.write(self._tensors[key])
+
+    def write(self, chunk: torch.Tensor) -> None:
+        if not self._dropping:
+            self._sink.write(chunk)
+
+
+def stream_copy(sources: Sequence[tuple[str, Checkpoint, str]], sink: Sink, chunk_bytes: int = POSITION_BYTES) -> None:
+    """Stream tensors unchanged into ``sink``: for each ``(key, checkpoint, source)``, ``key`` begins and
+    ``checkpoint``'s tensor ``source`` follows in chunks of about ``chunk_bytes``, read into one reused buffer."""
+    buffer = direct_io.aligned_buffer(direct_io.padded(chunk_bytes))
+    with _torch_threads(None):
+        for key, checkpoint, source in sources:
+            meta = checkpoint.metas[source]
+            step = max(chunk_bytes // meta.dtype.itemsize, 1)
+            sink.begin(key)
+            for begin in range(0, meta.numel, step):
+                sink.write(checkpoint.read_into(source, begin, min(step, meta.numel - begin), buffer))
+
+
+def ingredient_weights(checkpoint: Checkpoint, plan: MergePlan, index: int) -> Weights:
+    """Ingredient ``index`` as it is saved (its own dtypes), under the plan's canonical keys."""
+    sources = [(t.key, checkpoint, t.sources[index]) for t in plan.tensors]
+    return _copied(sources, plan)
+
+
+def base_weights(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> Weights:
+    """The base model under the plan's canonical keys, to be scored beside the ingredients.
+
+    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_source`);
+    the tensors every soup copies from the first ingredient (integers, ``--exclude``d keys, which a
+    base may lack or hold for another head) are the first ingredient's here too. So the base is
+    scored as the soup with every task vector zero (task arithmetic at ``lambda: 0``), on the same
+    architecture, head and config as the soup.
+    """
+    sources = [
+        (t.key, base, t.base_source) if t.base_source is not None else (t.key, first, t.sources[0])
+        for t in plan.tensors
+    ]
+    return _copied(sources, plan)
+
+
+def _copied(sources: list[tuple[str, Checkpoint, str]], plan: MergePlan) -> Weights:
+    metas = {key: TensorMeta(c.metas[source].dtype, t.meta.shape) for (key, c, source), t in zip(sources, plan.tensors)}
+    return Weights(metas, lambda sink: stream_copy(sources, sink))
+
+
+def soup_weights(
+    checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, dtype: torch.dtype | None = None,
+    **options: Any,
+) -> Weights:
+    """The soup :func:`stream_merge` makes of ``checkpoints`` (``options`` are its own: ``base``, ``device``...),
+    in the dtypes it is written in; each stream merges again, to the same bits."""
+
+    def stream(sink: Sink) -> None:
+        stream_merge(checkpoints, plan, method, sink, dtype, **options)
+
+    return Weights(output_metas(plan, dtype), stream)
+
+
+def state_dict_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
+    """A state dict in memory as weights (its keys, dtypes and order)."""
+    metas = {key: TensorMeta(t.dtype, tuple(t.shape)) for key, t in state_dict.items()}
+
+    def stream(sink: Sink) -> None:
+        for key, tensor in state_dict.items():
+            sink.begin(key)
+            sink.write(tensor.detach().reshape(-1))
+
+    return Weights(metas, stream)
 
 
 class _StateDictSink:
@@ -319,19 +438,13 @@ def merged_state_dict(
 
     ``options`` are :func:`stream_merge`'s (``base``, ``device``, ``chunk_elements``, ...).
     """
-    sink = _StateDictSink(output_metas(plan, dtype))
-    stream_merge(checkpoints, plan, method, sink, dtype, **options)
-    return sink.tensors
+    return soup_weights(checkpoints, plan, method, dtype, **options).state_dict()
 
 
-def write_state_dict(
-    state_dict: dict[str, torch.Tensor], plan: MergePlan, metas: dict[str, TensorMeta], writer: Sink
-) -> MergeStats:
-    """Write an in-memory soup (an evaluated one) through the same writer, in each tensor's output dtype."""
+def write_weights(weights: Weights, plan: MergePlan, metas: dict[str, TensorMeta], writer: Sink) -> MergeStats:
+    """Stream weights in the soup's dtypes (``metas``: a scored soup, merged again) into the writer."""
     start_time = time.perf_counter()
-    for t in plan.tensors:
-        writer.begin(t.key)
-        writer.write(state_dict[t.key].to(metas[t.key].dtype))
+    weights.stream(writer)
     return _stats(plan, metas, 0, start_time)
 
 

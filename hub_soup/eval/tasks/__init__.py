@@ -63,6 +63,8 @@ class EvalTask(ABC):
         split: the split to read (``spec.split`` or ``spec.test_split``).
         device: where models run and batches live.
         trust_remote_code: the user allowed code named by the recipe or the configs to run.
+        dtype: the dtype models are built and scored in (None: float32). The evaluator casts the
+            floating tensors of the batches to it, so a task's batches need not know it.
     """
 
     name: ClassVar[str]
@@ -79,12 +81,14 @@ class EvalTask(ABC):
         split: str,
         device: torch.device,
         trust_remote_code: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.spec = spec
         self.architecture = architecture
         self.split = split
         self.device = device
         self.trust_remote_code = trust_remote_code
+        self.dtype = dtype
         self._model: nn.Module | None = None
 
     @property
@@ -105,8 +109,8 @@ class EvalTask(ABC):
         return 0
 
     def build_model(self) -> nn.Module:
-        """A fresh instance of the reference's architecture (float32, eval mode, on the device)."""
-        return self.architecture.build(self.device, self.auto_class)
+        """A fresh instance of the reference's architecture (in :attr:`dtype`, eval mode, on the device)."""
+        return self.architecture.build(self.device, self.auto_class, self.dtype)
 
     def model(self) -> nn.Module:
         """One instance built on first use and reused, so reading the data (which may need the model's

@@ -1,0 +1,217 @@
+"""Memory and time of evaluated soups (greedy) against a plain merge of the same ingredients.
+
+    .venv/bin/python benchmarks/greedy_memory.py                          # 0.5b and 1.5b, N = 3 (and 8 if there)
+    .venv/bin/python benchmarks/greedy_memory.py --sizes tiny --n 3       # a smoke run of the script (seconds)
+    .venv/bin/python benchmarks/greedy_memory.py --models DIR --sizes 0.5b --n 3 8
+
+The ingredients are benchmarks/run.py's (``--models``, default ``benchmarks/_work/models``:
+``SIZE/ing0``, ``ing1``...), read only. run.py saves no tokenizer, so each is seen through a
+folder of its own under ``_work/greedy``: links to its weight files and config, and a word-level
+tokenizer of the model's vocabulary written there. The eval data is ``--texts`` texts of
+``--words`` words drawn from that vocabulary (a ``datasets`` folder, split ``validation``).
+
+For each size and N, three processes, each under ``/usr/bin/time -v`` (peak RSS) with its peak
+RssAnon sampled every 20 ms, the page cache warm (inputs read just before):
+  - ``bare``: ``import torch`` and exit, the baseline working memory is measured from;
+  - ``merge``: ``hub_soup.run`` of the plain uniform soup (what ``hub-soup merge`` runs);
+  - ``greedy``: ``hub_soup.run`` of the greedy soup scored by task causal-lm (perplexity).
+The two runs are timed inside the process around ``hub_soup.run``; in the greedy run, the time
+spent in ``Evaluator.score`` (forward passes) and in building the evaluators (reading and
+tokenizing the data) is added up, so "beyond evaluations" is the rest: streaming models into the
+model instance, merging candidates, writing. Results go to ``_work/greedy_memory.jsonl``; the
+table is printed (markdown), for benchmarks/RESULTS.md's greedy section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from run import measure_output  # benchmarks/run.py: this script's folder is first on sys.path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+RESULTS = WORK / "greedy_memory.jsonl"
+
+
+def ingredient_views(models: Path, size: str, n: int, work: Path) -> list[Path]:
+    """Folders ``work/SIZE/ingI`` holding links to the weights and config of ``models/SIZE/ingI``, and a tokenizer."""
+    views = []
+    for i in range(n):
+        source = models / size / f"ing{i}"
+        if not (source / "config.json").is_file():
+            raise SystemExit(f"{source}: no such ingredient; generate it with benchmarks/run.py (it makes ing0..)")
+        view = work / size / f"ing{i}"
+        view.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            if path.suffix in (".safetensors", ".json") and not (view / path.name).exists():
+                (view / path.name).symlink_to(path.resolve())
+        if not (view / "tokenizer.json").exists():
+            vocab_size = json.loads((source / "config.json").read_text())["vocab_size"]
+            write_tokenizer(view, vocab_size)
+        views.append(view)
+    return views
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level fast tokenizer over the model's whole vocabulary (``t0``, ``t1``...; pad and eos in it)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t1", eos_token="t2").save_pretrained(
+        folder
+    )
+
+
+def eval_data(work: Path, vocab_size: int, texts: int, words: int) -> Path:
+    import datasets
+
+    folder = work / f"texts-{vocab_size}-{texts}x{words}"
+    if not folder.exists():
+        rng = random.Random(0)
+        rows = [" ".join(f"t{rng.randrange(3, vocab_size)}" for _ in range(words)) for _ in range(texts)]
+        datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": rows})}).save_to_disk(str(folder))
+    return folder
+
+
+def _driver(kind: str, spec_json: str) -> None:
+    """In the measured process: one ``hub_soup.run``, timed, its evaluations timed apart; prints JSON."""
+    spec = json.loads(spec_json)
+    import torch  # noqa: F401  (before the clock: the baseline process imports it too)
+
+    import hub_soup
+    from hub_soup.eval import evaluate
+
+    spent = {"score_s": 0.0, "scores": 0, "setup_s": 0.0}
+    score, init = evaluate.Evaluator.score, evaluate.Evaluator.__init__
+
+    def timed_score(self, model):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return score(self, model)
+        finally:
+            spent["score_s"] += time.perf_counter() - start
+            spent["scores"] += 1
+
+    def timed_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            spent["setup_s"] += time.perf_counter() - start
+
+    evaluate.Evaluator.score, evaluate.Evaluator.__init__ = timed_score, timed_init  # type: ignore[method-assign]
+    fields = {"output": {"path": spec["out"], "overwrite": True}}
+    if kind == "greedy":
+        fields |= {"greedy": True, "eval": {"task": "causal-lm", "data": spec["data"], "batch_size": spec["batch"]}}
+    recipe = hub_soup.Recipe.from_refs(spec["refs"], **fields)
+    start = time.perf_counter()
+    result = hub_soup.run(recipe)
+    seconds = time.perf_counter() - start
+    assert result is not None
+    print(json.dumps({"run_s": seconds, "merge_s": result.stats.seconds, "kept": sum(result.kept), **spent}))
+    sys.stdout.flush()
+    os._exit(0)  # as hub-soup ends: no teardown in the numbers
+
+
+def measure(cmd: list[str]) -> dict:
+    """run.py's peak RSS, peak RssAnon and wall time of ``cmd``, and the JSON it printed last."""
+    result = measure_output(cmd, {})
+    printed = [line for line in result.pop("stdout").splitlines() if line.startswith("{")]
+    return {**result, **(json.loads(printed[-1]) if printed else {})}
+
+
+def warm_up(folders: list[Path]) -> None:
+    """Read the ingredients' weights once, so they are in the page cache."""
+    files = [str(f.resolve()) for d in folders for f in d.glob("*.safetensors")]
+    subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], check=True)
+
+
+def run_case(args: argparse.Namespace, size: str, n: int) -> dict:
+    work = WORK / "greedy"
+    folders = ingredient_views(args.models, size, n, work)
+    vocab_size = json.loads((folders[0] / "config.json").read_text())["vocab_size"]
+    data = eval_data(work, vocab_size, args.texts, args.words)
+    ingredient = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
+    out = work / "out" / f"{size}-x{n}"
+    spec = {"refs": [str(f) for f in folders], "out": str(out), "data": str(data), "batch": args.batch}
+    python = sys.executable
+    row: dict = {"size": size, "n": n, "ingredient_bytes": ingredient, "texts": args.texts, "words": args.words,
+                 "batch": args.batch, "threads": os.environ.get("OMP_NUM_THREADS") or "default"}
+    warm_up(folders)
+    row["bare"] = measure([python, "-c", "import os, torch; os._exit(0)"])
+    for kind in ("merge", "greedy"):
+        warm_up(folders)
+        row[kind] = measure([python, __file__, "_driver", kind, json.dumps(spec)])
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def render(rows: list[dict]) -> str:
+    header = (
+        "| model x N | ingredient | tool | wall s | in run s | evaluations (s) | eval setup s | beyond evaluations s "
+        "| beyond / merge | peak RSS MiB | working MiB | working / ingredient | peak anon MiB |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    mib = 1 << 20
+    for row in rows:
+        bare = row["bare"]["peak_rss"]
+        merge_run = row["merge"]["run_s"]
+        for kind in ("merge", "greedy"):
+            m = row[kind]
+            working = m["peak_rss"] - bare
+            beyond = m["run_s"] - m["score_s"] - m["setup_s"]
+            lines.append(
+                f"| {row['size']} x {row['n']} | {row['ingredient_bytes'] / 1e9:.2f} GB | {kind} | {m['wall_s']:.1f} "
+                f"| {m['run_s']:.1f} | {m['scores']} ({m['score_s']:.1f}) | {m['setup_s']:.1f} | {beyond:.1f} "
+                f"| {beyond / merge_run:.2f} | {m['peak_rss'] / mib:.0f} | {working / mib:.0f} "
+                f"| {working / row['ingredient_bytes']:.2f} | {m['peak_anon'] / mib:.0f} |"
+            )
+    bare_lines = {f"{r['bare']['peak_rss'] / mib:.0f} MiB" for r in rows}
+    lines.append("")
+    lines.append(f"bare `import torch` peak RSS: {', '.join(sorted(bare_lines))}; machine: {platform.machine()}, "
+                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_driver":
+        _driver(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, default=WORK / "models", help="run.py's models folder (read only)")
+    parser.add_argument("--sizes", nargs="+", default=["0.5b", "1.5b"])
+    parser.add_argument("--n", type=int, nargs="+", default=[3, 8])
+    parser.add_argument("--texts", type=int, default=16, help="eval texts")
+    parser.add_argument("--words", type=int, default=32, help="words (tokens) per text")
+    parser.add_argument("--batch", type=int, default=4, help="eval batch size")
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        for n in args.n:
+            if not (args.models / size / f"ing{n - 1}" / "config.json").is_file():
+                print(f"skipping {size} x {n}: {args.models / size / f'ing{n - 1}'} does not exist", file=sys.stderr)
+                continue
+            row = run_case(args, size, n)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            print(render([row]).split("\n\n")[0], file=sys.stderr)
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
