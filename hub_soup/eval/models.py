@@ -194,6 +194,10 @@ class ModelSink:
     takes the first one's values and later ones are dropped, as transformers' ``tie_weights`` keeps the
     input embeddings: the model then holds what ``from_pretrained`` of the written soup holds.
 
+    A model accelerate placed (``eval.device_map``) reads an offloaded module's weights from its hook's
+    weights map, not from its own (meta) tensors: those copies are written instead, each copy of a tied
+    weight (accelerate offloads tied keys once per key), so the forward reads the streamed values.
+
     Raises:
         EvalError: keys missing or extra, or a shape the model does not have, naming the first.
     """
