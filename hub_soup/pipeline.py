@@ -33,7 +33,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -720,16 +720,22 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     options: dict[str, Any] = {
         "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
     }
-    evaluator = Evaluator(recipe.eval, soup.reference, **options)
-    test_evaluator = (
-        Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options)
-        if recipe.eval.test_split
-        else None
-    )
+    with ExitStack() as stack:  # the models scored, and their offload folders, go when scoring ends
+        evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, **options))
+        test_evaluator = (
+            stack.enter_context(Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options))
+            if recipe.eval.test_split
+            else None
+        )
+        return _scored(recipe, soup, evaluator, test_evaluator)
+
+
+def _scored(recipe: Recipe, soup: _Soup, evaluator: Evaluator, test_evaluator: Evaluator | None) -> GreedyReport:
+    """:func:`_evaluate`'s scores, with its evaluators."""
     labels = [c.label for c in soup.checkpoints]
     # each adapter, and each candidate soup, is scored as the base with its delta merged in
     load, soup_of, base = soup.adapters.scorers(soup.method) if soup.adapters is not None else _scorers(soup)
-    options = {
+    options: dict[str, Any] = {
         "recalibrate_bn_batches": recipe.recalibrate_bn,
         "test_evaluator": test_evaluator,
         "ensemble": recipe.ensemble_reference,

@@ -43,6 +43,17 @@ from hub_soup.merging.methods import MergeMethod, get_method
 # Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 Device = Literal["cpu", "cuda", "auto"]
+# transformers' named device maps (from_pretrained(device_map=...)); accelerate computes each
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _is_device(device: object, *, placing: bool) -> bool:
+    """A device accelerate's ``device_map`` (``placing``) or ``max_memory`` takes: a GPU index, cpu, mps, and
+    for placement also ``cuda:N`` and disk."""
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        return int(device) >= 0
+    named = {"cpu", "mps", "disk"} if placing else {"cpu", "mps"}
+    return device in named or (placing and isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device) is not None)
 
 
 class _Strict(BaseModel):
@@ -130,6 +141,20 @@ class EvalSpec(_Strict):
     num_fewshot: int | None = Field(
         None, ge=0, description="for task: lm-eval: few-shot examples per prompt (default: each task's own)"
     )
+    # models bigger than one device: accelerate's big-model placement, spelled as transformers and accelerate spell it
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="place the scored model with accelerate, as from_pretrained(device_map=...): "
+        f"{', '.join(DEVICE_MAPS)}, or {{module: device}}; modules on cpu (beside a GPU) or disk are offloaded",
+    )
+    max_memory: dict[str, int | str] | None = Field(
+        None, description="with device_map: the most each device holds, as accelerate's max_memory: "
+        "{0: 20GiB, cpu: 60GiB} (GPU indices, cpu, mps)",
+    )
+    offload_folder: str | None = Field(
+        None, description="with device_map: the folder disk-offloaded weights are kept in while scoring (a temporary "
+        "folder inside it, removed afterwards)",
+    )
 
     def with_local_paths(self, convert: Callable[[str], str], base: Path) -> EvalSpec:
         """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base``
@@ -142,6 +167,8 @@ class EvalSpec(_Strict):
             changes["function"] = f"{convert(module)}:{name}"
         if self.include_path is not None:
             changes["include_path"] = convert(self.include_path)
+        if self.offload_folder is not None:
+            changes["offload_folder"] = convert(self.offload_folder)
         return self.model_copy(update=changes)
 
     @field_validator("task")
@@ -157,6 +184,41 @@ class EvalSpec(_Strict):
         if value is not None and not all(name.strip() for name in value):
             raise ValueError("harness task names must not be empty")
         return [name.strip() for name in value] if value is not None else None
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value: str | dict[str, int | str] | None) -> str | dict[str, int | str] | None:
+        if isinstance(value, str) and value not in DEVICE_MAPS:
+            raise ValueError(f"{value!r} is not a device map: use {', '.join(DEVICE_MAPS)}, or {{module: device}}")
+        for module, device in (value.items() if isinstance(value, dict) else ()):
+            if not _is_device(device, placing=True):
+                raise ValueError(
+                    f"{module!r}: {device!r} is not a device (a GPU index, cuda:N, cpu, mps or disk)"
+                )
+        return value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, value: Any) -> Any:
+        """Keys as accelerate takes them (GPU indices, cpu, mps), each size one ``parse_size`` reads."""
+        if not isinstance(value, dict):
+            return value
+        for device, size in value.items():
+            if not _is_device(device, placing=False):
+                raise ValueError(f"{device!r} is not a device (a GPU index, cpu or mps)")
+            try:
+                parse_size(size)
+            except (ValueError, AttributeError):
+                raise ValueError(f"{device!r}: not a size: {size!r} (use e.g. 20GiB, 500MB)") from None
+        return {str(device): size for device, size in value.items()}
+
+    @model_validator(mode="after")
+    def _placement(self) -> EvalSpec:
+        if self.device_map is None:
+            given = [name for name in ("max_memory", "offload_folder") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with device_map (--device-map auto)")
+        return self
 
     @model_validator(mode="after")
     def _fields_of_the_task(self) -> EvalSpec:
@@ -339,6 +401,12 @@ class Recipe(_Strict):
             )
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
+        if self.eval is not None and self.eval.device_map is not None and self.device != "cpu":
+            # transformers' pipeline(device=..., device_map=...) refuses the pair the same way
+            raise ValueError(
+                f"eval.device_map places the scored model and device: {self.device} would too, and they might "
+                "conflict: use only one (--device-map, with merging streamed on the CPU, or --device)"
+            )
         if self.greedy and method.exact_ingredients is not None:
             raise ValueError(f"greedy soups try subsets of the ingredients, method {self.method} merges exactly "
                              f"{method.exact_ingredients}; drop greedy")

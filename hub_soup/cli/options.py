@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from typing import Any, get_args
 
 from hub_soup.recipe import Device, Dtype, task_names
@@ -90,6 +91,35 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) ->
     group.add_argument("--include-path", metavar="DIR",
                        help="for --eval-task lm-eval: a folder of task YAMLs of your own (needs --trust-remote-code: "
                        "the harness runs task YAMLs as code)")
+    group.add_argument("--device-map", type=_device_map, metavar="MAP",
+                       help="spread the scored model over devices with accelerate, as from_pretrained(device_map=...): "
+                       "auto, balanced, balanced_low_0, sequential, or MODULE=DEVICE[,...] or JSON; keeps --device cpu")
+    group.add_argument("--max-memory", type=_mapping, metavar="DEVICE=SIZE[,...]",
+                       help="with --device-map: the most each device holds, as accelerate's max_memory: 0=20GiB,cpu=60GiB "
+                       "or JSON")
+    group.add_argument("--offload-folder", metavar="DIR",
+                       help="with --device-map: where disk-offloaded weights are kept while scoring (removed afterwards)")
+
+
+def _mapping(value: str) -> dict[str, str]:
+    """``0=20GiB,cpu=60GiB`` or a JSON object, as a mapping; each key and value is checked by the recipe."""
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object")
+        return parsed
+    pairs = [pair.partition("=") for pair in value.split(",")]
+    if not all(key.strip() and sep and item.strip() for key, sep, item in pairs):
+        raise argparse.ArgumentTypeError(f"{value!r}: write KEY=VALUE[,KEY=VALUE...] (e.g. 0=20GiB,cpu=60GiB) or JSON")
+    return {key.strip(): item.strip() for key, _, item in pairs}
+
+
+def _device_map(value: str) -> str | dict[str, str]:
+    """A named device map (``auto``), or a module -> device mapping (``""=cpu`` places the whole model)."""
+    return value if "=" not in value and not value.lstrip().startswith("{") else _mapping(value)
 
 
 def _comma_separated(value: str) -> list[str]:
@@ -117,6 +147,9 @@ def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         "tasks": args.eval_tasks,
         "include_path": args.include_path,
         "num_fewshot": args.num_fewshot,
+        "device_map": args.device_map,
+        "max_memory": args.max_memory,
+        "offload_folder": args.offload_folder,
     }
 
 

@@ -106,6 +106,16 @@ class Evaluator:
             else self.task.measured_examples()
         )
 
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the reused model and remove its disk offload folder, if it has one."""
+        self.task.close()
+
     # -- models --------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hub_soup.errors import EvalError, UntrustedCodeError
+from hub_soup.eval.placement import Placement, placed_build, weight_storage
 from hub_soup.hub.card import detect_library
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
@@ -66,28 +67,35 @@ class Architecture:
         return cls(reference.label, config, tuple(reference.sidecars), library, trust_remote_code)
 
     def build(
-        self, device: torch.device, auto_class: str | None = None, dtype: torch.dtype | None = None
+        self, device: torch.device, auto_class: str | None = None, dtype: torch.dtype | None = None,
+        placement: Placement | None = None,
     ) -> nn.Module:
-        """A fresh instance in ``dtype`` (None: float32), eval mode, on ``device``, its weights left uninitialised (every
-        one is streamed in before it is scored).
+        """A fresh instance in ``dtype`` (None: float32), eval mode, on ``device`` (or spread over devices as
+        ``placement`` says), its weights left uninitialised (every one is streamed in before it is scored).
 
         The model is made in ``dtype`` on ``device`` from the start, never in float32 on the CPU first:
         a 7B model then needs its own size once, not twice that. transformers keeps what it keeps in
-        float32 whatever the dtype (rotary frequencies), as ``from_pretrained`` does.
+        float32 whatever the dtype (rotary frequencies), as ``from_pretrained`` does. A placed model is
+        made on the meta device and dispatched by accelerate (:mod:`hub_soup.eval.placement`).
 
         ``auto_class`` names the transformers Auto class of the task (``AutoModelForCausalLM``);
         ``None`` takes the config's own ``architectures`` (timm ignores it).
         """
         dtype = dtype or torch.float32
+        if placement is not None:
+            model = placed_build(lambda: self._model(auto_class, dtype))
+            return placement.dispatch(model, dtype, self.label).eval()
+        with torch.device(device):
+            return self._model(auto_class, dtype).eval()
+
+    def _model(self, auto_class: str | None, dtype: torch.dtype) -> nn.Module:
+        """The model in ``dtype``, made on the current default device (``with torch.device``, or meta)."""
         if self.family == "timm":
             import timm
 
             config_dir = next(p.parent for p in self.sidecars if p.name == "config.json")
-            with torch.device(device):
-                model = timm.create_model(f"local-dir:{config_dir}", pretrained=False)
-            return model.to(dtype).eval()
-        with torch.device(device):
-            return self._transformers_model(auto_class, dtype).eval()
+            return timm.create_model(f"local-dir:{config_dir}", pretrained=False).to(dtype)
+        return self._transformers_model(auto_class, dtype)
 
     def _transformers_model(self, auto_class: str | None, dtype: torch.dtype) -> nn.Module:
         import transformers
@@ -186,15 +194,20 @@ class ModelSink:
     takes the first one's values and later ones are dropped, as transformers' ``tie_weights`` keeps the
     input embeddings: the model then holds what ``from_pretrained`` of the written soup holds.
 
+    A model accelerate placed (``eval.device_map``) reads an offloaded module's weights from its hook's
+    weights map, not from its own (meta) tensors: those copies are written instead, each copy of a tied
+    weight (accelerate offloads tied keys once per key), so the forward reads the streamed values.
+
     Raises:
         EvalError: keys missing or extra, or a shape the model does not have, naming the first.
     """
 
     def __init__(self, model: nn.Module, metas: Mapping[str, TensorMeta], label: str) -> None:
         own = model.state_dict(keep_vars=True)
+        identity = {key: _identity(tensor) for key, tensor in own.items()}
         extra = [key for key in metas if key not in own]
-        streamed = {own[key].data_ptr() for key in metas if key in own}
-        missing = [key for key in own if key not in metas and own[key].data_ptr() not in streamed]
+        streamed = {identity[key] for key in metas if key in own}
+        missing = [key for key in own if key not in metas and identity[key] not in streamed]
         if missing or extra:
             details = []
             if missing:
@@ -212,22 +225,33 @@ class ModelSink:
                     f"{list(meta.shape)}, the model's {list(own[key].shape)}",
                     hint="the config.json beside the first ingredient must describe the ingredients' architecture",
                 )
-        self._targets: dict[str, torch.Tensor | None] = {}
-        claimed: set[int] = set()
+        # every copy of a weight the forward may read: tied keys offloaded by accelerate are stored once per key
+        copies: dict[tuple[object, ...], dict[tuple[str, int], torch.Tensor]] = {}
+        for key, tensors in weight_storage(model).items():
+            group = copies.setdefault(identity[key], {})
+            for tensor in tensors:
+                group.setdefault((str(tensor.device), tensor.data_ptr()), tensor)
+        self._targets: dict[str, list[torch.Tensor]] = {}
+        claimed: set[tuple[object, ...]] = set()
         for key in metas:
-            tensor = own[key].detach()
-            self._targets[key] = tensor.view(-1) if tensor.data_ptr() not in claimed else None
-            claimed.add(tensor.data_ptr())
-        self._flat: torch.Tensor | None = None
+            first = identity[key] not in claimed
+            self._targets[key] = [t.view(-1) for t in copies[identity[key]].values()] if first else []
+            claimed.add(identity[key])
+        self._flat: list[torch.Tensor] = []
         self._filled = 0
 
     def begin(self, key: str) -> None:
         self._flat, self._filled = self._targets[key], 0
 
     def write(self, chunk: torch.Tensor) -> None:
-        if self._flat is not None:
-            self._flat[self._filled : self._filled + chunk.numel()].copy_(chunk)
+        for flat in self._flat:
+            flat[self._filled : self._filled + chunk.numel()].copy_(chunk)
         self._filled += chunk.numel()
+
+
+def _identity(tensor: torch.Tensor) -> tuple[object, ...]:
+    """What tied tensors share: their memory, or, offloaded by accelerate (meta), the one parameter object."""
+    return ("meta", id(tensor)) if tensor.is_meta else (str(tensor.device), tensor.data_ptr())
 
 
 def logits(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:

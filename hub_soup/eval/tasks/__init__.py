@@ -109,8 +109,11 @@ class EvalTask(ABC):
         return 0
 
     def build_model(self) -> nn.Module:
-        """A fresh instance of the reference's architecture (in :attr:`dtype`, eval mode, on the device)."""
-        return self.architecture.build(self.device, self.auto_class, self.dtype)
+        """A fresh instance of the reference's architecture (in :attr:`dtype`, eval mode, on the device, or
+        spread over devices as ``spec.device_map`` says)."""
+        from hub_soup.eval.placement import Placement
+
+        return self.architecture.build(self.device, self.auto_class, self.dtype, Placement.of(self.spec))
 
     def model(self) -> nn.Module:
         """One instance built on first use and reused, so reading the data (which may need the model's
@@ -118,6 +121,14 @@ class EvalTask(ABC):
         if self._model is None:
             self._model = self.build_model()
         return self._model
+
+    def close(self) -> None:
+        """Let go of the reused model, and of what its placement keeps on disk (an offload folder)."""
+        if self._model is not None:
+            from hub_soup.eval.placement import release
+
+            release(self._model)
+            self._model = None
 
     @abstractmethod
     def batches(self) -> list[Batch]:
