@@ -171,8 +171,26 @@ def case(size: str, method: str, repeat: int, mergekit: list[tuple[str | None, i
             "input_bytes": run.input_bytes(size, FINE_TUNES + 1), "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def latest_of_each_tool(results: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (size, method): hub-soup's latest measurement, and mergekit's latest (a ``--mergekit none`` run
+    re-measures hub-soup alone, after a change to it, against mergekit's figures of an earlier run)."""
+    combined: dict[tuple[str, str], dict] = {}
+    for r in results:
+        key = (r["size"], r["method"])
+        ours = {k: v for k, v in r["timings"].items() if k == "hub-soup"}
+        theirs = {k: v for k, v in r["timings"].items() if k != "hub-soup"}
+        previous = combined.get(key)
+        if previous is not None and not theirs:  # keep mergekit's, from the earlier run
+            theirs = {k: v for k, v in previous["timings"].items() if k != "hub-soup"}
+            precision = {k: v for k, v in previous["precision"].items() if k != "hub-soup"}
+            r = {**r, "timings": {**ours, **theirs}, "precision": {**precision, "hub-soup": r["precision"]["hub-soup"]},
+                 "mergekit_when": previous.get("mergekit_when", previous["when"])}
+        combined[key] = r
+    return combined
+
+
 def render(results: list[dict]) -> str:
-    latest = {(r["size"], r["method"]): r for r in results}
+    latest = latest_of_each_tool(results)
     lines = [
         SECTION, "",
         (f"Three fine-tunes and their base (run.py's models: `ing0` the base, `ing1..3` the fine-tunes), bf16, page "
@@ -198,6 +216,10 @@ def render(results: list[dict]) -> str:
             f"{_share(found, 'hub-soup')} | {_share(found, 'mergekit bf16')} | {_share(found, 'mergekit float32')} | "
             f"{100 * undecided['undecided'] / undecided['elements']:.3f}% |"
         )
+    earlier = sorted({f"{size} {method}: {r['mergekit_when']}" for (size, method), r in latest.items() if "mergekit_when" in r})
+    if earlier:
+        lines += ["", "hub-soup re-measured alone after a change; mergekit's figures (time and precision) from an earlier "
+                  "run of the same script: " + "; ".join(earlier) + "."]
     lines += ["", f"Measured {max(r['when'] for r in latest.values())} on {run.machine()}.", ""]
     return "\n".join(lines)
 
@@ -230,10 +252,13 @@ def main() -> None:
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of every setting; the best counts")
     parser.add_argument("--mergekit", default="bf16:1,bf16:2,float32:1,float32:2",
-                        help="mergekit settings, ARITHMETIC:THREADS (its -j), comma-separated")
+                        help="mergekit settings, ARITHMETIC:THREADS (its -j), comma-separated; none: hub-soup "
+                        "alone, against mergekit's latest recorded figures")
     args = parser.parse_args()
-    mergekit = [(None if a == "bf16" else a, int(j)) for a, j in (s.split(":") for s in args.mergekit.split(","))]
-    if run.mergekit_python() is None:
+    mergekit = [] if args.mergekit == "none" else [
+        (None if a == "bf16" else a, int(j)) for a, j in (s.split(":") for s in args.mergekit.split(","))
+    ]
+    if mergekit and run.mergekit_python() is None:
         sys.exit("mergekit is needed for the side-by-side (see run.mergekit_python)")
     for size in args.sizes.split(","):
         for method in args.methods.split(","):

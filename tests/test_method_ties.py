@@ -194,6 +194,21 @@ def test_ties_elects_signs_and_averages_only_the_agreeing_entries() -> None:
     assert soup.tolist() == [2.0, 1.0, 0.5, 0.0]
 
 
+@pytest.mark.parametrize("name", ["ties", "dare_linear"])
+def test_a_soup_that_cancels_to_almost_nothing_is_still_within_one_ulp(tmp_path: Path, name: str) -> None:
+    """Values of the benchmark models: the three task vectors agree (all negative), and the soup, the mean
+    of the fine-tunes, cancels to -2.3e-9 from terms of 3e-3, whose float32 rounding is 1% of it."""
+    base = {"w": torch.tensor([0.0029754638671875, 0.5], dtype=torch.bfloat16)}
+    values = ([0.002044677734375, 0.51], [-6.752088665962219e-09, 0.49], [-0.002044677734375, 0.5])
+    tunes = [{"w": torch.tensor(v, dtype=torch.bfloat16)} for v in values]
+    soup = merge_both_ways(tmp_path, tunes, get_method(name)({"normalize": True}), base, CUTS[0])
+    parts, ones = [t["w"] for t in tunes], [1.0, 1.0, 1.0]
+    expected = (ties_by_hand(parts, base["w"], ones, ones) if name == "ties"
+                else dare_by_hand(parts, base["w"], ones, ones, "w", consensus=False, normalize=True))
+    assert abs(expected[0].item() / (sum(v[0] for v in values) / 3) - 1) < 1e-9
+    ck.assert_within_ulp(soup["w"], expected, torch.bfloat16, "w")
+
+
 def test_a_density_that_keeps_nothing_leaves_the_base(tmp_path: Path) -> None:
     """``int(density * numel) = 0`` (a 0-dim tensor at density 0.5): mergekit stops there; hub-soup keeps the base's."""
     tunes, base = _fine_tunes(torch.float32, count=2, seed=6)

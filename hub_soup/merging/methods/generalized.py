@@ -10,10 +10,14 @@ Per tensor and element, with ``delta_i = theta_i - theta_base``::
 
 An element whose votes sum to 0 elects ``+``; a zero ``d_i`` agrees with neither sign;
 where no weight agrees, the divisor is 1 (all as mergekit). The kernel computes in
-float32 (float64 for float64 tensors), keeps every ingredient's ``d_i`` of a block in a
-workspace (so each is computed once), and every step is one IEEE-rounded elementwise
-op, so the soup does not depend on where the engine cuts a tensor; mergekit computes in
-the tensors' own dtype (bf16), hub-soup rounds once, at the end.
+float64, keeps every ingredient's ``d_i`` of a block in a workspace (so each is computed
+once), and every step is one IEEE-rounded elementwise op, so the soup does not depend on
+where the engine cuts a tensor; mergekit computes in the tensors' own dtype (bf16),
+hub-soup rounds once, at the end. float64 and not float32 for the reason task arithmetic
+gives (:mod:`~hub_soup.merging.methods.task_arithmetic`): a soup element can cancel to far
+below the base and task vectors it is made of (one element of the 1.5B benchmark models'
+TIES soup did), and float32's rounding of the large terms is then more than an ulp of it.
+The price is the magnitude threshold's two more radix passes (four over float64 bits).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     default_weight = 1.0
     normalizes_weights = False
     ingredient_parameters = ("density",)
+    float64_kernel = True
 
     def densities(self, count: int) -> list[float]:
         return self.per_ingredient("density", count)
@@ -90,7 +95,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return min([self.parameters.density, *own]) < 1  # type: ignore[attr-defined]
 
     def statistics_passes(self, dtype: torch.dtype) -> int:
-        """Magnitude sparsification reads each tensor once per radix digit of its threshold (2 in float32)."""
+        """Magnitude sparsification reads each tensor once per radix digit of its threshold (4 in float64)."""
         return radix_passes(dtype) if self.sparsification == "magnitude" and self._sparsifies else 0
 
     def start_statistics(self, tensor: MergedTensor) -> Any:
@@ -150,11 +155,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
             statistics.element_hash_(hashed, tmp, offset)
         for i, (delta, part) in enumerate(zip(deltas, parts)):
             delta_(delta, part, base)
-            if self.sparsification == "magnitude" and statistics is not None:
+            if isinstance(statistics, MagnitudeThresholds):  # magnitude trimming (not at density 1)
                 below = statistics.below[i]
                 if below is DROP:
                     delta.zero_()
-                elif below is not None:
+                elif isinstance(below, float):
                     # keep |d| >= threshold, as |d| > below: sign(max(|d| - below, 0)) is 1 there, else 0 (exact:
                     # a difference is 0 only between equal floats). Float ops only: a bool mask and masked_fill
                     # cost 5x more per element here.
