@@ -208,23 +208,21 @@ class ModelSink:
         extra = [key for key in metas if key not in own]
         streamed = {identity[key] for key in metas if key in own}
         missing = [key for key in own if key not in metas and identity[key] not in streamed]
-        if missing or extra:
-            details = []
-            if missing:
-                details.append(f"{len(missing)} model keys are missing, e.g. {missing[0]!r}")
-            if extra:
-                details.append(f"{len(extra)} keys are not in the model, e.g. {extra[0]!r}")
+        details = []
+        if missing:
+            details.append(f"{len(missing)} model keys are missing, e.g. {missing[0]!r}")
+        if extra:
+            details.append(f"{len(extra)} keys are not in the model, e.g. {extra[0]!r}")
+        if not details:
+            details = [
+                f"{key} is {list(meta.shape)}, the model's {list(own[key].shape)}"
+                for key, meta in metas.items() if tuple(own[key].shape) != tuple(meta.shape)
+            ][:1]
+        if details:
             raise EvalError(
                 f"the weights do not fit the architecture of {label}'s config: " + "; ".join(details),
                 hint="the config.json beside the first ingredient must describe the ingredients' architecture",
             )
-        for key, meta in metas.items():
-            if tuple(own[key].shape) != tuple(meta.shape):
-                raise EvalError(
-                    f"the weights do not fit the architecture of {label}'s config: {key} is "
-                    f"{list(meta.shape)}, the model's {list(own[key].shape)}",
-                    hint="the config.json beside the first ingredient must describe the ingredients' architecture",
-                )
         # every copy of a weight the forward may read: tied keys offloaded by accelerate are stored once per key
         copies: dict[tuple[object, ...], dict[tuple[str, int], torch.Tensor]] = {}
         for key, tensors in weight_storage(model).items():
