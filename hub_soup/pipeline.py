@@ -789,12 +789,37 @@ def _soup_config(reference: Checkpoint, dtype: str | None) -> dict[str, Any] | N
 
 
 def device_for(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU falls back to CPU with a warning."""
-    if name in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if name == "cuda":
-        logger.warning("--device cuda: no CUDA device is available; accumulating on the CPU")
-    return torch.device("cpu")
+    """The recipe's ``device`` on this machine: ``auto`` picks CUDA when present; ``cuda`` or ``cuda:N``
+    without CUDA falls back to the CPU with a warning (a recipe pinned on a GPU machine still runs
+    elsewhere, slower); a GPU index this machine lacks is an error (:func:`cuda_device`).
+
+    Raises:
+        RecipeError: ``cuda:N`` with N at least the number of CUDA devices.
+    """
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if name != "auto":
+            logger.warning("--device %s: no CUDA device is available; accumulating on the CPU", name)
+        return torch.device("cpu")
+    return cuda_device("cuda" if name == "auto" else name, torch.cuda.device_count())
+
+
+def cuda_device(name: str, count: int) -> torch.device:
+    """``name`` (``cuda`` or ``cuda:N``) on a machine with ``count`` CUDA devices. Checked here, before
+    anything is downloaded: torch takes ``torch.device("cuda:5")`` on any machine and fails only at the
+    first tensor put there, deep in a merge.
+
+    Raises:
+        RecipeError: N is not below ``count``, naming the devices there are.
+    """
+    device = torch.device(name)
+    if device.index is not None and device.index >= count:
+        valid = ["cuda", *(f"cuda:{index}" for index in range(count))]
+        there = f"{count} CUDA device{'s' if count != 1 else ''} ({', '.join(valid[1:])})" if count else "no CUDA device"
+        use = f"{', '.join(valid[:-1])} or {valid[-1]}" if count else "cpu"
+        raise RecipeError(f"--device {name}: this machine has {there}", hint=f"use {use} (--device, a recipe's device)")
+    return device
 
 
 def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | None = None) -> Recipe:

@@ -20,11 +20,12 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -33,6 +34,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
 from hub_soup.errors import RecipeError
 from hub_soup.eval import tasks
@@ -42,7 +44,31 @@ from hub_soup.merging.methods import MergeMethod, get_method
 
 # Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
-Device = Literal["cpu", "cuda", "auto"]
+# Where to merge and score: N is a GPU's index as torch spells it (cuda:01 is no device to torch). A pattern,
+# not choices: ``--device`` checks with check_device and lists DEVICE_FORMS, so flags and recipes agree still.
+DEVICE_FORMS = ("cpu", "cuda", "cuda:N", "auto")
+_DEVICE = re.compile(r"cpu|cuda(?::(?:0|[1-9][0-9]*))?|auto")
+
+
+def check_device(value: object) -> str:
+    """``value`` if it is a device a recipe takes (:data:`DEVICE_FORMS`); whether this machine has that
+    GPU is :func:`hub_soup.pipeline.device_for`'s question, asked where torch is imported.
+
+    Raises:
+        ValueError: anything else, in words naming the value and the forms taken.
+    """
+    if not isinstance(value, str) or _DEVICE.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a device: use {', '.join(DEVICE_FORMS[:-1])} or {DEVICE_FORMS[-1]} "
+                         "(N: a GPU index, 0, 1, ...)")
+    return value
+
+
+Device = Annotated[
+    str,
+    BeforeValidator(check_device),
+    WithJsonSchema({"type": "string", "pattern": f"^(?:{_DEVICE.pattern})$"}),
+]
+
 # transformers' named device maps (from_pretrained(device_map=...)); accelerate computes each
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -333,7 +359,8 @@ class Recipe(_Strict):
     exclude: list[str] = Field(default_factory=list, description="glob patterns of keys taken from the first ingredient")
     ema: bool = Field(True, description="use EMA weights when a training checkpoint has them (timm's default)")
     allow_pickle: bool = Field(False, description="allow pickles that execute code on load: only for trusted files")
-    device: Device = "cpu"
+    device: Device = Field("cpu", description=f"where to merge and score: {', '.join(DEVICE_FORMS)}; auto is cuda "
+                           "when there is a GPU, cuda and cuda:N fall back to the CPU (with a warning) when there is none")
     eval: EvalSpec | None = None
     greedy: bool = False
     recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")

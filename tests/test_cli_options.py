@@ -8,7 +8,8 @@ from typing import get_args
 import pytest
 
 from hub_soup.cli import build_parser
-from hub_soup.recipe import Device, Dtype, task_names
+from hub_soup.errors import RecipeError
+from hub_soup.recipe import DEVICE_FORMS, Dtype, Recipe, task_names
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -24,8 +25,6 @@ def _option(command: str, flag: str) -> argparse.Action:
     ("command", "flag", "recipe_choices"),
     [
         ("merge", "--dtype", get_args(Dtype)),
-        ("merge", "--device", get_args(Device)),
-        ("diagnose", "--device", get_args(Device)),
         ("merge", "--eval-task", task_names()),
         ("diagnose", "--eval-task", task_names()),
     ],
@@ -33,6 +32,25 @@ def _option(command: str, flag: str) -> argparse.Action:
 def test_choices_are_the_recipes_own(command: str, flag: str, recipe_choices: tuple[str, ...]) -> None:
     choices = _option(command, flag).choices
     assert choices is not None and tuple(choices) == recipe_choices
+
+
+@pytest.mark.parametrize("command", ["merge", "diagnose"])
+def test_device_takes_what_the_recipe_takes_and_lists_its_forms(command: str) -> None:
+    """``cuda:N`` fits no list of choices: the flag's check is the recipe's, and its usage shows every form."""
+    action = _option(command, "--device")
+    assert action.metavar == "{" + ",".join(DEVICE_FORMS) + "}"
+    parser = _commands()[command]
+    for value in ("cpu", "cuda", "cuda:0", "cuda:13", "auto", "gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:01", "CUDA"):
+        try:
+            Recipe.from_refs(["a", "b"], None, device=value)
+            recipe_takes = True
+        except RecipeError:
+            recipe_takes = False
+        try:
+            flag_takes = parser._get_values(action, [value]) == value
+        except argparse.ArgumentError:
+            flag_takes = False
+        assert flag_takes == recipe_takes, value
 
 
 def test_an_option_of_several_commands_means_the_same_in_each() -> None:

@@ -2,12 +2,13 @@
 
 A flag used by two commands is one :class:`Option` here, so its name, default,
 choices and help cannot drift apart between commands. Choices come from the
-recipe's own types (``Dtype``, ``Device``, :func:`~hub_soup.recipe.task_names`):
-a value the CLI offers is a value the recipe accepts. A command whose option
-means something narrower there (``--exclude`` in ``inspect`` leaves keys out of
-a table, not out of an average) says so with its own ``help``, never with its
-own definition. Nothing here imports torch: every command's ``--help`` builds
-this parser.
+recipe's own types (``Dtype``, :func:`~hub_soup.recipe.task_names`), and
+``--device`` (``cuda:N`` is no list of choices) is checked by the recipe's own
+:func:`~hub_soup.recipe.check_device`: a value the CLI offers is a value the
+recipe accepts. A command whose option means something narrower there
+(``--exclude`` in ``inspect`` leaves keys out of a table, not out of an average)
+says so with its own ``help``, never with its own definition. Nothing here
+imports torch: every command's ``--help`` builds this parser.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import copy
 import json
 from typing import Any, get_args
 
-from hub_soup.recipe import Device, Dtype, task_names
+from hub_soup.recipe import DEVICE_FORMS, Dtype, check_device, task_names
+
+
+def _device(value: str) -> str:
+    """``--device``, checked by the recipe's own rule; argparse names the flag before its words (exit 2)."""
+    try:
+        return check_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Option:
@@ -51,7 +60,10 @@ EXCLUDE = Option(
     help="keys not averaged: taken from the first REF",
 )
 BASE = Option("--base", metavar="REF", help="the model the ingredients were fine-tuned from (the recipe's base)")
-DEVICE = Option("--device", choices=get_args(Device), default="cpu", help="where to accumulate")
+DEVICE = Option(
+    "--device", type=_device, default="cpu", metavar="{" + ",".join(DEVICE_FORMS) + "}",
+    help="where to merge and score: cuda:N is GPU N, auto a GPU if there is one (default: cpu)",
+)
 OVERWRITE = Option("--overwrite", action="store_true", help="replace an existing output folder")
 RECALIBRATE_BN = Option("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")
 TRUST_REMOTE_CODE = Option(

@@ -33,8 +33,8 @@ class AccelerateBackend(Backend):
     """One process of an ``accelerate launch`` (or ``torchrun``) run.
 
     Args:
-        device: where the recipe runs models (``cpu`` or ``cuda``). On the CPU the
-            processes talk gloo; on CUDA, NCCL, and each process takes its own GPU
+        device: where the recipe runs models (``cpu``, ``cuda`` or ``cuda:N``). On the
+            CPU the processes talk gloo; on CUDA, NCCL, each process on its own GPU
             (``cuda:LOCAL_RANK``, see :meth:`device_for`).
     """
 
@@ -50,7 +50,8 @@ class AccelerateBackend(Backend):
         return int(self._state.num_processes)
 
     def device_for(self, requested: torch.device) -> torch.device:
-        """This process's own GPU for ``cuda`` (``accelerate``'s ``cuda:LOCAL_RANK``); the CPU stays the CPU."""
+        """This process's own GPU for ``cuda`` (``accelerate``'s ``cuda:LOCAL_RANK``); ``cuda:N`` names one GPU,
+        kept in every process (NCCL still talks through each process's own); the CPU stays the CPU."""
         return self._state.device if requested.type != "cpu" and requested.index is None else requested
 
     def gather(self, outputs: torch.Tensor) -> torch.Tensor:
