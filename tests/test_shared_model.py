@@ -3,11 +3,13 @@
 A recipe with ``eval.test_split`` scores every ingredient and the soup on two splits; building a model
 per split would double an LLM's memory. The test split's Evaluator therefore shares the selection
 Evaluator's instance (``model_of``), which that one builds, places and releases. Builds are counted
-through the real :meth:`Architecture.build`.
+through the real :meth:`Architecture.build`. Also: ``hub-soup diagnose`` closes its Evaluator, so a
+disk-offloaded model's folder goes when the command ends, not when the garbage collector gets to it.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import hub_soup
+from hub_soup.cli import main
 from hub_soup.errors import EvalError
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.models import Architecture
@@ -120,3 +123,25 @@ def test_a_model_of_another_dtype_or_device_is_not_shared(kit: Kit) -> None:
         with pytest.raises(EvalError, match="cuda:1.*cpu"):
             Evaluator(spec, reference, split="test", device="cuda:1", dtype=torch.bfloat16, model_of=owner)
     reference.close()
+
+
+def test_diagnose_removes_the_offload_folder_when_it_ends(
+    kit: Kit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the collector (a model dispatched by accelerate is in reference cycles), only closing the
+    Evaluator removes the folder."""
+    offload = tmp_path / "offload"
+    argv = [
+        "--quiet", "diagnose", str(kit.folders[0]), str(kit.folders[1]), "--alphas", "0.5",
+        "--eval-task", "causal-lm", "--eval-data", str(kit.data),
+        "--device-map", "auto", "--max-memory", "cpu=30KB", "--offload-folder", str(offload),
+    ]
+    gc.disable()
+    try:
+        code = main(argv)
+        left = list(offload.iterdir())
+    finally:
+        gc.enable()
+    assert code == 0, capsys.readouterr().err
+    assert "alpha" in capsys.readouterr().out
+    assert left == []
