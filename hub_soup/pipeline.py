@@ -708,11 +708,11 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     """Score every ingredient, the base of a method that has one, and the soup (greedy or not), with
     optional BN recalibration.
 
-    Models are built once, from the reference ingredient's config, in the eval dtype
-    (:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored is
-    streamed into that one instance: ingredients (and the base) from their files, soups
-    from the streamed engine (in the dtypes written), so what is scored, and then written,
-    is what the streamed merge writes, and memory stays near one model. Greedy chooses the
+    One model is built, from the reference ingredient's config, in the eval dtype
+    (:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored (on
+    the test split too) is streamed into that one instance: ingredients (and the base) from
+    their files, soups from the streamed engine (in the dtypes written), so what is scored,
+    and then written, is what the streamed merge writes, and memory stays near one model. Greedy chooses the
     ingredients; the recipe's method (Model Stock, with its base) combines each candidate set.
     """
     assert recipe.eval is not None
@@ -720,10 +720,12 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     options: dict[str, Any] = {
         "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
     }
-    with ExitStack() as stack:  # the models scored, and their offload folders, go when scoring ends
+    with ExitStack() as stack:  # the model scored, and its offload folder, go when scoring ends
         evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, **options))
-        test_evaluator = (
-            stack.enter_context(Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, **options))
+        test_evaluator = (  # scores in the evaluator's model: one model in memory for both splits
+            stack.enter_context(
+                Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, model_of=evaluator, **options)
+            )
             if recipe.eval.test_split
             else None
         )

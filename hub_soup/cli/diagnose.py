@@ -60,13 +60,14 @@ def diagnose_command(args: argparse.Namespace) -> int:
     with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
         layouts = layouts_of(checkpoints)
         plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
-        evaluator = Evaluator(
+        # closed when the curve is scored: the model goes, and with a device map its offload folder
+        with Evaluator(
             spec, checkpoints[0], device=device_for(args.device), trust_remote_code=args.trust_remote_code
-        )
-        report = diagnose(
-            checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,
-            base=checkpoints[2] if args.base else None, plot_path=args.plot,
-            recalibrate_bn_batches=args.recalibrate_bn,
-        )
+        ) as evaluator:
+            report = diagnose(
+                checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,
+                base=checkpoints[2] if args.base else None, plot_path=args.plot,
+                recalibrate_bn_batches=args.recalibrate_bn,
+            )
     print(report.text())
     return EXIT_OK

@@ -196,7 +196,7 @@ def diagnose(
         a, b: the two ingredients (alpha 0 is ``a``).
         plan: the alignment of ``[a, b]``, with ``base`` in the base role when it is given
             (``align([a, b], base=base)``).
-        evaluator: scores every point (built with ``a`` as reference).
+        evaluator: scores every point (built with ``a`` as reference); the caller's to close.
         alphas: where to evaluate, each in [0, 1]; sorted, and 0 and 1 are always included.
         base: the checkpoint both were fine-tuned from, for distances relative to its norm.
         plot_path: write the curve as a PNG there.

@@ -68,13 +68,18 @@ class Evaluator:
             multi-process backend gets the same scores.
         dtype: the dtype the model is built and scored in (the pipeline's: :func:`eval_dtype`);
             floating inputs are cast to it once, when they are read.
+        model_of: the evaluator whose model instance this one reuses instead of building its own (a test
+            split's evaluator shares the selection split's: one model in memory). That evaluator builds,
+            places and releases the model (closing this one leaves it), and must have this one's
+            reference, device and dtype.
 
     Attributes:
         task: the :class:`~hub_soup.eval.tasks.EvalTask` that reads the data and measures.
         examples: how many examples (images, texts, harness documents) are scored; 0 for task custom.
 
     Raises:
-        EvalError: for data, columns, labels or configs that cannot be used.
+        EvalError: for data, columns, labels or configs that cannot be used; a ``model_of`` of another
+            reference, device or dtype.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Evaluator:
         trust_remote_code: bool = False,
         backend: Backend | None = None,
         dtype: torch.dtype = torch.float32,
+        model_of: Evaluator | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -94,9 +100,12 @@ class Evaluator:
         self.device = torch.device(device)
         self.backend = backend or LocalBackend()
         self.reference = reference.label
+        if model_of is not None:
+            _check_shareable(model_of, self)
         architecture = Architecture.of(reference, trust_remote_code=trust_remote_code)
         self.task: EvalTask = get_task(spec.task)(
-            spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code, dtype=dtype
+            spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code, dtype=dtype,
+            model_of=model_of.task if model_of is not None else None,
         )
         self._batches = [replace(b, inputs=_cast(b.inputs, dtype)) for b in self.task.batches()]
         targets = [b.targets for b in self._batches if b.targets is not None]
@@ -113,7 +122,8 @@ class Evaluator:
         self.close()
 
     def close(self) -> None:
-        """Let go of the reused model and remove its disk offload folder, if it has one."""
+        """Let go of the reused model and remove its disk offload folder, if it has one (a model shared from
+        ``model_of`` stays: that evaluator closes it)."""
         self.task.close()
 
     # -- models --------------------------------------------------------------------------
@@ -252,6 +262,20 @@ class Evaluator:
                 hint="pass --eval-dtype float32 (eval.dtype: float32), which every device runs, or score on a "
                 f"device that runs {_name(self.dtype)} (--device)",
             ) from None
+
+
+def _check_shareable(owner: Evaluator, sharer: Evaluator) -> None:
+    """``sharer`` may score in ``owner``'s model: the same reference, and its batches on the model's
+    device in the model's dtype."""
+    mine = (sharer.reference, sharer.device, sharer.dtype)
+    theirs = (owner.reference, owner.device, owner.dtype)
+    if mine != theirs:
+        raise EvalError(
+            f"the {sharer.split} evaluator of {sharer.reference} on {sharer.device} in {_name(sharer.dtype)} cannot "
+            f"share the model of the {owner.split} evaluator of {owner.reference} on {owner.device} in "
+            f"{_name(owner.dtype)}",
+            hint="build both evaluators with the same reference, device and dtype",
+        )
 
 
 # How torch's kernel errors name the dtypes ("not implemented for 'BFloat16'", "Unsupported dtype Half").

@@ -65,6 +65,9 @@ class EvalTask(ABC):
         trust_remote_code: the user allowed code named by the recipe or the configs to run.
         dtype: the dtype models are built and scored in (None: float32). The evaluator casts the
             floating tensors of the batches to it, so a task's batches need not know it.
+        model_of: the task whose model instance this one uses (reads preprocessing configs from,
+            scores in) instead of building its own: a test split's task shares the selection split's,
+            so an LLM is in memory once. That task builds, places and releases it.
     """
 
     name: ClassVar[str]
@@ -82,6 +85,7 @@ class EvalTask(ABC):
         device: torch.device,
         trust_remote_code: bool = False,
         dtype: torch.dtype | None = None,
+        model_of: EvalTask | None = None,
     ) -> None:
         self.spec = spec
         self.architecture = architecture
@@ -90,6 +94,7 @@ class EvalTask(ABC):
         self.trust_remote_code = trust_remote_code
         self.dtype = dtype
         self._model: nn.Module | None = None
+        self._model_of = model_of
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
@@ -117,13 +122,16 @@ class EvalTask(ABC):
 
     def model(self) -> nn.Module:
         """One instance built on first use and reused, so reading the data (which may need the model's
-        preprocessing config) and scoring build the architecture once."""
+        preprocessing config) and scoring build the architecture once; ``model_of``'s instance when given."""
+        if self._model_of is not None:
+            return self._model_of.model()
         if self._model is None:
             self._model = self.build_model()
         return self._model
 
     def close(self) -> None:
-        """Let go of the reused model, and of what its placement keeps on disk (an offload folder)."""
+        """Let go of the reused model, and of what its placement keeps on disk (an offload folder); a model
+        shared from ``model_of`` is that task's to let go of."""
         if self._model is not None:
             from hub_soup.eval.placement import release
 
