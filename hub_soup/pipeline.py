@@ -526,68 +526,69 @@ def _make_soup(
     # the base, if any, is last; an adapter soup written as an adapter, unscored, never opens a Hub base
     checkpoints, base = opened[: len(resolved)], opened[len(resolved)] if len(opened) > len(resolved) else None
     soup = _prepare(recipe, checkpoints, base, backend, device, adapters, resolved_base.sha if resolved_base else None)
-    report = _evaluate(recipe, soup, trust_remote_code) if recipe.eval is not None else None
-    if output is None:
-        return None
-    kept = report.kept if report is not None else [True] * len(checkpoints)
-    weights = _kept_weights(recipe, soup.method, checkpoints, kept)
-    warnings: list[str] = []
-    if report is not None and report.comparison.soup_is_worse:
-        warnings.append(report.comparison.message())
-        logger.warning(warnings[-1])
-    if report is not None and report.below_base_warning is not None:  # warned, not gated (see _gate)
-        warnings.append(report.below_base_warning)
-        logger.warning(warnings[-1])
-    pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
-    pinned_yaml = pinned.to_yaml()
-    scores = _card_scores(report) if report is not None else []
-    members = [i for i, k in enumerate(kept) if k]
-    adapter = soup.adapters.output(members, weights) if soup.adapters and not soup.adapters.merge_into_base else None
-    config = _soup_config(soup.reference, recipe.dtype) if adapter is None else None
-    plan = adapter.plan(len(members)) if adapter is not None else soup.plan
-    metas, shards = (adapter.metas, None) if adapter is not None else (soup.metas, recipe.output.max_shard_size)
-    with SoupWriter(  # PEFT reads one adapter file: an adapter is never sharded
-        output, metas, parse_size(shards) if shards else sum(m.nbytes for m in metas.values()) + 1,
-        recipe.output.overwrite, stem=ADAPTER_STEM if adapter is not None else "model",
-    ) as writer:
-        if adapter is not None:
-            stats, similarity = write_weights(state_dict_weights(adapter.tensors), plan, metas, writer), None
-            writer.add_file(adapter_config.ADAPTER_CONFIG, json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
-        elif soup.adapters is not None:  # --merge-into-base: the scored soup, or the streamed one
-            stats = (soup.adapters.stream(members, weights, writer) if report is None
-                     else write_weights(report.soup, plan, metas, writer))
-            similarity = None
-        else:
-            stats, similarity = _write_tensors(writer, soup, report)
-        independent = _independence_warning(similarity) if similarity is not None else None
-        if independent is not None:
-            warnings.append(independent)
-            logger.warning(independent)
-        _add_side_files(writer, soup.side_files, config)
-        card = card_stage.build_card(
-            repo_id=recipe.push.repo_id if recipe.push else None,
-            name=output.name,
-            ingredients=resolved,
-            base=resolved_base,
-            weights=weights,
-            kept=kept,
-            config=config,
-            recipe_yaml=pinned_yaml,
-            license=recipe.push.license if recipe.push else None,
-            tags=recipe.push.tags if recipe.push else (),
-            scores=scores,
-            method=_method_title(recipe),
-            merge_method=soup.method,
-            bn_recalibrated=report is not None and report.bn_recalibrated,
-            plan=plan,
-            dtype=recipe.dtype,
-            warnings=warnings,
-            rebuild_pushes=recipe.push is not None,
-            adapter=_adapter_card(soup.adapters, adapter, sum(kept)) if soup.adapters is not None else None,
-        )
-        writer.add_file(card_stage.RECIPE_FILENAME, pinned_yaml)
-        writer.add_file("README.md", str(card))
-        writer.commit()
+    with ExitStack() as scoring:  # the scored model stays until the soup is written (it may be read back)
+        report = _evaluate(recipe, soup, trust_remote_code, scoring) if recipe.eval is not None else None
+        if output is None:
+            return None
+        kept = report.kept if report is not None else [True] * len(checkpoints)
+        weights = _kept_weights(recipe, soup.method, checkpoints, kept)
+        warnings: list[str] = []
+        if report is not None and report.comparison.soup_is_worse:
+            warnings.append(report.comparison.message())
+            logger.warning(warnings[-1])
+        if report is not None and report.below_base_warning is not None:  # warned, not gated (see _gate)
+            warnings.append(report.below_base_warning)
+            logger.warning(warnings[-1])
+        pinned = pin_recipe(recipe, models, output if recipe.output.path is not None else None)
+        pinned_yaml = pinned.to_yaml()
+        scores = _card_scores(report) if report is not None else []
+        members = [i for i, k in enumerate(kept) if k]
+        adapter = soup.adapters.output(members, weights) if soup.adapters and not soup.adapters.merge_into_base else None
+        config = _soup_config(soup.reference, recipe.dtype) if adapter is None else None
+        plan = adapter.plan(len(members)) if adapter is not None else soup.plan
+        metas, shards = (adapter.metas, None) if adapter is not None else (soup.metas, recipe.output.max_shard_size)
+        with SoupWriter(  # PEFT reads one adapter file: an adapter is never sharded
+            output, metas, parse_size(shards) if shards else sum(m.nbytes for m in metas.values()) + 1,
+            recipe.output.overwrite, stem=ADAPTER_STEM if adapter is not None else "model",
+        ) as writer:
+            if adapter is not None:
+                stats, similarity = write_weights(state_dict_weights(adapter.tensors), plan, metas, writer), None
+                writer.add_file(adapter_config.ADAPTER_CONFIG, json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+            elif soup.adapters is not None:  # --merge-into-base: the scored soup, or the streamed one
+                stats = (soup.adapters.stream(members, weights, writer) if report is None
+                         else write_weights(report.soup, plan, metas, writer))
+                similarity = None
+            else:
+                stats, similarity = _write_tensors(writer, soup, report)
+            independent = _independence_warning(similarity) if similarity is not None else None
+            if independent is not None:
+                warnings.append(independent)
+                logger.warning(independent)
+            _add_side_files(writer, soup.side_files, config)
+            card = card_stage.build_card(
+                repo_id=recipe.push.repo_id if recipe.push else None,
+                name=output.name,
+                ingredients=resolved,
+                base=resolved_base,
+                weights=weights,
+                kept=kept,
+                config=config,
+                recipe_yaml=pinned_yaml,
+                license=recipe.push.license if recipe.push else None,
+                tags=recipe.push.tags if recipe.push else (),
+                scores=scores,
+                method=_method_title(recipe),
+                merge_method=soup.method,
+                bn_recalibrated=report is not None and report.bn_recalibrated,
+                plan=plan,
+                dtype=recipe.dtype,
+                warnings=warnings,
+                rebuild_pushes=recipe.push is not None,
+                adapter=_adapter_card(soup.adapters, adapter, sum(kept)) if soup.adapters is not None else None,
+            )
+            writer.add_file(card_stage.RECIPE_FILENAME, pinned_yaml)
+            writer.add_file("README.md", str(card))
+            writer.commit()
     result = SoupResult(
         output=output, ingredients=resolved, base=resolved_base, kept=kept, weights=weights, plan=plan,
         stats=stats, similarity=similarity, pinned_recipe=pinned, scores=scores, report=report, warnings=warnings,
@@ -643,8 +644,9 @@ def _kept_weights(
 
 
 def _write_tensors(writer: SoupWriter, soup: _Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
-    """Write the soup's tensors: the scored soup as it was scored (merged again, BN statistics recalibrated
-    or not), or, unscored, the streamed merge, with the shared-initialization check riding along its reads."""
+    """Write the soup's tensors: the scored soup as it was scored (read back from the model that holds it, or
+    merged again; BN statistics recalibrated or not), or, unscored, the streamed merge, with the
+    shared-initialization check riding along its reads."""
     if report is not None:
         stats = write_weights(report.soup, soup.plan, soup.metas, writer)
         return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
@@ -704,7 +706,7 @@ def _add_side_files(writer: SoupWriter, side_files: SideFiles, config: dict[str,
             writer.add_file(name, path)
 
 
-def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyReport:
+def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool, stack: ExitStack) -> GreedyReport:
     """Score every ingredient, the base of a method that has one, and the soup (greedy or not), with
     optional BN recalibration.
 
@@ -714,22 +716,24 @@ def _evaluate(recipe: Recipe, soup: _Soup, trust_remote_code: bool) -> GreedyRep
     their files, soups from the streamed engine (in the dtypes written), so what is scored,
     and then written, is what the streamed merge writes, and memory stays near one model. Greedy chooses the
     ingredients; the recipe's method (Model Stock, with its base) combines each candidate set.
+
+    The evaluators (the model, and its offload folder) go when ``stack`` closes: after the soup is
+    written, since the report's soup may be read back from the model that holds it.
     """
     assert recipe.eval is not None
     dtype = eval_dtype(recipe.eval.dtype, soup.metas, soup.device)
     options: dict[str, Any] = {
         "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
     }
-    with ExitStack() as stack:  # the model scored, and its offload folder, go when scoring ends
-        evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, **options))
-        test_evaluator = (  # scores in the evaluator's model: one model in memory for both splits
-            stack.enter_context(
-                Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, model_of=evaluator, **options)
-            )
-            if recipe.eval.test_split
-            else None
+    evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, **options))
+    test_evaluator = (  # scores in the evaluator's model: one model in memory for both splits
+        stack.enter_context(
+            Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, model_of=evaluator, **options)
         )
-        return _scored(recipe, soup, evaluator, test_evaluator)
+        if recipe.eval.test_split
+        else None
+    )
+    return _scored(recipe, soup, evaluator, test_evaluator)
 
 
 def _scored(recipe: Recipe, soup: _Soup, evaluator: Evaluator, test_evaluator: Evaluator | None) -> GreedyReport:
@@ -744,7 +748,14 @@ def _scored(recipe: Recipe, soup: _Soup, evaluator: Evaluator, test_evaluator: E
         "base": base,
     }
     if recipe.greedy:
-        return greedy_soup(labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), **options)
+        # an average of one ingredient in its own dtypes is that ingredient: greedy's first step is judged already
+        alone_is_soup = soup.adapters is None and soup.method.averages and all(
+            soup_of([i]).metas == load(i).metas for i in range(len(labels))
+        )
+        return greedy_soup(
+            labels, load, evaluator, soup_of=soup_of, method=_method_title(recipe), alone_is_soup=alone_is_soup,
+            **options,
+        )
     return score_soup(labels, load, soup_of(range(len(labels))), evaluator, method=recipe.method, **options)
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_WORSE_SOUP
+from tests import checkpoints as ck
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import unique
 from tests.hub_server import HubServer
@@ -99,3 +100,29 @@ def test_an_evaluated_soup_honours_dtype_like_the_streamed_one(tmp_path: Path) -
     assert {t.dtype for t in floats} == {torch.float32}
     if sum(1 for line in (tmp_path / "greedy" / "README.md").read_text().splitlines() if "| yes |" in line) == 2:
         assert any(not torch.equal(t, t.half().float()) for t in floats)  # an fp32 average, not an fp16 one
+
+
+def test_a_scored_soup_read_back_from_the_model_is_the_soup_merged_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written in float32, the eval dtype, a scored soup is read back from the model that scored it, with
+    its recalibrated BN statistics (and ``num_batches_tracked``) as kept: the same file, bit for bit, as
+    merging it again and overriding the statistics, which is what the writer does otherwise."""
+    from hub_soup.eval.evaluate import Evaluator
+    from hub_soup.merging import engine
+
+    merges: list[int] = []
+    merge = engine.stream_merge
+    monkeypatch.setattr(engine, "stream_merge", lambda *a, **k: merges.append(1) or merge(*a, **k))
+    args = ["--quiet", "merge", *INGREDIENTS, *EVAL, "--recalibrate-bn", "4", "--dtype", "float32"]
+    assert main([*args, "-o", str(tmp_path / "held")]) == 0
+    assert len(merges) == 1  # merged to be scored, read back to be written
+    monkeypatch.setattr(Evaluator, "held", lambda self, weights: weights)
+    assert main([*args, "-o", str(tmp_path / "merged")]) == 0
+    assert len(merges) == 3
+    held, merged = load_file(tmp_path / "held" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert list(held) == list(merged) and any(key.endswith("running_var") for key in held)
+    for key, tensor in held.items():
+        ck.assert_bit_equal(tensor, merged[key], key)
+    card = (tmp_path / "held" / "README.md").read_text()
+    assert "recalibrat" in card.lower()

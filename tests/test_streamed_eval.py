@@ -108,9 +108,10 @@ class Kit:
         self.data = root / f"{kind}-texts"
         datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": self.texts})}).save_to_disk(self.data)
 
-    def recipe(self, output: Path, **fields: Any) -> Recipe:
+    def recipe(self, output: Path, members: Sequence[int] | None = None, **fields: Any) -> Recipe:
         eval_spec = {"task": "causal-lm", "data": str(self.data), "batch_size": 64, **fields.pop("eval", {})}
-        return Recipe.from_refs([str(f) for f in self.folders], eval=eval_spec, output={"path": str(output)}, **fields)
+        folders = [self.folders[i] for i in members] if members is not None else self.folders
+        return Recipe.from_refs([str(f) for f in folders], eval=eval_spec, output={"path": str(output)}, **fields)
 
     def perplexity(self, model: Any) -> float:
         """Perplexity of every token after each text's first, in one padded batch, as plain transformers computes it."""
@@ -194,12 +195,53 @@ def test_the_written_soup_scores_what_was_reported(kit: Kit, tmp_path: Path) -> 
         ck.assert_bit_equal(tensor, expected[key], key)
 
 
-def test_a_plain_scored_soup_is_streamed_too(kit: Kit, tmp_path: Path) -> None:
+@pytest.fixture
+def merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The engine's merges, by number of ingredients: each candidate soup, and a soup merged again to be written."""
+    from hub_soup.merging import engine
+
+    calls: list[int] = []
+    merge = engine.stream_merge
+
+    def counted(checkpoints: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(checkpoints))
+        return merge(checkpoints, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream_merge", counted)
+    return calls
+
+
+@pytest.mark.parametrize("requested", [None, "float32"])
+def test_a_soup_the_model_holds_is_written_from_it(
+    kit: Kit, requested: str | None, merges: list[int], tmp_path: Path
+) -> None:
+    """Greedy of two close ingredients keeps both, so the model scored holds the soup last: in bf16 (the
+    soup's dtype) it is read back from there, not merged again; in float32 it is merged again. The first
+    step, the best ingredient alone, is neither merged nor scored again. Either way the file is the
+    engine's soup of the kept ones, bit for bit, with the perplexity reported."""
+    from transformers import AutoModelForCausalLM
+
+    out, members = tmp_path / "soup", [1, 3]
+    result = hub_soup.run(kit.recipe(out, members, greedy=True, eval={"dtype": requested}))
+    assert result is not None and result.report is not None and result.kept == [True, True]
+    assert merges == ([2] if requested is None else [2, 2])
+    checkpoints = [open_checkpoint(kit.folders[i]) for i in members]
+    expected = merged_state_dict(checkpoints, align(layouts_of(checkpoints)), Uniform())
+    files = load_file(out / "model.safetensors")
+    assert files.keys() == expected.keys()
+    for key, tensor in files.items():
+        ck.assert_bit_equal(tensor, expected[key], key)
+    dtype = torch.float32 if requested else torch.bfloat16
+    assert kit.perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()) == result.report.soup_score.value
+
+
+def test_a_plain_scored_soup_is_streamed_too(kit: Kit, merges: list[int], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "soup"
     result = hub_soup.run(kit.recipe(out))
     assert result is not None and result.report is not None and result.kept == [True] * len(kit.folders)
+    assert merges == [len(kit.folders)]  # scored, then written from the model that holds it
     written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     assert kit.perplexity(written) == result.report.soup_score.value
     for folder, score in zip(kit.folders, result.report.ingredient_scores):

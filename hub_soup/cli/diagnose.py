@@ -55,6 +55,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     section = eval_spec_from_args(args)
     assert section is not None  # --eval-task and --eval-data are required here
     spec = validated(EvalSpec, section, "eval")
+    device = device_for(args.device)  # a GPU index this machine lacks stops here, before any download
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]
     with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
@@ -62,7 +63,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
         plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
         # closed when the curve is scored: the model goes, and with a device map its offload folder
         with Evaluator(
-            spec, checkpoints[0], device=device_for(args.device), trust_remote_code=args.trust_remote_code
+            spec, checkpoints[0], device=device, trust_remote_code=args.trust_remote_code
         ) as evaluator:
             report = diagnose(
                 checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,

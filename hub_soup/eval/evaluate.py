@@ -43,7 +43,7 @@ from hub_soup.eval.score import Comparison, Score, compare_to_best
 from hub_soup.eval.tasks import EvalTask, get_task
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.merging.engine import Weights, state_dict_weights
+from hub_soup.merging.engine import Sink, Weights, state_dict_weights
 from hub_soup.recipe import EvalSpec
 
 # Score, Comparison and Inputs live in score.py and data.py; greedy and diagnose import them from here.
@@ -100,6 +100,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.backend = backend or LocalBackend()
         self.reference = reference.label
+        self._sink: ModelSink | None = None  # what streamed into the model last (see :meth:`held`)
         if model_of is not None:
             _check_shareable(model_of, self)
         architecture = Architecture.of(reference, trust_remote_code=trust_remote_code)
@@ -140,9 +141,25 @@ class Evaluator:
     def model_from(self, weights: Weights) -> nn.Module:
         """The reused model instance with ``weights`` streamed into it, strictly (see :class:`ModelSink`)."""
         model = self.model
+        self._sink = ModelSink(model, weights.metas, self.reference)
         with torch.no_grad():
-            weights.stream(ModelSink(model, weights.metas, self.reference))
+            weights.stream(self._sink)
         return model
+
+    def held(self, weights: Weights) -> Weights:
+        """``weights``, which the model holds as judged (streamed into it last, BatchNorm statistics as kept),
+        read back from the model rather than made again, where that is exact: the model holds every tensor in
+        the dtype it is written in, each in storage of its own. Else ``weights`` itself. Reading back is a
+        copy instead of a merge: writing a scored soup then costs no more reading of the ingredients. Should
+        other weights be streamed into the model before it is read, the stream falls back to ``weights``."""
+        sink = self._sink
+        if sink is None or not sink.is_latest() or not sink.holds_exactly():
+            return weights
+
+        def stream(out: Sink) -> None:
+            (sink.stream_back if sink.is_latest() else weights.stream)(out)
+
+        return Weights(weights.metas, stream)
 
     def model_with(self, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
         """The reused model instance with ``state_dict`` loaded strictly."""

@@ -16,8 +16,11 @@ for bit the soup a recipe of the kept ingredients streams, and memory stays near
 one model whatever the number of ingredients. That re-reads the kept ingredients
 at every step (from the page cache, for models that fit in it) instead of keeping
 a float32 running sum (twice the model, on disk or on the device): exactness, at
-the price of reading the kept ingredients again; the chosen soup is merged once
-more, into the writer, the same way. With BatchNorm recalibration every
+the price of reading the kept ingredients again (benchmarks/RESULTS.md measures it).
+The first step, the best ingredient alone, is that ingredient when the method
+averages, so it is not merged or scored again; the chosen soup is written from the
+model when the model still holds it exactly (the last candidate was kept, in the
+dtypes written), else merged once more, into the writer, the same way. With BatchNorm recalibration every
 candidate soup is recalibrated before it is judged, so an ingredient is kept or
 dropped on the soup it would really make (averaged running statistics are not the
 statistics of the averaged network). The recalibrated statistics are kept only
@@ -230,6 +233,7 @@ def greedy_soup(
     ensemble: bool = False,
     base: Base | None = None,
     method: str = "greedy",
+    alone_is_soup: bool = False,
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
@@ -247,6 +251,9 @@ def greedy_soup(
         base: the base model of a method that merges into one (``soup_of`` then uses it), scored
             beside the ingredients, judged as they are; never a candidate.
         method: how the table names the soup (``greedy``, or ``greedy model_stock`` for another method).
+        alone_is_soup: the soup of one ingredient is that ingredient bit for bit (an average of one, in its
+            own dtypes): the first step, the best ingredient alone, takes the judgment the ingredient already
+            had instead of being merged and scored again.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
     pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
@@ -255,8 +262,11 @@ def greedy_soup(
     steps: list[GreedyStep] = []
     best: _Candidate | None = None
     for i in order:
-        members = [j for j in range(len(labels)) if kept[j] or j == i]
-        candidate = _judge(soup_of(members), evaluator, batches)
+        if best is None and alone_is_soup:
+            candidate = pass_.judged[i]
+        else:
+            members = [j for j in range(len(labels)) if kept[j] or j == i]
+            candidate = pass_.judge(soup_of(members))
         keep = best is None or candidate.score.at_least(best.score)
         steps.append(
             GreedyStep(i, labels[i], pass_.scores[i], candidate.score, keep, candidate.before_bn, candidate.after_bn)
@@ -264,7 +274,7 @@ def greedy_soup(
         if keep:
             kept[i], best = True, candidate
     assert best is not None
-    return pass_.report(steps, kept, best, method, holds_soup=steps[-1].kept)
+    return pass_.report(steps, kept, best, method)
 
 
 def score_soup(
@@ -289,8 +299,7 @@ def score_soup(
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
     pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
-    candidate = _judge(soup, evaluator, batches)
-    return pass_.report([], [True] * len(labels), candidate, method, holds_soup=True)
+    return pass_.report([], [True] * len(labels), pass_.judge(soup), method)
 
 
 @dataclass
@@ -361,35 +370,46 @@ class _IngredientPass:
         self.test_outputs: list[torch.Tensor] = []
         self.test_scores: dict[str, Score] = {}
         self.ensemble = ensemble
+        self.judged: list[_Candidate] = []  # each ingredient as judged, what a soup of it alone would be
+        self.held: _Candidate | None = None  # what the evaluator's model holds, as judged
         for i in range(len(labels)):
-            score, as_saved, test = self._measure(load(i), keep_outputs=ensemble)
-            self.scores.append(score)
+            judged, test = self._measure(load(i), keep_outputs=ensemble)
+            self.judged.append(judged)
+            self.scores.append(judged.score)
             if self.as_saved is not None:
-                self.as_saved.append(as_saved)
+                self.as_saved.append(judged.before_bn if judged.recalibrated else None)
             if test is not None:
                 self.test_scores[labels[i]] = test
         self.base = base
-        self.base_scores = self._measure(base.load(), keep_outputs=False) if base is not None else None
+        self.base_scores = None
+        if base is not None:
+            judged, test = self._measure(base.load(), keep_outputs=False)
+            self.base_scores = (judged.score, judged.before_bn if judged.recalibrated else None, test)
 
-    def _measure(self, weights: Weights, keep_outputs: bool) -> tuple[Score, Score | None, Score | None]:
-        """A model's score (recalibrated where that helps), its score as saved when the recalibrated
-        one was used, and its test score; ``keep_outputs`` keeps its outputs for the ensemble.
+    def judge(self, weights: Weights) -> _Candidate:
+        """:func:`_judge`, noting that the evaluator's model now holds the candidate."""
+        self.held = _judge(weights, self.evaluator, self.batches)
+        return self.held
+
+    def _measure(self, weights: Weights, keep_outputs: bool) -> tuple[_Candidate, Score | None]:
+        """A model as judged (recalibrated where that helps), and its test score; ``keep_outputs`` keeps its
+        outputs for the ensemble.
 
         The model is streamed into the evaluator's instance once; the test split is scored on it there."""
-        as_saved = None
         if self.batches is None:
             model = self.evaluator.model_from(weights)
             score = self._score(self.evaluator, model, self.outputs if keep_outputs else None)
+            self.held = _Candidate(weights, score, None, None, False)
         else:
-            judged = _judge(weights, self.evaluator, self.batches)
-            model, score = self.evaluator.model, judged.score
-            as_saved = judged.before_bn if judged.recalibrated else None
+            self.judge(weights)
+            model = self.evaluator.model
             if keep_outputs:
                 self.outputs.append(self.evaluator.predict(model))
         test = None
         if self.test_evaluator is not None:
             test = self._score(self.test_evaluator, model, self.test_outputs if keep_outputs else None)
-        return score, as_saved, test
+        assert self.held is not None
+        return self.held, test
 
     @staticmethod
     def _score(evaluator: Evaluator, model: nn.Module, outputs: list[torch.Tensor] | None) -> Score:
@@ -399,11 +419,11 @@ class _IngredientPass:
         outputs.append(evaluator.predict(model))
         return evaluator.score_outputs(outputs[-1])
 
-    def report(
-        self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str, holds_soup: bool
-    ) -> GreedyReport:
-        """The report of ``soup``; ``holds_soup``: the evaluator's model holds it as judged (it was judged
-        last), so the test split scores it without streaming it in again."""
+    def report(self, steps: list[GreedyStep], kept: list[bool], soup: _Candidate, method: str) -> GreedyReport:
+        """The report of ``soup``. Where the evaluator's model holds it as judged (it was judged last), the test
+        split scores it without streaming it in again, and the report's weights read it back from the model
+        where that is exact (:meth:`~hub_soup.eval.evaluate.Evaluator.held`): the soup is written without
+        being merged again."""
         ensemble_score = None
         test_scores = None
         members = [i for i, k in enumerate(kept) if k]
@@ -411,8 +431,10 @@ class _IngredientPass:
             ensemble_score = self.evaluator.ensemble_of_outputs([self.outputs[i] for i in members])
         if self.test_evaluator is not None:
             test_scores = dict(self.test_scores)
-            model = self.evaluator.model if holds_soup else self.evaluator.model_from(soup.weights)
-            test_scores["soup"] = self.test_evaluator.score(model)
+            if self.held is not soup:
+                self.evaluator.model_from(soup.weights)
+                self.held = soup
+            test_scores["soup"] = self.test_evaluator.score(self.evaluator.model)
             if self.ensemble:
                 test_scores["ensemble"] = self.test_evaluator.ensemble_of_outputs(
                     [self.test_outputs[i] for i in members]
@@ -422,7 +444,7 @@ class _IngredientPass:
             ingredient_scores=self.scores,
             steps=steps,
             kept=kept,
-            soup=soup.weights,
+            soup=self.evaluator.held(soup.weights) if self.held is soup else soup.weights,
             soup_score=soup.score,
             soup_score_before_bn=soup.before_bn,
             test_scores=test_scores,

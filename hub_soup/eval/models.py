@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from hub_soup.eval.placement import Placement, placed_build, weight_storage
 from hub_soup.hub.card import detect_library
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.engine import POSITION_BYTES, Sink
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,9 @@ class ModelSink:
             claimed.add(identity[key])
         self._flat: list[torch.Tensor] = []
         self._filled = 0
+        self._metas = dict(metas)
+        self._model = weakref.ref(model)
+        _LAST_SINK[model] = self
 
     def begin(self, key: str) -> None:
         self._flat, self._filled = self._targets[key], 0
@@ -245,6 +250,34 @@ class ModelSink:
         for flat in self._flat:
             flat[self._filled : self._filled + chunk.numel()].copy_(chunk)
         self._filled += chunk.numel()
+
+    def holds_exactly(self) -> bool:
+        """Whether reading the model back gives the streamed tensors bit for bit: the model has each in its
+        streamed dtype (not cast to the eval dtype) and in storage of its own (no tied copy dropped)."""
+        return all(
+            targets and targets[0].dtype == self._metas[key].dtype for key, targets in self._targets.items()
+        )
+
+    def is_latest(self) -> bool:
+        """No other sink has streamed into the model since this one: it still holds these weights (BatchNorm
+        statistics as the evaluator left them)."""
+        model = self._model()
+        return model is not None and _LAST_SINK.get(model) is self
+
+    def stream_back(self, sink: Sink) -> None:
+        """Stream the model's tensors, in this sink's keys and order, into ``sink`` (on the CPU, in chunks of about
+        :data:`~hub_soup.merging.engine.POSITION_BYTES`): only while :meth:`is_latest`, and exact where
+        :meth:`holds_exactly`."""
+        for key, targets in self._targets.items():
+            sink.begin(key)
+            flat = targets[0]
+            step = max(POSITION_BYTES // flat.element_size(), 1)
+            for begin in range(0, flat.numel(), step):
+                sink.write(flat[begin : begin + step].to("cpu"))
+
+
+# The sink that last streamed into each model: the model holds those weights until another one streams in.
+_LAST_SINK: weakref.WeakKeyDictionary[nn.Module, ModelSink] = weakref.WeakKeyDictionary()
 
 
 def _identity(tensor: torch.Tensor) -> tuple[object, ...]:

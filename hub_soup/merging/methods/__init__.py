@@ -83,6 +83,8 @@ class MergeMethod:
         exact_ingredients: the number of ingredients the method merges, for a method that takes a
             fixed number (``slerp``: 2); ``None``, the default: any number (a recipe gives two or more).
             A recipe with another number is refused, and so is a greedy one (greedy tries subsets).
+        averages: the soup is a weighted mean of the ingredients alone (no base), so the soup of one
+            ingredient is that ingredient bit for bit (greedy's first step reuses its score).
         float64_kernel: the kernel's ``acc`` and ``scratch`` are float64 whatever the tensors' dtypes,
             for a method whose per-tensor factors would cost float32 arithmetic more than an output
             ulp: its soup is then its float64 definition rounded once to the output dtype.
@@ -95,6 +97,7 @@ class MergeMethod:
     ingredient_parameters: ClassVar[tuple[str, ...]] = ()
     exact_ingredients: ClassVar[int | None] = None
     float64_kernel: ClassVar[bool] = False
+    averages: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None
     normalizes_weights: ClassVar[bool] = True
     title: ClassVar[str | None] = None

@@ -18,6 +18,7 @@ class Uniform(MergeMethod):
     """Every ingredient counts the same: ``(p0 + p1 + ...) / n``."""
 
     name = "uniform"
+    averages = True
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,

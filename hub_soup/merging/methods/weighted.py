@@ -24,6 +24,7 @@ class Weighted(MergeMethod):
     """
 
     name = "weighted"
+    averages = True
     uses_weights = True
 
     def kernel(
