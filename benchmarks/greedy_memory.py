@@ -4,11 +4,14 @@
     .venv/bin/python benchmarks/greedy_memory.py --sizes tiny --n 3       # a smoke run of the script (seconds)
     .venv/bin/python benchmarks/greedy_memory.py --models DIR --sizes 0.5b --n 3 8
 
-The ingredients are benchmarks/run.py's (``--models``, default ``benchmarks/_work/models``:
-``SIZE/ing0``, ``ing1``...), read only. run.py saves no tokenizer, so each is seen through a
-folder of its own under ``_work/greedy``: links to its weight files and config, and a word-level
-tokenizer of the model's vocabulary written there. The eval data is ``--texts`` texts of
-``--words`` words drawn from that vocabulary (a ``datasets`` folder, split ``validation``).
+The ingredients are benchmarks/run.py's perturbed copies ``ing1`` .. ``ingN`` of a random model
+(``--models``, default ``benchmarks/_work/models``; N + 1 models needed), read only.
+run.py saves no tokenizer, so each is seen through a folder of its own under ``_work/greedy``:
+links to its weight files and config, and a word-level tokenizer of the model's vocabulary
+written there (``t0``, ``t1``... are token ids). The eval data is ``--texts`` texts of ``--words``
+tokens sampled from the plain soup of the N copies, the ``merge`` run's output (a ``datasets``
+folder, split ``validation``): each copy added moves a candidate towards that soup, so greedy
+keeps all N, its most expensive case (every candidate a merge of all the kept ingredients).
 
 For each size and N, three processes, each under ``/usr/bin/time -v`` (peak RSS) with its peak
 RssAnon sampled every 20 ms, the page cache warm (inputs read just before):
@@ -28,11 +31,11 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from run import measure_output  # benchmarks/run.py: this script's folder is first on sys.path
@@ -42,10 +45,10 @@ WORK = HERE / "_work"
 RESULTS = WORK / "greedy_memory.jsonl"
 
 
-def ingredient_views(models: Path, size: str, n: int, work: Path) -> list[Path]:
+def ingredient_views(models: Path, size: str, indices: Sequence[int], work: Path) -> list[Path]:
     """Folders ``work/SIZE/ingI`` holding links to the weights and config of ``models/SIZE/ingI``, and a tokenizer."""
     views = []
-    for i in range(n):
+    for i in indices:
         source = models / size / f"ing{i}"
         if not (source / "config.json").is_file():
             raise SystemExit(f"{source}: no such ingredient; generate it with benchmarks/run.py (it makes ing0..)")
@@ -76,13 +79,22 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     )
 
 
-def eval_data(work: Path, vocab_size: int, texts: int, words: int) -> Path:
+def eval_data(work: Path, origin: Path, name: str, texts: int, words: int) -> Path:
+    """``texts`` texts of ``words`` tokens sampled from the model in ``origin`` (top-50 sampling, seed 0),
+    cached as ``work/texts-NAME-TxW``."""
     import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    folder = work / f"texts-{vocab_size}-{texts}x{words}"
+    folder = work / f"texts-{name}-{texts}x{words}"
     if not folder.exists():
-        rng = random.Random(0)
-        rows = [" ".join(f"t{rng.randrange(3, vocab_size)}" for _ in range(words)) for _ in range(texts)]
+        model = AutoModelForCausalLM.from_pretrained(origin, dtype=torch.bfloat16).eval()
+        torch.manual_seed(0)
+        starts = torch.randint(3, model.config.vocab_size, (texts, 1))
+        with torch.inference_mode():
+            ids = model.generate(starts, do_sample=True, top_k=50, max_new_tokens=words - 1, min_new_tokens=words - 1,
+                                 attention_mask=torch.ones_like(starts), pad_token_id=1)
+        rows = [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
         datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": rows})}).save_to_disk(str(folder))
     return folder
 
@@ -142,20 +154,23 @@ def warm_up(folders: list[Path]) -> None:
 
 def run_case(args: argparse.Namespace, size: str, n: int) -> dict:
     work = WORK / "greedy"
-    folders = ingredient_views(args.models, size, n, work)
-    vocab_size = json.loads((folders[0] / "config.json").read_text())["vocab_size"]
-    data = eval_data(work, vocab_size, args.texts, args.words)
+    folders = ingredient_views(args.models, size, range(1, n + 1), work)  # the perturbed copies ing1..ingN
     ingredient = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
     out = work / "out" / f"{size}-x{n}"
-    spec = {"refs": [str(f) for f in folders], "out": str(out), "data": str(data), "batch": args.batch}
+    spec = {"refs": [str(f) for f in folders], "out": str(out), "batch": args.batch}
     python = sys.executable
     row: dict = {"size": size, "n": n, "ingredient_bytes": ingredient, "texts": args.texts, "words": args.words,
                  "batch": args.batch, "threads": os.environ.get("OMP_NUM_THREADS") or "default"}
     warm_up(folders)
     row["bare"] = measure([python, "-c", "import os, torch; os._exit(0)"])
-    for kind in ("merge", "greedy"):
-        warm_up(folders)
-        row[kind] = measure([python, __file__, "_driver", kind, json.dumps(spec)])
+    warm_up(folders)
+    row["merge"] = measure([python, __file__, "_driver", "merge", json.dumps(spec)])
+    # texts the plain soup wrote: every ingredient added moves a candidate towards it, so greedy keeps them
+    # all, its most expensive case (each candidate merges every kept ingredient again), as with fine-tunes
+    # that all help; with texts of one copy's it would keep few, each candidate a merge of two
+    spec["data"] = str(eval_data(work, out, f"{size}-x{n}", args.texts, args.words))
+    warm_up(folders)
+    row["greedy"] = measure([python, __file__, "_driver", "greedy", json.dumps(spec)])
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -163,9 +178,9 @@ def run_case(args: argparse.Namespace, size: str, n: int) -> dict:
 def render(rows: list[dict]) -> str:
     header = (
         "| model x N | ingredient | tool | wall s | in run s | evaluations (s) | eval setup s | beyond evaluations s "
-        "| beyond / merge | peak RSS MiB | working MiB | working / ingredient | peak anon MiB |"
+        "| beyond / merge | peak RSS MiB | working MiB | working / ingredient | peak anon MiB | kept |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mib = 1 << 20
     for row in rows:
         bare = row["bare"]["peak_rss"]
@@ -178,7 +193,7 @@ def render(rows: list[dict]) -> str:
                 f"| {row['size']} x {row['n']} | {row['ingredient_bytes'] / 1e9:.2f} GB | {kind} | {m['wall_s']:.1f} "
                 f"| {m['run_s']:.1f} | {m['scores']} ({m['score_s']:.1f}) | {m['setup_s']:.1f} | {beyond:.1f} "
                 f"| {beyond / merge_run:.2f} | {m['peak_rss'] / mib:.0f} | {working / mib:.0f} "
-                f"| {working / row['ingredient_bytes']:.2f} | {m['peak_anon'] / mib:.0f} |"
+                f"| {working / row['ingredient_bytes']:.2f} | {m['peak_anon'] / mib:.0f} | {m.get('kept', '-')} |"
             )
     bare_lines = {f"{r['bare']['peak_rss'] / mib:.0f} MiB" for r in rows}
     lines.append("")
@@ -202,8 +217,8 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for n in args.n:
-            if not (args.models / size / f"ing{n - 1}" / "config.json").is_file():
-                print(f"skipping {size} x {n}: {args.models / size / f'ing{n - 1}'} does not exist", file=sys.stderr)
+            if not (args.models / size / f"ing{n}" / "config.json").is_file():
+                print(f"skipping {size} x {n}: {args.models / size / f'ing{n}'} does not exist", file=sys.stderr)
                 continue
             row = run_case(args, size, n)
             with RESULTS.open("a") as f:
