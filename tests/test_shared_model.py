@@ -75,16 +75,18 @@ def test_a_greedy_soup_with_a_test_split_builds_one_image_model(builds: list[Any
         eval={"task": "image-classification", "data": str(DIGITS / "data"), "split": "val", "test_split": "test",
               "limit": 40},
     )
-    report = _soup(recipe).report
-    assert report is not None and report.test_scores is not None
-    assert {s.split for s in report.test_scores.values()} == {"test"} and "soup" in report.test_scores
-    assert len(builds) == 1, f"{len(builds)} models built"
+    _assert_one_model_scored_the_test_split(_soup(recipe).report, builds)
 
 
 def test_a_greedy_soup_with_a_test_split_builds_one_language_model(
     kit: Kit, builds: list[Any], tmp_path: Path
 ) -> None:
-    report = _soup(kit.recipe(tmp_path / "soup", greedy=True, eval={"test_split": "test"})).report
+    recipe = kit.recipe(tmp_path / "soup", greedy=True, eval={"test_split": "test"})
+    _assert_one_model_scored_the_test_split(_soup(recipe).report, builds)
+
+
+def _assert_one_model_scored_the_test_split(report: Any, builds: list[Any]) -> None:
+    """The report has test scores (the soup's too) and one model was built for both splits."""
     assert report is not None and report.test_scores is not None
     assert {s.split for s in report.test_scores.values()} == {"test"} and "soup" in report.test_scores
     assert len(builds) == 1, f"{len(builds)} models built"
