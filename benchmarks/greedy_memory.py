@@ -10,15 +10,20 @@ run.py saves no tokenizer, so each is seen through a folder of its own under ``_
 links to its weight files and config, and a word-level tokenizer of the model's vocabulary
 written there (``t0``, ``t1``... are token ids). The eval data is ``--texts`` texts of ``--words``
 tokens sampled from the plain soup of the N copies, the ``merge`` run's output (a ``datasets``
-folder, split ``validation``): each copy added moves a candidate towards that soup, so greedy
-keeps all N, its most expensive case (every candidate a merge of all the kept ingredients).
+folder, split ``validation``). These random models are near uniform (perplexity ~1e5 of a 151,936-word
+vocabulary), so which copies greedy keeps on such texts is noise: it kept one or two of three here.
+Greedy's cost grows with what it keeps (each candidate merges every kept ingredient again), so a
+second greedy run, ``greedy-all``, is scored by task ``custom`` with :func:`closeness`, minus the
+distance of one small weight to the plain soup's: each copy added moves a candidate towards the
+soup, so it keeps all N, greedy's most expensive case, as with fine-tunes that all help.
 
 For each size and N, three processes, each under ``/usr/bin/time -v`` (peak RSS) with its peak
 RssAnon sampled every 20 ms, the page cache warm (inputs read just before):
   - ``bare``: ``import torch`` and exit, the baseline working memory is measured from;
   - ``merge``: ``hub_soup.run`` of the plain uniform soup (what ``hub-soup merge`` runs);
-  - ``greedy``: ``hub_soup.run`` of the greedy soup scored by task causal-lm (perplexity).
-The two runs are timed inside the process around ``hub_soup.run``; in the greedy run, the time
+  - ``greedy``: ``hub_soup.run`` of the greedy soup scored by task causal-lm (perplexity);
+  - ``greedy-all``: the same greedy soup scored by :func:`closeness` (keeps all N).
+The three runs are timed inside the process around ``hub_soup.run``; in the greedy run, the time
 spent in ``Evaluator.score`` (forward passes) and in building the evaluators (reading and
 tokenizing the data) is added up, so "beyond evaluations" is the rest: streaming models into the
 model instance, merging candidates, writing. Results go to ``_work/greedy_memory.jsonl``; the
@@ -99,6 +104,38 @@ def eval_data(work: Path, origin: Path, name: str, texts: int, words: int) -> Pa
     return folder
 
 
+PROBE = "model.layers.0.self_attn.k_proj.weight"
+PROBE_ENV = "GREEDY_MEMORY_PROBE"  # the safetensors file holding the plain soup's PROBE, for closeness
+_probe: list = []  # the plain soup's PROBE in float32, read once per process
+
+
+def closeness(model) -> float:  # type: ignore[no-untyped-def]
+    """Minus the distance of the model's ``PROBE`` weight to the plain soup's (task ``custom``, higher is better).
+
+    The copies are one model plus independent noise, so a soup of k of N is at an expected squared distance
+    proportional to 1/k - 1/N from the soup of all N: every copy added helps, and greedy keeps them all
+    (over the probe's 10^5 elements the expectation is all but certain).
+    """
+    from safetensors.torch import load_file
+
+    if not _probe:
+        _probe.append(load_file(os.environ[PROBE_ENV])[PROBE].float())
+    return -float((model.get_parameter(PROBE).float() - _probe[0]).norm())
+
+
+def save_probe(soup: Path, target: Path) -> None:
+    """Copy the plain soup's ``PROBE`` tensor from its shards into ``target``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for shard in sorted(soup.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            if PROBE in f.keys():  # noqa: SIM118  (safe_open has keys(), no __contains__)
+                save_file({PROBE: f.get_tensor(PROBE)}, str(target))
+                return
+    raise SystemExit(f"{soup}: no tensor {PROBE}")
+
+
 def _driver(kind: str, spec_json: str) -> None:
     """In the measured process: one ``hub_soup.run``, timed, its evaluations timed apart; prints JSON."""
     spec = json.loads(spec_json)
@@ -129,9 +166,14 @@ def _driver(kind: str, spec_json: str) -> None:
     fields = {"output": {"path": spec["out"], "overwrite": True}}
     if kind == "greedy":
         fields |= {"greedy": True, "eval": {"task": "causal-lm", "data": spec["data"], "batch_size": spec["batch"]}}
+    elif kind == "greedy-all":
+        fields |= {"greedy": True, "eval": {"task": "custom", "function": f"{__file__}:closeness", "data": spec["data"]}}
+    if kind != "merge":  # imported before the clock: seconds of imports, in neither evaluations nor merging
+        import datasets  # noqa: F401
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules, loaded)
     recipe = hub_soup.Recipe.from_refs(spec["refs"], **fields)
     start = time.perf_counter()
-    result = hub_soup.run(recipe)
+    result = hub_soup.run(recipe, trust_remote_code=kind == "greedy-all")  # closeness is this file's code
     seconds = time.perf_counter() - start
     assert result is not None
     print(json.dumps({"run_s": seconds, "merge_s": result.stats.seconds, "kept": sum(result.kept), **spent}))
@@ -139,9 +181,9 @@ def _driver(kind: str, spec_json: str) -> None:
     os._exit(0)  # as hub-soup ends: no teardown in the numbers
 
 
-def measure(cmd: list[str]) -> dict:
-    """run.py's peak RSS, peak RssAnon and wall time of ``cmd``, and the JSON it printed last."""
-    result = measure_output(cmd, {})
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """run.py's peak RSS, peak RssAnon and wall time of ``cmd`` (``env`` added), and the JSON it printed last."""
+    result = measure_output(cmd, env or {})
     printed = [line for line in result.pop("stdout").splitlines() if line.startswith("{")]
     return {**result, **(json.loads(printed[-1]) if printed else {})}
 
@@ -165,12 +207,13 @@ def run_case(args: argparse.Namespace, size: str, n: int) -> dict:
     row["bare"] = measure([python, "-c", "import os, torch; os._exit(0)"])
     warm_up(folders)
     row["merge"] = measure([python, __file__, "_driver", "merge", json.dumps(spec)])
-    # texts the plain soup wrote: every ingredient added moves a candidate towards it, so greedy keeps them
-    # all, its most expensive case (each candidate merges every kept ingredient again), as with fine-tunes
-    # that all help; with texts of one copy's it would keep few, each candidate a merge of two
     spec["data"] = str(eval_data(work, out, f"{size}-x{n}", args.texts, args.words))
+    probe = work / f"probe-{size}-x{n}.safetensors"
+    save_probe(out, probe)
     warm_up(folders)
     row["greedy"] = measure([python, __file__, "_driver", "greedy", json.dumps(spec)])
+    warm_up(folders)
+    row["greedy-all"] = measure([python, __file__, "_driver", "greedy-all", json.dumps(spec)], {PROBE_ENV: str(probe)})
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -185,7 +228,9 @@ def render(rows: list[dict]) -> str:
     for row in rows:
         bare = row["bare"]["peak_rss"]
         merge_run = row["merge"]["run_s"]
-        for kind in ("merge", "greedy"):
+        for kind in ("merge", "greedy", "greedy-all"):
+            if kind not in row:  # recorded before greedy-all was measured
+                continue
             m = row[kind]
             working = m["peak_rss"] - bare
             beyond = m["run_s"] - m["score_s"] - m["setup_s"]
