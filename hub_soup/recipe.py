@@ -137,7 +137,9 @@ class EvalSpec(_Strict):
         json_schema_extra=lambda schema: schema.update(enum=list(task_names())),
     )
     data: str | None = Field(
-        None, description="image folder, Hub dataset repo id, or local dataset path (every task but lm-eval)"
+        None,
+        description="image folder, Hub dataset repo id, or local dataset path (every task but lm-eval; custom: "
+        "optional, the name its scores are reported on)",
     )
     split: str = "validation"
     test_split: str | None = Field(None, description="second split for unbiased final numbers")
@@ -249,14 +251,14 @@ class EvalSpec(_Strict):
     @model_validator(mode="after")
     def _fields_of_the_task(self) -> EvalSpec:
         """Each field means something to some tasks only: one given to a task that would ignore it is an error."""
-        if self.task == "custom" and not self.function:
+        if self.task == CUSTOM and not self.function:
             raise ValueError("task: custom needs function: 'module:function'")
         harness = {"tasks": self.tasks, "include_path": self.include_path, "num_fewshot": self.num_fewshot}
         if self.task != LM_EVAL:
             given = [name for name, value in harness.items() if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only task: lm-eval takes {'it' if len(given) == 1 else 'them'}")
-            if self.data is None:
+            if self.data is None and self.task != CUSTOM:
                 raise ValueError(f"task: {self.task} needs data (--eval-data): an image folder, dataset path or Hub id")
             return self
         if not self.tasks:
@@ -276,6 +278,7 @@ class EvalSpec(_Strict):
 
 
 LM_EVAL = "lm-eval"  # the task that runs lm-evaluation-harness (hub_soup.eval.tasks.lm_eval)
+CUSTOM = "custom"  # the task that runs the user's function on the model; it reads no data (data only names it)
 # Fields the harness's task YAMLs decide instead (dataset, split, columns) or that name other tasks' code.
 _NOT_FOR_LM_EVAL = (
     "data", "split", "test_split", "image_column", "text_column", "label_column", "function", "higher_is_better"

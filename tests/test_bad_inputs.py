@@ -196,7 +196,7 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 @case("untrusted-eval-function")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     (tmp / "f.py").write_text("raise SystemExit('this code must not run')\ndef score(model):\n    return 1.0\n")
-    return ["merge", A, B, "--eval-task", "custom", "--eval-function", f"{tmp / 'f.py'}:score", "--eval-data", "none",
+    return ["merge", A, B, "--eval-task", "custom", "--eval-function", f"{tmp / 'f.py'}:score",
             "-o", _out(tmp)]
 
 
@@ -252,7 +252,7 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
         "def score(model):\n"
         "    return float(torch.fft.rfft(model.lm_head.weight, dim=-1).abs().mean())\n"
     )
-    return ["merge", *_llamas(tmp), "--eval-task", "custom", "--eval-data", "none", "--eval-function",
+    return ["merge", *_llamas(tmp), "--eval-task", "custom", "--eval-function",
             f"{tmp / 'fft.py'}:score", "--trust-remote-code", "--eval-dtype", "bfloat16", "-o", _out(tmp)]
 
 

@@ -119,7 +119,7 @@ def test_greedy_keeps_what_helps_and_model_stock_combines_the_kept_with_the_base
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folders, base, metric, centre = _centre_kit(tmp_path)
-    custom = ["--eval-task", "custom", "--eval-data", "none", "--eval-function", f"{metric}:closeness",
+    custom = ["--eval-task", "custom", "--eval-function", f"{metric}:closeness",
               "--trust-remote-code"]
     method = ["--method", "model_stock", "--base", base]
     out = tmp_path / "greedy"
@@ -163,7 +163,7 @@ def test_a_soup_below_its_base_is_warned_about_and_still_pushed_when_it_beats_it
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     soup_repo = f"{TEST_USER}/{unique('below-base')}"
     code = main(["merge", repos[1], repos[2], "--method", "task_arithmetic", "--base", repos[0], "--lambda", "0.25",
-                 "--eval-task", "custom", "--eval-data", "none", "--eval-function", f"{metric}:bias",
+                 "--eval-task", "custom", "--eval-function", f"{metric}:bias",
                  "--trust-remote-code", "--push", soup_repo, "--token", hub_token])
     captured = capsys.readouterr()
     assert code == 0, captured.err

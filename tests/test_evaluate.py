@@ -507,18 +507,19 @@ def test_custom_function_from_a_file_and_a_module(
     expected = float(state_dict["fc.weight"].float().norm())
     for function in (f"{module}:head_norm", "my_metric:head_norm"):
         monkeypatch.syspath_prepend(str(tmp_path))
-        spec = EvalSpec(task="custom", data="none", function=function, higher_is_better=False)
+        spec = EvalSpec(task="custom", function=function, higher_is_better=False)
         with pytest.raises(UntrustedCodeError, match=f"eval function {function} is code to run.*--trust-remote-code"):
             Evaluator(spec, checkpoint)  # the function is someone's code: never imported unasked
         evaluator = Evaluator(spec, checkpoint, trust_remote_code=True)
         score = evaluator.score_state_dict(state_dict)
         assert (score.value, score.metric, score.higher_is_better) == (pytest.approx(expected), function, False)
+        assert score.dataset == function  # custom reads no data: its scores name the function unless data names one
         with pytest.raises(EvalError, match="task custom has none"):
             evaluator.unlabelled_batches(1)
     with pytest.raises(EvalError, match="cannot import"):
-        Evaluator(EvalSpec(task="custom", data="none", function="no_such_module_xyz:f"), checkpoint, trust_remote_code=True)
+        Evaluator(EvalSpec(task="custom", function="no_such_module_xyz:f"), checkpoint, trust_remote_code=True)
     with pytest.raises(EvalError, match="has no function"):
-        Evaluator(EvalSpec(task="custom", data="none", function=f"{module}:missing"), checkpoint, trust_remote_code=True)
+        Evaluator(EvalSpec(task="custom", function=f"{module}:missing"), checkpoint, trust_remote_code=True)
 
 
 def test_scores_compare_in_their_declared_direction() -> None:

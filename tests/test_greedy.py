@@ -244,7 +244,7 @@ def test_greedy_follows_a_lower_is_better_metric(digits: DigitsKit, tmp_path_fac
         "    return float((model.fc.weight - TARGET).norm())\n"
     )
     evaluator = Evaluator(
-        EvalSpec(task="custom", data="none", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0],
+        EvalSpec(task="custom", function=f"{module}:score", higher_is_better=False), soup.checkpoints[0],
         trust_remote_code=True,
     )
     report = greedy_soup(soup.labels, soup.load, evaluator, soup_of=soup.soup_of)

@@ -273,7 +273,7 @@ def test_an_eval_dtype_the_device_cannot_run_is_refused(
     )
     out = tmp_path / "soup"
     args = ["merge", *map(str, kit.folders[:2]), "-o", str(out), "--eval-task", "custom",
-            "--eval-data", "none", "--eval-function", f"{function}:score", "--trust-remote-code"]
+            "--eval-function", f"{function}:score", "--trust-remote-code"]
     assert main([*args, "--eval-dtype", "bfloat16"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "cannot be scored in bfloat16 on cpu" in err and "Unsupported dtype BFloat16" in err

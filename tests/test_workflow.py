@@ -252,7 +252,7 @@ def _custom_eval_recipe(folder: Path) -> Path:
     recipe = folder / "soup.yaml"
     recipe.write_text(
         f"ingredients: [{{ref: {A}}}, {{ref: {B}}}]\n"
-        "eval: {task: custom, data: none, function: score.py:head_norm}\n"
+        "eval: {task: custom, function: score.py:head_norm}\n"
         "output: {path: soup}\n"
     )
     return recipe
@@ -271,7 +271,7 @@ def test_a_recipes_eval_function_never_runs_without_trust_remote_code(
     with pytest.raises(UntrustedCodeError, match="trust_remote_code=True"):
         hub_soup.run(hub_soup.load_recipe(recipe))
     assert main(["merge", str(A), str(B), "--eval-task", "custom", "--eval-function",
-                 f"{tmp_path / 'theirs' / 'score.py'}:head_norm", "--eval-data", "none", "-o", str(out)]) == 2
+                 f"{tmp_path / 'theirs' / 'score.py'}:head_norm", "-o", str(out)]) == 2
     assert not marker.exists() and not out.exists()
 
     assert main(["--quiet", "run", str(recipe), "--trust-remote-code"]) == 0

@@ -105,7 +105,7 @@ class EvalTask(ABC):
     def dataset(self) -> str:
         """What scores name as their eval data: ``spec.data`` (a task that reads data of its own choosing,
         as lm-eval's harness tasks do, names that instead)."""
-        assert self.spec.data is not None  # EvalSpec requires data of every task but lm-eval
+        assert self.spec.data is not None  # EvalSpec requires data of every task but lm-eval and custom
         return self.spec.data
 
     def measured_examples(self) -> int:

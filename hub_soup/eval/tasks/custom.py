@@ -42,6 +42,13 @@ class Custom(EvalTask):
         self.primary = Metric(spec.function, spec.higher_is_better)
         self._function = load_function(spec.function)
 
+    @property
+    def dataset(self) -> str:
+        """The data the scores are reported on: ``spec.data`` where the recipe names it (the function reads what
+        it reads; hub-soup reads nothing), else the function itself."""
+        assert self.spec.function is not None
+        return self.spec.data or self.spec.function
+
     def batches(self) -> list[Batch]:
         return []
 
