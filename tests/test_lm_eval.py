@@ -102,6 +102,24 @@ def test_scores_are_the_harness_own_numbers(kit: dict) -> None:
     assert (first.dataset, first.split, first.examples) == (TASK, "test", evaluator.examples)
 
 
+def test_an_offloaded_model_gets_the_numbers_it_gets_on_one_device(kit: dict, tmp_path: Path) -> None:
+    """``--device-map`` with weights on disk: the harness is handed the device the hooks run the model on (not
+    ``model.device``, the meta device of an offloaded first weight), and each model scores as on one device."""
+    spec = EvalSpec(task="lm-eval", tasks=[TASK], include_path=str(kit["tasks"]))
+    offload = tmp_path / "offload"
+    placed_spec = spec.model_copy(update={"device_map": "auto", "max_memory": {"cpu": "30KB"}, "offload_folder": str(offload)})
+    reference = open_checkpoint(kit["folders"][0])
+    with Evaluator(spec, reference, trust_remote_code=True) as plain, \
+            Evaluator(placed_spec, reference, trust_remote_code=True) as placed:
+        assert "disk" in set(placed.model.hf_device_map.values())
+        assert next(placed.model.parameters()).is_meta  # what the harness would have put its inputs on
+        for folder in kit["folders"]:
+            state_dict = state_dict_of(folder)
+            assert _values(placed.score_state_dict(state_dict)) == _values(plain.score_state_dict(state_dict))
+    assert list(offload.iterdir()) == []
+    reference.close()
+
+
 def test_greedy_soup_through_the_cli(kit: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`merge ... --eval-task lm-eval --greedy`: the card's model-index names the harness task and its
     metrics, whose values are what the harness gives the written soup; the step summary has them too."""

@@ -89,8 +89,7 @@ class Placement:
         from accelerate.utils import find_tied_parameters, retie_parameters
 
         device_map = self.device_map_of(model, dtype)
-        on_devices = [device for device in device_map.values() if device not in ("cpu", "disk")]
-        main: int | str = on_devices[0] if on_devices else "cpu"
+        main = _main_device(device_map)
         offloaded = {"disk"} if main in ("cpu", "mps") else {"cpu", "disk"}
         disk = [module for module, device in device_map.items() if device == "disk"]
         if disk and self.offload_folder is None:
@@ -133,6 +132,20 @@ class Placement:
         )
         model.hf_device_map = device_map  # type: ignore[assignment]
         return model
+
+
+def input_device(model: nn.Module) -> torch.device | None:
+    """Where a dispatched model takes its inputs and gives its outputs: the main device its hooks run offloaded
+    modules on (``None``: not dispatched). Not ``model.device``, the first parameter's, which is ``meta``
+    when that parameter is offloaded."""
+    device_map = getattr(model, "hf_device_map", None)
+    return _torch_device(_main_device(device_map)) if device_map else None
+
+
+def _main_device(device_map: Mapping[str, int | str]) -> int | str:
+    """The first device the map puts modules on that is not an offload target (the CPU when all are)."""
+    on_devices = [device for device in device_map.values() if device not in ("cpu", "disk")]
+    return on_devices[0] if on_devices else "cpu"
 
 
 def release(model: nn.Module) -> None:

@@ -42,6 +42,7 @@ from torch import nn
 from hub_soup.errors import EvalError, NetworkError, UntrustedCodeError
 from hub_soup.eval.data import Inputs
 from hub_soup.eval.metrics import Metric
+from hub_soup.eval.placement import input_device
 from hub_soup.eval.tasks import Batch, EvalTask
 
 if TYPE_CHECKING:
@@ -158,6 +159,9 @@ class LmEval(EvalTask):
                 self._lm = HFLM(pretrained=model, tokenizer=self._tokenizer, batch_size=self.spec.batch_size)
             finally:
                 harness_logger.setLevel(level)
+            placed = input_device(model)
+            if placed is not None:  # the harness takes model.device, meta where the first weight is offloaded
+                self._lm._device = placed
         return self._lm
 
     def _metrics_of(self, results: Mapping[str, Any]) -> list[tuple[Metric, float]]:
