@@ -20,12 +20,13 @@ from hub_soup.errors import EXIT_BAD_INPUT
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.io.read import open_checkpoint
 from hub_soup.pipeline import SoupResult
-from hub_soup.recipe import EvalSpec, Recipe
+from hub_soup.recipe import EvalSpec, Recipe, load_recipe
 from tests import checkpoints as ck
 from tests.test_streamed_eval import Kit
 
 # well below one tiny model (~90 kB in bf16): the first modules fit on the CPU, the rest go to disk
 SMALL = {"cpu": "30KB"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -58,6 +59,38 @@ def test_an_offloaded_greedy_soup_is_the_one_device_greedy_soup(kit: Kit, tmp_pa
     for key, tensor in written.items():
         ck.assert_bit_equal(tensor, expected[key], key)
     assert list(offload.iterdir()) == []  # the offloaded weights went with the model
+
+
+def test_an_offloaded_bn_network_recalibrates_as_on_one_device(tmp_path: Path) -> None:
+    """The quickstart's greedy soup of timm BatchNorm classifiers, every candidate recalibrated, with the model
+    (1.5 MB in float32) split between the CPU and disk: the statistics recomputed through the hooks are those
+    of one device, so the steps, the choice and the written bits are too."""
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert recipe.eval is not None and recipe.recalibrate_bn
+    offload = tmp_path / "offload"
+    placement = {"device_map": "auto", "max_memory": {"cpu": "1MB"}, "offload_folder": str(offload)}
+    reference = open_checkpoint(recipe.base_dir / recipe.ingredients[0].ref)
+    with Evaluator(recipe.eval.model_copy(update=placement), reference) as placed_evaluator:
+        placed_modules = placed_evaluator.model.hf_device_map
+        assert {"cpu", "disk"} <= set(placed_modules.values()), placed_modules  # BN layers on either side
+    reference.close()
+    results = {}
+    for name, eval_fields in (("plain", {}), ("placed", placement)):
+        results[name] = hub_soup.run(recipe.model_copy(update={
+            "output": recipe.output.model_copy(update={"path": str(tmp_path / name)}),
+            "eval": recipe.eval.model_copy(update=eval_fields),
+        }))
+    plain, placed = results["plain"], results["placed"]
+    assert isinstance(plain, SoupResult) and isinstance(placed, SoupResult)
+    assert plain.report is not None and placed.report is not None
+    assert placed.kept == plain.kept and sum(plain.kept) >= 2
+    assert [s.soup_score for s in placed.report.steps] == [s.soup_score for s in plain.report.steps]
+    assert placed.report.test_scores == plain.report.test_scores
+    written, expected = load_file(tmp_path / "placed" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert written.keys() == expected.keys()
+    for key, tensor in written.items():
+        ck.assert_bit_equal(tensor, expected[key], key)
+    assert list(offload.iterdir()) == []
 
 
 def test_the_sink_writes_where_the_offloaded_forward_reads(kit: Kit, tmp_path: Path) -> None:
