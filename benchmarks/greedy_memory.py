@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/greedy_memory.py --models DIR --sizes 0.5b --n 3 8
 
 The ingredients are benchmarks/run.py's perturbed copies ``ing1`` .. ``ingN`` of a random model
-(``--models``, default ``benchmarks/_work/models``; N + 1 models needed), read only.
+(``--models``, default ``benchmarks/_work/models``), read only. ``run.py --n 8`` writes ``ing0..ing7``; N = 8
+here needs ``ing8`` too: ``cd benchmarks && python -c "import run; run.generate('0.5b', 9)"``.
 run.py saves no tokenizer, so each is seen through a folder of its own under ``_work/greedy``:
 links to its weight files and config, and a word-level tokenizer of the model's vocabulary
 written there (``t0``, ``t1``... are token ids). The eval data is ``--texts`` texts of ``--words``
@@ -17,7 +18,7 @@ second greedy run, ``greedy-all``, is scored by task ``custom`` with :func:`clos
 distance of one small weight to the plain soup's: each copy added moves a candidate towards the
 soup, so it keeps all N, greedy's most expensive case, as with fine-tunes that all help.
 
-For each size and N, three processes, each under ``/usr/bin/time -v`` (peak RSS) with its peak
+For each size and N, four processes, each under ``/usr/bin/time -v`` (peak RSS) with its peak
 RssAnon sampled every 20 ms, the page cache warm (inputs read just before):
   - ``bare``: ``import torch`` and exit, the baseline working memory is measured from;
   - ``merge``: ``hub_soup.run`` of the plain uniform soup (what ``hub-soup merge`` runs);
@@ -56,7 +57,7 @@ def ingredient_views(models: Path, size: str, indices: Sequence[int], work: Path
     for i in indices:
         source = models / size / f"ing{i}"
         if not (source / "config.json").is_file():
-            raise SystemExit(f"{source}: no such ingredient; generate it with benchmarks/run.py (it makes ing0..)")
+            raise SystemExit(f"{source}: no such ingredient; generate it with benchmarks/run.py's generate(size, N + 1)")
         view = work / size / f"ing{i}"
         view.mkdir(parents=True, exist_ok=True)
         for path in source.iterdir():
