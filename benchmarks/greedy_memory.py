@@ -34,6 +34,7 @@ table is printed (markdown), for benchmarks/RESULTS.md's greedy section.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -43,8 +44,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from run import measure_output  # benchmarks/run.py: this script's folder is first on sys.path
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -107,7 +112,14 @@ def eval_data(work: Path, origin: Path, name: str, texts: int, words: int) -> Pa
 
 PROBE = "model.layers.0.self_attn.k_proj.weight"
 PROBE_ENV = "GREEDY_MEMORY_PROBE"  # the safetensors file holding the plain soup's PROBE, for closeness
-_probe: list = []  # the plain soup's PROBE in float32, read once per process
+
+
+@functools.cache
+def _soup_probe() -> torch.Tensor:
+    """The plain soup's ``PROBE`` in float32, read once per process from the file ``PROBE_ENV`` names."""
+    from safetensors.torch import load_file
+
+    return load_file(os.environ[PROBE_ENV])[PROBE].float()
 
 
 def closeness(model) -> float:  # type: ignore[no-untyped-def]
@@ -117,11 +129,7 @@ def closeness(model) -> float:  # type: ignore[no-untyped-def]
     proportional to 1/k - 1/N from the soup of all N: every copy added helps, and greedy keeps them all
     (over the probe's 10^5 elements the expectation is all but certain).
     """
-    from safetensors.torch import load_file
-
-    if not _probe:
-        _probe.append(load_file(os.environ[PROBE_ENV])[PROBE].float())
-    return -float((model.get_parameter(PROBE).float() - _probe[0]).norm())
+    return -float((model.get_parameter(PROBE).float() - _soup_probe()).norm())
 
 
 def save_probe(soup: Path, target: Path) -> None:
