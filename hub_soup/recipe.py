@@ -522,6 +522,19 @@ class Recipe(_Strict):
         recipe._base = base
         return recipe
 
+    def with_ingredients(self, indices: Sequence[int]) -> Recipe:
+        """This recipe with only the ingredients at ``indices`` (in that order), validated again (a method's
+        ingredient count, greedy's rules) and still reading relative paths from :attr:`base_dir`.
+
+        Raises:
+            RecipeError: naming the rule the smaller recipe breaks.
+        """
+        data = self.model_dump(exclude_unset=True)
+        data["ingredients"] = [data["ingredients"][i] for i in indices]
+        recipe = validated(Recipe, data)
+        recipe._base = self._base
+        return recipe
+
     @property
     def base_dir(self) -> Path:
         """The folder relative ingredient paths are read from: the recipe file's, else the working directory."""
