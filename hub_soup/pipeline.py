@@ -194,9 +194,10 @@ def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Re
     the soup of the same command without it listed.
 
     Raises:
-        RecipeError: fewer than two ingredients are left.
+        RecipeError: fewer ingredients are left than the method merges.
     """
-    if recipe.base is None:
+    method = get_method(recipe.method)
+    if recipe.base is None or not method.needs_base:  # a base for a method without one is refused later
         return recipe, resolved
     count = len(recipe.ingredients)
     base = resolved[count]
@@ -205,12 +206,12 @@ def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Re
         return recipe, resolved
     names = ", ".join(repr(recipe.ingredients[i].ref) for i in listed)
     kept = [i for i in range(count) if i not in listed]
-    if len(kept) < 2:
+    if len(kept) < method.min_ingredients:
         raise RecipeError(
             f"ingredient {names} is the base ({base.pinned}), which is not an ingredient of a soup (as mergekit "
-            f"leaves base_model out of the task vectors); that leaves {len(kept)} ingredient, and a soup needs "
-            "at least 2",
-            hint="list at least two fine-tunes of the base besides it",
+            f"leaves base_model out of the task vectors); that leaves {len(kept)}, and method {method.name} "
+            f"needs at least {method.min_ingredients}",
+            hint=f"list at least {method.min_ingredients} fine-tunes of the base besides it",
         )
     logger.info("%s %s the base (%s): left out of the ingredients, as mergekit leaves base_model out of the task "
                 "vectors", names, "is" if len(listed) == 1 else "are", base.pinned)

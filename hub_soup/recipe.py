@@ -379,9 +379,10 @@ class Recipe(_Strict):
 
     @field_validator("ingredients")
     @classmethod
-    def _at_least_two(cls, value: list[Ingredient]) -> list[Ingredient]:
-        if len(value) < 2:
-            raise ValueError(f"a soup needs at least 2 ingredients, got {len(value)}")
+    def _at_least_one(cls, value: list[Ingredient]) -> list[Ingredient]:
+        """At least one; how many a method needs (:attr:`~MergeMethod.min_ingredients`) is a rule of the recipe."""
+        if not value:
+            raise ValueError("a soup needs at least 1 ingredient, got 0")
         return value
 
     @field_validator("method")
@@ -407,6 +408,12 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         method = get_method(self.method)
+        if len(self.ingredients) < method.min_ingredients:
+            alone = [n for n in method_names() if get_method(n).min_ingredients == 1]
+            raise ValueError(
+                f"ingredients: a soup needs at least {method.min_ingredients} ingredients, got {len(self.ingredients)}"
+                + (f" (with a base, {', '.join(alone)} take one)" if alone else "")
+            )
         weighted = [i.weight is not None for i in self.ingredients]
         if method.uses_weights and method.default_weight is None and not all(weighted):
             raise ValueError(f"method: {self.method} needs a weight on every ingredient")

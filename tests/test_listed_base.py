@@ -100,9 +100,27 @@ def test_a_copy_of_the_base_is_an_ingredient(tmp_path: Path) -> None:
     assert _soup(tmp_path, "listed", *FT, copy, "--method", "task_arithmetic", "--base", BASE) != plain
 
 
-def test_the_base_and_one_fine_tune_is_too_few(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["merge", str(BASE), str(FT[0]), "--method", "task_arithmetic", "--base", str(BASE),
+def test_the_base_and_one_fine_tune_is_task_arithmetic_of_one_task_vector(tmp_path: Path) -> None:
+    """Task arithmetic of one fine-tune (a negation, say) is a soup of one ingredient and its base: listing
+    the base beside it, as the way to get two ingredients, is no longer needed and no longer changes it."""
+    plain = _soup(tmp_path, "plain", FT[0], "--method", "task_arithmetic", "--base", BASE, "--weights", "-1")
+    listed = _soup(tmp_path, "listed", FT[0], BASE, "--method", "task_arithmetic", "--base", BASE,
+                   "--weights", "-1", "1")
+    assert listed == plain
+
+
+def test_the_base_and_one_fine_tune_is_too_few_for_model_stock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["merge", str(BASE), str(FT[0]), "--method", "model_stock", "--base", str(BASE),
                  "-o", str(tmp_path / "soup")])
     err = capsys.readouterr().err
-    assert code == 2 and "is the base" in err and "a soup needs at least 2" in err and "Traceback" not in err
+    assert code == 2 and "is the base" in err and "model_stock needs at least 2" in err and "Traceback" not in err
     assert not (tmp_path / "soup").exists()
+
+
+def test_one_ingredient_is_refused_by_the_methods_that_need_two(capsys: pytest.CaptureFixture[str]) -> None:
+    for method in ("uniform", "model_stock"):
+        code = main(["merge", str(FT[0]), "--method", method, *(["--base", str(BASE)] if method != "uniform" else []),
+                     "--dump-recipe"])
+        assert code == 2 and "a soup needs at least 2 ingredients, got 1" in capsys.readouterr().err
