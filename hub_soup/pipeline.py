@@ -84,6 +84,7 @@ from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.recipe import ModelRef, Recipe
+from hub_soup.threads import eval_threads, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     device = device_for(recipe.device)
     backend = launched_backend(device)  # every process of a launch joins here, before any work
     writes = backend.rank == 0
-    with _speaking(writes):
+    with _speaking(writes), torch_threads(eval_threads()):  # merges inside take their own (hub_soup.threads)
         # every process checks, so a bad input stops each of them with the same message
         if recipe.output.path is not None:
             check_destination(Path(recipe.output.path), recipe.output.overwrite, sweep=writes)
