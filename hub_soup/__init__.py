@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hub_soup import threads as _threads  # noqa: F401  (OMP_WAIT_POLICY's default, before torch is imported)
 from hub_soup.errors import HubSoupError
 from hub_soup.recipe import Recipe, load_recipe
 

@@ -84,6 +84,7 @@ from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.recipe import ModelRef, Recipe
+from hub_soup.threads import eval_threads, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     device = device_for(recipe.device)
     backend = launched_backend(device)  # every process of a launch joins here, before any work
     writes = backend.rank == 0
-    with _speaking(writes):
+    with _speaking(writes), torch_threads(eval_threads()):  # merges inside take their own (hub_soup.threads)
         # every process checks, so a bad input stops each of them with the same message
         if recipe.output.path is not None:
             check_destination(Path(recipe.output.path), recipe.output.overwrite, sweep=writes)
@@ -161,6 +162,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
         resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
         for ref in resolved:
             logger.info("resolved %s -> %s", ref.ref, ref.pinned)
+        recipe, resolved = without_listed_base(recipe, resolved)
         adapters = adapter_config.read_adapters(resolved[: len(recipe.ingredients)], token)  # configs only, no weights
         recipe, resolved = _adapter_base(recipe, resolved, adapters, token)
         if adapters is not None and recipe.output.path is not None and recipe.base is not None:
@@ -180,6 +182,49 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     if result is not None and recipe.output.path is None:
         result.output = None
     return result
+
+
+def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Recipe, list[ResolvedRef]]:
+    """The recipe and its resolved models (base last) with every ingredient that is the base left out.
+
+    mergekit's configs, and the habits of its users, list ``base_model`` among ``models``, and mergekit
+    leaves it out of the task vectors (its task vector would be zero). Kept, it would count as a
+    fine-tune: a zero task vector halves a normalised task arithmetic and pulls Model Stock towards the
+    base. So an ingredient that resolves to the base (the same Hub repo and commit, or the same local
+    file or folder) is not an ingredient, and the soup (its pinned recipe and card too) is bit for bit
+    the soup of the same command without it listed.
+
+    Raises:
+        RecipeError: fewer ingredients are left than the method merges.
+    """
+    method = get_method(recipe.method)
+    if recipe.base is None or not method.needs_base:  # a base for a method without one is refused later
+        return recipe, resolved
+    count = len(recipe.ingredients)
+    base = resolved[count]
+    listed = [i for i, ref in enumerate(resolved[:count]) if same_model(ref, base)]
+    if not listed:
+        return recipe, resolved
+    names = ", ".join(repr(recipe.ingredients[i].ref) for i in listed)
+    kept = [i for i in range(count) if i not in listed]
+    if len(kept) < method.min_ingredients:
+        raise RecipeError(
+            f"ingredient {names} is the base ({base.pinned}), which is not an ingredient of a soup (as mergekit "
+            f"leaves base_model out of the task vectors); that leaves {len(kept)}, and method {method.name} "
+            f"needs at least {method.min_ingredients}",
+            hint=f"list at least {method.min_ingredients} fine-tunes of the base besides it",
+        )
+    logger.info("%s %s the base (%s): left out of the ingredients, as mergekit leaves base_model out of the task "
+                "vectors", names, "is" if len(listed) == 1 else "are", base.pinned)
+    return recipe.with_ingredients(kept), [*(resolved[i] for i in kept), base]
+
+
+def same_model(a: ResolvedRef, b: ResolvedRef) -> bool:
+    """Whether two resolved refs are the same bytes: one Hub repo at one commit (and weights file), or one
+    local file or folder (symlinks resolved)."""
+    if a.kind == "local" or b.kind == "local":
+        return a.path is not None and b.path is not None and a.path.resolve() == b.path.resolve()
+    return (a.repo_id, a.sha, a.filename) == (b.repo_id, b.sha, b.filename)
 
 
 def _adapter_base(

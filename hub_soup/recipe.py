@@ -379,9 +379,10 @@ class Recipe(_Strict):
 
     @field_validator("ingredients")
     @classmethod
-    def _at_least_two(cls, value: list[Ingredient]) -> list[Ingredient]:
-        if len(value) < 2:
-            raise ValueError(f"a soup needs at least 2 ingredients, got {len(value)}")
+    def _at_least_one(cls, value: list[Ingredient]) -> list[Ingredient]:
+        """At least one; how many a method needs (:attr:`~MergeMethod.min_ingredients`) is a rule of the recipe."""
+        if not value:
+            raise ValueError("a soup needs at least 1 ingredient, got 0")
         return value
 
     @field_validator("method")
@@ -407,6 +408,12 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         method = get_method(self.method)
+        if len(self.ingredients) < method.min_ingredients:
+            alone = [n for n in method_names() if get_method(n).min_ingredients == 1]
+            raise ValueError(
+                f"ingredients: a soup needs at least {method.min_ingredients} ingredients, got {len(self.ingredients)}"
+                + (f" (with a base, {', '.join(alone)} take one)" if alone else "")
+            )
         weighted = [i.weight is not None for i in self.ingredients]
         if method.uses_weights and method.default_weight is None and not all(weighted):
             raise ValueError(f"method: {self.method} needs a weight on every ingredient")
@@ -520,6 +527,19 @@ class Recipe(_Strict):
             update["eval"] = self.eval.with_local_paths(lambda path: _from_base(base, path), base)
         recipe = self.model_copy(update=update)
         recipe._base = base
+        return recipe
+
+    def with_ingredients(self, indices: Sequence[int]) -> Recipe:
+        """This recipe with only the ingredients at ``indices`` (in that order), validated again (a method's
+        ingredient count, greedy's rules) and still reading relative paths from :attr:`base_dir`.
+
+        Raises:
+            RecipeError: naming the rule the smaller recipe breaks.
+        """
+        data = self.model_dump(exclude_unset=True)
+        data["ingredients"] = [data["ingredients"][i] for i in indices]
+        recipe = validated(Recipe, data)
+        recipe._base = self._base
         return recipe
 
     @property

@@ -1,12 +1,24 @@
-"""Session-wide loopback Hub (see ``tests/hub_fixtures.py``).
+"""Session-wide loopback Hub (see ``tests/hub_fixtures.py``), and the test kit's thread count.
 
 The server starts when this conftest is imported, before any test module imports
-``huggingface_hub``, because the client reads ``HF_ENDPOINT`` at import time.
+``huggingface_hub``, because the client reads ``HF_ENDPOINT`` at import time. Under
+pytest-xdist each worker process imports this conftest and runs a Hub of its own.
+
+Threads: the suite runs one pytest worker per CPU (``-n auto`` in pyproject.toml), so each
+process, and every process a test starts (CLI runs, ``accelerate launch``), computes with one
+torch thread: ``HUB_SOUP_THREADS`` for what hub-soup runs (see ``hub_soup/threads.py``) and
+``OMP_NUM_THREADS`` for torch's own default, set here before torch is first imported. More
+threads than CPUs is what made single tests 25x slower on a busy machine.
 """
 
 from __future__ import annotations
 
-import logging
+import os
+
+os.environ["HUB_SOUP_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import logging  # after the thread count above, read when torch is first imported
 import shutil
 import tempfile
 from collections.abc import Iterator

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -74,19 +76,18 @@ def digits_kit(tmp_path_factory: pytest.TempPathFactory) -> DigitsKit:
 
     The session's base temp folder is the cache, not a module global: pytest imports this
     file as ``test_evaluate`` while other test files import it as ``tests.test_evaluate``.
+    Under pytest-xdist the workers share their parent temp folder: the first to get the lock
+    trains, the others wait and read (training is deterministic: one thread, seeded).
     """
-    root = tmp_path_factory.getbasetemp() / "digits-kit"
-    if not (root / "complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        # One intra-op thread: on a loaded 2-core machine two spin-waiting torch threads made this
-        # take over 300 s (the suite's timeout); one thread trains the kit in tens of seconds anyway.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "digits-kit"
+    with FileLock(str(shared / "digits-kit.lock")):
+        if not (root / "complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
             _train_digits(root)
-        finally:
-            torch.set_num_threads(threads)
-        (root / "complete").touch()
+            (root / "complete").touch()
     return DigitsKit(
         data=root / "data",
         base=root / "base",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,21 @@ TOY = "toy-task-vectors"
 
 
 @pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[MergeMethod]]:
+def toy() -> Iterator[type[MergeMethod]]:
     """A task-arithmetic-like method, registered for one test: the registry is restored afterwards."""
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    with _toy_registered() as method:
+        yield method
 
+
+@contextmanager
+def _toy_registered() -> Iterator[type[MergeMethod]]:
+    """The toy method registered inside the block, on a copy of the registry that the block's end drops."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+        yield _register_toy()
+
+
+def _register_toy() -> type[MergeMethod]:
     @register_method
     class TaskVectors(MergeMethod):
         """``base + scale * mean(p - base) / m``, ``m`` the largest ``|p - base|`` of the whole tensor."""
@@ -76,7 +88,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[MergeMethod]]:
             scratch.copy_(base)
             acc.add_(scratch)
 
-    yield TaskVectors
+    return TaskVectors
 
 
 def _toy_by_hand(parts: Sequence[torch.Tensor], base: torch.Tensor, scale: float) -> torch.Tensor:
@@ -101,13 +113,14 @@ def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplica
     assert built_in <= set(method_names()) and method_names().count("uniform") == 1
 
 
-def test_a_registered_method_is_a_recipe_choice_and_disappears_with_the_fixture(toy: type[MergeMethod]) -> None:
-    assert TOY in method_names() and TOY in recipe_method_names()
-    assert toy().statistics_passes(torch.float32) == 1 and get_method("uniform")().statistics_passes(torch.float32) == 0
-
-
-def test_the_toy_is_gone_after_its_test() -> None:
-    assert TOY not in method_names()
+def test_a_registered_method_is_a_recipe_choice_until_its_registration_ends() -> None:
+    with _toy_registered() as toy:
+        assert TOY in method_names() and TOY in recipe_method_names()
+        assert toy().statistics_passes(torch.float32) == 1
+        assert get_method("uniform")().statistics_passes(torch.float32) == 0
+    assert TOY not in method_names() and TOY not in recipe_method_names()
+    with pytest.raises(RecipeError, match=f"unknown merge method '{TOY}'"):
+        get_method(TOY)
 
 
 # ---------------------------------------------------------------- scored == streamed, bit for bit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,17 @@ def sha256(path: Path) -> str:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_example_recipe_validates(path: Path) -> None:
+def test_every_example_recipe_validates_and_names_what_exists(path: Path) -> None:
+    """What validation cannot see: each ref is a local path that exists from the recipe's folder or a well-formed
+    Hub id, local eval data exists, and the output lands in the repository's ignored ``soups/``, beside no input."""
     recipe = load_recipe(path)
-    assert len(recipe.ingredients) >= 2
+    for ingredient in [*recipe.ingredients, *([recipe.base] if recipe.base else [])]:
+        local = recipe.base_dir / ingredient.ref
+        assert local.exists() if ingredient.ref.startswith(".") else re.fullmatch(r"[\w.-]+/[\w.-]+", ingredient.ref)
+    if recipe.eval is not None and recipe.eval.data is not None and recipe.eval.data.startswith((".", "/")):
+        assert Path(recipe.eval.data).is_dir()
+    assert recipe.output.path is not None
+    assert Path(recipe.output.path).resolve().parent == ROOT / "soups"
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.merging.plan import align
     from hub_soup.pipeline import device_for, layouts_of, opened_ingredients
     from hub_soup.recipe import EvalSpec, validated
+    from hub_soup.threads import eval_threads, torch_threads
 
     section = eval_spec_from_args(args)
     assert section is not None  # --eval-task and --eval-data are required here
@@ -62,7 +63,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
         layouts = layouts_of(checkpoints)
         plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
         # closed when the curve is scored: the model goes, and with a device map its offload folder
-        with Evaluator(
+        with torch_threads(eval_threads()), Evaluator(
             spec, checkpoints[0], device=device, trust_remote_code=args.trust_remote_code
         ) as evaluator:
             report = diagnose(

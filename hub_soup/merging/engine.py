@@ -20,14 +20,12 @@ where an fp16 sum would. Integer and bool tensors (``num_batches_tracked``,
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +39,7 @@ from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
+from hub_soup.threads import merge_threads, torch_threads
 
 # Input bytes of one chunk position (every ingredient's chunk of the same
 # elements), the unit the reader threads fill: memory stays flat as ingredients
@@ -53,12 +52,6 @@ MIN_CHUNK_ELEMENTS = 1 << 16
 # run 2-4x faster per element than on multi-MiB buffers; much smaller blocks
 # spend their time in per-op dispatch (measured, see benchmarks/NOTES.md).
 BLOCK_ELEMENTS = 1 << 17
-
-# Torch threads for the merge's elementwise ops (restored afterwards). One: the
-# loop is bound by reading and memory bandwidth, and a second thread's spinning
-# between ops starves the kernel's I/O and the writer thread on small machines
-# (see benchmarks/RESULTS.md). ``HUB_SOUP_THREADS`` overrides.
-THREADS_ENV = "HUB_SOUP_THREADS"
 
 # Chunk positions read ahead, and reader threads: two reads in flight keep a
 # disk busier than one, and reads overlap the arithmetic (see benchmarks/RESULTS.md).
@@ -169,7 +162,7 @@ def stream_merge(
         dtype: every floating tensor's output dtype (default: each tensor's own).
         base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one.
         chunk_elements: elements per input and position (default: :func:`chunk_elements_for`).
-        threads: torch threads for the arithmetic (default ``$HUB_SOUP_THREADS`` or 1).
+        threads: torch threads for the arithmetic (default :func:`~hub_soup.threads.merge_threads`).
         gram: if given, the shared-initialization check is fed from the chunks as they
             pass (see :class:`~hub_soup.merging.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
@@ -199,7 +192,7 @@ def stream_merge(
         chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with _torch_threads(threads), _WriteBehind(
+        with torch_threads(threads or merge_threads()), _WriteBehind(
             sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
         ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
@@ -233,19 +226,6 @@ def stream_merge(
     finally:
         reader.close()
     return _stats(plan, metas, bytes_read, start_time)
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Torch's intra-op threads for a merge or a copy (``threads``, else ``$HUB_SOUP_THREADS`` or 1), then
-    as they were: elementwise ops and copies on a few MiB are bound by memory, and a second thread's
-    spinning between them costs more than it gives on small machines (see benchmarks/RESULTS.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV) or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, base: Checkpoint | None) -> None:
@@ -349,7 +329,7 @@ def stream_copy(sources: Sequence[tuple[str, Checkpoint, str]], sink: Sink, chun
     """Stream tensors unchanged into ``sink``: for each ``(key, checkpoint, source)``, ``key`` begins and
     ``checkpoint``'s tensor ``source`` follows in chunks of about ``chunk_bytes``, read into one reused buffer."""
     buffer = direct_io.aligned_buffer(direct_io.padded(chunk_bytes))
-    with _torch_threads(None):
+    with torch_threads(merge_threads()):
         for key, checkpoint, source in sources:
             meta = checkpoint.metas[source]
             step = max(chunk_bytes // meta.dtype.itemsize, 1)

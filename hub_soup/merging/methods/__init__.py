@@ -83,6 +83,8 @@ class MergeMethod:
         exact_ingredients: the number of ingredients the method merges, for a method that takes a
             fixed number (``slerp``: 2); ``None``, the default: any number (a recipe gives two or more).
             A recipe with another number is refused, and so is a greedy one (greedy tries subsets).
+        min_ingredients: the fewest ingredients the method merges (2; 1 for a method whose soup of one
+            fine-tune and its base is meaningful: task arithmetic of one task vector, negation included).
         averages: the soup is a weighted mean of the ingredients alone (no base), so the soup of one
             ingredient is that ingredient bit for bit (greedy's first step reuses its score).
         float64_kernel: the kernel's ``acc`` and ``scratch`` are float64 whatever the tensors' dtypes,
@@ -96,6 +98,7 @@ class MergeMethod:
     uses_weights: ClassVar[bool] = False
     ingredient_parameters: ClassVar[tuple[str, ...]] = ()
     exact_ingredients: ClassVar[int | None] = None
+    min_ingredients: ClassVar[int] = 2
     float64_kernel: ClassVar[bool] = False
     averages: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None

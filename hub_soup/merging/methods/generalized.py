@@ -79,6 +79,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     consensus: ClassVar[bool]
     Parameters: ClassVar[type[GeneralizedParameters]] = GeneralizedParameters
     needs_base = True
+    min_ingredients = 1  # one task vector added (or, weighted -1, negated)
     uses_weights = True
     default_weight = 1.0
     normalizes_weights = False

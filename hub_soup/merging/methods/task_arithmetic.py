@@ -47,6 +47,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     Parameters = TaskArithmeticParameters
     needs_base = True
+    min_ingredients = 1  # one task vector added (or, weighted -1, negated)
     uses_weights = True
     default_weight = 1.0
     normalizes_weights = False
