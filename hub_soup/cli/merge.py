@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import get_args
+from typing import Any, get_args
 
 from hub_soup.cli.options import (
     ALLOW_PICKLE,
@@ -57,6 +57,30 @@ EXAMPLES = """examples:
 """
 
 
+class Numbers(argparse.Action):
+    """``--weights`` and ``--density``: numbers, one per REF (or one for all).
+
+    A REF typed after them (``--weights 1 2 a b``) is one more value to argparse, which
+    would say "invalid float value: 'a'"; this says where the REFs go instead (exit 2).
+    """
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        numbers = []
+        for value in values:
+            try:
+                numbers.append(float(value))
+            except ValueError:
+                parser.error(
+                    f"argument {option_string}: {value!r} is not a number: {option_string} takes numbers; "
+                    f"put the REFs before {option_string}: {parser.prog} a b {option_string} "
+                    + ("1 2" if self.dest == "weights" else "0.5 0.3")
+                )
+        setattr(namespace, self.dest, numbers)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``merge`` command to ``commands``."""
     parser = commands.add_parser(
@@ -69,7 +93,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "-o", "--output", metavar="DIR",
         help="write the soup here (with --push and no -o: a temporary folder, removed after the push)",
     )
-    parser.add_argument("--weights", type=float, nargs="+", metavar="W",
+    parser.add_argument("--weights", action=Numbers, nargs="+", metavar="W",
                         help="one weight per REF (normalised by weighted, as given by task_arithmetic)")
     methods = parser.add_argument_group("merge method (mergekit's names)")
     methods.add_argument("--method", choices=method_names(),
@@ -78,7 +102,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     for flag, key, kind, text in METHOD_PARAMETERS:
         methods.add_argument(flag, dest=f"parameter_{key}", type=kind, metavar=key[0].upper(), help=text)
     methods.add_argument(
-        "--density", type=float, nargs="+", metavar="D",
+        "--density", action=Numbers, nargs="+", metavar="D",
         help="fraction of each task vector kept (ties, dare_linear, dare_ties): one for every REF, or one per REF",
     )
     parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
@@ -109,6 +133,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
+    scoring = [flag for flag, on in (("--greedy", args.greedy), ("--recalibrate-bn", args.recalibrate_bn),
+                                     ("--ensemble-reference", args.ensemble_reference)) if on]
+    if scoring and not args.eval_task:  # the recipe would say "needs an eval section": say it in flags
+        raise RecipeError(
+            f"{scoring[0]} needs an evaluation: add --eval-task (and its --eval-data, or --eval-tasks for lm-eval)",
+            hint="e.g. --eval-task image-classification --eval-data DATA --eval-split val",
+        )
     given = {key: getattr(args, f"parameter_{key}") for _, key, _, _ in METHOD_PARAMETERS}
     densities = args.density
     if densities is not None and len(densities) == 1 and len(args.refs) != 1:
