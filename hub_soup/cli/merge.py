@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any, get_args
 
 from hub_soup.cli.options import (
@@ -52,8 +54,8 @@ EXAMPLES = """examples:
   %(prog)s org/lora-a org/lora-b -o soup
   # the same soup merged into the base: a full model
   %(prog)s org/lora-a org/lora-b --merge-into-base -o merged
-  # the recipe file for the same soup, for the `run` command
-  %(prog)s org/ft-a org/ft-b --push org/soup --dump-recipe > soup.yaml
+  # the recipe file for the same soup, for the `run` command (local paths relative to it)
+  %(prog)s ./ft-a ./ft-b --push org/soup --dump-recipe recipes/soup.yaml
 """
 
 
@@ -120,7 +122,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="split output into shards of this size (default 5GB)")
     OVERWRITE.add(parser)
     DEVICE.add(parser)
-    parser.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
+    parser.add_argument(
+        "--dump-recipe", nargs="?", const="-", metavar="FILE",
+        help="write the equivalent recipe to FILE.yaml, local paths relative to it (or, without FILE, print it, "
+        "local paths absolute), and exit: `run FILE` makes the same soup from any folder",
+    )
     TRUST_REMOTE_CODE.add(parser)
     add_eval_options(parser)
     validate = parser.add_argument_group("validate the soup (needs --eval-task and its data or harness tasks)")
@@ -180,9 +186,39 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    """Print the recipe (``--dump-recipe``) or make its soup exactly as ``run`` would."""
+    """Write the recipe (``--dump-recipe``) or make its soup exactly as ``run`` would."""
     recipe = recipe_from_args(args)
-    if args.dump_recipe:
-        sys.stdout.write(recipe.to_yaml())
+    if args.dump_recipe is not None:
+        dump_recipe(recipe, args.dump_recipe)
         return EXIT_OK
     return run_recipe(recipe, args.token, args.trust_remote_code)
+
+
+def dump_recipe(recipe: Recipe, file: str) -> None:
+    """The recipe as a file ``run`` reads from anywhere: ``run`` reads local paths from the recipe file's
+    folder, so a FILE gets them relative to its own folder, and the printed recipe (``-``), which may be
+    saved anywhere, gets them absolute.
+
+    Raises:
+        RecipeError: FILE is no ``.yaml``/``.yml`` name (``--dump-recipe REF REF`` would take the first REF
+            for FILE and overwrite it), or its folder does not exist; nothing is written.
+    """
+    if file == "-":
+        sys.stdout.write(recipe.with_paths_for(None).to_yaml())
+        return
+    path = Path(file)
+    if path.suffix not in (".yaml", ".yml"):
+        raise RecipeError(
+            f"--dump-recipe {file}: a recipe file's name ends in .yaml or .yml",
+            hint="put the REFs before --dump-recipe (a REF right after it is read as its FILE); "
+            "without FILE it prints the recipe",
+        )
+    if not path.parent.is_dir():
+        raise RecipeError(f"--dump-recipe {file}: there is no folder {path.parent}", hint="create it first")
+    text = recipe.with_paths_for(path.parent).to_yaml()
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed over FILE: never half a recipe there
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
