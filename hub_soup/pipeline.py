@@ -602,8 +602,9 @@ def _make_soup(
 
 def _adapter_card(soup: AdapterSoup, adapter: AdapterOutput | None, count: int) -> card_stage.AdapterCard:
     """What the card says of an adapter soup: an exact (or reduced) adapter, or the base with the delta merged in."""
+    task_type = soup.configs[0].raw.get("task_type")  # the adapters agree on it (SHARED_FIELDS)
     if adapter is None:
-        return card_stage.AdapterCard(merged=True, summary=(
+        return card_stage.AdapterCard(merged=True, task_type=task_type, summary=(
             f"The base model with the weighted mean of {count} LoRA adapters' weight deltas merged in "
             "(base + sum_i w_i * s_i * B_i @ A_i, PEFT's scaling s_i = lora_alpha / r, or / sqrt(r) with rsLoRA): "
             "the base's tensors streamed, each adapted weight's delta added in float32, each tensor stored in its "
@@ -621,7 +622,7 @@ def _adapter_card(soup: AdapterSoup, adapter: AdapterOutput | None, count: int) 
             f"or / sqrt(r) with rsLoRA, folded in), reduced per module to {adapter.ranks} by a truncated SVD "
             f"(B = U diag(S), A = V^T). {adapter.reduction.describe()}."
         )
-    return card_stage.AdapterCard(merged=False, summary=exact)
+    return card_stage.AdapterCard(merged=False, summary=exact, task_type=task_type)
 
 
 def _method_title(recipe: Recipe) -> str:
