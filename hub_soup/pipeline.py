@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -648,8 +647,9 @@ def _make_soup(
 
 def _adapter_card(soup: AdapterSoup, adapter: AdapterOutput | None, count: int) -> card_stage.AdapterCard:
     """What the card says of an adapter soup: an exact (or reduced) adapter, or the base with the delta merged in."""
+    task_type = soup.configs[0].raw.get("task_type")  # the adapters agree on it (SHARED_FIELDS)
     if adapter is None:
-        return card_stage.AdapterCard(merged=True, summary=(
+        return card_stage.AdapterCard(merged=True, task_type=task_type, summary=(
             f"The base model with the weighted mean of {count} LoRA adapters' weight deltas merged in "
             "(base + sum_i w_i * s_i * B_i @ A_i, PEFT's scaling s_i = lora_alpha / r, or / sqrt(r) with rsLoRA): "
             "the base's tensors streamed, each adapted weight's delta added in float32, each tensor stored in its "
@@ -667,7 +667,7 @@ def _adapter_card(soup: AdapterSoup, adapter: AdapterOutput | None, count: int) 
             f"or / sqrt(r) with rsLoRA, folded in), reduced per module to {adapter.ranks} by a truncated SVD "
             f"(B = U diag(S), A = V^T). {adapter.reduction.describe()}."
         )
-    return card_stage.AdapterCard(merged=False, summary=exact)
+    return card_stage.AdapterCard(merged=False, summary=exact, task_type=task_type)
 
 
 def _method_title(recipe: Recipe) -> str:
@@ -880,37 +880,31 @@ def cuda_device(name: str, count: int) -> torch.device:
     return device
 
 
+R = TypeVar("R", bound=ModelRef)  # an ingredient or the base
+
+
 def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | None = None) -> Recipe:
     """The recipe the soup carries: every Hub ingredient (and the base) pinned to the commit it resolved to.
 
     ``resolved`` are the ingredients' refs, then the base's when the recipe has one.
 
     Local paths are written relative to the soup folder ``soup`` (absolute when the
-    soup is not kept), so the recipe rebuilds from wherever the folder is read. The
+    soup is not kept: :meth:`~hub_soup.recipe.Recipe.with_paths_for`), so the recipe
+    rebuilds from wherever the folder is read. The
     output path is left out: a rebuild goes where its runner says (``-o``), or to
     the Hub. Run-time switches (``overwrite``) are reset too, so the same soup
     always carries the same recipe file (and a re-push changes nothing).
     """
-    folder = os.path.abspath(soup) if soup is not None else None
+    located = recipe.with_paths_for(soup, [ref.kind == "local" for ref in resolved])
 
-    def local(written: str, base: Path) -> str:
-        """An absolute path as the user wrote it; a relative one from the soup folder (symlinks kept as written)."""
-        path = Path(written).expanduser()
-        if path.is_absolute():
-            return written
-        where = os.path.abspath(base / path)
-        return os.path.relpath(where, folder) if folder is not None else where
+    def pinned(model: R, ref: ResolvedRef) -> R:
+        if ref.kind == "local":
+            return model
+        return model.model_copy(update={"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha})
 
-    def pinned(model: ModelRef, ref: ResolvedRef) -> dict[str, Any]:
-        if ref.kind != "local":
-            return {"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha}
-        return {"ref": local(model.ref, recipe.base_dir), "revision": None}
-
-    ingredients = [i.model_copy(update=pinned(i, r)) for i, r in zip(recipe.ingredients, resolved)]
+    ingredients = [pinned(i, r) for i, r in zip(located.ingredients, resolved)]
     output = recipe.output.model_copy(update={"path": None, "overwrite": False})
     update: dict[str, Any] = {"ingredients": ingredients, "output": output, "parameters": recipe.pinned_parameters()}
-    if recipe.base is not None:  # resolved after the ingredients
-        update["base"] = ModelRef(**pinned(recipe.base, resolved[len(ingredients)]))
-    if recipe.eval is not None:
-        update["eval"] = recipe.eval.with_local_paths(lambda path: local(path, Path()), Path())
-    return recipe.model_copy(update=update)
+    if located.base is not None:  # resolved after the ingredients
+        update["base"] = pinned(located.base, resolved[len(ingredients)])
+    return located.model_copy(update=update)

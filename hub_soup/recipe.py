@@ -542,6 +542,38 @@ class Recipe(_Strict):
         recipe._base = self._base
         return recipe
 
+    def with_paths_for(self, folder: str | Path | None, local: Sequence[bool] | None = None) -> Recipe:
+        """This recipe as a recipe file in ``folder`` must say it: every relative local path rewritten to be
+        read from ``folder`` (absolute when ``folder`` is None, for a recipe that does not know where it will be).
+
+        A recipe file's paths are read from its folder (:func:`load_recipe`), so this is what a
+        recipe written anywhere (``--dump-recipe FILE``, the pinned ``hub-soup.yaml`` in a soup)
+        needs to name what this one names. Ingredient and base refs are read from
+        :attr:`base_dir`, ``eval``'s paths and ``output.path`` from the working directory
+        (:meth:`relative_to` already read a file's from its folder); absolute and ``~`` paths
+        stay as written, and so do symlinks.
+
+        Args:
+            local: which ingredients, then the base, are local paths (a resolved ref's kind); default: those
+                that exist, the rule :func:`~hub_soup.hub.resolve.resolve_ref` tries first.
+        """
+        where = os.path.abspath(folder) if folder is not None else None
+        models = [*self.ingredients, *([self.base] if self.base is not None else [])]
+        if local is None:
+            local = [(self.base_dir / Path(model.ref).expanduser()).exists() for model in models]
+        moved = [
+            model.model_copy(update={"ref": _moved(model.ref, self.base_dir, where)}) if is_local else model
+            for model, is_local in zip(models, local)
+        ]
+        update: dict[str, Any] = {"ingredients": moved[: len(self.ingredients)]}
+        if self.base is not None:
+            update["base"] = moved[-1]
+        if self.output.path is not None:
+            update["output"] = self.output.model_copy(update={"path": _moved(self.output.path, Path(), where)})
+        if self.eval is not None:
+            update["eval"] = self.eval.with_local_paths(lambda path: _moved(path, Path(), where), Path())
+        return self.model_copy(update=update)
+
     @property
     def base_dir(self) -> Path:
         """The folder relative ingredient paths are read from: the recipe file's, else the working directory."""
@@ -640,6 +672,15 @@ def _from_base(base: Path, path: str) -> str:
     """``path`` read from ``base``: absolute paths and ``~`` stay as they are."""
     expanded = Path(path).expanduser()
     return path if expanded.is_absolute() or path.startswith("~") else os.path.normpath(base / expanded)
+
+
+def _moved(path: str, base: Path, folder: str | None) -> str:
+    """``path``, read from ``base``, as read from the absolute ``folder`` (absolute when ``folder`` is None);
+    absolute and ``~`` paths as written (see :meth:`Recipe.with_paths_for`)."""
+    if Path(path).expanduser().is_absolute():
+        return path
+    where = os.path.abspath(base / Path(path))
+    return os.path.relpath(where, folder) if folder is not None else where
 
 
 def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:

@@ -286,6 +286,8 @@ def test_hub_adapters_pin_their_base_and_never_download_its_weights(
     assert (config["base_model_name_or_path"], config["revision"]) == (base_repo, sha)
     card = (out / "README.md").read_text()
     assert f"base_model:\n- {base_repo}\n" in card and all(repo in card for repo in repos)  # the base alone
+    # the base loaded with the head the adapters were trained on (their task_type: CAUSAL_LM), not bare
+    assert f"base = AutoModelForCausalLM.from_pretrained('{base_repo}', revision='{sha}')" in card
     assert yaml.safe_load((out / "hub-soup.yaml").read_text())["base"] == {"ref": base_repo, "revision": sha}
     got, want = outputs(on_base(base, out)), outputs(expected_model(base, [a, b], [1, 1]))
     assert (got - want).abs().max() < 1e-5 * want.abs().max()

@@ -376,6 +376,21 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", a, b, "-o", _out(tmp)]
 
 
+@case("weights-then-refs")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", "--weights", "1", "2", A, B, "-o", _out(tmp)]
+
+
+@case("misspelt-option")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--mehtod", "uniform", "-o", _out(tmp)]
+
+
+@case("greedy-without-eval")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--greedy", "-o", _out(tmp)]
+
+
 # Rows run in a process of their own, with the environment they name.
 SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task"}
 

@@ -6,8 +6,9 @@ import argparse
 from typing import get_args
 
 import pytest
+import yaml
 
-from hub_soup.cli import build_parser
+from hub_soup.cli import build_parser, main
 from hub_soup.errors import RecipeError
 from hub_soup.recipe import DEVICE_FORMS, Dtype, Recipe, task_names
 
@@ -73,3 +74,43 @@ def test_an_option_of_several_commands_means_the_same_in_each() -> None:
     # the options the issue found defined several times are among those checked
     assert {"--token", "--allow-pickle", "--no-ema", "--exclude", "--device", "--trust-remote-code",
             "--eval-task", "--overwrite"} <= shared
+
+
+def _misspelt(option: str) -> str:
+    """``option`` with two of its letters swapped, as fingers do: ``--method`` -> ``--mehtod``."""
+    i = max(3, len(option) // 2)
+    return option[:i] + option[i + 1] + option[i] + option[i + 2:]
+
+
+@pytest.mark.parametrize("command", [None, *_commands()])
+def test_a_misspelt_option_is_named_with_the_one_meant(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command (and the options before it) says which option a misspelt one was meant to be, exit 2,
+    whatever else the misspelling left wrong (a required option or REF missing)."""
+    parser = build_parser() if command is None else _commands()[command]
+    options = [flag for action in parser._actions for flag in action.option_strings if len(flag) > 5]
+    assert options
+    for option in options:
+        typo = _misspelt(option)
+        if typo == option or any(flag.startswith(typo) for flag in options):
+            continue  # a swap of two equal letters, or one that spells an option: nothing misspelt
+        with pytest.raises(SystemExit) as exit_:
+            main([typo, "schema"] if command is None else [command, typo, "x"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unknown option {typo}: did you mean {option}?" in err, err
+
+
+def test_abbreviations_negative_numbers_and_values_are_no_misspellings(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["merge", "a", "b", "--meth", "task_arithmetic", "--base", "c", "--weights", "-1", "1", "-ox",
+            "--commit-message=--mehtod", "--dump-recipe"]
+    assert main(argv) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ingredients"][0] == {"ref": "a", "weight": -1.0}
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--density"])
+def test_refs_after_numbers_say_where_refs_go(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--method", "ties", "--base", "c", flag, "1", "0.5", "a", "b", "-o", "out"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: 'a' is not a number: {flag} takes numbers; put the REFs before {flag}" in err, err

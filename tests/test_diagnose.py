@@ -13,7 +13,15 @@ import torch
 from matplotlib.ticker import PercentFormatter
 
 from hub_soup.errors import EvalError
-from hub_soup.eval.diagnose import ALPHAS, Curve, DiagnoseReport, curve_figure, diagnose
+from hub_soup.eval.diagnose import (
+    ALPHAS,
+    Curve,
+    DiagnoseReport,
+    barrier_tolerance,
+    curve_figure,
+    diagnose,
+    dip_below_ends,
+)
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import get_metric
 from hub_soup.eval.score import Score
@@ -170,6 +178,42 @@ def test_recalibrated_verdict_is_judged_against_the_ingredients_recalibrated() -
     helps = _report([0.90, 0.50, 0.99], recalibrated=[0.92, 0.995, 0.99]).verdict()
     assert "recalibrated soups beat both" in helps and "averaging helps" in helps
     assert "different basins" in _report([0.90, 0.50, 0.99], recalibrated=[0.92, 0.60, 0.99]).verdict()
+
+
+def test_the_dip_below_the_worse_end_is_found_on_the_points_alone() -> None:
+    # the issue's curve: below both ends in the middle, yet within the barrier tolerance
+    dip = dip_below_ends(_curve([0.9777, 0.9749, 0.9749, 0.9805]), ("A", "B"))
+    assert dip is not None and (dip.alpha, dip.ingredient) == (1 / 3, "A")  # the first of the two lowest
+    assert dip.depth == pytest.approx(0.0028)
+    assert dip_below_ends(_curve([0.90, 0.93, 0.94, 0.95, 0.99]), ("A", "B")) is None  # nothing below A
+    assert dip_below_ends(_curve([0.98, 0.99, 0.98]), ("A", "B")) is None  # the worse end's score is no dip
+    # lower is better: the worse end is the higher one, and a dip is a rise above it
+    dip = dip_below_ends(_curve([12.0, 12.2, 12.5, 10.0], metric="perplexity"), ("A", "B"))
+    assert dip is not None and (dip.alpha, dip.ingredient) == (2 / 3, "A") and dip.depth == pytest.approx(0.5)
+    assert barrier_tolerance(_curve([0.9777, 0.9749, 0.9749, 0.9805])) == pytest.approx(0.02 * 0.9791)
+
+
+def test_no_barrier_states_its_tolerance_and_the_dip_below_both_ends() -> None:
+    """A curve below both ends in the middle is no "no dip": the verdict says how far below, where, and
+    the tolerance that made it no barrier."""
+    dipped = _report([0.9777, 0.9749, 0.9749, 0.9805, 0.9805])
+    assert not dipped.has_barrier
+    verdict = dipped.verdict()
+    assert "averaging them is safe but gains nothing" in verdict and "no dip" not in verdict
+    assert verdict.endswith(
+        "at alpha 0.25 the curve is 0.28 points worse than A, the worse end, within the barrier tolerance: "
+        "1.96 points (2% of the ends' mean score) worse than the straight line between the ends"
+    )
+    worse = _report([0.9777, 0.9749, 0.9749, 0.9805]).verdict()
+    assert "at alpha 0.33 the curve is 0.28 points worse than A" in worse and worse.endswith("does not help")
+    helps = _report([0.98, 0.99, 0.995, 0.99, 0.985]).verdict()
+    assert helps.endswith(
+        "no point between them is worse than the worse end, and none is more than the barrier tolerance, "
+        "1.96 points (2% of the ends' mean score), worse than the straight line between the ends"
+    )
+    assert "more than the barrier tolerance of 1.89 points (2% of the ends' mean score)" in _report(
+        [0.90, 0.50, 0.99]
+    ).verdict()
 
 
 def test_only_the_endpoints_scored_says_nothing_about_soups() -> None:

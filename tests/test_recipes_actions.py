@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from hub_soup.cli import main
 from hub_soup.errors import RecipeError
-from hub_soup.recipe import load_recipe, parse_recipe
+from hub_soup.recipe import Recipe, load_recipe, parse_recipe
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import timm_folder, unique, upload
 
@@ -85,6 +85,78 @@ def test_dump_recipe_then_run_gives_the_same_soup(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "recipe-out").exists()  # --dump-recipe only prints
     assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
     assert sha256(tmp_path / "cli" / "model.safetensors") == sha256(tmp_path / "recipe-out" / "model.safetensors")
+
+
+def test_a_dumped_recipe_runs_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``merge m/ft0 m/ft1 --dump-recipe``, printed and saved elsewhere or written to ``sub/r.yaml``, then run
+    from another folder: ``run`` reads a recipe's paths from its folder, so the dump writes them relative to
+    FILE, or absolute when printed, and the soup is the merge's, byte for byte."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for i, name in enumerate(("ft-lr0.01", "ft-lr0.02-shift")):
+        shutil.copytree(DIGITS / name, here / "m" / f"ft{i}")
+    (here / "sub").mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    flags = ["m/ft0", "m/ft1", "--weights", "1", "3", "--exclude", "fc.*"]
+    assert main(["--quiet", "merge", *flags, "-o", "direct"]) == 0
+    assert main(["merge", *flags, "-o", "from-file", "--dump-recipe", "sub/r.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["merge", *flags, "-o", "printed", "--dump-recipe"]) == 0
+    (elsewhere / "r.yaml").write_text(capsys.readouterr().out)
+    assert not (here / "from-file").exists() and not (here / "printed").exists()  # a dump makes no soup
+    written = yaml.safe_load((here / "sub" / "r.yaml").read_text())
+    assert [i["ref"] for i in written["ingredients"]] == ["../m/ft0", "../m/ft1"]
+    assert written["output"]["path"] == "../from-file"
+    printed = yaml.safe_load((elsewhere / "r.yaml").read_text())
+    assert [i["ref"] for i in printed["ingredients"]] == [str(here / "m" / "ft0"), str(here / "m" / "ft1")]
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["--quiet", "run", str(here / "sub" / "r.yaml")]) == 0
+    assert main(["--quiet", "run", "r.yaml"]) == 0
+    # the pinned recipe, too, where the paths were relative (absolute ones it keeps as written)
+    for soup, names in (("from-file", ("hub-soup.yaml",)), ("printed", ())):
+        for name in ("model.safetensors", "config.json", *names):
+            assert (here / soup / name).read_bytes() == (here / "direct" / name).read_bytes(), (soup, name)
+
+
+def test_dump_recipe_refuses_a_file_that_is_no_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dump-recipe REF REF`` reads the first REF as FILE: a name that is not .yaml is refused, untouched."""
+    refs = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    assert main(["merge", "--dump-recipe", str(notes), *refs, "-o", str(tmp_path / "soup")]) == 2
+    assert "a recipe file's name ends in .yaml or .yml" in capsys.readouterr().err
+    assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert main(["merge", *refs, "--dump-recipe", str(tmp_path / "no" / "r.yaml")]) == 2
+    assert "there is no folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_recipe_paths_move_to_the_folder_a_recipe_is_written_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every local path a recipe names (ingredients, base, eval data, eval function, include_path, output) is
+    rewritten for a file in another folder, or made absolute; Hub ids, absolute and ``~`` paths stay."""
+    for folder in ("m/ft0", "base", "data", "tasks", "sub"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    fields = {"method": "task_arithmetic", "base": {"ref": "base"}, "output": {"path": "out"}}
+    images = Recipe.from_refs(["m/ft0", "org/ft1", "~/ft2"], **fields,
+                              eval={"task": "custom", "data": "data", "function": "f.py:score"})
+    harness = Recipe.from_refs(["m/ft0", str(tmp_path / "m" / "ft0")], **fields,
+                               eval={"task": "lm-eval", "tasks": ["mine"], "include_path": "tasks"})
+    moved = images.with_paths_for(tmp_path / "sub")
+    assert [i.ref for i in moved.ingredients] == ["../m/ft0", "org/ft1", "~/ft2"]
+    assert moved.base is not None and moved.base.ref == "../base" and moved.output.path == "../out"
+    assert moved.eval is not None and (moved.eval.data, moved.eval.function) == ("../data", "../f.py:score")
+    moved = harness.with_paths_for(None)
+    assert [i.ref for i in moved.ingredients] == [str(tmp_path / "m" / "ft0")] * 2
+    assert moved.eval is not None and moved.eval.include_path == str(tmp_path / "tasks")
+    # a file read from its folder names what the recipe named
+    (tmp_path / "sub" / "r.yaml").write_text(images.with_paths_for(tmp_path / "sub").to_yaml())
+    again = load_recipe(tmp_path / "sub" / "r.yaml")
+    assert again.output.path == str(tmp_path / "out") and again.eval is not None
+    assert again.eval.data == str(tmp_path / "data")
+    assert (again.base_dir / again.ingredients[0].ref).resolve() == tmp_path / "m" / "ft0"
 
 
 def test_pinned_recipe_rebuilds_a_bit_identical_soup_from_the_hub(hub_token: str, tmp_path: Path) -> None:

@@ -325,7 +325,7 @@ def test_cards_say_only_what_is_true_of_the_soup(tmp_path: Path, capsys: pytest.
     f64 = (tmp_path / "f64" / "README.md").read_text()
     assert "75 floating tensors, BatchNorm running statistics included, were averaged in float64 and stored as float64" in f64
     assert "2 floating tensors left out of the average (`--exclude`) were taken from the first ingredient (cast to float64)" in f64
-    assert "timm.create_model('local-dir:path/to/digits', pretrained=True)" in card and "hf-hub:" not in card
+    assert "timm.create_model('local-dir:./digits', pretrained=True)" in card and "hf-hub:" not in card
 
 
 def test_datasets_progress_bars_follow_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:

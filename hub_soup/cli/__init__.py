@@ -16,12 +16,15 @@ or read models, so ``--help``, ``--version``, ``schema`` and ``validate`` answer
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from hub_soup.cli import diagnose, inspect, merge, run, schema, validate
 from hub_soup.errors import HubSoupError
@@ -57,6 +60,56 @@ def program_name(argv0: str | None = None) -> str:
     return "hf soup" if where.is_relative_to(installed) else "hf-soup"
 
 
+# What argparse reads as a negative number, hence as a value and not an option (its ``_negative_number_matcher``).
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, saying which option a misspelt one was meant to be, as git does.
+
+    ``--mehtod uniform`` is otherwise "unrecognized arguments: --mehtod uniform" (or, in
+    ``diagnose``, a complaint about a required option the misspelling hid). Each command's
+    parser is one of these (``add_subparsers`` makes its parsers of the parent's class), so
+    each suggests from its own options, and the top-level one from its own (``--quiet``).
+    """
+
+    _given: Sequence[str] = ()  # the arguments this parser was last given
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        parsed, extras = super().parse_known_args(args, namespace)
+        misspelt = self._misspelt()
+        if misspelt is not None:
+            self.error(misspelt)
+        return parsed, extras
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's error (usage, the message, exit 2), with a misspelt option named first: a misspelling
+        also makes the errors that follow from it (a required option "missing"), which would mislead."""
+        super().error(self._misspelt() or message)
+
+    def _misspelt(self) -> str | None:
+        """The message for the first given option this parser does not know but has one close to ("unknown
+        option --mehtod: did you mean --method?"); None when there is none (argparse then says what it says)."""
+        known = list(self._option_string_actions)
+        commands = {name for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                    for name in action.choices}
+        for given in self._given:
+            if given == "--" or given in commands:  # positionals from here on, or the command's own arguments
+                return None
+            flag = given.partition("=")[0]
+            if not flag.startswith("-") or flag == "-" or " " in given or _NEGATIVE_NUMBER.fullmatch(flag):
+                continue  # a value or a positional, as argparse reads it
+            if any(option.startswith(flag) if flag.startswith("--") else flag[:2] == option for option in known):
+                continue  # an option, a unique or ambiguous abbreviation, or a short one with its value attached
+            close = difflib.get_close_matches(flag, [option for option in known if option.startswith("--")], n=1)
+            if close:
+                return f"unknown option {flag}: did you mean {close[0]}?"
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: global options, then each command module's subparser.
 
@@ -64,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     :func:`main` runs ``args.handler(args)`` and a new command is a new module
     plus one name in :data:`COMMANDS`.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=program_name(), description="Average fine-tuned models (model soups) from the Hugging Face Hub, timm or local files."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import get_args
+from pathlib import Path
+from typing import Any, get_args
 
 from hub_soup.cli.options import (
     ALLOW_PICKLE,
@@ -52,9 +54,33 @@ EXAMPLES = """examples:
   %(prog)s org/lora-a org/lora-b -o soup
   # the same soup merged into the base: a full model
   %(prog)s org/lora-a org/lora-b --merge-into-base -o merged
-  # the recipe file for the same soup, for the `run` command
-  %(prog)s org/ft-a org/ft-b --push org/soup --dump-recipe > soup.yaml
+  # the recipe file for the same soup, for the `run` command (local paths relative to it)
+  %(prog)s ./ft-a ./ft-b --push org/soup --dump-recipe recipes/soup.yaml
 """
+
+
+class Numbers(argparse.Action):
+    """``--weights`` and ``--density``: numbers, one per REF (or one for all).
+
+    A REF typed after them (``--weights 1 2 a b``) is one more value to argparse, which
+    would say "invalid float value: 'a'"; this says where the REFs go instead (exit 2).
+    """
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        numbers = []
+        for value in values:
+            try:
+                numbers.append(float(value))
+            except ValueError:
+                parser.error(
+                    f"argument {option_string}: {value!r} is not a number: {option_string} takes numbers; "
+                    f"put the REFs before {option_string}: {parser.prog} a b {option_string} "
+                    + ("1 2" if self.dest == "weights" else "0.5 0.3")
+                )
+        setattr(namespace, self.dest, numbers)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -69,7 +95,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "-o", "--output", metavar="DIR",
         help="write the soup here (with --push and no -o: a temporary folder, removed after the push)",
     )
-    parser.add_argument("--weights", type=float, nargs="+", metavar="W",
+    parser.add_argument("--weights", action=Numbers, nargs="+", metavar="W",
                         help="one weight per REF (normalised by weighted, as given by task_arithmetic)")
     methods = parser.add_argument_group("merge method (mergekit's names)")
     methods.add_argument("--method", choices=method_names(),
@@ -78,7 +104,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     for flag, key, kind, text in METHOD_PARAMETERS:
         methods.add_argument(flag, dest=f"parameter_{key}", type=kind, metavar=key[0].upper(), help=text)
     methods.add_argument(
-        "--density", type=float, nargs="+", metavar="D",
+        "--density", action=Numbers, nargs="+", metavar="D",
         help="fraction of each task vector kept (ties, dare_linear, dare_ties): one for every REF, or one per REF",
     )
     parser.add_argument("--dtype", choices=get_args(Dtype), help="output dtype of averaged tensors")
@@ -96,7 +122,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="split output into shards of this size (default 5GB)")
     OVERWRITE.add(parser)
     DEVICE.add(parser)
-    parser.add_argument("--dump-recipe", action="store_true", help="print the equivalent recipe YAML and exit")
+    parser.add_argument(
+        "--dump-recipe", nargs="?", const="-", metavar="FILE",
+        help="write the equivalent recipe to FILE.yaml, local paths relative to it (or, without FILE, print it, "
+        "local paths absolute), and exit: `run FILE` makes the same soup from any folder",
+    )
     TRUST_REMOTE_CODE.add(parser)
     add_eval_options(parser)
     validate = parser.add_argument_group("validate the soup (needs --eval-task and its data or harness tasks)")
@@ -109,6 +139,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe a ``merge`` command line describes (``--dump-recipe`` prints it)."""
+    scoring = [flag for flag, on in (("--greedy", args.greedy), ("--recalibrate-bn", args.recalibrate_bn),
+                                     ("--ensemble-reference", args.ensemble_reference)) if on]
+    if scoring and not args.eval_task:  # the recipe would say "needs an eval section": say it in flags
+        raise RecipeError(
+            f"{scoring[0]} needs an evaluation: add --eval-task (and its --eval-data, or --eval-tasks for lm-eval)",
+            hint="e.g. --eval-task image-classification --eval-data DATA --eval-split val",
+        )
     given = {key: getattr(args, f"parameter_{key}") for _, key, _, _ in METHOD_PARAMETERS}
     densities = args.density
     if densities is not None and len(densities) == 1 and len(args.refs) != 1:
@@ -149,9 +186,39 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    """Print the recipe (``--dump-recipe``) or make its soup exactly as ``run`` would."""
+    """Write the recipe (``--dump-recipe``) or make its soup exactly as ``run`` would."""
     recipe = recipe_from_args(args)
-    if args.dump_recipe:
-        sys.stdout.write(recipe.to_yaml())
+    if args.dump_recipe is not None:
+        dump_recipe(recipe, args.dump_recipe)
         return EXIT_OK
     return run_recipe(recipe, args.token, args.trust_remote_code)
+
+
+def dump_recipe(recipe: Recipe, file: str) -> None:
+    """The recipe as a file ``run`` reads from anywhere: ``run`` reads local paths from the recipe file's
+    folder, so a FILE gets them relative to its own folder, and the printed recipe (``-``), which may be
+    saved anywhere, gets them absolute.
+
+    Raises:
+        RecipeError: FILE is no ``.yaml``/``.yml`` name (``--dump-recipe REF REF`` would take the first REF
+            for FILE and overwrite it), or its folder does not exist; nothing is written.
+    """
+    if file == "-":
+        sys.stdout.write(recipe.with_paths_for(None).to_yaml())
+        return
+    path = Path(file)
+    if path.suffix not in (".yaml", ".yml"):
+        raise RecipeError(
+            f"--dump-recipe {file}: a recipe file's name ends in .yaml or .yml",
+            hint="put the REFs before --dump-recipe (a REF right after it is read as its FILE); "
+            "without FILE it prints the recipe",
+        )
+    if not path.parent.is_dir():
+        raise RecipeError(f"--dump-recipe {file}: there is no folder {path.parent}", hint="create it first")
+    text = recipe.with_paths_for(path.parent).to_yaml()
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed over FILE: never half a recipe there
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

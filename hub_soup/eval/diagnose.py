@@ -76,6 +76,35 @@ class _BestSoup:
         )
 
 
+@dataclass(frozen=True)
+class Dip:
+    """The interior point of a curve furthest below its worse end: a dip within the barrier tolerance
+    is no barrier, but the soups there are worse than either ingredient, and the verdict says so."""
+
+    alpha: float
+    depth: float  # how much worse than the worse end, in the metric's units (positive)
+    ingredient: str  # the worse end's label
+
+
+def dip_below_ends(curve: Curve, labels: tuple[str, str]) -> Dip | None:
+    """The point between the ends that scores furthest below the worse end (the first on a tie), or None
+    when no point between them scores below it."""
+    (_, first), (_, second) = curve[0], curve[-1]
+    ingredient, worse = (labels[0], first) if second.better_than(first) else (labels[1], second)
+    dip = None
+    for alpha, score in curve[1:-1]:
+        depth = abs(worse.value - score.value)
+        if worse.better_than(score) and (dip is None or depth > dip.depth):
+            dip = Dip(alpha, depth, ingredient)
+    return dip
+
+
+def barrier_tolerance(curve: Curve) -> float:
+    """How far (in the metric's units) a point may fall below the straight line between the endpoint
+    scores before it is a barrier: ``BARRIER_TOLERANCE`` of the endpoints' mean score."""
+    return BARRIER_TOLERANCE * abs(curve[0][1].value + curve[-1][1].value) / 2
+
+
 @dataclass
 class DiagnoseReport:
     """Scores between two ingredients, weight distances, and what they mean."""
@@ -112,17 +141,15 @@ class DiagnoseReport:
             return f"only {a} and {b} themselves were scored: add alphas between 0 and 1 to see their soups"
         if not self.has_barrier:
             best = _best_soup(self.curve, self.labels)
+            basin = self._no_barrier()
             if best.helps:
-                return f"{a} and {b} are in one basin and soups between them beat both: averaging helps ({best})"
+                return f"{a} and {b} are in one basin and soups between them beat both: averaging helps ({best}); {basin}"
             if best.safe:
-                return (
-                    f"{a} and {b} are in one basin (no dip between them): averaging them is safe but gains "
-                    f"nothing ({best})"
-                )
+                return f"{a} and {b} are in one basin: averaging them is safe but gains nothing ({best}); {basin}"
             return (
                 f"no barrier between {a} and {b}, but no point between them beats {best.ingredient} "
                 f"({best.reference.formatted()}): the best soup on the line scores {best.score.formatted()} "
-                f"(alpha {best.alpha:.2f}); averaging them does not help"
+                f"(alpha {best.alpha:.2f}); {basin}; averaging them does not help"
             )
         if self.curve_recalibrated is not None and not _has_barrier(self.curve_recalibrated):
             best = _best_soup(self.curve_recalibrated, self.labels)  # like with like: recalibrated ingredients
@@ -139,11 +166,38 @@ class DiagnoseReport:
                 f"({best.reference.formatted()}): "
                 f"the best scores {best.score.formatted()} (alpha {best.alpha:.2f}); averaging them does not help"
             )
-        dip = self.curve[0][1].primary.format_delta(self.barrier).lstrip("+")
+        dip = self._amount(self.barrier)
         return (
-            f"a dip of {dip} in the middle: {a} and {b} sit in different basins, so any average of the two "
+            f"a dip of {dip} in the middle, more than the barrier tolerance of {self._tolerance()}: {a} and {b} "
+            "sit in different basins, so any average of the two "
             "scores worse than its ends. Usual causes: independent initialisations, or fine-tunes that moved "
             "far from their shared start (large learning rates, long training)"
+        )
+
+    def _amount(self, difference: float) -> str:
+        """A difference of the metric, as people read it: ``0.28 points``, ``0.3125``."""
+        return self.curve[0][1].primary.format_delta(difference).lstrip("+")
+
+    def _tolerance(self) -> str:
+        """The barrier tolerance, in the metric's units and in what it is."""
+        return f"{self._amount(barrier_tolerance(self.curve))} ({BARRIER_TOLERANCE:.0%} of the ends' mean score)"
+
+    def _no_barrier(self) -> str:
+        """What "no barrier" rests on: the tolerance, and how far the curve dips below the worse end, if it does.
+
+        A curve can dip below both ends and still be no barrier (97.77%, 97.49%, 97.49%, 98.05%): within
+        the tolerance, but the soups there are worse than either ingredient, which "no dip" would hide.
+        """
+        line = "worse than the straight line between the ends"
+        dip = dip_below_ends(self.curve, self.labels)
+        if dip is None:
+            return (
+                f"no point between them is worse than the worse end, and none is more than the barrier tolerance, "
+                f"{self._tolerance()}, {line}"
+            )
+        return (
+            f"at alpha {dip.alpha:.2f} the curve is {self._amount(dip.depth)} worse than {dip.ingredient}, the worse "
+            f"end, within the barrier tolerance: {self._tolerance()} {line}"
         )
 
     def text(self) -> str:
@@ -370,8 +424,7 @@ def _barrier(curve: Curve) -> float:
 
 
 def _has_barrier(curve: Curve) -> bool:
-    scale = abs(curve[0][1].value + curve[-1][1].value) / 2
-    return _barrier(curve) > BARRIER_TOLERANCE * scale
+    return _barrier(curve) > barrier_tolerance(curve)
 
 
 def _compared(tensor: TensorPlan) -> bool:

@@ -37,6 +37,42 @@ class AdapterCard:
 
     merged: bool
     summary: str
+    task_type: str | None = None  # the adapters' PEFT task_type (CAUSAL_LM...): the pipeline tag the card gives
+
+
+# The pipeline tag of a transformers model, by its class name's head (config.json's ``architectures``).
+_HEAD_TAGS = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForImageClassification", "image-classification"),
+)
+
+# The transformers Auto class that loads a model of a pipeline tag with its head: ``AutoModel`` loads the
+# bare model (a causal LM without its LM head), so the card's snippet names the one of the soup's tag.
+AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "text-generation": "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "image-classification": "AutoModelForImageClassification",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "feature-extraction": "AutoModel",
+}
+
+
+# The pipeline tag of a PEFT adapter's ``task_type``: with it, the card loads the base with its head.
+PEFT_TASK_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
 
 
 def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -48,16 +84,7 @@ def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | Non
     if "model_type" in config:
         architectures = config.get("architectures") or []
         arch = architectures[0] if architectures else ""
-        tag = (
-            "text-classification"
-            if arch.endswith("ForSequenceClassification")
-            else "text-generation"
-            if arch.endswith("ForCausalLM")
-            else "image-classification"
-            if arch.endswith("ForImageClassification")
-            else None
-        )
-        return "transformers", tag
+        return "transformers", next((tag for head, tag in _HEAD_TAGS if arch.endswith(head)), None)
     return None, None
 
 
@@ -129,6 +156,8 @@ def build_card(
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
     pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
+    if adapter is not None and adapter.task_type is not None:
+        pipeline_tag = pipeline_tag or PEFT_TASK_TAGS.get(adapter.task_type)
     if adapter is not None and not adapter.merged:
         library = "peft"
     soup_scores = [s.score for s in scores if s.model == "soup"]
@@ -206,7 +235,10 @@ def build_card(
     rebuild = "`hub-soup run hub-soup.yaml -o rebuilt`" + (
         " (add `--no-push` to keep it local: the recipe pushes)" if rebuild_pushes else ""
     )
-    usage = _peft_usage(base, repo_id, name) if adapter is not None and not adapter.merged else _usage(library, repo_id, name)
+    usage = (
+        _peft_usage(base, pipeline_tag, repo_id, name) if adapter is not None and not adapter.merged
+        else _usage(library, pipeline_tag, repo_id, name)
+    )
     lines += ["", "## How to use", "", *usage, "", "## Recipe", "",
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
@@ -230,7 +262,10 @@ def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> st
     title = merge_method.title or merge_method.name
     paper = f" ({merge_method.paper})" if merge_method.paper else ""
     chosen = " (chosen by greedy selection on held-out scores)" if method.startswith("greedy") else ""
-    return f"A merge of {_count(count, 'fine-tuned model')}{chosen} by {title}{paper}, {made_with}: {merge_method.summary}"
+    return (
+        f"A merge of {_count(count, 'fine-tuned model')}{chosen} by {title}{paper}, {made_with}: "
+        f"{merge_method.card_summary()}"
+    )
 
 
 def arithmetic(plan: MergePlan, dtype: str | None, merge_method: MergeMethod | None = None) -> str:
@@ -277,32 +312,59 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def _peft_usage(base: ResolvedRef | None, repo_id: str | None, name: str) -> list[str]:
+def _auto_class(pipeline_tag: str | None) -> tuple[str, str | None]:
+    """The Auto class that loads a model of ``pipeline_tag`` with its head, and a note for the snippet
+    when the tag names none (``AutoModel``: the bare model)."""
+    if pipeline_tag in AUTO_CLASSES:
+        return AUTO_CLASSES[pipeline_tag], None
+    return "AutoModel", "or the Auto class of its task"
+
+
+def _soup_location(repo_id: str | None, name: str) -> tuple[str, str | None]:
+    """Where the snippet loads the soup from, and a note on what that is: the Hub repo, or, for a soup
+    not pushed, this card's own folder, by its name, as seen from the folder that holds it."""
+    if repo_id:
+        return repo_id, None
+    return f"./{name}", "this folder, from the one that holds it"
+
+
+def _comment(*notes: str | None) -> str:
+    """The notes as one trailing Python comment (nothing without any)."""
+    said = [note for note in notes if note]
+    return f"  # {'; '.join(said)}" if said else ""
+
+
+def _peft_usage(base: ResolvedRef | None, pipeline_tag: str | None, repo_id: str | None, name: str) -> list[str]:
     """How to load an adapter soup: on its base, with PEFT."""
     where = base.repo_id or "path/to/base" if base is not None else "path/to/base"
     revision = f", revision='{base.sha}'" if base is not None and base.repo_id and base.sha else ""
+    auto, other = _auto_class(pipeline_tag)
+    soup, local = _soup_location(repo_id, name)
     return [
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModel",
+        f"from transformers import {auto}",
         "",
-        f"base = AutoModel.from_pretrained('{where}'{revision})  # or the Auto class of its task",
-        f"model = PeftModel.from_pretrained(base, '{repo_id or f'path/to/{name}'}')",
+        f"base = {auto}.from_pretrained('{where}'{revision}){_comment(other)}",
+        f"model = PeftModel.from_pretrained(base, '{soup}'){_comment(local)}",
         "```",
     ]
 
 
-def _usage(library: str | None, repo_id: str | None, name: str) -> list[str]:
+def _usage(library: str | None, pipeline_tag: str | None, repo_id: str | None, name: str) -> list[str]:
     """How to load the soup: from its Hub repo, or, for a soup not pushed, from its folder."""
+    where, local = _soup_location(repo_id, name)
     if library == "timm":
-        where = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{name}"
-        return ["```python", "import timm", "", f"model = timm.create_model('{where}', pretrained=True)", "```"]
+        prefix = "hf-hub:" if repo_id else "local-dir:"
+        load = f"model = timm.create_model('{prefix}{where}', pretrained=True){_comment(local)}"
+        return ["```python", "import timm", "", load, "```"]
     if library == "transformers":
+        auto, other = _auto_class(pipeline_tag)
         return [
             "```python",
-            "from transformers import AutoModel",
+            f"from transformers import {auto}",
             "",
-            f"model = AutoModel.from_pretrained('{repo_id or f'path/to/{name}'}')  # or the Auto class of its task",
+            f"model = {auto}.from_pretrained('{where}'){_comment(local, other)}",
             "```",
         ]
     return ["```python", "from safetensors.torch import load_file", "", "state_dict = load_file('model.safetensors')", "```"]

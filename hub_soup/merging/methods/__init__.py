@@ -80,6 +80,8 @@ class MergeMethod:
         title, paper, summary: what the soup's card says: the method's name in words, a Markdown
             link to its paper, and one sentence on what it did to the ingredients. Without a
             ``summary`` the card calls the soup a weight average (``uniform``, ``weighted``).
+            A method with a ``normalize`` parameter says where it divides with ``{divided}`` in its
+            summary, and by what in :attr:`divisor` (see :meth:`card_summary`).
         exact_ingredients: the number of ingredients the method merges, for a method that takes a
             fixed number (``slerp``: 2); ``None``, the default: any number (a recipe gives two or more).
             A recipe with another number is refused, and so is a greedy one (greedy tries subsets).
@@ -106,6 +108,7 @@ class MergeMethod:
     title: ClassVar[str | None] = None
     paper: ClassVar[str | None] = None
     summary: ClassVar[str | None] = None
+    divisor: ClassVar[str | None] = None
 
     def __init__(self, parameters: BaseModel | dict[str, Any] | None = None,
                  weights: Sequence[float] | None = None,
@@ -124,6 +127,15 @@ class MergeMethod:
             self.weights = normalize_weights(weights, len(weights)) if weights is not None else None
         self._scalars: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         self._workspace: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def card_summary(self) -> str | None:
+        """:attr:`summary`, true of this merge's parameters: its ``{divided}`` names the :attr:`divisor`
+        when ``normalize`` divided by it, and says nothing when ``normalize`` is off."""
+        if self.summary is None or self.divisor is None:
+            return self.summary
+        normalized = self.parameters.normalize  # type: ignore[attr-defined]  # a method with a divisor has it
+        divided = f", divided by {self.divisor} (normalize)" if normalized else ""
+        return self.summary.replace("{divided}", divided)
 
     def weights_for(self, count: int) -> list[float]:
         """The weight each of ``count`` ingredients counts with: :attr:`weights` when given, else

@@ -23,4 +23,5 @@ class DareLinear(GeneralizedTaskArithmetic):
     consensus = False
     title = "DARE (linear)"
     paper = DARE_PAPER
-    summary = DARE_DROPPED + "the weighted vectors were summed, scaled by lambda and added to the base model."
+    summary = DARE_DROPPED + "the weighted vectors were summed{divided}, scaled by lambda and added to the base model."
+    divisor = "the sum of the weights"

@@ -23,6 +23,7 @@ class DareTies(GeneralizedTaskArithmetic):
     title = "DARE with TIES sign election"
     paper = DARE_PAPER
     summary = (
-        DARE_DROPPED + "each element's sign was elected by the weighted sum, the agreeing entries were summed, "
-        "scaled by lambda and added to the base model."
+        DARE_DROPPED + "each element's sign was elected by the weighted sum, the agreeing entries were "
+        "summed{divided}, scaled by lambda and added to the base model."
     )
+    divisor = "the sum of their weights"

@@ -56,8 +56,9 @@ class TaskArithmetic(MergeMethod):
     paper = "[Ilharco et al., 2023, Editing Models with Task Arithmetic](https://arxiv.org/abs/2212.04089)"
     summary = (
         "each fine-tune's task vector (its difference from the base model) was scaled by its weight, and "
-        "their sum (divided by the sum of the weights with normalize), scaled by lambda, was added to the base model."
+        "their sum{divided}, scaled by lambda, was added to the base model."
     )
+    divisor = "the sum of the weights"
 
     def coefficients(self, count: int) -> list[float]:
         """``lambda * w_i`` (over the sum of the weights with ``normalize``, unless it is about 0, as in mergekit)."""

@@ -44,6 +44,6 @@ class Ties(GeneralizedTaskArithmetic):
     summary = (
         "per tensor, each task vector (a fine-tune's difference from the base model) kept its density fraction of "
         "largest magnitudes; each element's sign was elected by the weighted sum of the trimmed vectors, the entries "
-        "that agree were summed (divided by the sum of their weights with normalize), scaled by lambda and added to "
-        "the base model."
+        "that agree were summed{divided}, scaled by lambda and added to the base model."
     )
+    divisor = "the sum of their weights"
