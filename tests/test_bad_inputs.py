@@ -256,6 +256,31 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
             f"{tmp / 'fft.py'}:score", "--trust-remote-code", "--eval-dtype", "bfloat16", "-o", _out(tmp)]
 
 
+def _texts(tmp: Path) -> str:
+    """A JSON-lines file of texts: eval data a causal-lm case reads."""
+    (tmp / "val.jsonl").write_text('{"text": "the soup is good"}\n{"text": "good soup"}\n')
+    return str(tmp / "val.jsonl")
+
+
+def _without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU index that this machine lacks: on a machine without CUDA, any index")
+
+
+@case("max-memory-no-gpu")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    _without_cuda()
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", _texts(tmp), "--device-map", "auto",
+            "--max-memory", "0=1GB", "-o", _out(tmp)]
+
+
+@case("device-map-no-gpu")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    _without_cuda()
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", _texts(tmp),
+            "--device-map", "model=0,lm_head=cpu", "-o", _out(tmp)]
+
+
 @case("adapter-other-base")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", *_loras(tmp, base_model_name_or_path="org/another-base"), "-o", _out(tmp)]
