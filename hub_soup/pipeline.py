@@ -56,6 +56,7 @@ from hub_soup.errors import (
     WorseSoupError,
 )
 from hub_soup.eval.backends import Backend, launched_backend
+from hub_soup.eval.data import check_data
 from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import Base, GreedyReport, Loader, SoupMaker, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
@@ -148,8 +149,6 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             hint="a recipe says where the soup goes with output.path or push.repo_id",
         )
     device = device_for(recipe.device)
-    if recipe.eval is not None:
-        check_eval_devices(recipe.eval, cuda_device_count())
     backend = launched_backend(device)  # every process of a launch joins here, before any work
     writes = backend.rank == 0
     with _speaking(writes):
@@ -159,6 +158,8 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             check_output_apart(Path(recipe.output.path), recipe)
         if recipe.push is not None:
             check_push_access(recipe.push, token)
+        if recipe.eval is not None:
+            check_eval(recipe.eval, recipe.base_dir, token)
         models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
         resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
         for ref in resolved:
@@ -835,6 +836,14 @@ def cuda_device(name: str, count: int) -> torch.device:
             f"--device {name}: this machine has {_cuda_devices(count)}", hint=f"use {use} (--device, a recipe's device)"
         )
     return device
+
+
+def check_eval(spec: EvalSpec, base: Path, token: str | bool | None) -> None:
+    """What the eval section names, checked on this machine before anything is downloaded: the GPUs of its
+    placement (:func:`check_eval_devices`) and its data (:func:`~hub_soup.eval.data.check_data`; relative
+    paths from ``base``)."""
+    check_eval_devices(spec, cuda_device_count())
+    check_data(spec, base, token)
 
 
 def check_eval_devices(spec: EvalSpec, count: int) -> None:
