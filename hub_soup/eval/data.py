@@ -17,9 +17,10 @@ import torch
 from huggingface_hub import HfApi, constants
 
 from hub_soup.errors import EvalError, RefNotFoundError
+from hub_soup.eval.tasks import get_task
 from hub_soup.hub.errors import hub_errors, with_retries
 from hub_soup.hub.resolve import near_miss
-from hub_soup.recipe import CUSTOM, DATA_FILE_LOADERS, LM_EVAL, is_local_data
+from hub_soup.recipe import DATA_FILE_LOADERS, is_local_data
 
 if TYPE_CHECKING:
     from hub_soup.recipe import EvalSpec
@@ -43,10 +44,11 @@ def check_data(spec: EvalSpec, base: Path, token: str | bool | None = None) -> N
     :func:`~hub_soup.hub.resolve.resolve_ref` treats such a model ref).
 
     Whether ``org/name`` is a Hub dataset is asked here only in that last case; otherwise the Hub is first
-    asked when the data is opened. Tasks that read no data (custom, lm-eval) are not checked.
+    asked when the data is opened. Only the data of tasks that open it here (:func:`open_split`) is checked:
+    custom and lm-eval read none, and a task of one's own reads it as it likes.
     """
     data = spec.data
-    if data is None or spec.task in (CUSTOM, LM_EVAL):
+    if data is None or not get_task(spec.task).opens_data:
         return
     path = Path(data).expanduser()
     if path.is_file():
