@@ -55,6 +55,7 @@ from hub_soup.errors import (
     WorseSoupError,
 )
 from hub_soup.eval.backends import Backend, launched_backend
+from hub_soup.eval.data import check_data
 from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import Base, GreedyReport, Loader, SoupMaker, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
@@ -82,7 +83,7 @@ from hub_soup.merging.methods import MergeMethod, get_method
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
-from hub_soup.recipe import ModelRef, Recipe
+from hub_soup.recipe import EvalSpec, ModelRef, Recipe
 from hub_soup.threads import eval_threads, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             check_output_apart(Path(recipe.output.path), recipe)
         if recipe.push is not None:
             check_push_access(recipe.push, token)
+        if recipe.eval is not None:
+            check_eval(recipe.eval, recipe.base_dir, token)
         models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
         resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
         for ref in resolved:
@@ -873,11 +876,69 @@ def cuda_device(name: str, count: int) -> torch.device:
     """
     device = torch.device(name)
     if device.index is not None and device.index >= count:
-        valid = ["cuda", *(f"cuda:{index}" for index in range(count))]
-        there = f"{count} CUDA device{'s' if count != 1 else ''} ({', '.join(valid[1:])})" if count else "no CUDA device"
-        use = f"{', '.join(valid[:-1])} or {valid[-1]}" if count else "cpu"
-        raise RecipeError(f"--device {name}: this machine has {there}", hint=f"use {use} (--device, a recipe's device)")
+        use = _either(["cuda", *(f"cuda:{index}" for index in range(count))] if count else ["cpu"])
+        raise RecipeError(
+            f"--device {name}: this machine has {_cuda_devices(count)}", hint=f"use {use} (--device, a recipe's device)"
+        )
     return device
+
+
+def check_eval(spec: EvalSpec, base: Path, token: str | bool | None) -> None:
+    """What the eval section names, checked on this machine before anything is downloaded: the GPUs of its
+    placement (:func:`check_eval_devices`) and its data (:func:`~hub_soup.eval.data.check_data`; relative
+    paths from ``base``)."""
+    check_eval_devices(spec, cuda_device_count())
+    check_data(spec, base, token)
+
+
+def check_eval_devices(spec: EvalSpec, count: int) -> None:
+    """Refuse, before anything is downloaded, a GPU that ``eval.max_memory`` or ``eval.device_map`` names and
+    this machine (with ``count`` CUDA devices) lacks: accelerate would only warn ("Device 0 is not available")
+    and torch fail at the first weight put there. Unlike ``--device cuda``, a placement has no CPU to fall
+    back on that keeps its meaning (the sizes and modules given are those of that GPU).
+
+    Raises:
+        RecipeError: naming the entry, and the devices there are.
+    """
+    for key, size in (spec.max_memory or {}).items():
+        if key.isdigit() and int(key) >= count:
+            use = _either([*(f"{index}=SIZE" for index in range(count)), "cpu=SIZE"])
+            raise RecipeError(
+                f"--max-memory {key}={size}: this machine has {_cuda_devices(count)}",
+                hint=f"use {use} (--max-memory, eval.max_memory)",
+            )
+    for module, device in (spec.device_map.items() if isinstance(spec.device_map, dict) else ()):
+        index = _gpu_index(device)
+        if index is not None and index >= count:
+            use = _either([*(f"cuda:{index}" for index in range(count)), "cpu", "disk"])
+            raise RecipeError(
+                f"--device-map {module or repr(module)}={device}: this machine has {_cuda_devices(count)}",
+                hint=f"place it on {use} (--device-map, eval.device_map)",
+            )
+
+
+def cuda_device_count() -> int:
+    """The CUDA devices of this machine (0 without CUDA, or without a driver)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_index(device: int | str) -> int | None:
+    """The CUDA device a device map entry names (``cuda`` is the first), None for cpu, mps and disk."""
+    if isinstance(device, int) or device.isdigit():
+        return int(device)
+    return 0 if device == "cuda" else int(device[5:]) if device.startswith("cuda:") else None
+
+
+def _cuda_devices(count: int) -> str:
+    """This machine's CUDA devices in words: ``no CUDA device``, ``2 CUDA devices (cuda:0, cuda:1)``."""
+    if not count:
+        return "no CUDA device"
+    return f"{count} CUDA device{'s' if count != 1 else ''} ({', '.join(f'cuda:{index}' for index in range(count))})"
+
+
+def _either(choices: Sequence[str]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 R = TypeVar("R", bound=ModelRef)  # an ingredient or the base

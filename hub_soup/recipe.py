@@ -72,6 +72,21 @@ Device = Annotated[
 # transformers' named device maps (from_pretrained(device_map=...)); accelerate computes each
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
+# A single local file of eval data, by suffix: the ``datasets`` loader that reads it (``load_dataset(loader, ...)``).
+DATA_FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# A Hub dataset id, as huggingface_hub spells repo ids: a canonical name (imdb) or org/name.
+_DATASET_ID = re.compile(r"[\w\-.]+(?:/[\w\-.]+)?")
+
+
+def is_local_data(data: str) -> bool:
+    """Whether ``eval.data`` can only name a local path: it starts as a path does (``.``, ``/``, ``~``), ends
+    in a data file's suffix (:data:`DATA_FILE_LOADERS`), or is no Hub dataset id (``a/b/c``). Anything else
+    (``imdb``, ``org/name``) names a Hub dataset unless a local path of that name exists."""
+    return (
+        data.startswith((".", "~")) or os.path.isabs(data) or Path(data).suffix.lower() in DATA_FILE_LOADERS
+        or _DATASET_ID.fullmatch(data) is None
+    )
+
 
 def _is_device(device: object, *, placing: bool) -> bool:
     """A device accelerate's ``device_map`` (``placing``) or ``max_memory`` takes: a GPU index, cpu, mps, and
@@ -138,8 +153,8 @@ class EvalSpec(_Strict):
     )
     data: str | None = Field(
         None,
-        description="image folder, Hub dataset repo id, or local dataset path (every task but lm-eval; custom: "
-        "optional, the name its scores are reported on)",
+        description="image folder, a data file (.jsonl, .json, .csv, .parquet, .txt), local dataset path, or Hub "
+        "dataset repo id (every task but lm-eval; custom: optional, the name its scores are reported on)",
     )
     split: str = "validation"
     test_split: str | None = Field(None, description="second split for unbiased final numbers")
@@ -185,10 +200,11 @@ class EvalSpec(_Strict):
     )
 
     def with_local_paths(self, convert: Callable[[str], str], base: Path) -> EvalSpec:
-        """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base``
-        (otherwise it names a Hub dataset), a ``path/to/file.py:function`` file, and ``include_path``."""
+        """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base`` or can
+        only be a path (:func:`is_local_data`; otherwise it names a Hub dataset), a ``path/to/file.py:function``
+        file, and ``include_path``."""
         changes: dict[str, str] = {}
-        if self.data is not None and (base / Path(self.data).expanduser()).exists():
+        if self.data is not None and ((base / Path(self.data).expanduser()).exists() or is_local_data(self.data)):
             changes["data"] = convert(self.data)
         module, _, name = (self.function or "").rpartition(":")
         if module.endswith(".py"):
@@ -515,8 +531,8 @@ class Recipe(_Strict):
     def relative_to(self, base: Path) -> Recipe:
         """This recipe with its relative local paths read from ``base`` (a recipe file's folder).
 
-        ``output.path``, an existing ``eval.data`` path and an ``eval.function`` file
-        are rewritten from ``base``; ingredient refs keep the user's spelling (it
+        ``output.path``, an ``eval.data`` path (one that exists, or can only be a path) and an
+        ``eval.function`` file are rewritten from ``base``; ingredient refs keep the user's spelling (it
         labels them in tables) and are resolved from :attr:`base_dir`, where a ref
         that exists is a path and anything else may be a Hub id or a timm name.
         """

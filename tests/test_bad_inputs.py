@@ -256,6 +256,52 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
             f"{tmp / 'fft.py'}:score", "--trust-remote-code", "--eval-dtype", "bfloat16", "-o", _out(tmp)]
 
 
+@case("eval-data-missing")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", "./no_such_dir", "-o", _out(tmp)]
+
+
+@case("eval-data-not-a-data-file")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", f"{A}/model.safetensors", "-o", _out(tmp)]
+
+
+def _texts(tmp: Path) -> str:
+    """A JSON-lines file of texts: eval data a causal-lm case reads."""
+    (tmp / "val.jsonl").write_text('{"text": "the soup is good"}\n{"text": "good soup"}\n')
+    return str(tmp / "val.jsonl")
+
+
+@case("eval-data-file-second-split")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", _texts(tmp), "--test-eval", "test",
+            "-o", _out(tmp)]
+
+
+def _without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU index that this machine lacks: on a machine without CUDA, any index")
+
+
+@case("max-memory-no-gpu")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    _without_cuda()
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", _texts(tmp), "--device-map", "auto",
+            "--max-memory", "0=1GB", "-o", _out(tmp)]
+
+
+@case("device-map-no-gpu")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    _without_cuda()
+    return ["merge", A, B, "--eval-task", "causal-lm", "--eval-data", _texts(tmp),
+            "--device-map", "model=0,lm_head=cpu", "-o", _out(tmp)]
+
+
+@case("diagnose-eval-data-missing")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["diagnose", A, B, "--eval-task", "causal-lm", "--eval-data", "./no_such_dir"]
+
+
 @case("adapter-other-base")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", *_loras(tmp, base_model_name_or_path="org/another-base"), "-o", _out(tmp)]
@@ -392,7 +438,7 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 
 
 # Rows run in a process of their own, with the environment they name.
-SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task"}
+SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task", "eval-data-missing-offline"}
 
 
 def test_every_row_has_a_case_and_every_case_a_row() -> None:
@@ -461,3 +507,17 @@ def test_lm_eval_offline_task(tmp_path: Path) -> None:
     assert done.returncode == row[1], done.stderr
     assert row[2] in done.stderr and "include_path" in done.stderr and "Traceback" not in done.stderr
     assert not Path(_out(tmp_path)).exists() and not list(tmp_path.glob(".soup.partial-*"))
+
+
+def test_eval_data_missing_offline(tmp_path: Path) -> None:
+    """A missing eval data path with HF_HUB_OFFLINE=1 is a missing path, not a Hub dataset datasets cannot reach."""
+    row = next(r for r in _rows() if r[0] == "eval-data-missing-offline")
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", A, B, "--eval-task", "causal-lm",
+         "--eval-data", "./no_such_dir", "-o", _out(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=120,
+        check=False,
+    )
+    assert done.returncode == row[1], done.stderr
+    assert row[2] in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists()

@@ -2,8 +2,9 @@
 
 A malformed value stops at parsing (exit 2, naming the flag or key, the value and the forms); a
 ``cuda:N`` on a machine without CUDA falls back to the CPU as ``cuda`` does, warning, and makes the
-same soup; a GPU index past this machine's last is refused before anything is downloaded or written.
-The count check is a pure function, tested here with real counts on any machine.
+same soup; a GPU index past this machine's last is refused before anything is downloaded or written,
+and so is one that an eval placement (``--max-memory``, ``--device-map``) names, which has no CPU to fall
+back on. Both count checks are pure functions, tested here with real counts on any machine.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import yaml
 import hub_soup
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT, RecipeError
-from hub_soup.pipeline import cuda_device, device_for
-from hub_soup.recipe import check_device, load_recipe
+from hub_soup.pipeline import check_eval_devices, cuda_device, device_for
+from hub_soup.recipe import EvalSpec, check_device, load_recipe
 from tests import checkpoints as ck
 
 GOOD = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:15", "auto"]
@@ -138,6 +139,40 @@ def test_a_gpu_past_the_last_says_how_many_there_are_and_which_names_work(
     assert raised.value.message == f"--device {name}: this machine has {there}"
     assert raised.value.hint is not None and raised.value.hint.startswith(use)
     assert raised.value.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize(
+    ("placement", "count", "message", "use"),
+    [
+        ({"device_map": "auto", "max_memory": {0: "1GB"}}, 0, "--max-memory 0=1GB: this machine has no CUDA device",
+         "use cpu=SIZE"),
+        ({"device_map": "auto", "max_memory": {"cpu": "9GB", 2: "1GB"}}, 2,
+         "--max-memory 2=1GB: this machine has 2 CUDA devices (cuda:0, cuda:1)", "use 0=SIZE, 1=SIZE or cpu=SIZE"),
+        ({"device_map": {"model": 0, "lm_head": "cpu"}}, 0, "--device-map model=0: this machine has no CUDA device",
+         "place it on cpu or disk"),
+        ({"device_map": {"model": "cuda"}}, 0, "--device-map model=cuda: this machine has no CUDA device",
+         "place it on cpu or disk"),
+        ({"device_map": {"": "cuda:1"}}, 1, "--device-map ''=cuda:1: this machine has 1 CUDA device (cuda:0)",
+         "place it on cuda:0, cpu or disk"),
+    ],
+)
+def test_a_placement_on_a_gpu_this_machine_lacks_names_the_entry_and_the_devices_there_are(
+    placement: dict, count: int, message: str, use: str
+) -> None:
+    with pytest.raises(RecipeError) as raised:
+        check_eval_devices(EvalSpec(task="causal-lm", data="d", **placement), count)
+    assert raised.value.message == message
+    assert raised.value.hint is not None and raised.value.hint.startswith(use)
+    assert raised.value.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{"device_map": "auto", "max_memory": {0: "1GB", 1: "1GB", "cpu": "9GB"}},
+     {"device_map": {"model": 1, "lm_head": "cuda:0", "norm": "cuda", "x": "cpu", "y": "disk", "z": "mps"}}],
+)
+def test_a_placement_on_gpus_this_machine_has_is_taken(placement: dict) -> None:
+    check_eval_devices(EvalSpec(task="causal-lm", data="d", **placement), 2)
 
 
 @no_cuda

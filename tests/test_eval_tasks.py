@@ -23,7 +23,7 @@ import hub_soup
 from hub_soup.errors import EvalError, RecipeError
 from hub_soup.eval import tasks
 from hub_soup.eval.backends import Backend
-from hub_soup.eval.data import Inputs, example_order
+from hub_soup.eval.data import Inputs, check_data, example_order
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import ACCURACY, Metric, get_metric, register_metric
 from hub_soup.eval.tasks import Batch, EvalTask, get_task, register_task
@@ -134,6 +134,16 @@ def test_a_lower_is_better_primary_metric_decides_the_other_way(digits_f1: type[
     result = _greedy_run("digits-errors", tmp_path)
     _assert_greedy_followed(result, ERRORS)
     assert result.report is not None and "errors, lower is better" in result.report.table()
+
+
+def test_the_data_of_a_task_of_ones_own_is_its_own_to_read(digits_f1: type[EvalTask], tmp_path: Path) -> None:
+    """Before a run, only the data the built-in tasks open is checked: a task of one's own reads ``spec.data``
+    as it likes (here, a file of a kind none of the built-in tasks reads)."""
+    mine = tmp_path / "digits.npz"
+    mine.write_bytes(b"")
+    check_data(EvalSpec(task=digits_f1.name, data=str(mine)), tmp_path)
+    with pytest.raises(EvalError, match="is a file, and not one of the kinds read as eval data"):
+        check_data(EvalSpec(task="image-classification", data=str(mine)), tmp_path)
 
 
 def test_the_task_registry_names_what_recipes_accept(registry: None) -> None:

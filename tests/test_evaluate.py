@@ -10,6 +10,8 @@ and val/test PNG image folders. It trains once per session, in seconds.
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
 import os
 import shutil
@@ -22,6 +24,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from filelock import FileLock
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -29,7 +32,8 @@ from sklearn.model_selection import train_test_split
 from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm.models import save_for_hf
 
-from hub_soup.errors import EvalError, UntrustedCodeError
+from hub_soup.cli import main
+from hub_soup.errors import EXIT_BAD_INPUT, EvalError, UntrustedCodeError
 from hub_soup.eval.bn import has_batchnorm, recalibrate_bn
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import ACCURACY, NLL, PERPLEXITY
@@ -490,6 +494,86 @@ def test_causal_lm_perplexity_is_token_weighted_and_ignores_padding(gpt2_pair: l
     assert math.log(ensemble.value) <= (math.log(scores[0].value) + math.log(scores[1].value)) / 2
 
 
+def _data_file(rows: dict[str, list], path: Path) -> Path:
+    """``rows`` as the data file ``path`` names by its suffix, written as a user's tools write them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows))
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.table(rows), path)
+    else:  # .txt: one text a line, read as the column "text"
+        [texts] = rows.values()
+        path.write_text("".join(f"{text}\n" for text in texts))
+    return path
+
+
+def test_a_data_file_scores_as_the_same_rows_saved_as_a_dataset(gpt2_pair: list[Path], tmp_path: Path) -> None:
+    checkpoint = open_checkpoint(gpt2_pair[1])
+    saved = _save_dataset({"text": TEXTS}, tmp_path / "texts")
+    expected = Evaluator(EvalSpec(task="causal-lm", data=str(saved), batch_size=2), checkpoint).score_state_dict(
+        checkpoint.state_dict()
+    )
+    for suffix in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
+        data = _data_file({"text": TEXTS}, tmp_path / f"val{suffix}")
+        spec = EvalSpec(task="causal-lm", data=str(data), batch_size=2)
+        score = Evaluator(spec, checkpoint).score_state_dict(checkpoint.state_dict())
+        assert (score.value, score.examples, score.split, score.dataset) == (
+            expected.value, len(TEXTS), "validation", str(data)
+        ), suffix
+        with pytest.raises(EvalError, match="is one file, already used as split 'validation'; it holds no split"):
+            Evaluator(spec, checkpoint, split="test")  # a test split can never silently reuse the selection data
+    (tmp_path / "broken.jsonl").write_text('{"text": "the movie"\n')
+    with pytest.raises(EvalError, match="broken.jsonl: cannot read it as json data"):
+        Evaluator(EvalSpec(task="causal-lm", data=str(tmp_path / "broken.jsonl")), checkpoint)
+
+
+def test_a_csv_file_of_texts_and_labels_scores_as_the_same_rows_saved_as_a_dataset(
+    bert_classifier: Path, tmp_path: Path
+) -> None:
+    rows = {"review": [t for t, _ in REVIEWS], "sentiment": [s for _, s in REVIEWS]}
+    checkpoint = open_checkpoint(bert_classifier)
+    scores = [
+        Evaluator(
+            EvalSpec(task="text-classification", data=str(data), text_column="review", label_column="sentiment"),
+            checkpoint,
+        ).score_state_dict(checkpoint.state_dict())
+        for data in (_save_dataset(rows, tmp_path / "reviews"), _data_file(rows, tmp_path / "reviews.csv"))
+    ]
+    assert (scores[1].value, scores[1].examples, scores[1].others) == (scores[0].value, 9, scores[0].others)
+
+
+def test_the_cli_scores_on_a_data_file_named_from_where_it_runs_or_from_the_recipe(
+    gpt2_pair: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _data_file({"text": TEXTS}, tmp_path / "val.jsonl")
+    refs = [str(f) for f in gpt2_pair]
+    assert main(["merge", *refs, "--eval-task", "causal-lm", "--eval-data", "val.jsonl", "-o", "soup"]) == 0
+    assert f"scored on val.jsonl split validation ({len(TEXTS)} examples; perplexity" in capsys.readouterr().out
+    (tmp_path / "recipes").mkdir()
+    recipe = {"ingredients": [{"ref": r} for r in refs], "eval": {"task": "causal-lm", "data": "../val.jsonl"}}
+    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", "recipes/r.yaml", "-o", "again"]) == 0  # read from the recipe's folder
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "soup/model.safetensors").read_bytes()
+    capsys.readouterr()
+    recipe["eval"] = {"task": "causal-lm", "data": "val.jsonl"}  # not beside the recipe
+    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", "recipes/r.yaml", "-o", "never"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "eval data recipes/val.jsonl: no such file or folder" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
 # -- custom functions, scores, errors ----------------------------------------------------------------------
 
 
@@ -536,12 +620,23 @@ def test_scores_compare_in_their_declared_direction() -> None:
     assert not compare_to_best(score(4.0, False), ["a"], [score(4.5, False)]).soup_is_worse
 
 
-def test_clear_errors_for_unusable_eval_setups(digits: DigitsKit, tmp_path: Path) -> None:
+def test_clear_errors_for_unusable_eval_setups(
+    digits: DigitsKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+    from huggingface_hub import constants
+
     [checkpoint] = digits.open(digits.ingredients[:1])
     with pytest.raises(EvalError, match="needs a transformers model"):
         Evaluator(EvalSpec(task="text-classification", data=str(digits.data)), checkpoint)
     with pytest.raises(EvalError, match="neither a local path nor a Hub dataset"):
         Evaluator(image_spec("tester/no-such-dataset"), checkpoint)
+    # HF_HUB_OFFLINE=1, as both libraries read it when imported
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(EvalError, match=r"'tester/no-such-dataset' is no local path, and offline mode is on"):
+        Evaluator(image_spec("tester/no-such-dataset"), checkpoint)
+    monkeypatch.undo()
     bare = tmp_path / "bare.safetensors"
     bare.write_bytes((digits.ingredients[0] / "model.safetensors").read_bytes())
     with pytest.raises(EvalError, match="no config.json"):

@@ -8,6 +8,9 @@ Real objects throughout: tiny Llamas built offline, a local multiple-choice task
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,38 @@ def test_greedy_soup_through_the_cli(kit: dict, tmp_path: Path, monkeypatch: pyt
     recipe = load_recipe(out / "hub-soup.yaml")  # rebuilds from the soup folder: the task folder found from there
     assert recipe.greedy and recipe.eval is not None and recipe.eval.tasks == [TASK] and recipe.eval.num_fewshot == 1
     assert Path(recipe.eval.include_path or "").resolve() == kit["tasks"].resolve()
+
+
+def test_no_progress_bars_when_stderr_is_a_file(kit: dict, tmp_path: Path) -> None:
+    """A run whose stderr is a file (CI, a log) shows no bar: not datasets' "Generating test split" (a fresh datasets
+    cache, so the task's data is read), nor lm-eval's while it builds requests or runs the model, whatever the
+    task's kind (multiple choice, rolling loglikelihood, generation); log lines still go there."""
+    tasks = write_task(tmp_path / "tasks")
+    data = {"test": str(tasks / f"{TASK}.jsonl")}
+    kinds = {
+        "tiny_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{question}}",
+                         "metric_list": [{"metric": "word_perplexity"}]},
+        "tiny_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}",
+                     "doc_to_target": "{{choices[label]}}", "metric_list": [{"metric": "exact_match"}],
+                     "generation_kwargs": {"until": ["\n"], "max_gen_toks": 2, "do_sample": False}},
+    }
+    for name, kind in kinds.items():
+        config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": data}, "test_split": "test"}
+        (tasks / f"{name}.yaml").write_text(yaml.safe_dump({**config, **kind}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TQDM_")}  # as a user's shell has it
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "hub_soup.cli", "merge", *map(str, kit["folders"][:2]), "-o", str(tmp_path / "soup"),
+             "--eval-task", "lm-eval", "--eval-tasks", f"{TASK},tiny_rolling,tiny_gen", "--include-path", str(tasks),
+             "--trust-remote-code", "--eval-limit", "1"],
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**env, "HF_DATASETS_CACHE": str(tmp_path / "datasets")},
+            timeout=240, check=False,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "hub-soup: resolved" in text and "\r" not in text
+    assert not [line for line in text.splitlines() if "Generating" in line or "%|" in line], text
 
 
 def test_a_task_under_two_names_is_refused(kit: dict, tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 import hub_soup
 from hub_soup.cli import build_parser, main
 from hub_soup.errors import EXIT_BAD_INPUT, EXIT_WORSE_SOUP, UntrustedCodeError
+from hub_soup.eval.data import check_data
+from hub_soup.recipe import EvalSpec
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import bert_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer
@@ -217,6 +219,31 @@ def test_a_mistyped_local_path_online_names_both_readings(
     err = capsys.readouterr().err
     assert "repository myorg/my-finetun not found" in err
     assert "nor is it a local path (myorg/ exists but holds no 'my-finetun'; did you mean myorg/my-finetune?)" in err
+
+
+def test_eval_data_that_reads_as_a_mistyped_folder_is_refused_before_any_download(
+    hub: HubServer, hub_token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``data/val`` with a local ``data/`` folder: online, the Hub is asked at once whether it is a dataset (one that
+    is, is taken); offline (huggingface_hub reads the switch at each call), it is a typo, as a model ref is."""
+    (tmp_path / "data" / "validation").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["merge", str(A), str(B), "--eval-task", "text-classification", "--eval-data", "data/valdation",
+            "-o", "soup"]
+    near = "data/ exists but holds no 'valdation'; did you mean data/validation?"
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"eval data 'data/valdation': no Hub dataset of that name, nor is it a local path ({near})" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"eval data 'data/valdation': no local path of that name exists ({near}), and offline mode is on" in err
+    assert not (tmp_path / "soup").exists()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    repo_id = HfApi(token=hub_token).create_repo(f"{TEST_USER}/{unique('reviews')}", repo_type="dataset").repo_id
+    (tmp_path / TEST_USER).mkdir()
+    check_data(EvalSpec(task="text-classification", data=repo_id), Path(), hub_token)  # a Hub dataset: taken
 
 
 def test_offline_runs_use_the_ingredients_in_the_cache(hub: HubServer, hub_token: str, tmp_path: Path) -> None:

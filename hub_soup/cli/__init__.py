@@ -145,9 +145,12 @@ def _setup_output(quiet: bool) -> None:
     logger.handlers[:] = [handler]  # main() may run many times in one process (tests, notebooks)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet or os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty():
+        # the tqdm bars other libraries draw (datasets' "Generating ... split", lm-eval's): off by default. tqdm
+        # reads TQDM_DISABLE once, when first imported, which the command line has not done yet (the next line does)
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from huggingface_hub.utils import disable_progress_bars
 
-        disable_progress_bars()  # datasets follows this switch when evaluation imports it
+        disable_progress_bars()  # datasets follows this switch when evaluation imports it, and so does lm-eval's model
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -49,7 +49,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.eval.evaluate import Evaluator
     from hub_soup.hub.resolve import resolve_ref
     from hub_soup.merging.plan import align
-    from hub_soup.pipeline import device_for, layouts_of, opened_ingredients
+    from hub_soup.pipeline import check_eval, device_for, layouts_of, opened_ingredients
     from hub_soup.recipe import EvalSpec, validated
     from hub_soup.threads import eval_threads, torch_threads
 
@@ -57,6 +57,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     assert section is not None  # --eval-task and --eval-data are required here
     spec = validated(EvalSpec, section, "eval")
     device = device_for(args.device)  # a GPU index this machine lacks stops here, before any download
+    check_eval(spec, Path(), args.token)  # and so do a GPU the placement names and this machine lacks, and missing data
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]
     with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:

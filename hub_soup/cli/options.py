@@ -82,8 +82,8 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) ->
                        help="what to score: timm image classifiers, transformers text classifiers, language models "
                        "(perplexity), lm-evaluation-harness tasks (lm-eval), or your own function")
     group.add_argument("--eval-data", metavar="DATA",
-                       help="image folder (DATA/<split>/<class>/*), local dataset, or Hub dataset repo id "
-                       "(every task but lm-eval)")
+                       help="image folder (DATA/<split>/<class>/*), data file (.jsonl, .json, .csv, .parquet, .txt: "
+                       "one split), local dataset, or Hub dataset repo id (every task but lm-eval)")
     group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
     group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
     group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")

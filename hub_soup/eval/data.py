@@ -1,4 +1,5 @@
-"""Eval data: opening a split (image folder, saved dataset, data files, Hub dataset) and the example order.
+"""Eval data: checking it early, opening a split (image folder, saved dataset, a data file, data files, Hub
+dataset) and the example order.
 
 Every task reads its split once, in one fixed order (:func:`example_order`), so
 every ingredient, soup and ensemble is scored on the same examples, and the first
@@ -7,13 +8,19 @@ batches BatchNorm is recalibrated on are a sample of every class.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import HfApi, constants
 
-from hub_soup.errors import EvalError
+from hub_soup.errors import EvalError, RefNotFoundError
+from hub_soup.eval.tasks import get_task
+from hub_soup.hub.errors import hub_errors, with_retries
+from hub_soup.hub.resolve import near_miss
+from hub_soup.recipe import DATA_FILE_LOADERS, is_local_data
 
 if TYPE_CHECKING:
     from hub_soup.recipe import EvalSpec
@@ -23,22 +30,99 @@ Inputs = torch.Tensor | dict[str, torch.Tensor]
 # Files ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write.
 _SAVED_DATASET = "state.json"
 _SAVED_DATASET_DICT = "dataset_dict.json"
+# What --eval-data (eval.data) may name, for hints.
+_DATA_KINDS = (
+    "an image folder, a data file (.jsonl, .json, .csv, .parquet, .txt), a saved dataset, a folder of data files, "
+    "or a Hub dataset repo id"
+)
+
+
+def check_data(spec: EvalSpec, base: Path, token: str | bool | None = None) -> None:
+    """Refuse, before anything is downloaded, eval data no task could open: a path that does not exist, a
+    file of a kind ``datasets`` has no loader for, or an ``org/name`` that reads as a mistyped local path
+    (its ``org/`` folder exists under ``base``) and is no Hub dataset either (offline: not looked up, as
+    :func:`~hub_soup.hub.resolve.resolve_ref` treats such a model ref).
+
+    Whether ``org/name`` is a Hub dataset is asked here only in that last case; otherwise the Hub is first
+    asked when the data is opened. Only the data of tasks that open it here (:func:`open_split`) is checked:
+    custom and lm-eval read none, and a task of one's own reads it as it likes.
+    """
+    data = spec.data
+    if data is None or not get_task(spec.task).opens_data:
+        return
+    path = Path(data).expanduser()
+    if path.is_file():
+        _loader_of(path)
+        if spec.test_split is not None:
+            _one_split(path, spec, spec.test_split)
+    if path.exists():
+        return
+    if is_local_data(data):
+        close = _close_name(path)
+        raise EvalError(
+            f"eval data {data}: no such file or folder" + (f"; did you mean {close}?" if close else ""),
+            hint=f"--eval-data (eval.data) is {_DATA_KINDS}",
+        )
+    near = near_miss(base, data) if "/" in data else None
+    if near is None:
+        return
+    if constants.is_offline_mode():
+        raise EvalError(
+            f"eval data {data!r}: no local path of that name exists ({near}), and offline mode is on "
+            "(HF_HUB_OFFLINE=1), so it was not looked up on the Hub",
+            hint="check the path; a Hub dataset is only used offline once it is in the local cache",
+        )
+    try:
+        with_retries(lambda: _dataset_info(data, token), f"looking up the dataset {data}")
+    except RefNotFoundError:
+        raise EvalError(
+            f"eval data {data!r}: no Hub dataset of that name, nor is it a local path ({near})",
+            hint=f"--eval-data (eval.data) is {_DATA_KINDS}",
+        ) from None
+
+
+def _dataset_info(repo_id: str, token: str | bool | None) -> None:
+    with hub_errors(repo_id, action="look up the dataset"):
+        HfApi().dataset_info(repo_id, token=token)
+
+
+def _close_name(path: Path) -> Path | None:
+    """The entry of ``path``'s folder whose name is closest to ``path``'s (None: no folder, or none close)."""
+    if not path.parent.is_dir():
+        return None
+    close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
+    return path.parent / close[0] if close else None
+
+
+def _loader_of(path: Path) -> str:
+    """The ``datasets`` loader that reads the data file ``path`` (:data:`~hub_soup.recipe.DATA_FILE_LOADERS`)."""
+    loader = DATA_FILE_LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise EvalError(
+            f"eval data {path} is a file, and not one of the kinds read as eval data "
+            f"({', '.join(DATA_FILE_LOADERS)})",
+            hint=f"--eval-data (eval.data) is {_DATA_KINDS}",
+        )
+    return loader
 
 
 def open_split(spec: EvalSpec, split: str, *, image_folders: bool) -> Any:
     """``split`` of ``spec.data`` as an image folder (a ``Path``) or a ``datasets.Dataset``.
 
-    A local ``data`` path may be: a ``DatasetDict.save_to_disk`` folder; a folder with one
-    subfolder per split (``data/<split>``), each an image folder or a ``save_to_disk`` dataset;
-    a single image folder or saved dataset (then only ``spec.split`` refers to it, so a test split
-    can never silently reuse the selection data); or data files ``datasets`` can split by name
-    (``data/<split>-*.parquet``). Anything else is a Hub dataset repo id. ``image_folders``
-    says whether the task reads image folders (a text task refuses them by name).
+    A local ``data`` path may be: a data file (:func:`_data_file`); a ``DatasetDict.save_to_disk``
+    folder; a folder with one subfolder per split (``data/<split>``), each an image folder or a
+    ``save_to_disk`` dataset; a single image folder or saved dataset (then only ``spec.split`` refers
+    to it, so a test split can never silently reuse the selection data); or data files ``datasets``
+    can split by name (``data/validation.jsonl``, ``data/<split>-*.parquet``). Anything else is a Hub
+    dataset repo id. ``image_folders`` says whether the task reads image folders (a text task refuses
+    them by name).
     """
     assert spec.data is not None  # EvalSpec requires data of every task that reads it
     path = Path(spec.data).expanduser()
     if not path.exists():
         return _hub_dataset(spec.data, split)
+    if path.is_file():
+        return _data_file(path, spec, split)
     if (path / _SAVED_DATASET_DICT).is_file():
         splits = import_datasets().load_from_disk(str(path))
         if split not in splits:
@@ -64,6 +148,28 @@ def open_split(spec: EvalSpec, split: str, *, image_folders: bool) -> Any:
         raise EvalError(f"{path}: cannot read split {split!r} as a dataset ({exc})") from None
 
 
+def _data_file(path: Path, spec: EvalSpec, split: str) -> Any:
+    """A single data file, read by the ``datasets`` loader of its kind: it holds one split, the one ``spec.split``
+    names (``datasets`` calls it ``train``), so a test split can never silently reuse the selection data."""
+    loader = _loader_of(path)
+    _one_split(path, spec, split)
+    datasets = import_datasets()
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train")
+    except (ValueError, datasets.exceptions.DatasetsError) as exc:  # the loader's own error is the cause
+        raise EvalError(f"{path}: cannot read it as {loader} data ({exc.__cause__ or exc})") from None
+
+
+def _one_split(path: Path, spec: EvalSpec, split: str) -> None:
+    """Refuse a second split of the data file ``path``: it is ``spec.split``, and nothing else."""
+    if split != spec.split:
+        raise EvalError(
+            f"{path} is one file, already used as split {spec.split!r}; it holds no split {split!r}",
+            hint=f"put each split in a file of its own, in one folder ({path.parent / 'validation'}{path.suffix}, "
+            f"{path.parent / 'test'}{path.suffix}), and pass the folder",
+        )
+
+
 def _hub_dataset(repo_id: str, split: str) -> Any:
     datasets = import_datasets()
     try:
@@ -71,7 +177,15 @@ def _hub_dataset(repo_id: str, split: str) -> Any:
     except datasets.exceptions.DatasetNotFoundError as exc:
         raise EvalError(
             f"eval data {repo_id!r} is neither a local path nor a Hub dataset ({exc})",
-            hint="pass an image folder, a saved dataset, or a Hub dataset repo id you can access",
+            hint=f"--eval-data (eval.data) is {_DATA_KINDS} you can access",
+        ) from None
+    except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub"
+        if not datasets.config.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE: the user's choice
+            raise
+        raise EvalError(
+            f"eval data {repo_id!r} is no local path, and offline mode is on (HF_HUB_OFFLINE=1), so the Hub "
+            f"dataset of that name cannot be loaded ({exc})",
+            hint="check the path; a Hub dataset is only used offline once it is in the local cache",
         ) from None
     except ValueError as exc:  # datasets' "Unknown split" and friends
         raise EvalError(f"Hub dataset {repo_id}: cannot load split {split!r} ({exc})") from None

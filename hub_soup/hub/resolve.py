@@ -104,7 +104,7 @@ def resolve_ref(
     name, at = split_revision(ref.removeprefix("hf-hub:"))
     revision = revision or at
     if _REPO_ID.match(name):
-        near = None if ref.startswith("hf-hub:") else _near_miss(base, name)
+        near = None if ref.startswith("hf-hub:") else near_miss(base, name)
         if near is not None and constants.is_offline_mode():
             raise RefNotFoundError(
                 f"{ref!r}: no local path of that name exists ({near}), and offline mode is on "
@@ -128,7 +128,7 @@ def resolve_ref(
     )
 
 
-def _near_miss(base: Path, name: str) -> str | None:
+def near_miss(base: Path, name: str) -> str | None:
     """How ``org/name`` reads as a mistyped local path: its first folder exists here (None if not)."""
     folder, _, rest = name.partition("/")
     parent = base / folder

@@ -74,6 +74,9 @@ class EvalTask(ABC):
     primary: Metric  # decides greedy and the gate
     others: tuple[Metric, ...] = ()  # measured on the same outputs, reported beside the primary
     has_outputs: ClassVar[bool] = True  # False: no inputs to recalibrate BatchNorm on, no outputs to ensemble
+    # True: ``spec.data`` is read by :func:`hub_soup.eval.data.open_split`, and so checked before any download
+    # (:func:`hub_soup.eval.data.check_data`); a task of one's own reads it as it likes
+    opens_data: ClassVar[bool] = False
     auto_class: ClassVar[str | None] = None  # the transformers Auto class; None: the config's architectures
 
     def __init__(

@@ -27,6 +27,7 @@ class CausalLM(EvalTask):
 
     name = "causal-lm"
     primary = PERPLEXITY
+    opens_data = True
     auto_class = "AutoModelForCausalLM"
 
     def batches(self) -> list[Batch]:

@@ -25,6 +25,7 @@ class ImageClassification(Classification):
     """timm image classifiers; top-1 accuracy."""
 
     name = "image-classification"
+    opens_data = True
 
     def batches(self) -> list[Batch]:
         """Decode and transform every image once, with the transform from the model's own config."""

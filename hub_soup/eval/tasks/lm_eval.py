@@ -148,15 +148,13 @@ class LmEval(EvalTask):
         """The HFLM around ``model``: built once for the Evaluator's reused instance (new weights are
         loaded into that same module), again only for another module."""
         if self._lm is None or self._lm.model is not model:
-            from lm_eval.models.huggingface import HFLM
-
             # its two warnings about a model passed as an object (not to launch it with accelerate) are
             # about the way hub-soup means to use it: quiet while it is built, warnings of the run kept
             harness_logger = logging.getLogger("lm_eval.models.huggingface")
             level = harness_logger.level
             harness_logger.setLevel(logging.ERROR)
             try:
-                self._lm = HFLM(pretrained=model, tokenizer=self._tokenizer, batch_size=self.spec.batch_size)
+                self._lm = _hflm_class()(pretrained=model, tokenizer=self._tokenizer, batch_size=self.spec.batch_size)
             finally:
                 harness_logger.setLevel(level)
             placed = input_device(model)
@@ -205,6 +203,34 @@ def _import_harness() -> Any:
     except ImportError:
         raise EvalError("task lm-eval needs lm-evaluation-harness", hint=INSTALL_HINT) from None
     return lm_eval.evaluator
+
+
+@functools.cache
+def _hflm_class() -> Any:
+    """The harness's ``HFLM``, its progress bars off when huggingface_hub's are (the CLI's switch: quiet, CI, no
+    terminal). ``HFLM`` draws them unless asked not to (``disable_tqdm``), whatever tqdm's defaults say, and
+    ``evaluate`` never asks; each method that draws one is asked here."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or are_progress_bars_disabled())
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or are_progress_bars_disabled())
+
+        def _loglikelihood_tokens(
+            self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None
+        ) -> Any:
+            return super()._loglikelihood_tokens(
+                requests, disable_tqdm=disable_tqdm or are_progress_bars_disabled(), override_bs=override_bs
+            )
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or are_progress_bars_disabled())
+
+    return QuietHFLM
 
 
 @functools.lru_cache(maxsize=4)

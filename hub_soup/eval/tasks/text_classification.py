@@ -17,6 +17,7 @@ class TextClassification(Classification):
     """transformers ``AutoModelForSequenceClassification`` models; accuracy."""
 
     name = "text-classification"
+    opens_data = True
     auto_class = "AutoModelForSequenceClassification"
 
     def batches(self) -> list[Batch]:
