@@ -92,6 +92,11 @@ class UntrustedCodeError(RecipeError):
     )
 
 
+class NonFiniteSoupError(HubSoupError):
+    """The soup would hold inf or nan where its inputs are finite: its dtype cannot hold a value (a narrowing
+    ``dtype``), or the method scaled it beyond any range (a large ``lambda``). Nothing is written."""
+
+
 class EvalError(HubSoupError):
     """An evaluation could not be set up or run (missing data, unknown task)."""
 
