@@ -123,6 +123,11 @@ class OutputExistsError(OutputError):
     exit_code = EXIT_BAD_INPUT
 
 
+class OutputNotASoupError(OutputExistsError):
+    """``overwrite`` was given, but the output is neither an empty folder nor a soup hub-soup wrote: replacing
+    it would delete what the user keeps there."""
+
+
 class OutputOverlapsInputError(OutputError):
     """The output is an ingredient, contains one or lies inside one: writing it would destroy an input."""
 

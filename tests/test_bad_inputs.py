@@ -369,6 +369,13 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", a, b, "--push", f"{TEST_USER}/{unique('never')}", "--token", "hf_wrong", "-o", _out(tmp)]
 
 
+@case("overwrite-not-a-soup")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "soup" / "sub").mkdir(parents=True)
+    (tmp / "soup" / "notes.txt").write_text("mine")
+    return ["merge", A, B, "-o", _out(tmp), "--overwrite"]
+
+
 @case("float16-overflow")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     for name, value in (("a", 1e5), ("b", 2e5)):

@@ -269,18 +269,74 @@ def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_overwrite_replaces_an_existing_soup(tmp_path: Path, zoo: dict, capsys) -> None:
-    out = tmp_path / "soup"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me unless --overwrite")
+def test_overwrite_replaces_a_soup_and_nothing_else(tmp_path: Path, zoo: dict, capsys) -> None:
+    out = tmp_path / "work"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub" / "data.csv").write_text("1,2\n")
     code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out)
     assert code == EXIT_BAD_INPUT  # README: an existing output is the user's input to fix
     assert "already exists" in stderr and "--overwrite" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out, "--overwrite")
+    assert code == EXIT_BAD_INPUT, stderr
+    assert f"refusing to overwrite {out}: it is not a soup (no hub-soup.yaml)" in stderr
+    assert "--overwrite would delete notes.txt, sub/" in stderr and "Traceback" not in stderr
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "sub" / "data.csv").read_text() == "1,2\n"
+    assert _hidden(tmp_path) == []
+
+    soup = tmp_path / "soup"
+    assert _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", soup)[0] == 0
+    first = (soup / "model.safetensors").read_bytes()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["train"], "-o", soup, "--overwrite")
+    assert code == 0, stderr  # a soup hub-soup wrote is replaced
+    assert (soup / "model.safetensors").read_bytes() != first and _hidden(tmp_path) == []
+    (soup / "notes.txt").write_text("written into a soup")  # a soup with more in it is not only a soup
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", soup, "--overwrite")
+    assert code == EXIT_BAD_INPUT and "it holds more than a soup, and --overwrite would delete notes.txt" in stderr
+    assert (soup / "notes.txt").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", empty, "--overwrite")
     assert code == 0, stderr
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (empty / "model.safetensors").is_file() and _hidden(tmp_path) == []
+
+
+def test_overwrite_names_the_first_entries_and_counts_the_rest(tmp_path: Path, zoo: dict, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a", "b", "c", "d", "e", "f", "g", "hub-soup.yaml", "model.safetensors"):
+        (out / name).write_text(name)
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out, "--overwrite")
+    assert code == EXIT_BAD_INPUT
+    assert "would delete a, b, c, d, e and 2 more" in stderr  # the soup's own files are not the user's
+    assert len(list(out.iterdir())) == 9
+
+
+def test_overwrite_of_the_current_folder_swaps_its_contents(
+    tmp_path: Path, zoo: dict, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-o .``: the folder the shell stands in stays (same inode), its contents become the soup."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".", "--overwrite")
+    assert code == 0, stderr
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["README.md", "config.json", "hub-soup.yaml",
+                                                            "model.safetensors"]
+    first = Path("model.safetensors").read_bytes()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["train"], "-o", ".", "--overwrite")
+    assert code == 0, stderr
+    assert Path("model.safetensors").read_bytes() != first
+    assert here.stat().st_ino == inode and Path.cwd().stat().st_ino == inode and _hidden(tmp_path) == []
+    assert "# here" in Path("README.md").read_text()  # the card is named after the folder, not ""
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".")
+    assert code == EXIT_BAD_INPUT and "already exists" in stderr
+    Path("notes.txt").write_text("mine")
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".", "--overwrite")
+    assert code == EXIT_BAD_INPUT and "would delete notes.txt" in stderr and "Traceback" not in stderr
+    assert Path("notes.txt").read_text() == "mine" and Path("model.safetensors").is_file()
 
 
 def test_pickled_module_needs_allow_pickle(tmp_path: Path, zoo: dict, capsys) -> None:
