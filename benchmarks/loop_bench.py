@@ -70,6 +70,7 @@ def main() -> None:
     out_root = Path(tempfile.mkdtemp(dir=Path(__file__).parent / "_work"))
     for _ in range(args.repeat):
         gram = None if args.no_gram else GramAccumulator(len(checkpoints), SIMILARITY_SAMPLE)
+        shutil.rmtree(out_root / "soup", ignore_errors=True)  # weights only, no hub-soup.yaml: not a soup to overwrite
         if args.cold:
             os.sync()
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -80,7 +81,7 @@ def main() -> None:
         elif args.null_writer:
             merge.stream_merge(checkpoints, plan, method, NullWriter(), gram=gram, **options)
         else:
-            with SoupWriter(out_root / "soup", merge.output_metas(plan, None), 5 * 10**9, overwrite=True) as writer:
+            with SoupWriter(out_root / "soup", merge.output_metas(plan, None), 5 * 10**9) as writer:
                 merge.stream_merge(checkpoints, plan, method, writer, gram=gram, **options)
                 writer.commit()
         seconds = time.perf_counter() - start

@@ -92,6 +92,11 @@ class UntrustedCodeError(RecipeError):
     )
 
 
+class NonFiniteSoupError(HubSoupError):
+    """The soup would hold inf or nan where its inputs are finite: its dtype cannot hold a value (a narrowing
+    ``dtype``), or the method scaled it beyond any range (a large ``lambda``). Nothing is written."""
+
+
 class EvalError(HubSoupError):
     """An evaluation could not be set up or run (missing data, unknown task)."""
 
@@ -116,6 +121,11 @@ class OutputExistsError(OutputError):
     """The output folder exists and ``overwrite`` was not given: the user's choice to make."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class OutputNotASoupError(OutputExistsError):
+    """``overwrite`` was given, but the output is neither an empty folder nor a soup hub-soup wrote: replacing
+    it would delete what the user keeps there."""
 
 
 class OutputOverlapsInputError(OutputError):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -67,7 +68,7 @@ from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.sizes import parse_size
-from hub_soup.io.write import SoupWriter, check_destination
+from hub_soup.io.write import RECIPE_FILENAME, SoupWriter, check_destination
 from hub_soup.merging.engine import (
     MergeStats,
     Weights,
@@ -152,10 +153,11 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     backend = launched_backend(device)  # every process of a launch joins here, before any work
     writes = backend.rank == 0
     with _speaking(writes), torch_threads(eval_threads()):  # merges inside take their own (hub_soup.threads)
-        # every process checks, so a bad input stops each of them with the same message
+        # every process checks, so a bad input stops each of them with the same message; an output that
+        # is an input is said so before it is said not to be a soup
         if recipe.output.path is not None:
-            check_destination(Path(recipe.output.path), recipe.output.overwrite, sweep=writes)
             check_output_apart(Path(recipe.output.path), recipe)
+            check_destination(Path(recipe.output.path), recipe.output.overwrite, sweep=writes)
         if recipe.push is not None:
             check_push_access(recipe.push, token)
         if recipe.eval is not None:
@@ -614,7 +616,7 @@ def _make_soup(
             _add_side_files(writer, soup.side_files, config)
             card = card_stage.build_card(
                 repo_id=recipe.push.repo_id if recipe.push else None,
-                name=output.name,
+                name=Path(os.path.abspath(output)).name,  # -o . has a name too
                 ingredients=resolved,
                 base=resolved_base,
                 weights=weights,
@@ -633,7 +635,7 @@ def _make_soup(
                 rebuild_pushes=recipe.push is not None,
                 adapter=_adapter_card(soup.adapters, adapter, sum(kept)) if soup.adapters is not None else None,
             )
-            writer.add_file(card_stage.RECIPE_FILENAME, pinned_yaml)
+            writer.add_file(RECIPE_FILENAME, pinned_yaml)
             writer.add_file("README.md", str(card))
             writer.commit()
     result = SoupResult(

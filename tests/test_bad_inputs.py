@@ -415,6 +415,20 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", a, b, "--push", f"{TEST_USER}/{unique('never')}", "--token", "hf_wrong", "-o", _out(tmp)]
 
 
+@case("overwrite-not-a-soup")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "soup" / "sub").mkdir(parents=True)
+    (tmp / "soup" / "notes.txt").write_text("mine")
+    return ["merge", A, B, "-o", _out(tmp), "--overwrite"]
+
+
+@case("float16-overflow")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    for name, value in (("a", 1e5), ("b", 2e5)):
+        save_file({"w": torch.full((2,), value, dtype=torch.bfloat16)}, tmp / f"{name}.safetensors")
+    return ["merge", str(tmp / "a.safetensors"), str(tmp / "b.safetensors"), "--dtype", "float16", "-o", _out(tmp)]
+
+
 @case("gated-repo")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     a, b = _hub_pair(tmp)

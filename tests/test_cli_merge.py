@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from hub_soup.merging.methods import normalize_weights
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits" / "ingredients"
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +162,90 @@ def test_extreme_values_through_the_cli(tmp_path: Path, capsys) -> None:
     assert soup["n"].item() == 0
 
 
+def _bf16_pair(folder: Path) -> list[Path]:
+    """Two bf16 checkpoints holding 1e5 and 2e5 in ``w`` (bf16 holds them; float16's maximum is 65504)."""
+    return [
+        ck.save_safetensors({"w": torch.full((3, 4), value, dtype=torch.bfloat16), "b": torch.ones(2, dtype=torch.bfloat16)},
+                            folder / f"{i}.safetensors")
+        for i, value in enumerate((1e5, 2e5))
+    ]
+
+
+def test_a_dtype_that_cannot_hold_the_soup_stops_it_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    paths = _bf16_pair(tmp_path)
+    code, _, stderr = _run(capsys, "merge", *paths, "-o", tmp_path / "soup", "--dtype", "float16")
+    assert code == EXIT_BAD_INPUT, stderr
+    assert "tensor w (12 elements): 12 elements overflow float16 (largest magnitude 1.498e+05 before rounding; " \
+           "float16 holds at most 65504)" in stderr  # bf16(1e5) = 99840, bf16(2e5) = 199680: their mean is 149760
+    assert "hint: write the soup in a dtype that holds them (--dtype bfloat16 or float32)" in stderr
+    assert "lambda" not in stderr  # an average's scale is not the user's to choose
+    assert "Traceback" not in stderr and sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
+    code, _, stderr = _run(capsys, "merge", *paths, "-o", tmp_path / "soup", "--dtype", "float32")
+    assert code == 0, stderr
+    assert (load_file(tmp_path / "soup" / "model.safetensors")["w"] == 149760).all()
+
+
+def test_a_tensor_copied_into_a_narrower_dtype_is_checked_too(tmp_path: Path, capsys) -> None:
+    paths = _bf16_pair(tmp_path)
+    code, _, stderr = _run(capsys, "merge", *paths, "-o", tmp_path / "soup", "--dtype", "float16", "--exclude", "w")
+    assert code == EXIT_BAD_INPUT, stderr
+    assert "tensor w (12 elements): 12 elements overflow float16 (largest magnitude 9.984e+04 before" in stderr
+    assert not (tmp_path / "soup").exists()
+
+
+def test_task_arithmetic_beyond_its_dtype_stops_and_says_how_to_scale_it(tmp_path: Path, capsys) -> None:
+    base = torch.arange(64, dtype=torch.float16) / 64 - 0.5  # the task vectors below are exact in float16
+    paths = [ck.save_safetensors({"w": base + step}, tmp_path / f"{name}.safetensors")
+             for name, step in (("base", 0), ("ft0", 0.5), ("ft1", 0.25))]
+    argv = ["merge", *paths[1:], "--base", paths[0], "--method", "task_arithmetic", "-o", tmp_path / "soup"]
+    code, _, stderr = _run(capsys, *argv, "--lambda", "1e5")  # base + 1e5 * (0.5 + 0.25): 75000 +- 0.5
+    assert code == EXIT_BAD_INPUT, stderr
+    assert "tensor w (64 elements): 64 elements overflow float16 (largest magnitude 7.5e+04 before rounding; " \
+           "float16 holds at most 65504)" in stderr
+    assert "hint: write the soup in a dtype that holds them (--dtype bfloat16 or float32), or scale the soup down " \
+           "(a smaller lambda" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "soup").exists() and _hidden(tmp_path) == []
+    code, _, stderr = _run(capsys, *argv, "--lambda", "2")
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["scored", "greedy"])
+def test_a_scored_soup_that_overflows_stops_before_it_is_scored(tmp_path: Path, capsys, greedy: bool) -> None:
+    """The soup streamed into the eval model is checked as the written one is: it stops, and the eval never sees it."""
+    folders = []
+    for name in ("ft-lr0.01", "ft-lr0.02-shift"):
+        folder = Path(shutil.copytree(DIGITS / name, tmp_path / name))
+        tensors = load_file(folder / "model.safetensors")
+        tensors["fc.bias"] = tensors["fc.bias"].float() * 1e6  # float32 holds it, the soup's float16 does not
+        ck.save_safetensors(tensors, folder / "model.safetensors")
+        folders.append(folder)
+    (tmp_path / "f.py").write_text(
+        "import torch\n"
+        "def score(model):\n"
+        "    assert torch.isfinite(model.fc.bias).all(), 'the eval saw an overflowed soup'\n"
+        "    return 1.0\n"
+    )
+    code, _, stderr = _run(capsys, "merge", *folders, "--dtype", "float16", "--eval-task", "custom", "--eval-function",
+                           f"{tmp_path / 'f.py'}:score", "--trust-remote-code", "-o", tmp_path / "soup",
+                           *(["--greedy"] if greedy else []))
+    assert code == EXIT_BAD_INPUT, stderr
+    assert "tensor fc.bias (10 elements): " in stderr and "overflow float16" in stderr and "65504" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "soup").exists() and _hidden(tmp_path) == []
+
+
+def test_inf_and_nan_an_ingredient_holds_are_carried_with_a_warning(tmp_path: Path, capsys) -> None:
+    """A masked buffer may hold inf: not the soup's doing, so not refused (and not only in the ingredient's dtype)."""
+    masked = torch.zeros(6, dtype=torch.bfloat16)
+    masked[1], masked[4] = float("-inf"), float("nan")
+    paths = [ck.save_safetensors({"mask": m}, tmp_path / f"{i}.safetensors")
+             for i, m in enumerate((masked, torch.ones(6, dtype=torch.bfloat16)))]
+    code, _, stderr = _run(capsys, "merge", *paths, "-o", tmp_path / "soup", "--dtype", "float16")
+    assert code == 0, stderr
+    assert f"mask: inf or nan in 2 elements of the soup, carried over from {paths[0]}" in stderr
+    soup = load_file(tmp_path / "soup" / "model.safetensors")["mask"]
+    assert soup.dtype == torch.float16 and soup[1] == float("-inf") and soup[4].isnan() and soup.isfinite().sum() == 4
+
+
 def test_soup_carries_the_first_ingredients_tokenizer(tmp_path: Path, capsys) -> None:
     folders = []
     for i in range(2):
@@ -177,18 +264,79 @@ def test_soup_carries_the_first_ingredients_tokenizer(tmp_path: Path, capsys) ->
     assert {"README.md", "hub-soup.yaml", "model.safetensors"} <= {p.name for p in out.iterdir()}
 
 
-def test_overwrite_replaces_an_existing_soup(tmp_path: Path, zoo: dict, capsys) -> None:
-    out = tmp_path / "soup"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me unless --overwrite")
+def _hidden(folder: Path) -> list[str]:
+    """The hidden folders a run writes beside its output (``.soup.partial-*``, ``.soup.old-*``, ``.soup.swap-*``)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_overwrite_replaces_a_soup_and_nothing_else(tmp_path: Path, zoo: dict, capsys) -> None:
+    out = tmp_path / "work"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub" / "data.csv").write_text("1,2\n")
     code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out)
     assert code == EXIT_BAD_INPUT  # README: an existing output is the user's input to fix
     assert "already exists" in stderr and "--overwrite" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out, "--overwrite")
+    assert code == EXIT_BAD_INPUT, stderr
+    assert f"refusing to overwrite {out}: it is not a soup (no hub-soup.yaml)" in stderr
+    assert "--overwrite would delete notes.txt, sub/" in stderr and "Traceback" not in stderr
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "sub" / "data.csv").read_text() == "1,2\n"
+    assert _hidden(tmp_path) == []
+
+    soup = tmp_path / "soup"
+    assert _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", soup)[0] == 0
+    first = (soup / "model.safetensors").read_bytes()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["train"], "-o", soup, "--overwrite")
+    assert code == 0, stderr  # a soup hub-soup wrote is replaced
+    assert (soup / "model.safetensors").read_bytes() != first and _hidden(tmp_path) == []
+    (soup / "notes.txt").write_text("written into a soup")  # a soup with more in it is not only a soup
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", soup, "--overwrite")
+    assert code == EXIT_BAD_INPUT and "it holds more than a soup, and --overwrite would delete notes.txt" in stderr
+    assert (soup / "notes.txt").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", empty, "--overwrite")
     assert code == 0, stderr
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (empty / "model.safetensors").is_file() and _hidden(tmp_path) == []
+
+
+def test_overwrite_names_the_first_entries_and_counts_the_rest(tmp_path: Path, zoo: dict, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a", "b", "c", "d", "e", "f", "g", "hub-soup.yaml", "model.safetensors"):
+        (out / name).write_text(name)
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", out, "--overwrite")
+    assert code == EXIT_BAD_INPUT
+    assert "would delete a, b, c, d, e and 2 more" in stderr  # the soup's own files are not the user's
+    assert len(list(out.iterdir())) == 9
+
+
+def test_overwrite_of_the_current_folder_swaps_its_contents(
+    tmp_path: Path, zoo: dict, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-o .``: the folder the shell stands in stays (same inode), its contents become the soup."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".", "--overwrite")
+    assert code == 0, stderr
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["README.md", "config.json", "hub-soup.yaml",
+                                                            "model.safetensors"]
+    first = Path("model.safetensors").read_bytes()
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["train"], "-o", ".", "--overwrite")
+    assert code == 0, stderr
+    assert Path("model.safetensors").read_bytes() != first
+    assert here.stat().st_ino == inode and Path.cwd().stat().st_ino == inode and _hidden(tmp_path) == []
+    assert "# here" in Path("README.md").read_text()  # the card is named after the folder, not ""
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".")
+    assert code == EXIT_BAD_INPUT and "already exists" in stderr
+    Path("notes.txt").write_text("mine")
+    code, _, stderr = _run(capsys, "merge", zoo["timm"], zoo["bin"], "-o", ".", "--overwrite")
+    assert code == EXIT_BAD_INPUT and "would delete notes.txt" in stderr and "Traceback" not in stderr
+    assert Path("notes.txt").read_text() == "mine" and Path("model.safetensors").is_file()
 
 
 def test_pickled_module_needs_allow_pickle(tmp_path: Path, zoo: dict, capsys) -> None:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import hub_soup
-from hub_soup.errors import CheckpointFormatError, RecipeError
+from hub_soup.errors import CheckpointFormatError, NonFiniteSoupError, RecipeError
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import accumulation_dtype, merged_state_dict, output_metas, stream_merge
@@ -255,6 +255,15 @@ def test_stream_merge_equals_simple_path_bit_for_bit(tmp_path: Path, awkward, ch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_stream_merge_with_dtype_override(tmp_path: Path, awkward, dtype: torch.dtype) -> None:
     ingredients, paths = awkward
+    if dtype == torch.float16:  # the mean of 3.4e38 and two small values is no float16: no soup, rather than inf
+        with pytest.raises(NonFiniteSoupError, match=r"tensor specials \(8 elements\): 2 elements overflow float16 "
+                           r"\(largest magnitude 1.133e\+38 before rounding; float16 holds at most 65504\)"):
+            _stream(paths, tmp_path / "refused", None, dtype=dtype)
+        assert not (tmp_path / "refused").exists()
+        ingredients = [{k: v for k, v in sd.items() if k != "specials"} for sd in ingredients]
+        paths = [tmp_path / f"{i}.pt" for i in range(len(ingredients))]
+        for sd, path in zip(ingredients, paths):
+            torch.save(sd, path)
     soup = _stream(paths, tmp_path / "soup", None, dtype=dtype)
     expected = _simple_soup(ingredients, None, dtype)
     for key in expected:

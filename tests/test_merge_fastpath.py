@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hub_soup.errors import NonFiniteSoupError
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import output_metas, stream_merge
@@ -158,9 +159,26 @@ def test_every_dtype_and_shape_any_chunk(tmp_path: Path, chunk: int, weights: li
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("chunk", [7, 4096])
 def test_dtype_override(tmp_path: Path, dtype: torch.dtype, chunk: int) -> None:
-    paths = _save(_ingredients(2, (torch.float16, torch.bfloat16, torch.float32), seed=3), tmp_path, "safetensors")
+    states = _ingredients(2, (torch.float16, torch.bfloat16, torch.float32), seed=3)
+    if dtype == torch.float16:  # bfloat16's and float32's maximum / 2 are no float16: no soup, rather than inf
+        (tmp_path / "wide").mkdir()
+        paths = _save(states, tmp_path / "wide", "safetensors")  # the first tensor merged: float32's first
+        with pytest.raises(NonFiniteSoupError, match=r"tensor t5.float32 \(221 elements\): 1 element overflows "
+                           r"float16 \(largest magnitude 1.701e\+38 before rounding; float16 holds at most 65504\)"):
+            _merge(paths, tmp_path / "refused", [1.0, 3.0], dtype, chunk)
+        assert not (tmp_path / "refused").exists()
+        states = [{key: _within(value, dtype) for key, value in state.items()} for state in states]
+    paths = _save(states, tmp_path, "safetensors")
     got, expected = _merge(paths, tmp_path / "soup", [1.0, 3.0], dtype, chunk)
     _assert_bit_identical(got, expected)
+
+
+def _within(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` with every finite one beyond half of ``dtype``'s maximum brought down to it (infinities kept)."""
+    if not values.is_floating_point():
+        return values
+    limit = torch.finfo(dtype).max / 2
+    return values.clamp(-limit, limit).where(values.isfinite(), values)
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]], ids=["equal", "uneven"])

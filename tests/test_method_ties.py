@@ -184,11 +184,12 @@ def test_ties_elects_signs_and_averages_only_the_agreeing_entries() -> None:
     """Three hand-made task vectors on four elements: the example of the TIES paper's figure, in numbers."""
     base = torch.zeros(4)
     parts = [torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([3.0, 1.0, -0.5, 0.0]), torch.tensor([-1.0, 1.0, 0.0, 0.0])]
-    from hub_soup.merging.engine import _merge_chunks
+    from hub_soup.merging.engine import _merge_chunks, _NonFinite
 
     method = get_method("ties")()
-    soup = torch.empty(4)
-    _merge_chunks(method, [*parts, base], 3, (torch.empty(4), torch.empty(4)), soup, None, 0)
+    soup, found = torch.empty(4), _NonFinite()
+    _merge_chunks(method, [*parts, base], 3, (torch.empty(4), torch.empty(4)), soup, None, 0, found)
+    assert not found.any
     # element 0: votes 1 + 3 - 1 > 0, the agreeing 1 and 3 averaged; element 1: -2 + 1 + 1 = 0 elects +: 1 and 1;
     # element 2: 0.5 - 0.5 + 0 = 0 elects +: 0.5 alone (0 agrees with no sign); element 3: nobody moved.
     assert soup.tolist() == [2.0, 1.0, 0.5, 0.0]

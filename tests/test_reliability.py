@@ -282,12 +282,51 @@ def test_sigterm_at_any_moment_keeps_the_old_soup_or_the_new_one_and_nothing_els
     code = main(["--quiet", "merge", *NEW_SOUP, "-o", str(out)] + (["--overwrite"] if overwrite else []))
     monkeypatch.undo()
     assert struck, f"the run never reached {moment!r}"
-    assert code == 130, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 130, err
+    # what the interrupt left is what the last line says
+    assert err.endswith(f"interrupted; the soup was written to {out} and kept\n" if left == "new"
+                        else "interrupted; nothing was kept\n"), err
     if left is None:
         assert not out.exists() and not (tmp_path / "a").exists()
     else:
         assert _soup(out) == (old if left == "old" else new)
         assert not _hidden(out.parent)
+
+
+#: moment -> (what to patch, which call): the steps of replacing the current folder's contents (``-o .``)
+SWAP_MOMENTS: dict[str, tuple[object, str, Callable[..., bool]]] = {
+    "first old file set aside": (os, "replace", lambda src, *_: Path(src).parent.name == "soup"),
+    "old files all set aside": (os, "replace", lambda src, *_: Path(src).name.startswith(".soup.swap-")),
+    "first new file moved in": (os, "replace", lambda src, *_: Path(src).parent.name.startswith(".soup.partial-")),
+    "new soup in place": (os, "rmdir", lambda path, *_: Path(path).name.startswith(".soup.partial-")),
+}
+
+
+@pytest.mark.parametrize(("moment", "left"), [
+    ("first old file set aside", "old"),
+    ("old files all set aside", "old"),
+    ("first new file moved in", "old"),
+    ("new soup in place", "new"),
+])
+@pytest.mark.usefixtures("sigterm_unwinds")
+def test_sigterm_while_swapping_the_current_folder_keeps_the_old_soup_or_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], moment: str, left: str,
+) -> None:
+    """``-o . --overwrite`` moves files one by one: struck at each step, the folder holds one whole soup."""
+    out = tmp_path / "soup"
+    assert main(["--quiet", "merge", *NEW_SOUP, "-o", str(tmp_path / "reference")]) == 0
+    assert main(["--quiet", "merge", *OLD_SOUP, "-o", str(out)]) == 0
+    old, new = _soup(out), _soup(tmp_path / "reference")
+    monkeypatch.chdir(out)
+    struck = _sigterm_at(monkeypatch, *SWAP_MOMENTS[moment])
+    code = main(["--quiet", "merge", *NEW_SOUP, "-o", ".", "--overwrite"])
+    monkeypatch.undo()
+    assert struck, f"the run never reached {moment!r}"
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert ("and kept" in err) == (left == "new"), err
+    assert _soup(out) == (old if left == "old" else new) and not _hidden(tmp_path)
 
 
 _KILL_AFTER_SETTING_ASIDE = """
@@ -315,6 +354,36 @@ def test_sigkill_mid_overwrite_keeps_the_old_soup_for_the_next_run(tmp_path: Pat
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert not out.exists() and _hidden(tmp_path)  # the old soup aside, the new one in its partial folder
+    # the next run finds the old soup back in place before it decides anything: refused without --overwrite
+    assert main(["--quiet", "merge", *NEW_SOUP, "-o", str(out)]) == 2
+    assert _soup(out) == old and not _hidden(tmp_path)
+
+
+_KILL_MID_SWAP = """
+import os, signal, sys
+from pathlib import Path
+folder, real = sys.argv.pop(1), os.replace
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    if Path(src).parent.name.startswith(folder):  # the first file moved out of that folder: die there
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from hub_soup.cli import console_main
+console_main()
+"""
+
+
+@pytest.mark.parametrize("folder", ["soup", ".soup.partial-"], ids=["setting-old-files-aside", "moving-new-files-in"])
+def test_sigkill_mid_swap_of_the_current_folder_keeps_the_old_soup_for_the_next_run(tmp_path: Path, folder: str) -> None:
+    out = tmp_path / "soup"
+    assert main(["--quiet", "merge", *OLD_SOUP, "-o", str(out)]) == 0
+    old = _soup(out)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_MID_SWAP, folder, "--quiet", "merge", *NEW_SOUP, "-o", ".", "--overwrite"],
+        capture_output=True, timeout=120, cwd=out, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _hidden(tmp_path)  # the old soup's files, some or all, aside
     # the next run finds the old soup back in place before it decides anything: refused without --overwrite
     assert main(["--quiet", "merge", *NEW_SOUP, "-o", str(out)]) == 2
     assert _soup(out) == old and not _hidden(tmp_path)

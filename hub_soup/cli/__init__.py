@@ -158,10 +158,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _placed_soups() -> list[Path]:
+    """The soups this process put in place (:data:`hub_soup.io.write.PLACED`); none if the writer was never
+    imported, which this package does not do itself (it imports no torch)."""
+    write = sys.modules.get("hub_soup.io.write")
+    return write.PLACED if write is not None else []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hub-soup`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     _setup_output(args.quiet)
+    placed_before = len(_placed_soups())  # main() may run many times in one process
     try:
         return args.handler(args)
     except HubSoupError as exc:
@@ -171,7 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_step_summary(f"## hub-soup failed (exit {exc.exit_code})\n\n```\n{exc}\n```")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{program_name()}: interrupted; nothing was kept", file=sys.stderr)
+        # an interrupt after the soup's last rename (during a push, or the closing lines) leaves it whole
+        kept = [str(path) for path in dict.fromkeys(_placed_soups()[placed_before:]) if path.exists()]
+        said = f"the soup was written to {', '.join(kept)} and kept" if kept else "nothing was kept"
+        print(f"{program_name()}: interrupted; {said}", file=sys.stderr)
         return 130
 
 

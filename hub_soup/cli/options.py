@@ -64,7 +64,9 @@ DEVICE = Option(
     "--device", type=_device, default="cpu", metavar="{" + ",".join(DEVICE_FORMS) + "}",
     help="where to merge and score: cuda:N is GPU N, auto a GPU if there is one (default: cpu)",
 )
-OVERWRITE = Option("--overwrite", action="store_true", help="replace an existing output folder")
+OVERWRITE = Option(
+    "--overwrite", action="store_true", help="replace an existing output folder: a soup hub-soup wrote, or an empty one"
+)
 RECALIBRATE_BN = Option("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")
 TRUST_REMOTE_CODE = Option(
     "--trust-remote-code", action="store_true",

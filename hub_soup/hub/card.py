@@ -26,8 +26,6 @@ from hub_soup.merging.plan import MergePlan
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILENAME = "hub-soup.yaml"
-
 
 @dataclass(frozen=True)
 class AdapterCard:

@@ -16,23 +16,32 @@ for it work in float64) and written back
 in their own dtype, so an fp16 soup of fp16 ingredients cannot overflow even
 where an fp16 sum would. Integer and bool tensors (``num_batches_tracked``,
 ``position_ids``) are never averaged: the soup takes the first ingredient's.
+
+A soup never holds inf or nan that its inputs did not: where every block is rounded
+to the output dtype, one ``sum`` of the rounded block (a finite sum means every
+element is finite) sees an overflow, from a narrowing ``--dtype`` or a large
+``lambda``, and the tensor stops the merge (:class:`~hub_soup.errors.NonFiniteSoupError`)
+before anything is written or scored. Non-finite values an ingredient already holds
+(a masked buffer) are carried, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from huggingface_hub.utils import tqdm
 
-from hub_soup.errors import RecipeError
+from hub_soup.errors import NonFiniteSoupError, RecipeError
 from hub_soup.io import direct_io
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
@@ -40,6 +49,8 @@ from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
 from hub_soup.threads import merge_threads, torch_threads
+
+logger = logging.getLogger(__name__)
 
 # Input bytes of one chunk position (every ingredient's chunk of the same
 # elements), the unit the reader threads fill: memory stays flat as ingredients
@@ -209,6 +220,7 @@ def stream_merge(
                 out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
                 sample = gram.sample_of(tensor) if gram is not None else 0
+                found = _NonFinite()
                 for begin in range(0, tensor.meta.numel, chunk_elements):
                     chunks = reader.next()
                     soup = out.slot(chunks[0].numel(), out_dtype)
@@ -216,12 +228,17 @@ def stream_merge(
                         if begin < sample:
                             gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
                         _merge_chunks(method, chunks, count, buffers[merged[tensor.key].dtype], soup, statistics,
-                                      begin)
+                                      begin, found)
                     else:
                         soup.copy_(chunks[0])
+                        if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow
+                            _check_finite(soup, chunks[0], chunks[:1], found)
                     out.submit()
                     bytes_read += sum(chunk.nbytes for chunk in chunks)
                     reader.release()
+                if found.any:  # a scale that a method chose can be chosen smaller; an average's cannot
+                    scalable = tensor.average and not method.averages
+                    found.settle(tensor, out_dtype, [c.label for c in inputs], scalable)
                 bar.update(bytes_read - bar.n)
     finally:
         reader.close()
@@ -247,22 +264,115 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
 
 def _merge_chunks(
     method: MergeMethod, chunks: Sequence[torch.Tensor], count: int, buffers: tuple[torch.Tensor, torch.Tensor],
-    soup: torch.Tensor, statistics: Any, offset: int,
+    soup: torch.Tensor, statistics: Any, offset: int, found: _NonFinite,
 ) -> None:
     """``soup`` = the method's soup of one position, the tensor's elements from ``offset`` on: ``chunks`` are the
-    ``count`` ingredients' (then the base's), merged block by block, each block's result copied out of the
-    cache-sized accumulator."""
+    ``count`` ingredients' (then the base's), merged block by block, each block's result rounded out of the
+    cache-sized accumulator and checked for values the output dtype cannot hold (into ``found``)."""
     acc_buffer, scratch_buffer = buffers
     size = soup.numel()
     with_base = len(chunks) > count
     for start in range(0, size, acc_buffer.numel()):
         end = min(start + acc_buffer.numel(), size)
         acc = acc_buffer[: end - start]
+        parts = [chunk[start:end] for chunk in chunks]
         method.kernel(
-            acc, [chunk[start:end] for chunk in chunks[:count]], scratch=scratch_buffer[: end - start],
-            base=chunks[count][start:end] if with_base else None, statistics=statistics, offset=offset + start,
+            acc, parts[:count], scratch=scratch_buffer[: end - start], base=parts[count] if with_base else None,
+            statistics=statistics, offset=offset + start,
         )
-        soup[start:end].copy_(acc)  # copy_ crosses devices
+        block = soup[start:end]
+        block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
+        _check_finite(block, acc, parts, found)
+
+
+def _check_finite(
+    rounded: torch.Tensor, value: torch.Tensor, inputs: Sequence[torch.Tensor], found: _NonFinite
+) -> None:
+    """Note in ``found`` the elements of ``rounded`` (``value`` in the output dtype) that are inf or nan.
+
+    The common case costs one ``sum`` of a block still in the cache, conservative: a sum
+    is finite only if every element is. (``isfinite().all()`` costs 20-30 times as much;
+    the sum adds a few percent to a two-ingredient merge's CPU time, less with more
+    ingredients.) A sum that is not finite (an element, or a total beyond the dtype's
+    range) takes the exact look, elementwise, against the ``inputs`` of each element
+    (the ingredients', the base's).
+    """
+    if math.isfinite(rounded.sum()):
+        return
+    bad = ~rounded.isfinite()
+    if not bad.any():
+        return
+    finite_inputs = torch.stack([part.isfinite() for part in inputs])
+    made = bad & finite_inputs.all(0)
+    carried = bad & ~made
+    found.carried += int(carried.sum())
+    found.holders.update(i for i, holds in enumerate((~finite_inputs & carried).any(1).tolist()) if holds)
+    magnitude = value.to("cpu", torch.float64)[made].abs()
+    overflowed = magnitude[~magnitude.isnan()]
+    found.overflowed += overflowed.numel()
+    found.nan += magnitude.numel() - overflowed.numel()
+    if overflowed.numel():
+        found.largest = max(found.largest, float(overflowed.max()))
+
+
+@dataclass
+class _NonFinite:
+    """What one soup tensor's check found (:func:`_check_finite`), settled once the tensor is merged.
+
+    An element counts as the soup's own when every input of it (each ingredient's, the
+    base's) is finite: those stop the merge. The others carry what an ingredient holds
+    (a masked buffer can legitimately hold inf): a warning names the ingredients.
+    """
+
+    overflowed: int = 0  # inputs finite, value beyond the output dtype's range
+    largest: float = 0.0  # their largest magnitude before rounding (inf: beyond the accumulation's range too)
+    nan: int = 0  # inputs finite, value nan
+    carried: int = 0  # an input inf or nan there
+    holders: set[int] = field(default_factory=set)  # inputs (by position) inf or nan where the soup is
+
+    @property
+    def any(self) -> bool:
+        return bool(self.overflowed or self.nan or self.carried)
+
+    def settle(self, tensor: TensorPlan, dtype: torch.dtype, labels: Sequence[str], scalable: bool) -> None:
+        """Stop the merge for what the soup made (``labels``: the inputs', by position), warn of what it carried."""
+        if self.overflowed or self.nan:
+            raise _non_finite_error(tensor, dtype, self.overflowed, self.largest, self.nan, scalable)
+        holders = ", ".join(sorted({labels[i] for i in self.holders}))
+        logger.warning("%s: inf or nan in %s of the soup, carried over from %s", tensor.key, _elements(self.carried),
+                       holders)
+
+
+def _non_finite_error(
+    tensor: TensorPlan, dtype: torch.dtype, overflowed: int, largest: float, nan: int, scalable: bool
+) -> NonFiniteSoupError:
+    """What the soup would hold in ``tensor``, and what would hold it instead: a wider dtype, or (``scalable``:
+    the method's scale, not an average) a smaller scale."""
+    limit = torch.finfo(dtype).max
+    said, hints = [], ["scale the soup down (a smaller lambda, or smaller weights)"] if scalable else []
+    if overflowed:
+        size = f"{largest:.4g}" if math.isfinite(largest) else "beyond the range it was computed in"
+        said.append(f"{_elements(overflowed)} overflow{'s' if overflowed == 1 else ''} {_name(dtype)} (largest magnitude {size} before rounding; "
+                    f"{_name(dtype)} holds at most {limit:.6g}) and would be inf")
+        wider = [_name(d) for d in (torch.bfloat16, torch.float32, torch.float64) if torch.finfo(d).max > largest]
+        if wider:
+            hints.insert(0, f"write the soup in a dtype that holds them (--dtype {' or '.join(wider[:2])})")
+    if nan:
+        said.append(f"{_elements(nan)} would be nan")
+    return NonFiniteSoupError(
+        f"tensor {tensor.key} ({_elements(tensor.meta.numel)}): {' and '.join(said)} in the soup, though their "
+        "inputs are finite",
+        hint=", or ".join(hints) or None,
+    )
+
+
+def _elements(count: int) -> str:
+    return f"{count} element{'' if count == 1 else 's'}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    """``float16``, as ``--dtype`` spells it."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _stats(plan: MergePlan, metas: dict[str, TensorMeta], bytes_read: int, start_time: float) -> MergeStats:
