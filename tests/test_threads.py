@@ -44,11 +44,11 @@ def test_a_run_sets_its_threads_and_gives_the_callers_back(
 ) -> None:
     seen: list[int] = []
     monkeypatch.setenv(THREADS_ENV, "2")
-    with torch_threads(3):
-        from hub_soup.merging import engine
+    from hub_soup import pipeline
 
-        merge = engine.stream_merge
-        monkeypatch.setattr(engine, "stream_merge", lambda *a, **k: seen.append(torch.get_num_threads()) or merge(*a, **k))
+    merge = pipeline.stream_merge  # the name the pipeline calls, however it was imported before
+    monkeypatch.setattr(pipeline, "stream_merge", lambda *a, **k: seen.append(torch.get_num_threads()) or merge(*a, **k))
+    with torch_threads(3):
         assert main(["merge", str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift"), "-o", str(tmp_path / "s")]) == 0
         assert torch.get_num_threads() == 3
     assert seen == [2]  # the pipeline's scoring threads around the merge (which sets its own inside)
