@@ -125,3 +125,20 @@ def test_every_method_that_normalizes_names_its_divisor() -> None:
         method = get_method(name)
         normalizes = "normalize" in method.Parameters.model_fields
         assert (method.divisor is not None) == normalizes == ("{divided}" in (method.summary or "")), name
+
+
+RESCALING = [m for m in method_names() if "{rescaled}" in (get_method(m).summary or "")]
+
+
+def test_every_dare_method_says_whether_it_rescaled() -> None:
+    assert {"dare_linear", "dare_ties"} <= set(RESCALING)
+
+
+@pytest.mark.parametrize("method", RESCALING)
+def test_the_card_says_dare_rescaled_only_when_it_did(method: str) -> None:
+    first = {
+        on: next(line for line in _card(None, method=method, rescale=on).splitlines() if line.startswith("A merge"))
+        for on in (False, True)
+    }
+    assert "divided by density" not in first[False] and "the kept ones not rescaled" in first[False], first[False]
+    assert "the kept ones divided by density (rescale)" in first[True] and "{rescaled}" not in first[True]

@@ -68,7 +68,7 @@ DARE_PAPER = (
 )
 DARE_DROPPED = (
     "each task vector (a fine-tune's difference from the base model) kept each element with probability density "
-    "(a hash of the seed, the tensor and the element decides), the kept ones divided by density with rescale; "
+    "(a hash of the seed, the tensor and the element decides){rescaled}; "
 )
 
 
@@ -85,6 +85,17 @@ class GeneralizedTaskArithmetic(MergeMethod):
     normalizes_weights = False
     ingredient_parameters = ("density",)
     float64_kernel = True
+
+    def card_summary(self) -> str | None:
+        """The summary with DARE's ``{rescaled}`` true of this merge: the kept elements divided by density only
+        when ``rescale`` did it."""
+        summary = super().card_summary()
+        if summary is None:
+            return None
+        rescaled = getattr(self.parameters, "rescale", False)
+        return summary.replace(
+            "{rescaled}", ", the kept ones divided by density (rescale)" if rescaled else ", the kept ones not rescaled"
+        )
 
     def densities(self, count: int) -> list[float]:
         return self.per_ingredient("density", count)
