@@ -62,3 +62,10 @@ def test_exclude_lets_models_with_other_heads_align(tmp_path: Path, capsys: pyte
     body = {k: v if k.startswith("fc.") else seven[k] for k, v in load_file(A / "model.safetensors").items()}
     save_file(body, tmp_path / "b-body-a-head.safetensors")
     assert curve["1.00"] == _curve(capsys, A, tmp_path / "b-body-a-head.safetensors")["1.00"]
+
+
+def test_a_test_split_is_not_a_diagnose_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """The curve is scored on one split: a --test-eval that diagnose would ignore is refused instead."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["diagnose", str(A), str(B), *EVAL, "--test-eval", "test"])
+    assert stopped.value.code == EXIT_BAD_INPUT and "--test-eval" in capsys.readouterr().err

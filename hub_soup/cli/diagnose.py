@@ -39,7 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     DEVICE.add(parser, help="where the models run")
     TOKEN.add(parser)
     TRUST_REMOTE_CODE.add(parser)
-    add_eval_options(parser, required=True)
+    add_eval_options(parser, required=True, test_split=False)  # the curve is scored on one split
     parser.set_defaults(handler=diagnose_command)
 
 

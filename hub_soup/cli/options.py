@@ -74,10 +74,11 @@ TRUST_REMOTE_CODE = Option(
 )
 
 
-def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def add_eval_options(parser: argparse.ArgumentParser, required: bool = False, test_split: bool = True) -> None:
     """The "evaluation" group: what to score on, read back by :func:`eval_spec_from_args`.
 
     ``required``: the command needs ``--eval-task`` (the recipe's validation says which task needs ``--eval-data``).
+    ``test_split``: the command scores a second split (``--test-eval``); ``diagnose`` scores one.
     """
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-task", required=required, choices=task_names(),
@@ -87,7 +88,8 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False) ->
                        help="image folder (DATA/<split>/<class>/*), data file (.jsonl, .json, .csv, .parquet, .txt: "
                        "one split), local dataset, or Hub dataset repo id (every task but lm-eval)")
     group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
-    group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
+    if test_split:
+        group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
     group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
     group.add_argument("--eval-batch-size", type=int, default=64, metavar="N", help="examples per batch (default: 64)")
     group.add_argument("--eval-dtype", choices=get_args(Dtype),
@@ -149,7 +151,7 @@ def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         "task": args.eval_task,
         "data": args.eval_data,
         "split": args.eval_split,
-        "test_split": args.test_eval,
+        "test_split": getattr(args, "test_eval", None),
         "limit": args.eval_limit,
         "batch_size": args.eval_batch_size,
         "dtype": args.eval_dtype,
