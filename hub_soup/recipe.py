@@ -282,8 +282,7 @@ class EvalSpec(_Strict):
                 "task: lm-eval needs tasks: the harness task names (--eval-tasks arc_easy,hellaswag); "
                 "`lm-eval ls tasks` lists the built-in ones"
             )
-        defaults = type(self).model_fields
-        ignored = [name for name in _NOT_FOR_LM_EVAL if getattr(self, name) != defaults[name].default]
+        ignored = [name for name in _NOT_FOR_LM_EVAL if name in self.model_fields_set]  # given, whatever its value
         if ignored:
             raise ValueError(
                 f"{', '.join(ignored)}: task lm-eval does not take {'it' if len(ignored) == 1 else 'them'}: each "

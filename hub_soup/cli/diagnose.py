@@ -50,13 +50,13 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.hub.resolve import resolve_ref
     from hub_soup.merging.plan import align
     from hub_soup.pipeline import check_eval, device_for, layouts_of, opened_ingredients
-    from hub_soup.recipe import EvalSpec, validated
+    from hub_soup.recipe import EvalSpec, Recipe, validated
     from hub_soup.threads import eval_threads, torch_threads
 
     section = eval_spec_from_args(args)
     assert section is not None  # --eval-task and --eval-data are required here
     spec = validated(EvalSpec, section, "eval")
-    device = device_for(args.device)  # a GPU index this machine lacks stops here, before any download
+    device = device_for(args.device or Recipe.model_fields["device"].default)  # a GPU this machine lacks stops here
     check_eval(spec, Path(), args.token)  # and so do a GPU the placement names and this machine lacks, and missing data
     refs = [*args.refs, *([args.base] if args.base else [])]
     resolved = [resolve_ref(r, token=args.token) for r in refs]

@@ -20,13 +20,15 @@ from hub_soup.cli.options import (
     TRUST_REMOTE_CODE,
     add_eval_options,
     add_push_options,
+    default,
     eval_spec_from_args,
+    given_fields,
     push_spec_from_args,
 )
 from hub_soup.cli.run import run_recipe
 from hub_soup.errors import EXIT_OK, RecipeError
 from hub_soup.merging.methods import get_method
-from hub_soup.recipe import Dtype, Recipe, method_names
+from hub_soup.recipe import Dtype, OutputSpec, Recipe, method_names
 
 # The method parameters the CLI takes, as (flag, the recipe's parameters key, type, help): mergekit's names.
 # Each fills ``parameters`` only when given; a method that takes no such parameter refuses it by name.
@@ -119,7 +121,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     EXCLUDE.add(parser)
     NO_EMA.add(parser)
     ALLOW_PICKLE.add(parser)
-    parser.add_argument("--max-shard-size", default="5GB", help="split output into shards of this size (default 5GB)")
+    parser.add_argument(
+        "--max-shard-size", help=f"split output into shards of this size {default(OutputSpec, 'max_shard_size')}"
+    )
     OVERWRITE.add(parser)
     DEVICE.add(parser)
     parser.add_argument(
@@ -173,14 +177,14 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         exclude=args.exclude,
         ema=args.ema,
         allow_pickle=args.allow_pickle,
-        device=args.device,
+        **given_fields(device=args.device),
         eval=eval_spec_from_args(args),
         greedy=args.greedy,
         recalibrate_bn=args.recalibrate_bn,
         ensemble_reference=args.ensemble_reference,
         force=args.force,
-        output={"path": args.output, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite,
-                "max_rank": args.max_rank, "merge_into_base": args.merge_into_base},
+        output=given_fields(path=args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite or None,
+                            max_rank=args.max_rank, merge_into_base=args.merge_into_base or None),
         push=push_spec_from_args(args),
     )
 

@@ -18,7 +18,21 @@ import copy
 import json
 from typing import Any, get_args
 
-from hub_soup.recipe import DEVICE_FORMS, Dtype, check_device, task_names
+from pydantic import BaseModel
+
+from hub_soup.recipe import DEVICE_FORMS, Dtype, EvalSpec, Recipe, check_device, task_names
+
+
+def default(model: type[BaseModel], name: str) -> str:
+    """``(default: X)`` for a help text, X the recipe's own default of ``model``'s field ``name``: a default is
+    defined once, in the recipe, and the CLI passes only what the user gave (:func:`given_fields`)."""
+    return f"(default: {model.model_fields[name].default})"
+
+
+def given_fields(**fields: Any) -> dict[str, Any]:
+    """The recipe fields a command line gave: options left out (None) take the recipe's defaults, so a recipe
+    can tell a value the user wrote from one nobody chose (``model_fields_set``)."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _device(value: str) -> str:
@@ -61,8 +75,8 @@ EXCLUDE = Option(
 )
 BASE = Option("--base", metavar="REF", help="the model the ingredients were fine-tuned from (the recipe's base)")
 DEVICE = Option(
-    "--device", type=_device, default="cpu", metavar="{" + ",".join(DEVICE_FORMS) + "}",
-    help="where to merge and score: cuda:N is GPU N, auto a GPU if there is one (default: cpu)",
+    "--device", type=_device, metavar="{" + ",".join(DEVICE_FORMS) + "}",
+    help=f"where to merge and score: cuda:N is GPU N, auto a GPU if there is one {default(Recipe, 'device')}",
 )
 OVERWRITE = Option(
     "--overwrite", action="store_true", help="replace an existing output folder: a soup hub-soup wrote, or an empty one"
@@ -87,16 +101,15 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False, te
     group.add_argument("--eval-data", metavar="DATA",
                        help="image folder (DATA/<split>/<class>/*), data file (.jsonl, .json, .csv, .parquet, .txt: "
                        "one split), local dataset, or Hub dataset repo id (every task but lm-eval)")
-    group.add_argument("--eval-split", default="validation", help="held-out split that decides (default: validation)")
+    group.add_argument("--eval-split", help=f"held-out split that decides {default(EvalSpec, 'split')}")
     if test_split:
         group.add_argument("--test-eval", metavar="SPLIT", help="second split for unbiased final numbers")
     group.add_argument("--eval-limit", type=int, metavar="N", help="score on N examples (a fixed random sample)")
-    group.add_argument("--eval-batch-size", type=int, default=64, metavar="N", help="examples per batch (default: 64)")
+    group.add_argument("--eval-batch-size", type=int, metavar="N", help=f"examples per batch {default(EvalSpec, 'batch_size')}")
     group.add_argument("--eval-dtype", choices=get_args(Dtype),
                        help="dtype models are scored in (default: the soup's; float16 on the CPU: float32)")
-    group.add_argument("--image-column", default="image", help="dataset column with the images (default: image)")
-    group.add_argument("--text-column", default="text", help="dataset column with the texts (default: text)")
-    group.add_argument("--label-column", default="label", help="dataset column with the labels (default: label)")
+    for kind in ("image", "text", "label"):
+        group.add_argument(f"--{kind}-column", help=f"dataset column with the {kind}s {default(EvalSpec, f'{kind}_column')}")
     group.add_argument("--eval-function", metavar="MODULE:FUNCTION",
                        help="for --eval-task custom: model -> float (needs --trust-remote-code)")
     group.add_argument("--lower-is-better", action="store_true", help="for --eval-task custom: a loss, not an accuracy")
@@ -147,26 +160,26 @@ def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """The recipe's ``eval`` section from the evaluation options (``None`` without --eval-task)."""
     if not args.eval_task:
         return None
-    return {
-        "task": args.eval_task,
-        "data": args.eval_data,
-        "split": args.eval_split,
-        "test_split": getattr(args, "test_eval", None),
-        "limit": args.eval_limit,
-        "batch_size": args.eval_batch_size,
-        "dtype": args.eval_dtype,
-        "image_column": args.image_column,
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "function": args.eval_function,
-        "higher_is_better": not args.lower_is_better,
-        "tasks": args.eval_tasks,
-        "include_path": args.include_path,
-        "num_fewshot": args.num_fewshot,
-        "device_map": args.device_map,
-        "max_memory": args.max_memory,
-        "offload_folder": args.offload_folder,
-    }
+    return given_fields(
+        task=args.eval_task,
+        data=args.eval_data,
+        split=args.eval_split,
+        test_split=getattr(args, "test_eval", None),
+        limit=args.eval_limit,
+        batch_size=args.eval_batch_size,
+        dtype=args.eval_dtype,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        function=args.eval_function,
+        higher_is_better=False if args.lower_is_better else None,
+        tasks=args.eval_tasks,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+    )
 
 
 def add_push_options(parser: argparse.ArgumentParser) -> None:
