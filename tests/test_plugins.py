@@ -178,12 +178,14 @@ def distributions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         del sys.modules[name]
 
 
-def _distribution(site: Path, module: str, source: str, entry_points: str) -> None:
-    """An installed distribution ``module`` in ``site``: its one module and its ``entry_points.txt``."""
-    (site / f"{module}.py").write_text(source)
-    info = site / f"{module}-1.0.dist-info"
+def write_distribution(site: Path, module: str, source: str | None, entry_points: str, name: str | None = None) -> None:
+    """An installed distribution ``name`` (default: ``module``) in ``site``: its one module (none when ``source``
+    is None: a broken installation) and its ``entry_points.txt``."""
+    if source is not None:
+        (site / f"{module}.py").write_text(source)
+    info = site / f"{name or module}-1.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name or module}\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(entry_points)
 
 
@@ -210,14 +212,14 @@ class NotAMethod:
 
 
 def test_a_plugins_names_are_known_before_its_module_is_imported(distributions: Path) -> None:
-    _distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\ntoy-plugin = toy_plugin:Toy\n")
+    write_distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\ntoy-plugin = toy_plugin:Toy\n")
     assert method_names()[-1] == "toy-plugin" and "toy_plugin" not in sys.modules
     toy = get_method("toy-plugin")
     assert toy.__name__ == "Toy" and sys.modules["toy_plugin"].Toy is toy
 
 
 def test_a_plugin_that_registers_itself_is_one_entry(distributions: Path) -> None:
-    _distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\ntoy-registered = toy_plugin:Registered\n")
+    write_distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\ntoy-registered = toy_plugin:Registered\n")
     assert "toy-registered" in method_names()
     assert get_method("toy-registered").__name__ == "Registered"
     assert method_names().count("toy-registered") == 1
@@ -230,7 +232,7 @@ def test_a_plugin_that_registers_itself_is_one_entry(distributions: Path) -> Non
     ("toy-broken = toy_plugin_broken:Toy", "does not load: ModuleNotFoundError"),
 ])
 def test_a_plugin_that_does_not_load_is_bad_input_naming_it(distributions: Path, entry: str, message: str) -> None:
-    _distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\n{entry}\n")
+    write_distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\n{entry}\n")
     name = entry.split(" = ")[0]
     assert name in method_names()  # listed all the same: listing imports nothing
     with pytest.raises(RecipeError, match=re.escape(message)) as caught:
@@ -239,7 +241,7 @@ def test_a_plugin_that_does_not_load_is_bad_input_naming_it(distributions: Path,
 
 
 def test_a_plugin_cannot_take_a_built_in_name(distributions: Path, caplog: pytest.LogCaptureFixture) -> None:
-    _distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\nuniform = toy_plugin:Toy\n")
+    write_distribution(distributions, "toy_plugin", TOY, f"[{METHODS_GROUP}]\nuniform = toy_plugin:Toy\n")
     with caplog.at_level(logging.WARNING, logger="hub_soup.registry"):
         assert method_names().count("uniform") == 1
     assert get_method("uniform") is Uniform and "toy_plugin" not in sys.modules
