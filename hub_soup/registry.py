@@ -7,7 +7,7 @@ torch), and so is everything an installed package declares under the registry's
 entry-point group, read from the distributions' metadata without importing them::
 
     [project.entry-points."hub_soup.methods"]
-    median = "hub_soup_median_plugin:Median"
+    median = "hub_soup_median_plugin.median:Median"
 
 so ``hub-soup schema``, ``validate`` and ``--help`` list a plugin's names and stay light,
 and a plugin's code runs only when a recipe uses it. Groups: ``hub_soup.methods``
@@ -40,10 +40,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Reference:
-    """An entry not imported yet: ``target`` is ``module:attribute``; ``origin`` says who declared it (messages)."""
+    """An entry not imported yet: ``target`` is ``module:attribute``; ``origin`` names the distribution that
+    declared it, None for hub-soup's own (whose import errors are hub-soup's, and propagate as they are)."""
 
     target: str
-    origin: str = "hub-soup"
+    origin: str | None = None
 
 
 def _target(entry: object) -> str | None:
@@ -154,6 +155,8 @@ class Registry(Generic[T]):
             for part in attribute.split("."):
                 value = getattr(value, part)
         except Exception as exc:  # a plugin's import may fail any way; say whose it is
+            if reference.origin is None:
+                raise
             raise self._error(
                 f"{self.kind} {name!r} ({reference.target}, from {reference.origin}) does not load: "
                 f"{type(exc).__name__}: {exc}",
