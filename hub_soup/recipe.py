@@ -361,7 +361,8 @@ class Recipe(_Strict):
 
     ingredients: list[Ingredient]
     method: str = Field(
-        "uniform", description="merge method (hub_soup.merging.methods)",
+        "uniform", description="merge method (hub_soup.merging.methods, or an installed plugin's: entry points "
+        "hub_soup.methods)",
         json_schema_extra=lambda schema: schema.update(enum=list(method_names())),
     )
     parameters: dict[str, Any] = Field(

@@ -27,6 +27,7 @@ from hub_soup.cli import main
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
 from tests.hub_models import bert_folder, llama_folder, lora_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer
+from tests.test_plugins import write_distribution
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BAD_INPUTS.md"
@@ -451,8 +452,14 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--greedy", "-o", _out(tmp)]
 
 
+@case("unknown-method")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--method", "median", "-o", _out(tmp)]
+
+
 # Rows run in a process of their own, with the environment they name.
-SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task", "eval-data-missing-offline"}
+SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task", "eval-data-missing-offline",
+                   "plugin-does-not-load"}
 
 
 def test_every_row_has_a_case_and_every_case_a_row() -> None:
@@ -492,6 +499,22 @@ def test_network_down(tmp_path: Path) -> None:
     )
     assert done.returncode == row[1]
     assert row[2] in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists()
+
+
+def test_plugin_does_not_load(tmp_path: Path) -> None:
+    """An installed distribution's entry point naming a module that is not there: listed as a method (listing
+    imports nothing), and refused, naming the distribution, when it is used."""
+    row = next(r for r in _rows() if r[0] == "plugin-does-not-load")
+    write_distribution(tmp_path, "hub_soup_broken_plugin", None,
+                       "[hub_soup.methods]\nbroken = hub_soup_broken_plugin:Broken\n", name="hub-soup-broken-plugin")
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", A, B, "--method", "broken", "-o", _out(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+        timeout=120, check=False,
+    )
+    assert done.returncode == row[1], done.stderr
+    assert row[2] in done.stderr and "Traceback" not in done.stderr and "hint: reinstall" in done.stderr
     assert not Path(_out(tmp_path)).exists()
 
 

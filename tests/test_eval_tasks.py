@@ -41,7 +41,7 @@ ERRORS = Metric("errors", higher_is_better=False, description="misclassified exa
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The task registry as it is, restored after the test (tasks registered in it vanish)."""
-    monkeypatch.setattr(tasks, "_TASKS", dict(tasks._TASKS))
+    monkeypatch.setattr(tasks, "_TASKS", tasks._TASKS.copy())
     yield
 
 

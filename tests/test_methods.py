@@ -51,7 +51,7 @@ def toy() -> Iterator[type[MergeMethod]]:
 def _toy_registered() -> Iterator[type[MergeMethod]]:
     """The toy method registered inside the block, on a copy of the registry that the block's end drops."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+        patch.setattr(methods, "_REGISTRY", methods._REGISTRY.copy())
         yield _register_toy()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hub_soup.errors import EvalError
+from hub_soup.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,11 @@ class Metric:
         return self.name
 
 
-_METRICS: dict[str, Metric] = {}
+_METRICS: Registry[Metric] = Registry(
+    "metric", error=EvalError, unknown="no {kind} named {name!r}; registered: {names}",
+    taken="{kind} {name!r} is already registered differently: {known}",
+    how_to_add="define it with hub_soup.eval.metrics.register_metric(name, higher_is_better=...)",
+)
 
 
 def register_metric(name: str, *, higher_is_better: bool, percent: bool = False, description: str = "") -> Metric:
@@ -72,12 +77,7 @@ def register_metric(name: str, *, higher_is_better: bool, percent: bool = False,
             scores of different tasks look comparable when they are not).
     """
     metric = Metric(name, higher_is_better, percent, description)
-    known = _METRICS.setdefault(name, metric)
-    if known != metric:
-        raise EvalError(
-            f"metric {name!r} is already registered differently: {known!r}",
-            hint="give the new metric its own name, or reuse the registered one with get_metric",
-        )
+    _METRICS.register(name, metric)
     return metric
 
 
@@ -85,15 +85,9 @@ def get_metric(name: str) -> Metric:
     """The registered metric ``name``.
 
     Raises:
-        EvalError: no metric has that name (the message lists the known ones).
+        EvalError: no metric has that name (the hint lists the known ones).
     """
-    try:
-        return _METRICS[name]
-    except KeyError:
-        raise EvalError(
-            f"no metric named {name!r}; registered: {', '.join(sorted(_METRICS))}",
-            hint="define it with hub_soup.eval.metrics.register_metric(name, higher_is_better=...)",
-        ) from None
+    return _METRICS.get(name)
 
 
 ACCURACY = register_metric(

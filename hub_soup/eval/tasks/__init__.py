@@ -11,8 +11,9 @@ every task.
 
 The built-in tasks are named here with the module that defines each, imported
 only when a task is used, so the recipe can validate ``eval.task`` (and the CLI
-offer its choices) without importing torch. A plugin or a test adds a task with
-one decorator::
+offer its choices) without importing torch. An installed package adds a task by
+the entry-point group ``hub_soup.tasks`` (:mod:`hub_soup.registry`); a script or a
+test adds one with a decorator::
 
     @register_task
     class MyTask(EvalTask):
@@ -23,7 +24,6 @@ one decorator::
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from hub_soup.errors import EvalError
 from hub_soup.eval.metrics import Metric
+from hub_soup.registry import TASKS_GROUP, Registry
 
 if TYPE_CHECKING:
     import torch
@@ -164,18 +165,24 @@ class EvalTask(ABC):
 
 _T = TypeVar("_T", bound=type[EvalTask])
 
-# name -> "module:Class" until first used, then the class; plugins' classes go in directly.
-_TASKS: dict[str, str | type[EvalTask]] = {
-    "image-classification": "hub_soup.eval.tasks.image_classification:ImageClassification",
-    "text-classification": "hub_soup.eval.tasks.text_classification:TextClassification",
-    "causal-lm": "hub_soup.eval.tasks.causal_lm:CausalLM",
-    "custom": "hub_soup.eval.tasks.custom:Custom",
-    "lm-eval": "hub_soup.eval.tasks.lm_eval:LmEval",
-}
+# The built-in tasks are references until first used (their modules import torch); plugins add theirs by entry point.
+_TASKS: Registry[type[EvalTask]] = Registry(
+    "eval task", error=EvalError, group=TASKS_GROUP, expected=EvalTask, unknown="no {kind} named {name!r}",
+    how_to_add=f"or register your own with @hub_soup.eval.tasks.register_task (entry points {TASKS_GROUP!r})",
+    references={
+        "image-classification": "hub_soup.eval.tasks.image_classification:ImageClassification",
+        "text-classification": "hub_soup.eval.tasks.text_classification:TextClassification",
+        "causal-lm": "hub_soup.eval.tasks.causal_lm:CausalLM",
+        "custom": "hub_soup.eval.tasks.custom:Custom",
+        "lm-eval": "hub_soup.eval.tasks.lm_eval:LmEval",
+    },
+)
 
 
 def register_task(task: _T) -> _T:
     """Class decorator: make ``task`` available as ``eval.task: <task.name>`` in recipes and the API.
+
+    An installed package can instead declare the class under the entry-point group ``hub_soup.tasks``.
 
     Raises:
         EvalError: the class has no ``name``, or another task already has it.
@@ -183,34 +190,20 @@ def register_task(task: _T) -> _T:
     name = getattr(task, "name", "")
     if not name:
         raise EvalError(f"task class {task.__qualname__} has no name", hint="set name = 'my-task' in the class")
-    known = _TASKS.get(name)
-    if known is not None and known is not task:
-        raise EvalError(
-            f"eval task {name!r} is already registered ({known if isinstance(known, str) else known.__qualname__})",
-            hint="give the new task its own name",
-        )
-    _TASKS[name] = task
+    _TASKS.register(name, task)
     return task
 
 
 def task_names() -> tuple[str, ...]:
-    """Every task a recipe may name: the built-in ones, then the registered ones (no import of any)."""
-    return tuple(_TASKS)
+    """Every task a recipe may name: the built-in ones, the registered ones, the installed plugins' (no import
+    of any)."""
+    return _TASKS.names()
 
 
 def get_task(name: str) -> type[EvalTask]:
-    """The task class called ``name``, importing a built-in one on first use.
+    """The task class called ``name``, importing a built-in or a plugin's on first use.
 
     Raises:
-        EvalError: no task has that name (the message lists the known ones).
+        EvalError: no task has that name (the hint lists the known ones).
     """
-    entry = _TASKS.get(name)
-    if entry is None:
-        raise EvalError(
-            f"no eval task named {name!r}; known: {', '.join(_TASKS)}",
-            hint="register your own with @hub_soup.eval.tasks.register_task",
-        )
-    if isinstance(entry, str):
-        module, _, attribute = entry.partition(":")
-        entry = _TASKS[name] = getattr(importlib.import_module(module), attribute)
-    return entry
+    return _TASKS.get(name)

@@ -1,6 +1,8 @@
 """Merge methods: one file per method, a registry by name.
 
-A method is one class (:class:`MergeMethod`) registered with :func:`register_method`.
+A method is one class (:class:`MergeMethod`) registered with :func:`register_method`, or
+declared by an installed package under the entry-point group ``hub_soup.methods``
+(:mod:`hub_soup.registry`).
 It declares what a recipe must give it: its ``Parameters`` (a pydantic model, so
 the recipe validates them before anything is downloaded), whether it needs a base
 model, whether it weighs each ingredient; and it computes the soup one block of
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hub_soup.errors import RecipeError
+from hub_soup.registry import METHODS_GROUP, Registry
 
 if TYPE_CHECKING:
     import torch
@@ -256,34 +259,35 @@ def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float
     return [w / total for w in weights]
 
 
-_REGISTRY: dict[str, type[MergeMethod]] = {}
+_REGISTRY: Registry[type[MergeMethod]] = Registry(
+    "merge method", error=RecipeError, group=METHODS_GROUP, expected=MergeMethod,
+    # registering a class under a taken name is the plugin author's mistake, seen when the class is defined
+    taken="a {kind} named {name!r} is registered already ({known})", taken_error=ValueError,
+    how_to_add=f"or install a package that adds one (entry points {METHODS_GROUP!r})",
+)
 M = TypeVar("M", bound=type[MergeMethod])
 
 
 def register_method(cls: M) -> M:
-    """Class decorator: make ``cls`` available to recipes under ``cls.name``; refuses a name taken."""
+    """Class decorator: make ``cls`` available to recipes under ``cls.name``; refuses a name taken.
+
+    An installed package can instead declare the class under the entry-point group
+    ``hub_soup.methods``: recipes, ``--method`` and ``schema`` then know it without importing it."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute name = '...'")
-    if name in _REGISTRY:
-        raise ValueError(f"a merge method named {name!r} is registered already ({_REGISTRY[name].__qualname__})")
-    _REGISTRY[name] = cls
+    _REGISTRY.register(name, cls)
     return cls
 
 
 def get_method(name: str) -> type[MergeMethod]:
-    """The method class registered as ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise RecipeError(
-            f"unknown merge method {name!r}", hint=f"choose one of: {', '.join(method_names())}"
-        ) from None
+    """The method class registered as ``name`` (a plugin's is imported now)."""
+    return _REGISTRY.get(name)
 
 
 def method_names() -> tuple[str, ...]:
-    """Every registered method's name, in registration order (the built-in ones first)."""
-    return tuple(_REGISTRY)
+    """Every method's name: the built-in ones, then the registered ones, then the installed plugins'."""
+    return _REGISTRY.names()
 
 
 # The built-in methods register themselves on import (they need the definitions above).
