@@ -76,6 +76,21 @@ def test_an_adapter_soups_base_is_loaded_with_the_head_of_the_adapters_task() ->
     ]
 
 
+def test_an_adapter_soups_local_base_is_named_as_the_recipe_names_it(tmp_path: Path) -> None:
+    """No ``'path/to/base'`` placeholder when the base is known: a local one as the recipe wrote it, said to be
+    a folder where the soup was made (a card names no absolute path of the maker's machine)."""
+    base = ResolvedRef(ref="models/base", kind="local", path=tmp_path / "models" / "base")
+    card = build_card(
+        repo_id="org/soup", name="lora-soup", ingredients=[_hub("org/lora-a"), _hub("org/lora-b")], weights=[0.5, 0.5],
+        base=base, kept=[True, True], config=None, recipe_yaml="", method="uniform",
+        adapter=AdapterCard(merged=False, summary="An exact soup.", task_type="CAUSAL_LM"),
+    )
+    line = next(line for line in _snippet(card.text).splitlines() if line.startswith("base = "))
+    assert line == ("base = AutoModelForCausalLM.from_pretrained('models/base')  "
+                    "# the base: a local folder where the soup was made")
+    assert "path/to" not in card.text and str(tmp_path) not in card.text
+
+
 def test_a_local_causal_lm_soups_snippet_loads_it_with_its_lm_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

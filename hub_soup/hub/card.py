@@ -334,7 +334,11 @@ def _comment(*notes: str | None) -> str:
 
 def _peft_usage(base: ResolvedRef | None, pipeline_tag: str | None, repo_id: str | None, name: str) -> list[str]:
     """How to load an adapter soup: on its base, with PEFT."""
-    where = base.repo_id or "path/to/base" if base is not None else "path/to/base"
+    if base is not None and base.repo_id:
+        where, at = base.repo_id, None
+    else:  # a local base is named as the recipe names it, from where the soup was made
+        where = base.ref if base is not None else "path/to/base"
+        at = "the base: a local folder where the soup was made" if base is not None else None
     revision = f", revision='{base.sha}'" if base is not None and base.repo_id and base.sha else ""
     auto, other = _auto_class(pipeline_tag)
     soup, local = _soup_location(repo_id, name)
@@ -343,7 +347,7 @@ def _peft_usage(base: ResolvedRef | None, pipeline_tag: str | None, repo_id: str
         "from peft import PeftModel",
         f"from transformers import {auto}",
         "",
-        f"base = {auto}.from_pretrained('{where}'{revision}){_comment(other)}",
+        f"base = {auto}.from_pretrained('{where}'{revision}){_comment(at, other)}",
         f"model = PeftModel.from_pretrained(base, '{soup}'){_comment(local)}",
         "```",
     ]
