@@ -8,7 +8,6 @@ batches BatchNorm is recalibrated on are a sample of every class.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from huggingface_hub import HfApi, constants
 from hub_soup.errors import EvalError, RefNotFoundError
 from hub_soup.eval.tasks import get_task
 from hub_soup.hub.errors import hub_errors, with_retries
-from hub_soup.hub.resolve import near_miss
+from hub_soup.hub.resolve import closest_entry, near_miss
 from hub_soup.recipe import DATA_FILE_LOADERS, is_local_data
 
 if TYPE_CHECKING:
@@ -90,8 +89,8 @@ def _close_name(path: Path) -> Path | None:
     """The entry of ``path``'s folder whose name is closest to ``path``'s (None: no folder, or none close)."""
     if not path.parent.is_dir():
         return None
-    close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
-    return path.parent / close[0] if close else None
+    close = closest_entry(path.parent, path.name)
+    return path.parent / close if close else None
 
 
 def _loader_of(path: Path) -> str:

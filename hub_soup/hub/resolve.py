@@ -134,9 +134,15 @@ def near_miss(base: Path, name: str) -> str | None:
     parent = base / folder
     if not parent.is_dir():
         return None
-    close = difflib.get_close_matches(rest, [p.name for p in parent.iterdir()], n=1, cutoff=0.6)
+    close = closest_entry(parent, rest)
     there = f"{folder}/ exists but holds no {rest!r}"
-    return f"{there}; did you mean {folder}/{close[0]}?" if close else there
+    return f"{there}; did you mean {folder}/{close}?" if close else there
+
+
+def closest_entry(folder: Path, name: str) -> str | None:
+    """The name of the entry of ``folder`` closest to ``name``, for a "did you mean" (None: none close)."""
+    close = difflib.get_close_matches(name, [p.name for p in folder.iterdir()], n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _resolve_timm(ref: str, name: str, revision: str | None, token: str | bool | None) -> ResolvedRef:
