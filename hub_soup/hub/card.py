@@ -49,14 +49,9 @@ _HEAD_TAGS = (
 )
 
 # The transformers Auto class that loads a model of a pipeline tag with its head: ``AutoModel`` loads the
-# bare model (a causal LM without its LM head), so the card's snippet names the one of the soup's tag.
-AUTO_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "text-generation": "AutoModelForCausalLM",
-    "fill-mask": "AutoModelForMaskedLM",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "image-classification": "AutoModelForImageClassification",
+# bare model (a causal LM without its LM head), so the card's snippet names the one of the soup's tag. A head
+# ``ForX`` is loaded by ``AutoModelForX``; the tags a PEFT task_type gives beyond those heads are added.
+AUTO_CLASSES = {tag: f"AutoModel{head}" for head, tag in _HEAD_TAGS} | {
     "text2text-generation": "AutoModelForSeq2SeqLM",
     "feature-extraction": "AutoModel",
 }
