@@ -45,7 +45,8 @@ def choose_weights(repo_files: tuple[str, ...] | list[str], filename: str | None
     if filename:
         if filename not in repo_files:
             raise RefNotFoundError(f"{where}: its config names {filename!r}, which is not in the repo")
-        return [filename]
+        fmt = formats.claimed_by(filename)
+        return fmt.hub_files(filename, repo_files) if fmt is not None else [filename]
     return formats.choose_weights(
         repo_files, where, none_hint=f"check the repo id; a package can add a format (entry points {FORMATS_GROUP!r})",
         several_hint="download the one you mean and pass its local path",

@@ -274,7 +274,7 @@ def choose_weights(names: Collection[str], where: str, *, none_hint: str, severa
     for fmt in formats:
         files = sorted(name for name in present if claimed_by(name, formats) is fmt)
         if len(files) == 1:
-            return files
+            return fmt.hub_files(files[0], present)
         if files:
             raise CheckpointFormatError(
                 f"{where}: several weights files and none is the standard name: {', '.join(files)}",
