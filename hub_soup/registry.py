@@ -1,4 +1,4 @@
-"""One registry type for what hub-soup looks up by name: merge methods, eval tasks, metrics.
+"""One registry type for what hub-soup looks up by name: merge methods, eval tasks, metrics, checkpoint formats.
 
 A registry maps names to objects. An entry may be a *reference* (``"module:attribute"``)
 instead of the object: its name is known at once, and its module is imported on the
@@ -10,10 +10,11 @@ entry-point group, read from the distributions' metadata without importing them:
     median = "hub_soup_median_plugin.median:Median"
 
 so ``hub-soup schema``, ``validate`` and ``--help`` list a plugin's names and stay light,
-and a plugin's code runs only when a recipe uses it. Groups: ``hub_soup.methods``
+and a plugin's code runs only when a recipe uses it (a format's when a checkpoint is opened:
+every format sniffs every file). Groups: ``hub_soup.methods``
 (:class:`~hub_soup.merging.methods.MergeMethod` subclasses), ``hub_soup.tasks``
-(:class:`~hub_soup.eval.tasks.EvalTask` subclasses); ``hub_soup.formats`` is reserved
-for checkpoint formats, which are not a registry yet (``io/files.py``, ``io/read.py``).
+(:class:`~hub_soup.eval.tasks.EvalTask` subclasses), ``hub_soup.formats``
+(:class:`~hub_soup.io.formats.CheckpointFormat` subclasses).
 
 Torch-free, like the recipe that validates against it.
 """
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 METHODS_GROUP = "hub_soup.methods"
 TASKS_GROUP = "hub_soup.tasks"
-FORMATS_GROUP = "hub_soup.formats"  # reserved: checkpoint formats are not pluggable yet
+FORMATS_GROUP = "hub_soup.formats"
 
 T = TypeVar("T")
 

@@ -24,6 +24,9 @@ with atheris.instrument_imports(include=["hub_soup"]):
     from read_everything import read_everything  # the same path as tests/test_reliability.py
 
     from hub_soup.errors import CheckpointFormatError
+    from hub_soup.io.formats import known_formats
+
+    known_formats()  # the formats' modules are imported on first use: import them here, instrumented
 
 _DIR = Path(tempfile.mkdtemp(prefix="hub-soup-fuzz-"))
 

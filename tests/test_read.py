@@ -353,6 +353,7 @@ def test_index_pointing_outside_its_folder_is_refused(tmp_path: Path, target: st
         (json.dumps({"metadata": {}}), ["not a valid shard index"]),
         (json.dumps({"weight_map": ["a"]}), ["not a valid shard index"]),
         (json.dumps({"weight_map": {"a": 1}}), ["not a valid shard index"]),
+        (json.dumps({"weight_map": {}}), ["not a valid shard index", "names no tensors"]),
         (json.dumps({"weight_map": {"a": "model-00003-of-00003.safetensors"}}), ["shard model-00003-of-00003.safetensors is missing"]),
         (json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}), ["not in their shard", "'a'"]),
     ],

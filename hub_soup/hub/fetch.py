@@ -1,30 +1,29 @@
 """Download only what a soup needs, through the huggingface_hub cache.
 
-One weights format per ingredient (safetensors preferred, never both), plus the
-config, tokenizer and preprocessor files: never optimizer states, ONNX, TF or
-Flax files. Everything goes through ``snapshot_download`` at the pinned commit,
-so a second run downloads nothing, interrupted downloads resume, and the user
-sees huggingface_hub's own progress bars. Before that, :func:`remote_layout`
+One weights format per ingredient (the most preferred the repo holds, safetensors
+first, never two; :mod:`hub_soup.io.formats` chooses), plus the config, tokenizer
+and preprocessor files: never optimizer states, ONNX, TF or Flax files.
+Everything goes through ``snapshot_download`` at the pinned commit, so a second
+run downloads nothing, interrupted downloads resume, and the user sees
+huggingface_hub's own progress bars. Before that, :func:`remote_layout`
 reads only the safetensors headers over HTTP so alignment can fail in seconds.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
-from huggingface_hub.utils import TensorInfo
+from huggingface_hub import constants, snapshot_download
 
-from hub_soup.errors import CheckpointFormatError, RefNotFoundError
+from hub_soup.errors import RefNotFoundError
 from hub_soup.hub.errors import hub_errors, with_retries
 from hub_soup.hub.resolve import ResolvedRef
-from hub_soup.io import files
+from hub_soup.io import files, formats
 from hub_soup.io.read import clean_keys
-from hub_soup.io.safetensors_io import DTYPES, TensorMeta
+from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.plan import Layout
+from hub_soup.registry import FORMATS_GROUP
 
 
 @dataclass(frozen=True)
@@ -36,36 +35,21 @@ class Fetched:
 
 
 def choose_weights(repo_files: tuple[str, ...] | list[str], filename: str | None, where: str) -> list[str]:
-    """The weights files to download: one format only, safetensors first.
+    """The weights files to download: one format only, the most preferred (safetensors first), as
+    :func:`hub_soup.io.formats.choose_weights` chooses a folder's.
 
     Returns:
         The files, the first of which is what :func:`hub_soup.io.read.open_checkpoint` opens
         (the index for sharded weights).
     """
-    present = set(repo_files)
     if filename:
-        if filename not in present:
+        if filename not in repo_files:
             raise RefNotFoundError(f"{where}: its config names {filename!r}, which is not in the repo")
-        return [filename]
-    for index, shard_glob in (
-        (files.SAFETENSORS_INDEX, "model-*-of-*.safetensors"),
-        (files.PYTORCH_INDEX, "pytorch_model-*-of-*.bin"),
-    ):
-        single = index.removesuffix(".index.json")
-        if index in present:
-            return [index] + sorted(f for f in present if fnmatch.fnmatchcase(f, shard_glob) and "/" not in f)
-        if single in present:
-            return [single]
-    top = sorted(f for f in present if "/" not in f and files.is_weight_file(f))
-    safetensors = [f for f in top if f.endswith(files.SAFETENSORS_SUFFIXES)]
-    candidates = safetensors or top
-    if len(candidates) == 1:
-        return candidates
-    if not candidates:
-        raise CheckpointFormatError(f"{where}: the repo holds no weights file (safetensors, .bin, .pt, .pth, .ckpt)")
-    raise CheckpointFormatError(
-        f"{where}: several weights files and none is the standard name: {', '.join(candidates)}",
-        hint="download the one you mean and pass its local path",
+        fmt = formats.claimed_by(filename)
+        return fmt.hub_files(filename, repo_files) if fmt is not None else [filename]
+    return formats.choose_weights(
+        repo_files, where, none_hint=f"check the repo id; a package can add a format (entry points {FORMATS_GROUP!r})",
+        several_hint="download the one you mean and pass its local path",
     )
 
 
@@ -111,34 +95,25 @@ def _remember_revision(snapshot: Path, resolved: ResolvedRef) -> None:
 
 
 def remote_layout(resolved: ResolvedRef, token: str | bool | None = None) -> Layout | None:
-    """Tensor names, dtypes and shapes from safetensors headers over HTTP, without the weights.
+    """Tensor names, dtypes and shapes read over HTTP, without the weights, by the weights' format
+    (safetensors headers: :meth:`hub_soup.io.formats.CheckpointFormat.remote_metas`).
 
-    Returns ``None`` when the weights are not safetensors (pickles are only
-    checked after download).
+    Returns ``None`` when the format cannot tell before the download (pickles are only
+    checked after it).
     """
     repo_id, sha = resolved.repo_id, resolved.sha
     assert repo_id and sha
     weights = choose_weights(resolved.files, resolved.filename, resolved.label)
-    if not weights[0].endswith((".safetensors", files.SAFETENSORS_INDEX)):
+    fmt = formats.claimed_by(weights[0])
+    if fmt is None:
         return None
-    api = HfApi()
 
-    def read_headers() -> dict[str, TensorInfo]:
+    def read_headers() -> dict[str, TensorMeta] | None:
         with hub_errors(repo_id, sha, action="read the headers of"):
-            try:
-                if weights[0] in (files.SAFETENSORS_SINGLE, files.SAFETENSORS_INDEX):
-                    repo = api.get_safetensors_metadata(repo_id, revision=sha, token=token)
-                    return {n: info for meta in repo.files_metadata.values() for n, info in meta.tensors.items()}
-                meta = api.parse_safetensors_file_metadata(repo_id, weights[0], revision=sha, token=token)
-                return dict(meta.tensors)
-            except (NotASafetensorsRepoError, SafetensorsParsingError) as exc:
-                raise CheckpointFormatError(f"{resolved.label}: unreadable safetensors header ({exc})") from None
+            return fmt.remote_metas(repo_id, sha, weights, resolved.label, token)
 
-    infos = with_retries(read_headers, f"reading the headers of {resolved.label}")
-    metas: dict[str, TensorMeta] = {}
-    for name, info in infos.items():
-        if info.dtype not in DTYPES:
-            return None  # a dtype we do not know: leave the verdict to the local reader
-        metas[name] = TensorMeta(DTYPES[info.dtype], tuple(info.shape))
+    metas = with_retries(read_headers, f"reading the headers of {resolved.label}")
+    if metas is None:
+        return None
     renamed, _ = clean_keys(list(metas), resolved.label)
     return Layout(label=resolved.label, metas={new: metas[old] for new, old in renamed.items()})

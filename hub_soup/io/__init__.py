@@ -1,4 +1,4 @@
-"""Bytes in and out: safetensors, direct reads, checkpoint reading, soup writing, sizes.
+"""Bytes in and out: checkpoint formats, safetensors, direct reads, checkpoint reading, soup writing, sizes.
 
 Nothing here knows what a model is: these modules read tensors from every format
 people save and write safetensors shards, so the stages above them work on names,

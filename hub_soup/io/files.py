@@ -1,22 +1,14 @@
-"""Which files make up a checkpoint, in one place.
+"""The side files that travel with a checkpoint's weights, in one place.
 
-The reader uses these names to find the weights in a folder, the fetcher to
-download only what a soup needs, and the writer to copy the side files (config,
-tokenizer, preprocessor) so the soup loads exactly like its ingredients.
+The reader finds them beside the weights, the fetcher downloads them with the
+weights, and the writer copies them (config, tokenizer, preprocessor) so the
+soup loads exactly like its ingredients. Which files are weights is each
+format's business (:mod:`hub_soup.io.formats`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-PYTORCH_INDEX = "pytorch_model.bin.index.json"
-PYTORCH_SINGLE = "pytorch_model.bin"
-
-# Suffixes read as torch pickles (zip or legacy), and as safetensors.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt", ".tar")
-SAFETENSORS_SUFFIXES = (".safetensors",)
 
 # Files that travel with the weights so the soup loads like its ingredients.
 SIDECAR_PATTERNS = (
@@ -63,7 +55,3 @@ def is_sidecar(name: str) -> bool:
     """True for a top-level config/tokenizer/preprocessor file a soup carries along."""
     return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in SIDECAR_PATTERNS)
 
-
-def is_weight_file(name: str) -> bool:
-    """True for any file name that may hold tensors we can read."""
-    return name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
