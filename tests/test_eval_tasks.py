@@ -26,9 +26,10 @@ from hub_soup.eval.backends import Backend
 from hub_soup.eval.data import Inputs, check_data, example_order
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import ACCURACY, Metric, get_metric, register_metric
-from hub_soup.eval.tasks import Batch, EvalTask, get_task, register_task
+from hub_soup.eval.spec import EvalSpec
+from hub_soup.eval.tasks import Batch, EvalTask, get_task, register_task, task_names
 from hub_soup.io.read import open_checkpoint
-from hub_soup.recipe import EvalSpec, Recipe, recipe_schema, task_names
+from hub_soup.recipe import Recipe, recipe_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
