@@ -349,10 +349,8 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
     if recipe.base is not None:
         inputs.append((f"the base {recipe.base.ref}", recipe.base_dir / Path(recipe.base.ref).expanduser()))
-    if recipe.eval is not None and recipe.eval.data is not None:
-        inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
-    if recipe.eval is not None and recipe.eval.include_path is not None:
-        inputs.append((f"the task YAMLs {recipe.eval.include_path}", Path(recipe.eval.include_path).expanduser()))
+    if recipe.eval is not None:
+        inputs += recipe.eval.inputs()
     cache = Path(constants.HF_HUB_CACHE)
     inputs.append(("the Hugging Face cache (HF_HUB_CACHE)", cache))
     for what, path in inputs:

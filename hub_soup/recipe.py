@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializeAsAny,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,13 +38,12 @@ from pydantic import (
 from pydantic.json_schema import WithJsonSchema
 
 from hub_soup.errors import RecipeError
-from hub_soup.eval import tasks
+from hub_soup.eval.spec import Dtype, EvalSpec
+from hub_soup.eval.tasks import get_task
 from hub_soup.io.sizes import parse_size
 from hub_soup.merging import methods
 from hub_soup.merging.methods import MergeMethod, get_method
 
-# Choices the CLI offers too (``typing.get_args``), so flags and recipes cannot drift apart.
-Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 # Where to merge and score: N is a GPU's index as torch spells it (cuda:01 is no device to torch). A pattern,
 # not choices: ``--device`` checks with check_device and lists DEVICE_FORMS, so flags and recipes agree still.
 DEVICE_FORMS = ("cpu", "cuda", "cuda:N", "auto")
@@ -68,33 +68,6 @@ Device = Annotated[
     BeforeValidator(check_device),
     WithJsonSchema({"type": "string", "pattern": f"^(?:{_DEVICE.pattern})$"}),
 ]
-
-# transformers' named device maps (from_pretrained(device_map=...)); accelerate computes each
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-# A single local file of eval data, by suffix: the ``datasets`` loader that reads it (``load_dataset(loader, ...)``).
-DATA_FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-# A Hub dataset id, as huggingface_hub spells repo ids: a canonical name (imdb) or org/name.
-_DATASET_ID = re.compile(r"[\w\-.]+(?:/[\w\-.]+)?")
-
-
-def is_local_data(data: str) -> bool:
-    """Whether ``eval.data`` can only name a local path: it starts as a path does (``.``, ``/``, ``~``), ends
-    in a data file's suffix (:data:`DATA_FILE_LOADERS`), or is no Hub dataset id (``a/b/c``). Anything else
-    (``imdb``, ``org/name``) names a Hub dataset unless a local path of that name exists."""
-    return (
-        data.startswith((".", "~")) or os.path.isabs(data) or Path(data).suffix.lower() in DATA_FILE_LOADERS
-        or _DATASET_ID.fullmatch(data) is None
-    )
-
-
-def _is_device(device: object, *, placing: bool) -> bool:
-    """A device accelerate's ``device_map`` (``placing``) or ``max_memory`` takes: a GPU index, cpu, mps, and
-    for placement also ``cuda:N`` and disk."""
-    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
-        return int(device) >= 0
-    named = {"cpu", "mps", "disk"} if placing else {"cpu", "mps"}
-    return device in named or (placing and isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device) is not None)
 
 
 class _Strict(BaseModel):
@@ -142,162 +115,6 @@ class Ingredient(ModelRef):
 
 # The method parameters an ingredient may set for itself (a method says which it takes: ``ingredient_parameters``).
 PER_INGREDIENT = ("density",)
-
-
-class EvalSpec(_Strict):
-    """How to score ingredients and soups (see hub_soup.eval.evaluate)."""
-
-    task: str = Field(
-        description="eval task: a built-in one or one registered with hub_soup.eval.tasks.register_task",
-        json_schema_extra=lambda schema: schema.update(enum=list(task_names())),
-    )
-    data: str | None = Field(
-        None,
-        description="image folder, a data file (.jsonl, .json, .csv, .parquet, .txt), local dataset path, or Hub "
-        "dataset repo id (every task but lm-eval; custom: optional, the name its scores are reported on)",
-    )
-    split: str = "validation"
-    test_split: str | None = Field(None, description="second split for unbiased final numbers")
-    limit: int | None = Field(
-        None, gt=0,
-        description="score on N examples: the first N of a fixed (seed 0) shuffle; lm-eval: the harness's limit, "
-        "the first N documents of each harness task",
-    )
-    batch_size: int = Field(64, gt=0)
-    dtype: Dtype | None = Field(
-        None,
-        description="dtype models are scored in (default: the soup's, as the ingredients are saved or --dtype "
-        "says; float16 on the CPU: float32)",
-    )
-    image_column: str = "image"
-    text_column: str = "text"
-    label_column: str = "label"
-    function: str | None = Field(None, description="module:function (model -> float) for task: custom")
-    higher_is_better: bool = Field(True, description="direction of a custom function's score (others know theirs)")
-    # task: lm-eval (lm-evaluation-harness), spelled as the harness spells them
-    tasks: list[str] | None = Field(
-        None, min_length=1, description="for task: lm-eval: harness task, group or tag names (lm_eval --tasks)"
-    )
-    include_path: str | None = Field(
-        None, description="for task: lm-eval: a folder of task YAMLs of your own (lm_eval --include_path)"
-    )
-    num_fewshot: int | None = Field(
-        None, ge=0, description="for task: lm-eval: few-shot examples per prompt (default: each task's own)"
-    )
-    # models bigger than one device: accelerate's big-model placement, spelled as transformers and accelerate spell it
-    device_map: str | dict[str, int | str] | None = Field(
-        None,
-        description="place the scored model with accelerate, as from_pretrained(device_map=...): "
-        f"{', '.join(DEVICE_MAPS)}, or {{module: device}}; modules on cpu (beside a GPU) or disk are offloaded",
-    )
-    max_memory: dict[str, int | str] | None = Field(
-        None, description="with device_map: the most each device holds, as accelerate's max_memory: "
-        "{0: 20GiB, cpu: 60GiB} (GPU indices, cpu, mps)",
-    )
-    offload_folder: str | None = Field(
-        None, description="with device_map: the folder disk-offloaded weights are kept in while scoring (a temporary "
-        "folder inside it, removed afterwards)",
-    )
-
-    def with_local_paths(self, convert: Callable[[str], str], base: Path) -> EvalSpec:
-        """This spec with ``convert`` applied to its local paths: ``data`` when it exists under ``base`` or can
-        only be a path (:func:`is_local_data`; otherwise it names a Hub dataset), a ``path/to/file.py:function``
-        file, and ``include_path``."""
-        changes: dict[str, str] = {}
-        if self.data is not None and ((base / Path(self.data).expanduser()).exists() or is_local_data(self.data)):
-            changes["data"] = convert(self.data)
-        module, _, name = (self.function or "").rpartition(":")
-        if module.endswith(".py"):
-            changes["function"] = f"{convert(module)}:{name}"
-        if self.include_path is not None:
-            changes["include_path"] = convert(self.include_path)
-        if self.offload_folder is not None:
-            changes["offload_folder"] = convert(self.offload_folder)
-        return self.model_copy(update=changes)
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        if value not in task_names():
-            raise ValueError(f"unknown eval task {value!r}; known tasks: {', '.join(task_names())}")
-        return value
-
-    @field_validator("tasks")
-    @classmethod
-    def _task_names(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not all(name.strip() for name in value):
-            raise ValueError("harness task names must not be empty")
-        return [name.strip() for name in value] if value is not None else None
-
-    @field_validator("device_map")
-    @classmethod
-    def _device_map(cls, value: str | dict[str, int | str] | None) -> str | dict[str, int | str] | None:
-        if isinstance(value, str) and value not in DEVICE_MAPS:
-            raise ValueError(f"{value!r} is not a device map: use {', '.join(DEVICE_MAPS)}, or {{module: device}}")
-        for module, device in (value.items() if isinstance(value, dict) else ()):
-            if not _is_device(device, placing=True):
-                raise ValueError(
-                    f"{module!r}: {device!r} is not a device (a GPU index, cuda:N, cpu, mps or disk)"
-                )
-        return value
-
-    @field_validator("max_memory", mode="before")
-    @classmethod
-    def _max_memory(cls, value: Any) -> Any:
-        """Keys as accelerate takes them (GPU indices, cpu, mps), each size one ``parse_size`` reads."""
-        if not isinstance(value, dict):
-            return value
-        for device, size in value.items():
-            if not _is_device(device, placing=False):
-                raise ValueError(f"{device!r} is not a device (a GPU index, cpu or mps)")
-            try:
-                parse_size(size)
-            except (ValueError, AttributeError):
-                raise ValueError(f"{device!r}: not a size: {size!r} (use e.g. 20GiB, 500MB)") from None
-        return {str(device): size for device, size in value.items()}
-
-    @model_validator(mode="after")
-    def _placement(self) -> EvalSpec:
-        if self.device_map is None:
-            given = [name for name in ("max_memory", "offload_folder") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only with device_map (--device-map auto)")
-        return self
-
-    @model_validator(mode="after")
-    def _fields_of_the_task(self) -> EvalSpec:
-        """Each field means something to some tasks only: one given to a task that would ignore it is an error."""
-        if self.task == CUSTOM and not self.function:
-            raise ValueError("task: custom needs function: 'module:function'")
-        harness = {"tasks": self.tasks, "include_path": self.include_path, "num_fewshot": self.num_fewshot}
-        if self.task != LM_EVAL:
-            given = [name for name, value in harness.items() if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only task: lm-eval takes {'it' if len(given) == 1 else 'them'}")
-            if self.data is None and self.task != CUSTOM:
-                raise ValueError(f"task: {self.task} needs data (--eval-data): an image folder, dataset path or Hub id")
-            return self
-        if not self.tasks:
-            raise ValueError(
-                "task: lm-eval needs tasks: the harness task names (--eval-tasks arc_easy,hellaswag); "
-                "`lm-eval ls tasks` lists the built-in ones"
-            )
-        ignored = [name for name in _NOT_FOR_LM_EVAL if name in self.model_fields_set]  # given, whatever its value
-        if ignored:
-            raise ValueError(
-                f"{', '.join(ignored)}: task lm-eval does not take {'it' if len(ignored) == 1 else 'them'}: each "
-                "harness task reads its own dataset and split (its YAML's dataset_path and test_split); for data "
-                "of your own, write a task YAML with dataset_path: json and put its folder in include_path"
-            )
-        return self
-
-
-LM_EVAL = "lm-eval"  # the task that runs lm-evaluation-harness (hub_soup.eval.tasks.lm_eval)
-CUSTOM = "custom"  # the task that runs the user's function on the model; it reads no data (data only names it)
-# Fields the harness's task YAMLs decide instead (dataset, split, columns) or that name other tasks' code.
-_NOT_FOR_LM_EVAL = (
-    "data", "split", "test_split", "image_column", "text_column", "label_column", "function", "higher_is_better"
-)
 
 
 class OutputSpec(_Strict):
@@ -380,7 +197,7 @@ class Recipe(_Strict):
     allow_pickle: bool = Field(False, description="allow pickles that execute code on load: only for trusted files")
     device: Device = Field("cpu", description=f"where to merge and score: {', '.join(DEVICE_FORMS)}; auto is cuda "
                            "when there is a GPU, cuda and cuda:N fall back to the CPU (with a warning) when there is none")
-    eval: EvalSpec | None = None
+    eval: SerializeAsAny[EvalSpec] | None = None  # the task's own spec (a subclass): dumped with its own fields
     greedy: bool = False
     recalibrate_bn: int | None = Field(None, gt=0, description="recompute BatchNorm stats on N batches")
     ensemble_reference: bool = False
@@ -470,15 +287,13 @@ class Recipe(_Strict):
             )
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
-        if self.eval is not None and self.eval.task == LM_EVAL and (self.recalibrate_bn or self.ensemble_reference):
+        scorer = get_task(self.eval.task) if self.eval is not None else None
+        if scorer is not None and not scorer.has_outputs and (self.recalibrate_bn or self.ensemble_reference):
             field, lacking = (
                 ("recalibrate_bn", "eval inputs to recompute BatchNorm statistics on") if self.recalibrate_bn
                 else ("ensemble_reference", "model outputs to average into an ensemble")
             )
-            raise ValueError(
-                f"{field}: task lm-eval scores each model through the harness, which gives back metrics, not "
-                f"{lacking}; drop {field}"
-            )
+            raise ValueError(f"{field}: task {scorer.name} scores {scorer.scoring}, not {lacking}; drop {field}")
         return self
 
     def _weights_not_negative(self, method: type[MergeMethod]) -> None:
@@ -518,15 +333,9 @@ class Recipe(_Strict):
     def code_refs(self) -> list[tuple[str, str]]:
         """The code this recipe would import and run, as ``(field, value)``: each needs ``trust_remote_code``.
 
-        Task YAMLs of one's own (``eval.include_path``) are code too: the harness renders their Jinja
-        templates unsandboxed and imports what their ``!function`` tags name.
+        The eval section's task says what of it is code (:meth:`~hub_soup.eval.spec.EvalSpec.code`).
         """
-        if self.eval is None:
-            return []
-        code = [("eval.function", self.eval.function)] if self.eval.function else []
-        if self.eval.include_path:
-            code.append(("eval.include_path", f"task YAMLs in {self.eval.include_path}, which the harness runs as code"))
-        return code
+        return [(f"eval.{field}", what) for field, what in self.eval.code()] if self.eval is not None else []
 
     def relative_to(self, base: Path) -> Recipe:
         """This recipe with its relative local paths read from ``base`` (a recipe file's folder).
@@ -720,11 +529,6 @@ def _line_of(node: Any, location: tuple[int | str, ...]) -> int | None:
 def method_names() -> tuple[str, ...]:
     """The merge methods a recipe may name: the registry's (the CLI's choices come from here)."""
     return methods.method_names()
-
-
-def task_names() -> tuple[str, ...]:
-    """The eval tasks a recipe may name: the task registry's, without importing any (the CLI's choices)."""
-    return tasks.task_names()
 
 
 def recipe_schema() -> dict[str, Any]:

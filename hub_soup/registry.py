@@ -123,11 +123,15 @@ class Registry(Generic[T]):
             raise self._taken_error(message)
         raise self._error(message, hint=f"give the new {self.kind} its own name")
 
-    def names(self) -> tuple[str, ...]:
+    def names(self, *, plugins: bool = True) -> tuple[str, ...]:
         """Every name, in the order they were added (the built-in ones first, then the installed plugins'
-        and those registered since); no plugin is imported."""
+        and those registered since); no plugin is imported. ``plugins=False``: without the installed plugins'
+        names not imported yet, so that what :meth:`get` gives of each name imports no plugin."""
         self._discover()
-        return tuple(self._entries)
+        return tuple(
+            name for name, entry in self._entries.items()
+            if plugins or not (isinstance(entry, Reference) and entry.origin is not None)
+        )
 
     def get(self, name: str) -> T:
         """The object registered as ``name``, importing it on first use.

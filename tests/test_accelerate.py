@@ -29,8 +29,8 @@ from hub_soup.eval.backends.accelerate import AccelerateBackend
 from hub_soup.eval.backends.local import LocalBackend
 from hub_soup.eval.data import Inputs
 from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import open_checkpoint
-from hub_soup.recipe import EvalSpec
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import unique
 from tests.hub_server import HubServer

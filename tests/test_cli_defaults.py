@@ -6,7 +6,8 @@ import pytest
 
 from hub_soup.cli import build_parser, main
 from hub_soup.cli.merge import recipe_from_args
-from hub_soup.recipe import EvalSpec, OutputSpec, Recipe
+from hub_soup.eval.spec import EvalSpec, TextColumn
+from hub_soup.recipe import OutputSpec, Recipe
 
 
 def _recipe(*argv: str) -> Recipe:
@@ -42,5 +43,5 @@ def test_help_states_the_recipes_defaults(capsys: pytest.CaptureFixture[str]) ->
         main(["merge", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for model, name in ((OutputSpec, "max_shard_size"), (EvalSpec, "split"), (EvalSpec, "batch_size"),
-                        (EvalSpec, "text_column"), (Recipe, "device")):
+                        (TextColumn, "text_column"), (Recipe, "device")):
         assert f"(default: {model.model_fields[name].default})" in text, name

@@ -10,7 +10,8 @@ import yaml
 
 from hub_soup.cli import build_parser, main
 from hub_soup.errors import RecipeError
-from hub_soup.recipe import DEVICE_FORMS, Dtype, Recipe, task_names
+from hub_soup.eval.tasks import task_names
+from hub_soup.recipe import DEVICE_FORMS, Dtype, Recipe
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

@@ -18,9 +18,10 @@ import hub_soup
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT
 from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import open_checkpoint
 from hub_soup.pipeline import SoupResult
-from hub_soup.recipe import EvalSpec, Recipe, load_recipe
+from hub_soup.recipe import Recipe, load_recipe
 from tests import checkpoints as ck
 from tests.test_streamed_eval import Kit
 

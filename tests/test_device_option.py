@@ -21,8 +21,9 @@ import yaml
 import hub_soup
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT, RecipeError
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.pipeline import check_eval_devices, cuda_device, device_for
-from hub_soup.recipe import EvalSpec, check_device, load_recipe
+from hub_soup.recipe import check_device, load_recipe
 from tests import checkpoints as ck
 
 GOOD = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:15", "auto"]

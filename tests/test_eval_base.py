@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from hub_soup.cli import main
 from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import open_checkpoint
-from hub_soup.recipe import EvalSpec
 from tests import checkpoints as ck
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import unique, upload

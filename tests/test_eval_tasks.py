@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from huggingface_hub import ModelCard
+from pydantic import Field
 from sklearn.metrics import f1_score
 from timm.data import ImageDataset, create_transform, resolve_data_config
 from torch import nn
@@ -26,9 +28,10 @@ from hub_soup.eval.backends import Backend
 from hub_soup.eval.data import Inputs, check_data, example_order
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import ACCURACY, Metric, get_metric, register_metric
-from hub_soup.eval.tasks import Batch, EvalTask, get_task, register_task
+from hub_soup.eval.spec import EvalSpec
+from hub_soup.eval.tasks import Batch, EvalTask, get_task, register_task, task_names
 from hub_soup.io.read import open_checkpoint
-from hub_soup.recipe import EvalSpec, Recipe, recipe_schema, task_names
+from hub_soup.recipe import Recipe, recipe_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -186,6 +189,59 @@ def test_a_task_must_measure_what_it_declares(digits_f1: type[EvalTask]) -> None
     evaluator = Evaluator(EvalSpec(task="digits-forgetful", data=str(DIGITS / "data"), split="val", limit=8), checkpoint)
     with pytest.raises(EvalError, match="task digits-forgetful measured f1 but declares f1, errors"):
         evaluator.score_state_dict(checkpoint.state_dict())
+
+
+class AveragedSpec(EvalSpec):
+    """The toy task's own field: how F1 averages over the classes."""
+
+    average: Literal["macro", "micro", "weighted"] = Field("macro", description="how F1 averages over the classes")
+
+
+@pytest.fixture
+def digits_averaged(digits_f1: type[EvalTask]) -> type[EvalTask]:
+    """The toy task with a field of its own in the recipe's eval section, read when it measures."""
+
+    @register_task
+    class DigitsAveraged(digits_f1):  # type: ignore[misc, valid-type]
+        name = "digits-averaged"
+        Spec = AveragedSpec
+
+        def measure(self, outputs: torch.Tensor, targets: torch.Tensor | None) -> Mapping[str, float]:
+            assert targets is not None
+            predicted = outputs.argmax(-1)
+            return {
+                "f1": float(f1_score(targets.numpy(), predicted.numpy(), average=self.spec.average)),
+                "errors": float((predicted != targets).sum()),
+            }
+
+    return DigitsAveraged
+
+
+def test_a_task_of_ones_own_declares_fields_of_its_own(digits_averaged: type[EvalTask]) -> None:
+    """Its Spec's fields are fields of the flat eval section for that task only, validated as a merge method's
+    Parameters are, listed by the schema, and what the task reads when it scores."""
+    section = {"task": "digits-averaged", "data": str(DIGITS / "data"), "split": "val", "limit": 64}
+    recipe = Recipe.from_refs(["a", "b"], eval={**section, "average": "weighted"})
+    assert isinstance(recipe.eval, AveragedSpec) and recipe.eval.average == "weighted"
+    assert recipe.eval.model_fields_set == {*section, "average"}
+    assert "average: weighted" in recipe.to_yaml()
+    with pytest.raises(RecipeError, match="eval.average: Input should be 'macro', 'micro' or 'weighted'"):
+        Recipe.from_refs(["a", "b"], eval={**section, "average": "binary"})
+    with pytest.raises(RecipeError, match="eval: average: only task: digits-averaged takes it"):
+        Recipe.from_refs(["a", "b"], eval={**section, "task": "image-classification", "average": "micro"})
+    with pytest.raises(RecipeError, match="eval: average: task lm-eval does not take it"):
+        Recipe.from_refs(["a", "b"], eval={"task": "lm-eval", "tasks": ["arc_easy"], "average": "micro"})
+    schema = recipe_schema()["$defs"]["EvalSpec"]
+    assert schema["properties"]["average"]["description"] == "for task: digits-averaged: how F1 averages over the classes"
+    assert schema["additionalProperties"] is False  # every task's fields are listed: none is a plugin's
+
+    checkpoint = open_checkpoint(INGREDIENTS[0])
+    scores = {}
+    for average in ("macro", "micro"):
+        spec = EvalSpec(**section, average=average)
+        assert type(spec) is AveragedSpec
+        scores[average] = Evaluator(spec, checkpoint).score_state_dict(checkpoint.state_dict()).value
+    assert scores["micro"] != scores["macro"]  # the task measured with the field the section gave it
 
 
 # -- backends ---------------------------------------------------------------------------------------

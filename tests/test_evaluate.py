@@ -38,8 +38,8 @@ from hub_soup.eval.bn import has_batchnorm, recalibrate_bn
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.metrics import ACCURACY, NLL, PERPLEXITY
 from hub_soup.eval.score import Score, compare_to_best
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import Checkpoint, open_checkpoint
-from hub_soup.recipe import EvalSpec
 from tests.hub_server import HubServer
 
 LABEL_NAMES = [str(d) for d in range(10)]

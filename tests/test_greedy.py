@@ -14,13 +14,13 @@ import torch
 
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import Weights, ingredient_weights, output_metas, soup_weights, stream_merge
 from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import Layout, MergePlan, align
 from hub_soup.merging.similarity import weight_similarity
-from hub_soup.recipe import EvalSpec
 from tests import checkpoints as ck
 from tests.test_evaluate import DigitsKit, digits_kit, image_spec
 

@@ -44,3 +44,16 @@ def test_light_command_imports_no_torch(command: list[str]) -> None:
 def test_import_hub_soup_and_validate_a_recipe_import_no_torch() -> None:
     code = "import hub_soup; hub_soup.Recipe.from_refs(['a', 'b'], output={'path': 'soup'})"
     assert "torch" not in _imported("-c", code)
+
+
+def test_validating_every_built_in_tasks_section_imports_no_torch() -> None:
+    """Validating a section imports its task's module, for the task's own fields: none imports torch at the top."""
+    sections = [
+        {"task": "image-classification", "data": "d", "image_column": "img"},
+        {"task": "text-classification", "data": "d", "label_column": "y"},
+        {"task": "causal-lm", "data": "d", "text_column": "t"},
+        {"task": "custom", "function": "m:f", "higher_is_better": False},
+        {"task": "lm-eval", "tasks": ["arc_easy"], "num_fewshot": 0},
+    ]
+    code = f"import hub_soup\nfor section in {sections!r}:\n    hub_soup.Recipe.from_refs(['a', 'b'], eval=section)"
+    assert "torch" not in _imported("-c", code)

@@ -20,8 +20,9 @@ import yaml
 from hub_soup.cli import main
 from hub_soup.errors import RecipeError
 from hub_soup.eval.evaluate import Evaluator
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import open_checkpoint
-from hub_soup.recipe import EvalSpec, Recipe, load_recipe
+from hub_soup.recipe import Recipe, load_recipe
 from tests.hub_models import llama_folder, state_dict_of
 
 TASK = "tiny_mc"

@@ -25,10 +25,12 @@ import torch
 from safetensors.torch import load_file
 
 from hub_soup.errors import EXIT_BAD_INPUT, RecipeError
+from hub_soup.eval import tasks
 from hub_soup.merging import methods
 from hub_soup.merging.methods import get_method, method_names
 from hub_soup.merging.methods.uniform import Uniform
-from hub_soup.registry import METHODS_GROUP
+from hub_soup.recipe import Recipe, recipe_schema
+from hub_soup.registry import METHODS_GROUP, TASKS_GROUP
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "examples" / "plugin"
@@ -168,11 +170,12 @@ def test_without_the_plugin_its_names_are_bad_input_listing_the_known_ones(tmp_p
 
 @pytest.fixture
 def distributions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder on ``sys.path`` for distributions a test writes (:func:`_distribution`), and the methods'
-    registry as a run starts (it reads the entry points on first use); afterwards the registry is restored
-    and the modules imported from the folder are forgotten."""
+    """A folder on ``sys.path`` for distributions a test writes (:func:`_distribution`), and the methods' and
+    tasks' registries as a run starts (they read the entry points on first use); afterwards the registries are
+    restored and the modules imported from the folder are forgotten."""
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(methods, "_REGISTRY", methods._REGISTRY.copy())
+    monkeypatch.setattr(tasks, "_TASKS", tasks._TASKS.copy())
     yield tmp_path
     for name in [name for name in sys.modules if name.startswith("toy_plugin")]:
         del sys.modules[name]
@@ -246,3 +249,38 @@ def test_a_plugin_cannot_take_a_built_in_name(distributions: Path, caplog: pytes
         assert method_names().count("uniform") == 1
     assert get_method("uniform") is Uniform and "toy_plugin" not in sys.modules
     assert "merge method 'uniform' from toy_plugin (toy_plugin:Toy) is ignored: the name is taken" in caplog.text
+
+
+TOY_TASK = """
+from pydantic import Field
+
+from hub_soup.eval.metrics import ACCURACY
+from hub_soup.eval.spec import EvalSpec
+from hub_soup.eval.tasks import EvalTask
+
+
+class ToySpec(EvalSpec):
+    needs_data = False
+    toy_level: int = Field(1, ge=1, description="how hard the toy is")
+
+
+class Toy(EvalTask):
+    name = "toy-task"
+    Spec = ToySpec
+    primary = ACCURACY
+"""
+
+
+def test_a_plugins_task_declares_fields_of_its_own(distributions: Path) -> None:
+    """A plugin's task declares its eval fields as the built-in ones do; the schema lists its name without
+    importing it, and then lets the section have fields it does not list."""
+    write_distribution(distributions, "toy_plugin", TOY_TASK, f"[{TASKS_GROUP}]\ntoy-task = toy_plugin:Toy\n")
+    schema = recipe_schema()["$defs"]["EvalSpec"]
+    assert "toy-task" in schema["properties"]["task"]["enum"] and "toy_plugin" not in sys.modules
+    assert "toy_level" not in schema["properties"] and "additionalProperties" not in schema
+    recipe = Recipe.from_refs(["a", "b"], eval={"task": "toy-task", "toy_level": 3})
+    assert recipe.eval is not None and type(recipe.eval).__name__ == "ToySpec" and recipe.eval.model_dump()["toy_level"] == 3
+    with pytest.raises(RecipeError, match="eval.toy_level: Input should be greater than or equal to 1"):
+        Recipe.from_refs(["a", "b"], eval={"task": "toy-task", "toy_level": 0})
+    with pytest.raises(RecipeError, match="eval: toy_level: only task: toy-task takes it"):
+        Recipe.from_refs(["a", "b"], eval={"task": "causal-lm", "data": "d", "toy_level": 3})

@@ -22,9 +22,10 @@ from hub_soup.cli import main
 from hub_soup.errors import EvalError
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.models import Architecture
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.io.read import open_checkpoint
 from hub_soup.pipeline import SoupResult
-from hub_soup.recipe import EvalSpec, Recipe
+from hub_soup.recipe import Recipe
 from tests.test_device_map import SMALL
 from tests.test_streamed_eval import Kit
 

@@ -29,7 +29,7 @@ import hub_soup
 from hub_soup.cli import build_parser, main
 from hub_soup.errors import EXIT_BAD_INPUT, EXIT_WORSE_SOUP, UntrustedCodeError
 from hub_soup.eval.data import check_data
-from hub_soup.recipe import EvalSpec
+from hub_soup.eval.spec import EvalSpec
 from tests.hub_fixtures import TEST_USER
 from tests.hub_models import bert_folder, timm_folder, unique, upload
 from tests.hub_server import HubServer

@@ -47,10 +47,11 @@ def diagnose_command(args: argparse.Namespace) -> int:
     """Score the line between the two refs (and measure distances from ``--base``) and print the report."""
     from hub_soup.eval.diagnose import diagnose
     from hub_soup.eval.evaluate import Evaluator
+    from hub_soup.eval.spec import EvalSpec
     from hub_soup.hub.resolve import resolve_ref
     from hub_soup.merging.plan import align
     from hub_soup.pipeline import check_eval, device_for, layouts_of, opened_ingredients
-    from hub_soup.recipe import EvalSpec, Recipe, validated
+    from hub_soup.recipe import Recipe, validated
     from hub_soup.threads import eval_threads, torch_threads
 
     section = eval_spec_from_args(args)

@@ -2,7 +2,7 @@
 
 A flag used by two commands is one :class:`Option` here, so its name, default,
 choices and help cannot drift apart between commands. Choices come from the
-recipe's own types (``Dtype``, :func:`~hub_soup.recipe.task_names`), and
+recipe's own types (``Dtype``, :func:`~hub_soup.eval.tasks.task_names`), and
 ``--device`` (``cuda:N`` is no list of choices) is checked by the recipe's own
 :func:`~hub_soup.recipe.check_device`: a value the CLI offers is a value the
 recipe accepts. A command whose option means something narrower there
@@ -20,7 +20,9 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from hub_soup.recipe import DEVICE_FORMS, Dtype, EvalSpec, Recipe, check_device, task_names
+from hub_soup.eval.spec import Dtype, EvalSpec, ImageColumn, LabelColumn, TextColumn
+from hub_soup.eval.tasks import task_names
+from hub_soup.recipe import DEVICE_FORMS, Recipe, check_device
 
 
 def default(model: type[BaseModel], name: str) -> str:
@@ -108,8 +110,8 @@ def add_eval_options(parser: argparse.ArgumentParser, required: bool = False, te
     group.add_argument("--eval-batch-size", type=int, metavar="N", help=f"examples per batch {default(EvalSpec, 'batch_size')}")
     group.add_argument("--eval-dtype", choices=get_args(Dtype),
                        help="dtype models are scored in (default: the soup's; float16 on the CPU: float32)")
-    for kind in ("image", "text", "label"):
-        group.add_argument(f"--{kind}-column", help=f"dataset column with the {kind}s {default(EvalSpec, f'{kind}_column')}")
+    for kind, columns in (("image", ImageColumn), ("text", TextColumn), ("label", LabelColumn)):
+        group.add_argument(f"--{kind}-column", help=f"dataset column with the {kind}s {default(columns, f'{kind}_column')}")
     group.add_argument("--eval-function", metavar="MODULE:FUNCTION",
                        help="for --eval-task custom: model -> float (needs --trust-remote-code)")
     group.add_argument("--lower-is-better", action="store_true", help="for --eval-task custom: a loss, not an accuracy")

@@ -16,13 +16,13 @@ import torch
 from huggingface_hub import HfApi, constants
 
 from hub_soup.errors import EvalError, RefNotFoundError
+from hub_soup.eval.spec import DATA_FILE_LOADERS, is_local_data
 from hub_soup.eval.tasks import get_task
 from hub_soup.hub.errors import hub_errors, with_retries
 from hub_soup.hub.resolve import closest_entry, near_miss
-from hub_soup.recipe import DATA_FILE_LOADERS, is_local_data
 
 if TYPE_CHECKING:
-    from hub_soup.recipe import EvalSpec
+    from hub_soup.eval.spec import EvalSpec
 
 # Model inputs: an image batch tensor, or the keyword tensors a transformers model takes.
 Inputs = torch.Tensor | dict[str, torch.Tensor]
@@ -94,7 +94,7 @@ def _close_name(path: Path) -> Path | None:
 
 
 def _loader_of(path: Path) -> str:
-    """The ``datasets`` loader that reads the data file ``path`` (:data:`~hub_soup.recipe.DATA_FILE_LOADERS`)."""
+    """The ``datasets`` loader that reads the data file ``path`` (:data:`~hub_soup.eval.spec.DATA_FILE_LOADERS`)."""
     loader = DATA_FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise EvalError(

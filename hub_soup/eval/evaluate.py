@@ -40,11 +40,11 @@ from hub_soup.eval.bn import batchnorm_buffers, recalibrate_bn, saved_batchnorm
 from hub_soup.eval.data import Inputs
 from hub_soup.eval.models import Architecture, ModelSink
 from hub_soup.eval.score import Comparison, Score, compare_to_best
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.eval.tasks import EvalTask, get_task
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.engine import Sink, Weights, state_dict_weights
-from hub_soup.recipe import EvalSpec
 
 # Score, Comparison and Inputs live in score.py and data.py; greedy and diagnose import them from here.
 __all__ = ["Comparison", "Evaluator", "Inputs", "Score", "compare_to_best"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from hub_soup.errors import EvalError, UntrustedCodeError
 from hub_soup.eval.placement import Placement, placed_build, weight_storage
-from hub_soup.hub.card import detect_library
+from hub_soup.hub.library import detect_library
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.engine import POSITION_BYTES, Sink

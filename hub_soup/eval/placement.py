@@ -35,7 +35,7 @@ from hub_soup.errors import EvalError
 from hub_soup.io.sizes import parse_size
 
 if TYPE_CHECKING:
-    from hub_soup.recipe import EvalSpec
+    from hub_soup.eval.spec import EvalSpec
 
 # what released models still hold on disk: each finalizer removes its model's offload folder
 _OFFLOAD_FOLDERS: weakref.WeakKeyDictionary[nn.Module, weakref.finalize[Any, Any]] = weakref.WeakKeyDictionary()

@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hub_soup.eval.score import ModelScore, score_rows
+from hub_soup.hub.library import HEAD_TAGS, detect_library
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import kernel_dtype
 from hub_soup.merging.methods import MergeMethod
@@ -38,20 +39,10 @@ class AdapterCard:
     task_type: str | None = None  # the adapters' PEFT task_type (CAUSAL_LM...): the pipeline tag the card gives
 
 
-# The pipeline tag of a transformers model, by its class name's head (config.json's ``architectures``).
-_HEAD_TAGS = (
-    ("ForSequenceClassification", "text-classification"),
-    ("ForCausalLM", "text-generation"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForImageClassification", "image-classification"),
-)
-
 # The transformers Auto class that loads a model of a pipeline tag with its head: ``AutoModel`` loads the
 # bare model (a causal LM without its LM head), so the card's snippet names the one of the soup's tag. A head
 # ``ForX`` is loaded by ``AutoModelForX``; the tags a PEFT task_type gives beyond those heads are added.
-AUTO_CLASSES = {tag: f"AutoModel{head}" for head, tag in _HEAD_TAGS} | {
+AUTO_CLASSES = {tag: f"AutoModel{head}" for head, tag in HEAD_TAGS} | {
     "text2text-generation": "AutoModelForSeq2SeqLM",
     "feature-extraction": "AutoModel",
 }
@@ -66,19 +57,6 @@ PEFT_TASK_TAGS = {
     "SEQ_2_SEQ_LM": "text2text-generation",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
-
-
-def detect_library(config: dict[str, Any] | None) -> tuple[str | None, str | None]:
-    """``(library_name, pipeline_tag)`` from a ``config.json``: timm's has ``architecture``."""
-    if not config:
-        return None, None
-    if "architecture" in config and "model_type" not in config:
-        return "timm", "image-classification"
-    if "model_type" in config:
-        architectures = config.get("architectures") or []
-        arch = architectures[0] if architectures else ""
-        return "transformers", next((tag for head, tag in _HEAD_TAGS if arch.endswith(head)), None)
-    return None, None
 
 
 def agreed_license(ingredients: Sequence[ResolvedRef], override: str | None) -> str | None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi
 
 from hub_soup.errors import PushError
 from hub_soup.hub.errors import hub_errors
-from hub_soup.recipe import PushSpec
+
+if TYPE_CHECKING:  # for annotations only: the Hub layer imports no recipe (the recipe imports eval, eval the Hub)
+    from hub_soup.recipe import PushSpec
 
 logger = logging.getLogger(__name__)
 

@@ -9,16 +9,25 @@ reported beside it). Where the forward passes run is the backend's business
 recalibration are the :class:`~hub_soup.eval.evaluate.Evaluator`'s, the same for
 every task.
 
+A task declares the fields of the recipe's ``eval`` section it takes beyond the
+shared ones as its :attr:`EvalTask.Spec`, a subclass of
+:class:`~hub_soup.eval.spec.EvalSpec` (lm-eval's harness task names, custom's
+function, a classifier's columns), the way a merge method declares its
+``Parameters``: the section is validated as the spec of the task it names.
+
 The built-in tasks are named here with the module that defines each, imported
-only when a task is used, so the recipe can validate ``eval.task`` (and the CLI
-offer its choices) without importing torch. An installed package adds a task by
-the entry-point group ``hub_soup.tasks`` (:mod:`hub_soup.registry`); a script or a
-test adds one with a decorator::
+only when a task is used, so the CLI offers the choices without importing any.
+Validating a section imports its task's module for the spec, so a task's
+module imports no torch at the top (as a merge method's does not): it imports
+torch, and the data and model code that need it, in the methods that run. An
+installed package adds a task by the entry-point group ``hub_soup.tasks``
+(:mod:`hub_soup.registry`); a script or a test adds one with a decorator::
 
     @register_task
     class MyTask(EvalTask):
         name = "my-task"
         primary = register_metric("f1", higher_is_better=True, percent=True)
+        Spec = MySpec  # its own fields, if any: class MySpec(EvalSpec): threshold: float = 0.5
         ...
 """
 
@@ -39,7 +48,7 @@ if TYPE_CHECKING:
 
     from hub_soup.eval.data import Inputs
     from hub_soup.eval.models import Architecture
-    from hub_soup.recipe import EvalSpec
+    from hub_soup.eval.spec import EvalSpec
 
 
 @dataclass
@@ -57,9 +66,11 @@ class EvalTask(ABC):
     :meth:`batches`, :meth:`forward` and :meth:`measure`; the constructor's arguments are
     available as attributes. A task that measures the model itself rather than its
     outputs (``custom``, ``lm-eval``) sets :attr:`has_outputs` False and implements :meth:`measure_model`.
+    A task with fields of its own in the recipe's section sets :attr:`Spec` (and narrows :attr:`spec`'s type).
 
     Args:
-        spec: the recipe's eval section (data, split, columns, batch size, limit).
+        spec: the recipe's eval section (data, split, batch size, limit, and the task's own fields): an
+            instance of :attr:`Spec`.
         architecture: the reference ingredient's config and files; :meth:`build_model` builds from it.
         split: the split to read (``spec.split`` or ``spec.test_split``).
         device: where models run and batches live.
@@ -72,9 +83,13 @@ class EvalTask(ABC):
     """
 
     name: ClassVar[str]
+    # the recipe's eval section for this task: its own fields beside the shared ones; None: the shared ones only
+    Spec: ClassVar[type[EvalSpec] | None] = None
     primary: Metric  # decides greedy and the gate
     others: tuple[Metric, ...] = ()  # measured on the same outputs, reported beside the primary
     has_outputs: ClassVar[bool] = True  # False: no inputs to recalibrate BatchNorm on, no outputs to ensemble
+    # without outputs: how a model is scored, for the recipe's refusal ("task X scores <scoring>, not ...")
+    scoring: ClassVar[str] = "each model as a whole, which gives back metrics"
     # True: ``spec.data`` is read by :func:`hub_soup.eval.data.open_split`, and so checked before any download
     # (:func:`hub_soup.eval.data.check_data`); a task of one's own reads it as it likes
     opens_data: ClassVar[bool] = False
@@ -109,7 +124,7 @@ class EvalTask(ABC):
     def dataset(self) -> str:
         """What scores name as their eval data: ``spec.data`` (a task that reads data of its own choosing,
         as lm-eval's harness tasks do, names that instead)."""
-        assert self.spec.data is not None  # EvalSpec requires data of every task but lm-eval and custom
+        assert self.spec.data is not None  # EvalSpec requires data of a task whose spec does not say otherwise
         return self.spec.data
 
     def measured_examples(self) -> int:
@@ -194,10 +209,11 @@ def register_task(task: _T) -> _T:
     return task
 
 
-def task_names() -> tuple[str, ...]:
+def task_names(*, plugins: bool = True) -> tuple[str, ...]:
     """Every task a recipe may name: the built-in ones, the registered ones, the installed plugins' (no import
-    of any)."""
-    return _TASKS.names()
+    of any). ``plugins=False``: without the installed plugins' tasks not imported yet (``hub-soup schema`` lists
+    the fields of the others, and imports no plugin)."""
+    return _TASKS.names(plugins=plugins)
 
 
 def get_task(name: str) -> type[EvalTask]:

@@ -1,19 +1,25 @@
-"""Task ``causal-lm``: the perplexity of a text column under a transformers language model."""
+"""Task ``causal-lm``: the perplexity of a text column under a transformers language model.
+
+Like every task module, this one imports no torch at the top (:mod:`hub_soup.eval.tasks`).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hub_soup.errors import EvalError
-from hub_soup.eval.data import Inputs, text_rows, tokenized
 from hub_soup.eval.metrics import PERPLEXITY
-from hub_soup.eval.models import logits
+from hub_soup.eval.spec import TextColumn
 from hub_soup.eval.tasks import Batch, EvalTask
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hub_soup.eval.data import Inputs
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +32,16 @@ class CausalLM(EvalTask):
     """
 
     name = "causal-lm"
+    Spec = TextColumn  # a dataset's text column
+    spec: TextColumn
     primary = PERPLEXITY
     opens_data = True
     auto_class = "AutoModelForCausalLM"
 
     def batches(self) -> list[Batch]:
         """Tokenize every text once with the ingredient's own tokenizer, padded per batch."""
+        from hub_soup.eval.data import text_rows, tokenized
+
         tokenizer = self.architecture.tokenizer(self.name)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -52,10 +62,12 @@ class CausalLM(EvalTask):
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """Each next token's probability under the model, for positions that are not padding."""
+        from hub_soup.eval.models import logits
+
         assert isinstance(inputs, dict)
         scores = logits(model, inputs)[:, :-1].float()
         targets = inputs["input_ids"][:, 1:]
-        log_probs = torch.log_softmax(scores, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        log_probs = scores.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return log_probs.double().exp()[inputs["attention_mask"][:, 1:].bool()]
 
     def measure(self, outputs: torch.Tensor, targets: torch.Tensor | None) -> Mapping[str, float]:

@@ -1,18 +1,23 @@
-"""What image and text classification share: class probabilities, accuracy and log loss, labels."""
+"""What image and text classification share: class probabilities, accuracy and log loss, labels.
+
+Like every task module, this one imports no torch at the top (:mod:`hub_soup.eval.tasks`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hub_soup.errors import EvalError
-from hub_soup.eval.data import Inputs
 from hub_soup.eval.metrics import ACCURACY, NLL
-from hub_soup.eval.models import logits
+from hub_soup.eval.spec import LabelColumn
 from hub_soup.eval.tasks import EvalTask
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hub_soup.eval.data import Inputs
 
 
 class Classification(EvalTask):
@@ -22,11 +27,14 @@ class Classification(EvalTask):
     output ensemble's, and a confident mistake keeps a finite log loss.
     """
 
+    spec: LabelColumn  # each task's own spec reads a label column
     primary = ACCURACY
     others = (NLL,)
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
-        return torch.log_softmax(logits(model, inputs).float(), dim=-1).double().exp()
+        from hub_soup.eval.models import logits
+
+        return logits(model, inputs).float().log_softmax(dim=-1).double().exp()
 
     def measure(self, outputs: torch.Tensor, targets: torch.Tensor | None) -> Mapping[str, float]:
         assert targets is not None  # every classification batch has labels

@@ -2,7 +2,8 @@
 
 Images are preprocessed with the model's own pretrained config
 (``resolve_data_config`` + ``create_transform``), as timm's own evaluation does,
-and scored by top-1 accuracy (and log loss).
+and scored by top-1 accuracy (and log loss). Like every task module, this one
+imports no torch at the top (:mod:`hub_soup.eval.tasks`).
 """
 
 from __future__ import annotations
@@ -10,21 +11,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hub_soup.errors import EvalError
-from hub_soup.eval.data import checked_columns, decoded_images, example_order, open_split
+from hub_soup.eval.spec import ImageColumn, LabelColumn
 from hub_soup.eval.tasks import Batch
 from hub_soup.eval.tasks.classification import Classification
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
+
+
+class ImageClassificationSpec(LabelColumn, ImageColumn):
+    """``task: image-classification``: an image folder, or a dataset's image and label columns."""
 
 
 class ImageClassification(Classification):
     """timm image classifiers; top-1 accuracy."""
 
     name = "image-classification"
+    Spec = ImageClassificationSpec
+    spec: ImageClassificationSpec
     opens_data = True
 
     def batches(self) -> list[Batch]:
@@ -34,7 +43,10 @@ class ImageClassification(Classification):
                 "task image-classification supports timm models; this is a transformers model",
                 hint="use task custom with a function that runs your image processor",
             )
+        import torch
         from timm.data import ImageDataset, create_transform, resolve_data_config
+
+        from hub_soup.eval.data import checked_columns, decoded_images, example_order, open_split
 
         data_config = resolve_data_config(model=self.model())
         transform = create_transform(**data_config)

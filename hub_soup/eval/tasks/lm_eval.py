@@ -23,6 +23,9 @@ every document: the same numbers on every rank, without a speedup.
 Task YAMLs are code: the harness renders their Jinja templates unsandboxed and
 imports what their ``!function`` tags name, so task YAMLs of your own
 (``include_path``) run only with ``trust_remote_code``, like a custom function.
+
+Like every task module, this one imports no torch (nor the harness) at the top:
+validating a recipe reads :class:`LmEvalSpec` from it.
 """
 
 from __future__ import annotations
@@ -31,28 +34,83 @@ import difflib
 import functools
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
+from pydantic import Field, field_validator, model_validator
 
 from hub_soup.errors import EvalError, NetworkError, UntrustedCodeError
-from hub_soup.eval.data import Inputs
 from hub_soup.eval.metrics import Metric
-from hub_soup.eval.placement import input_device
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.eval.tasks import Batch, EvalTask
 
 if TYPE_CHECKING:
-    from hub_soup.recipe import EvalSpec
+    import torch
+    from torch import nn
+
+    from hub_soup.eval.data import Inputs
 
 logger = logging.getLogger(__name__)
 
 # Metrics the harness reports as fractions of documents: shown in percent, changes in points.
 _FRACTIONS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "f1"})
 INSTALL_HINT = "pip install 'hub-soup[lm-eval]' (lm-evaluation-harness 0.4.13)"
+
+
+class LmEvalSpec(EvalSpec):
+    """``task: lm-eval``: harness task names, spelled as the harness spells them; no data, split or columns."""
+
+    needs_data = False
+    not_taken = ("data", "split", "test_split")
+    not_taken_because = (
+        "each harness task reads its own dataset and split (its YAML's dataset_path and test_split); for data of "
+        "your own, write a task YAML with dataset_path: json and put its folder in include_path"
+    )
+
+    tasks: list[str] | None = Field(
+        None, min_length=1, description="harness task, group or tag names (lm_eval --tasks)"
+    )
+    include_path: str | None = Field(
+        None, description="a folder of task YAMLs of your own (lm_eval --include_path)"
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="few-shot examples per prompt (default: each task's own)"
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(name.strip() for name in value):
+            raise ValueError("harness task names must not be empty")
+        return [name.strip() for name in value] if value is not None else None
+
+    @model_validator(mode="after")
+    def _tasks_given(self) -> LmEvalSpec:
+        if not self.tasks:
+            raise ValueError(
+                "task: lm-eval needs tasks: the harness task names (--eval-tasks arc_easy,hellaswag); "
+                "`lm-eval ls tasks` lists the built-in ones"
+            )
+        return self
+
+    def local_paths(self, convert: Callable[[str], str]) -> dict[str, str]:
+        paths = super().local_paths(convert)
+        if self.include_path is not None:
+            paths["include_path"] = convert(self.include_path)
+        return paths
+
+    def code(self) -> list[tuple[str, str]]:
+        return [*super().code(), *(
+            [("include_path", f"task YAMLs in {self.include_path}, which the harness runs as code")]
+            if self.include_path else []
+        )]
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        return [*super().inputs(), *(
+            [(f"the task YAMLs {self.include_path}", Path(self.include_path).expanduser())]
+            if self.include_path is not None else []
+        )]
 
 
 class LmEval(EvalTask):
@@ -69,12 +127,16 @@ class LmEval(EvalTask):
     """
 
     name = "lm-eval"
+    Spec = LmEvalSpec
+    spec: LmEvalSpec
     has_outputs = False
+    scoring = "each model through the harness, which gives back metrics"
     auto_class = "AutoModelForCausalLM"
 
     def __init__(self, spec: EvalSpec, *args: Any, trust_remote_code: bool = False, **kwargs: Any) -> None:
         super().__init__(spec, *args, trust_remote_code=trust_remote_code, **kwargs)
-        assert spec.tasks is not None  # EvalSpec requires them for task lm-eval
+        spec = self.spec  # this task's own: LmEvalSpec
+        assert spec.tasks is not None  # LmEvalSpec requires them
         if spec.include_path is not None and not trust_remote_code:
             raise UntrustedCodeError(
                 f"include_path {spec.include_path} holds task YAMLs, which the harness runs as code (Jinja "
@@ -122,6 +184,8 @@ class LmEval(EvalTask):
 
     def measure_model(self, model: nn.Module) -> Mapping[str, float]:
         """Every reported metric of ``model``, as the harness's ``simple_evaluate`` would score it."""
+        import numpy as np
+        import torch
         from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
         lm = self._harness_model(model)
@@ -147,6 +211,8 @@ class LmEval(EvalTask):
     def _harness_model(self, model: nn.Module) -> Any:
         """The HFLM around ``model``: built once for the Evaluator's reused instance (new weights are
         loaded into that same module), again only for another module."""
+        from hub_soup.eval.placement import input_device
+
         if self._lm is None or self._lm.model is not model:
             # its two warnings about a model passed as an object (not to launch it with accelerate) are
             # about the way hub-soup means to use it: quiet while it is built, warnings of the run kept

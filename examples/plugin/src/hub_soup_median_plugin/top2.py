@@ -11,16 +11,22 @@ so a recipe reads the same::
       task: image-top2
       data: examples/digits/data
       split: val
+
+Like hub-soup's own tasks, this module imports no torch at the top (it works with tensor
+methods; torch types appear only under ``TYPE_CHECKING``): ``hub-soup validate`` imports a
+task to check the recipe's ``eval`` section against the task's spec, and stays light.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from hub_soup.eval.metrics import ACCURACY, register_metric
 from hub_soup.eval.tasks.image_classification import ImageClassification
+
+if TYPE_CHECKING:
+    import torch
 
 TOP2 = register_metric(
     "top2_accuracy", higher_is_better=True, percent=True,
