@@ -32,14 +32,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from hub_soup.adapters import config as adapter_config
@@ -50,7 +50,6 @@ from hub_soup.errors import (
     AdapterError,
     HubSoupError,
     IndependentIngredientsError,
-    OutputOverlapsInputError,
     RecipeError,
     UntrustedCodeError,
     WorseSoupError,
@@ -61,11 +60,18 @@ from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import Base, GreedyReport, Loader, SoupMaker, greedy_soup, score_soup
 from hub_soup.eval.score import ModelScore
 from hub_soup.hub import card as card_stage
-from hub_soup.hub.errors import hub_errors
-from hub_soup.hub.fetch import fetch, remote_layout
 from hub_soup.hub.push import PushResult, check_push_access, push_soup
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
-from hub_soup.io.read import Checkpoint, open_checkpoint
+from hub_soup.ingredients import (
+    Models,
+    check_apart,
+    early_layouts,
+    layout_of,
+    layouts_of,
+    opened_ingredients,
+    remote_config,
+)
+from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.sizes import parse_size
 from hub_soup.io.write import RECIPE_FILENAME, SoupWriter, check_destination
@@ -81,7 +87,7 @@ from hub_soup.merging.engine import (
     write_weights,
 )
 from hub_soup.merging.methods import MergeMethod, get_method
-from hub_soup.merging.plan import Layout, MergePlan, align
+from hub_soup.merging.plan import MergePlan, align
 from hub_soup.merging.side_files import SideFiles, check_configs, choose_side_files
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, GramAccumulator, Similarity, weight_similarity
 from hub_soup.recipe import EvalSpec, ModelRef, Recipe
@@ -162,18 +168,19 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             check_push_access(recipe.push, token)
         if recipe.eval is not None:
             check_eval(recipe.eval, recipe.base_dir, token)
-        models = [*recipe.ingredients, *([recipe.base] if recipe.base is not None else [])]
-        resolved = [resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir) for m in models]
+        resolved = Models[ModelRef](list(recipe.ingredients), recipe.base).map(
+            lambda m: resolve_ref(m.ref, m.revision, token=token, base=recipe.base_dir)
+        )
         for ref in resolved:
             logger.info("resolved %s -> %s", ref.ref, ref.pinned)
         recipe, resolved = without_listed_base(recipe, resolved)
-        adapters = adapter_config.read_adapters(resolved[: len(recipe.ingredients)], token)  # configs only, no weights
+        adapters = adapter_config.read_adapters(resolved.ingredients, token)  # configs only, no weights
         recipe, resolved = _adapter_base(recipe, resolved, adapters, token)
         if adapters is not None and recipe.output.path is not None and recipe.base is not None:
             check_output_apart(Path(recipe.output.path), recipe)  # the base the adapters name, too
         opened = _needed(recipe, resolved, adapters)
         folder: AbstractContextManager[Path | None] = _output_folder(recipe) if writes else nullcontext()
-        with opened_ingredients(  # the base, if any, last: opened, checked and closed like an ingredient
+        with opened_ingredients(  # the base, if any: opened, checked and closed like an ingredient
             opened, allow_pickle=recipe.allow_pickle, ema=recipe.ema, token=token,
             before_download=lambda local: (
                 _align_early(resolved, local, recipe, token) if adapters is None
@@ -188,8 +195,8 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
     return result
 
 
-def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Recipe, list[ResolvedRef]]:
-    """The recipe and its resolved models (base last) with every ingredient that is the base left out.
+def without_listed_base(recipe: Recipe, resolved: Models[ResolvedRef]) -> tuple[Recipe, Models[ResolvedRef]]:
+    """The recipe and its resolved models with every ingredient that is the base left out.
 
     mergekit's configs, and the habits of its users, list ``base_model`` among ``models``, and mergekit
     leaves it out of the task vectors (its task vector would be zero). Kept, it would count as a
@@ -202,15 +209,14 @@ def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Re
         RecipeError: fewer ingredients are left than the method merges.
     """
     method = get_method(recipe.method)
-    if recipe.base is None or not method.needs_base:  # a base for a method without one is refused later
+    base = resolved.base
+    if base is None or not method.needs_base:  # a base for a method without one is refused later
         return recipe, resolved
-    count = len(recipe.ingredients)
-    base = resolved[count]
-    listed = [i for i, ref in enumerate(resolved[:count]) if same_model(ref, base)]
+    listed = [i for i, ref in enumerate(resolved.ingredients) if same_model(ref, base)]
     if not listed:
         return recipe, resolved
     names = ", ".join(repr(recipe.ingredients[i].ref) for i in listed)
-    kept = [i for i in range(count) if i not in listed]
+    kept = [i for i in range(len(resolved.ingredients)) if i not in listed]
     if len(kept) < method.min_ingredients:
         raise RecipeError(
             f"ingredient {names} is the base ({base.pinned}), which is not an ingredient of a soup (as mergekit "
@@ -220,7 +226,7 @@ def without_listed_base(recipe: Recipe, resolved: list[ResolvedRef]) -> tuple[Re
         )
     logger.info("%s %s the base (%s): left out of the ingredients, as mergekit leaves base_model out of the task "
                 "vectors", names, "is" if len(listed) == 1 else "are", base.pinned)
-    return recipe.with_ingredients(kept), [*(resolved[i] for i in kept), base]
+    return recipe.with_ingredients(kept), Models([resolved.ingredients[i] for i in kept], base)
 
 
 def same_model(a: ResolvedRef, b: ResolvedRef) -> bool:
@@ -232,14 +238,13 @@ def same_model(a: ResolvedRef, b: ResolvedRef) -> bool:
 
 
 def _adapter_base(
-    recipe: Recipe, resolved: list[ResolvedRef], adapters: list[AdapterConfig] | None, token: str | bool | None
-) -> tuple[Recipe, list[ResolvedRef]]:
+    recipe: Recipe, resolved: Models[ResolvedRef], adapters: list[AdapterConfig] | None, token: str | bool | None
+) -> tuple[Recipe, Models[ResolvedRef]]:
     """The recipe and its resolved models, the adapter case settled: the base the adapters name resolved and
     pinned as the recipe's base (or the user's ``base`` checked against it), each adapter naming its weights file.
 
     Full models keep the rules of methods: a base only for a method that uses one, and no adapter outputs.
     """
-    count = len(recipe.ingredients)
     adapter_only = [name for name in ("max_rank", "merge_into_base") if getattr(recipe.output, name)]
     if adapters is None:
         if adapter_only:
@@ -265,10 +270,10 @@ def _adapter_base(
             "recalibrate_bn: recomputed BatchNorm statistics cannot be written into an adapter",
             hint="add --merge-into-base to write the full model, or drop --recalibrate-bn",
         )
-    refs = [adapter_config.with_adapter_weights(ref) for ref in resolved[:count]]
-    if recipe.base is not None:
-        adapter_config.check_base(adapters, resolved[count])
-        return recipe, [*refs, resolved[count]]
+    refs = [adapter_config.with_adapter_weights(ref) for ref in resolved.ingredients]
+    if resolved.base is not None:
+        adapter_config.check_base(adapters, resolved.base)
+        return recipe, Models(refs, resolved.base)
     named = adapters[0]
     try:
         base = resolve_ref(named.base, named.revision, token=token)
@@ -277,36 +282,32 @@ def _adapter_base(
     logger.info("resolved the adapters' base %s -> %s", named.base, base.pinned)
     pinned_ref = str(base.path) if base.kind == "local" else named.base  # a local base as found from here
     recipe = recipe.model_copy(update={"base": ModelRef(ref=pinned_ref, revision=named.revision)})
-    return recipe, [*refs, base]
+    return recipe, Models(refs, base)
 
 
-def _needed(recipe: Recipe, resolved: list[ResolvedRef], adapters: list[AdapterConfig] | None) -> list[ResolvedRef]:
+def _needed(
+    recipe: Recipe, resolved: Models[ResolvedRef], adapters: list[AdapterConfig] | None
+) -> Models[ResolvedRef]:
     """The models to open: all, except a Hub base of an adapter soup that is neither scored nor merged into
     (its weights are not needed; a local one is opened, reading its headers, to check that the adapters fit)."""
-    if adapters is None or recipe.output.merge_into_base or recipe.eval is not None or resolved[-1].kind == "local":
+    base = resolved.base
+    if adapters is None or recipe.output.merge_into_base or recipe.eval is not None or (base and base.kind == "local"):
         return resolved
-    return resolved[:-1]
+    return Models(resolved.ingredients)
 
 
 def _check_adapters_early(
-    resolved: Sequence[ResolvedRef], local: Sequence[Checkpoint | None], adapters: list[AdapterConfig],
+    resolved: Models[ResolvedRef], local: Models[Checkpoint | None], adapters: list[AdapterConfig],
     token: str | bool | None,
 ) -> None:
     """The adapters' modules and shapes, and that they fit the base, from safetensors headers before any
     weights are downloaded (Hub refs over HTTP); the rest is checked once they are opened."""
-    count = len(adapters)
-    offline = constants.is_offline_mode()
-    layouts: list[Layout] = []
-    for ref, checkpoint in zip(resolved, [*local, None]):
-        if checkpoint is not None:
-            layouts.append(Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases)))
-        elif ref.kind != "local" and not offline and (layout := remote_layout(ref, token)) is not None:
-            layouts.append(layout)
-        else:
-            return  # a pickle, or offline: checked after opening
-    plan = plan_adapters(adapters, layouts[:count])
-    check_base_fits(plan, layouts[count], layouts[0].label)
-    logger.info("the adapters' configs and headers agree, and fit the base %s", resolved[count].label)
+    layouts = early_layouts(resolved, local, token)
+    if layouts is None or layouts.base is None:
+        return  # a pickle, or offline: checked after opening
+    plan = plan_adapters(adapters, layouts.ingredients)
+    check_base_fits(plan, layouts.base, layouts.ingredients[0].label)
+    logger.info("the adapters' configs and headers agree, and fit the base %s", layouts.base.label)
 
 
 @contextmanager
@@ -345,7 +346,6 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
     With ``overwrite`` such an output would replace an ingredient's files (or the
     eval data, or the Hugging Face cache that Hub ingredients live in) with the soup.
     """
-    target = output.resolve()
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
     if recipe.base is not None:
         inputs.append((f"the base {recipe.base.ref}", recipe.base_dir / Path(recipe.base.ref).expanduser()))
@@ -353,33 +353,7 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
         inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
     if recipe.eval is not None and recipe.eval.include_path is not None:
         inputs.append((f"the task YAMLs {recipe.eval.include_path}", Path(recipe.eval.include_path).expanduser()))
-    cache = Path(constants.HF_HUB_CACHE)
-    inputs.append(("the Hugging Face cache (HF_HUB_CACHE)", cache))
-    for what, path in inputs:
-        for held in [cache.resolve()] if path is cache else _paths_held(path):  # the cache, even before it exists
-            if target == held:
-                relation = f"is {what}"
-            elif held.is_relative_to(target):
-                relation = f"contains {what}" + ("" if held == path.resolve() else f" ({held})")
-            elif target.is_relative_to(held):
-                relation = f"lies inside {what}"
-            else:
-                continue
-            raise OutputOverlapsInputError(
-                f"the output {output} {relation}: writing the soup there would destroy an input",
-                hint="choose an -o outside every ingredient, the eval data and the Hugging Face cache",
-            )
-
-
-def _paths_held(path: Path) -> Iterator[Path]:
-    """Where an input's bytes live: the path, and what its top-level files link to (a Hub snapshot's blobs)."""
-    if not path.exists():
-        return
-    yield path.resolve()
-    if path.is_dir():
-        yield from (p.resolve() for p in path.iterdir() if p.is_symlink())
-    elif path.name.endswith(".index.json"):  # shards live beside their index
-        yield path.parent.resolve()
+    check_apart(output, inputs, cache=True)
 
 
 @contextmanager
@@ -397,102 +371,24 @@ def _output_folder(recipe: Recipe) -> Iterator[Path]:
 
 
 def _align_early(
-    resolved: Sequence[ResolvedRef], local: Sequence[Checkpoint | None], recipe: Recipe, token: str | bool | None
+    resolved: Models[ResolvedRef], local: Models[Checkpoint | None], recipe: Recipe, token: str | bool | None
 ) -> None:
     """Align from safetensors headers, and compare configs, over HTTP before any weights are downloaded.
 
-    ``local[i]`` is model ``i`` already opened when it is local (headers only), None when it is on the Hub;
-    with a recipe ``base``, the last model is the base: aligned in its role, its config not compared
-    (a base may carry another head).
+    ``local`` are the models already opened when they are local (headers only), None for each Hub one;
+    a recipe ``base`` is aligned in its role, its config not compared (a base may carry another head).
     """
-    remote = [r for r in resolved if r.kind != "local"]
-    if not remote or constants.is_offline_mode():
+    if all(r.kind == "local" for r in resolved) or constants.is_offline_mode():
         return  # local (and cached) files are checked right after opening, which reads headers only
-    layouts: list[Layout] = []
-    for ref, checkpoint in zip(resolved, local):
-        if checkpoint is not None:
-            layouts.append(Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases)))
-        else:
-            layout = remote_layout(ref, token)
-            if layout is not None:  # pickled weights are aligned after download
-                layouts.append(layout)
-    if len(layouts) == len(resolved):  # tensor shapes first: their message names the tensor and the fix
-        ingredients, base = _split_base(layouts, recipe)
-        align(ingredients, recipe.exclude, base=base)
-    ingredient_refs, _ = _split_base(list(zip(resolved, local)), recipe)
+    layouts = early_layouts(resolved, local, token)
+    if layouts is not None:  # tensor shapes first: their message names the tensor and the fix
+        align(layouts.ingredients, recipe.exclude, base=layouts.base)
     check_configs([
-        (ref.label, checkpoint.config if checkpoint is not None else _remote_config(ref, token))
-        for ref, checkpoint in ingredient_refs
+        (ref.label, checkpoint.config if checkpoint is not None else remote_config(ref, token))
+        for ref, checkpoint in zip(resolved.ingredients, local.ingredients)
     ])
-    logger.info("headers and configs agree across %d ingredients%s; downloading", len(ingredient_refs),
-                " and the base" if recipe.base is not None else "")
-
-
-T = TypeVar("T")
-
-
-def _split_base(models: list[T], recipe: Recipe) -> tuple[list[T], T | None]:
-    """The ingredients and the base (None without one) of a list of the recipe's models, base last."""
-    return (models[:-1], models[-1]) if recipe.base is not None else (models, None)
-
-
-def _remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any] | None:
-    """A Hub ingredient's config.json (a few kB, through the cache the download then reuses)."""
-    if "config.json" not in ref.files:
-        return None
-    assert ref.repo_id is not None
-    with hub_errors(ref.repo_id, ref.sha, action="download the config of"):
-        path = hf_hub_download(ref.repo_id, "config.json", revision=ref.sha, token=token)
-    return json.loads(Path(path).read_text())
-
-
-@contextmanager
-def opened_ingredients(
-    resolved: Sequence[ResolvedRef],
-    *,
-    allow_pickle: bool,
-    ema: bool,
-    token: str | bool | None,
-    before_download: Callable[[list[Checkpoint | None]], None] | None = None,
-) -> Iterator[list[Checkpoint]]:
-    """Open the local ingredients, then fetch and open the Hub ones; every one opened is closed on
-    leaving the ``with`` block, or at once when opening another fails.
-
-    ``before_download`` sees the local ones (None in place of each Hub one) before anything is
-    downloaded: the early checks use them, so no local file is opened (a pickle loaded) twice.
-    """
-    opened: list[Checkpoint | None] = [None] * len(resolved)
-    try:
-        for i, ref in enumerate(resolved):
-            if ref.kind == "local":
-                assert ref.path is not None
-                opened[i] = _noted(open_checkpoint(
-                    ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema, weights=ref.filename
-                ))
-        if before_download is not None:
-            before_download(opened)
-        for i, ref in enumerate(resolved):
-            if ref.kind != "local":
-                fetched = fetch(ref, token)
-                opened[i] = _noted(open_checkpoint(
-                    fetched.weights, label=ref.label, allow_pickle=allow_pickle, ema=ema, sidecars=fetched.sidecars
-                ))
-        yield [c for c in opened if c is not None]
-    finally:
-        for checkpoint in opened:
-            if checkpoint is not None:
-                checkpoint.close()
-
-
-def _noted(checkpoint: Checkpoint) -> Checkpoint:
-    for note in checkpoint.notes:
-        logger.info("%s: %s", checkpoint.label, note)
-    return checkpoint
-
-
-def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:
-    """What alignment needs of opened checkpoints."""
-    return [Layout(c.label, c.metas, tuple(c.aliases)) for c in checkpoints]
+    logger.info("headers and configs agree across %d ingredients%s; downloading", len(resolved.ingredients),
+                " and the base" if resolved.base is not None else "")
 
 
 @dataclass
@@ -521,7 +417,7 @@ def _prepare(
     LoRA ingredients (``adapters``: their configs) take their own branch; ``base_sha`` pins their base."""
     if adapters is not None:
         return _prepare_adapters(recipe, adapters, checkpoints, base, backend, device, base_sha)
-    plan = align(layouts_of(checkpoints), recipe.exclude, base=layouts_of([base])[0] if base is not None else None)
+    plan = align(layouts_of(checkpoints), recipe.exclude, base=layout_of(base) if base is not None else None)
     for note in plan.notes:
         logger.info(note)
     check_configs([(c.label, c.config) for c in checkpoints])
@@ -543,8 +439,8 @@ def _prepare_adapters(
     plan = plan_adapters(configs, layouts_of(checkpoints))
     base_plan = None
     if base is not None:
-        check_base_fits(plan, layouts_of([base])[0], checkpoints[0].label)
-        base_plan = align(layouts_of([base]))
+        check_base_fits(plan, layout_of(base), checkpoints[0].label)
+        base_plan = align([layout_of(base)])
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     merged = recipe.output.merge_into_base
     # an adapter carries no model config (PEFT reads the base's); a merged model carries the base's
@@ -563,7 +459,7 @@ def _prepare_adapters(
 
 
 def _make_soup(
-    recipe: Recipe, models: list[ResolvedRef], opened: list[Checkpoint], output: Path | None,
+    recipe: Recipe, models: Models[ResolvedRef], opened: Models[Checkpoint], output: Path | None,
     token: str | bool | None, trust_remote_code: bool, backend: Backend, device: torch.device,
     adapters: list[AdapterConfig] | None = None,
 ) -> SoupResult | None:
@@ -571,9 +467,9 @@ def _make_soup(
 
     ``output`` is None in the processes of a launch that do not write: they stop after scoring.
     """
-    resolved, resolved_base = _split_base(models, recipe)
-    # the base, if any, is last; an adapter soup written as an adapter, unscored, never opens a Hub base
-    checkpoints, base = opened[: len(resolved)], opened[len(resolved)] if len(opened) > len(resolved) else None
+    resolved, resolved_base = models.ingredients, models.base
+    # an adapter soup written as an adapter, unscored, never opens a Hub base
+    checkpoints, base = opened.ingredients, opened.base
     soup = _prepare(recipe, checkpoints, base, backend, device, adapters, resolved_base.sha if resolved_base else None)
     with ExitStack() as scoring:  # the scored model stays until the soup is written (it may be read back)
         report = _evaluate(recipe, soup, trust_remote_code, scoring) if recipe.eval is not None else None
@@ -946,10 +842,8 @@ def _either(choices: Sequence[str]) -> str:
 R = TypeVar("R", bound=ModelRef)  # an ingredient or the base
 
 
-def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | None = None) -> Recipe:
+def pin_recipe(recipe: Recipe, resolved: Models[ResolvedRef], soup: Path | None = None) -> Recipe:
     """The recipe the soup carries: every Hub ingredient (and the base) pinned to the commit it resolved to.
-
-    ``resolved`` are the ingredients' refs, then the base's when the recipe has one.
 
     Local paths are written relative to the soup folder ``soup`` (absolute when the
     soup is not kept: :meth:`~hub_soup.recipe.Recipe.with_paths_for`), so the recipe
@@ -965,9 +859,9 @@ def pin_recipe(recipe: Recipe, resolved: Sequence[ResolvedRef], soup: Path | Non
             return model
         return model.model_copy(update={"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha})
 
-    ingredients = [pinned(i, r) for i, r in zip(located.ingredients, resolved)]
+    ingredients = [pinned(i, r) for i, r in zip(located.ingredients, resolved.ingredients)]
     output = recipe.output.model_copy(update={"path": None, "overwrite": False})
     update: dict[str, Any] = {"ingredients": ingredients, "output": output, "parameters": recipe.pinned_parameters()}
-    if located.base is not None:  # resolved after the ingredients
-        update["base"] = pinned(located.base, resolved[len(ingredients)])
+    if located.base is not None and resolved.base is not None:
+        update["base"] = pinned(located.base, resolved.base)
     return located.model_copy(update=update)

@@ -23,12 +23,12 @@ from hub_soup.cli import main
 from hub_soup.errors import AlignmentError, RecipeError
 from hub_soup.hub.card import build_card
 from hub_soup.hub.resolve import ResolvedRef
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from hub_soup.recipe import parse_recipe
 from tests import checkpoints as ck
 
