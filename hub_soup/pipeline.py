@@ -176,7 +176,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
         recipe, resolved = without_listed_base(recipe, resolved)
         adapters = adapter_config.read_adapters(resolved.ingredients, token)  # configs only, no weights
         recipe, resolved = _adapter_base(recipe, resolved, adapters, token)
-        if adapters is not None and recipe.output.path is not None and recipe.base is not None:
+        if adapters is not None and recipe.output.path is not None and recipe.adapter_base is not None:
             check_output_apart(Path(recipe.output.path), recipe)  # the base the adapters name, too
         opened = _needed(recipe, resolved, adapters)
         folder: AbstractContextManager[Path | None] = _output_folder(recipe) if writes else nullcontext()
@@ -210,7 +210,7 @@ def without_listed_base(recipe: Recipe, resolved: Models[ResolvedRef]) -> tuple[
     """
     method = get_method(recipe.method)
     base = resolved.base
-    if base is None or not method.needs_base:  # a base for a method without one is refused later
+    if base is None:
         return recipe, resolved
     listed = [i for i, ref in enumerate(resolved.ingredients) if same_model(ref, base)]
     if not listed:
@@ -245,15 +245,15 @@ def _adapter_base(
 
     Full models keep the rules of methods: a base only for a method that uses one, and no adapter outputs.
     """
-    adapter_only = [name for name in ("max_rank", "merge_into_base") if getattr(recipe.output, name)]
+    given = {"max_rank": recipe.output.max_rank, "merge_into_base": recipe.output.merge_into_base,
+             "adapter_base": recipe.adapter_base}
+    adapter_only = [name for name, value in given.items() if value]
     if adapters is None:
         if adapter_only:
             raise RecipeError(
                 f"{adapter_only[0]} is for soups of LoRA adapters; the ingredients are full models",
-                hint="drop --max-rank / --merge-into-base",
+                hint=f"drop --{adapter_only[0].replace('_', '-')}",
             )
-        if recipe.base is not None and not get_method(recipe.method).needs_base:
-            raise RecipeError(f"a base is given but method {recipe.method} uses none; drop base or change the method")
         return recipe, resolved
     if recipe.method not in ("uniform", "weighted"):
         raise AdapterError(
@@ -271,9 +271,11 @@ def _adapter_base(
             hint="add --merge-into-base to write the full model, or drop --recalibrate-bn",
         )
     refs = [adapter_config.with_adapter_weights(ref) for ref in resolved.ingredients]
-    if resolved.base is not None:
-        adapter_config.check_base(adapters, resolved.base)
-        return recipe, Models(refs, resolved.base)
+    if recipe.adapter_base is not None:
+        given_base = resolve_ref(recipe.adapter_base.ref, recipe.adapter_base.revision, token=token,
+                                 base=recipe.base_dir)
+        adapter_config.check_base(adapters, given_base)
+        return recipe, Models(refs, given_base)
     named = adapters[0]
     try:
         base = resolve_ref(named.base, named.revision, token=token)
@@ -281,7 +283,7 @@ def _adapter_base(
         raise adapter_config.base_error(adapters, exc) from None
     logger.info("resolved the adapters' base %s -> %s", named.base, base.pinned)
     pinned_ref = str(base.path) if base.kind == "local" else named.base  # a local base as found from here
-    recipe = recipe.model_copy(update={"base": ModelRef(ref=pinned_ref, revision=named.revision)})
+    recipe = recipe.model_copy(update={"adapter_base": ModelRef(ref=pinned_ref, revision=named.revision)})
     return recipe, Models(refs, base)
 
 
@@ -347,8 +349,9 @@ def check_output_apart(output: Path, recipe: Recipe) -> None:
     eval data, or the Hugging Face cache that Hub ingredients live in) with the soup.
     """
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
-    if recipe.base is not None:
-        inputs.append((f"the base {recipe.base.ref}", recipe.base_dir / Path(recipe.base.ref).expanduser()))
+    for base in (recipe.base, recipe.adapter_base):
+        if base is not None:
+            inputs.append((f"the base {base.ref}", recipe.base_dir / Path(base.ref).expanduser()))
     if recipe.eval is not None and recipe.eval.data is not None:
         inputs.append((f"the eval data {recipe.eval.data}", Path(recipe.eval.data).expanduser()))
     if recipe.eval is not None and recipe.eval.include_path is not None:
@@ -862,6 +865,8 @@ def pin_recipe(recipe: Recipe, resolved: Models[ResolvedRef], soup: Path | None 
     ingredients = [pinned(i, r) for i, r in zip(located.ingredients, resolved.ingredients)]
     output = recipe.output.model_copy(update={"path": None, "overwrite": False})
     update: dict[str, Any] = {"ingredients": ingredients, "output": output, "parameters": recipe.pinned_parameters()}
-    if located.base is not None and resolved.base is not None:
-        update["base"] = pinned(located.base, resolved.base)
+    if resolved.base is not None:  # a method's base, or LoRA adapters' (never both: theirs is a method without one)
+        field = "adapter_base" if located.adapter_base is not None else "base"
+        base = getattr(located, field)
+        update[field] = pinned(base, resolved.base)
     return located.model_copy(update=update)
