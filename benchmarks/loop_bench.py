@@ -29,7 +29,7 @@ from hub_soup.merging import engine as merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
 from hub_soup.merging.similarity import GramAccumulator, weight_similarity
-from hub_soup.pipeline import SIMILARITY_SAMPLE
+from hub_soup.soups.full import SIMILARITY_SAMPLE
 
 
 class NullWriter:

@@ -19,7 +19,8 @@ from hub_soup.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint, open_checkpoint
-    from hub_soup.pipeline import SoupResult, run
+    from hub_soup.pipeline import run
+    from hub_soup.report import SoupResult
 
 __version__ = "0.1.0"
 __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", "merge", "open_checkpoint", "run"]
@@ -29,7 +30,7 @@ __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", 
 _LAZY = {
     "Checkpoint": "hub_soup.io.read",
     "open_checkpoint": "hub_soup.io.read",
-    "SoupResult": "hub_soup.pipeline",
+    "SoupResult": "hub_soup.report",
     "run": "hub_soup.pipeline",
 }
 

@@ -14,7 +14,7 @@ from hub_soup.eval.score import score_rows
 from hub_soup.io.sizes import describe_size
 
 if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
-    from hub_soup.pipeline import SoupResult
+    from hub_soup.report import SoupResult
 
 
 def markdown_summary(result: SoupResult) -> str:
