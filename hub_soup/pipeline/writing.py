@@ -8,7 +8,6 @@ summary will.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,16 +67,7 @@ def write_soup(
             scores=scores_of(report) if report is not None else [], report=report, warnings=warnings,
         )
         writer.add_file(RECIPE_FILENAME, pinned.to_yaml())
-        card = build_card(
-            repo_id=recipe.push.repo_id if recipe.push else None,
-            name=Path(os.path.abspath(output)).name,  # -o . has a name too
-            ingredients=result.ingredients, base=result.base, weights=weights, kept=kept, config=made.config,
-            recipe_yaml=pinned.to_yaml(), license=recipe.push.license if recipe.push else None,
-            tags=recipe.push.tags if recipe.push else (), scores=result.scores, method=result.method_title,
-            merge_method=soup.method, bn_recalibrated=result.bn_recalibrated, plan=made.plan, dtype=recipe.dtype,
-            warnings=warnings, rebuild_pushes=recipe.push is not None, adapter=made.card,
-        )
-        writer.add_file("README.md", str(card))
+        writer.add_file("README.md", str(build_card(result, config=made.config)))
         writer.commit()
     return result
 
