@@ -24,9 +24,9 @@ import torch
 
 from hub_soup.eval.evaluate import Evaluator
 from hub_soup.eval.greedy import greedy_soup
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from hub_soup.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent

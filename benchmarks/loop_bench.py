@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import disable_progress_bars
 
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging import engine as merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
 from hub_soup.merging.similarity import GramAccumulator, weight_similarity
-from hub_soup.pipeline import SIMILARITY_SAMPLE, layouts_of
+from hub_soup.soups.full import SIMILARITY_SAMPLE
 
 
 class NullWriter:

@@ -19,7 +19,8 @@ from hub_soup.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint, open_checkpoint
-    from hub_soup.pipeline import SoupResult, run
+    from hub_soup.pipeline import run
+    from hub_soup.report import SoupResult
 
 __version__ = "0.1.0"
 __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", "merge", "open_checkpoint", "run"]
@@ -29,7 +30,7 @@ __all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", 
 _LAZY = {
     "Checkpoint": "hub_soup.io.read",
     "open_checkpoint": "hub_soup.io.read",
-    "SoupResult": "hub_soup.pipeline",
+    "SoupResult": "hub_soup.report",
     "run": "hub_soup.pipeline",
 }
 
@@ -58,6 +59,7 @@ def merge(
     overwrite: bool = False,
     max_rank: int | None = None,
     merge_into_base: bool = False,
+    adapter_base: str | None = None,
     device: str = "cpu",
     push: str | None = None,
     private: bool = False,
@@ -71,7 +73,8 @@ def merge(
     merge method, ``base`` the model they were fine-tuned from and ``parameters`` the method's
     (``merge(refs, "soup", method="ties", base="org/base", parameters={"density": 0.3})``).
     LoRA adapters (folders or repos with an ``adapter_config.json``) make an exact adapter soup of their
-    base; ``max_rank`` reduces it by a truncated SVD, ``merge_into_base`` writes the base with it merged in.
+    base (``adapter_base``: another copy of it); ``max_rank`` reduces it by a truncated SVD, ``merge_into_base``
+    writes the base with it merged in.
     Without ``output``, a soup that is pushed is staged in a temporary folder and
     removed after the push. See :class:`hub_soup.recipe.Recipe` for what each argument means.
     None only in the processes of an ``accelerate launch`` other than the main one, which writes.
@@ -82,6 +85,7 @@ def merge(
         list(weights) if weights is not None else None,
         **fields,
         base={"ref": base} if base is not None else None,
+        adapter_base={"ref": adapter_base} if adapter_base is not None else None,
         parameters=dict(parameters or {}),
         dtype=dtype,
         exclude=list(exclude),

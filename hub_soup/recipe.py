@@ -173,6 +173,10 @@ class PushSpec(_Strict):
         return value
 
 
+# The fields that name a base model: a method's (``base``), and LoRA adapters' (``adapter_base``).
+BASES = ("base", "adapter_base")
+
+
 class Recipe(_Strict):
     """A whole soup: ingredients, method, checks, output and destination."""
 
@@ -186,8 +190,13 @@ class Recipe(_Strict):
         default_factory=dict, validate_default=True, description="the method's parameters"
     )  # validated even when left out: a method's required parameter (slerp's t) is then missing
     base: ModelRef | None = Field(
-        None, description="the model the ingredients were fine-tuned from, for methods that need one; for LoRA "
-        "adapters, the base their adapter_config.json names, pinned or overridden (the same repo, or a local folder)"
+        None, description="the model the ingredients were fine-tuned from, for methods that need one (and only "
+        "for them)"
+    )
+    adapter_base: ModelRef | None = Field(
+        None, description="LoRA adapter soups: the base the adapters were trained on (default: the one their "
+        "adapter_config.json names, which the pinned recipe records here); another copy of that base: the same "
+        "repo at a revision, or a local folder"
     )
     dtype: Dtype | None = Field(
         None, description="output dtype of averaged tensors (default: each tensor's own)"
@@ -268,6 +277,12 @@ class Recipe(_Strict):
             raise ValueError(
                 f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
                 "(base: {ref: org/name})"
+            )
+        if self.base is not None and not method.needs_base:
+            raise HintedValueError(
+                f"base: a base is given but method {self.method} uses none; drop base or change the method",
+                hint="for LoRA adapters, leave the base out (their adapter_config.json names it) or name "
+                "another copy of it with adapter_base (--adapter-base)",
             )
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
@@ -379,20 +394,20 @@ class Recipe(_Strict):
         stay as written, and so do symlinks.
 
         Args:
-            local: which ingredients, then the base, are local paths (a resolved ref's kind); default: those
+            local: which ingredients, then the base (or adapter base), are local paths (a resolved ref's kind); default: those
                 that exist, the rule :func:`~hub_soup.hub.resolve.resolve_ref` tries first.
         """
         where = os.path.abspath(folder) if folder is not None else None
-        models = [*self.ingredients, *([self.base] if self.base is not None else [])]
+        bases = {name: model for name in BASES if (model := getattr(self, name)) is not None}
+        models = [*self.ingredients, *bases.values()]
         if local is None:
             local = [(self.base_dir / Path(model.ref).expanduser()).exists() for model in models]
         moved = [
             model.model_copy(update={"ref": _moved(model.ref, self.base_dir, where)}) if is_local else model
             for model, is_local in zip(models, local)
         ]
-        update: dict[str, Any] = {"ingredients": moved[: len(self.ingredients)]}
-        if self.base is not None:
-            update["base"] = moved[-1]
+        count = len(self.ingredients)
+        update: dict[str, Any] = {"ingredients": moved[:count], **dict(zip(bases, moved[count:]))}
         if self.output.path is not None:
             update["output"] = self.output.model_copy(update={"path": _moved(self.output.path, Path(), where)})
         if self.eval is not None:
@@ -465,7 +480,7 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         said = message if named else f"{field_path}: {message}"
-        raise RecipeError(f"{at}: {said}{more}", hint="`hub-soup schema` prints every field") from None
+        raise RecipeError(f"{at}: {said}{more}", hint=_hint(first) or "`hub-soup schema` prints every field") from None
 
 
 # A recipe-wide rule (a model validator, whose error is at the top level) that is about one field
@@ -484,7 +499,21 @@ def validated(model: type[M], data: dict[str, Any], section: str = "") -> M:
     except ValidationError as exc:
         first = exc.errors()[0]
         path = ".".join(map(str, (*([section] if section else []), *first["loc"])))
-        raise RecipeError(f"{path}: {_message(first)}" if path else _message(first)) from None
+        raise RecipeError(f"{path}: {_message(first)}" if path else _message(first), hint=_hint(first)) from None
+
+
+class HintedValueError(ValueError):
+    """A rule of the recipe, broken, that knows what to do about it: pydantic keeps the exception in its
+    error (``ctx``), and the :class:`~hub_soup.errors.RecipeError` raised from that error carries the hint."""
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _hint(error: Any) -> str | None:
+    """The hint of a rule that gave one (:class:`HintedValueError`), else None."""
+    return getattr(error.get("ctx", {}).get("error"), "hint", None)
 
 
 def _message(error: Any) -> str:

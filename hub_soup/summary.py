@@ -1,7 +1,8 @@
 """A Markdown report of a run for GitHub Actions' job summary (``$GITHUB_STEP_SUMMARY``).
 
-The same facts the card holds, shaped for a reviewer of a pull request that
-changed a recipe: what went in, what came out, how it scored, where it landed.
+A view of the run's result (:class:`~hub_soup.report.SoupResult`), as the card is: the same
+facts, shaped for a reviewer of a pull request that changed a recipe: what went in, what came
+out, how it scored, where it landed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hub_soup.eval.score import score_rows
 from hub_soup.io.sizes import describe_size
 
 if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
-    from hub_soup.pipeline import SoupResult
+    from hub_soup.report import SoupResult
 
 
 def markdown_summary(result: SoupResult) -> str:
@@ -27,7 +28,7 @@ def markdown_summary(result: SoupResult) -> str:
         lines.append(f"| {i} | `{ref.repo_id or ref.path}` | {sha} | {weight} | {'yes' if kept else 'no'} |")
     if result.base is not None:
         sha = f"`{result.base.sha[:12]}`" if result.base.sha else "local"
-        lines += ["", f"Base model (the ingredients' common start): `{result.base.repo_id or result.base.path}` at {sha}"]
+        lines += ["", f"Base model ({result.base_role}): `{result.base.repo_id or result.base.path}` at {sha}"]
     if result.scores:
         lines += ["", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += score_rows(result.scores)

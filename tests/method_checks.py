@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
 from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from tests import checkpoints as ck
 
 # (chunk_elements, block_elements): none divides the tensors' sizes; the last is the engine's default.

@@ -126,11 +126,35 @@ def test_exact_soup_loads_in_peft_and_equals_the_base_plus_the_weighted_mean_del
     assert "combined from the adapters' deltas" in capsys.readouterr().out
 
     pinned = yaml.safe_load((soup / "hub-soup.yaml").read_text())
-    assert (soup / pinned["base"]["ref"]).resolve() == base.resolve()  # the base the adapters named, pinned
+    assert (soup / pinned["adapter_base"]["ref"]).resolve() == base.resolve()  # the base the adapters named, pinned
     rebuilt = tmp_path / "rebuilt"
     assert main(["run", str(soup / "hub-soup.yaml"), "-o", str(rebuilt)]) == 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "hub-soup.yaml"):
         assert (rebuilt / name).read_bytes() == (soup / name).read_bytes()
+
+
+def test_a_given_adapter_base_is_pinned_as_adapter_base_and_the_soup_rebuilds_from_it(
+    llama: tuple[Path, Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--adapter-base`` names another copy of the adapters' base: the pinned recipe records it in its own field
+    (``base`` is a method's, and stays out), ``validate`` accepts that recipe, and ``run`` rebuilds the soup."""
+    base, a, b, _ = llama
+    copy = Path(shutil.copytree(base, tmp_path / "models" / "base-copy"))
+    soup = tmp_path / "soups" / "soup"
+    assert main(["merge", str(a), str(b), "--adapter-base", str(copy), "-o", str(soup)]) == 0
+    pinned = yaml.safe_load((soup / "hub-soup.yaml").read_text())
+    assert "base" not in pinned and (soup / pinned["adapter_base"]["ref"]).resolve() == copy.resolve()
+    assert main(["validate", str(soup / "hub-soup.yaml")]) == 0
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["run", str(soup / "hub-soup.yaml"), "-o", str(rebuilt)]) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "hub-soup.yaml"):
+        assert (rebuilt / name).read_bytes() == (soup / name).read_bytes()
+    capsys.readouterr()
+
+    assert main(["merge", str(a), str(b), "--base", str(copy), "-o", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "a base is given but method uniform uses none" in err and "--adapter-base" in err.split("hint:", 1)[1]
+    assert not (tmp_path / "s").exists()
 
 
 def test_averaging_lora_a_and_lora_b_separately_is_measurably_wrong(
@@ -288,15 +312,15 @@ def test_hub_adapters_pin_their_base_and_never_download_its_weights(
     assert f"base_model:\n- {base_repo}\n" in card and all(repo in card for repo in repos)  # the base alone
     # the base loaded with the head the adapters were trained on (their task_type: CAUSAL_LM), not bare
     assert f"base = AutoModelForCausalLM.from_pretrained('{base_repo}', revision='{sha}')" in card
-    assert yaml.safe_load((out / "hub-soup.yaml").read_text())["base"] == {"ref": base_repo, "revision": sha}
+    assert yaml.safe_load((out / "hub-soup.yaml").read_text())["adapter_base"] == {"ref": base_repo, "revision": sha}
     got, want = outputs(on_base(base, out)), outputs(expected_model(base, [a, b], [1, 1]))
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
 
     other = f"{TEST_USER}/{unique('not-the-base')}"
     api.create_repo(other)
-    assert main(["merge", *repos, "--base", other, "-o", str(tmp_path / "other")]) == 2
+    assert main(["merge", *repos, "--adapter-base", other, "-o", str(tmp_path / "other")]) == 2
     assert f"the base {other} is not the base the adapters were trained on" in capsys.readouterr().err
-    assert main(["merge", *repos, "--base", str(base), "-o", str(tmp_path / "local")]) == 0  # a local copy: named
+    assert main(["merge", *repos, "--adapter-base", str(base), "-o", str(tmp_path / "local")]) == 0  # a local copy
     assert (tmp_path / "local" / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 

@@ -338,6 +338,16 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--base", A, "-o", _out(tmp)]
 
 
+@case("adapter-base-as-base")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", *_loras(tmp), "--base", str(tmp / "base"), "-o", _out(tmp)]
+
+
+@case("adapter-base-for-full-models")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--adapter-base", A, "-o", _out(tmp)]
+
+
 @case("lm-eval-unknown-task")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", *_llamas(tmp), "--eval-task", "lm-eval", "--eval-tasks", "no_such_task", "-o", _out(tmp)]

@@ -12,9 +12,10 @@ import transformers
 from safetensors.torch import load_file
 
 from hub_soup.cli import main
-from hub_soup.hub.card import AdapterCard, build_card
+from hub_soup.hub.card import AdapterCard
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.methods import get_method, method_names
+from tests.cards import card_of
 from tests.hub_models import llama_folder
 
 
@@ -24,11 +25,9 @@ def _hub(repo: str) -> ResolvedRef:
 
 def _card(config: dict | None, repo_id: str | None = "org/soup", method: str = "uniform", **parameters: object) -> str:
     """The card of a soup of two Hub ingredients (and a base, for a method that needs one)."""
-    merge_method = get_method(method)(parameters)
-    return build_card(
-        repo_id=repo_id, name="soup", ingredients=[_hub("org/a"), _hub("org/b")], weights=[0.5, 0.5],
-        base=_hub("org/base") if merge_method.needs_base else None, kept=[True, True], config=config,
-        recipe_yaml=f"method: {method}\n", method=method, merge_method=merge_method,
+    return card_of(
+        [_hub("org/a"), _hub("org/b")], [0.5, 0.5], base=_hub("org/base") if get_method(method).needs_base else None,
+        method=method, parameters=parameters, repo_id=repo_id, name="soup", config=config,
     ).text
 
 
@@ -62,9 +61,8 @@ def test_a_head_the_card_does_not_know_says_so() -> None:
 
 def test_an_adapter_soups_base_is_loaded_with_the_head_of_the_adapters_task() -> None:
     """PEFT's ``task_type`` (CAUSAL_LM) says which head the adapters were trained with: the base gets it."""
-    card = build_card(
-        repo_id=None, name="lora-soup", ingredients=[_hub("org/lora-a"), _hub("org/lora-b")], weights=[0.5, 0.5],
-        base=_hub("org/base"), kept=[True, True], config=None, recipe_yaml="", method="uniform",
+    card = card_of(
+        [_hub("org/lora-a"), _hub("org/lora-b")], [0.5, 0.5], base=_hub("org/base"), name="lora-soup",
         adapter=AdapterCard(merged=False, summary="An exact soup.", task_type="CAUSAL_LM"),
     )
     assert card.data.pipeline_tag == "text-generation"
@@ -80,9 +78,8 @@ def test_an_adapter_soups_local_base_is_named_as_the_recipe_names_it(tmp_path: P
     """No ``'path/to/base'`` placeholder when the base is known: a local one as the recipe wrote it, said to be
     a folder where the soup was made (a card names no absolute path of the maker's machine)."""
     base = ResolvedRef(ref="models/base", kind="local", path=tmp_path / "models" / "base")
-    card = build_card(
-        repo_id="org/soup", name="lora-soup", ingredients=[_hub("org/lora-a"), _hub("org/lora-b")], weights=[0.5, 0.5],
-        base=base, kept=[True, True], config=None, recipe_yaml="", method="uniform",
+    card = card_of(
+        [_hub("org/lora-a"), _hub("org/lora-b")], [0.5, 0.5], base=base, repo_id="org/soup", name="lora-soup",
         adapter=AdapterCard(merged=False, summary="An exact soup.", task_type="CAUSAL_LM"),
     )
     line = next(line for line in _snippet(card.text).splitlines() if line.startswith("base = "))

@@ -64,3 +64,17 @@ def test_every_bad_file_gets_the_line_run_would_give(tmp_path: Path, capsys: pyt
     for path, line in ((typo, errors[0]), (missing, errors[1])):  # the same reading as `run`, the same words
         assert main(["run", str(path)]) == EXIT_BAD_INPUT
         assert line in capsys.readouterr().err.splitlines()
+
+
+def test_a_base_for_a_method_that_uses_none_is_refused_with_the_adapter_field_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rule "a base only for a method that uses one" is the recipe's: ``validate`` sees it, at the base's
+    line, and the hint names where the base of LoRA adapters goes."""
+    recipe = tmp_path / "soup.yaml"
+    recipe.write_text("ingredients: [{ref: org/a}, {ref: org/b}]\nmethod: uniform\nbase: {ref: org/base}\n")
+    code, out, err = _validate(capsys, recipe)
+    assert code == EXIT_BAD_INPUT and out == []
+    assert err[0] == f"hub-soup: error: {recipe}:3: base: a base is given but method uniform uses none; drop base or " \
+        "change the method"
+    assert err[1].strip().startswith("hint:") and "adapter_base (--adapter-base)" in err[1]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import hub_soup
 from hub_soup.errors import CheckpointFormatError, NonFiniteSoupError, RecipeError
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import accumulation_dtype, merged_state_dict, output_metas, stream_merge
@@ -29,7 +30,6 @@ from hub_soup.merging.methods import MergeMethod, normalize_weights
 from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.methods.weighted import Weighted
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from tests import checkpoints as ck
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub_soup.errors import NonFiniteSoupError
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import output_metas, stream_merge
@@ -28,7 +29,6 @@ from hub_soup.merging.methods import MergeMethod, normalize_weights
 from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.methods.weighted import Weighted
 from hub_soup.merging.plan import MergePlan, align
-from hub_soup.pipeline import layouts_of
 from tests.checkpoints import reference_soup
 from tests.page_cache import cached_fraction_of, evict_or_skip
 

@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 import hub_soup
 from hub_soup.cli import main
 from hub_soup.errors import AlignmentError, RecipeError
-from hub_soup.hub.card import build_card
 from hub_soup.hub.resolve import ResolvedRef
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from hub_soup.recipe import parse_recipe
 from tests import checkpoints as ck
+from tests.cards import card_of
 
 SHAPES = {"odd": (7, 13, 3), "prime": (1031,), "wide": (3, 700), "scalar": (), "head.bias": (5,)}
 
@@ -205,10 +205,9 @@ def test_the_card_lists_the_base_among_base_model() -> None:
     def hub(repo: str) -> ResolvedRef:
         return ResolvedRef(ref=repo, kind="hub", repo_id=repo, sha="a" * 40)
 
-    card = build_card(
-        repo_id="org/soup", name="soup", ingredients=[hub("org/a"), hub("org/b")], weights=[1.0, 1.0],
-        base=hub("org/base"), kept=[True, True], config=None, recipe_yaml="method: task_arithmetic\n",
-        method="task_arithmetic", merge_method=get_method("task_arithmetic")({"lambda": 0.5}),
+    card = card_of(
+        [hub("org/a"), hub("org/b")], [1.0, 1.0], base=hub("org/base"), method="task_arithmetic",
+        parameters={"lambda": 0.5}, repo_id="org/soup",
     )
     assert card.data.base_model == ["org/base", "org/a", "org/b"]
     assert "Editing Models with Task Arithmetic" in card.text and "`lambda`: `0.5`" in card.text

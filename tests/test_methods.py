@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 import hub_soup
 from hub_soup.errors import RecipeError
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging import methods
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, get_method, method_names, register_method
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import layouts_of
 from hub_soup.recipe import Recipe, parse_recipe
 from hub_soup.recipe import method_names as recipe_method_names
 from tests import checkpoints as ck

@@ -24,12 +24,13 @@ import hub_soup
 from hub_soup.cli import main
 from hub_soup.errors import EXIT_BAD_INPUT
 from hub_soup.eval.evaluate import eval_dtype
+from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.engine import merged_state_dict
 from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import align
-from hub_soup.pipeline import SoupResult, layouts_of
+from hub_soup.pipeline import SoupResult
 from hub_soup.recipe import Recipe
 from tests import checkpoints as ck
 

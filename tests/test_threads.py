@@ -44,10 +44,10 @@ def test_a_run_sets_its_threads_and_gives_the_callers_back(
 ) -> None:
     seen: list[int] = []
     monkeypatch.setenv(THREADS_ENV, "2")
-    from hub_soup import pipeline
+    from hub_soup.soups import full
 
-    merge = pipeline.stream_merge  # the name the pipeline calls, however it was imported before
-    monkeypatch.setattr(pipeline, "stream_merge", lambda *a, **k: seen.append(torch.get_num_threads()) or merge(*a, **k))
+    merge = full.stream_merge  # the name the pipeline calls, however it was imported before
+    monkeypatch.setattr(full, "stream_merge", lambda *a, **k: seen.append(torch.get_num_threads()) or merge(*a, **k))
     with torch_threads(3):
         assert main(["merge", str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift"), "-o", str(tmp_path / "s")]) == 0
         assert torch.get_num_threads() == 3

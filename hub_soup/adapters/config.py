@@ -194,7 +194,8 @@ def check_compatible(configs: Sequence[AdapterConfig]) -> None:
 
 
 def check_base(configs: Sequence[AdapterConfig], base: ResolvedRef) -> None:
-    """A base given by the user (``--base``) must be the one the adapters name: the same repo, or a local folder."""
+    """A base given by the user (``--adapter-base``) must be the one the adapters name: the same repo, or a local
+    folder."""
     if base.kind == "local":
         return
     named = configs[0].base
@@ -202,7 +203,8 @@ def check_base(configs: Sequence[AdapterConfig], base: ResolvedRef) -> None:
         raise AdapterError(
             f"the base {base.ref} is not the base the adapters were trained on: their {ADAPTER_CONFIG} names "
             f"{named!r} (base_model_name_or_path)",
-            hint="drop --base (the adapters' own base is used), or pass a revision of that repo or a local copy of it",
+            hint="drop --adapter-base (the adapters' own base is used), or pass a revision of that repo or a local "
+            "copy of it",
         )
 
 
@@ -210,5 +212,5 @@ def base_error(configs: Sequence[AdapterConfig], exc: HubSoupError) -> AdapterEr
     """The adapters' own base could not be resolved: say which field named it and how to give another."""
     return AdapterError(
         f"the adapters' base {configs[0].base!r} (base_model_name_or_path in {ADAPTER_CONFIG}): {exc.message}",
-        hint="pass --base REF: that repo (at a revision), or a local copy of it",
+        hint="pass --adapter-base REF: that repo (at a revision), or a local copy of it",
     )

@@ -1,6 +1,7 @@
-"""The pipeline's adapter branch: an adapter soup's candidates, for scoring, and its two outputs.
+"""An adapter soup's candidates, for scoring, and its two outputs.
 
-:class:`AdapterSoup` is what the pipeline's stages after opening need of LoRA ingredients:
+:class:`AdapterSoup` is what the adapter soup kinds (:mod:`hub_soup.soups.adapter`) need of LoRA ingredients
+once they are opened:
 candidate soups streamed as the base with their delta merged in (what evaluation and
 greedy score), the exact adapter (or its ``--max-rank`` reduction) to write, or the base
 with the delta merged in, streamed by the engine like any soup (``--merge-into-base``).
@@ -66,7 +67,7 @@ class AdapterSoup:
         base, base_plan: the base model and its tensors (None when the soup is written as an adapter
             and nothing is scored: its weights are then never downloaded).
         base_revision: the commit the base was pinned to (None for a local base), for the soup's config.
-        max_rank: reduce each delta to this rank (``--max-rank``); merge_into_base: write the full model.
+        max_rank: reduce each delta to this rank (``--max-rank``).
     """
 
     configs: list[AdapterConfig]
@@ -76,7 +77,6 @@ class AdapterSoup:
     base_plan: MergePlan | None
     base_revision: str | None
     max_rank: int | None
-    merge_into_base: bool
     dtype: torch.dtype | None
     device: torch.device
 

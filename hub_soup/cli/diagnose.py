@@ -49,8 +49,9 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from hub_soup.eval.evaluate import Evaluator
     from hub_soup.eval.spec import EvalSpec
     from hub_soup.hub.resolve import resolve_ref
+    from hub_soup.ingredients import Models, layout_of, layouts_of, opened_ingredients
     from hub_soup.merging.plan import align
-    from hub_soup.pipeline import check_eval, device_for, layouts_of, opened_ingredients
+    from hub_soup.pipeline import check_eval, device_for
     from hub_soup.recipe import Recipe, validated
     from hub_soup.threads import eval_threads, torch_threads
 
@@ -59,18 +60,17 @@ def diagnose_command(args: argparse.Namespace) -> int:
     spec = validated(EvalSpec, section, "eval")
     device = device_for(args.device or Recipe.model_fields["device"].default)  # a GPU this machine lacks stops here
     check_eval(spec, Path(), args.token)  # and so do a GPU the placement names and this machine lacks, and missing data
-    refs = [*args.refs, *([args.base] if args.base else [])]
-    resolved = [resolve_ref(r, token=args.token) for r in refs]
-    with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
-        layouts = layouts_of(checkpoints)
-        plan = align(layouts[:2], args.exclude, base=layouts[2] if args.base else None)
+    resolved = Models(args.refs, args.base).map(lambda ref: resolve_ref(ref, token=args.token))
+    with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as opened:
+        checkpoints, base = opened.ingredients, opened.base
+        plan = align(layouts_of(checkpoints), args.exclude, base=layout_of(base) if base is not None else None)
         # closed when the curve is scored: the model goes, and with a device map its offload folder
         with torch_threads(eval_threads()), Evaluator(
             spec, checkpoints[0], device=device, trust_remote_code=args.trust_remote_code
         ) as evaluator:
             report = diagnose(
                 checkpoints[0], checkpoints[1], plan, evaluator, alphas=args.alphas,
-                base=checkpoints[2] if args.base else None, plot_path=args.plot,
+                base=base, plot_path=args.plot,
                 recalibrate_bn_batches=args.recalibrate_bn,
             )
     print(report.text())

@@ -27,13 +27,16 @@ def inspect_command(args: argparse.Namespace) -> int:
     """Describe each ref; exit with the bad-input code when they do not align, as ``merge`` would."""
     from hub_soup.errors import AlignmentError
     from hub_soup.hub.resolve import resolve_ref
+    from hub_soup.ingredients import Models, layouts_of, opened_ingredients
     from hub_soup.io.sizes import describe_size
     from hub_soup.merging.plan import align
     from hub_soup.merging.similarity import SHARED_INIT_COSINE, weight_similarity
-    from hub_soup.pipeline import layouts_of, opened_ingredients
 
     resolved = [resolve_ref(r, token=args.token) for r in args.refs]
-    with opened_ingredients(resolved, allow_pickle=args.allow_pickle, ema=args.ema, token=args.token) as checkpoints:
+    with opened_ingredients(
+        Models(resolved), allow_pickle=args.allow_pickle, ema=args.ema, token=args.token
+    ) as opened:
+        checkpoints = opened.ingredients
         for ref, ckpt in zip(resolved, checkpoints):
             dtypes = Counter(str(m.dtype).removeprefix("torch.") for m in ckpt.metas.values())
             size = sum(m.nbytes for m in ckpt.metas.values())

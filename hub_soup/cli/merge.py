@@ -56,6 +56,8 @@ EXAMPLES = """examples:
   %(prog)s org/lora-a org/lora-b -o soup
   # the same soup merged into the base: a full model
   %(prog)s org/lora-a org/lora-b --merge-into-base -o merged
+  # the adapters' base from a local copy of it
+  %(prog)s org/lora-a org/lora-b --adapter-base ./base -o soup
   # the recipe file for the same soup, for the `run` command (local paths relative to it)
   %(prog)s ./ft-a ./ft-b --push org/soup --dump-recipe recipes/soup.yaml
 """
@@ -118,6 +120,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     adapters.add_argument(
         "--merge-into-base", action="store_true", help="write the base model with the soup's delta merged in",
     )
+    adapters.add_argument(
+        "--adapter-base", metavar="REF",
+        help="the adapters' base (default: the one their adapter_config.json names): that repo at a revision, "
+        "or a local copy of it",
+    )
     EXCLUDE.add(parser)
     NO_EMA.add(parser)
     ALLOW_PICKLE.add(parser)
@@ -173,6 +180,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         **method,
         parameters={key: value for key, value in given.items() if value is not None},
         base={"ref": args.base} if args.base else None,
+        adapter_base={"ref": args.adapter_base} if args.adapter_base else None,
         dtype=args.dtype,
         exclude=args.exclude,
         ema=args.ema,

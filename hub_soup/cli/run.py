@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hub_soup.cli.options import OVERWRITE, TOKEN, TRUST_REMOTE_CODE
 from hub_soup.errors import EXIT_OK
+from hub_soup.io.sizes import describe_size
 from hub_soup.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from hub_soup.report import SoupResult
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -41,12 +46,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> int:
-    """Make the soup and print what was made: the one path of ``run`` and ``merge``.
+    """Make the soup and say what was made (here, and in the step summary): the one path of ``run`` and ``merge``.
 
     The pipeline (and torch with it) is imported here, not at the top, so that
     commands that only parse (``--help``, ``schema``, ``validate``) stay light.
     """
-    from hub_soup.io.sizes import describe_size
     from hub_soup.pipeline import run
     from hub_soup.summary import markdown_summary, write_step_summary
 
@@ -54,16 +58,21 @@ def run_recipe(recipe: Recipe, token: str | None, trust_remote_code: bool) -> in
     if result is None:  # a process of a launch that scored its share; the main one reports
         return EXIT_OK
     write_step_summary(markdown_summary(result))
+    print("\n".join(closing_lines(result)))
+    return EXIT_OK
+
+
+def closing_lines(result: SoupResult) -> list[str]:
+    """The run's result as the command line says it: the score table, what was written, where it was pushed."""
     stats = result.stats
-    if result.report is not None:
-        print(result.report.table())
+    lines = [result.report.table()] if result.report is not None else []
     read = f"read {describe_size(stats.bytes_read)}, " if stats.bytes_read else ""
-    print(
+    lines.append(
         f"soup: {stats.tensors} tensors ({stats.averaged} {result.combined}, {stats.copied} copied from the first), "
         f"{stats.elements:,} elements, {read}wrote {describe_size(stats.bytes_written)} in {stats.seconds:.1f}s "
         f"-> {result.output or 'a temporary folder, removed after the push'}"
     )
     if result.push is not None:
         where = result.push.pr_url or result.push.commit_url
-        print(f"pushed: {where}" if result.push.changed else f"no changes: the Hub already has this soup at {where}")
-    return EXIT_OK
+        lines.append(f"pushed: {where}" if result.push.changed else f"no changes: the Hub already has this soup at {where}")
+    return lines

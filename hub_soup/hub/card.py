@@ -3,27 +3,32 @@
 Built with huggingface_hub's ``ModelCard``/``ModelCardData`` so the Hub shows the
 soup in each ingredient's model tree (``base_model`` + ``base_model_relation:
 merge``) and its scores in the evaluation widget (``model-index``). The card is
-a pure function of the recipe, the pinned ingredients and the scores, with no
-timestamps, so pushing the same soup twice changes nothing.
+a view of the run's result (:class:`~hub_soup.report.SoupResult`: the pinned recipe and
+ingredients, the plan, the scores), with no timestamps, so pushing the same soup twice
+changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hub_soup.eval.score import ModelScore, score_rows
+from hub_soup.eval.score import score_rows
 from hub_soup.hub.library import HEAD_TAGS, detect_library
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import kernel_dtype
 from hub_soup.merging.methods import MergeMethod
-from hub_soup.merging.methods.uniform import Uniform
 from hub_soup.merging.plan import MergePlan
+
+if TYPE_CHECKING:
+    from hub_soup.report import SoupResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,55 +80,28 @@ def agreed_license(ingredients: Sequence[ResolvedRef], override: str | None) -> 
     return None
 
 
-def build_card(
-    *,
-    repo_id: str | None,
-    name: str,
-    ingredients: Sequence[ResolvedRef],
-    weights: Sequence[float],
-    base: ResolvedRef | None = None,
-    kept: Sequence[bool],
-    config: dict[str, Any] | None,
-    recipe_yaml: str,
-    license: str | None = None,
-    tags: Sequence[str] = (),
-    scores: Sequence[ModelScore] = (),
-    method: str = "uniform",
-    merge_method: MergeMethod | None = None,
-    bn_recalibrated: bool = False,
-    plan: MergePlan | None = None,
-    dtype: str | None = None,
-    warnings: Sequence[str] = (),
-    rebuild_pushes: bool = False,
-    adapter: AdapterCard | None = None,
-) -> ModelCard:
-    """The card for a soup.
+def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCard:
+    """The card of the soup a run made: a view of its result, like the CLI's closing lines and the step summary.
+
+    Read from ``result``: where the soup will live (the pinned recipe's push repo, used in the loading
+    snippet, else the output folder's name), its license and tags; every ingredient, pinned, with its weight and
+    whether it went in (a greedy soup drops some); the base, listed first among ``base_model`` (the model
+    tree shows the soup under it too, as mergekit's cards do); the method, described in its own words and
+    paper when it has a ``summary``, with its parameters; the plan, so the card says what was averaged, how,
+    and what was copied, in the recipe's ``dtype``; the scores (the model-index holds the soup's, every metric
+    of each, the primary first, a metric of one of several eval sets under that set's name and split); the
+    warnings (a soup pushed with ``force`` carries why it was held back); the pinned recipe, shown so the soup
+    can be rebuilt. A soup of LoRA adapters (``adapter_card``) has their base alone as ``base_model`` (they
+    are listed in the body and the recipe), and says how their deltas were combined.
 
     Args:
-        repo_id: where the soup will live (used in the loading snippet).
-        name: the soup's name when it has no repo yet (its output folder's name).
-        ingredients: every ingredient, pinned.
-        base: the base model of a method that needs one, pinned: listed first among
-            ``base_model`` (the model tree shows the soup under it too, as mergekit's cards do).
-        weights: the normalised weight of each kept ingredient (aligned with the kept ones).
-        kept: which ingredients went into the soup (a greedy soup drops some).
-        config: the soup's ``config.json`` (decides timm vs transformers instructions).
-        recipe_yaml: the pinned recipe, shown so the soup can be rebuilt.
-        method: how the card names the soup's method (``greedy`` for a greedy soup, ``greedy model_stock`` for
-            the ingredients greedy chose, combined by another method).
-        merge_method: the method that made the soup: one with a ``summary`` is described in its own
-            words and paper, and any method's parameters are listed.
-        scores: evaluation results, the soup's first; the model-index holds the soup's, every metric
-            of each (the primary first), a metric of one of several eval sets (an lm-eval harness task)
-            under that set's name and split.
-        bn_recalibrated: the soup's BatchNorm statistics were recomputed on eval data.
-        plan: the merge plan, so the card says what was averaged, how, and what was copied.
-        dtype: the ``--dtype`` every floating tensor was written in (``None``: each its own).
-        warnings: what the run warned about (a soup pushed with ``force`` carries why it was held back).
-        rebuild_pushes: the recipe pushes, so a rebuild would push too unless told ``--no-push``.
-        adapter: the soup is of LoRA adapters: ``base_model`` is their base alone (they are listed in the
-            body and the recipe), and the card says how their deltas were combined.
+        config: the soup's ``config.json`` (decides timm vs transformers instructions), which only the card reads.
     """
+    recipe = result.pinned_recipe
+    repo_id = recipe.push.repo_id if recipe.push is not None else None
+    adapter, ingredients, kept, scores = result.adapter_card, result.ingredients, result.kept, result.scores
+    assert result.output is not None  # the card is written into the soup's folder
+    name = repo_id or Path(os.path.abspath(result.output)).name  # -o . has a name too
     library, pipeline_tag = detect_library(config)
     library = library or next((r.library for r in ingredients if r.library), None)
     pipeline_tag = pipeline_tag or next((r.pipeline_tag for r in ingredients if r.pipeline_tag), None)
@@ -133,15 +111,16 @@ def build_card(
         library = "peft"
     soup_scores = [s.score for s in scores if s.model == "soup"]
     own_tags = ["merge", "model-soup", "hub-soup", *(["lora"] if adapter is not None else [])]
-    parents = [(base, True)] if adapter is not None else [(base, True), *zip(ingredients, kept)]
+    tags = recipe.push.tags if recipe.push is not None else []
+    parents = [(result.base, True)] if adapter is not None else [(result.base, True), *zip(ingredients, kept)]
     data = ModelCardData(
         base_model=[r.repo_id for r, k in parents if k and r is not None and r.repo_id] or None,
         base_model_relation="adapter" if adapter is not None and not adapter.merged else "merge",
         library_name=library,
         pipeline_tag=pipeline_tag,
-        license=agreed_license(ingredients, license),
+        license=agreed_license(ingredients, recipe.push.license if recipe.push is not None else None),
         tags=[*own_tags, *(t for t in tags if t not in own_tags)],
-        model_name=(repo_id or name).split("/")[-1] if soup_scores else None,
+        model_name=name.split("/")[-1] if soup_scores else None,
         eval_results=[
             EvalResult(
                 task_type=pipeline_tag or "other",
@@ -156,12 +135,11 @@ def build_card(
         ]
         or None,
     )
-    name = repo_id or name
-    first = (
-        adapter.summary if adapter is not None
-        else _what_it_is(method, merge_method, sum(kept))
-        + (f" {arithmetic(plan, dtype, merge_method)}" if plan is not None else "")
-    )
+    if adapter is not None:
+        first = adapter.summary
+    else:
+        done = arithmetic(result.plan, recipe.dtype, result.method)
+        first = _what_it_is(result.method_title, result.method, sum(kept)) + (f" {done}" if done else "")
     lines = [
         f"# {name.split('/')[-1]}",
         "",
@@ -169,7 +147,7 @@ def build_card(
         + (
             " The soup's BatchNorm running statistics were then recomputed on unlabelled evaluation "
             "inputs (as torch.optim.swa_utils.update_bn does), because that scored higher."
-            if bn_recalibrated
+            if result.bn_recalibrated
             else ""
         ),
         "",
@@ -178,7 +156,7 @@ def build_card(
         "| # | model | commit | weight | in the soup |" + (" score |" if len(scores) > 1 else ""),
         "|---|---|---|---|---|" + ("---|" if len(scores) > 1 else ""),
     ]
-    weight_of = iter(weights)
+    weight_of = iter(result.weights)
     for i, (ref, used) in enumerate(zip(ingredients, kept)):
         where, sha = _model_cell(ref)
         weight = f"{next(weight_of):.4f}" if used else "-"
@@ -187,32 +165,29 @@ def build_card(
             match = next((s.score for s in scores if s.model == ref.label), None)
             row += f" {match.value:.4f} |" if match else " |"
         lines.append(row)
-    if base is not None:
-        where, sha = _model_cell(base)
-        uses = merge_method.name if merge_method is not None else method
-        role = "the model the adapters were trained on" if adapter is not None else (
-            f"the ingredients' common start, used by the {uses} method"
-        )
-        lines += ["", f"Base model ({role}): {where} at {sha}"]
-    parameters = merge_method.parameters.model_dump(mode="json", by_alias=True) if merge_method is not None else {}
+    if result.base is not None:
+        where, sha = _model_cell(result.base)
+        used_by = f", used by the {result.method.name} method" if result.method.needs_base else ""
+        lines += ["", f"Base model ({result.base_role}{used_by}): {where} at {sha}"]
+    parameters = result.method.parameters.model_dump(mode="json", by_alias=True)
     if parameters:
         lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
     if scores:
         lines += ["", "## Evaluation", "", "| model | split | metric | value |", "|---|---|---|---|"]
         lines += score_rows(scores)
-    if warnings:
+    if result.warnings:
         lines += ["", "## Warnings", "", "hub-soup warned about this soup when it was made:", ""]
-        lines += [f"- {warning}" for warning in warnings]
+        lines += [f"- {warning}" for warning in result.warnings]
     rebuild = "`hub-soup run hub-soup.yaml -o rebuilt`" + (
-        " (add `--no-push` to keep it local: the recipe pushes)" if rebuild_pushes else ""
+        " (add `--no-push` to keep it local: the recipe pushes)" if recipe.push is not None else ""
     )
     usage = (
-        _peft_usage(base, pipeline_tag, repo_id, name) if adapter is not None and not adapter.merged
+        _peft_usage(result.base, pipeline_tag, repo_id, name) if adapter is not None and not adapter.merged
         else _usage(library, pipeline_tag, repo_id, name)
     )
     lines += ["", "## How to use", "", *usage, "", "## Recipe", "",
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
-              recipe_yaml.rstrip(), "```", ""]
+              recipe.to_yaml().rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
@@ -222,10 +197,10 @@ def _model_cell(ref: ResolvedRef) -> tuple[str, str]:
     return where, f"`{ref.sha[:12]}`" if ref.sha else "local"
 
 
-def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> str:
+def _what_it_is(method: str, merge_method: MergeMethod, count: int) -> str:
     """The card's first sentence: a weight average (the model soup), or what the method says it did."""
     made_with = "made with [hub-soup](https://github.com/hub-soup/hub-soup)"
-    if merge_method is None or merge_method.summary is None:
+    if merge_method.summary is None:
         return (
             f"A model soup: the {method} weight average of {count} fine-tuned models "
             f"([Wortsman et al., 2022](https://arxiv.org/abs/2203.05482)), {made_with}."
@@ -239,16 +214,15 @@ def _what_it_is(method: str, merge_method: MergeMethod | None, count: int) -> st
     )
 
 
-def arithmetic(plan: MergePlan, dtype: str | None, merge_method: MergeMethod | None = None) -> str:
+def arithmetic(plan: MergePlan, dtype: str | None, method: MergeMethod) -> str:
     """What the merge did to each kind of tensor, true for this plan, ``--dtype`` and method.
 
     A method with a card ``summary`` merged its tensors (it is not an average); the dtype
-    they were computed in is the engine's own rule (:func:`hub_soup.merging.engine.kernel_dtype`;
-    without a method, an average's); excluded floating tensors are copied (and cast to
-    ``--dtype``); integer and bool tensors are copied unchanged.
+    they were computed in is the engine's own rule (:func:`hub_soup.merging.engine.kernel_dtype`);
+    excluded floating tensors are copied (and cast to ``--dtype``); integer and bool tensors are
+    copied unchanged.
     """
-    merged = merge_method is not None and merge_method.summary is not None
-    method = merge_method if merge_method is not None else Uniform()
+    merged = method.summary is not None
     averaged = [t for t in plan.tensors if t.average]
     excluded = [t for t in plan.tensors if not t.average and t.meta.dtype.is_floating_point]
     integers = [t for t in plan.tensors if not t.meta.dtype.is_floating_point]

@@ -1,0 +1,75 @@
+"""Scoring: every ingredient, the base of a method (or of adapters) that has one, and the soup (greedy or
+not), with optional BN recalibration, through the scorers the soup's kind gives.
+
+One model is built, from the soup's reference config, in the eval dtype
+(:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored (on the
+test split too) is streamed into that one instance: ingredients (and the base) from their
+files, candidate soups from the streamed engine (in the dtypes written), so what is scored,
+and then written, is what the streamed merge writes, and memory stays near one model. Greedy
+chooses the ingredients; the recipe's method (Model Stock, with its base) combines each
+candidate set.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+from hub_soup.eval.evaluate import Evaluator, eval_dtype
+from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.eval.score import ModelScore
+from hub_soup.recipe import Recipe
+from hub_soup.report import method_title
+from hub_soup.soups import Soup, SoupKind
+
+
+def score(
+    recipe: Recipe, kind: SoupKind[Any], soup: Soup, trust_remote_code: bool, stack: ExitStack
+) -> GreedyReport:
+    """The report of scoring the soup's candidates (see the module docstring).
+
+    The evaluators (the model, and its offload folder) go when ``stack`` closes: after the soup is
+    written, since the report's soup may be read back from the model that holds it.
+    """
+    assert recipe.eval is not None
+    dtype = eval_dtype(recipe.eval.dtype, soup.metas, soup.device)
+    options: dict[str, Any] = {
+        "device": soup.device, "trust_remote_code": trust_remote_code, "backend": soup.backend, "dtype": dtype,
+    }
+    evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, **options))
+    test_evaluator = (  # scores in the evaluator's model: one model in memory for both splits
+        stack.enter_context(
+            Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, model_of=evaluator, **options)
+        )
+        if recipe.eval.test_split
+        else None
+    )
+    labels = [c.label for c in soup.checkpoints]
+    scorers = kind.scorers(soup)
+    judged: dict[str, Any] = {
+        "recalibrate_bn_batches": recipe.recalibrate_bn,
+        "test_evaluator": test_evaluator,
+        "ensemble": recipe.ensemble_reference,
+        "base": scorers.base,
+    }
+    if recipe.greedy:
+        return greedy_soup(
+            labels, scorers.load, evaluator, soup_of=scorers.soup_of, method=method_title(recipe),
+            alone_is_soup=scorers.alone_is_soup, **judged,
+        )
+    return score_soup(labels, scorers.load, scorers.soup_of(range(len(labels))), evaluator, method=recipe.method,
+                      **judged)
+
+
+def scores_of(report: GreedyReport) -> list[ModelScore]:
+    """The soup's, each ingredient's and the base's scores, held-out split first, then the test split."""
+    base = report.base_name or ""  # a base's scores exist only with its name
+    scores = [ModelScore("soup", report.soup_score)]
+    scores += [ModelScore(label, s) for label, s in zip(report.labels, report.ingredient_scores)]
+    scores += [ModelScore(base, report.base_score)] if report.base_score is not None else []
+    # like with like: the soup's BN statistics were recalibrated
+    saved = [*zip(report.labels, report.ingredient_scores_as_saved or []), (base, report.base_score_as_saved)]
+    scores += [ModelScore(f"{label} (BN statistics as saved)", s) for label, s in saved if s is not None]
+    scores += [ModelScore(name, s) for name, s in (report.test_scores or {}).items()]
+    scores += [ModelScore(base, report.base_test_score)] if report.base_test_score is not None else []
+    return scores

@@ -1,0 +1,144 @@
+"""A soup of full models: every tensor of each ingredient, merged by the recipe's method (with its base
+if it uses one).
+
+Early, from safetensors headers and configs over HTTP, the ingredients (and the base, in its
+role) are aligned and their configs compared, so a mismatch costs seconds, not a download.
+Scored candidates are the engine's soups of any subset of the ingredients; the soup written is
+the scored one as it was scored, or, unscored, the streamed merge with the shared-initialization
+check riding along its reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from huggingface_hub import constants
+
+from hub_soup.errors import RecipeError
+from hub_soup.eval.backends import Backend
+from hub_soup.eval.greedy import Base, GreedyReport
+from hub_soup.hub.resolve import ResolvedRef
+from hub_soup.ingredients import Models, early_layouts, layout_of, layouts_of, remote_config
+from hub_soup.io.read import Checkpoint
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.engine import (
+    MergeStats,
+    Weights,
+    base_weights,
+    ingredient_weights,
+    output_metas,
+    soup_weights,
+    stream_merge,
+    write_weights,
+)
+from hub_soup.merging.plan import align
+from hub_soup.merging.side_files import check_configs, choose_side_files
+from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
+from hub_soup.recipe import Recipe
+from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
+
+logger = logging.getLogger(__name__)
+
+# Elements of each tensor the shared-initialization check reads during a merge.
+SIMILARITY_SAMPLE = 1 << 16
+
+
+class Full(SoupKind[Soup]):
+    """Full models, merged by the recipe's method.
+
+    Raises:
+        RecipeError: the recipe sets what only a soup of LoRA adapters uses.
+    """
+
+    def __init__(self, recipe: Recipe, models: Models[ResolvedRef]) -> None:
+        adapter_only = {"max_rank": recipe.output.max_rank, "merge_into_base": recipe.output.merge_into_base,
+                        "adapter_base": recipe.adapter_base}
+        given = [name for name, value in adapter_only.items() if value]
+        if given:
+            raise RecipeError(
+                f"{given[0]} is for soups of LoRA adapters; the ingredients are full models",
+                hint=f"drop --{given[0].replace('_', '-')}",
+            )
+        super().__init__(recipe, models)
+
+    def check_before_download(self, local: Models[Checkpoint | None], token: str | bool | None) -> None:
+        """Align from safetensors headers, and compare configs, over HTTP; the base is aligned in its role, its
+        config not compared (a base may carry another head). Local (and cached) files alone are checked right
+        after opening, which reads headers only."""
+        if all(ref.kind == "local" for ref in self.models) or constants.is_offline_mode():
+            return
+        layouts = early_layouts(self.models, local, token)
+        if layouts is not None:  # tensor shapes first (pickled weights are aligned after download)
+            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)
+        check_configs([
+            (ref.label, checkpoint.config if checkpoint is not None else remote_config(ref, token))
+            for ref, checkpoint in zip(self.models.ingredients, local.ingredients)
+        ])
+        logger.info("headers and configs agree across %d ingredients%s; downloading", len(self.models.ingredients),
+                    " and the base" if self.models.base is not None else "")
+
+    def prepare(self, opened: Models[Checkpoint], backend: Backend, device: torch.device) -> Soup:
+        """Align the ingredients (the base in its role), check their configs, and choose the side files."""
+        checkpoints, base = opened.ingredients, opened.base
+        plan = align(layouts_of(checkpoints), self.recipe.exclude, base=layout_of(base) if base is not None else None)
+        for note in plan.notes:
+            logger.info(note)
+        check_configs([(c.label, c.config) for c in checkpoints])
+        chosen = choose_side_files(checkpoints)
+        dtype = getattr(torch, self.recipe.dtype) if self.recipe.dtype else None
+        return Soup(
+            checkpoints=checkpoints, base=base, plan=plan, method=self.recipe.merge_method(), dtype=dtype,
+            metas=output_metas(plan, dtype), device=backend.device_for(device), side_files=chosen,
+            reference=checkpoints[chosen.config_source or 0], backend=backend,
+        )
+
+    def scorers(self, soup: Soup) -> Scorers:
+        """Each ingredient as saved, the recipe's soup of any subset of them (greedy's), and the base of a method
+        that has one, each streamed from the files."""
+        checkpoints, plan = soup.checkpoints, soup.plan
+
+        def soup_of(members: Sequence[int]) -> Weights:
+            """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
+            chosen = [checkpoints[i] for i in members]  # greedy's subsets: its methods take no weights
+            return soup_weights(chosen, plan.select(members), soup.method, soup.dtype, base=soup.base,
+                                device=soup.device)
+
+        def load(index: int) -> Weights:
+            return ingredient_weights(checkpoints[index], plan, index)
+
+        base = None
+        if soup.base is not None:
+            base_checkpoint = soup.base
+            base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], plan))
+        # an average of one ingredient in its own dtypes is that ingredient: greedy's first step is judged already
+        alone_is_soup = self.recipe.greedy and soup.method.averages and all(
+            soup_of([i]).metas == load(i).metas for i in range(len(checkpoints))
+        )
+        return Scorers(load, soup_of, base, alone_is_soup)
+
+    def output(
+        self, soup: Soup, members: Sequence[int], weights: Sequence[float], report: GreedyReport | None
+    ) -> Output:
+        """The soup's tensors (written by :func:`write_tensors`) and its side files, config.json in its dtype."""
+        config = soup_config(soup.reference, self.recipe.dtype)
+        return Output(
+            metas=soup.metas, plan=soup.plan, write=lambda writer: write_tensors(writer, soup, report),
+            files=side_file_contents(soup.side_files, config), config=config,
+            combined="averaged" if soup.method.summary is None else f"merged by {soup.method.name}",
+        )
+
+
+def write_tensors(writer: SoupWriter, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
+    """Write the soup's tensors: the scored soup as it was scored (read back from the model that holds it, or
+    merged again; BN statistics recalibrated or not), or, unscored, the streamed merge, with the
+    shared-initialization check riding along its reads."""
+    if report is not None:
+        stats = write_weights(report.soup, soup.plan, soup.metas, writer)
+        return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
+    gram = GramAccumulator(len(soup.checkpoints), SIMILARITY_SAMPLE)
+    stats = stream_merge(
+        soup.checkpoints, soup.plan, soup.method, writer, soup.dtype, base=soup.base, device=soup.device, gram=gram
+    )
+    return stats, gram.similarity([c.label for c in soup.checkpoints])
