@@ -141,17 +141,17 @@ def slerp(
     guard, within 1e-4 relative of SLERP for parallel vectors) it is the linear ``(1 - t) v0 + t v1``.
     A norm at most ``eps`` counts as 1 for the angle (zero tensors). ``t`` is one number per tensor.
     """
-    v0 = _needs_base("slerp", base).reshape(-1)
+    anchor = _needs_base("slerp", base)
     _exactly("slerp", tensors, 1)
-    v1 = _f64(tensors[0]).reshape(-1)
+    v0, v1 = anchor.reshape(-1), _f64(tensors[0]).reshape(-1)
     if v0.numel() == 0:
-        return v0.reshape(base.shape)  # type: ignore[union-attr]
+        return anchor
     n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
     n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
     n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
     cos = torch.dot(v0 / n0, v1 / n1).clamp(-1, 1)
     c0, c1 = _slerp_coefficients(t, cos, cos.abs() > dot_threshold)
-    return (c0 * v0 + c1 * v1).reshape(base.shape)  # type: ignore[union-attr]
+    return (c0 * v0 + c1 * v1).reshape(anchor.shape)
 
 
 def _nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor:
