@@ -38,11 +38,11 @@ def _new_repo(api: HfApi, repo_type: str = "model", private: bool = False) -> st
     return api.create_repo(f"repo-{uuid.uuid4().hex[:12]}", repo_type=repo_type, private=private).repo_id
 
 
-def _upload_sample(api: HfApi, repo_id: str, tmp_path: Path) -> str:
+def _upload_sample(api: HfApi, repo_id: str, tmp_path: Path, weights: bytes = WEIGHTS) -> str:
     folder = tmp_path / "upload"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_bytes(TEXT)
-    (folder / "model.safetensors").write_bytes(WEIGHTS)
+    (folder / "model.safetensors").write_bytes(weights)
     return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="add files").oid
 
 
@@ -54,13 +54,15 @@ def api(hub_token: str) -> HfApi:
 def test_upload_then_download_roundtrip(hub: HubServer, api: HfApi, hub_token: str, tmp_path: Path) -> None:
     repo_id = _new_repo(api)
     assert repo_id.startswith(f"{TEST_USER}/")
+    # bytes no other test uploads: the server keeps LFS objects across repos, and one it has is not sent again
+    weights = WEIGHTS + repo_id.encode()
     hub.requests.clear()
-    commit_oid = _upload_sample(api, repo_id, tmp_path)
+    commit_oid = _upload_sample(api, repo_id, tmp_path, weights)
 
     assert any(method == "PUT" and path.startswith("/lfs-upload/") for method, path in hub.requests)
     files = hub.files(repo_id)
     assert set(files) == {".gitattributes", "notes.txt", "model.safetensors"}
-    assert files["notes.txt"] == TEXT and files["model.safetensors"] == WEIGHTS
+    assert files["notes.txt"] == TEXT and files["model.safetensors"] == weights
     assert b"*.safetensors filter=lfs" in files[".gitattributes"]
     assert api.create_repo(repo_id, exist_ok=True).repo_id == repo_id
     history = hub.commits(repo_id)
@@ -69,21 +71,21 @@ def test_upload_then_download_roundtrip(hub: HubServer, api: HfApi, hub_token: s
 
     info = api.model_info(repo_id, files_metadata=True)
     siblings = {s.rfilename: s for s in info.siblings or []}
-    assert siblings["model.safetensors"].lfs is not None and siblings["model.safetensors"].lfs.size == len(WEIGHTS)
+    assert siblings["model.safetensors"].lfs is not None and siblings["model.safetensors"].lfs.size == len(weights)
     assert siblings["notes.txt"].lfs is None and siblings["notes.txt"].blob_id == git_blob_oid(TEXT)
 
     text_meta = get_hf_file_metadata(hf_hub_url(repo_id, "notes.txt"), token=hub_token)
     lfs_meta = get_hf_file_metadata(hf_hub_url(repo_id, "model.safetensors"), token=hub_token)
     assert info.sha == text_meta.commit_hash == commit_oid
     assert text_meta.etag == git_blob_oid(TEXT) and text_meta.size == len(TEXT)
-    assert lfs_meta.etag == siblings["model.safetensors"].lfs.sha256 and lfs_meta.size == len(WEIGHTS)
+    assert lfs_meta.etag == siblings["model.safetensors"].lfs.sha256 and lfs_meta.size == len(weights)
 
     cache = tmp_path / "cache"
-    assert Path(hf_hub_download(repo_id, "model.safetensors", cache_dir=cache)).read_bytes() == WEIGHTS
+    assert Path(hf_hub_download(repo_id, "model.safetensors", cache_dir=cache)).read_bytes() == weights
     snapshot = Path(snapshot_download(repo_id, cache_dir=tmp_path / "snapshot-cache"))
     assert snapshot.name == commit_oid
     assert (snapshot / "notes.txt").read_bytes() == TEXT
-    assert (snapshot / "model.safetensors").read_bytes() == WEIGHTS
+    assert (snapshot / "model.safetensors").read_bytes() == weights
 
 
 def test_pinned_sha_and_unchanged_push(hub: HubServer, api: HfApi, tmp_path: Path) -> None:
