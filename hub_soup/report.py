@@ -11,13 +11,14 @@ Nothing here imports torch: a failed run writes its step summary without the pip
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from hub_soup.eval.greedy import GreedyReport
-    from hub_soup.eval.score import ModelScore
+    from hub_soup.eval.score import Score
     from hub_soup.hub.card import AdapterCard
     from hub_soup.hub.push import PushResult
     from hub_soup.hub.resolve import ResolvedRef
@@ -26,6 +27,23 @@ if TYPE_CHECKING:
     from hub_soup.merging.plan import MergePlan
     from hub_soup.merging.similarity import Similarity
     from hub_soup.recipe import Recipe
+
+
+class ModelScore(NamedTuple):
+    """A score with the model it belongs to (``soup``, ``ensemble`` or an ingredient's label): a card row."""
+
+    model: str
+    score: Score
+
+
+def score_rows(scores: Sequence[ModelScore]) -> list[str]:
+    """Markdown rows ``| model | split | metric | value |`` for the card and the step summary:
+    every metric of every score, each score's primary first (a metric of one of several eval sets in its own split)."""
+    return [
+        f"| {model} | {metric.split or score.split} | {metric.name} | {value:.4f} |"
+        for model, score in scores
+        for metric, value in score.measurements()
+    ]
 
 
 @dataclass

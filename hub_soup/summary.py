@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hub_soup.eval.score import score_rows
 from hub_soup.io.sizes import describe_size
+from hub_soup.report import score_rows
 
 if TYPE_CHECKING:  # a failed run writes its summary too, without importing the pipeline (and torch)
     from hub_soup.report import SoupResult

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from hub_soup.eval.metrics import Metric
 
@@ -70,23 +69,6 @@ class Score:
 
     def __str__(self) -> str:
         return f"{self.metric} {self.formatted()}"
-
-
-class ModelScore(NamedTuple):
-    """A score with the model it belongs to (``soup``, ``ensemble`` or an ingredient's label): a card row."""
-
-    model: str
-    score: Score
-
-
-def score_rows(scores: Sequence[ModelScore]) -> list[str]:
-    """Markdown rows ``| model | split | metric | value |`` for the card and the step summary:
-    every metric of every score, each score's primary first (a metric of one of several eval sets in its own split)."""
-    return [
-        f"| {model} | {metric.split or score.split} | {metric.name} | {value:.4f} |"
-        for model, score in scores
-        for metric, value in score.measurements()
-    ]
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hub_soup.eval.score import score_rows
 from hub_soup.hub.library import HEAD_TAGS, detect_library
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import kernel_dtype
 from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import MergePlan
+from hub_soup.report import score_rows
 
 if TYPE_CHECKING:
     from hub_soup.report import SoupResult

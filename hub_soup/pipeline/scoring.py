@@ -17,9 +17,8 @@ from typing import Any
 
 from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
-from hub_soup.eval.score import ModelScore
 from hub_soup.recipe import Recipe
-from hub_soup.report import method_title
+from hub_soup.report import ModelScore, method_title
 from hub_soup.soups import Soup, SoupKind
 
 
