@@ -166,7 +166,13 @@ def stream_merge(
     number of ingredients: the read slots, the accumulator and the write slots
     are a few MiB, reused for everything. A method with statistics passes
     (:meth:`~hub_soup.merging.methods.MergeMethod.statistics_passes`) reads each
-    merged tensor once more per pass, through the same read-ahead, before it merges it.
+    merged tensor once more per pass, through the same read-ahead, before it merges it;
+    a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method is given each
+    merged tensor whole instead (memory: its inputs, and what the method computes).
+
+    What each output tensor is made of is ``plan``'s: the inputs it names (another key
+    or layer of an ingredient, rows of it), and the tensor's own method parameters, which
+    :meth:`~hub_soup.merging.methods.MergeMethod.for_tensor` gives the method.
 
     Args:
         method: the merge method, with its parameters and weights (one per checkpoint).
@@ -191,8 +197,8 @@ def stream_merge(
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
     methods = {t.key: method.for_tensor(t.parameters) for t in plan.tensors if t.average}
-    merged = {key: MergedTensor(key, t.meta.numel, kernel_dtype(methods[key], t.meta.dtype, metas[key].dtype))
-              for key, t in ((t.key, t) for t in plan.tensors if t.average)}
+    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(methods[t.key], t.meta.dtype, metas[t.key].dtype))
+              for t in plan.tensors if t.average}
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
     sources = {t.key: _sources(checkpoints, base, t) for t in plan.tensors}
@@ -204,7 +210,6 @@ def stream_merge(
         _positions(plan, sources, chunk_elements, passes), width,
         chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
-    read = _BytesRead(reader)
     try:
         with torch_threads(threads or merge_threads()), _WriteBehind(
             sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
@@ -215,17 +220,17 @@ def stream_merge(
                 found = _NonFinite()
                 tensor_method = methods.get(tensor.key)
                 if tensor_method is not None and tensor_method.whole_tensor:
-                    _merge_whole(tensor, tensor_method, merged[tensor.key], sources[tensor.key], read, out,
+                    _merge_whole(tensor, tensor_method, merged[tensor.key], sources[tensor.key], reader, out,
                                  out_dtype, chunk_elements, device, gram, sample, found)
                 else:
                     statistics = None
                     if tensor_method is not None:
                         statistics = _statistics(tensor, tensor_method, merged[tensor.key], passes[tensor.key],
-                                                 read, chunk_elements)
+                                                 reader, chunk_elements)
                     out.begin(tensor.key)
                     count = len(tensor.inputs)
                     for begin in range(0, tensor.meta.numel, chunk_elements):
-                        chunks = read.next()
+                        chunks = reader.next()
                         soup = out.slot(chunks[0].numel(), out_dtype)
                         if tensor_method is not None:
                             if begin < sample:
@@ -237,50 +242,34 @@ def stream_merge(
                             if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow
                                 _check_finite(soup, chunks[0], chunks[:1], found)
                         out.submit()
-                        read.release()
+                        reader.release()
                 if found.any:  # a scale that a method chose can be chosen smaller; an average's cannot
                     scalable = tensor_method is not None and not tensor_method.averages
                     found.settle(tensor, out_dtype, [c.label for c, _ in sources[tensor.key]], scalable)
-                bar.update(read.bytes - bar.n)
+                bar.update(reader.bytes_read - bar.n)
     finally:
         reader.close()
-    return _stats(plan, metas, read.bytes, start_time)
-
-
-class _BytesRead:
-    """The read-ahead's positions, counted: the bytes every chunk handed out held (for the progress bar
-    and the summary)."""
-
-    def __init__(self, reader: _ReadAhead) -> None:
-        self._reader, self.bytes = reader, 0
-
-    def next(self) -> list[torch.Tensor]:
-        chunks = self._reader.next()
-        self.bytes += sum(chunk.nbytes for chunk in chunks)
-        return chunks
-
-    def release(self) -> None:
-        self._reader.release()
+    return _stats(plan, metas, reader.bytes_read, start_time)
 
 
 def _statistics(
-    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: int, read: _BytesRead, chunk_elements: int,
+    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: int, reader: _ReadAhead, chunk_elements: int,
 ) -> Any:
     """What ``method``'s statistics passes over ``tensor`` (``passes`` reads of it) make of it, for its kernel."""
     statistics = method.start_statistics(merged)
     count = len(tensor.inputs)
     for _ in range(passes):
         for _ in range(0, tensor.meta.numel, chunk_elements):
-            chunks = read.next()
+            chunks = reader.next()
             statistics = method.observe(statistics, chunks[:count], chunks[count] if len(chunks) > count else None)
-            read.release()
+            reader.release()
         statistics = method.finish_statistics(statistics, merged)
     return statistics
 
 
 def _merge_whole(
     tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, sources: list[tuple[Checkpoint, Input]],
-    read: _BytesRead, out: _WriteBehind, out_dtype: torch.dtype, chunk_elements: int, device: torch.device,
+    reader: _ReadAhead, out: _WriteBehind, out_dtype: torch.dtype, chunk_elements: int, device: torch.device,
     gram: GramAccumulator | None, sample: int, found: _NonFinite,
 ) -> None:
     """``tensor`` merged by a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method: every input
@@ -290,12 +279,12 @@ def _merge_whole(
     numel, count = tensor.meta.numel, len(tensor.inputs)
     wholes = [torch.empty(numel, dtype=checkpoint.metas[source.key].dtype) for checkpoint, source in sources]
     for begin in range(0, numel, chunk_elements):
-        chunks = read.next()
+        chunks = reader.next()
         if begin < sample:
             gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
         for whole, chunk in zip(wholes, chunks):
             whole[begin : begin + chunk.numel()].copy_(chunk)
-        read.release()
+        reader.release()
     parts = [whole.view(tensor.meta.shape).to(device) for whole in wholes]
     result = method.merge_tensor(parts[:count], parts[count] if len(parts) > count else None, merged)
     if tuple(result.shape) != tuple(tensor.meta.shape):
@@ -653,11 +642,13 @@ class _ReadAhead:
     hands the oldest slot back once they are used, and the slot's next read
     starts at once. One job reads a whole position, so the threads take the GIL
     once per position, not once per chunk. With ``slots == 0`` every read
-    happens in ``next()``, in the caller's thread.
+    happens in ``next()``, in the caller's thread. :attr:`bytes_read` counts the
+    chunks handed out (for the progress bar and the summary).
     """
 
     def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
         self._positions = positions
+        self.bytes_read = 0
         # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
         rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
         self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
@@ -679,10 +670,13 @@ class _ReadAhead:
 
     def next(self) -> list[torch.Tensor]:
         if self._pool is None:
-            return self._read(next(self._positions), 0)
-        slot, future = self._pending.popleft()
-        self._in_use.append(slot)
-        return future.result()
+            chunks = self._read(next(self._positions), 0)
+        else:
+            slot, future = self._pending.popleft()
+            self._in_use.append(slot)
+            chunks = future.result()
+        self.bytes_read += sum(chunk.nbytes for chunk in chunks)
+        return chunks
 
     def release(self) -> None:
         if self._pool is not None:
