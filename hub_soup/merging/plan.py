@@ -6,6 +6,13 @@ mismatch is found in seconds, before anything large is downloaded. The first
 ingredient sets the canonical names, order and tied-weight convention. A base
 model (the one the ingredients were fine-tuned from, for methods that need it)
 has its own role: it is aligned like an ingredient, but it is not one.
+
+The plan is data the engine reads: per output tensor, its :class:`Input` s (an
+ingredient's key, where needed some of its rows or another layer's tensor) and its
+own method parameters. Alignment makes the plain plan (every ingredient's tensor of
+the same name, the recipe's parameters); the helpers below make the rest of it
+(:meth:`MergePlan.with_parameters` with :func:`resolve_setting` for gradients and
+filters, :func:`restack` for layer stacking, :meth:`TensorPlan.gathered` for rows).
 """
 
 from __future__ import annotations
