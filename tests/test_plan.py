@@ -161,7 +161,7 @@ def test_a_tensors_own_parameters_make_what_a_merge_with_them_makes(
         ck.assert_bit_equal(soup[k], (given if k == key else plain)[k], k)
 
 
-def test_a_tensors_parameters_are_checked_as_a_recipes_are() -> None:
+def test_a_tensors_parameters_are_checked_as_a_recipes_are(tmp_path: Path) -> None:
     ties = get_method("ties")({"density": 0.5})
     assert ties.for_tensor({}) is ties
     assert ties.for_tensor({"density": 0.4}) is ties.for_tensor({"density": 0.4})  # made once per merge
@@ -173,6 +173,11 @@ def test_a_tensors_parameters_are_checked_as_a_recipes_are() -> None:
         get_method("slerp")({"t": 0.5}).for_tensor({"weight": [1.0, 2.0]})
     with pytest.raises(RecipeError, match="extra|not permitted"):
         ties.for_tensor({"densty": 0.5})
+
+    key = "model.layers.1.mlp.up_proj.weight"  # the merge stops before it reads, naming the tensor
+    with pytest.raises(RecipeError, match=rf"^{key}: density: Extra inputs are not permitted"):
+        merge_both_ways(tmp_path, _pair(7), get_method("uniform")(),
+                        planned=lambda plan: plan.with_parameters(lambda t: {"density": 2.0} if t.key == key else None))
 
 
 def test_select_keeps_the_per_input_values_of_the_inputs_it_keeps() -> None:

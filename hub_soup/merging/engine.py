@@ -196,7 +196,7 @@ def stream_merge(
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
-    methods = {t.key: method.for_tensor(t.parameters) for t in plan.tensors if t.average}
+    methods = _tensor_methods(plan, method)
     merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(methods[t.key], t.meta.dtype, metas[t.key].dtype))
               for t in plan.tensors if t.average}
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
@@ -250,6 +250,19 @@ def stream_merge(
     finally:
         reader.close()
     return _stats(plan, metas, reader.bytes_read, start_time)
+
+
+def _tensor_methods(plan: MergePlan, method: MergeMethod) -> dict[str, MergeMethod]:
+    """Each merged tensor's method: ``method`` with the tensor's own parameters, checked before anything
+    is read (a message names the tensor whose parameters do not fit)."""
+    methods = {}
+    for tensor in plan.tensors:
+        if tensor.average:
+            try:
+                methods[tensor.key] = method.for_tensor(tensor.parameters)
+            except RecipeError as exc:
+                raise RecipeError(f"{tensor.key}: {exc.message}", hint=exc.hint) from None
+    return methods
 
 
 def _statistics(
