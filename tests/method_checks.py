@@ -6,7 +6,7 @@ kernel see every tensor in pieces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from hub_soup.io.read import open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import merged_state_dict, output_metas, stream_merge
 from hub_soup.merging.methods import MergeMethod
-from hub_soup.merging.plan import align
+from hub_soup.merging.plan import MergePlan, align
 from tests import checkpoints as ck
 
 # (chunk_elements, block_elements): none divides the tensors' sizes; the last is the engine's default.
@@ -34,15 +34,18 @@ def odd_tensors(generator: torch.Generator, scale: float = 1.0) -> StateDict:
 
 def merge_both_ways(
     tmp_path: Path, states: Sequence[StateDict], method: MergeMethod, base: StateDict | None = None,
-    cut: tuple[int, int] = CUTS[0],
+    cut: tuple[int, int] = CUTS[0], planned: Callable[[MergePlan], MergePlan] | None = None,
 ) -> StateDict:
-    """The soup of ``states`` (the base's, where given) in memory, checked bit for bit against the streamed one."""
+    """The soup of ``states`` (the base's, where given) in memory, checked bit for bit against the streamed one;
+    ``planned`` turns the aligned plan into the one merged (per-tensor parameters, rows, layers)."""
     paths = [ck.save_safetensors(s, tmp_path / f"in{i}.safetensors") for i, s in enumerate(states)]
     opened = [open_checkpoint(p) for p in paths]
     base_checkpoint = open_checkpoint(ck.save_safetensors(base, tmp_path / "base.safetensors")) if base else None
     options = {"chunk_elements": cut[0], "block_elements": cut[1], "base": base_checkpoint}
     try:
         plan = align(layouts_of(opened), base=layouts_of([base_checkpoint])[0] if base_checkpoint else None)
+        if planned is not None:
+            plan = planned(plan)
         scored = merged_state_dict(opened, plan, method, **options)
         out = tmp_path / f"soup-{cut[0]}"
         with SoupWriter(out, output_metas(plan, None), 10**9) as writer:

@@ -54,7 +54,7 @@ class AdapterOutput:
 
     def plan(self, count: int) -> MergePlan:
         """The written tensors as a plan (each made of all ``count`` kept adapters), for the closing summary."""
-        return MergePlan([TensorPlan(key, meta, (key,) * count, True) for key, meta in self.metas.items()])
+        return MergePlan([TensorPlan.aligned(key, meta, (key,) * count, True) for key, meta in self.metas.items()])
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -302,12 +302,7 @@ def interpolate(a: Checkpoint, b: Checkpoint, plan: MergePlan, alpha: float) -> 
 
 def _base_as_last(plan: MergePlan) -> MergePlan:
     """``plan`` with its base (if any) as a third ingredient, for the weight similarity of all three."""
-    if plan.base is None:
-        return plan
-    return replace(plan, base=None, tensors=[
-        # a tensor that is not averaged has no base source, and weight similarity never reads it
-        replace(t, sources=(*t.sources, t.base_source or t.sources[0]), base_source=None) for t in plan.tensors
-    ])
+    return plan.with_base_as_ingredient()
 
 
 def plot_curve(report: DiagnoseReport, path: Path) -> Path:

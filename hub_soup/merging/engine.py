@@ -46,7 +46,7 @@ from hub_soup.io import direct_io
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.methods import MergedTensor, MergeMethod
-from hub_soup.merging.plan import MergePlan, TensorPlan
+from hub_soup.merging.plan import Input, MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
 from hub_soup.threads import merge_threads, torch_threads
 
@@ -166,7 +166,13 @@ def stream_merge(
     number of ingredients: the read slots, the accumulator and the write slots
     are a few MiB, reused for everything. A method with statistics passes
     (:meth:`~hub_soup.merging.methods.MergeMethod.statistics_passes`) reads each
-    merged tensor once more per pass, through the same read-ahead, before it merges it.
+    merged tensor once more per pass, through the same read-ahead, before it merges it;
+    a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method is given each
+    merged tensor whole instead (memory: its inputs, and what the method computes).
+
+    What each output tensor is made of is ``plan``'s: the inputs it names (another key
+    or layer of an ingredient, rows of it), and the tensor's own method parameters, which
+    :meth:`~hub_soup.merging.methods.MergeMethod.for_tensor` gives the method.
 
     Args:
         method: the merge method, with its parameters and weights (one per checkpoint).
@@ -183,7 +189,6 @@ def stream_merge(
     _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
     start_time = time.perf_counter()
-    count = len(checkpoints)
     inputs = [*checkpoints, *([base] if base is not None else [])]
     chunk_elements = chunk_elements or chunk_elements_for(inputs)
     # The block is about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
@@ -191,15 +196,18 @@ def stream_merge(
     metas = output_metas(plan, dtype)
     buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
                for d in (torch.float32, torch.float64)}
-    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(method, t.meta.dtype, metas[t.key].dtype))
+    methods = _tensor_methods(plan, method)
+    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(methods[t.key], t.meta.dtype, metas[t.key].dtype))
               for t in plan.tensors if t.average}
-    passes = {key: method.statistics_passes(m.dtype) for key, m in merged.items()}
+    passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
+              for key, m in merged.items()}
+    sources = {t.key: _sources(checkpoints, base, t) for t in plan.tensors}
     total_read = sum(
-        t.meta.nbytes * (len(inputs) * (1 + passes[t.key]) if t.average else 1) for t in plan.tensors
+        t.meta.nbytes * len(sources[t.key]) * (1 + passes[t.key] if t.average else 1) for t in plan.tensors
     )
-    bytes_read = 0
+    width = max((len(s) for s in sources.values()), default=1)
     reader = _ReadAhead(
-        _positions(checkpoints, base, plan, chunk_elements, passes), len(inputs),
+        _positions(plan, sources, chunk_elements, passes), width,
         chunk_elements * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
@@ -207,47 +215,107 @@ def stream_merge(
             sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
         ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
-                statistics = None
-                if tensor.average:
-                    statistics = method.start_statistics(merged[tensor.key])
-                    for _ in range(passes[tensor.key]):
-                        for _ in range(0, tensor.meta.numel, chunk_elements):
-                            chunks = reader.next()
-                            statistics = method.observe(statistics, chunks[:count], chunks[count] if base else None)
-                            bytes_read += sum(chunk.nbytes for chunk in chunks)
-                            reader.release()
-                        statistics = method.finish_statistics(statistics, merged[tensor.key])
-                out.begin(tensor.key)
                 out_dtype = metas[tensor.key].dtype
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 found = _NonFinite()
-                for begin in range(0, tensor.meta.numel, chunk_elements):
-                    chunks = reader.next()
-                    soup = out.slot(chunks[0].numel(), out_dtype)
-                    if tensor.average:
-                        if begin < sample:
-                            gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
-                        _merge_chunks(method, chunks, count, buffers[merged[tensor.key].dtype], soup, statistics,
-                                      begin, found)
-                    else:
-                        soup.copy_(chunks[0])
-                        if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow
-                            _check_finite(soup, chunks[0], chunks[:1], found)
-                    out.submit()
-                    bytes_read += sum(chunk.nbytes for chunk in chunks)
-                    reader.release()
+                tensor_method = methods.get(tensor.key)
+                if tensor_method is not None and tensor_method.whole_tensor:
+                    _merge_whole(tensor, tensor_method, merged[tensor.key], sources[tensor.key], reader, out,
+                                 out_dtype, chunk_elements, device, gram, sample, found)
+                else:
+                    statistics = None
+                    if tensor_method is not None:
+                        statistics = _statistics(tensor, tensor_method, merged[tensor.key], passes[tensor.key],
+                                                 reader, chunk_elements)
+                    out.begin(tensor.key)
+                    count = len(tensor.inputs)
+                    for begin in range(0, tensor.meta.numel, chunk_elements):
+                        chunks = reader.next()
+                        soup = out.slot(chunks[0].numel(), out_dtype)
+                        if tensor_method is not None:
+                            if begin < sample:
+                                gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
+                            _merge_chunks(tensor_method, chunks, count, buffers[merged[tensor.key].dtype], soup,
+                                          statistics, begin, found)
+                        else:
+                            soup.copy_(chunks[0])
+                            if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow
+                                _check_finite(soup, chunks[0], chunks[:1], found)
+                        out.submit()
+                        reader.release()
                 if found.any:  # a scale that a method chose can be chosen smaller; an average's cannot
-                    scalable = tensor.average and not method.averages
-                    found.settle(tensor, out_dtype, [c.label for c in inputs], scalable)
-                bar.update(bytes_read - bar.n)
+                    scalable = tensor_method is not None and not tensor_method.averages
+                    found.settle(tensor, out_dtype, [c.label for c, _ in sources[tensor.key]], scalable)
+                bar.update(reader.bytes_read - bar.n)
     finally:
         reader.close()
-    return _stats(plan, metas, bytes_read, start_time)
+    return _stats(plan, metas, reader.bytes_read, start_time)
+
+
+def _tensor_methods(plan: MergePlan, method: MergeMethod) -> dict[str, MergeMethod]:
+    """Each merged tensor's method: ``method`` with the tensor's own parameters, checked before anything
+    is read (a message names the tensor whose parameters do not fit)."""
+    methods = {}
+    for tensor in plan.tensors:
+        if tensor.average:
+            try:
+                methods[tensor.key] = method.for_tensor(tensor.parameters)
+            except RecipeError as exc:
+                raise RecipeError(f"{tensor.key}: {exc.message}", hint=exc.hint) from None
+    return methods
+
+
+def _statistics(
+    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: int, reader: _ReadAhead, chunk_elements: int,
+) -> Any:
+    """What ``method``'s statistics passes over ``tensor`` (``passes`` reads of it) make of it, for its kernel."""
+    statistics = method.start_statistics(merged)
+    count = len(tensor.inputs)
+    for _ in range(passes):
+        for _ in range(0, tensor.meta.numel, chunk_elements):
+            chunks = reader.next()
+            statistics = method.observe(statistics, chunks[:count], chunks[count] if len(chunks) > count else None)
+            reader.release()
+        statistics = method.finish_statistics(statistics, merged)
+    return statistics
+
+
+def _merge_whole(
+    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, sources: list[tuple[Checkpoint, Input]],
+    reader: _ReadAhead, out: _WriteBehind, out_dtype: torch.dtype, chunk_elements: int, device: torch.device,
+    gram: GramAccumulator | None, sample: int, found: _NonFinite,
+) -> None:
+    """``tensor`` merged by a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method: every input
+    read in full (chunk by chunk, through the same read-ahead) into one buffer each, merged at once by
+    :meth:`~hub_soup.merging.methods.MergeMethod.merge_tensor`, and handed to ``out`` in chunks rounded to the
+    output dtype and checked as a kernel's blocks are."""
+    numel, count = tensor.meta.numel, len(tensor.inputs)
+    wholes = [torch.empty(numel, dtype=checkpoint.metas[source.key].dtype) for checkpoint, source in sources]
+    for begin in range(0, numel, chunk_elements):
+        chunks = reader.next()
+        if begin < sample:
+            gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
+        for whole, chunk in zip(wholes, chunks):
+            whole[begin : begin + chunk.numel()].copy_(chunk)
+        reader.release()
+    parts = [whole.view(tensor.meta.shape).to(device) for whole in wholes]
+    result = method.merge_tensor(parts[:count], parts[count] if len(parts) > count else None, merged)
+    if tuple(result.shape) != tuple(tensor.meta.shape):
+        raise RuntimeError(f"method {method.name} made {tensor.key} of shape {list(result.shape)}, "
+                           f"not {list(tensor.meta.shape)}")
+    flat = result.reshape(-1)
+    out.begin(tensor.key)
+    for begin in range(0, numel, chunk_elements):
+        end = min(begin + chunk_elements, numel)
+        soup = out.slot(end - begin, out_dtype)
+        soup.copy_(flat[begin:end])  # the one rounding to the output dtype
+        _check_finite(soup, flat[begin:end], [whole[begin:end] for whole in wholes], found)
+        out.submit()
 
 
 def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: MergeMethod, base: Checkpoint | None) -> None:
-    """The inputs fit the plan and the method: one checkpoint per aligned ingredient, a base exactly when needed."""
-    aligned = len(plan.tensors[0].sources) if plan.tensors else len(checkpoints)
+    """The inputs fit the plan and the method: one checkpoint per planned ingredient, a base exactly when needed."""
+    aligned = plan.ingredients if plan.tensors else len(checkpoints)
     if aligned != len(checkpoints):
         raise RecipeError(f"the merge plan aligns {aligned} ingredients, the merge got {len(checkpoints)}")
     if method.needs_base and (base is None or plan.base is None):
@@ -255,9 +323,11 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
             f"method {method.name} needs a base model, aligned in the plan's base role",
             hint="give the recipe a base: (the model the ingredients were fine-tuned from)",
         )
-    if method.exact_ingredients is not None and len(checkpoints) != method.exact_ingredients:
-        raise RecipeError(f"method {method.name} merges exactly {method.exact_ingredients} ingredients, "
-                          f"got {len(checkpoints)}")
+    if method.exact_ingredients is not None:
+        merged = {len(t.inputs) for t in plan.tensors if t.average} or {len(checkpoints)}
+        if merged != {method.exact_ingredients}:
+            raise RecipeError(f"method {method.name} merges exactly {method.exact_ingredients} ingredients, "
+                              f"got {max(merged - {method.exact_ingredients})}")
     if base is not None and not method.needs_base:
         raise RecipeError(f"method {method.name} uses no base model, got {base.label}", hint="drop the base")
 
@@ -435,44 +505,49 @@ class _OverridingSink:
             self._sink.write(chunk)
 
 
-def stream_copy(sources: Sequence[tuple[str, Checkpoint, str]], sink: Sink, chunk_bytes: int = POSITION_BYTES) -> None:
-    """Stream tensors unchanged into ``sink``: for each ``(key, checkpoint, source)``, ``key`` begins and
-    ``checkpoint``'s tensor ``source`` follows in chunks of about ``chunk_bytes``, read into one reused buffer."""
+def stream_copy(sources: Sequence[tuple[str, Checkpoint, Input]], plan: MergePlan, sink: Sink,
+                chunk_bytes: int = POSITION_BYTES) -> None:
+    """Stream tensors unchanged into ``sink``: for each ``(key, checkpoint, input)``, ``key`` begins and the
+    ``input``'s elements in ``checkpoint`` (its rows, where it selects some, as ``plan`` lays out ``key``) follow
+    in chunks of about ``chunk_bytes``, read into one reused buffer."""
     buffer = direct_io.aligned_buffer(direct_io.padded(chunk_bytes))
+    tensors = {t.key: t for t in plan.tensors}
     with torch_threads(merge_threads()):
         for key, checkpoint, source in sources:
-            meta = checkpoint.metas[source]
-            step = max(chunk_bytes // meta.dtype.itemsize, 1)
+            tensor = tensors[key]
+            step = max(chunk_bytes // checkpoint.metas[source.key].dtype.itemsize, 1)
             sink.begin(key)
-            for begin in range(0, meta.numel, step):
-                sink.write(checkpoint.read_into(source, begin, min(step, meta.numel - begin), buffer))
+            for begin in range(0, tensor.meta.numel, step):
+                count = min(step, tensor.meta.numel - begin)
+                sink.write(source.read_into(checkpoint, begin, count, tensor.row_numel, buffer))
 
 
 def ingredient_weights(checkpoint: Checkpoint, plan: MergePlan, index: int) -> Weights:
-    """Ingredient ``index`` as it is saved (its own dtypes), under the plan's canonical keys."""
-    sources = [(t.key, checkpoint, t.sources[index]) for t in plan.tensors]
+    """Ingredient ``index`` as it is saved (its own dtypes), under the plan's canonical keys (and in its
+    layout: rows gathered where the plan gathers them)."""
+    sources = [(t.key, checkpoint, t.input_of(index)) for t in plan.tensors]
     return _copied(sources, plan)
 
 
 def base_weights(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> Weights:
     """The base model under the plan's canonical keys, to be scored beside the ingredients.
 
-    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_source`);
+    Merged tensors are read from the base where the plan aligned them (:attr:`TensorPlan.base_input`);
     the tensors every soup copies from the first ingredient (integers, ``--exclude``d keys, which a
     base may lack or hold for another head) are the first ingredient's here too. So the base is
     scored as the soup with every task vector zero (task arithmetic at ``lambda: 0``), on the same
     architecture, head and config as the soup.
     """
     sources = [
-        (t.key, base, t.base_source) if t.base_source is not None else (t.key, first, t.sources[0])
+        (t.key, base, t.base_input) if t.base_input is not None else (t.key, first, t.inputs[0])
         for t in plan.tensors
     ]
     return _copied(sources, plan)
 
 
-def _copied(sources: list[tuple[str, Checkpoint, str]], plan: MergePlan) -> Weights:
-    metas = {key: TensorMeta(c.metas[source].dtype, t.meta.shape) for (key, c, source), t in zip(sources, plan.tensors)}
-    return Weights(metas, lambda sink: stream_copy(sources, sink))
+def _copied(sources: list[tuple[str, Checkpoint, Input]], plan: MergePlan) -> Weights:
+    metas = {key: TensorMeta(c.metas[source.key].dtype, t.meta.shape) for (key, c, source), t in zip(sources, plan.tensors)}
+    return Weights(metas, lambda sink: stream_copy(sources, plan, sink))
 
 
 def soup_weights(
@@ -538,33 +613,38 @@ def write_weights(weights: Weights, plan: MergePlan, metas: dict[str, TensorMeta
     return _stats(plan, metas, 0, start_time)
 
 
-Position = list[tuple[Checkpoint, str, int, int]]
+Position = list[tuple[Checkpoint, Input, int, int, int]]
 
 
 def _positions(
-    checkpoints: Sequence[Checkpoint], base: Checkpoint | None, plan: MergePlan, chunk_elements: int,
+    plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], chunk_elements: int,
     passes: dict[str, int],
 ) -> Iterator[Position]:
     """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
 
     A merged tensor is read once per statistics pass (``passes``, by key), then for the
-    kernel; a copied one once, from the first ingredient.
+    kernel; a copied one once, from its first input.
     """
     for tensor in plan.tensors:
-        sources = _sources(checkpoints, base, tensor)
+        row_numel = tensor.row_numel
         for _ in range(1 + passes[tensor.key] if tensor.average else 1):
             for begin in range(0, tensor.meta.numel, chunk_elements):
                 size = min(chunk_elements, tensor.meta.numel - begin)
-                yield [(checkpoint, key, begin, size) for checkpoint, key in sources]
+                yield [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
 
 
-def _sources(checkpoints: Sequence[Checkpoint], base: Checkpoint | None, tensor: TensorPlan) -> list[tuple[Checkpoint, str]]:
+def _sources(
+    checkpoints: Sequence[Checkpoint], base: Checkpoint | None, tensor: TensorPlan
+) -> list[tuple[Checkpoint, Input]]:
+    """What :func:`stream_merge` reads for ``tensor``: each input in its checkpoint (then the base's), or the
+    first input alone for a copied tensor."""
     if not tensor.average:
-        return [(checkpoints[0], tensor.sources[0])]
-    sources = list(zip(checkpoints, tensor.sources))
+        first = tensor.inputs[0]
+        return [(checkpoints[first.ingredient], first)]
+    sources = [(checkpoints[i.ingredient], i) for i in tensor.inputs]
     if base is not None:
-        assert tensor.base_source is not None
-        sources.append((base, tensor.base_source))
+        assert tensor.base_input is not None
+        sources.append((base, tensor.base_input))
     return sources
 
 
@@ -575,11 +655,13 @@ class _ReadAhead:
     hands the oldest slot back once they are used, and the slot's next read
     starts at once. One job reads a whole position, so the threads take the GIL
     once per position, not once per chunk. With ``slots == 0`` every read
-    happens in ``next()``, in the caller's thread.
+    happens in ``next()``, in the caller's thread. :attr:`bytes_read` counts the
+    chunks handed out (for the progress bar and the summary).
     """
 
     def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
         self._positions = positions
+        self.bytes_read = 0
         # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
         rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
         self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
@@ -591,8 +673,8 @@ class _ReadAhead:
 
     def _read(self, position: Position, slot: int) -> list[torch.Tensor]:
         buffers = self._buffer[slot]
-        return [checkpoint.read_into(key, begin, size, buffer)
-                for (checkpoint, key, begin, size), buffer in zip(position, buffers)]
+        return [source.read_into(checkpoint, begin, size, row_numel, buffer)
+                for (checkpoint, source, begin, size, row_numel), buffer in zip(position, buffers)]
 
     def _submit(self, slot: int) -> None:
         position = next(self._positions, None)
@@ -601,10 +683,13 @@ class _ReadAhead:
 
     def next(self) -> list[torch.Tensor]:
         if self._pool is None:
-            return self._read(next(self._positions), 0)
-        slot, future = self._pending.popleft()
-        self._in_use.append(slot)
-        return future.result()
+            chunks = self._read(next(self._positions), 0)
+        else:
+            slot, future = self._pending.popleft()
+            self._in_use.append(slot)
+            chunks = future.result()
+        self.bytes_read += sum(chunk.nbytes for chunk in chunks)
+        return chunks
 
     def release(self) -> None:
         if self._pool is not None:

@@ -66,8 +66,11 @@ class GramAccumulator:
         self.sample_per_tensor = sample_per_tensor
 
     def sample_of(self, tensor: TensorPlan) -> int:
-        """How many leading elements of ``tensor`` the check uses (0: not a matrix or kernel, or not averaged)."""
+        """How many leading elements of ``tensor`` the check uses (0: not a matrix or kernel, not averaged,
+        or not made of every ingredient's tensor in order, as a stacked layer is not)."""
         if not tensor.average or len(tensor.meta.shape) < 2:
+            return 0
+        if [i.ingredient for i in tensor.inputs] != list(range(self.gram.shape[0])):
             return 0
         return min(tensor.meta.numel, self.sample_per_tensor or tensor.meta.numel)
 
@@ -114,7 +117,7 @@ def weight_similarity(
         numel = gram.sample_of(tensor)
         for begin in range(0, numel, chunk_elements):
             count = min(chunk_elements, numel - begin)
-            for i, (checkpoint, key) in enumerate(zip(checkpoints, tensor.sources)):
-                rows[i, :count].copy_(checkpoint.read_into(key, begin, count, buffer))
+            for i, (checkpoint, source) in enumerate(zip(checkpoints, tensor.inputs)):
+                rows[i, :count].copy_(source.read_into(checkpoint, begin, count, tensor.row_numel, buffer))
             gram.add(rows[:, :count])
     return gram.similarity([c.label for c in checkpoints])

@@ -18,6 +18,8 @@ tensors they are given; torch types appear only under ``TYPE_CHECKING``.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +65,9 @@ class MergeMethod:
     Per tensor, the engine calls :meth:`start_statistics`, then for each of
     :meth:`statistics_passes` reads of the tensor :meth:`observe` on every chunk and
     :meth:`finish_statistics` at the end, and finally :meth:`kernel` on every block, with
-    what the last call returned: a method's per-tensor state flows through that one value.
+    what the last call returned: a method's per-tensor state flows through that one value. A
+    :attr:`whole_tensor` method is instead given each tensor whole, in :meth:`merge_tensor`. A tensor
+    whose plan gives it its own parameters is merged by :meth:`for_tensor`'s method.
 
     Attributes:
         name: what a recipe's ``method`` says.
@@ -95,6 +99,11 @@ class MergeMethod:
         float64_kernel: the kernel's ``acc`` and ``scratch`` are float64 whatever the tensors' dtypes,
             for a method whose per-tensor factors would cost float32 arithmetic more than an output
             ulp: its soup is then its float64 definition rounded once to the output dtype.
+        whole_tensor: the method's definition needs each tensor whole (a rank by magnitude per row, an
+            iterative mean, a decomposition): the engine reads every input of a merged tensor in full and
+            calls :meth:`merge_tensor` once per tensor instead of :meth:`kernel` per block (and no
+            statistics passes). Memory is then the inputs of the largest tensor (the ingredients' and
+            the base's, in their stored dtypes) and what ``merge_tensor`` computes, not a few blocks.
     """
 
     name: ClassVar[str]
@@ -105,6 +114,7 @@ class MergeMethod:
     exact_ingredients: ClassVar[int | None] = None
     min_ingredients: ClassVar[int] = 2
     float64_kernel: ClassVar[bool] = False
+    whole_tensor: ClassVar[bool] = False
     averages: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None
     normalizes_weights: ClassVar[bool] = True
@@ -120,16 +130,64 @@ class MergeMethod:
         self.ingredients = [self._ingredient_parameters(i, given) for i, given in enumerate(ingredients or ())]
         if self.uses_weights and weights is None and self.default_weight is None:
             raise RecipeError(f"method {self.name} needs a weight on every ingredient", hint="give weight: on each")
+        self.weights = self._weights_from(weights)
+        self._scalars: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._workspace: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._per_tensor: dict[tuple[Any, ...], MergeMethod] = {}
+
+    def _weights_from(self, weights: Sequence[float] | None) -> list[float] | None:
+        """The weights as the method counts them: normalised (a weighted average), or as given."""
         if not self.uses_weights and weights is not None:
             raise RecipeError(f"method {self.name} takes no weights, got {list(weights)}", hint="drop the weights")
         if weights is not None and not self.normalizes_weights:
             if not all(math.isfinite(w) for w in weights):
                 raise RecipeError(f"weights must be finite: {list(weights)}")
-            self.weights: list[float] | None = [float(w) for w in weights]
-        else:
-            self.weights = normalize_weights(weights, len(weights)) if weights is not None else None
-        self._scalars: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-        self._workspace: dict[tuple[Any, ...], torch.Tensor] = {}
+            return [float(w) for w in weights]
+        return normalize_weights(weights, len(weights)) if weights is not None else None
+
+    def for_tensor(self, parameters: Mapping[str, Any]) -> MergeMethod:
+        """This merge's method with one tensor's own parameters (a plan's
+        :attr:`~hub_soup.merging.plan.TensorPlan.parameters`) over the merge's: a value replaces the recipe's
+        ``parameters`` value (an ingredient's own still counts over it), a list gives each input its own value
+        of a per-ingredient parameter (``weight`` too). ``self`` where there are none; made once per distinct
+        set, sharing this one's scratch buffers, so every tensor's kernel runs as fast as the merge's."""
+        if not parameters:
+            return self
+        key = tuple(sorted((name, tuple(v) if isinstance(v, (list, tuple)) else v) for name, v in parameters.items()))
+        found = self._per_tensor.get(key)
+        if found is None:
+            found = self._per_tensor[key] = self._with_parameters(parameters)
+        return found
+
+    def _with_parameters(self, parameters: Mapping[str, Any]) -> MergeMethod:
+        derived = copy.copy(self)  # shares _scalars and _workspace; its own state is replaced below
+        for klass in type(self).__mro__:  # values cached from the merge's parameters are not this tensor's
+            for name, attribute in vars(klass).items():
+                if isinstance(attribute, functools.cached_property):
+                    derived.__dict__.pop(name, None)
+        derived._per_tensor = {}
+        lists = {name: list(v) for name, v in parameters.items() if isinstance(v, (list, tuple))}
+        values = {name: v for name, v in parameters.items() if name not in lists}
+        if "weight" in values:
+            raise RecipeError(f"method {self.name}: a tensor's weight is one per input, got {values['weight']!r}")
+        weights = lists.pop("weight", None)
+        try:
+            derived.parameters = self.parameters_from(self.parameters.model_dump(by_alias=True) | values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RecipeError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        if weights is not None:
+            derived.weights = derived._weights_from(weights)
+        if lists:
+            count = {len(v) for v in lists.values()}
+            if len(count) != 1 or (self.ingredients and len(self.ingredients) != count.copy().pop()):
+                raise RecipeError(f"method {self.name}: per-input parameters of different lengths: {lists}")
+            own = self.ingredients or [{} for _ in range(count.pop())]
+            derived.ingredients = [
+                derived._ingredient_parameters(i, {**given, **{name: v[i] for name, v in lists.items()}})
+                for i, given in enumerate(own)
+            ]
+        return derived
 
     def card_summary(self) -> str | None:
         """:attr:`summary`, true of this merge's parameters: its ``{divided}`` names the :attr:`divisor`
@@ -217,6 +275,18 @@ class MergeMethod:
         of the block's first element in the (flattened) tensor. A kernel must be elementwise
         in effect: an element's result may depend on its values, its index and the tensor's
         statistics, never on where the engine cut the tensor into blocks.
+        """
+        raise NotImplementedError
+
+    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
+                     ) -> torch.Tensor:
+        """The soup of one whole tensor, for a :attr:`whole_tensor` method.
+
+        ``parts`` are every input's tensor, shaped as the soup's, in their stored dtypes (``base``
+        the base's, for a method that needs one); the result has that shape, in ``tensor.dtype``
+        (float64 for a :attr:`float64_kernel` method) or wider: the engine rounds it once to the
+        output dtype and checks it as it checks a kernel's blocks. The parts are the engine's
+        buffers: read them, do not keep them.
         """
         raise NotImplementedError
 
