@@ -1,8 +1,9 @@
 """Merge methods: one file per method, a registry by name.
 
-A method is one class (:class:`MergeMethod`) registered with :func:`register_method`, or
-declared by an installed package under the entry-point group ``hub_soup.methods``
-(:mod:`hub_soup.registry`).
+A method is one class (:class:`MergeMethod`) in a file of its own. The built-in ones are
+named in the registry below (``name: "module:Class"``, imported when first used); an
+installed package declares its own under the entry-point group ``hub_soup.methods``
+(:mod:`hub_soup.registry`), and a script or a test registers one with :func:`register_method`.
 It declares what a recipe must give it: its ``Parameters`` (a pydantic model, so
 the recipe validates them before anything is downloaded), whether it needs a base
 model, whether it weighs each ingredient; and it computes the soup one block of
@@ -334,6 +335,19 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
     # registering a class under a taken name is the plugin author's mistake, seen when the class is defined
     taken="a {kind} named {name!r} is registered already ({known})", taken_error=ValueError,
     how_to_add=f"or install a package that adds one (entry points {METHODS_GROUP!r})",
+    references={  # the built-in methods: adding one is a file in this folder and a line here
+        name: f"hub_soup.merging.methods.{name}:{cls}"
+        for name, cls in (
+            ("uniform", "Uniform"),
+            ("weighted", "Weighted"),
+            ("task_arithmetic", "TaskArithmetic"),
+            ("ties", "Ties"),
+            ("dare_ties", "DareTies"),
+            ("dare_linear", "DareLinear"),
+            ("slerp", "Slerp"),
+            ("model_stock", "ModelStock"),
+        )
+    },
 )
 M = TypeVar("M", bound=type[MergeMethod])
 
@@ -360,18 +374,5 @@ def method_names() -> tuple[str, ...]:
     return _REGISTRY.names()
 
 
-# The built-in methods register themselves on import (they need the definitions above).
-from hub_soup.merging.methods import (
-    dare_linear,
-    dare_ties,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
-    uniform,
-    weighted,
-)
-
-__all__ = ["MergeMethod", "MergedTensor", "NoParameters", "dare_linear", "dare_ties", "get_method", "method_names",
-           "model_stock", "normalize_weights", "register_method", "slerp", "task_arithmetic", "ties", "uniform",
-           "weighted"]
+__all__ = ["MergeMethod", "MergedTensor", "NoParameters", "get_method", "method_names", "normalize_weights",
+           "register_method"]

@@ -9,11 +9,9 @@ arithmetic, scaled by ``lambda`` and added to the base model.
 
 from __future__ import annotations
 
-from hub_soup.merging.methods import register_method
 from hub_soup.merging.methods.generalized import DARE_DROPPED, DARE_PAPER, GeneralizedTaskArithmetic, RandomParameters
 
 
-@register_method
 class DareLinear(GeneralizedTaskArithmetic):
     """DARE with a plain weighted sum of the trimmed task vectors."""
 

@@ -8,11 +8,9 @@ off by default as in mergekit), scaled by ``lambda`` and added to the base model
 
 from __future__ import annotations
 
-from hub_soup.merging.methods import register_method
 from hub_soup.merging.methods.generalized import DARE_DROPPED, DARE_PAPER, GeneralizedTaskArithmetic, RandomParameters
 
 
-@register_method
 class DareTies(GeneralizedTaskArithmetic):
     """DARE with TIES's sign election."""
 

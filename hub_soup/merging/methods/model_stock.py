@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, register_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.angles import Gram
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ def interpolation_ratio(cosine: float, count: int) -> float:
     return count * cosine / (1 + (count - 1) * cosine)
 
 
-@register_method
 class ModelStock(MergeMethod):
     """Model Stock (Jang et al. 2024, https://arxiv.org/abs/2403.19522): ``t * mean + (1 - t) * base`` per tensor.
 

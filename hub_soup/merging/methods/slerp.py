@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters, register_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.angles import Gram
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ def coefficients(t: float, cosine: float | None) -> tuple[float, float]:
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
-@register_method
 class Slerp(MergeMethod):
     """SLERP (Shoemake 1985, "Animating rotation with quaternion curves"): two models along the arc between them."""
 

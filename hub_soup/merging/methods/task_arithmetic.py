@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from hub_soup.merging.methods import MergeMethod, NoParameters, register_method
+from hub_soup.merging.methods import MergeMethod, NoParameters
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,6 @@ class TaskArithmeticParameters(NoParameters):
     normalize: bool = Field(False, description="divide the summed task vectors by the sum of the weights")
 
 
-@register_method
 class TaskArithmetic(MergeMethod):
     """``base + lambda * (w0 * (p0 - base) + w1 * (p1 - base) + ...)``, ``/ sum(w)`` with ``normalize``.
 

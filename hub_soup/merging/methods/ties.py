@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from hub_soup.merging.methods import register_method
 from hub_soup.merging.methods.generalized import GeneralizedParameters, GeneralizedTaskArithmetic
 
 
@@ -31,7 +30,6 @@ class TiesParameters(GeneralizedParameters):
         return value
 
 
-@register_method
 class Ties(GeneralizedTaskArithmetic):
     """TIES: magnitude trimming, sign election by the weighted sum, the agreeing entries merged."""
 

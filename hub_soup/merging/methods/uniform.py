@@ -6,14 +6,13 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from hub_soup.merging.methods import MergeMethod, register_method
+from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.methods.arithmetic import multiply_first_
 
 if TYPE_CHECKING:
     import torch
 
 
-@register_method
 class Uniform(MergeMethod):
     """Every ingredient counts the same: ``(p0 + p1 + ...) / n``."""
 

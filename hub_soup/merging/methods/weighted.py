@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from hub_soup.merging.methods import MergeMethod, register_method
+from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.methods.arithmetic import multiply_first_
 from hub_soup.merging.methods.uniform import sum_then_scale_
 
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     import torch
 
 
-@register_method
 class Weighted(MergeMethod):
     """``w0 * p0 + w1 * p1 + ...``, every product and sum rounded once in the accumulator's dtype.
 
