@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from hub_soup.eval.greedy import GreedyReport
     from hub_soup.eval.score import Score
-    from hub_soup.hub.card import AdapterCard
     from hub_soup.hub.push import PushResult
     from hub_soup.hub.resolve import ResolvedRef
     from hub_soup.merging.engine import MergeStats
@@ -44,6 +43,17 @@ def score_rows(scores: Sequence[ModelScore]) -> list[str]:
         for model, score in scores
         for metric, value in score.measurements()
     ]
+
+
+@dataclass(frozen=True)
+class AdapterCard:
+    """What the card of a LoRA adapter soup says: it is an adapter of its base (``base_model_relation:
+    adapter``, ``library_name: peft``), or, ``merged``, the base with the adapters merged in (``merge``).
+    ``summary`` replaces the card's first paragraph, which for other soups speaks of averaged tensors."""
+
+    merged: bool
+    summary: str
+    task_type: str | None = None  # the adapters' PEFT task_type (CAUSAL_LM...): the pipeline tag the card gives
 
 
 @dataclass

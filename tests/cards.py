@@ -9,13 +9,13 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
-from hub_soup.hub.card import AdapterCard, build_card
+from hub_soup.hub.card import build_card
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.engine import MergeStats
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import MergePlan
 from hub_soup.recipe import Recipe
-from hub_soup.report import SoupResult
+from hub_soup.report import AdapterCard, SoupResult
 from hub_soup.soups.adapter import BASE_ROLE
 
 

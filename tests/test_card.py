@@ -12,9 +12,9 @@ import transformers
 from safetensors.torch import load_file
 
 from hub_soup.cli import main
-from hub_soup.hub.card import AdapterCard
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.merging.methods import get_method, method_names
+from hub_soup.report import AdapterCard
 from tests.cards import card_of
 from tests.hub_models import llama_folder
 

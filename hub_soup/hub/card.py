@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +30,6 @@ if TYPE_CHECKING:
     from hub_soup.report import SoupResult
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterCard:
-    """What the card of a LoRA adapter soup says: it is an adapter of its base (``base_model_relation:
-    adapter``, ``library_name: peft``), or, ``merged``, the base with the adapters merged in (``merge``).
-    ``summary`` replaces the card's first paragraph, which for other soups speaks of averaged tensors."""
-
-    merged: bool
-    summary: str
-    task_type: str | None = None  # the adapters' PEFT task_type (CAUSAL_LM...): the pipeline tag the card gives
 
 
 # The transformers Auto class that loads a model of a pipeline tag with its head: ``AutoModel`` loads the

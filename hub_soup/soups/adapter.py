@@ -27,7 +27,6 @@ from hub_soup.adapters.soup import ADAPTER_STEM, AdapterSoup
 from hub_soup.errors import AdapterError, HubSoupError
 from hub_soup.eval.backends import Backend
 from hub_soup.eval.greedy import GreedyReport
-from hub_soup.hub.card import AdapterCard
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.ingredients import Models, check_apart, early_layouts, layout_of, layouts_of
 from hub_soup.io.read import Checkpoint
@@ -37,6 +36,7 @@ from hub_soup.merging.plan import MergePlan, align
 from hub_soup.merging.side_files import SideFiles, choose_side_files
 from hub_soup.merging.similarity import Similarity
 from hub_soup.recipe import ModelRef, Recipe
+from hub_soup.report import AdapterCard
 from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ import torch
 
 from hub_soup.eval.backends import Backend
 from hub_soup.eval.greedy import Base, GreedyReport, Loader, SoupMaker
-from hub_soup.hub.card import AdapterCard
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.ingredients import Models
 from hub_soup.io.read import Checkpoint
@@ -35,6 +34,7 @@ from hub_soup.merging.plan import MergePlan
 from hub_soup.merging.side_files import SideFiles
 from hub_soup.merging.similarity import Similarity
 from hub_soup.recipe import Recipe
+from hub_soup.report import AdapterCard
 
 
 @dataclass
