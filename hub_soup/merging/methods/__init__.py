@@ -335,17 +335,17 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
     # registering a class under a taken name is the plugin author's mistake, seen when the class is defined
     taken="a {kind} named {name!r} is registered already ({known})", taken_error=ValueError,
     how_to_add=f"or install a package that adds one (entry points {METHODS_GROUP!r})",
-    references={  # the built-in methods: adding one is a file in this folder and a line here
+    references={  # the built-in methods, by name (the order messages list them in): a file here and a line here
         name: f"hub_soup.merging.methods.{name}:{cls}"
         for name, cls in (
-            ("uniform", "Uniform"),
-            ("weighted", "Weighted"),
+            ("dare_linear", "DareLinear"),
+            ("dare_ties", "DareTies"),
+            ("model_stock", "ModelStock"),
+            ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
             ("ties", "Ties"),
-            ("dare_ties", "DareTies"),
-            ("dare_linear", "DareLinear"),
-            ("slerp", "Slerp"),
-            ("model_stock", "ModelStock"),
+            ("uniform", "Uniform"),
+            ("weighted", "Weighted"),
         )
     },
 )
