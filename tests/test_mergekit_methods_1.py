@@ -1,0 +1,101 @@
+"""mergekit 0.1.5's interpolation methods and its own small ones, through the real engine.
+
+``linear``, ``nuslerp``, ``multislerp``, ``karcher``, ``nearswap``, ``passthrough`` and ``arcee_fusion``:
+every soup is merged both ways (in memory and streamed, with chunks and blocks that cut every tensor)
+and compared with its float64 definition in :mod:`tests.mergekit_reference`, rounded once to bf16: within
+one bf16 ulp on every element. Per-model parameters reach a method as a tensor's per-input lists in the
+plan, as a mergekit config's reader gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hub_soup.errors import RecipeError
+from hub_soup.merging.methods import MergeMethod, get_method
+from hub_soup.merging.plan import MergePlan
+from tests import checkpoints as ck
+from tests import mergekit_reference as ref
+from tests.method_checks import CUTS, merge_both_ways
+
+StateDict = dict[str, torch.Tensor]
+BF16 = torch.bfloat16
+# Shapes no chunk or block size divides: rows of 13 * 3 and 700 elements, a vector, a 0-dim tensor.
+SHAPES = {"odd": (7, 13, 3), "wide": (3, 700), "prime": (1031,), "scalar": ()}
+
+
+def models(seed: int, count: int, *, shared: float = 0.0, shapes: Mapping[str, tuple[int, ...]] = SHAPES,
+           scale: float = 1.0) -> list[StateDict]:
+    """``count`` bf16 models: each tensor ``shared * common + own`` (``shared`` sets how alike they are)."""
+    generator = torch.Generator().manual_seed(seed)
+    common = {k: torch.randn(s, generator=generator, dtype=torch.float64) for k, s in shapes.items()}
+    return [
+        {k: ((shared * common[k] + torch.randn(s, generator=generator, dtype=torch.float64)) * scale).to(BF16)
+         for k, s in shapes.items()}
+        for _ in range(count)
+    ]
+
+
+def per_input(values: Mapping[str, Sequence[Any]]) -> Callable[[MergePlan], MergePlan]:
+    """The plan with every merged tensor given ``values`` (per-input lists): a config's per-model parameters."""
+    return lambda plan: plan.with_parameters(lambda tensor: dict(values))
+
+
+def check(tmp_path: Path, method: MergeMethod, states: Sequence[StateDict], definition: Callable[..., torch.Tensor],
+          base: StateDict | None = None, planned: Callable[[MergePlan], MergePlan] | None = None,
+          cuts: Sequence[tuple[int, int]] = CUTS) -> StateDict:
+    """The soup merged both ways at every cut, the same bits at each, within one bf16 ulp of ``definition``
+    (called with each tensor's inputs and base) on every element; the soup, for further checks."""
+    soups = [merge_both_ways(tmp_path / f"cut{n}", states, method, base, cut, planned) for n, cut in enumerate(cuts)]
+    for key in states[0]:
+        for soup in soups[1:]:
+            ck.assert_bit_equal(soup[key], soups[0][key], key)
+        expected = definition([s[key] for s in states], None if base is None else base[key])
+        ck.assert_within_ulp(soups[0][key], expected, BF16, key)
+    return soups[0]
+
+
+# ---------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize(("weights", "normalize"), [([0.5, 0.3, 0.2], True), ([2.0, 1.0, 1.0], True),
+                                                    ([1.0, -0.5, 0.25], False), ([3.0, -1.0, 1.0], True)])
+def test_linear_is_the_weighted_sum_divided_by_the_weights_sum(
+    tmp_path: Path, weights: list[float], normalize: bool
+) -> None:
+    """mergekit's ``linear``: ``normalize`` (default true) divides by the weights' sum; a weight may be negative."""
+    parameters = {} if normalize else {"normalize": False}
+    method = get_method("linear")(parameters, weights)
+    check(tmp_path, method, models(1, 3, shared=1.0),
+          lambda xs, _: ref.linear(xs, weight=weights, normalize=normalize))
+
+
+def test_linear_takes_each_tensors_weights_and_normalize_from_the_plan(tmp_path: Path) -> None:
+    """Per-model weights resolved per tensor (a gradient, a filter) reach the kernel as the plan's lists."""
+    own = {"odd": ([1.0, 3.0], True), "wide": ([1.0, -2.0], False)}
+
+    def planned(plan: MergePlan) -> MergePlan:
+        return plan.with_parameters(
+            lambda t: {"weight": own[t.key][0], "normalize": own[t.key][1]} if t.key in own else None)
+
+    def definition(xs: list[torch.Tensor], _: None) -> torch.Tensor:
+        key = next((k for k, (w, n) in own.items() if xs[0].shape == SHAPES[k]), None)
+        weight, normalize = own[key] if key else ([1.0, 1.0], True)
+        return ref.linear(xs, weight=weight, normalize=normalize)
+
+    check(tmp_path, get_method("linear")({}, [1.0, 1.0]), models(2, 2), definition, planned=planned, cuts=CUTS[:2])
+
+
+def test_linear_refuses_weights_that_normalize_would_divide_by_zero() -> None:
+    with pytest.raises(RecipeError, match="sum to 0"):
+        get_method("linear")({}, [1.0, -1.0])
+    assert get_method("linear")({"normalize": False}, [1.0, -1.0]).weights == [1.0, -1.0]
+    with pytest.raises(RecipeError, match="sum to 0"):
+        get_method("linear")({}, [1.0, 1.0]).for_tensor({"weight": [2.0, -2.0]})
+    summary = get_method("linear")({}, [1.0, 2.0]).card_summary()
+    assert summary is not None and "divided by the sum of the weights" in summary
