@@ -99,3 +99,22 @@ def test_linear_refuses_weights_that_normalize_would_divide_by_zero() -> None:
         get_method("linear")({}, [1.0, 1.0]).for_tensor({"weight": [2.0, -2.0]})
     summary = get_method("linear")({}, [1.0, 2.0]).card_summary()
     assert summary is not None and "divided by the sum of the weights" in summary
+
+
+# ---------------------------------------------------------------- passthrough
+
+
+def test_passthrough_copies_its_one_input_or_scales_it(tmp_path: Path) -> None:
+    """No scale: the input bit for bit; a per-input scale from the plan (a filter's value): times it, rounded once."""
+    (x,) = models(3, 1)
+    soup = check(tmp_path / "plain", get_method("passthrough")(), [x], lambda xs, _: ref.passthrough(xs))
+    for key in x:
+        ck.assert_bit_equal(soup[key], x[key], key)
+    check(tmp_path / "scaled", get_method("passthrough")(), [x], lambda xs, _: ref.passthrough(xs, scale=0.3),
+          planned=per_input({"scale": [0.3]}))
+
+
+def test_passthrough_takes_one_input_per_tensor(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="exactly 1"):
+        merge_both_ways(tmp_path, models(4, 2), get_method("passthrough")())
+
