@@ -346,6 +346,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("dare_ties", "DareTies"),
             ("linear", "Linear"),
             ("model_stock", "ModelStock"),
+            ("nearswap", "Nearswap"),
             ("passthrough", "Passthrough"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
