@@ -129,3 +129,20 @@ def test_nearswap_takes_the_other_value_near_the_base_and_steps_t_elsewhere(tmp_
     near = (base["wide"].double() - other["wide"].double()).abs() <= t
     assert near.any() or t < 0.01
     ck.assert_bit_equal(soup["wide"][near], other["wide"][near], "wide, near")
+
+
+# ---------------------------------------------------------------- arcee_fusion
+
+
+def test_arcee_fusion_keeps_the_important_changes_by_exact_quantiles(tmp_path: Path) -> None:
+    """Importance by row (softmax over the last axis), a threshold over the whole tensor: every element the
+    definition keeps carries the fine-tune's value, every other the base's, whatever the chunks."""
+    base, tuned = models(6, 2, shared=4.0, scale=0.5)
+    soup = check(tmp_path, get_method("arcee_fusion")(), [tuned], lambda xs, b: ref.arcee_fusion(xs, b), base)
+    importance = ref.arcee_fusion_importance(tuned["odd"].double(), base["odd"].double())
+    kept = importance >= ref.arcee_fusion_threshold(importance)
+    assert 0 < int(kept.sum()) < kept.numel()
+    ck.assert_bit_equal(soup["odd"][kept], tuned["odd"][kept], "odd, kept")
+    ck.assert_bit_equal(soup["odd"][~kept], base["odd"][~kept], "odd, dropped")
+    summary = get_method("arcee_fusion")().card_summary()
+    assert summary is not None and "exact quantiles" in summary

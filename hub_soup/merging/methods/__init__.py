@@ -342,6 +342,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
     references={  # the built-in methods, by name (the order messages list them in): a file here and a line here
         name: f"hub_soup.merging.methods.{name}:{cls}"
         for name, cls in (
+            ("arcee_fusion", "ArceeFusion"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
             ("linear", "Linear"),
