@@ -146,3 +146,48 @@ def test_arcee_fusion_keeps_the_important_changes_by_exact_quantiles(tmp_path: P
     ck.assert_bit_equal(soup["odd"][~kept], base["odd"][~kept], "odd, dropped")
     summary = get_method("arcee_fusion")().card_summary()
     assert summary is not None and "exact quantiles" in summary
+
+
+# ---------------------------------------------------------------- nuslerp
+
+NUSLERP = [
+    ({}, [0.5, 0.5], True),
+    ({}, [1.0, 3.0], False),
+    ({"nuslerp_flatten": False}, [0.7, 0.3], False),
+    ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, [0.7, 0.3], False),
+    ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, [1.0, 2.0], True),
+]
+
+
+@pytest.mark.parametrize(("parameters", "weights", "with_base"), NUSLERP, ids=lambda p: str(p))
+def test_nuslerp_interpolates_the_whole_tensor_or_each_vector(
+    tmp_path: Path, parameters: dict[str, bool], weights: list[float], with_base: bool
+) -> None:
+    """SLERP at ``t = w1 / (w0 + w1)``, of task vectors with a base; one angle per tensor (streamed), or per
+    vector along the last axis, or along the first with ``nuslerp_row_wise`` (mergekit's code: columns)."""
+    *states, base = models(7, 3, shared=2.0)
+    method = get_method("nuslerp")(parameters, weights)
+    assert method.whole_tensor == (not parameters.get("nuslerp_flatten", True))
+    check(tmp_path, method, states, lambda xs, b: ref.nuslerp(xs, b, weight=weights, **parameters),
+          base if with_base else None)
+
+
+def test_nuslerp_row_wise_takes_the_columns_of_a_matrix(tmp_path: Path) -> None:
+    """mergekit's ``nuslerp_row_wise: true`` interpolates the vectors along the first axis: each column of the
+    soup is the SLERP of the inputs' columns (each row, without it)."""
+    a, b = models(8, 2, shapes={"wide": (3, 700)})
+    for row_wise in (False, True):
+        method = get_method("nuslerp")({"nuslerp_flatten": False, "nuslerp_row_wise": row_wise}, [1.0, 1.0])
+        soup = merge_both_ways(tmp_path / str(row_wise), [a, b], method)["wide"]
+        pick = (lambda x: x[:, 5]) if row_wise else (lambda x: x[1])
+        expected = ref.slerp([pick(b["wide"])], pick(a["wide"]), t=0.5, dot_threshold=1.0)
+        ck.assert_within_ulp(pick(soup), expected, BF16, f"row_wise {row_wise}")
+
+
+def test_nuslerp_takes_each_tensors_weights_from_the_plan(tmp_path: Path) -> None:
+    states = models(9, 2, shared=1.0)
+    check(tmp_path, get_method("nuslerp")({}, [1.0, 1.0]), states,
+          lambda xs, _: ref.nuslerp(xs, weight=[1.0, 4.0]), planned=per_input({"weight": [1.0, 4.0]}), cuts=CUTS[:2])
+    soup = merge_both_ways(tmp_path / "ends", states, get_method("nuslerp")({}, [1.0, 0.0]))
+    for key in states[0]:
+        ck.assert_bit_equal(soup[key], states[0][key], key)

@@ -348,6 +348,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("linear", "Linear"),
             ("model_stock", "ModelStock"),
             ("nearswap", "Nearswap"),
+            ("nuslerp", "Nuslerp"),
             ("passthrough", "Passthrough"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),

@@ -22,9 +22,10 @@ class Gram:
         self.count = count
         self._dots = [[0.0] * count for _ in range(count)]
 
-    def add(self, vectors: Sequence[torch.Tensor]) -> Gram:
-        """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64)."""
-        wide = [v.double() for v in vectors]
+    def add(self, vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> Gram:
+        """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64), or
+        with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors)."""
+        wide = [v.double() for v in vectors] if origin is None else [v.double() - origin.double() for v in vectors]
         for i, a in enumerate(wide):
             for j in range(i, self.count):
                 self._dots[i][j] += float(a.mul(wide[j]).sum())
