@@ -191,3 +191,35 @@ def test_nuslerp_takes_each_tensors_weights_from_the_plan(tmp_path: Path) -> Non
     soup = merge_both_ways(tmp_path / "ends", states, get_method("nuslerp")({}, [1.0, 0.0]))
     for key in states[0]:
         ck.assert_bit_equal(soup[key], states[0][key], key)
+
+
+# ---------------------------------------------------------------- multislerp
+
+MULTISLERP = [
+    ({}, [1.0, 1.0, 0.5], True),
+    ({}, [0.2, 0.3, 0.5], False),
+    ({"normalize_weights": False}, [0.4, 0.4, 0.4], True),
+    ({}, [1.0, 2.0], False),
+]
+
+
+@pytest.mark.parametrize(("parameters", "weights", "with_base"), MULTISLERP, ids=lambda p: str(p))
+def test_multislerp_runs_on_the_gram_matrix_and_streams(
+    tmp_path: Path, parameters: dict[str, bool], weights: list[float], with_base: bool
+) -> None:
+    """The whole computation on the inputs' dot products (one statistics pass), the soup streamed: within one
+    ulp of mergekit's computation on whole float64 tensors."""
+    *states, base = models(10, len(weights) + 1, shared=1.5)
+    check(tmp_path, get_method("multislerp")(parameters, weights), states,
+          lambda xs, b: ref.multislerp(xs, b, weight=weights, **parameters), base if with_base else None)
+
+
+def test_multislerp_of_antipodal_models(tmp_path: Path) -> None:
+    """Two opposite models of equal weight: their weighted sum (mergekit's fallback); three: refused, naming the
+    tensor."""
+    (x,) = models(11, 1, shapes={"w": (4, 5)})
+    minus = {"w": -x["w"]}
+    soup = merge_both_ways(tmp_path / "two", [x, minus], get_method("multislerp")({}, [1.0, 1.0]))
+    ck.assert_within_ulp(soup["w"], ref.multislerp([x["w"], minus["w"]], weight=[1.0, 1.0]), BF16)
+    with pytest.raises(RecipeError, match="^multislerp: w: the weighted mean"):
+        merge_both_ways(tmp_path / "three", [x, minus, x, minus], get_method("multislerp")({}, [1.0] * 4))

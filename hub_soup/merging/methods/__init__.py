@@ -347,6 +347,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("dare_ties", "DareTies"),
             ("linear", "Linear"),
             ("model_stock", "ModelStock"),
+            ("multislerp", "Multislerp"),
             ("nearswap", "Nearswap"),
             ("nuslerp", "Nuslerp"),
             ("passthrough", "Passthrough"),
