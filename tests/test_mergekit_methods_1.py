@@ -223,3 +223,25 @@ def test_multislerp_of_antipodal_models(tmp_path: Path) -> None:
     ck.assert_within_ulp(soup["w"], ref.multislerp([x["w"], minus["w"]], weight=[1.0, 1.0]), BF16)
     with pytest.raises(RecipeError, match="^multislerp: w: the weighted mean"):
         merge_both_ways(tmp_path / "three", [x, minus, x, minus], get_method("multislerp")({}, [1.0] * 4))
+
+
+# ---------------------------------------------------------------- karcher
+
+
+@pytest.mark.parametrize(("count", "parameters", "shared"), [(3, {}, 1.0), (3, {"max_iter": 20, "tol": 1e-7}, 0.3),
+                                                             (4, {"max_iter": 2}, 0.5), (2, {}, 3.0)])
+def test_karcher_iterates_on_the_gram_matrix_and_streams(
+    tmp_path: Path, count: int, parameters: dict[str, Any], shared: float
+) -> None:
+    """The iteration on the models' dot products (one statistics pass), the soup streamed: within one ulp of the
+    iteration on whole float64 tensors, however many steps it takes."""
+    states = models(12, count, shared=shared)
+    check(tmp_path, get_method("karcher")(parameters), states, lambda xs, _: ref.karcher(xs, **parameters))
+
+
+def test_karcher_leaves_out_the_direction_of_a_zero_model(tmp_path: Path) -> None:
+    """A model of norm at most ``tol`` has no direction, but counts in the norm (a third of it here)."""
+    a, b = models(13, 2, shared=1.0)
+    zero = {k: torch.zeros_like(v) for k, v in a.items()}
+    soup = check(tmp_path, get_method("karcher")(), [a, zero, b], lambda xs, _: ref.karcher(xs), cuts=CUTS[:2])
+    ck.assert_within_ulp(soup["wide"], ref.karcher([a["wide"], b["wide"]]) * 2 / 3, BF16, "a third less norm")

@@ -345,6 +345,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("arcee_fusion", "ArceeFusion"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
+            ("karcher", "Karcher"),
             ("linear", "Linear"),
             ("model_stock", "ModelStock"),
             ("multislerp", "Multislerp"),
