@@ -45,3 +45,10 @@ class Gram:
         if squares == 0:
             return None
         return max(-1.0, min(1.0, self.dot(i, j) / math.sqrt(squares)))
+
+
+def arc_coefficients(t: float, cosine: float) -> tuple[float, float]:
+    """SLERP's weights of two vectors at angle ``acos(cosine)``, at ``t`` along the arc from the first to the
+    second: ``sin((1 - t) Omega) / sin(Omega)`` and ``sin(t Omega) / sin(Omega)`` (``cosine`` not +-1)."""
+    omega = math.acos(cosine)
+    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
-from hub_soup.merging.methods.angles import Gram
+from hub_soup.merging.methods.angles import Gram, arc_coefficients
 from hub_soup.merging.methods.arithmetic import combination_
 
 if TYPE_CHECKING:
@@ -47,10 +47,7 @@ class NuslerpParameters(NoParameters):
 def coefficients(t: float, dot: float, square0: float, square1: float) -> tuple[float, float]:
     """The weights of ``v0`` and ``v1`` at ``t``, from their dot product and squared norms (mergekit's guards)."""
     cosine = max(-1.0, min(1.0, dot / (max(math.sqrt(square0), NORM_FLOOR) * max(math.sqrt(square1), NORM_FLOOR))))
-    if 1 - cosine * cosine <= COLLINEAR:
-        return 1 - t, t
-    omega = math.acos(cosine)
-    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return (1 - t, t) if 1 - cosine * cosine <= COLLINEAR else arc_coefficients(t, cosine)
 
 
 class Nuslerp(MergeMethod):
