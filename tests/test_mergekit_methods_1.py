@@ -245,3 +245,27 @@ def test_karcher_leaves_out_the_direction_of_a_zero_model(tmp_path: Path) -> Non
     zero = {k: torch.zeros_like(v) for k, v in a.items()}
     soup = check(tmp_path, get_method("karcher")(), [a, zero, b], lambda xs, _: ref.karcher(xs), cuts=CUTS[:2])
     ck.assert_within_ulp(soup["wide"], ref.karcher([a["wide"], b["wide"]]) * 2 / 3, BF16, "a third less norm")
+
+
+# ---------------------------------------------------------------- from the command line
+
+DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
+FINE_TUNES = sorted(str(p) for p in (DIGITS / "ingredients").iterdir())[:2]
+
+
+@pytest.mark.parametrize("argv", [
+    [*FINE_TUNES, "--method", "karcher"],
+    [*FINE_TUNES, "--method", "linear", "--weights", "3", "-1"],
+    [*FINE_TUNES, "--method", "nuslerp", "--weights", "1", "2"],
+    [*FINE_TUNES, "--method", "multislerp", "--weights", "1", "2"],
+    [FINE_TUNES[0], "--method", "nearswap", "--base", str(DIGITS / "base"), "--t", "0.001"],
+    [FINE_TUNES[0], "--method", "arcee_fusion", "--base", str(DIGITS / "base")],
+    [FINE_TUNES[0], "--method", "passthrough"],
+], ids=lambda argv: argv[argv.index("--method") + 1])
+def test_each_method_makes_a_soup_from_the_command_line(tmp_path: Path, argv: list[str]) -> None:
+    """A recipe names the method and its parameters as mergekit does; the soup's card says what it did."""
+    from hub_soup.cli import main
+
+    assert main(["merge", *argv, "-o", str(tmp_path / "soup")]) == 0
+    method = get_method(argv[argv.index("--method") + 1])
+    assert method.title is not None and method.title in (tmp_path / "soup" / "README.md").read_text()
