@@ -223,6 +223,8 @@ def test_multislerp_of_antipodal_models(tmp_path: Path) -> None:
     ck.assert_within_ulp(soup["w"], ref.multislerp([x["w"], minus["w"]], weight=[1.0, 1.0]), BF16)
     with pytest.raises(RecipeError, match="^multislerp: w: the weighted mean"):
         merge_both_ways(tmp_path / "three", [x, minus, x, minus], get_method("multislerp")({}, [1.0] * 4))
+    with pytest.raises(RecipeError, match="^multislerp: w: the weights .* sum to 0"):
+        merge_both_ways(tmp_path / "zero", [x, minus], get_method("multislerp")({}, [1.0, -1.0]))
 
 
 # ---------------------------------------------------------------- karcher

@@ -76,6 +76,9 @@ class Multislerp(MergeMethod):
         weights = self.weights_for(count)
         if self.parameters.normalize_weights:  # type: ignore[attr-defined]
             total = math.fsum(weights)
+            if total == 0:
+                raise RecipeError(f"multislerp: {tensor.key}: the weights {weights} sum to 0, and normalize_weights "
+                                  "divides by their sum", hint="change a weight, or set normalize_weights: false")
             weights = [w / total for w in weights]
         norms = [math.sqrt(statistics.dot(i, i)) for i in range(count)]
         mean = [w / (n + eps) for w, n in zip(weights, norms)]  # sum_i w_i u_i, in the v_i
