@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
 BASE = DIGITS / "base"
 FT = [DIGITS / "ingredients" / "ft-lr0.01", DIGITS / "ingredients" / "ft-lr0.02-shift"]
-WITH_BASE = [name for name in method_names() if get_method(name).needs_base]
+# Methods of a base and any number of fine-tunes (nearswap and arcee_fusion merge exactly one into the base).
+WITH_BASE = [name for name in method_names() if get_method(name).needs_base and get_method(name).exact_ingredients is None]
 
 
 def _files(folder: Path) -> dict[str, bytes]:

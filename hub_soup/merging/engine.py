@@ -177,7 +177,8 @@ def stream_merge(
     Args:
         method: the merge method, with its parameters and weights (one per checkpoint).
         dtype: every floating tensor's output dtype (default: each tensor's own).
-        base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one.
+        base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one (or, for a
+            method with an optional base, where the merge has one).
         chunk_elements: elements per input and position (default: :func:`chunk_elements_for`).
         threads: torch threads for the arithmetic (default :func:`~hub_soup.threads.merge_threads`).
         gram: if given, the shared-initialization check is fed from the chunks as they
@@ -328,7 +329,7 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
         if merged != {method.exact_ingredients}:
             raise RecipeError(f"method {method.name} merges exactly {method.exact_ingredients} ingredients, "
                               f"got {max(merged - {method.exact_ingredients})}")
-    if base is not None and not method.needs_base:
+    if base is not None and not (method.needs_base or method.optional_base):
         raise RecipeError(f"method {method.name} uses no base model, got {base.label}", hint="drop the base")
 
 

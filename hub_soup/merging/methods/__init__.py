@@ -75,6 +75,9 @@ class MergeMethod:
         Parameters: the pydantic model of a recipe's ``parameters`` (``extra="forbid"``).
         needs_base: the kernel is given the base model's block (a recipe then needs ``base``,
             and refuses one otherwise).
+        optional_base: the method takes a base where one is given and works without one (mergekit's
+            optional base: ``nuslerp`` and ``multislerp`` interpolate task vectors with one, the models
+            themselves without); its kernel is given the base's block exactly when the plan has a base.
         uses_weights: the method weighs each ingredient (a recipe then gives ``weight`` on every
             ingredient, unless :attr:`default_weight` says what a missing one is; weights are
             refused otherwise).
@@ -110,6 +113,7 @@ class MergeMethod:
     name: ClassVar[str]
     Parameters: ClassVar[type[BaseModel]] = NoParameters
     needs_base: ClassVar[bool] = False
+    optional_base: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = False
     ingredient_parameters: ClassVar[tuple[str, ...]] = ()
     exact_ingredients: ClassVar[int | None] = None
@@ -338,9 +342,16 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
     references={  # the built-in methods, by name (the order messages list them in): a file here and a line here
         name: f"hub_soup.merging.methods.{name}:{cls}"
         for name, cls in (
+            ("arcee_fusion", "ArceeFusion"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
+            ("karcher", "Karcher"),
+            ("linear", "Linear"),
             ("model_stock", "ModelStock"),
+            ("multislerp", "Multislerp"),
+            ("nearswap", "Nearswap"),
+            ("nuslerp", "Nuslerp"),
+            ("passthrough", "Passthrough"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
             ("ties", "Ties"),

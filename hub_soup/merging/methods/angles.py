@@ -22,9 +22,10 @@ class Gram:
         self.count = count
         self._dots = [[0.0] * count for _ in range(count)]
 
-    def add(self, vectors: Sequence[torch.Tensor]) -> Gram:
-        """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64)."""
-        wide = [v.double() for v in vectors]
+    def add(self, vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> Gram:
+        """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64), or
+        with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors)."""
+        wide = [v.double() for v in vectors] if origin is None else [v.double() - origin.double() for v in vectors]
         for i, a in enumerate(wide):
             for j in range(i, self.count):
                 self._dots[i][j] += float(a.mul(wide[j]).sum())
@@ -44,3 +45,10 @@ class Gram:
         if squares == 0:
             return None
         return max(-1.0, min(1.0, self.dot(i, j) / math.sqrt(squares)))
+
+
+def arc_coefficients(t: float, cosine: float) -> tuple[float, float]:
+    """SLERP's weights of two vectors at angle ``acos(cosine)``, at ``t`` along the arc from the first to the
+    second: ``sin((1 - t) Omega) / sin(Omega)`` and ``sin(t Omega) / sin(Omega)`` (``cosine`` not +-1)."""
+    omega = math.acos(cosine)
+    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)

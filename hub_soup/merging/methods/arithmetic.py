@@ -47,3 +47,26 @@ def sum_(acc: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
     for term in terms[1:]:
         acc.add_(term)
     return acc
+
+
+def combination_(
+    acc: torch.Tensor, parts: Sequence[torch.Tensor], coefficients: Sequence[float], scratch: torch.Tensor,
+    base: torch.Tensor | None = None,
+) -> None:
+    """``acc = base + c0 (p0 - base) + c1 (p1 - base) + ...`` (``c0 p0 + c1 p1 + ...`` without a base): the soup
+    of a method whose statistics pass chose one coefficient per input for the whole tensor (SLERP's kind).
+
+    Each task vector is formed in ``acc``'s dtype before it is scaled (exact in float64 for bf16, fp16 and
+    float32 inputs), so a coefficient of 1 with the others 0 gives that input back bit for bit.
+    """
+    for i, (part, coefficient) in enumerate(zip(parts, coefficients)):
+        target = acc if i == 0 else scratch
+        target.copy_(part)
+        if base is not None:
+            target.sub_(base)
+        target.mul_(coefficient)
+        if i:
+            acc.add_(scratch)
+    if base is not None:
+        scratch.copy_(base)
+        acc.add_(scratch)

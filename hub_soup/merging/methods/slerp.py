@@ -14,14 +14,13 @@ the soup is the linear ``(1 - t) a + t b``. The angle comes from the statistics 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
-from hub_soup.merging.methods.angles import Gram
+from hub_soup.merging.methods.angles import Gram, arc_coefficients
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +39,7 @@ def coefficients(t: float, cosine: float | None) -> tuple[float, float]:
     """The weights of ``a`` and ``b`` at ``t`` for vectors at angle ``acos(cosine)`` (``None``: one is zero)."""
     if cosine is None or abs(cosine) > PARALLEL:
         return 1 - t, t
-    omega = math.acos(cosine)
-    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return arc_coefficients(t, cosine)
 
 
 class Slerp(MergeMethod):
