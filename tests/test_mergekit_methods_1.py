@@ -271,3 +271,13 @@ def test_each_method_makes_a_soup_from_the_command_line(tmp_path: Path, argv: li
     assert main(["merge", *argv, "-o", str(tmp_path / "soup")]) == 0
     method = get_method(argv[argv.index("--method") + 1])
     assert method.title is not None and method.title in (tmp_path / "soup" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_a_recipe_may_give_an_optional_base(method: str) -> None:
+    """nuslerp and multislerp take a base where one is given (their task vectors), and work without one."""
+    from hub_soup.recipe import parse_recipe
+
+    text = f"ingredients:\n  - {{ref: a, weight: 1}}\n  - {{ref: b, weight: 2}}\nmethod: {method}\noutput: {{path: o}}\n"
+    assert parse_recipe(text).base is None
+    assert parse_recipe(text + "base: {ref: c}\n").base is not None
