@@ -186,6 +186,29 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--weights", "nan", "1", "-o", _out(tmp)]
 
 
+def _mergekit(tmp: Path, text: str) -> list[str]:
+    (tmp / "config.yml").write_text(text.format(a=A, b=B))
+    return ["run", str(tmp / "config.yml"), "-o", _out(tmp)]
+
+
+@case("mergekit-unknown-key")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "models:\n  - model: {a}\n  - model: {b}\nmerge_method: model_stock\nbase_model: {a}\n"
+                          "merge_methd: ties\n")
+
+
+@case("mergekit-tokenizer-source")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "models:\n  - model: {a}\n  - model: {b}\nmerge_method: model_stock\nbase_model: {a}\n"
+                          "tokenizer_source: union\n")
+
+
+@case("mergekit-bad-gradient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\n"
+                          "parameters:\n  t: [0, {{filter: mlp}}]\n")
+
+
 @case("architecture-mismatch")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     two, four = bert_folder(tmp / "bert2", seed=1), bert_folder(tmp / "bert4", seed=2)

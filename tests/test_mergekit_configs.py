@@ -1,0 +1,210 @@
+"""mergekit configs run as they are: ``hub-soup run CONFIG.yml`` on tiny bf16 Llamas of 4 layers, each soup
+tensor compared with the float64 definition (tests/mergekit_reference.py) at the parameters mergekit's
+resolution gives it, rounded once to bf16: within one bf16 ulp."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hub_soup.cli import main
+from hub_soup.merging.methods import method_names
+from tests import mergekit_reference as R
+from tests.checkpoints import perturb_
+
+CONFIGS = Path(__file__).parent / "mergekit_configs"
+LAYERS = 4
+MODELS = {"base": None, "model_a": 1, "model_b": 2, "model_c": 3}
+# the configs a test runs: their method's definition in tests/mergekit_reference.py, and its shared parameters
+RUN = ("slerp_gradient", "ties_int8_normalize", "dare_ties_base_listed", "task_arithmetic_slices", "model_stock",
+       "passthrough_stack")
+SHARED = {"slerp": ("t",), "ties": ("lambda", "normalize"), "task_arithmetic": ("lambda", "normalize"),
+          "model_stock": (), "passthrough": ()}
+PER_MODEL = {"ties": ("weight", "density"), "task_arithmetic": ("weight",)}
+DEFAULTS = {"lambda": 1.0, "normalize": {"ties": True, "task_arithmetic": False}, "density": 1.0, "weight": None}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base, model_a, model_b, model_c: tiny bf16 LlamaForCausalLM folders with 4 layers (fine-tunes: base perturbed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("mergekit")
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for name, seed in MODELS.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        if seed is not None:
+            perturb_(model, seed, scale=0.002)
+        model.to(torch.bfloat16).save_pretrained(folder / name)
+    return folder
+
+
+def run_config(models: Path, name: str, tmp_path: Path, *more: str) -> Path:
+    shutil.copy(CONFIGS / f"{name}.yml", tmp_path / f"{name}.yml")
+    for model in MODELS:
+        (tmp_path / model).symlink_to(models / model)
+    out = tmp_path / "soup"
+    assert main(["run", str(tmp_path / f"{name}.yml"), "-o", str(out), *more]) == 0
+    return out
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for file in folder.glob("*.safetensors"):
+        found |= load_file(file)
+    return found
+
+
+def _layer(key: str) -> int | None:
+    found = re.search(r"layers\.(\d+)\.", key)
+    return int(found.group(1)) if found else None
+
+
+def _relayer(key: str, layer: int) -> str:
+    return re.sub(r"layers\.\d+\.", f"layers.{layer}.", key, count=1)
+
+
+def expected_soup(config: dict, inputs: dict[str, dict[str, torch.Tensor]], out_keys: list[str]
+                  ) -> dict[str, torch.Tensor]:
+    """Each output tensor by the reference: mergekit's pieces (the models as one slice of every layer, or the
+    slices), its positions and scopes (source > slice > global; shared ones from the slice on)."""
+    method = config["merge_method"]
+    base = config.get("base_model")
+    if "slices" in config:
+        pieces = [(s.get("parameters") or {}, s["sources"]) for s in config["slices"]]
+    else:
+        pieces = [({}, [{"model": m["model"], "layer_range": [0, LAYERS], "parameters": m.get("parameters")}
+                        for m in config["models"]])]
+    if base is not None and base not in [s["model"] for _, s_ in pieces for s in s_]:
+        pieces = [(p, [*s, {"model": base, "layer_range": s[0]["layer_range"]}]) for p, s in pieces]
+    out_layers = [(piece, offset) for piece in pieces for offset in range(piece[1][0]["layer_range"][1]
+                                                                          - piece[1][0]["layer_range"][0])]
+    expected = {}
+    for key in out_keys:
+        layer = _layer(key)
+        if layer is None:
+            piece, offset, count = (pieces[0] if "embed" in key else pieces[-1]), None, None
+        else:
+            piece, offset = out_layers[layer]
+            count = piece[1][0]["layer_range"][1] - piece[1][0]["layer_range"][0]
+        scope, sources = piece
+
+        def source_key(source: dict, key: str = key, offset: int | None = offset) -> str:
+            return key if offset is None else _relayer(key, source["layer_range"][0] + offset)
+
+        others = [s for s in sources if s["model"] != base]
+        anchor = next((inputs[s["model"]][source_key(s)] for s in sources if s["model"] == base), None)
+        tensors = [inputs[s["model"]][source_key(s)] for s in others]
+        shared = {p: R.resolve_scopes(p, [scope, config.get("parameters")], key, offset, count,
+                                      default=_default(p, method), value_type=bool if p == "normalize" else float)
+                  for p in SHARED[method]}
+        per_model = {p: [R.resolve_scopes(p, [s.get("parameters"), scope, config.get("parameters")], source_key(s),
+                                          offset, count, default=_default(p, method)) for s in others]
+                     for p in PER_MODEL.get(method, ())}
+        arguments = {("lambda_" if p == "lambda" else p): v for p, v in (shared | per_model).items()}
+        if method == "model_stock":  # hub-soup's deliberate difference, named in the README and the card
+            arguments["clamp_t_at_zero"] = True
+        if method == "passthrough" or not key.endswith("weight") and tensors[0].dtype != torch.bfloat16:
+            expected[key] = tensors[0]
+        else:
+            expected[key] = getattr(R, method)(tensors, anchor, **arguments)
+    return expected
+
+
+def _default(name: str, method: str):
+    value = DEFAULTS.get(name)
+    return value.get(method) if isinstance(value, dict) else value
+
+
+DETERMINISTIC = [name for name in RUN if name != "dare_ties_base_listed"]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_config_runs_as_mergekit_defines_it(models: Path, tmp_path: Path, name: str) -> None:
+    config = yaml.safe_load((CONFIGS / f"{name}.yml").read_text())
+    if config["merge_method"] not in method_names():
+        pytest.skip(f"method {config['merge_method']} is not registered yet")
+    out = run_config(models, name, tmp_path)
+    soup = weights(out)
+    inputs = {model: weights(models / model) for model in MODELS}
+    expected = expected_soup(config, inputs, sorted(soup))
+    for key, tensor in soup.items():
+        assert tensor.shape == expected[key].shape, key
+        far = R.more_than_one_ulp(tensor, expected[key].to(torch.float64).to(torch.bfloat16))
+        assert not far.any(), f"{name} {key}: {int(far.sum())} elements more than one bf16 ulp from the definition"
+    # the soup says what made it
+    assert (out / "mergekit_config.yml").read_text() == (CONFIGS / f"{name}.yml").read_text()
+    card = (out / "README.md").read_text()
+    assert "mergekit" in card and "merge" in card and "```yaml" in card
+
+
+def test_stacked_soup_loads_with_its_layer_count(models: Path, tmp_path: Path) -> None:
+    if "passthrough" not in method_names():
+        pytest.skip("method passthrough is not registered yet")
+    from transformers import AutoModelForCausalLM
+
+    out = run_config(models, "passthrough_stack", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+    assert len(model.model.layers) == 6
+
+
+def test_dare_ties_with_the_base_listed(models: Path, tmp_path: Path) -> None:
+    """The base listed among the models is the base, not a fine-tune; each fine-tune's task vector is kept at
+    about its density (the soup differs from the base where any of them is kept)."""
+    out = run_config(models, "dare_ties_base_listed", tmp_path)
+    pinned = yaml.safe_load((out / "hub-soup.yaml").read_text())
+    assert [Path(i["ref"]).name for i in pinned["ingredients"]] == ["model_a", "model_b", "model_c"]
+    soup, base = weights(out), weights(models / "base")
+    key = "model.layers.1.mlp.up_proj.weight"
+    changed = (soup[key] != base[key]).double().mean().item()
+    assert 1 - 0.47**3 - 0.05 < changed < 1 - 0.47**3 + 0.05
+
+
+def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_config(models, "ties_int8_normalize", tmp_path)
+    assert main(["convert", str(tmp_path / "ties_int8_normalize.yml")]) == 0
+    native = yaml.safe_load(capsys.readouterr().out)
+    assert native["method"] == "ties" and native["ingredients"][1]["parameters"]["weight"] == [0, 0.3, 0.7, 1]
+    again = tmp_path / "again"
+    assert main(["run", str(out / "hub-soup.yaml"), "-o", str(again)]) == 0
+    first, second = weights(out), weights(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(("text", "line", "named"), [
+    ("models:\n  - model: a\nmerge_method: ties\nbase_model: b\nmerge_methd: x\n", 5, "merge_methd"),
+    ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", 6,
+     "tokenizer_source"),
+    (("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [0, 4]\n"
+      "merge_method: slerp\nbase_model: a\nparameters:\n  t: [0, {x: 1}]\n"), 10, "parameters.t"),
+    ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\nparameters:\n  rescale_x: true\n", 7,
+     "rescale_x"),
+])
+def test_bad_configs_name_the_key_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int,
+                                           named: str) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    for command in ("validate", "run"):
+        assert main([command, str(path), *(["-o", str(tmp_path / "out")] if command == "run" else [])]) == 2
+        err = capsys.readouterr().err
+        assert f"config.yml:{line}:" in err and named in err and "Traceback" not in err
+
+
+def test_run_flags_add_to_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``run``'s evaluation and push flags fill the sections a mergekit config has not: checked as a recipe's."""
+    shutil.copy(CONFIGS / "model_stock.yml", tmp_path / "model_stock.yml")
+    assert main(["run", str(tmp_path / "model_stock.yml"), "-o", str(tmp_path / "out"), "--greedy"]) == 2
+    assert "greedy: true needs an eval section" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "model_stock.yml"), "-o", str(tmp_path / "out"), "--push", "nope"]) == 2
+    assert "push.repo_id: repo_id must look like 'org/name', got 'nope'" in capsys.readouterr().err
