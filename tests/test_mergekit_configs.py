@@ -208,3 +208,33 @@ def test_run_flags_add_to_the_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "greedy: true needs an eval section" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "model_stock.yml"), "-o", str(tmp_path / "out"), "--push", "nope"]) == 2
     assert "push.repo_id: repo_id must look like 'org/name', got 'nope'" in capsys.readouterr().err
+
+
+def test_slices_stack_layers_and_the_soup_loads(models: Path, tmp_path: Path) -> None:
+    """A native recipe's slices of one model each: every layer copied from its source, 6 layers from models of 4,
+    the embeddings from the first slice's model and the head from the last's; config.json says 6 layers, and
+    transformers loads the soup and generates."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = tmp_path / "stack.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "ingredients": [{"ref": str(models / "model_a")}, {"ref": str(models / "model_b")}],
+        "slices": [{"sources": [{"model": 0, "layer_range": [0, 3]}]},
+                   {"sources": [{"model": 1, "layer_range": [1, 4]}]}],
+    }))
+    out = tmp_path / "soup"
+    assert main(["run", str(recipe), "-o", str(out)]) == 0
+    soup, a, b = weights(out), weights(models / "model_a"), weights(models / "model_b")
+    sources = [(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]
+    for key, tensor in soup.items():
+        layer = _layer(key)
+        if layer is None:
+            expected = (a if "embed" in key else b)[key]
+        else:
+            model, source = sources[layer]
+            expected = model[_relayer(key, source)]
+        assert torch.equal(tensor, expected), key
+    assert len({_layer(k) for k in soup} - {None}) == 6
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
