@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -81,6 +82,17 @@ class _Strict(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
+def _settings(value: dict[str, Any]) -> dict[str, Any]:
+    """Parameters whose every value is a setting (:func:`setting_leaves`), named ``parameters.<name>``."""
+    for name, setting in value.items():
+        setting_leaves(setting, f"parameters.{name}")
+    return value
+
+
+# Method parameters as settings: an ingredient's, a slice's or a slice source's own.
+Settings = Annotated[dict[str, Any], AfterValidator(_settings)]
+
+
 class ModelRef(_Strict):
     """A model, named the way an ingredient is: the recipe's ``base``."""
 
@@ -110,18 +122,11 @@ class Ingredient(ModelRef):
         "dare_ties; default: parameters.density)",
     )
 
-    parameters: dict[str, Any] = Field(
+    parameters: Settings = Field(
         default_factory=dict,
         description="this ingredient's own method parameters (its method's per-ingredient ones, and weight), each "
         "a setting: a value, a gradient over the layers (a list) or filters (a list of {filter, value})",
     )
-
-    @field_validator("parameters")
-    @classmethod
-    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, setting in value.items():
-            setting_leaves(setting, f"parameters.{name}")
-        return value
 
     @model_validator(mode="after")
     def _said_once(self) -> Ingredient:
@@ -206,7 +211,7 @@ class SliceSource(_Strict):
 
     model: int | Literal["base"] = Field(description="the ingredient (its index in ingredients) or the base")
     layer_range: tuple[int, int] = Field(description="the model's layers [start, end): end excluded, as mergekit")
-    parameters: dict[str, Any] = Field(
+    parameters: Settings = Field(
         default_factory=dict, description="this source's per-ingredient parameters (settings, over the slice's)"
     )
 
@@ -215,13 +220,6 @@ class SliceSource(_Strict):
     def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= value[0] < value[1]:
             raise ValueError(f"layer_range {list(value)} is no layers: give [start, end) with 0 <= start < end")
-        return value
-
-    @field_validator("parameters")
-    @classmethod
-    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, setting in value.items():
-            setting_leaves(setting, f"parameters.{name}")
         return value
 
     @property
@@ -235,7 +233,7 @@ class Slice(_Strict):
     layer ``i`` of the slice merges layer ``start + i`` of each source (copies it, for one source)."""
 
     sources: list[SliceSource] = Field(min_length=1)
-    parameters: dict[str, Any] = Field(
+    parameters: Settings = Field(
         default_factory=dict, description="this slice's parameters (settings, over the recipe's)"
     )
 
@@ -245,13 +243,6 @@ class Slice(_Strict):
         lengths = {len(s.layers) for s in value}
         if len(lengths) > 1:
             raise ValueError(f"the sources of a slice give one count of layers each, got {sorted(lengths)}")
-        return value
-
-    @field_validator("parameters")
-    @classmethod
-    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, setting in value.items():
-            setting_leaves(setting, f"parameters.{name}")
         return value
 
     @property
