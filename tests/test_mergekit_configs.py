@@ -275,3 +275,9 @@ def test_lora_references_are_refused_by_name(tmp_path: Path, capsys: pytest.Capt
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "config.yml:3: models.1.model: 'model_a+lora_a' applies a LoRA adapter (model+lora)" in err
+
+
+def test_validate_says_a_config_is_mergekits(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(CONFIGS / "task_arithmetic_slices.yml")]) == 0
+    said = capsys.readouterr().out
+    assert "ok (a mergekit config, 2 ingredients, task_arithmetic, 4 layers in 2 slices" in said
