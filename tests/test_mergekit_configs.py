@@ -281,3 +281,22 @@ def test_validate_says_a_config_is_mergekits(capsys: pytest.CaptureFixture[str])
     assert main(["validate", str(CONFIGS / "task_arithmetic_slices.yml")]) == 0
     said = capsys.readouterr().out
     assert "ok (a mergekit config, 2 ingredients, task_arithmetic, 4 layers in 2 slices" in said
+
+
+def test_a_slice_of_the_base_and_one_model_is_merged(models: Path, tmp_path: Path) -> None:
+    """A slice of the base and one fine-tune, by a method whose soup of one task vector means something
+    (task arithmetic): its layers are merged, not copied from the fine-tune, as mergekit merges every slice."""
+    text = ("slices:\n  - sources:\n      - model: base\n        layer_range: [0, 4]\n      - model: model_a\n"
+            "        layer_range: [0, 4]\nmerge_method: task_arithmetic\nbase_model: base\n"
+            "parameters:\n  weight: [1, 0.5]\n  lambda: 0.5\ndtype: bfloat16\n")
+    (tmp_path / "one.yml").write_text(text)
+    for model in MODELS:
+        (tmp_path / model).symlink_to(models / model)
+    assert main(["run", str(tmp_path / "one.yml"), "-o", str(tmp_path / "soup")]) == 0
+    soup = weights(tmp_path / "soup")
+    expected = expected_soup(yaml.safe_load(text), {m: weights(models / m) for m in MODELS}, sorted(soup))
+    for key, tensor in soup.items():
+        far = R.more_than_one_ulp(tensor, expected[key].to(torch.bfloat16))
+        assert not far.any(), key
+    assert not torch.equal(soup["model.layers.1.mlp.up_proj.weight"],
+                           weights(models / "model_a")["model.layers.1.mlp.up_proj.weight"])

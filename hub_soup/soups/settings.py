@@ -25,7 +25,17 @@ from typing import Any
 
 from hub_soup.errors import RecipeError
 from hub_soup.merging.methods import get_method
-from hub_soup.merging.plan import BASE, MergePlan, TensorPlan, gradient_position, layer_of, resolve_setting, restack
+from hub_soup.merging.plan import (
+    BASE,
+    Input,
+    MergePlan,
+    TensorPlan,
+    gradient_position,
+    layer_of,
+    relayer,
+    resolve_setting,
+    restack,
+)
 from hub_soup.recipe import Recipe, Slice
 
 
@@ -92,6 +102,10 @@ def _stack(recipe: Recipe, plan: MergePlan) -> tuple[MergePlan, dict[str, Place]
             layers.append([(int(src.model), src.layers[offset]) for src in models])
             where.append((piece, offset))
     stacked = restack(plan, layers)
+    aligned = {t.key: t for t in plan.tensors}
+    # a method whose soup of one model means something (task arithmetic of one task vector, a scale) merges a
+    # layer of one source too, as mergekit runs the method on every slice; another copies it (the same tensor)
+    alone = get_method(recipe.method).min_ingredients == 1
     places: dict[str, Place] = {}
     tensors: list[TensorPlan] = []
     for tensor in stacked.tensors:
@@ -100,7 +114,7 @@ def _stack(recipe: Recipe, plan: MergePlan) -> tuple[MergePlan, dict[str, Place]
             piece = slices[0] if before_layers(tensor.key) else slices[-1]
             sources = [src for src in piece.sources if src.model != "base"]
             inputs = tuple(tensor.input_of(int(src.model)) for src in sources)
-            merged = tensor.average and len(inputs) > 1
+            merged = tensor.average and (len(inputs) > 1 or alone)
             tensor = replace(tensor, inputs=inputs if merged else inputs[:1], average=merged,
                              base_input=tensor.base_input if merged else None)
             position = 0.0
@@ -108,10 +122,23 @@ def _stack(recipe: Recipe, plan: MergePlan) -> tuple[MergePlan, dict[str, Place]
             piece, offset = where[layer]
             sources = [src for src in piece.sources if src.model != "base"]
             position = gradient_position(offset, piece.length)
+            template = aligned[relayer(tensor.key, 0)]
+            if template.average and (tensor.average or alone):
+                tensor = replace(tensor, average=True, base_input=_base_input(template, piece, offset))
         owns = tuple(source.parameters | _ingredient_own(recipe, int(source.model)) for source in sources)
         places[tensor.key] = Place(piece, position, owns)
         tensors.append(tensor)
     return replace(stacked, tensors=tensors), places
+
+
+def _base_input(template: TensorPlan, piece: Slice, offset: int) -> Input | None:
+    """The base's tensor of a slice's layer ``offset``: its own source's layer where the slice names the base,
+    else the first source's (``None``: the method uses no base)."""
+    if template.base_input is None:
+        return None
+    source = next((src for src in piece.sources if src.model == "base"), piece.sources[0])
+    layer = source.layers[offset]
+    return replace(template.base_input, key=relayer(template.base_input.key, layer), layer=layer)
 
 
 # Names of the tensors a transformer reads before its layers (its embeddings): Llama's embed_tokens, GPT-2's wte
