@@ -230,7 +230,8 @@ class SliceSource(_Strict):
 
 class Slice(_Strict):
     """Consecutive output layers made of the same layers' count of each of its sources (mergekit's ``slices``):
-    layer ``i`` of the slice merges layer ``start + i`` of each source (copies it, for one source)."""
+    layer ``i`` of the slice merges layer ``start + i`` of each source (for one source, copies it, unless the
+    method's soup of one model means something: task arithmetic of one task vector)."""
 
     sources: list[SliceSource] = Field(min_length=1)
     parameters: Settings = Field(
