@@ -16,14 +16,16 @@ wherever the command runs, so a recipe travels with what it names: the pinned
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -37,6 +39,7 @@ from pydantic import (
 )
 from pydantic.json_schema import WithJsonSchema
 
+from hub_soup.dialects import mergekit
 from hub_soup.errors import RecipeError
 from hub_soup.eval.spec import Dtype, EvalSpec
 from hub_soup.eval.tasks import get_task
@@ -79,6 +82,17 @@ class _Strict(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
+def _settings(value: dict[str, Any]) -> dict[str, Any]:
+    """Parameters whose every value is a setting (:func:`setting_leaves`), named ``parameters.<name>``."""
+    for name, setting in value.items():
+        setting_leaves(setting, f"parameters.{name}")
+    return value
+
+
+# Method parameters as settings: an ingredient's, a slice's or a slice source's own.
+Settings = Annotated[dict[str, Any], AfterValidator(_settings)]
+
+
 class ModelRef(_Strict):
     """A model, named the way an ingredient is: the recipe's ``base``."""
 
@@ -108,13 +122,134 @@ class Ingredient(ModelRef):
         "dare_ties; default: parameters.density)",
     )
 
+    parameters: Settings = Field(
+        default_factory=dict,
+        description="this ingredient's own method parameters (its method's per-ingredient ones, and weight), each "
+        "a setting: a value, a gradient over the layers (a list) or filters (a list of {filter, value})",
+    )
+
+    @model_validator(mode="after")
+    def _said_once(self) -> Ingredient:
+        for name in ("weight", "density"):
+            if getattr(self, name) is not None and name in self.parameters:
+                raise ValueError(f"{name} is given twice (as {name} and as parameters.{name}): keep one")
+        return self
+
     def method_parameters(self, names: Sequence[str]) -> dict[str, Any]:
-        """The per-ingredient method parameters among ``names`` this ingredient sets."""
-        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
+        """The per-ingredient method parameters among ``names`` this ingredient sets, as values: a setting that
+        varies by tensor (a gradient, filters) stands here as its first value, and the plan gives each
+        tensor its own (:func:`resolve_settings`)."""
+        own = {name: getattr(self, name) for name in PER_INGREDIENT if getattr(self, name) is not None}
+        own |= {name: setting_leaves(setting)[0] for name, setting in self.parameters.items() if name != "weight"}
+        return {name: value for name, value in own.items() if name in names}
+
+    @property
+    def given_weight(self) -> float | None:
+        """The ingredient's weight (the first value of a weight that varies by tensor), ``None`` if it gives none."""
+        return self.weight if "weight" not in self.parameters else float(setting_leaves(self.parameters["weight"])[0])
+
+    def setting(self, name: str) -> Any:
+        """This ingredient's own setting of parameter ``name`` (``None``: it sets none)."""
+        return self.parameters.get(name, getattr(self, name, None) if name in ("weight", *PER_INGREDIENT) else None)
 
 
-# The method parameters an ingredient may set for itself (a method says which it takes: ``ingredient_parameters``).
+# The method parameters an ingredient may set for itself as fields (a method says which it takes:
+# ``ingredient_parameters``); any of them may be set in its ``parameters`` too, and so may its weight.
 PER_INGREDIENT = ("density",)
+
+
+def setting_leaves(setting: Any, where: str = "") -> list[Any]:
+    """The values a parameter's setting can take, in order, for validation (its errors are ValueErrors, which
+    pydantic reports as the field's): mergekit's forms, a value, a
+    gradient (a non-empty list of values: numbers, or booleans or strings, which step), or filters (a
+    ``{filter, value}`` or a list of them: the first whose ``filter`` is in the tensor's name gives its
+    value, itself a value or a gradient; no ``filter``, or ``*``, matches every tensor).
+
+    Raises:
+        ValueError: a setting of none of these forms, naming ``where`` and what is wrong.
+    """
+    if isinstance(setting, (bool, int, float, str)):
+        return [setting]
+    at = f"{where}: " if where else ""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list) or not setting:
+        raise ValueError(
+            f"{at}{setting!r} is not a value, a gradient (a list of values) or a list of filters"
+        )
+    if all(isinstance(v, (bool, int, float, str)) for v in setting):
+        numbers = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting]
+        if any(numbers) and not all(numbers):
+            raise ValueError(f"{at}the gradient {setting!r} mixes numbers with other values")
+        return list(setting)
+    if not all(isinstance(entry, dict) for entry in setting):
+        raise ValueError(f"{at}{setting!r} is neither a gradient (a list of values) nor a list of filters")
+    leaves: list[Any] = []
+    for index, entry in enumerate(setting):
+        if "value" not in entry or set(entry) - {"filter", "value"}:
+            raise ValueError(
+                f"{at}entry {index} is not a filter ({{filter: NAME, value: ...}}, or {{value: ...}} for every "
+                f"tensor): {entry!r}"
+            )
+        if not isinstance(entry.get("filter", "*"), str):
+            raise ValueError(f"{at}entry {index}'s filter must be a string, got {entry['filter']!r}")  # noqa: TRY004
+        if isinstance(entry["value"], dict) or (
+            isinstance(entry["value"], list) and not all(isinstance(v, (bool, int, float, str)) for v in entry["value"])
+        ):
+            raise ValueError(f"{at}entry {index}'s value must be a value or a gradient, got {entry['value']!r}")
+        leaves += setting_leaves(entry["value"], f"{where}.{index}.value")
+    return leaves
+
+
+def varies(setting: Any) -> bool:
+    """Whether a setting can differ from tensor to tensor (a gradient or filters), not one value for all."""
+    return isinstance(setting, (list, dict))
+
+
+class SliceSource(_Strict):
+    """Layers of one model in a slice: mergekit's ``sources`` entry."""
+
+    model: int | Literal["base"] = Field(description="the ingredient (its index in ingredients) or the base")
+    layer_range: tuple[int, int] = Field(description="the model's layers [start, end): end excluded, as mergekit")
+    parameters: Settings = Field(
+        default_factory=dict, description="this source's per-ingredient parameters (settings, over the slice's)"
+    )
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range {list(value)} is no layers: give [start, end) with 0 <= start < end")
+        return value
+
+    @property
+    def layers(self) -> range:
+        """The source's layers, in order."""
+        return range(*self.layer_range)
+
+
+class Slice(_Strict):
+    """Consecutive output layers made of the same layers' count of each of its sources (mergekit's ``slices``):
+    layer ``i`` of the slice merges layer ``start + i`` of each source (for one source, copies it, unless the
+    method's soup of one model means something: task arithmetic of one task vector)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: Settings = Field(
+        default_factory=dict, description="this slice's parameters (settings, over the recipe's)"
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _same_length(cls, value: list[SliceSource]) -> list[SliceSource]:
+        lengths = {len(s.layers) for s in value}
+        if len(lengths) > 1:
+            raise ValueError(f"the sources of a slice give one count of layers each, got {sorted(lengths)}")
+        return value
+
+    @property
+    def length(self) -> int:
+        """How many output layers the slice makes."""
+        return len(self.sources[0].layers)
 
 
 class OutputSpec(_Strict):
@@ -187,7 +322,9 @@ class Recipe(_Strict):
         json_schema_extra=lambda schema: schema.update(enum=list(method_names())),
     )
     parameters: dict[str, Any] = Field(
-        default_factory=dict, validate_default=True, description="the method's parameters"
+        default_factory=dict, validate_default=True,
+        description="the method's parameters, each a setting: a value, a gradient over the layers (a list) or "
+        "filters (a list of {filter, value}); a per-ingredient one (weight too) is every ingredient's default",
     )  # validated even when left out: a method's required parameter (slerp's t) is then missing
     base: ModelRef | None = Field(
         None, description="the model the ingredients were fine-tuned from, for methods that need one (and only "
@@ -217,7 +354,12 @@ class Recipe(_Strict):
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
     push: PushSpec | None = None
+    slices: list[Slice] | None = Field(
+        None, description="the soup's layers, slice by slice (mergekit's slices): each output layer made of the "
+        "sources' layers; without it, layer i of the soup is made of layer i of every ingredient"
+    )
     _base: Path | None = PrivateAttr(None)  # the recipe file's folder (see relative_to)
+    _made_from: str | None = PrivateAttr(None)  # the mergekit config this recipe was read from (see made_from)
 
     @field_validator("ingredients")
     @classmethod
@@ -242,9 +384,16 @@ class Recipe(_Strict):
     @field_validator("parameters")
     @classmethod
     def _method_parameters(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Validated by the method's own ``Parameters``: pydantic's errors then name ``parameters.<field>``."""
+        """Validated by the method's own ``Parameters``, every value a setting can take: pydantic's errors then
+        name ``parameters.<field>``. ``weight``, for a method that weighs ingredients, is every ingredient's
+        default (as mergekit's global parameters give it)."""
         if "method" in info.data:  # else the method's own error is the one to show
-            get_method(info.data["method"]).parameters_from(value)
+            method = get_method(info.data["method"])
+            shared = {name: setting for name, setting in value.items() if name != "weight" or not method.uses_weights}
+            check_settings(method, shared)
+            if "weight" in value and method.uses_weights:
+                for leaf in setting_leaves(value["weight"], "parameters.weight"):
+                    _finite(leaf, "parameters.weight")
         return value
 
     @model_validator(mode="after")
@@ -256,8 +405,8 @@ class Recipe(_Strict):
                 f"ingredients: a soup needs at least {method.min_ingredients} ingredients, got {len(self.ingredients)}"
                 + (f" (with a base, {', '.join(alone)} take one)" if alone else "")
             )
-        weighted = [i.weight is not None for i in self.ingredients]
-        if method.uses_weights and method.default_weight is None and not all(weighted):
+        weighted = [i.given_weight is not None for i in self.ingredients]
+        if method.uses_weights and method.default_weight is None and not all(weighted) and "weight" not in self.parameters:
             raise ValueError(f"method: {self.method} needs a weight on every ingredient")
         if not method.uses_weights and any(weighted):
             takes = [name for name in method_names() if get_method(name).uses_weights]
@@ -271,6 +420,8 @@ class Recipe(_Strict):
                     f"ingredients.{index}.{name}: method {self.method} takes no per-ingredient {name}"
                     + (f"; methods that do: {', '.join(takes)}" if takes else "")
                 )
+            self._own_settings(method, ingredient.parameters, f"ingredients.{index}.parameters")
+        self._slices_fit(method)
         if method.uses_weights and method.normalizes_weights:
             self._weights_not_negative(method)
         if method.needs_base and self.base is None:
@@ -311,14 +462,51 @@ class Recipe(_Strict):
             raise ValueError(f"{field}: task {scorer.name} scores {scorer.scoring}, not {lacking}; drop {field}")
         return self
 
+    def _own_settings(self, method: type[MergeMethod], parameters: dict[str, Any], where: str) -> None:
+        """An ingredient's (or a slice source's) own parameters: its method's per-ingredient ones and its weight,
+        every value a setting can take valid."""
+        takes = (*method.ingredient_parameters, *(("weight",) if method.uses_weights else ()))
+        for name, setting in parameters.items():
+            if name not in takes:
+                raise ValueError(f"{where}.{name}: method {self.method} takes no per-ingredient {name} (its "
+                                 f"per-ingredient parameters: {', '.join(takes) or 'none'})")
+            if name == "weight":
+                for leaf in setting_leaves(setting):
+                    _finite(leaf, f"{where}.weight")
+        try:
+            check_settings(method, self.merge_parameters() | {n: s for n, s in parameters.items() if n != "weight"})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{where}.{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
+
+    def _slices_fit(self, method: type[MergeMethod]) -> None:
+        """Slices name models the recipe has, and are not greedy's (it tries subsets of whole models)."""
+        for s, piece in enumerate(self.slices or ()):
+            for k, source in enumerate(piece.sources):
+                where = f"slices.{s}.sources.{k}"
+                if source.model == "base" and self.base is None:
+                    raise ValueError(f"{where}.model: the slice names the base, and the recipe has none")
+                if isinstance(source.model, int) and not 0 <= source.model < len(self.ingredients):
+                    raise ValueError(f"{where}.model: there is no ingredient {source.model} (0 to "
+                                     f"{len(self.ingredients) - 1})")
+                self._own_settings(method, source.parameters, f"{where}.parameters")
+            shared = {n: v for n, v in piece.parameters.items() if n != "weight" or not method.uses_weights}
+            try:
+                check_settings(method, self.merge_parameters() | shared)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"slices.{s}.parameters.{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
+        if self.slices and self.greedy:
+            raise ValueError("greedy: greedy soups try subsets of whole models; a recipe with slices names layers")
+
     def _weights_not_negative(self, method: type[MergeMethod]) -> None:
         """A method that averages (weights normalised to sum to one) takes no negative weight: only
         one that scales task vectors by their weights as given can subtract one (task negation)."""
         for i, ingredient in enumerate(self.ingredients):
-            if ingredient.weight is not None and ingredient.weight < 0:
+            if ingredient.given_weight is not None and ingredient.given_weight < 0:
                 negates = [n for n in method_names() if get_method(n).uses_weights and not get_method(n).normalizes_weights]
                 raise ValueError(
-                    f"ingredients.{i}.weight: {ingredient.weight:g} is negative, and method {method.name} averages "
+                    f"ingredients.{i}.weight: {ingredient.given_weight:g} is negative, and method {method.name} averages "
                     "the ingredients (weights >= 0, normalised to sum to 1); to subtract a fine-tune's task vector "
                     f"(task negation), use method {' or '.join(negates)} with a base"
                 )
@@ -377,9 +565,21 @@ class Recipe(_Strict):
             RecipeError: naming the rule the smaller recipe breaks.
         """
         data = self.model_dump(exclude_unset=True)
-        data["ingredients"] = [data["ingredients"][i] for i in indices]
-        recipe = validated(Recipe, data)
-        recipe._base = self._base
+        renumber: dict[int | str, int | str] = {old: new for new, old in enumerate(indices)}
+        for piece in data.get("slices") or ():  # a dropped ingredient a slice names is the base (a listed base)
+            for source in piece["sources"]:
+                source["model"] = renumber.get(source["model"], "base")
+        return self.with_fields(ingredients=[data["ingredients"][i] for i in indices], slices=data.get("slices"))
+
+    def with_fields(self, **fields: Any) -> Recipe:
+        """This recipe with ``fields`` (as a recipe file or flags give them) over its own, validated again, and
+        still reading relative paths from :attr:`base_dir` and made from the same config (:attr:`made_from`).
+
+        Raises:
+            RecipeError: naming the rule the new recipe breaks.
+        """
+        recipe = validated(Recipe, self.model_dump(exclude_unset=True) | fields)
+        recipe._base, recipe._made_from = self._base, self._made_from
         return recipe
 
     def with_paths_for(self, folder: str | Path | None, local: Sequence[bool] | None = None) -> Recipe:
@@ -425,19 +625,48 @@ class Recipe(_Strict):
         method = get_method(self.method)
         if not method.uses_weights:
             return None
-        return [i.weight if i.weight is not None else method.default_weight for i in self.ingredients]  # type: ignore[misc]
+        default = setting_leaves(self.parameters["weight"])[0] if "weight" in self.parameters else method.default_weight
+        return [i.given_weight if i.given_weight is not None else default for i in self.ingredients]  # type: ignore[misc]
 
     def merge_method(self, weights: Sequence[float] | None = None) -> MergeMethod:
         """The recipe's method with its parameters, weighing the ingredients by ``weights``
         (default: the recipe's own, for a method that uses them)."""
         method = get_method(self.method)
         own = [i.method_parameters(method.ingredient_parameters) for i in self.ingredients]
-        return method(self.parameters, weights if weights is not None else self.weights, own if any(own) else None)
+        return method(self.merge_parameters(), weights if weights is not None else self.weights, own if any(own) else None)
+
+    def merge_parameters(self) -> dict[str, Any]:
+        """The method's parameters for the merge as a whole: a setting that varies by tensor (a gradient,
+        filters) stands as its first value, and the plan gives each tensor its own
+        (:func:`~hub_soup.soups.settings.resolve_settings`); a per-ingredient default (``weight``) is the
+        ingredients' business (:attr:`weights`)."""
+        shared = {name: s for name, s in self.parameters.items() if name != "weight" or not get_method(self.method).uses_weights}
+        return {name: setting_leaves(setting)[0] for name, setting in shared.items()}
+
+    def varies(self) -> bool:
+        """Whether a parameter differs from tensor to tensor or layer to layer (gradients, filters, an
+        ingredient's parameters that vary, slices): the plan then gives each tensor its own."""
+        settings = [*self.parameters.values(), *(s for i in self.ingredients for s in i.parameters.values())]
+        return self.slices is not None or any(varies(s) for s in settings) or (
+            "weight" in self.parameters and get_method(self.method).uses_weights)
 
     def pinned_parameters(self) -> dict[str, Any]:
         """The method's parameters with every default filled in (DARE's seed among them), as the pinned recipe
-        records them: a rebuild does not depend on defaults that may change."""
-        return get_method(self.method).parameters_from(self.parameters).model_dump(mode="json", by_alias=True)
+        records them: a rebuild does not depend on defaults that may change. Settings that vary by tensor stay
+        as written."""
+        filled = get_method(self.method).parameters_from(self.merge_parameters()).model_dump(mode="json", by_alias=True)
+        return filled | {name: s for name, s in self.parameters.items() if varies(s) or name not in filled}
+
+    @property
+    def made_from(self) -> str | None:
+        """The mergekit config this recipe was read from, as written (the soup carries it as
+        ``mergekit_config.yml``), or ``None``."""
+        return self._made_from
+
+    def from_config(self, text: str) -> Recipe:
+        """This recipe, read from the mergekit config ``text`` (see :attr:`made_from`)."""
+        self._made_from = text
+        return self
 
     def to_yaml(self) -> str:
         """The recipe as a YAML file, defaults omitted, that :func:`load_recipe` reads back identically."""
@@ -459,7 +688,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
-    """Validate recipe text; see :func:`load_recipe`."""
+    """Validate recipe text; see :func:`load_recipe`. A mergekit config (top-level ``merge_method``) is read
+    onto the same recipe (:mod:`hub_soup.dialects.mergekit`), its errors naming its own lines."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -467,16 +697,21 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with ingredients and output")
+    config = mergekit.is_mergekit(data)
     try:
+        if config:
+            return Recipe.model_validate(mergekit.recipe_data(data, node, where)).from_config(text)
         return Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         location, message = first["loc"], _message(first)
-        named = _NAMED_FIELD.match(message) if not location else None
-        if named:  # a rule of the whole recipe, about the field its message names: the line is that field's
+        named = _NAMED_FIELD.match(message)
+        if named and location and not named.group(1).startswith(".".join(map(str, location)) + "."):
+            named = None  # a rule of the whole recipe (or of a field, about a part of it: parameters.t) names
+        if named:  # the field its message is about: the line is that field's
             location = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
         field_path = ".".join(str(p) for p in location) or "(top level)"
-        line = _line_of(node, location)
+        line = _line_of(node, mergekit.location_in_config(location, data) if config else location)
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         said = message if named else f"{field_path}: {message}"
@@ -500,6 +735,27 @@ def validated(model: type[M], data: dict[str, Any], section: str = "") -> M:
         first = exc.errors()[0]
         path = ".".join(map(str, (*([section] if section else []), *first["loc"])))
         raise RecipeError(f"{path}: {_message(first)}" if path else _message(first), hint=_hint(first)) from None
+
+
+def check_settings(method: type[MergeMethod], parameters: dict[str, Any]) -> None:
+    """Validate ``parameters`` (settings, :func:`setting_leaves`) by ``method``'s ``Parameters``: once with
+    every setting at its first value, then each value of a setting that varies in its place.
+
+    Raises:
+        ValidationError: pydantic's, naming the field (and its value).
+        ValueError: a setting of no form a setting takes.
+    """
+    leaves = {name: setting_leaves(setting, f"parameters.{name}") for name, setting in parameters.items()}
+    first = {name: values[0] for name, values in leaves.items()}
+    for name, values in [("", [None]), *leaves.items()]:
+        for value in values[1:] if name else values:
+            method.parameters_from(first | ({name: value} if name else {}))
+
+
+def _finite(value: Any, where: str) -> None:
+    """A weight's value: a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is not a finite number")
 
 
 class HintedValueError(ValueError):

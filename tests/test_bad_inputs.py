@@ -186,6 +186,28 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--weights", "nan", "1", "-o", _out(tmp)]
 
 
+def _mergekit(tmp: Path, method: str, rest: str) -> list[str]:
+    """``run`` of a mergekit config of the two digits models (the first the base), ``rest`` after its lines 1-5."""
+    head = f"models:\n  - model: {A}\n  - model: {B}\nmerge_method: {method}\nbase_model: {A}\n"
+    (tmp / "config.yml").write_text(head + rest)
+    return ["run", str(tmp / "config.yml"), "-o", _out(tmp)]
+
+
+@case("mergekit-unknown-key")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "model_stock", "merge_methd: ties\n")
+
+
+@case("mergekit-tokenizer-source")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "model_stock", "tokenizer_source: union\n")
+
+
+@case("mergekit-bad-gradient")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return _mergekit(tmp, "slerp", "parameters:\n  t: [0, {filter: mlp}]\n")
+
+
 @case("architecture-mismatch")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     two, four = bert_folder(tmp / "bert2", seed=1), bert_folder(tmp / "bert4", seed=2)

@@ -20,7 +20,8 @@ def _imported(*args: str) -> set[str]:
     return {name.split(".")[0] for name in rows}
 
 
-COMMANDS = ["merge", "run", "inspect", "diagnose", "schema", "validate"]
+COMMANDS = ["merge", "run", "inspect", "diagnose", "schema", "validate", "convert"]
+MERGEKIT_CONFIG = str(Path(__file__).resolve().parent / "mergekit_configs" / "slerp_gradient.yml")
 
 
 def test_every_command_is_checked() -> None:
@@ -32,7 +33,8 @@ def test_every_command_is_checked() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["schema"], ["--help"], ["--version"], ["validate", *RECIPES], *([name, "--help"] for name in COMMANDS)],
+    [["schema"], ["--help"], ["--version"], ["validate", *RECIPES], ["validate", MERGEKIT_CONFIG],
+     ["convert", MERGEKIT_CONFIG], *([name, "--help"] for name in COMMANDS)],
     ids=lambda c: " ".join(Path(a).name for a in c),
 )
 def test_light_command_imports_no_torch(command: list[str]) -> None:

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hub_soup.cli.options import OVERWRITE, TOKEN, TRUST_REMOTE_CODE
+from hub_soup.cli.options import (
+    OVERWRITE,
+    TRUST_REMOTE_CODE,
+    add_eval_options,
+    add_push_options,
+    eval_spec_from_args,
+    push_spec_from_args,
+)
 from hub_soup.errors import EXIT_OK
 from hub_soup.io.sizes import describe_size
 from hub_soup.recipe import Recipe, load_recipe
@@ -19,28 +26,37 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``run`` command to ``commands``."""
     parser = commands.add_parser(
         "run", help="make the soup a recipe file describes",
-        description="Make the soup a recipe file describes. Local paths in it are relative to the recipe file.",
+        description="Make the soup a recipe file (or a mergekit config) describes. Local paths in it are relative "
+        "to the file. The evaluation and push options add to the file's sections, or replace them.",
     )
-    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/ and `hub-soup schema`)")
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/ and `hub-soup schema`) or a mergekit "
+                        "config (top-level merge_method)")
     parser.add_argument("-o", "--output", metavar="DIR", help="write the soup here instead of the recipe's output.path")
     OVERWRITE.add(parser)
     parser.add_argument(
-        "--no-push", dest="push", action="store_false", help="make the soup locally even if the recipe pushes it"
+        "--no-push", dest="keep_local", action="store_true", help="make the soup locally even if the recipe pushes it"
     )
-    TOKEN.add(parser)
     TRUST_REMOTE_CODE.add(parser)
+    add_eval_options(parser)
+    parser.add_argument("--greedy", action="store_true", help="greedy soup: keep an ingredient only if the score "
+                        "does not drop (needs an evaluation)")
+    add_push_options(parser)
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """The recipe file, with the command line's output and push choices over its own."""
+    """The recipe file, with the command line's output, evaluation and push choices over its own."""
     recipe = load_recipe(args.recipe)
     if args.output or args.overwrite:
         output = recipe.output.model_copy(
             update={"path": args.output or recipe.output.path, "overwrite": args.overwrite or recipe.output.overwrite}
         )
         recipe = recipe.model_copy(update={"output": output})
-    if not args.push:
+    given = {"eval": eval_spec_from_args(args), "push": push_spec_from_args(args),
+             "greedy": args.greedy or None, "force": args.force or None}
+    if any(value is not None for value in given.values()):
+        recipe = recipe.with_fields(**{name: value for name, value in given.items() if value is not None})
+    if args.keep_local:
         recipe = recipe.model_copy(update={"push": None})
     return run_recipe(recipe, args.token, args.trust_remote_code)
 

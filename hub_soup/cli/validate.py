@@ -46,6 +46,10 @@ def validate_command(args: argparse.Namespace) -> int:
 def describe(recipe: Recipe) -> str:
     """What the recipe would make, in a few words: "3 ingredients, uniform, pushes to org/soup"."""
     parts = [f"{len(recipe.ingredients)} ingredients", f"greedy {recipe.method}" if recipe.greedy else recipe.method]
+    if recipe.slices:
+        parts.append(f"{sum(piece.length for piece in recipe.slices)} layers in {len(recipe.slices)} slices")
+    if recipe.made_from is not None:
+        parts.insert(0, "a mergekit config")
     if recipe.eval is not None:
         parts.append(f"scored by {recipe.eval.task}")
     if recipe.output.path is not None:

@@ -43,11 +43,12 @@ from hub_soup.io.safetensors_io import SafetensorsWriter, TensorMeta, plan_shard
 logger = logging.getLogger(__name__)
 
 RECIPE_FILENAME = "hub-soup.yaml"  # the recipe every soup carries: what tells a soup folder from another
+MERGEKIT_CONFIG = "mergekit_config.yml"  # the mergekit config a soup was made from, where it was (as mergekit writes it)
 WEIGHT_STEMS = ("model", "adapter_model")  # model.safetensors, or a PEFT adapter's adapter_model.safetensors
 # Every name a soup's files have: SoupWriter writes no other (add_file checks), so ``overwrite``
 # knows a soup's files from the user's. Side files (config, tokenizer, processor, custom *.py)
 # are those io.files carries along.
-_SOUP_FILES = (RECIPE_FILENAME, "README.md", "adapter_config.json")
+_SOUP_FILES = (RECIPE_FILENAME, MERGEKIT_CONFIG, "README.md", "adapter_config.json")
 _WEIGHT_FILE = re.compile(
     rf"(?:{'|'.join(WEIGHT_STEMS)})(?:\.safetensors|-\d{{5}}-of-\d{{5}}\.safetensors|\.safetensors\.index\.json)"
 )

@@ -16,7 +16,7 @@ from hub_soup.eval.greedy import GreedyReport
 from hub_soup.hub.card import build_card
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.sizes import parse_size
-from hub_soup.io.write import RECIPE_FILENAME, SoupWriter
+from hub_soup.io.write import MERGEKIT_CONFIG, RECIPE_FILENAME, SoupWriter
 from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.similarity import SHARED_INIT_COSINE, Similarity
 from hub_soup.pipeline.scoring import scores_of
@@ -67,6 +67,8 @@ def write_soup(
             scores=scores_of(report) if report is not None else [], report=report, warnings=warnings,
         )
         writer.add_file(RECIPE_FILENAME, pinned.to_yaml())
+        if pinned.made_from is not None:  # as mergekit's own soups carry it: the Hub and its users know it
+            writer.add_file(MERGEKIT_CONFIG, pinned.made_from)
         writer.add_file("README.md", str(build_card(result, config=made.config)))
         writer.commit()
     return result

@@ -38,6 +38,7 @@ from hub_soup.merging.side_files import check_configs, choose_side_files
 from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.recipe import Recipe
 from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
+from hub_soup.soups.settings import resolve_settings, stacked_config
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Full(SoupKind[Soup]):
         for note in plan.notes:
             logger.info(note)
         check_configs([(c.label, c.config) for c in checkpoints])
+        plan = resolve_settings(self.recipe, plan)
         chosen = choose_side_files(checkpoints)
         dtype = getattr(torch, self.recipe.dtype) if self.recipe.dtype else None
         return Soup(
@@ -123,6 +125,7 @@ class Full(SoupKind[Soup]):
     ) -> Output:
         """The soup's tensors (written by :func:`write_tensors`) and its side files, config.json in its dtype."""
         config = soup_config(soup.reference, self.recipe.dtype)
+        stacked_config(config, self.recipe)
         return Output(
             metas=soup.metas, plan=soup.plan, write=lambda writer: write_tensors(writer, soup, report),
             files=side_file_contents(soup.side_files, config), config=config,

@@ -1,0 +1,163 @@
+"""mergekit's config format, read as it is onto the one :class:`~hub_soup.recipe.Recipe`.
+
+A YAML file whose top level has ``merge_method`` is a mergekit (0.1.5) config: ``models``
+(each a ``model`` and its ``parameters``), ``base_model`` (listed among the models or not),
+``merge_method``, global ``parameters``, ``dtype``/``out_dtype`` and ``slices`` (``sources``
+with ``model``, ``layer_range`` and ``parameters``, and the slice's ``parameters``). Each
+means what mergekit makes of it: the models become ingredients (with their parameters as
+their own settings), the slices the recipe's slices. A method that takes no base reads
+``base_model`` as mergekit's SLERP does, as its first model (``t = 0``).
+
+Anything else is refused, named with its line: a key of mergekit's that hub-soup does not do
+yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's; ``model+lora``
+references) and any key or value mergekit does not know. A parameter that mergekit ignores for
+a method (published ``arcee_fusion`` configs carry ``normalize``) is refused too, with a hint
+to delete it: the config then says only what made the soup, and the soup is the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from hub_soup.errors import RecipeError
+from hub_soup.merging.methods import get_method, method_names
+
+# The keys of a mergekit config hub-soup reads; those it refuses by name, and why.
+KEYS = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "slices")
+NOT_YET = {
+    "tokenizer_source": "the soup's tokenizer comes from its first model; choosing another is not supported yet",
+    "tokenizer": "the soup's tokenizer comes from its first model; choosing another is not supported yet",
+    "chat_template": "the soup's chat template comes from its first model; choosing another is not supported yet",
+}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+
+
+def is_mergekit(data: object) -> bool:
+    """Whether loaded YAML is a mergekit config: a mapping with ``merge_method`` (a recipe's is ``method``)."""
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, Any]:
+    """The native recipe's data of a mergekit config (``data`` as loaded, ``node`` as composed, for lines).
+
+    Raises:
+        RecipeError: a key or value hub-soup does not read, named with its line.
+    """
+    def refuse(location: tuple[int | str, ...], message: str, hint: str) -> RecipeError:
+        from hub_soup.recipe import _line_of  # the recipe's own line finder
+
+        line = _line_of(node, location)
+        return RecipeError(f"{where}:{line}: {message}" if line else f"{where}: {message}", hint=hint)
+
+    for key in data:
+        if key in NOT_YET:
+            raise refuse((key,), f"{key}: {NOT_YET[key]}", hint=f"delete {key} (the next release reads it)")
+        if key not in KEYS:
+            raise refuse((key,), f"{key}: not a key of a mergekit config hub-soup reads",
+                         hint=f"the keys read: {', '.join(KEYS)}")
+    name = data["merge_method"]
+    if not isinstance(name, str) or name not in method_names():
+        raise refuse(("merge_method",), f"merge_method: {name!r} is not a method hub-soup has",
+                     hint=f"methods: {', '.join(method_names())}")
+    method = get_method(name)
+    takes = set(method.Parameters.model_fields) | {f.alias for f in method.Parameters.model_fields.values() if f.alias}
+    takes |= set(method.ingredient_parameters) | ({"weight"} if method.uses_weights else set())
+    per_model = set(method.ingredient_parameters) | ({"weight"} if method.uses_weights else set())
+
+    def parameters(value: Any, location: tuple[int | str, ...], allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise refuse(location, f"{'.'.join(map(str, location))}: parameters are a mapping, got {value!r}",
+                         hint="write name: value lines")
+        for key in value:
+            if key not in allowed:
+                where_ = ".".join(map(str, (*location, key)))
+                ignored = key in takes
+                raise refuse(
+                    (*location, key),
+                    f"{where_}: " + (f"{key} is not a per-model parameter: mergekit ignores it here" if ignored
+                                     else f"method {name} takes no parameter {key} (mergekit ignores it)"),
+                    hint="delete it: the soup is the same without it" if not ignored
+                    else "move it to the slice's or the config's parameters",
+                )
+        return dict(value)
+
+    def model(value: Any, location: tuple[int | str, ...]) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise refuse(location, f"{'.'.join(map(str, location))}: a model is a Hub id or a path, got {value!r}",
+                         hint="write model: org/name")
+        if "+" in value:
+            raise refuse(location, f"{'.'.join(map(str, location))}: {value!r} applies a LoRA adapter "
+                         "(model+lora), which is not supported yet", hint="merge the adapter into the model first")
+        return value.strip()
+
+    base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
+    refs: list[str] = []
+    own: dict[str, dict[str, Any]] = {}
+    if ("models" in data) == ("slices" in data):
+        raise refuse(("merge_method",), "a mergekit config gives models or slices (one of them)",
+                     hint="list the models, or the slices of layers")
+    for index, entry in enumerate(data.get("models") or []):
+        if not isinstance(entry, dict) or set(entry) - {"model", "parameters"}:
+            raise refuse(("models", index), f"models.{index}: an entry is model: and parameters:, got {entry!r}",
+                         hint="write - model: org/name")
+        ref = model(entry.get("model"), ("models", index, "model"))
+        refs.append(ref)
+        own[ref] = parameters(entry.get("parameters"), ("models", index, "parameters"), per_model)
+    slices: list[dict[str, Any]] = []
+    for s, piece in enumerate(data.get("slices") or []):
+        if not isinstance(piece, dict) or set(piece) - {"sources", "parameters"} or not piece.get("sources"):
+            raise refuse(("slices", s), f"slices.{s}: a slice is sources: (and parameters:)",
+                         hint="write - sources: [{model: ..., layer_range: [0, N]}]")
+        sources = []
+        for k, source in enumerate(piece["sources"]):
+            location = ("slices", s, "sources", k)
+            if not isinstance(source, dict) or set(source) - {"model", "layer_range", "parameters"}:
+                raise refuse(location, f"slices.{s}.sources.{k}: a source is model:, layer_range: (and parameters:)",
+                             hint="write - model: org/name")
+            ref = model(source.get("model"), (*location, "model"))
+            if ref != base and ref not in refs:
+                refs.append(ref)
+            sources.append({"model": ref, "layer_range": source.get("layer_range"),
+                            "parameters": parameters(source.get("parameters"), (*location, "parameters"), per_model)})
+        slices.append({"sources": sources,
+                       "parameters": parameters(piece.get("parameters"), ("slices", s, "parameters"), takes)})
+    uses_base = method.needs_base or method.optional_base  # else the base is mergekit's first model
+    if base is not None and not uses_base:  # SLERP's t = 0; one more model to karcher
+        refs = [base, *(r for r in refs if r != base)]
+    ingredients = [{"ref": ref, **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
+    recipe: dict[str, Any] = {"ingredients": ingredients, "method": name,
+                              "parameters": parameters(data.get("parameters"), ("parameters",), takes)}
+    if base is not None and uses_base:
+        recipe["base"] = {"ref": base}
+    dtype = data.get("out_dtype", data.get("dtype"))
+    if dtype is not None:
+        spelled = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if spelled not in DTYPES:
+            field = "out_dtype" if "out_dtype" in data else "dtype"
+            raise refuse((field,), f"{field}: {dtype!r} is not a dtype", hint=f"dtypes: {', '.join(DTYPES)}")
+        recipe["dtype"] = spelled
+    if slices:
+        numbered = {ref: i for i, ref in enumerate(refs)}
+        for piece in slices:
+            for source in piece["sources"]:
+                ref = source["model"]
+                source["model"] = "base" if ref == base and uses_base else numbered[ref]
+        recipe["slices"] = slices
+    return recipe
+
+
+def location_in_config(location: tuple[int | str, ...], data: dict[str, Any]) -> tuple[int | str, ...]:
+    """Where in the mergekit config a native recipe's field (``location``) comes from, for its line."""
+    head = location[0] if location else None
+    renamed = {"method": ("merge_method",), "base": ("base_model",),
+               "dtype": ("out_dtype",) if "out_dtype" in data else ("dtype",)}
+    if head in renamed:
+        return renamed[head]
+    if head == "ingredients" and len(location) > 1 and "models" in data:
+        return ("models", *location[1:])
+    return location
