@@ -96,6 +96,7 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
         return value.strip()
 
     base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
+    uses_base = method.needs_base or method.optional_base  # else the base is mergekit's first model
     refs: list[str] = []
     own: dict[str, dict[str, Any]] = {}
     if ("models" in data) == ("slices" in data):
@@ -106,6 +107,8 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
             raise refuse(("models", index), f"models.{index}: an entry is model: and parameters:, got {entry!r}",
                          hint="write - model: org/name")
         ref = model(entry.get("model"), ("models", index, "model"))
+        if ref == base and uses_base:  # mergekit leaves a listed base_model out of the models it merges
+            continue
         refs.append(ref)
         own[ref] = parameters(entry.get("parameters"), ("models", index, "parameters"), per_model)
     slices: list[dict[str, Any]] = []
@@ -126,7 +129,6 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
                             "parameters": parameters(source.get("parameters"), (*location, "parameters"), per_model)})
         slices.append({"sources": sources,
                        "parameters": parameters(piece.get("parameters"), ("slices", s, "parameters"), takes)})
-    uses_base = method.needs_base or method.optional_base  # else the base is mergekit's first model
     if base is not None and not uses_base:  # SLERP's t = 0; one more model to karcher
         refs = [base, *(r for r in refs if r != base)]
     ingredients = [{"ref": ref, **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
