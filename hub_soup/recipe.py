@@ -373,12 +373,9 @@ class Recipe(_Strict):
     @classmethod
     def _known_method(cls, value: str, info: ValidationInfo) -> str:
         try:
-            exact = get_method(value).exact_ingredients
+            get_method(value)
         except RecipeError as exc:
             raise ValueError(f"{exc.message}; {exc.hint}") from None
-        count = len(info.data["ingredients"]) if "ingredients" in info.data else exact
-        if exact is not None and count != exact:
-            raise ValueError(f"{value} merges exactly {exact} ingredients, the recipe lists {count}")
         return value
 
     @field_validator("parameters")
@@ -399,6 +396,13 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         method = get_method(self.method)
+        exact = method.exact_ingredients
+        # the models merged into each output tensor: every ingredient, or the sources of each slice
+        for where, count in ([(f"slices.{i}", sum(s.model != "base" for s in piece.sources))
+                              for i, piece in enumerate(self.slices)] if self.slices
+                             else [("the recipe", len(self.ingredients))]):
+            if exact is not None and count != exact:
+                raise ValueError(f"method: {self.method} merges exactly {exact} ingredients, {where} lists {count}")
         if len(self.ingredients) < method.min_ingredients:
             alone = [n for n in method_names() if get_method(n).min_ingredients == 1]
             raise ValueError(

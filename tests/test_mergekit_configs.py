@@ -117,7 +117,8 @@ def expected_soup(config: dict, inputs: dict[str, dict[str, torch.Tensor]], out_
         def source_key(source: dict, key: str = key, offset: int | None = offset) -> str:
             return key if offset is None else _relayer(key, source["layer_range"][0] + offset)
 
-        if method.needs_base or (base_is_required and base is not None):  # the base in its role (SLERP's t = 0)
+        uses_base = method.needs_base or (method.optional_base and base is not None)
+        if uses_base or (base_is_required and base is not None):  # the base in its role (SLERP's t = 0)
             anchor_source = next(s for s in sources if s["model"] == base)
             others = [s for s in sources if s["model"] != base]
         else:
@@ -132,7 +133,7 @@ def expected_soup(config: dict, inputs: dict[str, dict[str, torch.Tensor]], out_
                           for s in others]
                 if all(v is None for v in values):
                     continue
-                value: object = values
+                value: object = values[0] if method.exact_ingredients == 1 else values  # passthrough: one input
             else:
                 value = R.resolve_scopes(parameter, [scope, config.get("parameters")], key, offset, count,
                                          default=default, value_type=kind)
