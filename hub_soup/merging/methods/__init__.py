@@ -338,6 +338,8 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
     references={  # the built-in methods, by name (the order messages list them in): a file here and a line here
         name: f"hub_soup.merging.methods.{name}:{cls}"
         for name, cls in (
+            ("breadcrumbs", "Breadcrumbs"),
+            ("breadcrumbs_ties", "BreadcrumbsTies"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
             ("model_stock", "ModelStock"),
