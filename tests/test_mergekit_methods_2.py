@@ -108,3 +108,43 @@ def test_breadcrumbs_defaults_trim_nothing_and_refuse_l1_rescale() -> None:
     assert get_method("breadcrumbs_ties").ingredient_parameters == ("density", "gamma")
     with pytest.raises(ValidationError, match="rescale"):
         get_method("breadcrumbs_ties")({"rescale": True})
+
+
+# ---------------------------------------------------------------- ram, ramplus_tl
+
+
+def _sparse_tunes(seed: int, count: int) -> tuple[StateDict, list[StateDict]]:
+    """Fine-tunes that each change about half the elements, so some elements are changed by one, some by
+    several, some by none (and a few by less than epsilon)."""
+    base, tunes = _models(seed, count, scale=0.05)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for tune in tunes:
+        for key, value in tune.items():
+            keep = torch.rand(value.shape, generator=generator) < 0.5
+            tiny = (base[key].double() + 4e-6).to(BF16)  # a change at most epsilon (or none, in bf16)
+            tune[key] = torch.where(keep, value, tiny if key == "prime" else base[key])
+    return base, tunes
+
+
+RAM = [
+    ("ram", {}, 3),
+    ("ram", {"epsilon": 0.02}, 2),
+    ("ram", {}, 1),
+    ("ramplus_tl", {}, 3),
+    ("ramplus_tl", {"r": 0.5, "alpha": 0.9, "epsilon": 1e-3}, 2),
+]
+
+
+@pytest.mark.parametrize(("name", "parameters", "count"), RAM)
+@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+def test_ram_is_mergekits_definition(tmp_path: Path, name: str, parameters: dict[str, Any], count: int,
+                                     cut: tuple[int, int]) -> None:
+    """The mean over the fine-tunes that changed an element (RAM+: unique changes scaled by lambda_i)."""
+    base, tunes = _sparse_tunes(3, count)
+    soup = _merge(tmp_path, name, base, tunes, parameters, None, cut)
+    for key, b in base.items():
+        expected = ref.METHODS[name]([t[key] for t in tunes], b, **parameters)
+        _assert_within_ulp(soup[key], expected, torch.zeros(b.shape, dtype=torch.bool), key)
+    if name == "ramplus_tl" and count == 3:  # unique changes were scaled: the soup is not plain ram's
+        plain = _merge(tmp_path / "plain", "ram", base, tunes, {}, None, cut)
+        assert not torch.equal(plain["wide"], soup["wide"])

@@ -343,6 +343,8 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
             ("model_stock", "ModelStock"),
+            ("ram", "Ram"),
+            ("ramplus_tl", "RamPlusTL"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
             ("ties", "Ties"),
