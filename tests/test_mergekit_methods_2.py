@@ -15,14 +15,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
+from hub_soup.errors import RecipeError
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import MergePlan
+from tests import checkpoints as ck
 from tests import mergekit_reference as ref
 from tests.method_checks import CUTS, merge_both_ways, odd_tensors
+from tests.test_method_ties import _key, _lowbias32
 
 StateDict = dict[str, torch.Tensor]
 BF16 = torch.bfloat16
@@ -148,3 +152,111 @@ def test_ram_is_mergekits_definition(tmp_path: Path, name: str, parameters: dict
     if name == "ramplus_tl" and count == 3:  # unique changes were scaled: the soup is not plain ram's
         plain = _merge(tmp_path / "plain", "ram", base, tunes, {}, None, cut)
         assert not torch.equal(plain["wide"], soup["wide"])
+
+
+# ---------------------------------------------------------------- della, della_linear
+
+
+def della_kept(seed: int, key: str, ingredient: int, probabilities: torch.Tensor) -> torch.Tensor:
+    """DELLA's mask as documented: DARE's hash of (seed, tensor, ingredient, element), its top 24 bits below
+    ``round(p * 2**24)`` with ``p`` the element's own keep probability."""
+    with np.errstate(over="ignore"):
+        index = np.arange(probabilities.numel(), dtype=np.uint32)
+        hashed = _lowbias32(_lowbias32(index ^ _key(seed, key, -1)) ^ _key(seed, key, ingredient))
+    limits = torch.round(probabilities.reshape(-1) * (1 << 24)).numpy()
+    return torch.from_numpy((hashed >> np.uint32(8)).astype(np.float64) < limits).reshape(probabilities.shape)
+
+
+def _at_least_1d(tensor: torch.Tensor) -> torch.Tensor:
+    """The reference ranks rows of 1-D and larger tensors: a 0-dim one is a row of one."""
+    return tensor.reshape(1) if tensor.dim() == 0 else tensor
+
+
+DELLA = [
+    ("della", {"density": 0.5, "epsilon": 0.2, "seed": 3}, None),
+    ("della", {"seed": 1},
+     {"density": [0.4, 0.7, 0.5], "epsilon": [0.1, 0.2, 0.05], "weight": [1.0, 0.5, 2.0]}),
+    ("della_linear", {"density": 0.6, "lambda": 0.8}, {"weight": [1.0, -0.5, 0.75]}),
+    ("della_linear", {"normalize": True, "rescale": False},
+     {"density": [0.3, 0.6, 1.0], "epsilon": [0.25, 0.15, 0.15], "weight": [0.5, 1.5, 1.0]}),
+]
+
+
+@pytest.mark.parametrize(("name", "parameters", "per_tensor"), DELLA)
+@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+def test_della_is_its_definition_with_the_documented_masks(tmp_path: Path, name: str, parameters: dict[str, Any],
+                                                          per_tensor: dict[str, Any] | None,
+                                                          cut: tuple[int, int]) -> None:
+    """With the masks the documented hash draws from the reference's per-row keep probabilities, the soup is the
+    reference's (each kept element divided by its own probability), within one ulp, whatever the cuts."""
+    base, tunes = _models(4, 3)
+    soup = _merge(tmp_path, name, base, tunes, parameters, per_tensor, cut)
+    given = {**parameters, **(per_tensor or {})}
+    weights = ref._per_model(given.get("weight", 1.0), 3, "weight")
+    densities = ref._per_model(given.get("density", 1.0), 3, "density")
+    epsilons = ref._per_model(given.get("epsilon", 0.15), 3, "epsilon")
+    for key, b in base.items():
+        b1, parts = _at_least_1d(b), [_at_least_1d(t[key]) for t in tunes]
+        deltas = [p.double() - b1.double() for p in parts]
+        masks = [torch.ones(b1.shape, dtype=torch.bool) if d >= 1 else
+                 della_kept(given.get("seed", 0), key, i, ref.della_keep_probabilities(delta, d, e))
+                 for i, (delta, d, e) in enumerate(zip(deltas, densities, epsilons))]
+        expected = ref.METHODS[name](
+            parts, b1, weight=weights, density=densities, epsilon=epsilons, lambda_=given.get("lambda", 1.0),
+            masks=masks, **{k: given[k] for k in ("normalize", "rescale") if k in given},
+        )
+        undecided = torch.zeros(b1.shape, dtype=torch.bool)
+        if name == "della":
+            kept = [torch.where(m, d / (ref.della_keep_probabilities(d, s, e) if s < 1 else 1), 0)
+                    for m, d, s, e in zip(masks, deltas, densities, epsilons)]
+            undecided = ref.vote_undecided(kept, weights)
+        _assert_within_ulp(soup[key].reshape(b1.shape), expected, undecided, key)
+
+
+def test_della_keeps_by_its_law_and_rescales_each_kept_element_exactly(tmp_path: Path) -> None:
+    """One task vector, weight 1: the elements kept (those the soup moves off the base) follow the per-row
+    probabilities (z-scores per row and overall), the higher ranks kept more; each kept element is
+    ``base + delta / p`` rounded once."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"w": (40, 300), "v": (2000,), "c": (6, 50, 4)}
+    base = {k: torch.randn(s, generator=generator).to(BF16) for k, s in shapes.items()}
+    tune = {k: (v.double() + 0.05 * torch.randn(v.shape, generator=generator, dtype=torch.float64)).to(BF16)
+            for k, v in base.items()}
+    density, epsilon = 0.5, 0.2
+    soup = _merge(tmp_path, "della_linear", base, [tune], {"density": density, "epsilon": epsilon, "seed": 7},
+                  None, CUTS[1])
+    for key, b in base.items():
+        delta = tune[key].double() - b.double()
+        moved = delta != 0
+        kept = (soup[key] != b) & moved
+        p = ref.della_keep_probabilities(delta, density, epsilon)
+        assert abs(ref.poisson_binomial_z(kept[moved], p[moved])) < 4, key
+        if key == "w":
+            for row in range(shapes["w"][0]):
+                assert abs(ref.poisson_binomial_z(kept[row][moved[row]], p[row][moved[row]])) < 4.5, row
+            high, low = p > density + epsilon / 2, p < density - epsilon / 2
+            assert kept[high & moved].double().mean() > kept[low & moved].double().mean() + 0.2
+        expected = ref.della_linear([tune[key]], b, weight=1.0, density=density, epsilon=epsilon, masks=[kept])
+        _assert_within_ulp(soup[key], expected, torch.zeros(b.shape, dtype=torch.bool), key)
+        assert torch.equal(soup[key][~moved], b[~moved])
+
+
+def test_della_is_reproducible_by_seed_alone(tmp_path: Path) -> None:
+    """The same seed gives the same soup whatever the chunks; another seed another soup."""
+    base, tunes = _models(6, 2)
+    parameters = {"density": 0.5, "epsilon": 0.1, "seed": 11}
+    first = _merge(tmp_path / "a", "della", base, tunes, parameters, None, CUTS[0])
+    again = _merge(tmp_path / "b", "della", base, tunes, parameters, None, CUTS[3])
+    other = _merge(tmp_path / "c", "della", base, tunes, {**parameters, "seed": 12}, None, CUTS[0])
+    for key in base:
+        ck.assert_bit_equal(first[key], again[key], key)
+    assert not torch.equal(first["wide"], other["wide"])
+
+
+def test_della_refuses_probabilities_outside_0_1() -> None:
+    with pytest.raises(ValidationError, match="density"):
+        get_method("della")({"density": 0.9, "epsilon": 0.15})
+    with pytest.raises(RecipeError, match="density"):
+        get_method("della_linear")({"density": 0.5}, None, [{"density": 0.1}, {}])
+    assert get_method("della")({}).parameters.normalize  # type: ignore[attr-defined]
+    assert not get_method("della_linear")({}).parameters.normalize  # type: ignore[attr-defined]

@@ -342,6 +342,8 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("breadcrumbs_ties", "BreadcrumbsTies"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
+            ("della", "Della"),
+            ("della_linear", "DellaLinear"),
             ("model_stock", "ModelStock"),
             ("ram", "Ram"),
             ("ramplus_tl", "RamPlusTL"),

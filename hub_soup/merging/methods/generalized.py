@@ -145,6 +145,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
         weights = self.weights_for(count)
         deltas = self.workspace("deltas", acc, count)
         self._sparse_weighted_deltas(deltas, parts, base, weights, scratch, statistics, offset)
+        self.mix_(acc, deltas, weights, scratch, base)
+
+    def mix_(self, acc: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scratch: torch.Tensor,
+             base: torch.Tensor) -> None:
+        """``acc`` = the soup of a block from its sparsified, weighted task vectors (which it consumes): the
+        agreeing ones (:attr:`consensus`) or all summed, divided with ``normalize``, scaled, added to ``base``."""
         parameters = self.parameters
         if self.consensus:
             divisor = self._elect_and_mix(acc, deltas, weights, scratch)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 _DIGITS = {4: ((15, 16), (0, 15)), 8: ((47, 16), (31, 16), (15, 16), (0, 15))}
 
 # DARE compares the top 24 bits of a 32-bit hash with density * 2**24.
-_UNIFORM_BITS = 24
+UNIFORM_BITS = 24
 
 
 def delta_(out: torch.Tensor, part: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -190,16 +190,24 @@ class RandomMasks:
         """
         import torch
 
-        limit = round(density * (1 << _UNIFORM_BITS))
-        if limit >= 1 << _UNIFORM_BITS:  # density within 2**-25 of 1
+        limit = round(density * (1 << UNIFORM_BITS))
+        if limit >= 1 << UNIFORM_BITS:  # density within 2**-25 of 1
             return out.fill_(-1.0)
-        bits.copy_(hashed)
-        bits.bitwise_xor_(self.key(index))
-        mix_(bits, tmp)
-        torch.bitwise_right_shift(bits, 32 - _UNIFORM_BITS, out=tmp)
-        tmp.bitwise_and_((1 << _UNIFORM_BITS) - 1).sub_(limit)
+        self.uniform_(tmp, hashed, bits, index).sub_(limit)
         torch.bitwise_right_shift(tmp, 31, out=bits)
         return out.copy_(bits)
+
+    def uniform_(self, out: torch.Tensor, hashed: torch.Tensor, bits: torch.Tensor, index: int) -> torch.Tensor:
+        """``out`` (int32) = ingredient ``index``'s uniform draw of each element of the block, as an integer in
+        ``[0, 2**24)``, from the block's :meth:`element_hash_`; ``bits`` is int32 scratch. An element is kept
+        with probability ``p`` when its draw is below ``round(p * 2**24)``."""
+        import torch
+
+        bits.copy_(hashed)
+        bits.bitwise_xor_(self.key(index))
+        mix_(bits, out)
+        torch.bitwise_right_shift(bits, 32 - UNIFORM_BITS, out=out)
+        return out.bitwise_and_((1 << UNIFORM_BITS) - 1)
 
 
 def mix_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
