@@ -260,3 +260,27 @@ def test_della_refuses_probabilities_outside_0_1() -> None:
         get_method("della_linear")({"density": 0.5}, None, [{"density": 0.1}, {}])
     assert get_method("della")({}).parameters.normalize  # type: ignore[attr-defined]
     assert not get_method("della_linear")({}).parameters.normalize  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- sce
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+def test_sce_is_its_definition(tmp_path: Path, select_topk: float, cut: tuple[int, int]) -> None:
+    """Variance selection, squared-norm weights, sign election, the agreeing entries' weighted mean."""
+    base, tunes = _sparse_tunes(8, 3)
+    soup = _merge(tmp_path, "sce", base, tunes, {"select_topk": select_topk}, None, cut)
+    for key, b in base.items():
+        parts = [t[key] for t in tunes]
+        expected = ref.sce(parts, b, select_topk=select_topk)
+        tau = torch.stack([p.double() - b.double() for p in parts])
+        keep, undecided = ref.sce_select(tau, select_topk)
+        undecided |= ref.vote_undecided(list(tau * keep), [1.0] * 3)
+        _assert_within_ulp(soup[key], expected, undecided, key)
+    if 0 < select_topk < 1:
+        plain = _merge(tmp_path / "all", "sce", base, tunes, {}, None, cut)
+        assert not torch.equal(plain["wide"], soup["wide"])
+    if select_topk == 0:
+        for key, b in base.items():
+            ck.assert_bit_equal(soup[key], b, key)

@@ -347,6 +347,7 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("model_stock", "ModelStock"),
             ("ram", "Ram"),
             ("ramplus_tl", "RamPlusTL"),
+            ("sce", "Sce"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
             ("ties", "Ties"),

@@ -101,6 +101,13 @@ class MagnitudeThresholds:
             for i in selections:
                 self._count(i, bits, shift, width)
 
+    def observe_values(self, values: torch.Tensor, selection: int = 0) -> None:
+        """Count the current digit of one chunk of non-negative ``values`` (in the tensor's dtype) for
+        ``selection``: a threshold of some other magnitude than ``|delta|`` (SCE's variances)."""
+        if self._need[selection]:
+            shift, width = self._digits[self._pass]
+            self._count(selection, values.view(self._int), shift, width)
+
     def _count(self, i: int, bits: torch.Tensor, shift: int, width: int) -> None:
         """Add one chunk's histogram of the current digit to selection ``i``'s."""
         import torch
