@@ -284,3 +284,32 @@ def test_sce_is_its_definition(tmp_path: Path, select_topk: float, cut: tuple[in
     if select_topk == 0:
         for key, b in base.items():
             ck.assert_bit_equal(soup[key], b, key)
+
+
+# ---------------------------------------------------------------- model_stock filter_wise
+
+
+@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+def test_model_stock_filter_wise_takes_an_angle_per_row(tmp_path: Path, cut: tuple[int, int],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """t from each row's mean cosine (rows: vectors along the last axis), clamped at 0 where the cosine is not
+    positive (hub-soup's deliberate difference, warned once per tensor); per tensor without filter_wise."""
+    base, (shared, *tunes) = _models(9, 4)
+    for tune in tunes:  # task vectors with a common part: mostly positive cosines
+        for key, value in tune.items():
+            tune[key] = (value.double() + shared[key].double() - base[key].double()).to(BF16)
+    for tune in tunes:  # one row every task vector leaves alone, another where two point opposite ways
+        tune["wide"][0] = base["wide"][0]
+    tunes[1]["wide"][1] = (2 * base["wide"][1].double() - tunes[0]["wide"][1].double()).to(BF16)
+    tunes[2]["wide"][1] = base["wide"][1]
+    soup = _merge(tmp_path, "model_stock", base, tunes, {"filter_wise": True}, None, cut)
+    per_tensor = _merge(tmp_path / "tensor", "model_stock", base, tunes, {}, None, cut)
+    for key, b in base.items():
+        expected = ref.model_stock([t[key] for t in tunes], b, filter_wise=True, clamp_t_at_zero=True)
+        _assert_within_ulp(soup[key], expected, torch.zeros(b.shape, dtype=torch.bool), key)
+    ck.assert_bit_equal(soup["wide"][:2], base["wide"][:2], "frozen and clamped rows")
+    assert not torch.equal(soup["odd"], per_tensor["odd"])
+    assert "wide: 1 of 3 rows" in caplog.text
+    method = get_method("model_stock")({"filter_wise": True})
+    assert method.whole_tensor and not get_method("model_stock")({}).whole_tensor
+    assert "per row" in (method.card_summary() or "")
