@@ -20,10 +20,10 @@ import functools
 import math
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor
-from hub_soup.merging.methods.generalized import GeneralizedParameters, GeneralizedTaskArithmetic, keep_above_
+from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, MagnitudeParameters, keep_above_
 from hub_soup.merging.methods.sparsify import MagnitudeThresholds
 
 if TYPE_CHECKING:
@@ -39,21 +39,12 @@ BREADCRUMBS_TRIMMED = (
 )
 
 
-class BreadcrumbsParameters(GeneralizedParameters):
+class BreadcrumbsParameters(MagnitudeParameters):
     """``parameters`` of ``breadcrumbs`` and ``breadcrumbs_ties`` (mergekit's names and defaults)."""
 
     gamma: float = Field(0.01, ge=0, le=1, description="fraction of largest magnitudes dropped as outliers "
                          "(per ingredient too)")
     normalize: bool = Field(False, description="divide by the sum of the (agreeing) weights")
-    rescale: bool = Field(False, description="mergekit's L1 rescaling of trimmed task vectors: only false is "
-                          "supported")
-
-    @field_validator("rescale")
-    @classmethod
-    def _not_rescaled(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("rescale: true (mergekit's L1 rescaling of trimmed vectors) is not supported")
-        return value
 
 
 @functools.lru_cache(maxsize=256)

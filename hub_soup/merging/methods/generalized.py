@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.arithmetic import sum_
@@ -47,6 +47,21 @@ class GeneralizedParameters(NoParameters):
         False, description="mergekit's memory saving for its whole-tensor masks; accepted so configs port, and "
         "without effect: hub-soup's masks are per block",
     )
+
+
+class MagnitudeParameters(GeneralizedParameters):
+    """Parameters of the methods that trim by magnitude (``ties``, ``breadcrumbs``), which refuse mergekit's
+    ``rescale``: no paper defines it for them."""
+
+    rescale: bool = Field(False, description="mergekit's L1 rescaling of trimmed task vectors: only false is supported")
+
+    @field_validator("rescale")
+    @classmethod
+    def _not_rescaled(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("rescale: true (mergekit's L1 rescaling of trimmed vectors) is not supported for "
+                             "ties or breadcrumbs")
+        return value
 
 
 class RandomParameters(GeneralizedParameters):
