@@ -72,7 +72,7 @@ def keep_probabilities(delta: torch.Tensor, rows: tuple[int, int, int], density:
     if n == 1:
         return torch.full_like(delta, density)
     order = torch.argsort(delta.view(rows).abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).view(1, n, 1).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=delta.device).view(1, n, 1).expand_as(order))
     return ranks.reshape(-1).to(delta.dtype).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
 
 
