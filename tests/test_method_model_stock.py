@@ -121,11 +121,10 @@ def test_through_a_yaml_recipe_and_run(tmp_path: Path) -> None:
     assert parse_recipe(result.pinned_recipe.to_yaml()).method == "model_stock"
 
 
-def test_recipes_without_a_base_or_with_filter_wise_are_refused() -> None:
+def test_recipes_without_a_base_are_refused_and_filter_wise_is_taken() -> None:
     with pytest.raises(RecipeError, match="method: model_stock needs a base"):
         parse_recipe("ingredients: [{ref: a}, {ref: b}]\nmethod: model_stock\n")
-    with pytest.raises(RecipeError, match=r"parameters.filter_wise: filter_wise: true .* not supported"):
-        parse_recipe("ingredients: [{ref: a}, {ref: b}]\nmethod: model_stock\nbase: {ref: c}\n"
-                     "parameters: {filter_wise: true}\n")
+    assert parse_recipe("ingredients: [{ref: a}, {ref: b}]\nmethod: model_stock\nbase: {ref: c}\n"
+                        "parameters: {filter_wise: true}\n").parameters == {"filter_wise": True}
     assert parse_recipe("ingredients: [{ref: a}, {ref: b}]\nmethod: model_stock\nbase: {ref: c}\n"
                         "parameters: {filter_wise: false}\n").parameters == {"filter_wise": False}

@@ -105,8 +105,8 @@ def test_the_registry_knows_the_built_in_methods_and_refuses_unknown_and_duplica
     built_in = {"dare_linear", "dare_ties", "model_stock", "slerp", "task_arithmetic", "ties", "uniform", "weighted"}
     assert built_in <= set(method_names()) and recipe_method_names() == method_names()
     assert not get_method("uniform").uses_weights and get_method("weighted").uses_weights
-    with pytest.raises(RecipeError, match="unknown merge method 'della'") as caught:
-        get_method("della")
+    with pytest.raises(RecipeError, match="unknown merge method 'dela'") as caught:
+        get_method("dela")  # a typo of della, a built-in one
     assert caught.value.hint is not None and "uniform, weighted" in caught.value.hint
     with pytest.raises(ValueError, match="'uniform' is registered already"):
         register_method(type("Again", (MergeMethod,), {"name": "uniform"}))

@@ -51,9 +51,9 @@ def test_every_example_recipe_validates_and_names_what_exists(path: Path) -> Non
          ":5: ingredients.1.weight: -1 is negative, and method weighted averages the ingredients"),
         ("ingredients:\n  - ref: a\noutput: {path: o}\n", ":1: ingredients: a soup needs at least 2 ingredients"),
         ("ingredients: [{ref: a}, {ref: b}]\nmethod: average\noutput: {path: o}\n",
-         (":2: method: unknown merge method 'average'; choose one of: arcee_fusion, dare_linear, dare_ties, karcher, "
-         "linear, model_stock, multislerp, nearswap, nuslerp, passthrough, slerp, task_arithmetic, ties, uniform, "
-         "weighted")),
+         (":2: method: unknown merge method 'average'; choose one of: arcee_fusion, breadcrumbs, breadcrumbs_ties, "
+          "dare_linear, dare_ties, della, della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp, "
+          "passthrough, ram, ramplus_tl, sce, slerp, task_arithmetic, ties, uniform, weighted")),
         ("ingredients:\n  - ref: a\n    weight: .nan\n  - ref: b\nmethod: weighted\n",
          ":3: ingredients.0.weight: Input should be a finite number"),
         ("ingredients: [{ref: a}]\n", ":1: ingredients: a soup needs at least 2 ingredients, got 1"),  # no "Value error,"

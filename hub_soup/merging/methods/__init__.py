@@ -343,8 +343,12 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
         name: f"hub_soup.merging.methods.{name}:{cls}"
         for name, cls in (
             ("arcee_fusion", "ArceeFusion"),
+            ("breadcrumbs", "Breadcrumbs"),
+            ("breadcrumbs_ties", "BreadcrumbsTies"),
             ("dare_linear", "DareLinear"),
             ("dare_ties", "DareTies"),
+            ("della", "Della"),
+            ("della_linear", "DellaLinear"),
             ("karcher", "Karcher"),
             ("linear", "Linear"),
             ("model_stock", "ModelStock"),
@@ -352,6 +356,9 @@ _REGISTRY: Registry[type[MergeMethod]] = Registry(
             ("nearswap", "Nearswap"),
             ("nuslerp", "Nuslerp"),
             ("passthrough", "Passthrough"),
+            ("ram", "Ram"),
+            ("ramplus_tl", "RamPlusTL"),
+            ("sce", "Sce"),
             ("slerp", "Slerp"),
             ("task_arithmetic", "TaskArithmetic"),
             ("ties", "Ties"),

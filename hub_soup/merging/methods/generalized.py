@@ -23,10 +23,10 @@ The price is the magnitude threshold's two more radix passes (four over float64 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.arithmetic import sum_
@@ -47,6 +47,21 @@ class GeneralizedParameters(NoParameters):
         False, description="mergekit's memory saving for its whole-tensor masks; accepted so configs port, and "
         "without effect: hub-soup's masks are per block",
     )
+
+
+class MagnitudeParameters(GeneralizedParameters):
+    """Parameters of the methods that trim by magnitude (``ties``, ``breadcrumbs``), which refuse mergekit's
+    ``rescale``: no paper defines it for them."""
+
+    rescale: bool = Field(False, description="mergekit's L1 rescaling of trimmed task vectors: only false is supported")
+
+    @field_validator("rescale")
+    @classmethod
+    def _not_rescaled(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("rescale: true (mergekit's L1 rescaling of trimmed vectors) is not supported for "
+                             "ties or breadcrumbs")
+        return value
 
 
 class RandomParameters(GeneralizedParameters):
@@ -83,7 +98,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     uses_weights = True
     default_weight = 1.0
     normalizes_weights = False
-    ingredient_parameters = ("density",)
+    ingredient_parameters: ClassVar[tuple[str, ...]] = ("density",)
     float64_kernel = True
 
     def card_summary(self) -> str | None:
@@ -118,9 +133,18 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         assert base is not None
         if isinstance(statistics, MergedTensor):
-            statistics = MagnitudeThresholds(self.densities(len(parts)), statistics)
+            statistics = self.thresholds(len(parts), statistics)
         statistics.observe(parts, base)
         return statistics
+
+    def thresholds(self, count: int, tensor: MergedTensor) -> MagnitudeThresholds:
+        """The magnitude thresholds a tensor's statistics passes find: each ingredient's top ``density``."""
+        return MagnitudeThresholds(self.densities(count), tensor)
+
+    def trim_(self, delta: torch.Tensor, statistics: MagnitudeThresholds, index: int, scratch: torch.Tensor) -> None:
+        """Zero the elements of ingredient ``index``'s task vector (a block of it) that its thresholds drop:
+        TIES keeps ``|delta| >= threshold``."""
+        keep_above_(delta, statistics.below[index], scratch, self.scalars)
 
     def finish_statistics(self, statistics: Any, tensor: MergedTensor) -> Any:
         if isinstance(statistics, MagnitudeThresholds):
@@ -136,6 +160,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
         weights = self.weights_for(count)
         deltas = self.workspace("deltas", acc, count)
         self._sparse_weighted_deltas(deltas, parts, base, weights, scratch, statistics, offset)
+        self.mix_(acc, deltas, weights, scratch, base)
+
+    def mix_(self, acc: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scratch: torch.Tensor,
+             base: torch.Tensor) -> None:
+        """``acc`` = the soup of a block from its sparsified, weighted task vectors (which it consumes): the
+        agreeing ones (:attr:`consensus`) or all summed, divided with ``normalize``, scaled, added to ``base``."""
         parameters = self.parameters
         if self.consensus:
             divisor = self._elect_and_mix(acc, deltas, weights, scratch)
@@ -168,15 +198,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         for i, (delta, part) in enumerate(zip(deltas, parts)):
             delta_(delta, part, base)
             if isinstance(statistics, MagnitudeThresholds):  # magnitude trimming (not at density 1)
-                below = statistics.below[i]
-                if below is DROP:
-                    delta.zero_()
-                elif isinstance(below, float):
-                    # keep |d| >= threshold, as |d| > below: sign(max(|d| - below, 0)) is 1 there, else 0 (exact:
-                    # a difference is 0 only between equal floats). Float ops only: a bool mask and masked_fill
-                    # cost 5x more per element here.
-                    torch.abs(delta, out=scratch).sub_(self.scalars([below], scratch)[0]).clamp_(min=0).sign_()
-                    delta.mul_(scratch)
+                self.trim_(delta, statistics, i, scratch)
             elif hashed is not None and densities[i] < 1:
                 delta.mul_(statistics.keep_(scratch, hashed, bits, tmp, i, densities[i]))  # -d or 0: sign below
                 negated = -weights[i]
@@ -219,3 +241,20 @@ class GeneralizedTaskArithmetic(MergeMethod):
             torch.abs(scratch, out=elected).sign_().neg_().add_(1)
             scratch.add_(elected)
         return scratch
+
+
+def keep_above_(delta: torch.Tensor, below: float | str | None, scratch: torch.Tensor,
+                scalars: Callable[[list[float], torch.Tensor], list[torch.Tensor]]) -> None:
+    """Zero the elements of ``delta`` with ``|delta| <= below`` (a :class:`MagnitudeThresholds` value: ``None``
+    keeps all, :data:`DROP` none).
+
+    ``sign(max(|d| - below, 0))`` is 1 where ``|d| > below``, else 0 (exact: a difference is 0 only between
+    equal floats). Float ops only: a bool mask and masked_fill cost 5x more per element here.
+    """
+    import torch
+
+    if below is DROP:
+        delta.zero_()
+    elif isinstance(below, float):
+        torch.abs(delta, out=scratch).sub_(scalars([below], scratch)[0]).clamp_(min=0).sign_()
+        delta.mul_(scratch)

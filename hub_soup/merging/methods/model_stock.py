@@ -10,6 +10,11 @@ base ``theta_0`` and ``cos`` the mean cosine between every pair of task vectors
 
 The cosines come from the statistics pass (dot products accumulated in float64, chunk
 by chunk); the kernel works in float64, so the soup is its definition rounded once.
+
+With ``filter_wise`` (mergekit's parameter) the angle, and so ``t``, is taken per row: each
+vector along the tensor's last axis (a 1-D tensor is one row). The tensor is then merged
+whole (:attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor`), in float64 on blocks of
+rows.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.angles import Gram
@@ -29,21 +34,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Elements per block of rows of a filter_wise merge (a longer row is a block of its own).
+_BLOCK = 1 << 18
+
 
 class ModelStockParameters(NoParameters):
     """Model Stock's parameters, named as mergekit names them."""
 
     filter_wise: bool = Field(
-        False, description="mergekit's angle per row (filter) of a tensor: only false (one angle per tensor, "
-        "the paper's) is supported",
+        False, description="an angle per row (each vector along the last axis, mergekit's 'filter') instead of "
+        "one per tensor (the paper's)",
     )
-
-    @field_validator("filter_wise")
-    @classmethod
-    def _whole_tensors(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("filter_wise: true (an angle per row) is not supported; hub-soup takes one per tensor")
-        return value
 
 
 def interpolation_ratio(cosine: float, count: int) -> float:
@@ -71,6 +72,62 @@ class ModelStock(MergeMethod):
     Parameters = ModelStockParameters
     needs_base = True
     float64_kernel = True
+
+    @property
+    def whole_tensor(self) -> bool:  # type: ignore[override]  # a class default elsewhere; here the parameters
+        """``filter_wise`` merges each tensor whole (its rows' angles); one angle per tensor streams."""
+        return bool(self.parameters.filter_wise)  # type: ignore[attr-defined]
+
+    def card_summary(self) -> str | None:
+        """The summary, saying ``per row`` where ``filter_wise`` took an angle per row."""
+        assert self.summary is not None
+        if not self.parameters.filter_wise:  # type: ignore[attr-defined]
+            return self.summary
+        return self.summary.replace("per tensor,", "per row of each tensor (filter_wise),")
+
+    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
+                     ) -> torch.Tensor:
+        """``filter_wise``: ``base + (t / N) sum(part - base)`` with ``t`` of each row, on blocks of rows."""
+        import torch
+
+        assert base is not None
+        width = base.shape[-1] if base.dim() else 1
+        rows = base.numel() // width if width else 0
+        result = torch.empty(rows, width, dtype=tensor.dtype, device=base.device)
+        flat = [p.reshape(rows, width) for p in [*parts, base]]
+        clamped = 0
+        for first in range(0, rows, max(1, _BLOCK // max(width, 1))):
+            block = slice(first, min(rows, first + max(1, _BLOCK // max(width, 1))))
+            clamped += self._merge_rows(result[block], [f[block] for f in flat[:-1]], flat[-1][block])
+        if clamped:
+            logger.warning("model_stock: %s: %d of %d rows' task vectors have a mean cosine <= 0; t clamped to 0 "
+                           "there (the base's rows)", tensor.key, clamped, rows)
+        return result.view(base.shape)
+
+    @staticmethod
+    def _merge_rows(out: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor) -> int:
+        """One block of rows into ``out``; returns how many rows' ``t`` was clamped to 0."""
+        import torch
+
+        count = len(parts)
+        wide = base.to(out.dtype)
+        deltas = [p.to(out.dtype).sub_(wide) for p in parts]
+        norms = [torch.linalg.vector_norm(d, dim=1) for d in deltas]
+        cosine = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+        for i in range(count):
+            for j in range(i + 1, count):
+                product = norms[i] * norms[j]  # a zero task vector has no angle: cosine 0, as per tensor
+                dot = (deltas[i] * deltas[j]).sum(1)
+                cosine += torch.where(product > 0, dot / product.clamp(min=torch.finfo(out.dtype).tiny), 0.0)
+        cosine = (cosine / (count * (count - 1) // 2)).clamp_(-1, 1)
+        positive = cosine > 0
+        t = torch.where(positive, count * cosine / (1 + (count - 1) * cosine), 0.0)
+        out.copy_(deltas[0])
+        for delta in deltas[1:]:
+            out.add_(delta)
+        out.mul_((t / count).unsqueeze(1)).add_(wide)
+        frozen = torch.stack(norms).amax(0) == 0  # every task vector zero: the base's row, quietly
+        return int((~positive & ~frozen).sum())
 
     def start_statistics(self, tensor: MergedTensor) -> Gram | None:
         return None  # made on the first chunk, which says how many ingredients there are

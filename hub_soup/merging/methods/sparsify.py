@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 _DIGITS = {4: ((15, 16), (0, 15)), 8: ((47, 16), (31, 16), (15, 16), (0, 15))}
 
 # DARE compares the top 24 bits of a 32-bit hash with density * 2**24.
-_UNIFORM_BITS = 24
+UNIFORM_BITS = 24
 
 
 def delta_(out: torch.Tensor, part: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -63,44 +63,65 @@ class MagnitudeThresholds:
     ``|delta| >= threshold``.
     """
 
-    def __init__(self, densities: Sequence[float], tensor: MergedTensor) -> None:
+    def __init__(self, densities: Sequence[float], tensor: MergedTensor, *,
+                 ranks: Sequence[int | None] | None = None, of: Sequence[int] | None = None) -> None:
+        """Thresholds of the ``int(density * numel)`` largest of each ingredient; or, with ``ranks``, of the
+        ``ranks[s]``-th largest ``|delta|`` of ingredient ``of[s]`` for each selection ``s`` (an ingredient may
+        have several: Breadcrumbs bounds a window from above and below), :attr:`below` then one per selection."""
         import torch
 
         self.tensor = tensor
         self._int = torch.int32 if tensor.dtype.itemsize == 4 else torch.int64
         self._digits = _DIGITS[tensor.dtype.itemsize]
         self._pass = 0
-        # Per ingredient: k (None: keep all), how many of the largest are still to be placed, the digits found.
-        self._k: list[int | None] = [None if d >= 1 else int(d * tensor.numel) for d in densities]
+        # Per selection: k (None: keep all), how many of the largest are still to be placed, the digits found.
+        self._k: list[int | None] = (
+            list(ranks) if ranks is not None else [None if d >= 1 else int(d * tensor.numel) for d in densities]
+        )
+        self._of = list(of) if of is not None else list(range(len(self._k)))
         self._need = list(self._k)
-        self._prefix = [0] * len(densities)
-        self._counts: list[torch.Tensor | None] = [None] * len(densities)
+        self._prefix = [0] * len(self._k)
+        self._counts: list[torch.Tensor | None] = [None] * len(self._k)
         self._scratch = torch.empty(0, dtype=tensor.dtype)
         self.below: list[float | str | None] = []
 
     def observe(self, parts: Sequence[torch.Tensor], base: torch.Tensor) -> None:
         """Count the current digit of every ingredient's ``|delta|`` in one chunk."""
-        import torch
 
         shift, width = self._digits[self._pass]
         if base.dtype != self.tensor.dtype:  # upcast once, not once per ingredient (exact either way)
             base = base.to(self.tensor.dtype)
-        for i, part in enumerate(parts):
-            if not self._need[i]:  # keeps all (None) or none (0): nothing to count
+        for ingredient, part in enumerate(parts):
+            selections = [s for s, of in enumerate(self._of) if of == ingredient and self._need[s]]
+            if not selections:  # keeps all (None) or none (0): nothing to count
                 continue
             if self._scratch.numel() < part.numel():
                 self._scratch = part.new_empty(part.numel(), dtype=self.tensor.dtype)
             bits = delta_(self._scratch[: part.numel()], part, base).abs_().view(self._int)
-            if self._pass:
-                # Only the elements whose higher digits are the ones found so far count: shifted so that theirs
-                # are 0 .. 2**width - 1, the rest clamped into one bin on either side (cheaper than selecting them).
-                above = self._digits[self._pass - 1][0]
-                keys = (bits >> shift).sub_((self._prefix[i] << (above - shift)) - 1).clamp_(0, (1 << width) + 1)
-                counts = torch.bincount(keys, minlength=(1 << width) + 2)[1:-1]
-            else:
-                counts = torch.bincount(bits >> shift, minlength=1 << width)  # |delta|'s top bit is 0
-            previous = self._counts[i]
-            self._counts[i] = counts.clone() if previous is None else previous.add_(counts)
+            for i in selections:
+                self._count(i, bits, shift, width)
+
+    def observe_values(self, values: torch.Tensor, selection: int = 0) -> None:
+        """Count the current digit of one chunk of non-negative ``values`` (in the tensor's dtype) for
+        ``selection``: a threshold of some other magnitude than ``|delta|`` (SCE's variances)."""
+        if self._need[selection]:
+            shift, width = self._digits[self._pass]
+            self._count(selection, values.view(self._int), shift, width)
+
+    def _count(self, i: int, bits: torch.Tensor, shift: int, width: int) -> None:
+        """Add one chunk's histogram of the current digit to selection ``i``'s."""
+        import torch
+
+        if self._pass:
+            # Only the elements whose higher digits are the ones found so far count: shifted so that theirs
+            # are 0 .. 2**width - 1, the rest clamped into one bin on either side (cheaper than selecting them).
+            above = self._digits[self._pass - 1][0]
+            keys = (bits >> shift).sub_((self._prefix[i] << (above - shift)) - 1).clamp_(0, (1 << width) + 1)
+            counts = torch.bincount(keys, minlength=(1 << width) + 2)[1:-1]
+        else:
+            counts = torch.bincount(bits >> shift, minlength=1 << width)  # |delta|'s top bit is 0
+        previous = self._counts[i]
+        self._counts[i] = counts.clone() if previous is None else previous.add_(counts)
 
     def finish_pass(self) -> None:
         """Settle this pass's digit of each threshold: the digit (from the top) where the ``need``-th largest lies."""
@@ -176,16 +197,24 @@ class RandomMasks:
         """
         import torch
 
-        limit = round(density * (1 << _UNIFORM_BITS))
-        if limit >= 1 << _UNIFORM_BITS:  # density within 2**-25 of 1
+        limit = round(density * (1 << UNIFORM_BITS))
+        if limit >= 1 << UNIFORM_BITS:  # density within 2**-25 of 1
             return out.fill_(-1.0)
-        bits.copy_(hashed)
-        bits.bitwise_xor_(self.key(index))
-        mix_(bits, tmp)
-        torch.bitwise_right_shift(bits, 32 - _UNIFORM_BITS, out=tmp)
-        tmp.bitwise_and_((1 << _UNIFORM_BITS) - 1).sub_(limit)
+        self.uniform_(tmp, hashed, bits, index).sub_(limit)
         torch.bitwise_right_shift(tmp, 31, out=bits)
         return out.copy_(bits)
+
+    def uniform_(self, out: torch.Tensor, hashed: torch.Tensor, bits: torch.Tensor, index: int) -> torch.Tensor:
+        """``out`` (int32) = ingredient ``index``'s uniform draw of each element of the block, as an integer in
+        ``[0, 2**24)``, from the block's :meth:`element_hash_`; ``bits`` is int32 scratch. An element is kept
+        with probability ``p`` when its draw is below ``round(p * 2**24)``."""
+        import torch
+
+        bits.copy_(hashed)
+        bits.bitwise_xor_(self.key(index))
+        mix_(bits, out)
+        torch.bitwise_right_shift(bits, 32 - UNIFORM_BITS, out=out)
+        return out.bitwise_and_((1 << UNIFORM_BITS) - 1)
 
 
 def mix_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:

@@ -11,23 +11,15 @@ weighted sum of the trimmed vectors; the entries that agree are summed and, with
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from hub_soup.merging.methods.generalized import GeneralizedParameters, GeneralizedTaskArithmetic
+from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, MagnitudeParameters
 
 
-class TiesParameters(GeneralizedParameters):
+class TiesParameters(MagnitudeParameters):
     """``parameters`` of ``method: ties`` (mergekit's names and defaults)."""
 
     normalize: bool = Field(True, description="divide the agreeing entries' sum by the sum of their weights")
-    rescale: bool = Field(False, description="mergekit's L1 rescaling of trimmed task vectors: only false is supported")
-
-    @field_validator("rescale")
-    @classmethod
-    def _not_rescaled(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("rescale: true (mergekit's L1 rescaling of trimmed vectors) is not supported for ties")
-        return value
 
 
 class Ties(GeneralizedTaskArithmetic):

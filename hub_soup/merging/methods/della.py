@@ -1,0 +1,151 @@
+"""``della``: DELLA-Merging (Deep et al., 2024): MagPrune (drop by magnitude rank, at random), elect, fuse.
+
+Per tensor and ingredient, each element of the task vector ``delta = part - base`` is kept with
+probability ``p = density - epsilon + 2 epsilon r / (n - 1)``, ``r`` its magnitude's rank
+(0 the smallest, ties in index order) among the ``n`` elements of its row (the vectors along
+axis 1; a 1-D tensor is one row; ``density`` for a row of one), as mergekit and the authors'
+code parameterise the paper's MagPrune. The draw is the DARE methods' hash of (seed, tensor,
+ingredient, element) compared with ``p`` (see :mod:`~hub_soup.merging.methods.sparsify`), so
+a soup is reproducible on any machine. With ``rescale`` (default true) each kept element is
+divided by its own ``p``, as the paper does (so each task vector is unchanged in
+expectation); mergekit instead scales each trimmed vector to its untrimmed L1 norm. Then, as
+``dare_ties``: weighted, signs elected, the agreeing entries summed (divided by the sum of
+their weights with ``normalize``, on by default: the paper's mean), scaled by ``lambda``,
+added to the base model.
+
+The ranks need whole rows: the method is a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor`
+one (the engine reads each tensor's inputs whole, in their stored dtypes), and computes on
+blocks of whole rows, so its float64 working memory is a few blocks beside the inputs and the
+result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import Field, model_validator
+
+from hub_soup.merging.methods import MergedTensor
+from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, RandomParameters
+from hub_soup.merging.methods.sparsify import UNIFORM_BITS, RandomMasks, delta_
+
+if TYPE_CHECKING:
+    import torch
+
+# Elements per block of whole rows (a row longer than this is a block of its own).
+_BLOCK = 1 << 18
+
+DELLA_PAPER = (
+    "[Deep et al., 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+    "Sampling](https://arxiv.org/abs/2406.11617)"
+)
+DELLA_DROPPED = (
+    "each task vector (a fine-tune's difference from the base model) kept each element with a probability from "
+    "density - epsilon (the smallest magnitude of its row) to density + epsilon (the largest), a hash of the "
+    "seed, the tensor and the element deciding{kept}; "
+)
+
+
+class DellaParameters(RandomParameters):
+    """``parameters`` of ``della`` (mergekit's names and defaults)."""
+
+    epsilon: float = Field(0.15, ge=0, allow_inf_nan=False, description="half the spread of the keep probabilities "
+                           "around density, by magnitude rank (per ingredient too)")
+    normalize: bool = Field(True, description="divide the agreeing entries' sum by the sum of their weights")
+    rescale: bool = Field(True, description="divide each kept element by its keep probability (the paper's)")
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> DellaParameters:
+        if self.density < 1 and not (self.density - self.epsilon > 0 and self.density + self.epsilon < 1):
+            raise ValueError(f"density +- epsilon must lie in (0, 1): density {self.density}, epsilon {self.epsilon}")
+        return self
+
+
+def keep_probabilities(delta: torch.Tensor, rows: tuple[int, int, int], density: float, epsilon: float
+                       ) -> torch.Tensor:
+    """MagPrune's keep probability of each element of ``delta`` (flat, whole rows), viewed as ``rows`` =
+    ``(rows, n, rest)``: ranked by magnitude along the middle axis."""
+    import torch
+
+    n = rows[1]
+    if n == 1:
+        return torch.full_like(delta, density)
+    order = torch.argsort(delta.view(rows).abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=delta.device).view(1, n, 1).expand_as(order))
+    return ranks.reshape(-1).to(delta.dtype).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
+
+
+class Della(GeneralizedTaskArithmetic):
+    """DELLA: MagPrune's random drop by magnitude rank per row, the kept elements rescaled, TIES's election."""
+
+    name = "della"
+    Parameters = DellaParameters
+    sparsification = "random"
+    consensus = True
+    whole_tensor = True
+    ingredient_parameters = ("density", "epsilon")
+    title = "DELLA"
+    paper = DELLA_PAPER
+    summary = (
+        DELLA_DROPPED + "each element's sign was elected by the weighted sum, the agreeing entries were "
+        "summed{divided}, scaled by lambda and added to the base model."
+    )
+    divisor = "the sum of their weights"
+
+    def card_summary(self) -> str | None:
+        """The summary with ``{kept}`` true of this merge: the kept elements divided by their own probability
+        only when ``rescale`` did it (the paper's rescaling, named against mergekit's)."""
+        summary = super(GeneralizedTaskArithmetic, self).card_summary()
+        assert summary is not None
+        rescaled = self.parameters.rescale  # type: ignore[attr-defined]
+        return summary.replace(
+            "{kept}", ", the kept ones divided by their own probability (rescale, as the paper; mergekit matches "
+            "each trimmed vector's L1 norm instead)" if rescaled else ", the kept ones not rescaled"
+        )
+
+    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
+                     ) -> torch.Tensor:
+        """The soup, computed on blocks of whole rows into one float64 result."""
+        import torch
+
+        assert base is not None
+        count = len(parts)
+        weights, densities = self.weights_for(count), self.densities(count)
+        epsilons = self.per_ingredient("epsilon", count)
+        shape = tuple(base.shape)
+        outer, n = (shape[0], shape[1]) if len(shape) >= 2 else (1, base.numel())
+        inner = base.numel() // outer if outer else 0
+        step = max(1, _BLOCK // max(inner, 1))
+        result = torch.empty(base.numel(), dtype=tensor.dtype, device=base.device)
+        masks = RandomMasks(self.parameters.seed, tensor)  # type: ignore[attr-defined]
+        flat = [p.reshape(-1) for p in parts]
+        for first in range(0, outer, step):
+            rows = (min(step, outer - first), n, inner // n if n else 0)
+            begin, end = first * inner, first * inner + rows[0] * inner
+            self._merge_rows(result[begin:end], [f[begin:end] for f in flat], base.reshape(-1)[begin:end], rows,
+                             begin, masks, weights, densities, epsilons)
+        return result.view(shape)
+
+    def _merge_rows(self, acc: torch.Tensor, parts: list[torch.Tensor], base: torch.Tensor,
+                    rows: tuple[int, int, int], offset: int, masks: RandomMasks, weights: list[float],
+                    densities: list[float], epsilons: list[float]) -> None:
+        import torch
+
+        deltas = self.workspace("deltas", acc, len(parts))
+        scratch, wide = self.workspace("block", acc, 2)
+        wide.copy_(base)
+        hashed, bits, draw = self.workspace("hashes", acc, 3, torch.int32)
+        masks.element_hash_(hashed, draw, offset)
+        rescale = self.parameters.rescale  # type: ignore[attr-defined]
+        for i, (delta, part) in enumerate(zip(deltas, parts)):
+            delta_(delta, part, wide)
+            if densities[i] < 1:
+                p = keep_probabilities(delta, rows, densities[i], epsilons[i])
+                masks.uniform_(draw, hashed, bits, i)
+                kept = torch.lt(draw, p.mul(1 << UNIFORM_BITS).round_())  # exact scale; draws below kept
+                if rescale:
+                    delta.div_(p)
+                delta.mul_(kept)
+            delta.mul_(self.scalars([weights[i]], acc)[0])
+        self.mix_(acc, deltas, weights, scratch, wide)
