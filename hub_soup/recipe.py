@@ -433,7 +433,7 @@ class Recipe(_Strict):
                 f"method: {self.method} needs a base: the model the ingredients were fine-tuned from "
                 "(base: {ref: org/name})"
             )
-        if self.base is not None and not (method.needs_base or method.optional_base):
+        if self.base is not None and not method.takes_base():
             raise HintedValueError(
                 f"base: a base is given but method {self.method} uses none; drop base or change the method",
                 hint="for LoRA adapters, leave the base out (their adapter_config.json names it) or name "

@@ -96,7 +96,7 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
         return value.strip()
 
     base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
-    uses_base = method.needs_base or method.optional_base  # else the base is mergekit's first model
+    uses_base = method.takes_base()  # else the base is mergekit's first model
     refs: list[str] = []
     own: dict[str, dict[str, Any]] = {}
     if ("models" in data) == ("slices" in data):

@@ -156,7 +156,7 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
         lines.append(row)
     if result.base is not None:
         where, sha = _model_cell(result.base)
-        used_by = f", used by the {result.method.name} method" if result.method.needs_base or result.method.optional_base else ""
+        used_by = f", used by the {result.method.name} method" if result.method.takes_base() else ""
         lines += ["", f"Base model ({result.base_role}{used_by}): {where} at {sha}"]
     parameters = result.method.parameters.model_dump(mode="json", by_alias=True)
     if parameters:

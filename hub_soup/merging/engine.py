@@ -329,7 +329,7 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
         if merged != {method.exact_ingredients}:
             raise RecipeError(f"method {method.name} merges exactly {method.exact_ingredients} ingredients, "
                               f"got {max(merged - {method.exact_ingredients})}")
-    if base is not None and not (method.needs_base or method.optional_base):
+    if base is not None and not method.takes_base():
         raise RecipeError(f"method {method.name} uses no base model, got {base.label}", hint="drop the base")
 
 

@@ -128,6 +128,12 @@ class MergeMethod:
     summary: ClassVar[str | None] = None
     divisor: ClassVar[str | None] = None
 
+    @classmethod
+    def takes_base(cls) -> bool:
+        """Whether a base given to this method is used (required or optional): the one rule the recipe, the
+        engine, the card and the mergekit reader ask."""
+        return cls.needs_base or cls.optional_base
+
     def __init__(self, parameters: BaseModel | dict[str, Any] | None = None,
                  weights: Sequence[float] | None = None,
                  ingredients: Sequence[Mapping[str, Any]] | None = None) -> None:
