@@ -170,6 +170,22 @@ def test_sigkill_mid_merge_leaves_no_output_and_the_next_run_cleans_up(tmp_path:
     assert out.is_dir() and not _hidden(tmp_path)
 
 
+def test_a_run_sweeps_its_own_leftovers_and_no_other_soups(tmp_path: Path) -> None:
+    """Leftover names are matched literally: `soup[1]` finds its own, `s*` never takes `soup`'s set-aside soup."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id whose run can never come back
+    refs = [str(DIGITS / "ft-lr0.01"), str(DIGITS / "ft-lr0.02-shift")]
+    own = tmp_path / f".soup[1].partial-{gone.pid}-abc"
+    own.mkdir()
+    others = tmp_path / f".soup.old-{gone.pid}-abc"
+    others.mkdir()
+    (others / "model.safetensors").write_bytes(b"soup's own")
+    for name in ("soup[1]", "s*"):
+        assert main(["--quiet", "merge", *refs, "-o", str(tmp_path / name)]) == 0
+    assert not own.exists()
+    assert (others / "model.safetensors").read_bytes() == b"soup's own"
+
+
 def test_sigterm_mid_merge_removes_the_partial_soup(tmp_path: Path) -> None:
     """A real SIGTERM from outside, the instant the partial folder appears (the earliest moment a poll can see)."""
     refs, out = _big_pair(tmp_path), tmp_path / "soup"

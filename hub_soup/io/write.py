@@ -24,6 +24,7 @@ Either way, the destination ends as the old soup or the new one, whole.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
@@ -412,16 +413,18 @@ def _sweep_abandoned(destination: Path) -> None:
     or the new one.
     """
     parent = destination.parent
+    # escaped: a destination named `soup[1]` or `s*` must match its own folders, never another soup's
+    name = glob.escape(destination.name)
     # set-aside soups first: restoring one is the one step that matters, and a swap's needs its partial folder
     for kind in ("swapped", "swap", "old", "partial"):
-        for folder in sorted(parent.glob(f".{destination.name}.{kind}-*")):
+        for folder in sorted(parent.glob(f".{name}.{kind}-*")):
             pid, sep, _ = folder.name.rsplit(f".{kind}-", 1)[1].partition("-")
             if not sep or not pid.isdigit() or _alive(int(pid)):
                 continue
             if kind == "partial":
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            placed = not any(parent.glob(f".{destination.name}.partial-{pid}-*"))
+            placed = not any(parent.glob(f".{name}.partial-{pid}-*"))
             try:
                 restored = _settle_aside(folder, kind, destination, placed)
             except OSError:
