@@ -484,13 +484,18 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--greedy", "-o", _out(tmp)]
 
 
+@case("eval-option-without-task")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    return ["merge", A, B, "--eval-data", str(ROOT / "examples" / "digits" / "data"), "-o", _out(tmp)]
+
+
 @case("unknown-method")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return ["merge", A, B, "--method", "median", "-o", _out(tmp)]
 
 
 # Rows run in a process of their own, with the environment they name.
-SUBPROCESS_ROWS = {"network-down", "offline-typo", "lm-eval-offline-task", "eval-data-missing-offline",
+SUBPROCESS_ROWS = {"network-down", "eval-data-unreachable", "offline-typo", "lm-eval-offline-task", "eval-data-missing-offline",
                    "plugin-does-not-load"}
 
 
@@ -532,6 +537,21 @@ def test_network_down(tmp_path: Path) -> None:
     assert done.returncode == row[1]
     assert row[2] in done.stderr and "Traceback" not in done.stderr
     assert not Path(_out(tmp_path)).exists()
+
+
+def test_eval_data_unreachable(tmp_path: Path) -> None:
+    """A Hub dataset as eval data, the Hub unreachable (a closed loopback port): one line, exit 1, nothing written."""
+    row = next(r for r in _rows() if r[0] == "eval-data-unreachable")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hub_soup.cli", "merge", A, B, "--eval-task", "image-classification",
+         "--eval-data", f"{TEST_USER}/no-such-data", "-o", _out(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == row[1], done.stderr
+    assert row[2] in done.stderr and "Traceback" not in done.stderr
+    assert not Path(_out(tmp_path)).exists() and not list(tmp_path.glob(".soup.partial-*"))
 
 
 def test_plugin_does_not_load(tmp_path: Path) -> None:

@@ -566,6 +566,8 @@ def test_the_cli_scores_on_a_data_file_named_from_where_it_runs_or_from_the_reci
     assert main(["run", "recipes/r.yaml", "-o", "again"]) == 0  # read from the recipe's folder
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "soup/model.safetensors").read_bytes()
     capsys.readouterr()
+    assert main(["run", "recipes/r.yaml", "--eval-limit", "2", "-o", "limited"]) == 0  # adds to the file's section
+    assert "scored on val.jsonl split validation (2 examples; perplexity" in capsys.readouterr().out
     recipe["eval"] = {"task": "causal-lm", "data": "val.jsonl"}  # not beside the recipe
     (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", "recipes/r.yaml", "-o", "never"]) == EXIT_BAD_INPUT

@@ -20,6 +20,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from hub_soup.errors import RecipeError
 from hub_soup.eval.spec import Dtype, EvalSpec, ImageColumn, LabelColumn, TextColumn
 from hub_soup.eval.tasks import task_names
 from hub_soup.recipe import DEVICE_FORMS, Recipe, check_device
@@ -158,29 +159,42 @@ def _comma_separated(value: str) -> list[str]:
     return [name.strip() for name in value.split(",")]
 
 
-def eval_spec_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The recipe's ``eval`` section from the evaluation options (``None`` without --eval-task)."""
-    if not args.eval_task:
+# The eval section's fields the evaluation options give: (field, argparse dest, flag).
+_EVAL_FLAGS = (
+    ("data", "eval_data", "--eval-data"), ("split", "eval_split", "--eval-split"), ("test_split", "test_eval", "--test-eval"),
+    ("limit", "eval_limit", "--eval-limit"), ("batch_size", "eval_batch_size", "--eval-batch-size"),
+    ("dtype", "eval_dtype", "--eval-dtype"), ("image_column", "image_column", "--image-column"),
+    ("text_column", "text_column", "--text-column"), ("label_column", "label_column", "--label-column"),
+    ("function", "eval_function", "--eval-function"), ("higher_is_better", "lower_is_better", "--lower-is-better"),
+    ("tasks", "eval_tasks", "--eval-tasks"), ("include_path", "include_path", "--include-path"),
+    ("num_fewshot", "num_fewshot", "--num-fewshot"), ("device_map", "device_map", "--device-map"),
+    ("max_memory", "max_memory", "--max-memory"), ("offload_folder", "offload_folder", "--offload-folder"),
+)
+
+
+def eval_spec_from_args(args: argparse.Namespace, section: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The recipe's ``eval`` section from the evaluation options (``None`` when none was given).
+
+    Without ``--eval-task`` the options add to ``section`` (``run``: the recipe file's own eval
+    section); with no section to add to they are refused, never dropped: ``--eval-data`` alone
+    would otherwise make an unscored soup the user believes was scored.
+
+    Raises:
+        RecipeError: an evaluation option without ``--eval-task`` and no section to add it to.
+    """
+    values = {field: getattr(args, dest, None) for field, dest, _ in _EVAL_FLAGS}
+    values["higher_is_better"] = False if values["higher_is_better"] else None  # --lower-is-better is a switch
+    fields = given_fields(**values)
+    if args.eval_task:
+        return {"task": args.eval_task, **fields}
+    if not fields:
         return None
-    return given_fields(
-        task=args.eval_task,
-        data=args.eval_data,
-        split=args.eval_split,
-        test_split=getattr(args, "test_eval", None),
-        limit=args.eval_limit,
-        batch_size=args.eval_batch_size,
-        dtype=args.eval_dtype,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        function=args.eval_function,
-        higher_is_better=False if args.lower_is_better else None,
-        tasks=args.eval_tasks,
-        include_path=args.include_path,
-        num_fewshot=args.num_fewshot,
-        device_map=args.device_map,
-        max_memory=args.max_memory,
-        offload_folder=args.offload_folder,
+    if section is not None:
+        return {**section, **fields}
+    flag = next(flag for field, _, flag in _EVAL_FLAGS if field in fields)
+    raise RecipeError(
+        f"{flag} needs an evaluation to belong to: add --eval-task",
+        hint=f"e.g. --eval-task image-classification {flag} ..., or drop {flag}",
     )
 
 

@@ -52,7 +52,8 @@ def run_command(args: argparse.Namespace) -> int:
             update={"path": args.output or recipe.output.path, "overwrite": args.overwrite or recipe.output.overwrite}
         )
         recipe = recipe.model_copy(update={"output": output})
-    given = {"eval": eval_spec_from_args(args), "push": push_spec_from_args(args),
+    section = recipe.eval.model_dump(exclude_unset=True) if recipe.eval is not None else None
+    given = {"eval": eval_spec_from_args(args, section), "push": push_spec_from_args(args),
              "greedy": args.greedy or None, "force": args.force or None}
     if any(value is not None for value in given.values()):
         recipe = recipe.with_fields(**{name: value for name, value in given.items() if value is not None})

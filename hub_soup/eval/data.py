@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from huggingface_hub import HfApi, constants
 
-from hub_soup.errors import EvalError, RefNotFoundError
+from hub_soup.errors import EvalError, NetworkError, RefNotFoundError
 from hub_soup.eval.spec import DATA_FILE_LOADERS, is_local_data
 from hub_soup.eval.tasks import get_task
 from hub_soup.hub.errors import hub_errors, with_retries
@@ -180,7 +180,12 @@ def _hub_dataset(repo_id: str, split: str) -> Any:
         ) from None
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub"
         if not datasets.config.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE: the user's choice
-            raise
+            raise NetworkError(
+                f"eval data {repo_id!r} is no local path, and the Hub dataset of that name cannot be reached at "
+                f"{constants.ENDPOINT} ({exc})",
+                hint="check the path, your connection (or HF_ENDPOINT); a Hub dataset in the local cache is used "
+                "offline with HF_HUB_OFFLINE=1",
+            ) from None
         raise EvalError(
             f"eval data {repo_id!r} is no local path, and offline mode is on (HF_HUB_OFFLINE=1), so the Hub "
             f"dataset of that name cannot be loaded ({exc})",
