@@ -208,14 +208,27 @@ def test_dare_ties_with_the_base_listed(models: Path, tmp_path: Path) -> None:
 
 def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_config(models, "ties_int8_normalize", tmp_path)
-    assert main(["convert", str(tmp_path / "ties_int8_normalize.yml")]) == 0
+    """``convert`` prints the native recipe (without the config's text: a recipe to edit makes another soup);
+    the soup's pinned ``hub-soup.yaml`` remembers the config, and its rebuild (in a folder of the same name, as
+    the card names it) writes every file byte for byte, ``mergekit_config.yml`` and the card among them. The
+    models are named by absolute paths, as a Hub id names its model from anywhere (a relative path is written
+    relative to the soup's folder in the pinned recipe, and the card names a local model as its recipe does)."""
+    assert main(["convert", str(CONFIGS / "ties_int8_normalize.yml")]) == 0
     native = yaml.safe_load(capsys.readouterr().out)
     assert native["method"] == "ties" and native["ingredients"][1]["parameters"]["weight"] == [0, 0.3, 0.7, 1]
-    again = tmp_path / "again"
-    assert main(["run", str(out / "hub-soup.yaml"), "-o", str(again)]) == 0
-    first, second = weights(out), weights(again)
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert "mergekit_config" not in native
+    config = tmp_path / "absolute.yml"
+    config.write_text(re.sub(r"(model: |base_model: )(\w+)", lambda m: m[1] + str(models / m[2]),
+                             (CONFIGS / "ties_int8_normalize.yml").read_text()))
+    out = tmp_path / "absolute" / "soup"
+    assert main(["run", str(config), "-o", str(out)]) == 0
+    pinned = out.rename(tmp_path / "absolute" / "first")
+    assert main(["run", str(pinned / "hub-soup.yaml"), "-o", str(out)]) == 0
+    files = sorted(p.name for p in pinned.iterdir())
+    assert {"mergekit_config.yml", "README.md", "hub-soup.yaml"} <= set(files)
+    assert sorted(p.name for p in out.iterdir()) == files
+    for name in files:
+        assert (out / name).read_bytes() == (pinned / name).read_bytes(), name
 
 
 @pytest.mark.parametrize(("text", "line", "named"), [
