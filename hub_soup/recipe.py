@@ -505,7 +505,10 @@ class Recipe(_Strict):
                 first = exc.errors()[0]
                 raise ValueError(f"slices.{s}.parameters.{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
         if self.slices and self.greedy:
-            raise ValueError("greedy: greedy soups try subsets of whole models; a recipe with slices names layers")
+            raise HintedValueError(
+                "greedy: greedy soups try subsets of whole models; a recipe with slices names layers",
+                hint="drop --greedy (greedy: true): with an eval section the soup of the slices is scored as "
+                "written; or list models without slices to let greedy choose among them")
 
     def _weights_not_negative(self, method: type[MergeMethod]) -> None:
         """A method that averages (weights normalised to sum to one) takes no negative weight: only

@@ -257,6 +257,12 @@ def test_run_flags_add_to_the_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "greedy: true needs an eval section" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "model_stock.yml"), "-o", str(tmp_path / "out"), "--push", "nope"]) == 2
     assert "push.repo_id: repo_id must look like 'org/name', got 'nope'" in capsys.readouterr().err
+    # greedy chooses among whole models: a config of slices is scored as written, and the hint says so
+    shutil.copy(CONFIGS / "passthrough_stack.yml", tmp_path / "stack.yml")
+    assert main(["run", str(tmp_path / "stack.yml"), "-o", str(tmp_path / "out"), "--greedy",
+                 "--eval-task", "causal-lm", "--eval-data", "texts"]) == 2
+    err = capsys.readouterr().err
+    assert "greedy: greedy soups try subsets of whole models" in err and "hint: drop --greedy" in err
 
 
 def test_slices_stack_layers_and_the_soup_loads(models: Path, tmp_path: Path) -> None:
