@@ -147,15 +147,7 @@ def expected_soup(config: dict, inputs: dict[str, dict[str, torch.Tensor]], out_
     return expected
 
 
-# Open (issue 26): a few elements of sce's corpus soup are more than 1 ulp from the reference; the method's own
-# tests (tests/test_mergekit_methods_2.py) leave out elements at rank ties of the variance cut and pass, and
-# hub-soup's sce omits mergekit's absolute 1e-6 guard on purpose: which of the two this is, is not settled yet.
-_OPEN = {"sce": "4 elements of a 4-layer soup differ by more than 1 ulp: variance-cut ties or the 1e-6 guard"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(reason=_OPEN[n], strict=True)) if n in _OPEN else n
-             for n in CONFIG_NAMES])
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_runs_as_mergekit_defines_it(models: Path, tmp_path: Path, name: str) -> None:
     config = yaml.safe_load((CONFIGS / f"{name}.yml").read_text())
     if config["merge_method"] not in method_names():
