@@ -709,9 +709,11 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with ingredients and output")
     config = mergekit.is_mergekit(data)
+    origins: list[mergekit.Location] = []  # a config's: where each ingredient is named
     try:
         if config:
-            return Recipe.model_validate(mergekit.recipe_data(data, node, where) | {"mergekit_config": text})
+            native, origins = mergekit.recipe_data(data, node, where)
+            return Recipe.model_validate(native | {"mergekit_config": text})
         return Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -722,7 +724,7 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         if named:  # the field its message is about: the line is that field's
             location = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
         field_path = ".".join(str(p) for p in location) or "(top level)"
-        line = _line_of(node, mergekit.location_in_config(location, data) if config else location)
+        line = _line_of(node, mergekit.location_in_config(location, data, origins) if config else location)
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         said = message if named else f"{field_path}: {message}"

@@ -231,6 +231,11 @@ def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp
       "merge_method: slerp\nbase_model: a\nparameters:\n  t: [0, {x: 1}]\n"), 10, "parameters.t"),
     ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\nparameters:\n  rescale_x: true\n", 7,
      "rescale_x"),
+    # the listed base is left out: the third model is ingredient 1, its line the model's own
+    (("models:\n  - model: b\n  - model: a\n  - model: c\n    parameters:\n      density: 2\n      weight: 1\n"
+     "merge_method: ties\nbase_model: b\n"), 6, "density"),
+    (("models:\n  - model: b\n  - model: a\n  - model: c\n    parameters:\n      weight: .nan\n"
+     "merge_method: task_arithmetic\nbase_model: b\n"), 6, "weight"),
 ])
 def test_bad_configs_name_the_key_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int,
                                            named: str) -> None:
