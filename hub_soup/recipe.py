@@ -358,8 +358,12 @@ class Recipe(_Strict):
         None, description="the soup's layers, slice by slice (mergekit's slices): each output layer made of the "
         "sources' layers; without it, layer i of the soup is made of layer i of every ingredient"
     )
+    mergekit_config: str | None = Field(
+        None, description="the mergekit config this recipe was read from, as written: the soup carries it as "
+        "mergekit_config.yml and in its card, as mergekit's own soups do (the pinned recipe records it, so that "
+        "a rebuild writes the same files; delete it from a recipe edited to make another soup)"
+    )
     _base: Path | None = PrivateAttr(None)  # the recipe file's folder (see relative_to)
-    _made_from: str | None = PrivateAttr(None)  # the mergekit config this recipe was read from (see made_from)
 
     @field_validator("ingredients")
     @classmethod
@@ -501,7 +505,10 @@ class Recipe(_Strict):
                 first = exc.errors()[0]
                 raise ValueError(f"slices.{s}.parameters.{'.'.join(map(str, first['loc']))}: {_message(first)}") from None
         if self.slices and self.greedy:
-            raise ValueError("greedy: greedy soups try subsets of whole models; a recipe with slices names layers")
+            raise HintedValueError(
+                "greedy: greedy soups try subsets of whole models; a recipe with slices names layers",
+                hint="drop --greedy (greedy: true): with an eval section the soup of the slices is scored as "
+                "written; or list models without slices to let greedy choose among them")
 
     def _weights_not_negative(self, method: type[MergeMethod]) -> None:
         """A method that averages (weights normalised to sum to one) takes no negative weight: only
@@ -577,13 +584,13 @@ class Recipe(_Strict):
 
     def with_fields(self, **fields: Any) -> Recipe:
         """This recipe with ``fields`` (as a recipe file or flags give them) over its own, validated again, and
-        still reading relative paths from :attr:`base_dir` and made from the same config (:attr:`made_from`).
+        still reading relative paths from :attr:`base_dir`.
 
         Raises:
             RecipeError: naming the rule the new recipe breaks.
         """
         recipe = validated(Recipe, self.model_dump(exclude_unset=True) | fields)
-        recipe._base, recipe._made_from = self._base, self._made_from
+        recipe._base = self._base
         return recipe
 
     def with_paths_for(self, folder: str | Path | None, local: Sequence[bool] | None = None) -> Recipe:
@@ -661,21 +668,21 @@ class Recipe(_Strict):
         filled = get_method(self.method).parameters_from(self.merge_parameters()).model_dump(mode="json", by_alias=True)
         return filled | {name: s for name, s in self.parameters.items() if varies(s) or name not in filled}
 
-    @property
-    def made_from(self) -> str | None:
-        """The mergekit config this recipe was read from, as written (the soup carries it as
-        ``mergekit_config.yml``), or ``None``."""
-        return self._made_from
-
-    def from_config(self, text: str) -> Recipe:
-        """This recipe, read from the mergekit config ``text`` (see :attr:`made_from`)."""
-        self._made_from = text
-        return self
-
     def to_yaml(self) -> str:
         """The recipe as a YAML file, defaults omitted, that :func:`load_recipe` reads back identically."""
         data = self.model_dump(mode="json", exclude_defaults=True)
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """YAML as a recipe file shows it: a text of several lines (:attr:`Recipe.mergekit_config`) as a ``|``
+    block, read as it was written, rather than one quoted line of ``\\n`` escapes."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_RecipeDumper.add_representer(str, _RecipeDumper.represent_str)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -702,9 +709,11 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping with ingredients and output")
     config = mergekit.is_mergekit(data)
+    origins: list[mergekit.Location] = []  # a config's: where each ingredient is named
     try:
         if config:
-            return Recipe.model_validate(mergekit.recipe_data(data, node, where)).from_config(text)
+            native, origins = mergekit.recipe_data(data, node, where)
+            return Recipe.model_validate(native | {"mergekit_config": text})
         return Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -715,7 +724,7 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         if named:  # the field its message is about: the line is that field's
             location = tuple(int(p) if p.isdigit() else p for p in named.group(1).split("."))
         field_path = ".".join(str(p) for p in location) or "(top level)"
-        line = _line_of(node, mergekit.location_in_config(location, data) if config else location)
+        line = _line_of(node, mergekit.location_in_config(location, data, origins) if config else location)
         at = f"{where}:{line}" if line else where
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         said = message if named else f"{field_path}: {message}"

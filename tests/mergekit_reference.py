@@ -753,14 +753,20 @@ def della_linear(
 def sce_select(task_vectors: Tensor, select_topk: float) -> tuple[Tensor, Tensor]:
     """SCE's select: the ``int(select_topk * #nonzero variances)`` positions of largest variance across models.
 
-    ``task_vectors`` stacked ``[models, *shape]``; the variance is the population one.
-    ``(keep, undecided)`` as :func:`rank_window` over the positions; ``select_topk >= 1`` keeps all.
+    ``task_vectors`` stacked ``[models, *shape]``; the variance is the population one, computed as
+    ``(n sum tau^2 - (sum tau)^2) / n^2``: exact up to one rounding wherever its terms are (bf16 and
+    fp16 task vectors in float64), so that positions of equal variance (a permutation or a shift of
+    the same values) tie, and all of those tied with the k-th are kept (``torch.var``'s two passes
+    round the mean and break such ties by rounding noise). ``(keep, undecided)`` as :func:`rank_window`
+    over the positions; ``select_topk >= 1`` keeps all.
     """
     shape = task_vectors.shape[1:]
     if select_topk >= 1:
         everything = torch.ones(shape, dtype=torch.bool)
         return everything, torch.zeros_like(everything)
-    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    count = task_vectors.shape[0]
+    tau = task_vectors.to(F64)
+    variance = (count * tau.square().sum(0) - tau.sum(0).square()).clamp(min=0) / count**2
     k = int(int(torch.count_nonzero(variance)) * select_topk) if select_topk > 0 else 0
     return rank_window(variance, variance.numel() - k, k)
 

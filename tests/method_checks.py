@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,6 +24,16 @@ from tests import checkpoints as ck
 
 # (chunk_elements, block_elements): none divides the tensors' sizes; the last is the engine's default.
 CUTS = ((7, 3), (64, 64), (1000, 128), (1 << 16, 1 << 17))
+
+
+def at_cuts(cases: Sequence[tuple[Any, ...]], every: Sequence[int] = (0,)) -> list[Any]:
+    """A test's parameter ``cases``, each with a cut (its last parameter): each case at ``CUTS[1]``, chunks and
+    blocks of 64 that split every tensor but the 0-dim one; the cases at ``every`` (one per method) also at
+    ``CUTS[0]`` and ``CUTS[2]`` (chunks smaller than blocks; chunks of 7 in blocks of 3, the slowest by far).
+    Every method meets every cut and every case a splitting one, without the cost of every case at every cut."""
+    return [pytest.param(*case, cut, id="-".join([*(str(v) for v in case if isinstance(v, (str, int, float))),
+                                                  f"case{i}", f"chunk{cut[0]}"]))
+            for i, case in enumerate(cases) for cut in (CUTS[:3] if i in every else CUTS[1:2])]
 
 StateDict = dict[str, torch.Tensor]
 

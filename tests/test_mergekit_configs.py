@@ -147,15 +147,7 @@ def expected_soup(config: dict, inputs: dict[str, dict[str, torch.Tensor]], out_
     return expected
 
 
-# Open (issue 26): a few elements of sce's corpus soup are more than 1 ulp from the reference; the method's own
-# tests (tests/test_mergekit_methods_2.py) leave out elements at rank ties of the variance cut and pass, and
-# hub-soup's sce omits mergekit's absolute 1e-6 guard on purpose: which of the two this is, is not settled yet.
-_OPEN = {"sce": "4 elements of a 4-layer soup differ by more than 1 ulp: variance-cut ties or the 1e-6 guard"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(reason=_OPEN[n], strict=True)) if n in _OPEN else n
-             for n in CONFIG_NAMES])
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_runs_as_mergekit_defines_it(models: Path, tmp_path: Path, name: str) -> None:
     config = yaml.safe_load((CONFIGS / f"{name}.yml").read_text())
     if config["merge_method"] not in method_names():
@@ -208,14 +200,27 @@ def test_dare_ties_with_the_base_listed(models: Path, tmp_path: Path) -> None:
 
 def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_config(models, "ties_int8_normalize", tmp_path)
-    assert main(["convert", str(tmp_path / "ties_int8_normalize.yml")]) == 0
+    """``convert`` prints the native recipe (without the config's text: a recipe to edit makes another soup);
+    the soup's pinned ``hub-soup.yaml`` remembers the config, and its rebuild (in a folder of the same name, as
+    the card names it) writes every file byte for byte, ``mergekit_config.yml`` and the card among them. The
+    models are named by absolute paths, as a Hub id names its model from anywhere (a relative path is written
+    relative to the soup's folder in the pinned recipe, and the card names a local model as its recipe does)."""
+    assert main(["convert", str(CONFIGS / "ties_int8_normalize.yml")]) == 0
     native = yaml.safe_load(capsys.readouterr().out)
     assert native["method"] == "ties" and native["ingredients"][1]["parameters"]["weight"] == [0, 0.3, 0.7, 1]
-    again = tmp_path / "again"
-    assert main(["run", str(out / "hub-soup.yaml"), "-o", str(again)]) == 0
-    first, second = weights(out), weights(again)
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert "mergekit_config" not in native
+    config = tmp_path / "absolute.yml"
+    config.write_text(re.sub(r"(model: |base_model: )(\w+)", lambda m: m[1] + str(models / m[2]),
+                             (CONFIGS / "ties_int8_normalize.yml").read_text()))
+    out = tmp_path / "absolute" / "soup"
+    assert main(["run", str(config), "-o", str(out)]) == 0
+    pinned = out.rename(tmp_path / "absolute" / "first")
+    assert main(["run", str(pinned / "hub-soup.yaml"), "-o", str(out)]) == 0
+    files = sorted(p.name for p in pinned.iterdir())
+    assert {"mergekit_config.yml", "README.md", "hub-soup.yaml"} <= set(files)
+    assert sorted(p.name for p in out.iterdir()) == files
+    for name in files:
+        assert (out / name).read_bytes() == (pinned / name).read_bytes(), name
 
 
 @pytest.mark.parametrize(("text", "line", "named"), [
@@ -226,6 +231,11 @@ def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp
       "merge_method: slerp\nbase_model: a\nparameters:\n  t: [0, {x: 1}]\n"), 10, "parameters.t"),
     ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\nparameters:\n  rescale_x: true\n", 7,
      "rescale_x"),
+    # the listed base is left out: the third model is ingredient 1, its line the model's own
+    (("models:\n  - model: b\n  - model: a\n  - model: c\n    parameters:\n      density: 2\n      weight: 1\n"
+     "merge_method: ties\nbase_model: b\n"), 6, "density"),
+    (("models:\n  - model: b\n  - model: a\n  - model: c\n    parameters:\n      weight: .nan\n"
+     "merge_method: task_arithmetic\nbase_model: b\n"), 6, "weight"),
 ])
 def test_bad_configs_name_the_key_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int,
                                            named: str) -> None:
@@ -244,6 +254,12 @@ def test_run_flags_add_to_the_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "greedy: true needs an eval section" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "model_stock.yml"), "-o", str(tmp_path / "out"), "--push", "nope"]) == 2
     assert "push.repo_id: repo_id must look like 'org/name', got 'nope'" in capsys.readouterr().err
+    # greedy chooses among whole models: a config of slices is scored as written, and the hint says so
+    shutil.copy(CONFIGS / "passthrough_stack.yml", tmp_path / "stack.yml")
+    assert main(["run", str(tmp_path / "stack.yml"), "-o", str(tmp_path / "out"), "--greedy",
+                 "--eval-task", "causal-lm", "--eval-data", "texts"]) == 2
+    err = capsys.readouterr().err
+    assert "greedy: greedy soups try subsets of whole models" in err and "hint: drop --greedy" in err
 
 
 def test_slices_stack_layers_and_the_soup_loads(models: Path, tmp_path: Path) -> None:

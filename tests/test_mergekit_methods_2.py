@@ -25,7 +25,7 @@ from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import MergePlan
 from tests import checkpoints as ck
 from tests import mergekit_reference as ref
-from tests.method_checks import CUTS, merge_both_ways, odd_tensors
+from tests.method_checks import CUTS, at_cuts, merge_both_ways, odd_tensors
 from tests.test_method_ties import _key, _lowbias32
 
 StateDict = dict[str, torch.Tensor]
@@ -70,8 +70,8 @@ BREADCRUMBS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "parameters", "per_tensor"), BREADCRUMBS)
-@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+# breadcrumbs_ties selects as breadcrumbs does (the same statistics passes), then elects signs element by element
+@pytest.mark.parametrize(("name", "parameters", "per_tensor", "cut"), at_cuts(BREADCRUMBS))
 def test_breadcrumbs_is_its_definition(tmp_path: Path, name: str, parameters: dict[str, Any],
                                        per_tensor: dict[str, Any] | None, cut: tuple[int, int]) -> None:
     """The window of magnitudes (outliers and the smallest dropped) of each task vector, summed or elected."""
@@ -139,8 +139,7 @@ RAM = [
 ]
 
 
-@pytest.mark.parametrize(("name", "parameters", "count"), RAM)
-@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+@pytest.mark.parametrize(("name", "parameters", "count", "cut"), at_cuts(RAM, every=(0, 4)))
 def test_ram_is_mergekits_definition(tmp_path: Path, name: str, parameters: dict[str, Any], count: int,
                                      cut: tuple[int, int]) -> None:
     """The mean over the fine-tunes that changed an element (RAM+: unique changes scaled by lambda_i)."""
@@ -182,8 +181,7 @@ DELLA = [
 ]
 
 
-@pytest.mark.parametrize(("name", "parameters", "per_tensor"), DELLA)
-@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+@pytest.mark.parametrize(("name", "parameters", "per_tensor", "cut"), at_cuts(DELLA, every=(0, 2)))
 def test_della_is_its_definition_with_the_documented_masks(tmp_path: Path, name: str, parameters: dict[str, Any],
                                                           per_tensor: dict[str, Any] | None,
                                                           cut: tuple[int, int]) -> None:
@@ -265,8 +263,7 @@ def test_della_refuses_probabilities_outside_0_1() -> None:
 # ---------------------------------------------------------------- sce
 
 
-@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
-@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+@pytest.mark.parametrize(("select_topk", "cut"), at_cuts([(1.0,), (0.5,), (0.1,), (0.0,)], every=(2,)))
 def test_sce_is_its_definition(tmp_path: Path, select_topk: float, cut: tuple[int, int]) -> None:
     """Variance selection, squared-norm weights, sign election, the agreeing entries' weighted mean."""
     base, tunes = _sparse_tunes(8, 3)
@@ -289,7 +286,7 @@ def test_sce_is_its_definition(tmp_path: Path, select_topk: float, cut: tuple[in
 # ---------------------------------------------------------------- model_stock filter_wise
 
 
-@pytest.mark.parametrize("cut", CUTS[:3], ids=lambda c: f"chunk{c[0]}")
+@pytest.mark.parametrize("cut", at_cuts([()]))
 def test_model_stock_filter_wise_takes_an_angle_per_row(tmp_path: Path, cut: tuple[int, int],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """t from each row's mean cosine (rows: vectors along the last axis), clamped at 0 where the cosine is not

@@ -282,3 +282,21 @@ def test_an_eval_dtype_the_device_cannot_run_is_refused(
     ck.assert_no_output(out)
     assert main([*args, "--eval-dtype", "float32"]) == 0  # what the message says to do works
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_stacked_soup_is_scored_as_written(kit: Kit, tmp_path: Path) -> None:
+    """Slices that stack layers (3 of models of 2): the soup is scored in a model built from its config as
+    written (its layer count, its per-layer lists), with the perplexity the written soup has in transformers;
+    the ingredients are scored as saved, in their own architecture, and do not look independent."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "soup"
+    slices = [{"sources": [{"model": 0, "layer_range": [0, 2]}]}, {"sources": [{"model": 1, "layer_range": [1, 2]}]}]
+    result = hub_soup.run(kit.recipe(out, [0, 1], method="passthrough", slices=slices))
+    assert result is not None and result.report is not None
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert written.config.num_hidden_layers == len(written.model.layers) == 3
+    assert kit.perplexity(written) == result.report.soup_score.value
+    first = AutoModelForCausalLM.from_pretrained(kit.folders[0], dtype=torch.bfloat16).eval()
+    assert kit.perplexity(first) == result.report.ingredient_scores[0].value
+    assert not any("independent" in w for w in result.warnings)

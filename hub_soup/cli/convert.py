@@ -22,5 +22,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def convert_command(args: argparse.Namespace) -> int:
     """The recipe, as YAML, on stdout."""
-    print(load_recipe(args.config).with_paths_for(args.config.parent).to_yaml(), end="")
+    recipe = load_recipe(args.config).with_paths_for(args.config.parent)  # the config itself left out: the recipe
+    print(recipe.with_fields(mergekit_config=None).to_yaml(), end="")  # replaces it (its soup carries no copy)
     return EXIT_OK

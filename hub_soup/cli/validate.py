@@ -48,7 +48,7 @@ def describe(recipe: Recipe) -> str:
     parts = [f"{len(recipe.ingredients)} ingredients", f"greedy {recipe.method}" if recipe.greedy else recipe.method]
     if recipe.slices:
         parts.append(f"{sum(piece.length for piece in recipe.slices)} layers in {len(recipe.slices)} slices")
-    if recipe.made_from is not None:
+    if recipe.mergekit_config is not None:
         parts.insert(0, "a mergekit config")
     if recipe.eval is not None:
         parts.append(f"scored by {recipe.eval.task}")

@@ -40,8 +40,14 @@ def is_mergekit(data: object) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
-def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, Any]:
-    """The native recipe's data of a mergekit config (``data`` as loaded, ``node`` as composed, for lines).
+Location = tuple[int | str, ...]  # a path of keys and indices in a YAML document
+
+
+def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict[str, Any], list[Location]]:
+    """The native recipe's data of a mergekit config (``data`` as loaded, ``node`` as composed, for lines),
+    and where in the config each of its ingredients is named (:func:`location_in_config`): the models are
+    not the ingredients one for one (a listed base is left out, a base that is mergekit's first model moves
+    first, slices name models source by source).
 
     Raises:
         RecipeError: a key or value hub-soup does not read, named with its line.
@@ -98,6 +104,7 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
     base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
     uses_base = method.takes_base()  # else the base is mergekit's first model
     refs: list[str] = []
+    origins: list[Location] = []  # where each of refs is named first
     own: dict[str, dict[str, Any]] = {}
     if ("models" in data) == ("slices" in data):
         raise refuse(("merge_method",), "a mergekit config gives models or slices (one of them)",
@@ -110,6 +117,7 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
         if ref == base and uses_base:  # mergekit leaves a listed base_model out of the models it merges
             continue
         refs.append(ref)
+        origins.append(("models", index))
         own[ref] = parameters(entry.get("parameters"), ("models", index, "parameters"), per_model)
     slices: list[dict[str, Any]] = []
     for s, piece in enumerate(data.get("slices") or []):
@@ -125,11 +133,13 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
             ref = model(source.get("model"), (*location, "model"))
             if ref != base and ref not in refs:
                 refs.append(ref)
+                origins.append(location)
             sources.append({"model": ref, "layer_range": source.get("layer_range"),
                             "parameters": parameters(source.get("parameters"), (*location, "parameters"), per_model)})
         slices.append({"sources": sources,
                        "parameters": parameters(piece.get("parameters"), ("slices", s, "parameters"), takes)})
     if base is not None and not uses_base:  # SLERP's t = 0; one more model to karcher
+        origins = [("base_model",), *(o for r, o in zip(refs, origins) if r != base)]
         refs = [base, *(r for r in refs if r != base)]
     ingredients = [{"ref": ref, **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
     recipe: dict[str, Any] = {"ingredients": ingredients, "method": name,
@@ -150,16 +160,21 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
                 ref = source["model"]
                 source["model"] = "base" if ref == base and uses_base else numbered[ref]
         recipe["slices"] = slices
-    return recipe
+    return recipe, origins
 
 
-def location_in_config(location: tuple[int | str, ...], data: dict[str, Any]) -> tuple[int | str, ...]:
-    """Where in the mergekit config a native recipe's field (``location``) comes from, for its line."""
+def location_in_config(location: Location, data: dict[str, Any], origins: list[Location]) -> Location:
+    """Where in the mergekit config a native recipe's field (``location``) comes from, for its line:
+    ingredient ``i``'s fields from where it is named (``origins``, from :func:`recipe_data`), its ``ref``
+    being that entry's ``model``."""
     head = location[0] if location else None
     renamed = {"method": ("merge_method",), "base": ("base_model",),
                "dtype": ("out_dtype",) if "out_dtype" in data else ("dtype",)}
     if head in renamed:
         return renamed[head]
-    if head == "ingredients" and len(location) > 1 and "models" in data:
-        return ("models", *location[1:])
+    if head == "ingredients" and len(location) > 1 and isinstance(location[1], int) and location[1] < len(origins):
+        origin, rest = origins[location[1]], location[2:]
+        if origin == ("base_model",):
+            return origin
+        return (*origin, *(("model", *rest[1:]) if rest[:1] == ("ref",) else rest))
     return location

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +73,8 @@ class Evaluator:
             split's evaluator shares the selection split's: one model in memory). That evaluator builds,
             places and releases the model (closing this one leaves it), and must have this one's
             reference, device and dtype.
+        config: the ``config.json`` the model is built from, where it is not the reference's (a soup whose
+            slices stack layers: its layer count, as written), the reference's tokenizer and files kept.
 
     Attributes:
         task: the :class:`~hub_soup.eval.tasks.EvalTask` that reads the data and measures.
@@ -93,6 +96,7 @@ class Evaluator:
         backend: Backend | None = None,
         dtype: torch.dtype = torch.float32,
         model_of: Evaluator | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -104,6 +108,8 @@ class Evaluator:
         if model_of is not None:
             _check_shareable(model_of, self)
         architecture = Architecture.of(reference, trust_remote_code=trust_remote_code)
+        if config is not None:
+            architecture = replace(architecture, config=config)
         self.task: EvalTask = get_task(spec.task)(
             spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code, dtype=dtype,
             model_of=model_of.task if model_of is not None else None,

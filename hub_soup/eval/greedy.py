@@ -288,17 +288,23 @@ def score_soup(
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
     base: Base | None = None,
+    soup_evaluators: tuple[Evaluator, Evaluator | None] | None = None,
 ) -> GreedyReport:
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
     Args:
         soup: the soup's weights (from :func:`hub_soup.merging.engine.soup_weights`).
         method: how the soup was made, for the table (``uniform``, ``weighted``, ``task_arithmetic``...).
+        soup_evaluators: the soup's evaluator and test split's, where its model is not the ingredients'
+            (slices that stack layers); the ingredients' model is let go of before the soup's is built.
         Other arguments as in :func:`greedy_soup`; with ``recalibrate_bn_batches`` the
         soup's BN statistics are recalibrated and kept if they do not lower its score.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
     pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
+    if soup_evaluators is not None:
+        evaluator.close()  # one model in memory: the ingredients' are scored, their outputs kept
+        pass_.evaluator, pass_.test_evaluator = soup_evaluators  # the same data: the same batches and targets
     return pass_.report([], [True] * len(labels), pass_.judge(soup), method)
 
 

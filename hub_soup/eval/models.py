@@ -8,6 +8,7 @@ is scored in: a key the model does not expect is an error, never silently skippe
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import weakref
@@ -177,11 +178,15 @@ class Architecture:
         """A temporary folder holding the config and tokenizer files, for ``from_pretrained``.
 
         Copying the few small files makes one folder ``transformers`` can read wherever the
-        sidecars live (a Hub snapshot, a local folder), without touching the weights.
+        sidecars live (a Hub snapshot, a local folder), without touching the weights. ``config.json``
+        is :attr:`config` (a stacked soup's is not its reference's: see the evaluator's ``config``).
         """
         with tempfile.TemporaryDirectory(prefix="hub-soup-eval-") as folder:
             for path in self.sidecars:
-                shutil.copyfile(path, Path(folder) / path.name)
+                if path.name == "config.json":
+                    (Path(folder) / path.name).write_text(json.dumps(self.config))
+                else:
+                    shutil.copyfile(path, Path(folder) / path.name)
             yield folder
 
 

@@ -99,7 +99,7 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
         library = "peft"
     soup_scores = [s.score for s in scores if s.model == "soup"]
     own_tags = ["merge", "model-soup", "hub-soup", *(["lora"] if adapter is not None else []),
-                *(["mergekit"] if recipe.made_from is not None else [])]
+                *(["mergekit"] if recipe.mergekit_config is not None else [])]
     tags = recipe.push.tags if recipe.push is not None else []
     parents = [(result.base, True)] if adapter is not None else [(result.base, True), *zip(ingredients, kept)]
     data = ModelCardData(
@@ -177,10 +177,10 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
     lines += ["", "## How to use", "", *usage, "", "## Recipe", "",
               f"Rebuild this soup bit for bit, from its folder, with {rebuild}:", "", "```yaml",
               recipe.to_yaml().rstrip(), "```", ""]
-    if recipe.made_from is not None:  # mergekit's cards carry their config so: the Hub's users look for it there
+    if recipe.mergekit_config is not None:  # mergekit's cards carry their config so: the Hub's users look for it there
         lines += ["## Configuration", "", ("The following YAML configuration (mergekit's format, read by hub-soup; "
                   "also in `mergekit_config.yml`) was used to produce this model:"), "", "```yaml",
-                  recipe.made_from.rstrip(), "```", ""]
+                  recipe.mergekit_config.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

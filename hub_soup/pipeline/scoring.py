@@ -1,7 +1,8 @@
 """Scoring: every ingredient, the base of a method (or of adapters) that has one, and the soup (greedy or
 not), with optional BN recalibration, through the scorers the soup's kind gives.
 
-One model is built, from the soup's reference config, in the eval dtype
+One model is built, from the soup's reference config (a soup whose slices stack layers has one of its own,
+built from its config as written once the ingredients are scored), in the eval dtype
 (:func:`~hub_soup.eval.evaluate.eval_dtype`) on the device, and every model scored (on the
 test split too) is streamed into that one instance: ingredients (and the base) from their
 files, candidate soups from the streamed engine (in the dtypes written), so what is scored,
@@ -45,6 +46,14 @@ def score(
     )
     labels = [c.label for c in soup.checkpoints]
     scorers = kind.scorers(soup)
+    soup_evaluators = None
+    if scorers.soup_config is not None:  # stacked layers: the soup is scored as written, in a model of its own
+        soup_evaluator = stack.enter_context(Evaluator(recipe.eval, soup.reference, config=scorers.soup_config,
+                                                       **options))
+        soup_evaluators = (soup_evaluator, stack.enter_context(
+            Evaluator(recipe.eval, soup.reference, split=recipe.eval.test_split, model_of=soup_evaluator,
+                      config=scorers.soup_config, **options)
+        ) if recipe.eval.test_split else None)
     judged: dict[str, Any] = {
         "recalibrate_bn_batches": recipe.recalibrate_bn,
         "test_evaluator": test_evaluator,
@@ -57,7 +66,7 @@ def score(
             alone_is_soup=scorers.alone_is_soup, **judged,
         )
     return score_soup(labels, scorers.load, scorers.soup_of(range(len(labels))), evaluator, method=recipe.method,
-                      **judged)
+                      soup_evaluators=soup_evaluators, **judged)
 
 
 def scores_of(report: GreedyReport) -> list[ModelScore]:

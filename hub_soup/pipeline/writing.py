@@ -67,8 +67,8 @@ def write_soup(
             scores=scores_of(report) if report is not None else [], report=report, warnings=warnings,
         )
         writer.add_file(RECIPE_FILENAME, pinned.to_yaml())
-        if pinned.made_from is not None:  # as mergekit's own soups carry it: the Hub and its users know it
-            writer.add_file(MERGEKIT_CONFIG, pinned.made_from)
+        if pinned.mergekit_config is not None:  # as mergekit's own soups carry it: the Hub and its users know it
+            writer.add_file(MERGEKIT_CONFIG, pinned.mergekit_config)
         writer.add_file("README.md", str(build_card(result, config=made.config)))
         writer.commit()
     return result

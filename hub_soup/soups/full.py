@@ -87,19 +87,21 @@ class Full(SoupKind[Soup]):
         for note in plan.notes:
             logger.info(note)
         check_configs([(c.label, c.config) for c in checkpoints])
-        plan = resolve_settings(self.recipe, plan)
+        aligned, plan = plan, resolve_settings(self.recipe, plan)
         chosen = choose_side_files(checkpoints)
         dtype = getattr(torch, self.recipe.dtype) if self.recipe.dtype else None
         return Soup(
             checkpoints=checkpoints, base=base, plan=plan, method=self.recipe.merge_method(), dtype=dtype,
             metas=output_metas(plan, dtype), device=backend.device_for(device), side_files=chosen,
             reference=checkpoints[chosen.config_source or 0], backend=backend,
+            ingredients_plan=aligned if self.recipe.slices else None,
         )
 
     def scorers(self, soup: Soup) -> Scorers:
         """Each ingredient as saved, the recipe's soup of any subset of them (greedy's), and the base of a method
         that has one, each streamed from the files."""
         checkpoints, plan = soup.checkpoints, soup.plan
+        own = soup.ingredients_plan or plan  # each ingredient (and the base) as saved, stacked layers or not
 
         def soup_of(members: Sequence[int]) -> Weights:
             """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
@@ -108,17 +110,20 @@ class Full(SoupKind[Soup]):
                                 device=soup.device)
 
         def load(index: int) -> Weights:
-            return ingredient_weights(checkpoints[index], plan, index)
+            return ingredient_weights(checkpoints[index], own, index)
 
         base = None
         if soup.base is not None:
             base_checkpoint = soup.base
-            base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], plan))
+            base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], own))
         # an average of one ingredient in its own dtypes is that ingredient: greedy's first step is judged already
         alone_is_soup = self.recipe.greedy and soup.method.averages and all(
             soup_of([i]).metas == load(i).metas for i in range(len(checkpoints))
         )
-        return Scorers(load, soup_of, base, alone_is_soup)
+        stacked = soup.reference.config  # a fresh copy
+        stacked_config(stacked, self.recipe)
+        return Scorers(load, soup_of, base, alone_is_soup,
+                       soup_config=stacked if stacked != soup.reference.config else None)
 
     def output(
         self, soup: Soup, members: Sequence[int], weights: Sequence[float], report: GreedyReport | None
@@ -136,10 +141,13 @@ class Full(SoupKind[Soup]):
 def write_tensors(writer: SoupWriter, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
     """Write the soup's tensors: the scored soup as it was scored (read back from the model that holds it, or
     merged again; BN statistics recalibrated or not), or, unscored, the streamed merge, with the
-    shared-initialization check riding along its reads."""
-    if report is not None:
-        stats = write_weights(report.soup, soup.plan, soup.metas, writer)
-        return stats, weight_similarity(soup.checkpoints, soup.plan, sample_per_tensor=SIMILARITY_SAMPLE)
+    shared-initialization check riding along its reads (with slices, in a sampled pass of its own over the
+    ingredients' own tensors: a stacked layer is one model's, and compares none)."""
+    if report is not None or soup.ingredients_plan is not None:  # stacked layers: the ingredients' own tensors
+        stats = (write_weights(report.soup, soup.plan, soup.metas, writer) if report is not None else stream_merge(
+            soup.checkpoints, soup.plan, soup.method, writer, soup.dtype, base=soup.base, device=soup.device))
+        own = soup.ingredients_plan or soup.plan  # a stacked layer is one model's: it compares none
+        return stats, weight_similarity(soup.checkpoints, own, sample_per_tensor=SIMILARITY_SAMPLE)
     gram = GramAccumulator(len(soup.checkpoints), SIMILARITY_SAMPLE)
     stats = stream_merge(
         soup.checkpoints, soup.plan, soup.method, writer, soup.dtype, base=soup.base, device=soup.device, gram=gram

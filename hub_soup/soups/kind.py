@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +48,9 @@ class Soup:
         metas: those tensors as written (and scored): the recipe's dtype applied.
         reference: the model whose config the soup carries: scored models are built from it.
         backend: where models are scored: this process alone, or its share of a launch.
+        ingredients_plan: the ingredients' own tensors, where ``plan`` stacks layers of theirs (slices) into
+            a soup of another shape: ingredients (and a base) are scored as they are saved, in their own
+            architecture. ``None``: ``plan`` is theirs too.
     """
 
     checkpoints: list[Checkpoint]
@@ -60,18 +63,21 @@ class Soup:
     side_files: SideFiles
     reference: Checkpoint
     backend: Backend
+    ingredients_plan: MergePlan | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
 class Scorers:
     """What evaluation scores: each ingredient alone, the soup of any subset (greedy's candidates, in the
-    dtypes written), the base beside them (None without one), and whether an ingredient alone is its own
-    soup (then greedy's first step is judged already)."""
+    dtypes written), the base beside them (None without one), whether an ingredient alone is its own
+    soup (then greedy's first step is judged already), and the config of the soup's model where it is not the
+    ingredients' (layers stacked by slices: the soup is scored as it is written; None: theirs)."""
 
     load: Loader
     soup_of: SoupMaker
     base: Base | None = None
     alone_is_soup: bool = False
+    soup_config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,14 @@ Streamed at flat memory: one read counts the non-zero variances, the exact k-th 
 found by the radix selection TIES uses (four reads over float64 bits, see
 :mod:`~hub_soup.merging.methods.sparsify`), one more read sums the squares; all in float64,
 the variance computed the same way in every read and in the kernel.
+
+The variance is ``(n sum_i tau_i^2 - (sum_i tau_i)^2) / n^2``, not the mean of the squared deviations
+from the mean: for bf16 and fp16 fine-tunes every term of it is exact in float64 (task vectors are
+differences of two such numbers, a few bits wide), so it is the exact variance rounded once, and
+positions whose variances are equal (a permutation or a shift of the same task vectors: frequent
+among bf16 values) tie, as TIES's equal magnitudes do: all those tied with the k-th are kept. The
+two-pass form rounds the mean and ranks such positions by rounding noise, each implementation its
+own way (tests/mergekit_reference.py's ``sce_select`` computes it as here).
 """
 
 from __future__ import annotations
@@ -133,7 +141,7 @@ class Sce(MergeMethod):
         import torch
 
         taus = self.workspace("taus", scratch, len(parts))
-        mean, variance = self.workspace("variance", scratch, 2)
+        total, variance = self.workspace("variance", scratch, 2)
         if base.dtype != scratch.dtype:  # upcast once, not once per ingredient (exact either way)
             (wide,) = self.workspace("base", scratch)
             base = wide.copy_(base)
@@ -141,14 +149,14 @@ class Sce(MergeMethod):
             delta_(tau, part, base)
         if not self._selects:
             return taus, variance
-        sum_(mean, taus).div_(len(taus))
-        for i, tau in enumerate(taus):  # the population variance: the mean of the squared deviations
-            torch.sub(tau, mean, out=scratch)
+        count = len(taus)
+        for i, tau in enumerate(taus):  # (n sum tau^2 - (sum tau)^2) / n^2: see the module docstring
             if i:
-                variance.addcmul_(scratch, scratch)
+                variance.addcmul_(tau, tau)
             else:
-                torch.mul(scratch, scratch, out=variance)
-        variance.div_(len(taus))
+                torch.mul(tau, tau, out=variance)
+        sum_(total, taus)
+        variance.mul_(count).addcmul_(total, total, value=-1).clamp_(min=0).div_(count * count)
         if statistics.done >= statistics.passes - 1:  # the threshold is known: keep variance > below
             below = statistics.below
             if below is DROP:
