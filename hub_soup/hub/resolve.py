@@ -26,7 +26,8 @@ from huggingface_hub.file_download import repo_folder_name
 from hub_soup.errors import RefError, RefNotFoundError
 from hub_soup.hub.errors import hub_errors, offline_error, with_retries
 
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+# The Hub's names neither start nor end with '.' or '-': ./x and ../x are paths, never repos.
+_REPO_ID = re.compile(r"^(?![.-])[\w.\-]+(?<![.-])/(?![.-])[\w.\-]+(?<![.-])$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
