@@ -8,9 +8,12 @@ means what mergekit makes of it: the models become ingredients (with their param
 their own settings), the slices the recipe's slices. A method that takes no base reads
 ``base_model`` as mergekit's SLERP does, as its first model (``t = 0``).
 
+A model may be ``model+lora`` (a PEFT LoRA adapter applied to the model before merging, as
+mergekit's ``ModelReference`` reads it): the ingredient (or base) with its ``lora``.
+
 Anything else is refused, named with its line: a key of mergekit's that hub-soup does not do
-yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's; ``model+lora``
-references) and any key or value mergekit does not know. A parameter that mergekit ignores for
+yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's) and any key or
+value mergekit does not know. A parameter that mergekit ignores for
 a method (published ``arcee_fusion`` configs carry ``normalize``) is refused too, with a hint
 to delete it: the config then says only what made the soup, and the soup is the same.
 """
@@ -90,9 +93,9 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
         if not isinstance(value, str) or not value.strip():
             raise refuse(location, f"{'.'.join(map(str, location))}: a model is a Hub id or a path, got {value!r}",
                          hint="write model: org/name")
-        if "+" in value:
-            raise refuse(location, f"{'.'.join(map(str, location))}: {value!r} applies a LoRA adapter "
-                         "(model+lora), which is not supported yet", hint="merge the adapter into the model first")
+        if value.count("+") > 1 or any(not part.strip() for part in value.split("+")):
+            raise refuse(location, f"{'.'.join(map(str, location))}: {value!r} is not a model or a model+lora "
+                         "(one LoRA adapter applied to one model)", hint="write model: org/name+org/adapter")
         return value.strip()
 
     base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
@@ -131,11 +134,11 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
                        "parameters": parameters(piece.get("parameters"), ("slices", s, "parameters"), takes)})
     if base is not None and not uses_base:  # SLERP's t = 0; one more model to karcher
         refs = [base, *(r for r in refs if r != base)]
-    ingredients = [{"ref": ref, **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
+    ingredients = [{**reference(ref), **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
     recipe: dict[str, Any] = {"ingredients": ingredients, "method": name,
                               "parameters": parameters(data.get("parameters"), ("parameters",), takes)}
     if base is not None and uses_base:
-        recipe["base"] = {"ref": base}
+        recipe["base"] = reference(base)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         spelled = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -151,6 +154,14 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> dict[str, 
                 source["model"] = "base" if ref == base and uses_base else numbered[ref]
         recipe["slices"] = slices
     return recipe
+
+
+def reference(model: str) -> dict[str, Any]:
+    """A model of a mergekit config as the recipe names it: ``org/model+org/lora`` (mergekit's
+    ``ModelReference``: a LoRA adapter applied to the model before merging) is the model with its ``lora``;
+    a ``@revision`` stays on the name it follows."""
+    name, _, lora = model.partition("+")
+    return {"ref": name.strip(), **({"lora": {"ref": lora.strip()}} if lora else {})}
 
 
 def location_in_config(location: tuple[int | str, ...], data: dict[str, Any]) -> tuple[int | str, ...]:
