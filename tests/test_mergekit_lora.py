@@ -179,3 +179,23 @@ def test_an_adapter_that_does_not_fit_its_hub_model_stops_before_the_download(
     assert "does not fit the base" in capsys.readouterr().err
     cached = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
     assert not list(cached.glob("snapshots/*/model.safetensors"))  # its headers were read over HTTP, nothing more
+
+
+def test_a_base_with_a_lora_is_the_base_it_makes(models: Path, tmp_path: Path) -> None:
+    """``base_model: base+lora_a`` (listed among the models too, as published configs do): the task vectors are
+    taken from the base with the adapter merged in."""
+    text = ("models:\n  - model: base+lora_a\n  - model: model_a\n    parameters:\n      weight: 0.7\n"
+            "  - model: model_b\n    parameters:\n      weight: 0.4\nmerge_method: task_arithmetic\n"
+            "base_model: base+lora_a\ndtype: bfloat16\n")
+    (tmp_path / "base_lora.yml").write_text(text)
+    for model in models.iterdir():
+        (tmp_path / model.name).symlink_to(model)
+    assert main(["run", str(tmp_path / "base_lora.yml"), "-o", str(tmp_path / "soup")]) == 0
+    soup = weights(tmp_path / "soup")
+    inputs = {model: weights(models / model) for model in MODELS}
+    inputs["base+lora_a"] = merged_definition(inputs["base"], models / ADAPTER)
+    expected = expected_soup(yaml.safe_load(text), inputs, sorted(soup))
+    for key, tensor in soup.items():
+        assert not R.more_than_one_ulp(tensor, expected[key].to(torch.bfloat16)).any(), key
+    pinned = yaml.safe_load((tmp_path / "soup" / "hub-soup.yaml").read_text())
+    assert pinned["base"]["lora"] == {"ref": "../lora_a"} and len(pinned["ingredients"]) == 2
