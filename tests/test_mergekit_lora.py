@@ -133,6 +133,11 @@ def test_hub_lora_is_pinned_with_its_model(models: Path, hub: HubServer, hub_tok
     assert all(torch.equal(tensor, weights(again)[key]) for key, tensor in soup.items())
 
 
+def _ulp(values: torch.Tensor) -> torch.Tensor:
+    """The bf16 spacing at each value's binade (8 significant bits)."""
+    return 2.0 ** (torch.floor(torch.log2(values.abs().clamp_min(2.0**-126))) - 7)
+
+
 def _renamed_targets(adapter: Path, folder: Path) -> Path:
     """``adapter`` with its factors saved for modules the model does not have (q_proj named qkv_proj)."""
     shutil.copytree(adapter, folder)
@@ -199,3 +204,47 @@ def test_a_base_with_a_lora_is_the_base_it_makes(models: Path, tmp_path: Path) -
         assert not R.more_than_one_ulp(tensor, expected[key].to(torch.bfloat16)).any(), key
     pinned = yaml.safe_load((tmp_path / "soup" / "hub-soup.yaml").read_text())
     assert pinned["base"]["lora"] == {"ref": "../lora_a"} and len(pinned["ingredients"]) == 2
+
+
+def test_an_embedding_lora_and_a_saved_head_are_applied_as_peft_applies_them(models: Path, tmp_path: Path) -> None:
+    """A LoRA on the embedding (its delta transposed) and a head in ``modules_to_save`` (saved whole, replacing the
+    model's): the adapted reads, in chunks, are the float64 definition rounded once (within one ulp), and PEFT's
+    merge_and_unload within its own roundings (it rounds the delta to bf16 before adding it in bf16)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(models / "model_a", dtype=torch.bfloat16), LoraConfig(
+        r=2, lora_alpha=6, target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]))
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_((0.1 * torch.randn(parameter.shape, generator=generator)).to(parameter.dtype))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = LlamaForCausalLM.from_pretrained(models / "model_a", dtype=torch.bfloat16)
+    peft_merged = PeftModel.from_pretrained(model, tmp_path / "adapter").merge_and_unload().state_dict()
+    saved, original = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), weights(models / "model_a")
+    deltas = {}  # the definition: scaling lora_alpha / r = 3, the embedding's delta transposed
+    for key, a in saved.items():
+        if ".lora_" in key and ("lora_A" in key or "embedding_A" in key):
+            b = saved[key.replace("lora_A", "lora_B").replace("embedding_A", "embedding_B")].double()
+            delta = 3 * (b @ a.double())
+            target = key.removeprefix("base_model.model.").split(".lora_")[0] + ".weight"
+            deltas[target] = delta.T if "embedding" in key else delta
+    head = saved["base_model.model.lm_head.weight"]  # modules_to_save: saved whole under the module's name
+    config = AdapterConfig("adapter", json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
+    with open_checkpoint(models / "model_a") as checkpoint, \
+            open_checkpoint(tmp_path / "adapter", weights="adapter_model.safetensors") as adapter:
+        applied = apply_lora(checkpoint, adapter, config, "model_a+adapter")
+        assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(applied.changes)
+        for key, meta in applied.metas.items():
+            buffer = torch.empty(meta.numel * meta.dtype.itemsize, dtype=torch.uint8)
+            chunks = [applied.read_into(key, start, min(333, meta.numel - start), buffer).clone()
+                      for start in range(0, meta.numel, 333)]
+            ours = torch.cat(chunks).view(meta.shape)
+            delta = deltas.get(key, torch.zeros(meta.shape, dtype=torch.float64))
+            exact = head.double() if key == "lm_head.weight" else original[key].double() + delta
+            assert not R.more_than_one_ulp(ours, exact).any(), key
+            # PEFT's own roundings: the delta to bf16 (half an ulp of it, one where float32 flips it), the sum
+            assert ((ours.double() - peft_merged[key].double()).abs() <= _ulp(exact) + _ulp(delta)).all(), key
+        assert len(deltas) == 5 and not torch.equal(applied.read("lm_head.weight"), checkpoint.read("lm_head.weight"))
