@@ -248,3 +248,18 @@ def test_an_embedding_lora_and_a_saved_head_are_applied_as_peft_applies_them(mod
             # PEFT's own roundings: the delta to bf16 (half an ulp of it, one where float32 flips it), the sum
             assert ((ours.double() - peft_merged[key].double()).abs() <= _ulp(exact) + _ulp(delta)).all(), key
         assert len(deltas) == 5 and not torch.equal(applied.read("lm_head.weight"), checkpoint.read("lm_head.weight"))
+
+
+def test_an_applied_adapter_is_an_input_and_adapters_take_none(models: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The output is never the adapter applied to a model (with --overwrite it would be replaced by the soup);
+    and a soup of LoRA adapters takes no adapter applied to one of them."""
+    shutil.copy(CONFIGS / "linear_lora.yml", tmp_path / "linear_lora.yml")
+    for model in models.iterdir():
+        (tmp_path / model.name).symlink_to(model)
+    assert main(["run", str(tmp_path / "linear_lora.yml"), "-o", str(tmp_path / ADAPTER), "--overwrite"]) == 2
+    assert f"the output {tmp_path / ADAPTER} is the LoRA adapter lora_a" in capsys.readouterr().err
+    recipe = tmp_path / "adapters.yaml"
+    recipe.write_text(yaml.safe_dump({"ingredients": [{"ref": ADAPTER, "lora": {"ref": ADAPTER}}, {"ref": ADAPTER}]}))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "lora_a: a LoRA adapter applied to an adapter" in capsys.readouterr().err
