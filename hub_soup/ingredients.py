@@ -17,12 +17,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from huggingface_hub import constants, hf_hub_download
 
+from hub_soup.adapters.applied import apply_lora, lora_plan
+from hub_soup.adapters.config import AdapterConfig, read_config
 from hub_soup.errors import OutputOverlapsInputError
 from hub_soup.hub.errors import hub_errors
 from hub_soup.hub.fetch import fetch, remote_layout
@@ -67,31 +69,49 @@ def opened_ingredients(
     """Open the local models, then fetch and open the Hub ones; every one opened is closed on
     leaving the ``with`` block, or at once when opening another fails.
 
-    ``before_download`` sees the local ones (None in place of each Hub one) before anything is
+    ``before_download`` sees the local ones (None in place of each Hub one) before any model is
     downloaded: the early checks use them, so no local file is opened (a pickle loaded) twice.
+    A model with a LoRA adapter applied (mergekit's ``model+lora``) is read with it merged in
+    (:class:`~hub_soup.adapters.applied.LoraApplied`); the adapters, small, are fetched first, and
+    each is checked to fit its model (a Hub one's headers) before any model is downloaded.
     """
     with ExitStack() as stack:
 
-        def opened_local(ref: ResolvedRef) -> Checkpoint | None:
-            if ref.kind != "local":
-                return None
-            assert ref.path is not None
-            checkpoint = open_checkpoint(ref.path, label=ref.label, allow_pickle=allow_pickle, ema=ema,
-                                         weights=ref.filename)
+        def opened(ref: ResolvedRef) -> Checkpoint:
+            """One model or adapter, fetched first when it is on the Hub."""
+            if ref.kind == "local":
+                assert ref.path is not None
+                path, sidecars = ref.path, None
+            else:
+                fetched = fetch(ref, token)
+                path, sidecars = fetched.weights, fetched.sidecars
+            checkpoint = open_checkpoint(path, label=ref.label, allow_pickle=allow_pickle, ema=ema,
+                                         sidecars=sidecars, weights=ref.filename if ref.kind == "local" else None)
             return _noted(stack.enter_context(checkpoint))
 
-        def opened_hub(ref: ResolvedRef) -> Checkpoint:
-            fetched = fetch(ref, token)
-            checkpoint = open_checkpoint(fetched.weights, label=ref.label, allow_pickle=allow_pickle, ema=ema,
-                                         sidecars=fetched.sidecars)
-            return _noted(stack.enter_context(checkpoint))
+        def adapter_of(ref: ResolvedRef) -> tuple[Checkpoint, AdapterConfig] | None:
+            """The LoRA adapter applied to a model (mergekit's model+lora), opened, and its config."""
+            return None if ref.lora is None else (opened(ref.lora), read_config(ref.lora, token))
 
-        local = models.map(opened_local)
+        def with_lora(ref: ResolvedRef, adapter: tuple[Checkpoint, AdapterConfig] | None) -> Checkpoint:
+            """The model, read with its adapter applied (if any)."""
+            model = opened(replace(ref, lora=None))
+            return model if adapter is None else apply_lora(model, *adapter, ref.label)
+
+        adapters = models.map(adapter_of)  # small: all of them before any model is downloaded
+        pairs = Models(list(zip(models.ingredients, adapters.ingredients)),
+                       (models.base, adapters.base) if models.base is not None else None)
+        local = pairs.map(lambda pair: with_lora(*pair) if pair[0].kind == "local" else None)
         if before_download is not None:
             before_download(local)
+        for ref, adapter in pairs:  # an adapter fits its Hub model's headers, before the model is downloaded
+            if adapter is not None and ref.kind != "local" and not constants.is_offline_mode():
+                layout = remote_layout(replace(ref, lora=None), token)
+                if layout is not None:
+                    lora_plan(*adapter, layout)
         yield Models(
-            [c if c is not None else opened_hub(r) for r, c in zip(models.ingredients, local.ingredients)],
-            None if models.base is None else local.base if local.base is not None else opened_hub(models.base),
+            [c if c is not None else with_lora(*pair) for pair, c in zip(pairs.ingredients, local.ingredients)],
+            None if pairs.base is None else local.base if local.base is not None else with_lora(*pairs.base),
         )
 
 

@@ -93,8 +93,8 @@ def _settings(value: dict[str, Any]) -> dict[str, Any]:
 Settings = Annotated[dict[str, Any], AfterValidator(_settings)]
 
 
-class ModelRef(_Strict):
-    """A model, named the way an ingredient is: the recipe's ``base``."""
+class Reference(_Strict):
+    """Something named on the Hub or on disk: a repo at a revision (pinned to its commit), or a local path."""
 
     ref: str = Field(description="Hub repo id (org/name[@rev]), hf-hub:org/name, timm model name, or local path")
     revision: str | None = Field(None, description="branch, tag or commit SHA (overrides @rev in ref)")
@@ -105,6 +105,17 @@ class ModelRef(_Strict):
         if not value.strip():
             raise ValueError("ref must not be empty")
         return value.strip()
+
+
+class ModelRef(Reference):
+    """A model, named the way an ingredient is: the recipe's ``base``; with a LoRA adapter applied to it, if
+    ``lora`` names one (mergekit's ``model+lora``)."""
+
+    lora: Reference | None = Field(
+        None, description="a PEFT LoRA adapter (its folder or Hub repo: adapter_config.json and its weights) "
+        "applied to the model before merging, as PEFT's merge_and_unload does: each target weight plus "
+        "lora_alpha / r * B @ A (mergekit's model+lora)"
+    )
 
 
 class Ingredient(ModelRef):
@@ -443,6 +454,8 @@ class Recipe(_Strict):
                 hint="for LoRA adapters, leave the base out (their adapter_config.json names it) or name "
                 "another copy of it with adapter_base (--adapter-base)",
             )
+        if self.adapter_base is not None and self.adapter_base.lora is not None:
+            raise ValueError("adapter_base.lora: the base of LoRA adapter soups takes no adapter of its own; drop it")
         if self.greedy and self.eval is None:
             raise ValueError("greedy: true needs an eval section to score candidates")
         if self.eval is not None and self.eval.device_map is not None and self.device != "cpu":
@@ -599,8 +612,8 @@ class Recipe(_Strict):
 
         A recipe file's paths are read from its folder (:func:`load_recipe`), so this is what a
         recipe written anywhere (``--dump-recipe FILE``, the pinned ``hub-soup.yaml`` in a soup)
-        needs to name what this one names. Ingredient and base refs are read from
-        :attr:`base_dir`, ``eval``'s paths and ``output.path`` from the working directory
+        needs to name what this one names. Ingredient and base refs (and the LoRA adapters applied to
+        them) are read from :attr:`base_dir`, ``eval``'s paths and ``output.path`` from the working directory
         (:meth:`relative_to` already read a file's from its folder); absolute and ``~`` paths
         stay as written, and so do symlinks.
 
@@ -617,6 +630,11 @@ class Recipe(_Strict):
             model.model_copy(update={"ref": _moved(model.ref, self.base_dir, where)}) if is_local else model
             for model, is_local in zip(models, local)
         ]
+        for index, model in enumerate(moved):  # an adapter applied to a model: a local one is a folder that exists
+            lora = model.lora
+            if lora is not None and (self.base_dir / Path(lora.ref).expanduser()).exists():
+                lora = lora.model_copy(update={"ref": _moved(lora.ref, self.base_dir, where)})
+                moved[index] = model.model_copy(update={"lora": lora})
         count = len(self.ingredients)
         update: dict[str, Any] = {"ingredients": moved[:count], **dict(zip(bases, moved[count:]))}
         if self.output.path is not None:

@@ -24,16 +24,20 @@ from tests.checkpoints import perturb_
 CONFIGS = Path(__file__).parent / "mergekit_configs"
 LAYERS = 4
 MODELS = {"base": None, "model_a": 1, "model_b": 2, "model_c": 3}
-# every config but the LoRA one (model+lora is refused: test_lora_references_are_refused_by_name)
+# every config but the LoRA one (its adapter is built and its soup checked in tests/test_mergekit_lora.py)
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.yml") if p.stem != "linear_lora")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """base, model_a, model_b, model_c: tiny bf16 LlamaForCausalLM folders with 4 layers (fine-tunes: base perturbed)."""
+    return build_models(tmp_path_factory.mktemp("mergekit"))
+
+
+def build_models(folder: Path) -> Path:
+    """The corpus's models (:data:`MODELS`) in ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("mergekit")
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     for name, seed in MODELS.items():
@@ -48,8 +52,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_config(models: Path, name: str, tmp_path: Path, *more: str) -> Path:
     shutil.copy(CONFIGS / f"{name}.yml", tmp_path / f"{name}.yml")
-    for model in MODELS:
-        (tmp_path / model).symlink_to(models / model)
+    for model in models.iterdir():  # the corpus's models, and any adapter built beside them
+        (tmp_path / model.name).symlink_to(model)
     out = tmp_path / "soup"
     assert main(["run", str(tmp_path / f"{name}.yml"), "-o", str(out), *more]) == 0
     return out
@@ -290,16 +294,6 @@ def test_slices_stack_layers_and_the_soup_loads(models: Path, tmp_path: Path) ->
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
-
-
-def test_lora_references_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``model+lora`` (linear_lora.yml's form) is named and refused, with its line, until adapters are applied."""
-    path = tmp_path / "config.yml"
-    path.write_text("models:\n  - model: base\n  - model: model_a+lora_a\n  - model: model_b\n"
-                    "merge_method: model_stock\nbase_model: base\n")
-    assert main(["validate", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "config.yml:3: models.1.model: 'model_a+lora_a' applies a LoRA adapter (model+lora)" in err
 
 
 def test_validate_says_a_config_is_mergekits(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,4 +13,6 @@ SVD) or merged into the full base model.
 - :mod:`hub_soup.adapters.lora`: the tensors: module keys, scalings, the exact
   concatenation, the SVD reduction, and the merge method that adds a delta to a
   base tensor inside the streamed engine.
+- :mod:`hub_soup.adapters.applied`: one adapter applied to one model before a
+  merge (mergekit's ``model+lora``), read as a checkpoint, chunk by chunk.
 """

@@ -107,7 +107,7 @@ def read_adapters(refs: Sequence[ResolvedRef], token: str | bool | None) -> list
             hint=f"merge the adapter into its base first (hub-soup merge {adapter.label} ... --merge-into-base), "
             "or leave it out",
         )
-    configs = [_read_config(ref, token) for ref in refs]
+    configs = [read_config(ref, token) for ref in refs]
     for config in configs:
         _check_supported(config)
     check_compatible(configs)
@@ -128,7 +128,7 @@ def with_adapter_weights(ref: ResolvedRef) -> ResolvedRef:
     return replace(ref, filename=present[0])
 
 
-def _read_config(ref: ResolvedRef, token: str | bool | None) -> AdapterConfig:
+def read_config(ref: ResolvedRef, token: str | bool | None) -> AdapterConfig:
     if ref.kind == "local":
         assert ref.path is not None
         path = ref.path / ADAPTER_CONFIG
@@ -145,18 +145,38 @@ def _read_config(ref: ResolvedRef, token: str | bool | None) -> AdapterConfig:
     return AdapterConfig(ref.label, raw)
 
 
-def _check_supported(config: AdapterConfig) -> None:
+def check_applied(ref: ResolvedRef, token: str | bool | None) -> AdapterConfig:
+    """The config of an adapter applied to a model before merging (mergekit's ``model+lora``), checked to be
+    a plain LoRA (the model it names is not checked: mergekit and PEFT apply an adapter to any model it fits).
+
+    Raises:
+        AdapterError: no adapter there, or a kind of adapter (DoRA, ...) whose delta is not ``scaling * B @ A``.
+    """
+    if not is_adapter(ref):
+        raise AdapterError(
+            f"{ref.label}: is applied as a LoRA adapter (model+lora) but has no {ADAPTER_CONFIG}",
+            hint="name a PEFT adapter saved with save_pretrained (adapter_config.json and adapter_model.safetensors)",
+        )
+    config = read_config(ref, token)
+    _check_kind(config, "applies", "merge the adapter into the model with PEFT (merge_and_unload) and name the result")
+    return config
+
+
+def _check_kind(config: AdapterConfig, does: str, hint: str) -> None:
+    """A plain LoRA adapter: ``peft_type`` LORA and none of the variants of :data:`UNSUPPORTED`; ``does``: what
+    hub-soup does with it (``makes soups of``), ``hint``: what to do instead."""
     kind = config.raw.get("peft_type")
     if kind != "LORA":
-        raise AdapterError(
-            f"{config.label}: a {kind} adapter (peft_type); hub-soup makes soups of LoRA adapters only",
-        )
+        raise AdapterError(f"{config.label}: a {kind} adapter (peft_type); hub-soup {does} LoRA adapters only",
+                           hint=hint)
     for field, why in UNSUPPORTED.items():
         if config.raw.get(field):
-            raise AdapterError(
-                f"{config.label}: {why}; hub-soup makes exact soups of plain LoRA adapters only",
-                hint="merge each adapter into the base with PEFT (merge_and_unload) and make a soup of the full models",
-            )
+            raise AdapterError(f"{config.label}: {why}; hub-soup {does} plain LoRA adapters only", hint=hint)
+
+
+def _check_supported(config: AdapterConfig) -> None:
+    _check_kind(config, "makes soups of",
+                "merge each adapter into the base with PEFT (merge_and_unload) and make a soup of the full models")
     if not config.base:
         raise AdapterError(
             f"{config.label}: its {ADAPTER_CONFIG} names no base model (base_model_name_or_path)",

@@ -77,6 +77,11 @@ class AdapterPlan:
     metas: dict[str, TensorMeta]  # the first adapter's tensors (dtypes of the soup's factors and full tensors)
     transposed: bool  # fan_in_fan_out: the base stores Linear weights as (in, out)
 
+    def oriented(self, module: LoraModule, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``module``'s delta ``B @ A`` as factors ``(left, right)`` of the weight as the base stores it:
+        ``left @ right`` (transposed for embeddings and ``fan_in_fan_out`` layers)."""
+        return (a.T, b.T) if module.embedding or self.transposed else (b, a)
+
     def delta_shape(self, module: LoraModule) -> tuple[int, ...]:
         """The shape of ``module``'s delta as the base stores the weight."""
         rows, cols = self.metas[module.b_key].shape[0], self.metas[module.a_key].shape[1]
@@ -169,22 +174,30 @@ def _check_shape(first: Layout, other: Layout, key: str) -> None:
         )
 
 
-def check_base_fits(plan: AdapterPlan, base: Layout, label: str) -> None:
-    """Every module's delta and every full tensor must have its tensor in the base, of that shape."""
+def check_base_fits(plan: AdapterPlan, base: Layout, label: str, check: str = "check the base (--base)") -> None:
+    """Every module's delta and every full tensor must have its tensor in the base, of that shape.
+
+    Args:
+        check: what to check, in the hint (an adapter soup's base, or the model an adapter is applied to).
+
+    Raises:
+        AdapterError: naming the tensors the base lacks (the first three), or the first of another shape.
+    """
     wanted = {m.base_key: plan.delta_shape(m) for m in plan.modules}
     wanted |= {base_key_of_full(key): plan.metas[key].shape for key in plan.full}
+    missing = [key for key in wanted if key not in base.metas]
+    if missing:
+        named = ", ".join(map(repr, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise AdapterError(
+            f"the adapter {label} does not fit the base {base.label}: the base has no {named}",
+            hint=f"the adapter was trained on another model; {check}",
+        )
     for key, shape in wanted.items():
-        meta = base.metas.get(key)
-        if meta is None:
+        if tuple(base.metas[key].shape) != tuple(shape):
             raise AdapterError(
-                f"the adapter {label} does not fit the base {base.label}: the base has no {key!r}",
-                hint="the adapters were trained on another model; check the base (--base)",
-            )
-        if tuple(meta.shape) != tuple(shape):
-            raise AdapterError(
-                f"the adapter {label} does not fit the base {base.label}: {key} is {list(meta.shape)} in the base, "
-                f"the adapter's is {list(shape)}",
-                hint="the adapters were trained on another size of the model; check the base (--base)",
+                f"the adapter {label} does not fit the base {base.label}: {key} is {list(base.metas[key].shape)} in "
+                f"the base, the adapter's is {list(shape)}",
+                hint=f"the adapter was trained on another size of the model; {check}",
             )
 
 
@@ -317,8 +330,7 @@ class AddDeltas(MergeMethod):
         self._deltas: dict[str, _Delta] = {}
         replaced = {base_key_of_full(key): tensor for key, tensor in full.items()}
         for module in plan.modules:
-            b, a = factors[module.name]
-            left, right = (a.T, b.T) if module.embedding or plan.transposed else (b, a)
+            left, right = plan.oriented(module, *factors[module.name])
             self._deltas[module.base_key] = _Delta(replaced.pop(module.base_key, None), left, right)
         self._deltas |= {key: _Delta(tensor, None, None) for key, tensor in replaced.items()}
         self._device = device
@@ -341,8 +353,14 @@ class AddDeltas(MergeMethod):
         else:
             acc.copy_(delta.replace[offset : offset + size])
         if delta is not None and delta.left is not None and delta.right is not None:
-            columns = delta.right.shape[1]
-            first, last = offset // columns, -(-(offset + size) // columns)
-            rows = delta.left[first:last] @ delta.right
-            start = offset - first * columns
-            acc.add_(rows.view(-1)[start : start + size])
+            acc.add_(delta_elements(delta.left, delta.right, offset, size))
+
+
+def delta_elements(left: torch.Tensor, right: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    """Elements ``[offset, offset + size)`` of ``left @ right``, flattened: only the rows they lie in are
+    computed, so a chunk of a large weight costs a chunk's memory."""
+    columns = right.shape[1]
+    first, last = offset // columns, -(-(offset + size) // columns)
+    rows = left[first:last] @ right
+    start = offset - first * columns
+    return rows.reshape(-1)[start : start + size]

@@ -8,9 +8,12 @@ means what mergekit makes of it: the models become ingredients (with their param
 their own settings), the slices the recipe's slices. A method that takes no base reads
 ``base_model`` as mergekit's SLERP does, as its first model (``t = 0``).
 
+A model may be ``model+lora`` (a PEFT LoRA adapter applied to the model before merging, as
+mergekit's ``ModelReference`` reads it): the ingredient (or base) with its ``lora``.
+
 Anything else is refused, named with its line: a key of mergekit's that hub-soup does not do
-yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's; ``model+lora``
-references) and any key or value mergekit does not know. A parameter that mergekit ignores for
+yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's) and any key or
+value mergekit does not know. A parameter that mergekit ignores for
 a method (published ``arcee_fusion`` configs carry ``normalize``) is refused too, with a hint
 to delete it: the config then says only what made the soup, and the soup is the same.
 """
@@ -96,9 +99,9 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict
         if not isinstance(value, str) or not value.strip():
             raise refuse(location, f"{'.'.join(map(str, location))}: a model is a Hub id or a path, got {value!r}",
                          hint="write model: org/name")
-        if "+" in value:
-            raise refuse(location, f"{'.'.join(map(str, location))}: {value!r} applies a LoRA adapter "
-                         "(model+lora), which is not supported yet", hint="merge the adapter into the model first")
+        if value.count("+") > 1 or any(not part.strip() for part in value.split("+")):
+            raise refuse(location, f"{'.'.join(map(str, location))}: {value!r} is not a model or a model+lora "
+                         "(one LoRA adapter applied to one model)", hint="write model: org/name+org/adapter")
         return value.strip()
 
     base = model(data["base_model"], ("base_model",)) if data.get("base_model") is not None else None
@@ -141,11 +144,11 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict
     if base is not None and not uses_base:  # SLERP's t = 0; one more model to karcher
         origins = [("base_model",), *(o for r, o in zip(refs, origins) if r != base)]
         refs = [base, *(r for r in refs if r != base)]
-    ingredients = [{"ref": ref, **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
+    ingredients = [{**reference(ref), **({"parameters": own[ref]} if own.get(ref) else {})} for ref in refs]
     recipe: dict[str, Any] = {"ingredients": ingredients, "method": name,
                               "parameters": parameters(data.get("parameters"), ("parameters",), takes)}
     if base is not None and uses_base:
-        recipe["base"] = {"ref": base}
+        recipe["base"] = reference(base)
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         spelled = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -163,10 +166,18 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict
     return recipe, origins
 
 
+def reference(model: str) -> dict[str, Any]:
+    """A model of a mergekit config as the recipe names it: ``org/model+org/lora`` (mergekit's
+    ``ModelReference``: a LoRA adapter applied to the model before merging) is the model with its ``lora``;
+    a ``@revision`` stays on the name it follows."""
+    name, _, lora = model.partition("+")
+    return {"ref": name.strip(), **({"lora": {"ref": lora.strip()}} if lora else {})}
+
+
 def location_in_config(location: Location, data: dict[str, Any], origins: list[Location]) -> Location:
     """Where in the mergekit config a native recipe's field (``location``) comes from, for its line:
     ingredient ``i``'s fields from where it is named (``origins``, from :func:`recipe_data`), its ``ref``
-    being that entry's ``model``."""
+    and ``lora`` being that entry's ``model``."""
     head = location[0] if location else None
     renamed = {"method": ("merge_method",), "base": ("base_model",),
                "dtype": ("out_dtype",) if "out_dtype" in data else ("dtype",)}
@@ -176,5 +187,5 @@ def location_in_config(location: Location, data: dict[str, Any], origins: list[L
         origin, rest = origins[location[1]], location[2:]
         if origin == ("base_model",):
             return origin
-        return (*origin, *(("model", *rest[1:]) if rest[:1] == ("ref",) else rest))
+        return (*origin, "model") if rest[:1] in (("ref",), ("lora",)) else (*origin, *rest)  # `model: a+lora`
     return location

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,9 +186,15 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
 
 
 def _model_cell(ref: ResolvedRef) -> tuple[str, str]:
-    """How the card names a model (a link to its Hub page, or its local label) and its commit."""
-    where = f"[{ref.repo_id}](https://huggingface.co/{ref.repo_id})" if ref.repo_id else f"`{ref.label}`"
-    return where, f"`{ref.sha[:12]}`" if ref.sha else "local"
+    """How the card names a model (a link to its Hub page, or its local label) and its commit; a model with a
+    LoRA adapter applied (mergekit's model+lora) is named with the adapter's, after a ``+``."""
+    own = replace(ref, lora=None)
+    where = f"[{own.repo_id}](https://huggingface.co/{own.repo_id})" if own.repo_id else f"`{own.label}`"
+    sha = f"`{own.sha[:12]}`" if own.sha else "local"
+    if ref.lora is None:
+        return where, sha
+    lora_where, lora_sha = _model_cell(ref.lora)
+    return f"{where} + LoRA {lora_where}", f"{sha} + {lora_sha}"
 
 
 def _what_it_is(method: str, merge_method: MergeMethod, count: int) -> str:

@@ -26,7 +26,8 @@ from huggingface_hub.file_download import repo_folder_name
 from hub_soup.errors import RefError, RefNotFoundError
 from hub_soup.hub.errors import hub_errors, offline_error, with_retries
 
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+# The Hub's names neither start nor end with '.' or '-': ./x and ../x are paths, never repos.
+_REPO_ID = re.compile(r"^(?![.-])[\w.\-]+(?<![.-])/(?![.-])[\w.\-]+(?<![.-])$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[\w\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -45,6 +46,8 @@ class ResolvedRef:
         path: the local path (local kind).
         library: ``timm`` or ``transformers`` when known from the repo.
         license, pipeline_tag: from the repo's card, carried over to the soup's card.
+        lora: the PEFT LoRA adapter applied to the model before merging (mergekit's ``model+lora``),
+            resolved the same way, its weights file named.
     """
 
     ref: str
@@ -58,20 +61,22 @@ class ResolvedRef:
     license: str | None = None
     pipeline_tag: str | None = None
     files: tuple[str, ...] = ()  # the repo's files at ``sha``
+    lora: ResolvedRef | None = None  # a LoRA adapter applied to the model (mergekit's model+lora), pinned too
 
     @property
     def pinned(self) -> str:
-        """``org/name@<sha>`` (or the path): a reference that always gives the same bytes."""
-        if self.kind == "local":
-            return str(self.path)
-        return f"{self.repo_id}@{self.sha}"
+        """``org/name@<sha>`` (or the path), ``+`` its adapter's: a reference that always gives the same bytes."""
+        own = str(self.path) if self.kind == "local" else f"{self.repo_id}@{self.sha}"
+        return own if self.lora is None else f"{own}+{self.lora.pinned}"
 
     @property
     def label(self) -> str:
-        """Short name for tables and messages: a local path as the user wrote it."""
+        """Short name for tables and messages: a local path as the user wrote it (``+`` its adapter's)."""
         if self.kind == "local":
-            return self.ref
-        return f"{self.repo_id}@{self.sha[:10]}" if self.sha else str(self.repo_id)
+            own = self.ref
+        else:
+            own = f"{self.repo_id}@{self.sha[:10]}" if self.sha else str(self.repo_id)
+        return own if self.lora is None else f"{own}+{self.lora.label}"
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:

@@ -8,13 +8,14 @@ from typing import Any, TypeVar
 
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.ingredients import Models
-from hub_soup.recipe import ModelRef, Recipe
+from hub_soup.recipe import ModelRef, Recipe, Reference
 
-R = TypeVar("R", bound=ModelRef)  # an ingredient or the base
+R = TypeVar("R", bound=Reference)  # an ingredient, the base, or the LoRA adapter applied to one
 
 
 def pin_recipe(recipe: Recipe, resolved: Models[ResolvedRef], soup: Path | None = None) -> Recipe:
-    """The recipe the soup carries: every Hub ingredient (and the base) pinned to the commit it resolved to.
+    """The recipe the soup carries: every Hub ingredient (and the base, and the LoRA adapters applied to them)
+    pinned to the commit it resolved to.
 
     Local paths are written relative to the soup folder ``soup`` (absolute when the
     soup is not kept: :meth:`~hub_soup.recipe.Recipe.with_paths_for`), so the recipe
@@ -26,6 +27,8 @@ def pin_recipe(recipe: Recipe, resolved: Models[ResolvedRef], soup: Path | None 
     located = recipe.with_paths_for(soup, [ref.kind == "local" for ref in resolved])
 
     def pinned(model: R, ref: ResolvedRef) -> R:
+        if isinstance(model, ModelRef) and model.lora is not None and ref.lora is not None:
+            model = model.model_copy(update={"lora": pinned(model.lora, ref.lora)})  # the adapter's commit too
         if ref.kind == "local":
             return model
         return model.model_copy(update={"ref": ref.ref.removeprefix("hf-hub:").rsplit("@", 1)[0], "revision": ref.sha})

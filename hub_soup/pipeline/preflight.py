@@ -61,13 +61,16 @@ def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
 def check_output_apart(output: Path, recipe: Recipe) -> None:
     """Refuse an output that is an input, contains one or lies inside one (symlinks resolved).
 
-    With ``overwrite`` such an output would replace an ingredient's files (or the
-    eval data, or the Hugging Face cache that Hub ingredients live in) with the soup.
+    With ``overwrite`` such an output would replace an ingredient's files (or a LoRA adapter's
+    applied to one, the eval data, or the Hugging Face cache that Hub ingredients live in) with the soup.
     """
     inputs = [(f"the ingredient {i.ref}", recipe.base_dir / Path(i.ref).expanduser()) for i in recipe.ingredients]
     for name in BASES:
         if (base := getattr(recipe, name)) is not None:
             inputs.append((f"the base {base.ref}", recipe.base_dir / Path(base.ref).expanduser()))
+    models = [*recipe.ingredients, *(m for m in (recipe.base, recipe.adapter_base) if m is not None)]
+    inputs += [(f"the LoRA adapter {m.lora.ref}", recipe.base_dir / Path(m.lora.ref).expanduser())
+               for m in models if m.lora is not None]
     if recipe.eval is not None:
         inputs += recipe.eval.inputs()
     check_apart(output, inputs, cache=True)

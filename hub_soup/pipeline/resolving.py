@@ -5,7 +5,10 @@ as one :class:`~hub_soup.ingredients.Models` value, an ingredient that is the ba
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 
+from hub_soup.adapters.config import check_applied, with_adapter_weights
 from hub_soup.errors import RecipeError
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.ingredients import Models
@@ -19,11 +22,23 @@ def resolve_models(recipe: Recipe, token: str | bool | None) -> tuple[Recipe, Mo
     """The recipe's ingredients and base, resolved (relative paths from the recipe's folder), and the recipe
     and its models without an ingredient that is the base (:func:`without_listed_base`)."""
     resolved = Models[ModelRef](list(recipe.ingredients), recipe.base).map(
-        lambda model: resolve_ref(model.ref, model.revision, token=token, base=recipe.base_dir)
+        lambda model: resolve_model(model, token, recipe.base_dir)
     )
     for ref in resolved:
         logger.info("resolved %s -> %s", ref.ref, ref.pinned)
     return without_listed_base(recipe, resolved)
+
+
+def resolve_model(model: ModelRef, token: str | bool | None, base_dir: Path) -> ResolvedRef:
+    """One model resolved, and the LoRA adapter applied to it (``lora``) resolved the same way, its
+    ``adapter_config.json`` read (a few kB) and checked to be a LoRA hub-soup applies: a missing or
+    unsupported adapter stops the run before any weights are downloaded."""
+    resolved = resolve_ref(model.ref, model.revision, token=token, base=base_dir)
+    if model.lora is None:
+        return resolved
+    lora = resolve_ref(model.lora.ref, model.lora.revision, token=token, base=base_dir)
+    check_applied(lora, token)
+    return replace(resolved, lora=with_adapter_weights(lora))
 
 
 def without_listed_base(recipe: Recipe, resolved: Models[ResolvedRef]) -> tuple[Recipe, Models[ResolvedRef]]:
@@ -62,7 +77,10 @@ def without_listed_base(recipe: Recipe, resolved: Models[ResolvedRef]) -> tuple[
 
 def same_model(a: ResolvedRef, b: ResolvedRef) -> bool:
     """Whether two resolved refs are the same bytes: one Hub repo at one commit (and weights file), or one
-    local file or folder (symlinks resolved)."""
+    local file or folder (symlinks resolved), with the same LoRA adapter applied, or none."""
+    if (a.lora is not None or b.lora is not None) and (  # a model with an adapter applied is another model
+            a.lora is None or b.lora is None or not same_model(a.lora, b.lora)):
+        return False
     if a.kind == "local" or b.kind == "local":
         return a.path is not None and b.path is not None and a.path.resolve() == b.path.resolve()
     return (a.repo_id, a.sha, a.filename) == (b.repo_id, b.sha, b.filename)

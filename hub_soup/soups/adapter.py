@@ -76,6 +76,12 @@ class _Adapters(SoupKind[LoraSoup]):
                 f"method {recipe.method}: an adapter soup is the uniform or weighted mean of the adapters' deltas",
                 hint="drop --method (or use --weights for a weighted soup)",
             )
+        applied = [model.ref for model in recipe.ingredients if model.lora is not None]
+        if applied:
+            raise AdapterError(
+                f"{applied[0]}: a LoRA adapter applied to an adapter; an adapter soup combines adapters as they are",
+                hint="drop its lora, or make the soup of full models (each with its adapter applied)",
+            )
         if recipe.exclude:
             raise AdapterError(
                 f"exclude ({', '.join(recipe.exclude)}): an adapter soup combines every tensor of its adapters",
