@@ -1,0 +1,230 @@
+"""``hub-soup verify``: published merges rebuilt from the recipe they carry and compared, through the loopback Hub.
+
+Ingredients are tiny safetensors folders (a shared start, perturbed); merges are pushed by
+hub-soup itself, or written as mergekit writes them (weights computed in bf16 arithmetic by a
+small reference of mergekit's ``linear`` here, ``mergekit_config.yml``, a card with the YAML
+block), then changed by one element or one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, try_to_load_from_cache
+from safetensors.torch import load_file, save_file
+
+import hub_soup
+from hub_soup.cli import main
+from hub_soup.verification.compare import ulp_distance
+from tests.hub_fixtures import TEST_TOKEN, TEST_USER
+from tests.hub_models import unique, upload
+from tests.hub_server import HubServer
+
+SHAPES = {"embed.weight": (32, 16), "layers.0.weight": (16, 16), "layers.0.bias": (16,), "head.weight": (8, 16)}
+# mergekit's linear weights: exact in bf16, so what differs is only where the arithmetic rounds
+WEIGHTS = (0.25, 0.75)
+MERGEKIT_CONFIG = """\
+models:
+  - model: {a}
+    parameters:
+      weight: 0.25
+  - model: {b}
+    parameters:
+      weight: 0.75
+merge_method: linear
+dtype: bfloat16
+"""
+CARD = """\
+---
+base_model: [{a}, {b}]
+library_name: transformers
+tags: [mergekit, merge]
+---
+# merged
+
+This is a merge of pre-trained language models created using mergekit.
+
+## Configuration
+
+The following YAML configuration was used to produce this model:
+
+```yaml
+{config}```
+"""
+
+
+def tiny_folder(path: Path, seed: int, dtype: torch.dtype) -> Path:
+    """A shared start (seed 0) perturbed by ``seed``, saved as ``model.safetensors`` in ``dtype``. Every value is
+    in [1, 2.1): bf16 arithmetic that cancels (values of both signs near 0) differs by more than a few ulp."""
+    start = torch.Generator().manual_seed(0)
+    noise = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    tensors = {key: (1 + torch.rand(shape, generator=start) + 0.05 * torch.rand(shape, generator=noise)).to(dtype)
+               for key, shape in SHAPES.items()}
+    save_file(tensors, path / "model.safetensors")
+    return path
+
+
+def mergekit_linear(tensors: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
+    """mergekit 0.1.5's ``linear`` as it computes, in the tensors' own dtype (bf16): each product rounded,
+    the sum rounded, the quotient rounded."""
+    stacked = torch.stack(tensors)
+    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    return (w * stacked).sum(dim=0) / w.sum(dim=0)
+
+
+@pytest.fixture(scope="module")
+def api() -> HfApi:
+    return HfApi(token=TEST_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def ingredients(tmp_path_factory: pytest.TempPathFactory, api: HfApi) -> tuple[str, str, Path, Path]:
+    """Two bf16 fine-tunes on the Hub: (repo a, repo b, folder a, folder b)."""
+    root = tmp_path_factory.mktemp("ingredients")
+    folders = [tiny_folder(root / f"ft{i}", i, torch.bfloat16) for i in (1, 2)]
+    repos = [f"{TEST_USER}/{unique(f'verify-ft{i}')}" for i in (1, 2)]
+    for folder, repo in zip(folders, repos):
+        upload(api, folder, repo)
+    return repos[0], repos[1], folders[0], folders[1]
+
+
+@pytest.fixture(scope="module")
+def mergekit_merge(tmp_path_factory: pytest.TempPathFactory, ingredients: tuple[str, str, Path, Path]) -> Path:
+    """The folder mergekit writes for a linear merge of the two, its weights computed in bf16 arithmetic."""
+    repo_a, repo_b, folder_a, folder_b = ingredients
+    folder = tmp_path_factory.mktemp("mergekit") / "merged"
+    folder.mkdir()
+    a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
+    save_file({key: mergekit_linear([a[key], b[key]], WEIGHTS) for key in a}, folder / "model.safetensors")
+    config = MERGEKIT_CONFIG.format(a=repo_a, b=repo_b)
+    (folder / "mergekit_config.yml").write_text(config)
+    (folder / "README.md").write_text(CARD.format(a=repo_a, b=repo_b, config=config))
+    return folder
+
+
+def verify_json(ref: str, *more: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    code = main(["--quiet", "verify", ref, "--json", "--token", TEST_TOKEN, *more])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def published_repo(api: HfApi, folder: Path) -> str:
+    repo = f"{TEST_USER}/{unique('verify-merge')}"
+    upload(api, folder, repo)
+    return repo
+
+
+def test_ulp_distance_counts_the_floats_between() -> None:
+    one = torch.tensor([1.0], dtype=torch.bfloat16)
+    next_up = torch.nextafter(one, torch.tensor([2.0], dtype=torch.bfloat16))
+    assert ulp_distance(one, next_up).item() == 1
+    # across zero: the floats on both sides count
+    tiny = torch.tensor([1e-45, -1e-45], dtype=torch.float32)
+    assert ulp_distance(tiny[:1], tiny[1:]).item() == 2
+    assert ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])).item() == 0
+    assert ulp_distance(torch.tensor([1.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)).item() > 0
+
+
+def test_a_soup_pushed_by_hub_soup_verifies_bit_for_bit(
+    ingredients: tuple[str, str, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo_a, repo_b, _, _ = ingredients
+    soup = f"{TEST_USER}/{unique('verify-soup')}"
+    assert main(["--quiet", "merge", repo_a, repo_b, "--weights", "1", "3", "--push", soup, "--token", TEST_TOKEN]) == 0
+    capsys.readouterr()
+    code, report = verify_json(soup, capsys=capsys)
+    assert code == 0, report
+    assert report["verdict"] == "bit-for-bit"
+    assert report["recipe_file"] == "hub-soup.yaml" and report["dialect"] == "hub-soup"
+    assert report["tensors"] == len(SHAPES) and report["unpinned"] == []
+    assert all("@" in ref and len(ref.rsplit("@", 1)[1]) == 40 for ref in report["ingredients"])
+    # the same from Python
+    assert hub_soup.verify(soup, token=TEST_TOKEN).verdict == "bit-for-bit"
+
+
+def test_a_mergekit_merge_in_bf16_verifies_within_2_ulp_and_says_why(
+    api: HfApi, mergekit_merge: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = published_repo(api, mergekit_merge)
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 0, json.dumps({k: report[k] for k in ("differences", "max_ulp", "mismatched")})
+    assert report["verdict"] == "within-ulp", report
+    assert report["recipe_file"] == "mergekit_config.yml" and report["dialect"] == "mergekit"
+    assert 0 < report["max_ulp"]["bfloat16"] <= 2
+    assert "mergekit computes in the config's dtype (bfloat16)" in report["reason"]
+    # the recipe's refs name no revision: resolved to today's, and the report says so
+    assert len(report["unpinned"]) == 2
+    main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
+    said = capsys.readouterr().out
+    assert "reproduced within 2 ulp" in said and "why: the recipe is a mergekit config" in said
+    assert "today's commits" in said
+    # stricter than its rounding: the same merge differs
+    code, report = verify_json(repo, "--tolerance-ulp", "0", capsys=capsys)
+    assert code == 4 and report["verdict"] == "differs"
+
+
+def test_the_card_alone_carries_a_mergekit_recipe(mergekit_merge: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "merged"
+    shutil.copytree(mergekit_merge, folder)
+    (folder / "mergekit_config.yml").unlink()
+    report = hub_soup.verify(str(folder), token=TEST_TOKEN)
+    assert report.recipe_file == "README.md" and report.verdict == "within-ulp", report.text()
+
+
+def test_one_element_changed_differs_naming_the_tensor(
+    api: HfApi, mergekit_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "merged"
+    shutil.copytree(mergekit_merge, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["layers.0.weight"][3, 5] += 1.0
+    save_file(tensors, folder / "model.safetensors")
+    repo = published_repo(api, folder)
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 4 and report["verdict"] == "differs"
+    first = report["differences"][0]
+    assert first["key"] == "layers.0.weight" and first["beyond"] == 1 and first["max_ulp"] > 2
+    main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
+    assert "layers.0.weight: 1 of 256 elements differ by more than 2 ulp" in capsys.readouterr().out
+
+
+def test_one_tensor_missing_differs_from_the_headers(
+    api: HfApi, mergekit_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "merged"
+    shutil.copytree(mergekit_merge, folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["head.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    repo = published_repo(api, folder)
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 4 and report["verdict"] == "differs"
+    assert report["only_rebuilt"] == ["head.weight"] and report["only_published"] == []
+    # said from the headers: the published weights were never downloaded
+    assert not isinstance(try_to_load_from_cache(repo, "model.safetensors"), str)
+    main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
+    assert "missing from the published merge: head.weight" in capsys.readouterr().out
+
+
+def test_a_revision_the_hub_no_longer_has_cannot_verify_before_any_download(
+    hub: HubServer, api: HfApi, ingredients: tuple[str, str, Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    repo_a, repo_b, _, _ = ingredients
+    out = tmp_path / "soup"
+    assert main(["--quiet", "merge", repo_a, repo_b, "-o", str(out), "--token", TEST_TOKEN]) == 0
+    recipe = yaml.safe_load((out / "hub-soup.yaml").read_text())
+    recipe["ingredients"][1]["revision"] = "0" * 40  # a commit the Hub does not have
+    (out / "hub-soup.yaml").write_text(yaml.safe_dump(recipe))
+    repo = published_repo(api, out)
+    capsys.readouterr()
+    seen = len(hub.requests)
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 2 and report["verdict"] == "cannot-verify"
+    assert repo_b in report["reason"]
+    assert not [path for _, path in hub.requests[seen:] if path.endswith(".safetensors")]
