@@ -228,3 +228,39 @@ def test_a_revision_the_hub_no_longer_has_cannot_verify_before_any_download(
     assert code == 2 and report["verdict"] == "cannot-verify"
     assert repo_b in report["reason"]
     assert not [path for _, path in hub.requests[seen:] if path.endswith(".safetensors")]
+
+
+DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
+DIGITS_EVAL = ["--eval-task", "image-classification", "--eval-data", str(DIGITS / "data"), "--eval-split", "val"]
+
+
+@pytest.fixture(scope="module")
+def digits_soup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A uniform soup of two of the digits fine-tunes, written by hub-soup with its pinned recipe."""
+    out = tmp_path_factory.mktemp("digits") / "soup"
+    ingredients = sorted(str(p) for p in (DIGITS / "ingredients").iterdir())[:2]
+    assert main(["--quiet", "merge", *ingredients, "-o", str(out)]) == 0
+    return out
+
+
+def test_eval_task_scores_the_merge_beside_its_ingredients(
+    digits_soup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hub_soup.eval.evaluate import Evaluator
+    from hub_soup.eval.spec import EvalSpec
+    from hub_soup.io.read import open_checkpoint
+
+    code, report = verify_json(str(digits_soup), *DIGITS_EVAL, capsys=capsys)
+    assert code == 0 and report["verdict"] == "bit-for-bit"
+    accuracy = {s["model"]: s["value"] for s in report["scores"] if s["metric"] == "accuracy"}
+    merged = next(s for s in report["scores"] if s["role"] == "merge" and s["metric"] == "accuracy")
+    with open_checkpoint(digits_soup) as soup:  # the published merge scored on its own
+        spec = EvalSpec(task="image-classification", data=str(DIGITS / "data"), split="val")
+        assert merged["value"] == Evaluator(spec, soup).score_state_dict(soup.state_dict()).value
+    assert [s["role"] for s in report["scores"] if s["metric"] == "accuracy"] == ["merge", "ingredient", "ingredient"]
+    assert len(accuracy) == 3 and "its best ingredient" in report["comparison"]
+    main(["--quiet", "verify", str(digits_soup), *DIGITS_EVAL])
+    printed = capsys.readouterr().out
+    for name in sorted(p.name for p in (DIGITS / "ingredients").iterdir())[:2]:
+        assert any(name in line and "accuracy" in line for line in printed.splitlines())
+    assert "its best ingredient" in printed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hub_soup.cli.options import TOKEN
+from hub_soup.cli.options import TOKEN, TRUST_REMOTE_CODE, add_eval_options, eval_spec_from_args
 
 EXAMPLES = """exit codes: 0 reproduced (bit for bit, or within --tolerance-ulp), 4 differs, 2 cannot verify
 
@@ -14,6 +14,8 @@ examples:
   %(prog)s org/merged-model@3f1c2a9
   # a folder mergekit or hub-soup wrote, checked as CI does
   %(prog)s ./merged --json
+  # and does it beat its ingredients? scored beside each of them (and the base) on your data
+  %(prog)s org/merged --eval-task text-classification --eval-data org/my-eval --eval-split validation
 """
 
 
@@ -32,6 +34,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
     TOKEN.add(parser)
+    TRUST_REMOTE_CODE.add(parser)
+    add_eval_options(parser)
     parser.set_defaults(handler=verify_command)
 
 
@@ -39,6 +43,7 @@ def verify_command(args: argparse.Namespace) -> int:
     """Verify, print the report (text or JSON) and exit with the verdict's code."""
     from hub_soup.verification import verify
 
-    report = verify(args.ref, tolerance_ulp=args.tolerance_ulp, token=args.token)
+    report = verify(args.ref, tolerance_ulp=args.tolerance_ulp, eval=eval_spec_from_args(args), token=args.token,
+                    trust_remote_code=args.trust_remote_code)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
     return report.exit_code

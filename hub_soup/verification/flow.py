@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 from huggingface_hub import hf_hub_download
 
 from hub_soup.errors import HubSoupError, RecipeError
 from hub_soup.eval.backends import launched_backend
+from hub_soup.eval.spec import EvalSpec
 from hub_soup.hub.errors import hub_errors
 from hub_soup.hub.fetch import fetch, remote_layout
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
@@ -29,12 +31,14 @@ from hub_soup.ingredients import Models, opened_ingredients
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.write import MERGEKIT_CONFIG, RECIPE_FILENAME
-from hub_soup.pipeline.preflight import device_for
+from hub_soup.merging.engine import Weights, saved_weights
+from hub_soup.pipeline.preflight import check_eval, check_trusted, device_for
 from hub_soup.pipeline.resolving import resolve_models
-from hub_soup.recipe import Recipe, parse_recipe
-from hub_soup.soups import choose_kind
+from hub_soup.pipeline.scoring import score, scores_of
+from hub_soup.recipe import Recipe, parse_recipe, validated
+from hub_soup.soups import Soup, SoupKind, choose_kind
 from hub_soup.verification.compare import ComparingSink
-from hub_soup.verification.report import VerifyReport
+from hub_soup.verification.report import Role, Score, VerifyReport
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,10 @@ class _HeadersDiffer(Exception):
     """The rebuilt merge's tensors (keys, shapes, dtypes) are not the published ones: said before any download."""
 
 
-def verify(ref: str, *, tolerance_ulp: int = 2, token: str | bool | None = None) -> VerifyReport:
+def verify(
+    ref: str, *, tolerance_ulp: int = 2, eval: dict[str, Any] | None = None, token: str | bool | None = None,
+    trust_remote_code: bool = False,
+) -> VerifyReport:
     """Whether the merge at ``ref`` (``org/name[@rev]`` or a folder) is what its recipe makes.
 
     Never raises for what the merge, its recipe or its ingredients are: a recipe or an ingredient
@@ -60,11 +67,16 @@ def verify(ref: str, *, tolerance_ulp: int = 2, token: str | bool | None = None)
     Args:
         tolerance_ulp: the most units in the last place a floating element may differ by and the merge
             still count as reproduced (rounding: another dtype's arithmetic, another order).
+        eval: a recipe's ``eval`` section (``{"task": "image-classification", "data": ..., "split": ...}``): the
+            published merge is then scored beside each ingredient and the base, in one model, as a soup is.
+            Its errors (data missing, code not trusted) are raised, before any weights are downloaded.
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one.
+        trust_remote_code: allow the code ``eval`` names to run, and custom model code in configs.
     """
     report = VerifyReport(ref=ref, tolerance_ulp=tolerance_ulp)
+    spec = _evaluation(eval, trust_remote_code, token)
     try:
-        _verify(report, token)
+        _verify(report, token, spec, trust_remote_code)
     except _HeadersDiffer:
         report.verdict = "differs"
     except HubSoupError as exc:
@@ -73,7 +85,18 @@ def verify(ref: str, *, tolerance_ulp: int = 2, token: str | bool | None = None)
     return report
 
 
-def _verify(report: VerifyReport, token: str | bool | None) -> None:
+def _evaluation(eval: dict[str, Any] | None, trust_remote_code: bool, token: str | bool | None) -> EvalSpec | None:
+    """The evaluation asked for, validated as a recipe's ``eval`` section and checked as ``run`` checks it: its
+    code trusted, its data there (relative paths from the working directory)."""
+    if eval is None:
+        return None
+    spec = validated(EvalSpec, eval, "eval")
+    check_trusted(spec.code_refs(), trust_remote_code)
+    check_eval(spec, Path(), token)
+    return spec
+
+
+def _verify(report: VerifyReport, token: str | bool | None, evaluation: EvalSpec | None, trust: bool) -> None:
     published = resolve_ref(report.ref, token=token)
     report.published = published.pinned
     recipe, report.recipe_file = find_recipe(published, token)
@@ -103,6 +126,9 @@ def _verify(report: VerifyReport, token: str | bool | None) -> None:
             sink = ComparingSink(checkpoint, report.tolerance_ulp, _FIRST_BUFFER)
             made.write(sink)
             sink.finish()
+            if evaluation is not None:
+                scored = recipe.with_fields(eval=evaluation)
+                score_published(report, scored, kind, soup, saved_weights(checkpoint, made.metas), trust)
     report.tensors, report.max_ulp = sink.tensors, sink.max_ulp
     report.differences = sorted(sink.differences, key=lambda d: (-d.beyond, -d.max_ulp, -d.differing))
     if not report.differences:
@@ -111,6 +137,28 @@ def _verify(report: VerifyReport, token: str | bool | None) -> None:
         report.verdict, report.reason = "within-ulp", rounding_reason(report)
     else:
         report.verdict = "differs"
+
+
+def score_published(
+    report: VerifyReport, recipe: Recipe, kind: SoupKind[Any], soup: Soup, published: Weights, trust: bool
+) -> None:
+    """Score the published merge beside each ingredient and the base (one model, as a soup is scored), and say
+    whether it beats the best ingredient."""
+    with ExitStack() as stack:
+        scored = score(recipe, kind, soup, trust, stack, merged=published)
+    roles: dict[str | None, Role] = {"soup": "merge", scored.base_name: "base"}
+    report.scores = [
+        Score(report.published or report.ref if model == "soup" else model, roles.get(model, "ingredient"),
+              metric.split or one.split, metric.name, value)
+        for model, one in scores_of(scored) for metric, value in one.measurements()
+    ]
+    comparison = scored.comparison
+    merged, best = comparison.soup, comparison.best
+    said = "worse than" if comparison.soup_is_worse else "better than" if merged.better_than(best) else "as good as"
+    report.comparison = (
+        f"the merge ({merged}) is {said} its best ingredient {comparison.best_label} ({best}) on {merged.split}: "
+        f"{merged.difference(best)}, {merged.primary.direction} is better"
+    )
 
 
 def find_recipe(published: ResolvedRef, token: str | bool | None) -> tuple[Recipe, str]:

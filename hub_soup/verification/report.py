@@ -16,6 +16,7 @@ from hub_soup.errors import EXIT_BAD_INPUT, EXIT_OK
 EXIT_DIFFERS = 4
 
 Verdict = Literal["bit-for-bit", "within-ulp", "differs", "cannot-verify"]
+Role = Literal["merge", "ingredient", "base"]  # what a scored model is to the merge
 EXIT_CODES: dict[Verdict, int] = {
     "bit-for-bit": EXIT_OK, "within-ulp": EXIT_OK, "differs": EXIT_DIFFERS, "cannot-verify": EXIT_BAD_INPUT,
 }
@@ -47,13 +48,13 @@ class TensorDifference:
 
 @dataclass
 class Score:
-    """One model's score on one metric of the evaluation (``--eval-task``)."""
+    """One model's value of one metric on one split of the evaluation (``--eval-task``): a row of the table."""
 
     model: str
-    role: Literal["merge", "ingredient", "base"]
+    role: Role
+    split: str
     metric: str
     value: float
-    split: str = ""
 
 
 @dataclass
@@ -75,6 +76,7 @@ class VerifyReport:
         mismatched: tensors whose dtype or shape differ, said in words.
         reason: why the weights differ within the tolerance, or why the merge cannot be verified.
         scores: with ``--eval-task``, the merge's, each ingredient's and the base's scores.
+        comparison: with ``--eval-task``, whether the merge beats its best ingredient, and by how much.
         pr_url: with ``--create-pr``, the pull request that carries the evidence.
     """
 
@@ -95,6 +97,7 @@ class VerifyReport:
     mismatched: list[str] = field(default_factory=list)
     reason: str | None = None
     scores: list[Score] = field(default_factory=list)
+    comparison: str | None = None
     pr_url: str | None = None
 
     @property
@@ -165,26 +168,9 @@ class VerifyReport:
         if not self.scores:
             return []
         width = max(len(s.model) for s in self.scores)
-        lines = ["", f"  {'model':<{width}}  role        {'metric':<12} value"]
-        lines += [f"  {s.model:<{width}}  {s.role:<10}  {s.metric:<12} {s.value:.4f}" for s in self.scores]
-        comparison = self.comparison()
-        if comparison:
-            lines += ["", f"  {comparison}"]
+        lines = ["", f"  {'model':<{width}}  {'role':<10}  split       metric       value"]
+        lines += [f"  {s.model:<{width}}  {s.role:<10}  {s.split:<10}  {s.metric:<12} {s.value:.4f}"
+                  for s in self.scores]
+        if self.comparison:
+            lines += ["", f"  {self.comparison}"]
         return lines
-
-    def comparison(self) -> str | None:
-        """Whether the merge beats its best ingredient on the first metric, and by how much."""
-        merged = [s for s in self.scores if s.role == "merge"]
-        if not merged:
-            return None
-        metric = merged[0].metric
-        ingredients = [s for s in self.scores if s.role == "ingredient" and s.metric == metric]
-        if not ingredients:
-            return None
-        best = max(ingredients, key=lambda s: s.value)
-        delta = merged[0].value - best.value
-        if delta > 0:
-            return f"the merge beats its best ingredient ({best.model}) by {delta:+.4f} {metric}"
-        if delta == 0:
-            return f"the merge ties its best ingredient ({best.model}) on {metric}"
-        return f"the merge is worse than its best ingredient ({best.model}) by {delta:+.4f} {metric}"
