@@ -148,8 +148,11 @@ def test_a_soup_pushed_by_hub_soup_verifies_bit_for_bit(
 
 
 def test_a_mergekit_merge_in_bf16_verifies_within_2_ulp_and_says_why(
-    api: HfApi, mergekit_merge: Path, capsys: pytest.CaptureFixture[str]
+    api: HfApi, mergekit_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     repo = published_repo(api, mergekit_merge)
     code, report = verify_json(repo, capsys=capsys)
     assert code == 0, json.dumps({k: report[k] for k in ("differences", "max_ulp", "mismatched")})
@@ -163,6 +166,9 @@ def test_a_mergekit_merge_in_bf16_verifies_within_2_ulp_and_says_why(
     said = capsys.readouterr().out
     assert "reproduced within 2 ulp" in said and "why: the recipe is a mergekit config" in said
     assert "today's commits" in said
+    written = summary.read_text()  # GitHub Actions' step summary
+    assert "**reproduced within 2 ulp" in written and "Why: the recipe is a mergekit config" in written
+    assert f"| `{report['ingredients'][0].rsplit('@', 1)[0]}` |" in written
     # stricter than its rounding: the same merge differs
     code, report = verify_json(repo, "--tolerance-ulp", "0", capsys=capsys)
     assert code == 4 and report["verdict"] == "differs"
@@ -264,3 +270,47 @@ def test_eval_task_scores_the_merge_beside_its_ingredients(
     for name in sorted(p.name for p in (DIGITS / "ingredients").iterdir())[:2]:
         assert any(name in line and "accuracy" in line for line in printed.splitlines())
     assert "its best ingredient" in printed
+
+
+def test_create_pr_opens_one_pr_whose_card_has_the_scores(
+    api: HfApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    from hub_soup.cli import build_parser
+    from hub_soup.cli.options import eval_spec_from_args
+
+    repo = f"{TEST_USER}/{unique('verify-digits')}"
+    ingredients = sorted(str(p) for p in (DIGITS / "ingredients").iterdir())[:2]
+    assert main(["--quiet", "merge", *ingredients, "--push", repo, "--token", TEST_TOKEN]) == 0
+    card_before = Path(hf_hub_download(repo, "README.md")).read_text()
+    capsys.readouterr()
+    code, report = verify_json(repo, *DIGITS_EVAL, "--create-pr", capsys=capsys)
+    assert code == 0 and report["verdict"] == "bit-for-bit"
+    assert report["pr_url"].endswith("/discussions/1")
+    refs = api.list_repo_refs(repo, include_pull_requests=True)
+    assert [ref.ref for ref in refs.pull_requests or []] == ["refs/pr/1"]
+    assert Path(hf_hub_download(repo, "README.md", revision="main", force_download=True)).read_text() == card_before
+
+    card = ModelCard.load(hf_hub_download(repo, "README.md", revision="refs/pr/1"))
+    merged = {s["metric"]: s["value"] for s in report["scores"] if s["role"] == "merge"}
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {("val", metric): round(value, 6) for metric, value in merged.items()}
+    assert "reproduced bit for bit" in card.text and "its best ingredient" in card.text
+    sha = report["published"].rsplit("@", 1)[1]
+    command = next(line for line in card.text.splitlines() if line.startswith("hub-soup verify "))
+    assert command.startswith(f"hub-soup verify {repo}@{sha} --eval-task image-classification")
+    # the command gives the same evaluation back
+    args = build_parser().parse_args(command.split()[1:])
+    assert args.ref == f"{repo}@{sha}" and eval_spec_from_args(args) == eval_spec_from_args(
+        build_parser().parse_args(["verify", repo, *DIGITS_EVAL]))
+    # verified again from the card the pull request made: its section is replaced, not repeated
+    code, report = verify_json(f"{repo}@refs/pr/1", *DIGITS_EVAL, "--create-pr", capsys=capsys)
+    assert code == 0, report
+    card = ModelCard.load(hf_hub_download(repo, "README.md", revision="refs/pr/2"))
+    assert card.text.count("## Verification (hub-soup verify)") == 1
+
+
+def test_create_pr_needs_a_hub_repo(digits_soup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quiet", "verify", str(digits_soup), "--create-pr"]) == 2
+    assert "is a local folder, not a Hub repo" in capsys.readouterr().err

@@ -33,6 +33,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="floating elements that differ by at most N units in the last place count as reproduced (default 2)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
+    parser.add_argument(
+        "--create-pr", action="store_true",
+        help="open a pull request on the merge's repo adding the verdict, and the scores of --eval-task, to its card",
+    )
     TOKEN.add(parser)
     TRUST_REMOTE_CODE.add(parser)
     add_eval_options(parser)
@@ -40,10 +44,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    """Verify, print the report (text or JSON) and exit with the verdict's code."""
+    """Verify, print the report (text or JSON; in GitHub Actions the step summary too) and exit with the
+    verdict's code."""
+    from hub_soup.summary import write_step_summary
     from hub_soup.verification import verify
 
-    report = verify(args.ref, tolerance_ulp=args.tolerance_ulp, eval=eval_spec_from_args(args), token=args.token,
-                    trust_remote_code=args.trust_remote_code)
+    report = verify(args.ref, tolerance_ulp=args.tolerance_ulp, eval=eval_spec_from_args(args),
+                    create_pr=args.create_pr, token=args.token, trust_remote_code=args.trust_remote_code)
+    write_step_summary(report.markdown())
     print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
     return report.exit_code

@@ -38,6 +38,7 @@ from hub_soup.pipeline.scoring import score, scores_of
 from hub_soup.recipe import Recipe, parse_recipe, validated
 from hub_soup.soups import Soup, SoupKind, choose_kind
 from hub_soup.verification.compare import ComparingSink
+from hub_soup.verification.evidence import check_pr_target, open_pr, reproduce_command
 from hub_soup.verification.report import Role, Score, VerifyReport
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class _HeadersDiffer(Exception):
 
 
 def verify(
-    ref: str, *, tolerance_ulp: int = 2, eval: dict[str, Any] | None = None, token: str | bool | None = None,
-    trust_remote_code: bool = False,
+    ref: str, *, tolerance_ulp: int = 2, eval: dict[str, Any] | None = None, create_pr: bool = False,
+    token: str | bool | None = None, trust_remote_code: bool = False,
 ) -> VerifyReport:
     """Whether the merge at ``ref`` (``org/name[@rev]`` or a folder) is what its recipe makes.
 
@@ -70,17 +71,33 @@ def verify(
         eval: a recipe's ``eval`` section (``{"task": "image-classification", "data": ..., "split": ...}``): the
             published merge is then scored beside each ingredient and the base, in one model, as a soup is.
             Its errors (data missing, code not trusted) are raised, before any weights are downloaded.
+        create_pr: open a pull request on the merge's repo adding the verdict (and the scores) to its card
+            (:mod:`~hub_soup.verification.evidence`), unless it cannot be verified.
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one.
         trust_remote_code: allow the code ``eval`` names to run, and custom model code in configs.
     """
     report = VerifyReport(ref=ref, tolerance_ulp=tolerance_ulp)
     spec = _evaluation(eval, trust_remote_code, token)
     try:
-        _verify(report, token, spec, trust_remote_code)
+        published = resolve_ref(ref, token=token)
+    except HubSoupError as exc:
+        return _cannot_verify(report, exc)
+    if create_pr:
+        check_pr_target(published)  # a mistake of the command's, before any work: not a verdict
+    try:
+        _verify(report, published, token, spec, trust_remote_code)
     except _HeadersDiffer:
         report.verdict = "differs"
     except HubSoupError as exc:
-        report.verdict, report.reason = "cannot-verify", exc.message + (f" ({exc.hint})" if exc.hint else "")
+        return _cannot_verify(report, exc)
+    logger.info("%s", report.headline())
+    if create_pr:
+        report.pr_url = open_pr(report, published, reproduce_command(report, eval), token)
+    return report
+
+
+def _cannot_verify(report: VerifyReport, exc: HubSoupError) -> VerifyReport:
+    report.verdict, report.reason = "cannot-verify", exc.message + (f" ({exc.hint})" if exc.hint else "")
     logger.info("%s", report.headline())
     return report
 
@@ -96,8 +113,9 @@ def _evaluation(eval: dict[str, Any] | None, trust_remote_code: bool, token: str
     return spec
 
 
-def _verify(report: VerifyReport, token: str | bool | None, evaluation: EvalSpec | None, trust: bool) -> None:
-    published = resolve_ref(report.ref, token=token)
+def _verify(
+    report: VerifyReport, published: ResolvedRef, token: str | bool | None, evaluation: EvalSpec | None, trust: bool
+) -> None:
     report.published = published.pinned
     recipe, report.recipe_file = find_recipe(published, token)
     report.dialect, report.recipe_dtype = ("mergekit" if recipe.made_from else "hub-soup"), recipe.dtype
@@ -149,7 +167,7 @@ def score_published(
     roles: dict[str | None, Role] = {"soup": "merge", scored.base_name: "base"}
     report.scores = [
         Score(report.published or report.ref if model == "soup" else model, roles.get(model, "ingredient"),
-              metric.split or one.split, metric.name, value)
+              metric.dataset or one.dataset, metric.split or one.split, metric.name, value)
         for model, one in scores_of(scored) for metric, value in one.measurements()
     ]
     comparison = scored.comparison

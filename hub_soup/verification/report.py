@@ -52,6 +52,7 @@ class Score:
 
     model: str
     role: Role
+    dataset: str
     split: str
     metric: str
     value: float
@@ -142,6 +143,31 @@ class VerifyReport:
         lines += self.score_lines()
         if self.pr_url:
             lines.append(f"  pull request: {self.pr_url}")
+        return "\n".join(lines)
+
+    def markdown(self, heading: str = "## hub-soup verify") -> str:
+        """The report as Markdown: the step summary in GitHub Actions, and the section of the card a pull request
+        adds (``heading`` is its first line)."""
+        lines = [heading, "", f"**{self.headline()}**", ""]
+        if self.recipe_file is not None:
+            lines += [f"Merge `{self.published}`, rebuilt from its `{self.recipe_file}` ({self.dialect} recipe):", ""]
+        if self.ingredients:
+            lines += ["| ingredient (and base) | commit |", "|---|---|"]
+            lines += [f"| `{ref.rsplit('@', 1)[0]}` | `{ref.rsplit('@', 1)[1][:12] if '@' in ref else 'local'}` |"
+                      for ref in self.ingredients]
+            lines.append("")
+        if self.unpinned:
+            lines += [f"Not pinned by the recipe, so resolved to the commits of the day: {', '.join(self.unpinned)}.", ""]
+        if self.verdict == "within-ulp" and self.reason:
+            lines += [f"Why: {self.reason}.", ""]
+        if self.verdict == "differs":
+            lines += [f"- {line.strip()}" for line in self._difference_lines()] + [""]
+        if self.scores:
+            lines += ["| model | role | split | metric | value |", "|---|---|---|---|---|"]
+            lines += [f"| `{s.model}` | {s.role} | {s.split} | {s.metric} | {s.value:.4f} |" for s in self.scores]
+            lines.append("")
+        if self.comparison:
+            lines += [self.comparison[0].upper() + self.comparison[1:] + ".", ""]
         return "\n".join(lines)
 
     def _difference_lines(self) -> list[str]:
