@@ -314,3 +314,27 @@ def test_create_pr_opens_one_pr_whose_card_has_the_scores(
 def test_create_pr_needs_a_hub_repo(digits_soup: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quiet", "verify", str(digits_soup), "--create-pr"]) == 2
     assert "is a local folder, not a Hub repo" in capsys.readouterr().err
+
+
+def test_the_action_verifies_a_merge_given_as_verify(digits_soup: Path, tmp_path: Path) -> None:
+    """The composite action's own step script, run by bash as a runner would: ``verify:`` instead of ``recipe:``."""
+    import os
+    import subprocess
+    import sys
+
+    action = yaml.safe_load((Path(__file__).resolve().parent.parent / "action.yml").read_text())
+    step = next(s for s in action["runs"]["steps"] if s.get("id") == "soup")
+    for given, code in (({"VERIFY": str(digits_soup)}, 0), ({"VERIFY": str(digits_soup), "RECIPE": "r.yaml"}, 2)):
+        outputs, summary = tmp_path / f"outputs-{len(given)}", tmp_path / f"summary-{len(given)}.md"
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RECIPE": "",
+               "EXTRA_ARGS": "--json", "CI": "true", "GITHUB_OUTPUT": str(outputs),
+               "GITHUB_STEP_SUMMARY": str(summary), **given}
+        done = subprocess.run(["bash", "-c", step["run"]], env=env, capture_output=True, text=True, timeout=240,
+                              check=False)
+        assert done.returncode == code, done.stderr
+        assert outputs.read_text() == f"exit-code={code}\n"
+        if code == 0:
+            assert json.loads(done.stdout)["verdict"] == "bit-for-bit"
+            assert "**reproduced bit for bit" in summary.read_text()
+        else:
+            assert "give one of recipe: (build a soup) and verify:" in done.stderr
