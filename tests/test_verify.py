@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,16 @@ def published_repo(api: HfApi, folder: Path) -> str:
     return repo
 
 
+def changed(merge: Path, tmp_path: Path, change: Callable[[dict[str, torch.Tensor]], object]) -> Path:
+    """A copy of the merge folder whose weights ``change`` edited in place."""
+    folder = tmp_path / "merged"
+    shutil.copytree(merge, folder)
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
 def test_ulp_distance_counts_the_floats_between() -> None:
     one = torch.tensor([1.0], dtype=torch.bfloat16)
     next_up = torch.nextafter(one, torch.tensor([2.0], dtype=torch.bfloat16))
@@ -185,12 +196,10 @@ def test_the_card_alone_carries_a_mergekit_recipe(mergekit_merge: Path, tmp_path
 def test_one_element_changed_differs_naming_the_tensor(
     api: HfApi, mergekit_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "merged"
-    shutil.copytree(mergekit_merge, folder)
-    tensors = load_file(folder / "model.safetensors")
-    tensors["layers.0.weight"][3, 5] += 1.0
-    save_file(tensors, folder / "model.safetensors")
-    repo = published_repo(api, folder)
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["layers.0.weight"][3, 5] += 1.0
+
+    repo = published_repo(api, changed(mergekit_merge, tmp_path, change))
     code, report = verify_json(repo, capsys=capsys)
     assert code == 4 and report["verdict"] == "differs"
     first = report["differences"][0]
@@ -202,12 +211,7 @@ def test_one_element_changed_differs_naming_the_tensor(
 def test_one_tensor_missing_differs_from_the_headers(
     api: HfApi, mergekit_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = tmp_path / "merged"
-    shutil.copytree(mergekit_merge, folder)
-    tensors = load_file(folder / "model.safetensors")
-    del tensors["head.weight"]
-    save_file(tensors, folder / "model.safetensors")
-    repo = published_repo(api, folder)
+    repo = published_repo(api, changed(mergekit_merge, tmp_path, lambda tensors: tensors.pop("head.weight")))
     code, report = verify_json(repo, capsys=capsys)
     assert code == 4 and report["verdict"] == "differs"
     assert report["only_rebuilt"] == ["head.weight"] and report["only_published"] == []
