@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 
+from hub_soup.cli.options import EVAL_FLAGS
 from hub_soup.errors import RecipeError
 from hub_soup.hub.errors import hub_errors
 from hub_soup.hub.resolve import ResolvedRef
@@ -23,14 +24,8 @@ from hub_soup.verification.report import VerifyReport
 
 BEGIN, END = "<!-- hub-soup verify -->", "<!-- /hub-soup verify -->"
 _SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
-# The command line's flag of each field of an evaluation it can give (placement on this machine's devices aside).
-EVAL_FLAGS = {
-    "task": "--eval-task", "data": "--eval-data", "split": "--eval-split", "test_split": "--test-eval",
-    "limit": "--eval-limit", "batch_size": "--eval-batch-size", "dtype": "--eval-dtype",
-    "image_column": "--image-column", "text_column": "--text-column", "label_column": "--label-column",
-    "function": "--eval-function", "tasks": "--eval-tasks", "include_path": "--include-path",
-    "num_fewshot": "--num-fewshot",
-}
+# Evaluation fields that place the model on one machine's devices: no part of how to reproduce a score.
+_PLACEMENT = ("device_map", "max_memory", "offload_folder")
 
 
 def check_pr_target(published: ResolvedRef) -> str:
@@ -50,11 +45,17 @@ def reproduce_command(report: VerifyReport, eval: Mapping[str, Any] | None) -> s
     words = ["hub-soup", "verify", report.published or report.ref]
     if report.tolerance_ulp != 2:
         words += ["--tolerance-ulp", str(report.tolerance_ulp)]
-    for field, value in (eval or {}).items():
+    eval = eval or {}
+    if "task" in eval:
+        words += ["--eval-task", eval["task"]]
+    for field, _, flag in EVAL_FLAGS:
+        value = eval.get(field)
+        if value is None or field in _PLACEMENT:
+            continue
         if field == "higher_is_better":
-            words += [] if value else ["--lower-is-better"]
-        elif field in EVAL_FLAGS and value is not None:
-            words += [EVAL_FLAGS[field], ",".join(value) if isinstance(value, list) else str(value)]
+            words += [] if value else [flag]
+        else:
+            words += [flag, ",".join(value) if isinstance(value, list) else str(value)]
     return shlex.join(words)
 
 
