@@ -139,6 +139,9 @@ def test_ulp_distance_counts_the_floats_between() -> None:
     assert ulp_distance(tiny[:1], tiny[1:]).item() == 2
     assert ulp_distance(torch.tensor([0.0]), torch.tensor([-0.0])).item() == 0
     assert ulp_distance(torch.tensor([1.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)).item() > 0
+    eight = torch.tensor([1.0, 1.0], dtype=torch.float8_e4m3fn)  # one byte: 1.0 and the float after it
+    assert ulp_distance(eight[:1], (eight.view(torch.int8) + torch.tensor([0, 1], dtype=torch.int8)).view(
+        torch.float8_e4m3fn)[1:]).item() == 1
 
 
 def test_a_soup_pushed_by_hub_soup_verifies_bit_for_bit(

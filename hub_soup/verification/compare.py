@@ -20,7 +20,7 @@ from hub_soup.io.read import Checkpoint
 from hub_soup.verification.report import TensorDifference
 
 # The integer of each float's width, to read its bits as.
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
