@@ -21,9 +21,13 @@ if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint, open_checkpoint
     from hub_soup.pipeline import run
     from hub_soup.report import SoupResult
+    from hub_soup.verification import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["Checkpoint", "HubSoupError", "Recipe", "SoupResult", "load_recipe", "merge", "open_checkpoint", "run"]
+__all__ = [
+    "Checkpoint", "HubSoupError", "Recipe", "SoupResult", "VerifyReport", "load_recipe", "merge", "open_checkpoint",
+    "run", "verify",
+]
 
 # Names imported on first use: the pipeline imports torch (~1.5 s), which light commands
 # (``hub-soup schema``, ``--help``, validating a recipe) and ``import hub_soup`` never need.
@@ -32,6 +36,8 @@ _LAZY = {
     "open_checkpoint": "hub_soup.io.read",
     "SoupResult": "hub_soup.report",
     "run": "hub_soup.pipeline",
+    "verify": "hub_soup.verification",
+    "VerifyReport": "hub_soup.verification",
 }
 
 

@@ -562,7 +562,7 @@ class Recipe(_Strict):
 
         The eval section's task says what of it is code (:meth:`~hub_soup.eval.spec.EvalSpec.code`).
         """
-        return [(f"eval.{field}", what) for field, what in self.eval.code()] if self.eval is not None else []
+        return self.eval.code_refs() if self.eval is not None else []
 
     def relative_to(self, base: Path) -> Recipe:
         """This recipe with its relative local paths read from ``base`` (a recipe file's folder).

@@ -20,7 +20,7 @@ def _imported(*args: str) -> set[str]:
     return {name.split(".")[0] for name in rows}
 
 
-COMMANDS = ["merge", "run", "inspect", "diagnose", "schema", "validate", "convert"]
+COMMANDS = ["merge", "run", "verify", "inspect", "diagnose", "schema", "validate", "convert"]
 MERGEKIT_CONFIG = str(Path(__file__).resolve().parent / "mergekit_configs" / "slerp_gradient.yml")
 
 

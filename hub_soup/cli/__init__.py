@@ -6,7 +6,7 @@ readable line and a documented exit code (see README, "Exit codes"). Bugs (any
 exception that is not a :class:`~hub_soup.errors.HubSoupError`) keep their
 traceback.
 
-One module per command (``merge``, ``run``, ``inspect``, ``diagnose``, ``schema``,
+One module per command (``merge``, ``run``, ``verify``, ``inspect``, ``diagnose``, ``schema``,
 ``validate``, ``convert``), each adding its subparser and the handler it runs; options more
 than one command takes are defined once, in :mod:`hub_soup.cli.options`. This
 package imports no torch: the pipeline is imported by the handlers that make
@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from hub_soup.cli import convert, diagnose, inspect, merge, run, schema, validate
+from hub_soup.cli import convert, diagnose, inspect, merge, run, schema, validate, verify
 from hub_soup.errors import HubSoupError
 
 logger = logging.getLogger("hub_soup")
 
 #: The commands, in the order ``--help`` lists them: each module adds its subparser and handler.
-COMMANDS = (merge, run, inspect, diagnose, schema, validate, convert)
+COMMANDS = (merge, run, verify, inspect, diagnose, schema, validate, convert)
 
 #: Where ``hf extensions install`` puts extensions (``huggingface_hub.cli.extensions.EXTENSIONS_ROOT``:
 #: under the home directory, whatever ``HF_HOME`` or ``XDG_DATA_HOME`` say).

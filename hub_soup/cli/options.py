@@ -159,8 +159,9 @@ def _comma_separated(value: str) -> list[str]:
     return [name.strip() for name in value.split(",")]
 
 
-# The eval section's fields the evaluation options give: (field, argparse dest, flag).
-_EVAL_FLAGS = (
+# The eval section's fields the evaluation options give: (field, argparse dest, flag); also how
+# `verify --create-pr` spells an evaluation back as a command.
+EVAL_FLAGS = (
     ("data", "eval_data", "--eval-data"), ("split", "eval_split", "--eval-split"), ("test_split", "test_eval", "--test-eval"),
     ("limit", "eval_limit", "--eval-limit"), ("batch_size", "eval_batch_size", "--eval-batch-size"),
     ("dtype", "eval_dtype", "--eval-dtype"), ("image_column", "image_column", "--image-column"),
@@ -182,7 +183,7 @@ def eval_spec_from_args(args: argparse.Namespace, section: dict[str, Any] | None
     Raises:
         RecipeError: an evaluation option without ``--eval-task`` and no section to add it to.
     """
-    values = {field: getattr(args, dest, None) for field, dest, _ in _EVAL_FLAGS}
+    values = {field: getattr(args, dest, None) for field, dest, _ in EVAL_FLAGS}
     values["higher_is_better"] = False if values["higher_is_better"] else None  # --lower-is-better is a switch
     fields = given_fields(**values)
     if args.eval_task:
@@ -191,7 +192,7 @@ def eval_spec_from_args(args: argparse.Namespace, section: dict[str, Any] | None
         return None
     if section is not None:
         return {**section, **fields}
-    flag = next(flag for field, _, flag in _EVAL_FLAGS if field in fields)
+    flag = next(flag for field, _, flag in EVAL_FLAGS if field in fields)
     raise RecipeError(
         f"{flag} needs an evaluation to belong to: add --eval-task",
         hint=f"e.g. --eval-task image-classification {flag} ..., or drop {flag}",

@@ -254,6 +254,10 @@ class EvalSpec(BaseModel):
         spec names its own: custom's function, lm-eval's task YAMLs)."""
         return []
 
+    def code_refs(self) -> list[tuple[str, str]]:
+        """:meth:`code` under the recipe's field names (``eval.function``), as the refusal names them."""
+        return [(f"eval.{field}", what) for field, what in self.code()]
+
     def inputs(self) -> list[tuple[str, Path]]:
         """What scoring reads, as ``(what, path)``, for the check that an output replaces none of it: ``data``
         (a Hub id names no local path: nothing is there to replace), and a task's own."""

@@ -530,6 +530,21 @@ def ingredient_weights(checkpoint: Checkpoint, plan: MergePlan, index: int) -> W
     return _copied(sources, plan)
 
 
+def saved_weights(checkpoint: Checkpoint, metas: Mapping[str, TensorMeta], chunk_bytes: int = POSITION_BYTES) -> Weights:
+    """The tensors ``metas`` names, read from ``checkpoint`` as it saved them under those keys (a published
+    merge, scored beside its ingredients), in chunks of about ``chunk_bytes`` through one reused buffer."""
+
+    def stream(sink: Sink) -> None:
+        buffer = direct_io.aligned_buffer(direct_io.padded(chunk_bytes))
+        for key, meta in metas.items():
+            step = max(chunk_bytes // meta.dtype.itemsize, 1)
+            sink.begin(key)
+            for begin in range(0, meta.numel, step):
+                sink.write(checkpoint.read_into(key, begin, min(step, meta.numel - begin), buffer))
+
+    return Weights(dict(metas), stream)
+
+
 def base_weights(base: Checkpoint, first: Checkpoint, plan: MergePlan) -> Weights:
     """The base model under the plan's canonical keys, to be scored beside the ingredients.
 

@@ -39,7 +39,7 @@ def run(recipe: Recipe, *, token: str | bool | None = None, trust_remote_code: b
             imported and run, and transformers models with custom code to be built.
             A recipe cannot grant itself this: it came with someone's soup.
     """
-    check_trusted(recipe, trust_remote_code)
+    check_trusted(recipe.code_refs(), trust_remote_code)
     check_output_named(recipe)
     device = device_for(recipe.device)
     backend = launched_backend(device)  # every process of a launch joins here, before any work

@@ -47,9 +47,9 @@ def check_output_named(recipe: Recipe) -> None:
         )
 
 
-def check_trusted(recipe: Recipe, trust_remote_code: bool) -> None:
-    """Refuse, before any work, a recipe that names code unless the caller trusts it."""
-    code = recipe.code_refs()
+def check_trusted(code: Sequence[tuple[str, str]], trust_remote_code: bool) -> None:
+    """Refuse, before any work, the code a recipe names (``(field, value)``: :meth:`Recipe.code_refs`) unless the
+    caller trusts it."""
     if code and not trust_remote_code:
         field, value = code[0]
         raise UntrustedCodeError(

@@ -18,18 +18,22 @@ from typing import Any
 
 from hub_soup.eval.evaluate import Evaluator, eval_dtype
 from hub_soup.eval.greedy import GreedyReport, greedy_soup, score_soup
+from hub_soup.merging.engine import Weights
 from hub_soup.recipe import Recipe
 from hub_soup.report import ModelScore, method_title
 from hub_soup.soups import Soup, SoupKind
 
 
 def score(
-    recipe: Recipe, kind: SoupKind[Any], soup: Soup, trust_remote_code: bool, stack: ExitStack
+    recipe: Recipe, kind: SoupKind[Any], soup: Soup, trust_remote_code: bool, stack: ExitStack,
+    merged: Weights | None = None,
 ) -> GreedyReport:
     """The report of scoring the soup's candidates (see the module docstring).
 
     The evaluators (the model, and its offload folder) go when ``stack`` closes: after the soup is
-    written, since the report's soup may be read back from the model that holds it.
+    written, since the report's soup may be read back from the model that holds it. ``merged``: the
+    weights scored as the soup instead of the recipe's (a published merge, which ``verify`` scores
+    beside the ingredients its recipe names); not with greedy, which makes its own.
     """
     assert recipe.eval is not None
     dtype = eval_dtype(recipe.eval.dtype, soup.metas, soup.device)
@@ -65,7 +69,8 @@ def score(
             labels, scorers.load, evaluator, soup_of=scorers.soup_of, method=method_title(recipe),
             alone_is_soup=scorers.alone_is_soup, **judged,
         )
-    return score_soup(labels, scorers.load, scorers.soup_of(range(len(labels))), evaluator, method=recipe.method,
+    soup_weights = merged if merged is not None else scorers.soup_of(range(len(labels)))
+    return score_soup(labels, scorers.load, soup_weights, evaluator, method=recipe.method,
                       soup_evaluators=soup_evaluators, **judged)
 
 

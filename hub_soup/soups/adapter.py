@@ -30,8 +30,7 @@ from hub_soup.eval.greedy import GreedyReport
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
 from hub_soup.ingredients import Models, check_apart, early_layouts, layout_of, layouts_of
 from hub_soup.io.read import Checkpoint
-from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import MergeStats, output_metas, state_dict_weights, write_weights
+from hub_soup.merging.engine import MergeStats, Sink, output_metas, state_dict_weights, write_weights
 from hub_soup.merging.plan import MergePlan, align
 from hub_soup.merging.side_files import SideFiles, choose_side_files
 from hub_soup.merging.similarity import Similarity
@@ -169,7 +168,7 @@ class Adapter(_Adapters):
         adapter = soup.adapters.output(members, weights)
         plan = adapter.plan(len(members))
 
-        def write(writer: SoupWriter) -> tuple[MergeStats, Similarity | None]:
+        def write(writer: Sink) -> tuple[MergeStats, Similarity | None]:
             return write_weights(state_dict_weights(adapter.tensors), plan, adapter.metas, writer), None
 
         if adapter.reduction is None:
@@ -209,7 +208,7 @@ class MergedIntoBase(_Adapters):
     ) -> Output:
         """The base with the soup of ``members`` merged in: the scored soup, or the streamed one."""
 
-        def write(writer: SoupWriter) -> tuple[MergeStats, Similarity | None]:
+        def write(writer: Sink) -> tuple[MergeStats, Similarity | None]:
             if report is not None:
                 return write_weights(report.soup, soup.plan, soup.metas, writer), None
             return soup.adapters.stream(members, weights, writer), None

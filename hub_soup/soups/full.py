@@ -22,9 +22,10 @@ from hub_soup.eval.greedy import Base, GreedyReport
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.ingredients import Models, early_layouts, layout_of, layouts_of, remote_config
 from hub_soup.io.read import Checkpoint
-from hub_soup.io.write import SoupWriter
+from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.engine import (
     MergeStats,
+    Sink,
     Weights,
     base_weights,
     ingredient_weights,
@@ -79,6 +80,15 @@ class Full(SoupKind[Soup]):
         ])
         logger.info("headers and configs agree across %d ingredients%s; downloading", len(self.models.ingredients),
                     " and the base" if self.models.base is not None else "")
+
+    def early_metas(self, local: Models[Checkpoint | None], token: str | bool | None) -> dict[str, TensorMeta] | None:
+        """The soup's tensors as written, from the models' headers (over HTTP for Hub ones): aligned as
+        :meth:`prepare` aligns the opened models, the recipe's slices and dtype applied."""
+        layouts = early_layouts(self.models, local, token)
+        if layouts is None:
+            return None
+        plan = resolve_settings(self.recipe, align(layouts.ingredients, self.recipe.exclude, base=layouts.base))
+        return output_metas(plan, getattr(torch, self.recipe.dtype) if self.recipe.dtype else None)
 
     def prepare(self, opened: Models[Checkpoint], backend: Backend, device: torch.device) -> Soup:
         """Align the ingredients (the base in its role), check their configs, and choose the side files."""
@@ -138,7 +148,7 @@ class Full(SoupKind[Soup]):
         )
 
 
-def write_tensors(writer: SoupWriter, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
+def write_tensors(writer: Sink, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
     """Write the soup's tensors: the scored soup as it was scored (read back from the model that holds it, or
     merged again; BN statistics recalibrated or not), or, unscored, the streamed merge, with the
     shared-initialization check riding along its reads (with slices, in a sampled pass of its own over the

@@ -27,8 +27,7 @@ from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.ingredients import Models
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import MergeStats
+from hub_soup.merging.engine import MergeStats, Sink
 from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import MergePlan
 from hub_soup.merging.side_files import SideFiles
@@ -100,7 +99,7 @@ class Output:
 
     metas: dict[str, TensorMeta]
     plan: MergePlan
-    write: Callable[[SoupWriter], tuple[MergeStats, Similarity | None]]
+    write: Callable[[Sink], tuple[MergeStats, Similarity | None]]
     files: dict[str, str | Path]
     config: dict[str, Any] | None
     combined: str
@@ -133,6 +132,11 @@ class SoupKind(ABC, Generic[S]):
     def check_before_download(self, local: Models[Checkpoint | None], token: str | bool | None) -> None:
         """Check what headers and configs tell before any weights are downloaded: ``local`` holds the models
         opened so far (the local ones, headers only), None in place of each Hub one."""
+
+    def early_metas(self, local: Models[Checkpoint | None], token: str | bool | None) -> dict[str, TensorMeta] | None:
+        """The tensors the soup will have, as written, from headers before any weights are downloaded (``local``
+        as in :meth:`check_before_download`); None when a kind (or a format) cannot tell before."""
+        return None
 
     @abstractmethod
     def prepare(self, opened: Models[Checkpoint], backend: Backend, device: torch.device) -> S:
