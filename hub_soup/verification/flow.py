@@ -118,7 +118,9 @@ def _verify(
 ) -> None:
     report.published = published.pinned
     recipe, report.recipe_file = find_recipe(published, token)
-    report.dialect, report.recipe_dtype = ("mergekit" if recipe.made_from else "hub-soup"), recipe.dtype
+    # who computed the weights: hub-soup pins its hub-soup.yaml; a mergekit config alone says mergekit did
+    report.dialect = "hub-soup" if report.recipe_file == RECIPE_FILENAME else "mergekit"
+    report.recipe_dtype = recipe.dtype
     recipe, resolved = resolve_models(rebuildable(recipe), token)
     report.ingredients = [ref.pinned for ref in resolved]
     report.unpinned = [ref.label for ref in resolved if ref.kind != "local" and not _COMMIT.match(ref.revision or "")]
