@@ -99,11 +99,15 @@ class Nuslerp(MergeMethod):
         return not parameters.nuslerp_flatten and parameters.nuslerp_row_wise and len(shape) > 1  # type: ignore[attr-defined]
 
     def row_elements(self, shape: tuple[int, ...]) -> int:
-        """Each vector its own angle (``nuslerp_flatten: false``): whole rows, a vector along the last axis each
-        (``nuslerp_row_wise``: whole rows along the first axis, holding one element of every column)."""
-        if self.parameters.nuslerp_flatten or not shape:  # type: ignore[attr-defined]
+        """Each vector its own angle (``nuslerp_flatten: false``): whole rows, a vector along the last axis each;
+        ``nuslerp_row_wise``: whole rows along the first axis, each holding one element of every column (a 1-D
+        tensor, one vector, any cut)."""
+        parameters = self.parameters
+        if parameters.nuslerp_flatten or not shape:  # type: ignore[attr-defined]
             return 1
-        return math.prod(shape[1:]) if self._columns(shape) else shape[-1]
+        if parameters.nuslerp_row_wise:  # type: ignore[attr-defined]
+            return math.prod(shape[1:])
+        return shape[-1]
 
     def statistics_passes(self, dtype: torch.dtype) -> int:
         """One pass (the tensor's angle, or each column's), none for vectors along the last axis (each block's
