@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # mergekit's floor on both softmaxes, so that the KL divergence's logarithm stays finite.
 FLOOR = 1e-8
+# Elements a statistics pass computes on at a time (whole rows of them): its float64 temporaries stay a few MiB.
+SLICE = 1 << 17
 QUANTILES = (0.25, 0.5, 0.75)
 
 
@@ -92,22 +94,26 @@ class ArceeFusion(MergeMethod):
         return Fusion(tensor, OrderStatistics([int(q * last) for q in QUANTILES] if tensor.numel else []))
 
     def observe(self, statistics: Fusion, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Fusion:
-        """Count one chunk's importances (whole rows), finding its rows' divergences in the first pass."""
+        """Count one chunk's importances (whole rows, a slice of rows at a time), finding its rows' divergences in
+        the first pass."""
         import torch
 
         assert base is not None
         (other,) = parts
-        x, b = (t.to(torch.float64).view(-1, statistics.width) for t in (other, base))
-        if statistics.divergence is None:
-            p = x.softmax(dim=-1).add_(FLOOR)
-            q = b.softmax(dim=-1).add_(FLOOR)
-            divergence = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-            statistics.chunks.append(divergence)
-            importance = x.sub_(b).abs_().mul_(divergence)
-        else:
-            importance = statistics.importance(x, b, statistics.row)
-        statistics.row += importance.shape[0]
-        statistics.quantiles.observe(importance)
+        width = statistics.width
+        step = max(1, SLICE // width) * width
+        for begin in range(0, other.numel(), step):
+            x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
+            if statistics.divergence is None:
+                p = x.softmax(dim=-1).add_(FLOOR)
+                q = b.softmax(dim=-1).add_(FLOOR)
+                divergence = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
+                statistics.chunks.append(divergence)
+                importance = x.sub_(b).abs_().mul_(divergence)
+            else:
+                importance = statistics.importance(x, b, statistics.row)
+            statistics.row += importance.shape[0]
+            statistics.quantiles.observe(importance)
         return statistics
 
     def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
