@@ -24,7 +24,7 @@ reproducible and is the definition's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod
@@ -47,8 +47,8 @@ class Fusion:
 
     tensor: MergedTensor
     quantiles: OrderStatistics
-    chunks: list[torch.Tensor] = field(default_factory=list)  # the first pass's rows' divergences, chunk by chunk
-    divergence: torch.Tensor | None = None  # every row's, once the first pass is done
+    divergence: torch.Tensor  # every row's, filled in the first pass (made whole up front: no small allocations
+    # left between a pass's large temporaries, which would keep the allocator from handing those back)
     row: int = 0
     passes: int = 0
     threshold: float = 0.0
@@ -61,7 +61,6 @@ class Fusion:
     def importance(self, x: torch.Tensor, b: torch.Tensor, row: int) -> torch.Tensor:
         """``|x - b|`` times each row's divergence, in ``x`` (float64 rows from ``row`` on): the same bits in
         every pass and in the kernel."""
-        assert self.divergence is not None
         return x.sub_(b).abs_().mul_(self.divergence[row : row + x.shape[0]].to(x.device))
 
 
@@ -90,8 +89,12 @@ class ArceeFusion(MergeMethod):
         return PASSES
 
     def start_statistics(self, tensor: MergedTensor) -> Fusion:
+        import torch
+
         last = tensor.numel - 1
-        return Fusion(tensor, OrderStatistics([int(q * last) for q in QUANTILES] if tensor.numel else []))
+        width = tensor.dims[-1] if tensor.dims else 1
+        return Fusion(tensor, OrderStatistics([int(q * last) for q in QUANTILES] if tensor.numel else []),
+                      torch.empty(tensor.numel // max(width, 1), 1, dtype=torch.float64))
 
     def observe(self, statistics: Fusion, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Fusion:
         """Count one chunk's importances (whole rows, a slice of rows at a time), finding its rows' divergences in
@@ -104,27 +107,19 @@ class ArceeFusion(MergeMethod):
         step = max(1, SLICE // width) * width
         for begin in range(0, other.numel(), step):
             x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
-            if statistics.divergence is None:
+            if statistics.passes == 0:
                 p = x.softmax(dim=-1).add_(FLOOR)
                 q = b.softmax(dim=-1).add_(FLOOR)
-                divergence = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-                statistics.chunks.append(divergence)
-                importance = x.sub_(b).abs_().mul_(divergence)
-            else:
-                importance = statistics.importance(x, b, statistics.row)
+                statistics.divergence[statistics.row : statistics.row + x.shape[0]] = (
+                    (p * (p / q).log_()).sum(dim=-1, keepdim=True))
+            importance = statistics.importance(x, b, statistics.row)
             statistics.row += importance.shape[0]
             statistics.quantiles.observe(importance)
         return statistics
 
     def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
-        """Settle the pass's digit; after the first, the rows' divergences are one tensor; after the last, the
-        threshold ``median + 1.5 (Q3 - Q1)``."""
-        import torch
-
+        """Settle the pass's digit; after the last, the threshold ``median + 1.5 (Q3 - Q1)``."""
         statistics.quantiles.finish_pass()
-        if statistics.divergence is None:
-            statistics.divergence = torch.cat(statistics.chunks) if statistics.chunks else torch.empty(0, 1)
-            statistics.chunks = []
         statistics.row, statistics.passes = 0, statistics.passes + 1
         if statistics.passes == PASSES and statistics.quantiles.values:
             q1, median, q3 = statistics.quantiles.values
