@@ -171,8 +171,9 @@ class ModelStock(MergeMethod):
         if isinstance(statistics, _Rows):
             width = statistics.tensor.dims[-1] if statistics.tensor.dims else 1
             rows = acc.numel() // width
-            statistics.clamped += self._merge_rows(acc.view(rows, width), [p.view(rows, width) for p in parts],
-                                                   base.view(rows, width))
+            statistics.clamped += self._merge_rows(acc.view(rows, width),  # on acc's device (a GPU's, with one)
+                                                   [p.view(rows, width).to(acc.device) for p in parts],
+                                                   base.view(rows, width).to(acc.device))
             if statistics.clamped and offset + acc.numel() == statistics.tensor.numel:
                 logger.warning("model_stock: %s: %d of %d rows' task vectors have a mean cosine <= 0; t clamped to "
                                "0 there (the base's rows)", statistics.tensor.key, statistics.clamped,
