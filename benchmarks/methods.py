@@ -1,19 +1,26 @@
-"""Merge methods side by side with mergekit: time, memory and precision of ``task_arithmetic`` and ``ties``.
+"""Merge methods side by side with mergekit: time and memory of every mergekit method, precision of two.
 
-    .venv/bin/python benchmarks/methods.py                   # 0.5b and 1.5b: three fine-tunes and their base
-    .venv/bin/python benchmarks/methods.py --sizes tiny      # a smoke run of the script itself
+    .venv/bin/python benchmarks/methods.py                           # 0.5b and 1.5b, every method
+    .venv/bin/python benchmarks/methods.py --methods ties,della      # some of them
+    .venv/bin/python benchmarks/methods.py --sizes tiny              # a smoke run of the script itself
+    MERGEKIT_ENV=/path/to/venv .venv/bin/python benchmarks/methods.py    # mergekit from its own environment
 
 The models are run.py's benchmark models: ``ing0`` is the base, ``ing1..3`` its
-perturbed copies, the fine-tunes (generated if missing). Each method runs in
-hub-soup (``merge ing1 ing2 ing3 --method M --base ing0``) and in mergekit with the
-same config (weights 1, TIES at density 0.5, each tool's defaults otherwise, which
-agree), both with the page cache warm, under ``/usr/bin/time``; mergekit in its
-default arithmetic (the tensors' own dtype, bf16) and with ``dtype: float32``, each
-with ``-j 1`` and ``-j 2``; its best time is the one compared.
+perturbed copies, the fine-tunes (generated if missing). Each method is one mergekit
+config (:data:`CONFIGS`: the base ``ing0`` where the method takes one, the fine-tunes
+it merges, weights 1 and each method's usual parameters, each tool's defaults otherwise),
+run by hub-soup (``hub-soup run CONFIG``) and by mergekit (``mergekit-yaml CONFIG``),
+both with the page cache warm, under ``/usr/bin/time``; mergekit in its default
+arithmetic (the tensors' own dtype, bf16) and with ``dtype: float32``, each with ``-j 1``
+and ``-j 2``; its best time is the one compared. ``slerp``, ``nearswap`` and
+``arcee_fusion`` merge the base and one fine-tune, ``nuslerp`` two fine-tunes (with the
+base), and ``passthrough`` copies one model (a one-model config: it merges nothing, its
+time is a copy's).
 
-Precision: every output tensor against the method's definition computed here in
-float64 from the inputs (TIES's threshold by ``kthvalue`` on the whole tensor) and
-rounded to bf16; the share of elements more than one bf16 ulp away is reported.
+Precision (``task_arithmetic`` and ``ties``; the other methods' are the oracle's,
+``benchmarks/mergekit_oracle.py``): every output tensor against the method's definition
+computed here in float64 from the inputs (TIES's threshold by ``kthvalue`` on the whole
+tensor) and rounded to bf16; the share of elements more than one bf16 ulp away is reported.
 TIES elements whose magnitude equals the threshold (kept by hub-soup, an arbitrary
 subset kept by mergekit's ``argsort``) or whose elected sign rests on a vote sum that
 is 0 up to float32 rounding are left out of the count, and counted separately.
@@ -43,21 +50,61 @@ DENSITY = 0.5
 FINE_TUNES = 3
 
 
-def hub_soup_command(method: str, size: str, out: Path) -> list[str]:
+# method: (fine-tunes merged, from ing1; with the base ing0; the config's parameters; each model's parameters)
+CONFIGS: dict[str, tuple[int, bool, dict[str, float], dict[str, float]]] = {
+    "linear": (FINE_TUNES, False, {}, {"weight": 1.0}),
+    "slerp": (1, True, {"t": 0.5}, {}),
+    "nuslerp": (2, True, {}, {"weight": 1.0}),
+    "multislerp": (FINE_TUNES, True, {}, {"weight": 1.0}),
+    "karcher": (FINE_TUNES, False, {}, {}),
+    "task_arithmetic": (FINE_TUNES, True, {}, {"weight": 1.0}),
+    "ties": (FINE_TUNES, True, {}, {"weight": 1.0, "density": DENSITY}),
+    "dare_ties": (FINE_TUNES, True, {}, {"weight": 1.0, "density": DENSITY}),
+    "dare_linear": (FINE_TUNES, True, {}, {"weight": 1.0, "density": DENSITY}),
+    "breadcrumbs": (FINE_TUNES, True, {"density": 0.9, "gamma": 0.01}, {"weight": 1.0}),
+    "breadcrumbs_ties": (FINE_TUNES, True, {"density": 0.9, "gamma": 0.01}, {"weight": 1.0}),
+    "della": (FINE_TUNES, True, {"density": DENSITY, "epsilon": 0.1}, {"weight": 1.0}),
+    "della_linear": (FINE_TUNES, True, {"density": DENSITY, "epsilon": 0.1}, {"weight": 1.0}),
+    "sce": (FINE_TUNES, True, {"select_topk": DENSITY}, {}),
+    "model_stock": (FINE_TUNES, True, {}, {}),
+    "nearswap": (1, True, {"t": 0.5}, {}),
+    "arcee_fusion": (1, True, {}, {}),
+    "passthrough": (1, False, {}, {}),
+    "ram": (FINE_TUNES, True, {}, {}),
+    "ramplus_tl": (FINE_TUNES, True, {}, {}),
+}
+PRECISION = ("task_arithmetic", "ties")  # the methods whose definition this script computes
+
+
+def config(method: str, size: str, dtype: str | None) -> Path:
+    """The mergekit config of ``method`` on ``size``'s models, computing in ``dtype`` (``None``: bf16, mergekit's
+    default: the tensors' own), written out in bf16."""
+    count, with_base, parameters, own = CONFIGS[method]
     dirs = run.ingredient_dirs(size, FINE_TUNES + 1)
-    extra = ["--density", str(DENSITY)] if method == "ties" else []
-    return [str(run.HUB_SOUP), "-q", "merge", *map(str, dirs[1:]), "--method", method, "--base", str(dirs[0]),
-            *extra, "-o", str(out)]
+    lines = [f"merge_method: {method}"]
+    if with_base:
+        lines.append(f"base_model: {dirs[0]}")
+    lines += [f"dtype: {dtype}", "out_dtype: bfloat16"] if dtype else ["dtype: bfloat16"]
+    if parameters:
+        lines += ["parameters:", *(f"  {k}: {v}" for k, v in parameters.items())]
+    lines.append("models:")
+    for d in dirs[1 : 1 + count]:
+        lines.append(f"  - model: {d}")
+        if own:
+            lines += ["    parameters:", *(f"      {k}: {v}" for k, v in own.items())]
+    path = run.WORK / f"mergekit-{method}-{size}-{dtype or 'bf16'}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def hub_soup_command(method: str, size: str, out: Path) -> list[str]:
+    return [str(run.HUB_SOUP), "-q", "run", str(config(method, size, None)), "-o", str(out)]
 
 
 def mergekit_command(method: str, size: str, out: Path, dtype: str | None, threads: int) -> list[str]:
-    dirs = run.ingredient_dirs(size, FINE_TUNES + 1)
-    density = f"\n      density: {DENSITY}" if method == "ties" else ""
-    models = "\n".join(f"  - model: {d}\n    parameters:\n      weight: 1.0{density}" for d in dirs[1:])
-    arithmetic = f"dtype: {dtype}\nout_dtype: bfloat16\n" if dtype else "dtype: bfloat16\n"
-    config = run.WORK / f"mergekit-{method}-{size}-{dtype or 'bf16'}.yaml"
-    config.write_text(f"merge_method: {method}\nbase_model: {dirs[0]}\n{arithmetic}models:\n{models}\n")
-    return [str(run.MK_VENV / "bin" / "mergekit-yaml"), str(config), str(out), "--quiet", "-j", str(threads)]
+    return [str(run.MK_VENV / "bin" / "mergekit-yaml"), str(config(method, size, dtype)), str(out), "--quiet", "-j",
+            str(threads)]
 
 
 # ----------------------------------------------------------------------------- precision
@@ -162,12 +209,16 @@ def case(size: str, method: str, repeat: int, mergekit: list[tuple[str | None, i
     for name, folder in outputs.items():  # one output per arithmetic (threads do not change mergekit's bits)
         compared.setdefault(name.rsplit(" -j", 1)[0], (name, folder))
     compared = dict(compared.values())
-    run.log(f"{size} {method}: precision against float64")
-    counts = precision(method, size, compared)
+    counts = {}
+    if method in PRECISION:
+        run.log(f"{size} {method}: precision against float64")
+        counts = precision(method, size, compared)
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
     baseline = run.measure(run.tool_commands("import-torch", size, 0, 1)[0], {})["peak_rss"]
+    theirs = run.measure(run.tool_commands("import-torch", "mk-env", 0, 1)[0], {})["peak_rss"] if mergekit else baseline
     return {"size": size, "method": method, "timings": timings, "precision": counts, "import_torch_rss": baseline,
+            "import_torch_rss_mergekit": theirs,
             "input_bytes": run.input_bytes(size, FINE_TUNES + 1), "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -183,7 +234,8 @@ def latest_of_each_tool(results: list[dict]) -> dict[tuple[str, str], dict]:
         if previous is not None and not theirs:  # keep mergekit's, from the earlier run
             theirs = {k: v for k, v in previous["timings"].items() if k != "hub-soup"}
             precision = {k: v for k, v in previous["precision"].items() if k != "hub-soup"}
-            r = {**r, "timings": {**ours, **theirs}, "precision": {**precision, "hub-soup": r["precision"]["hub-soup"]},
+            mine = {k: v for k, v in r["precision"].items() if k == "hub-soup"}
+            r = {**r, "timings": {**ours, **theirs}, "precision": {**precision, **mine},
                  "mergekit_when": previous.get("mergekit_when", previous["when"])}
         combined[key] = r
     return combined
@@ -194,27 +246,37 @@ def render(results: list[dict]) -> str:
     lines = [
         SECTION, "",
         (f"Three fine-tunes and their base (run.py's models: `ing0` the base, `ing1..3` the fine-tunes), bf16, page "
-         f"cache warm; TIES at density {DENSITY}, weights 1, each tool's defaults otherwise. mergekit "
+         f"cache warm; one mergekit config per method, run by both tools (`benchmarks/methods.py`'s CONFIGS: TIES, "
+         f"DARE and DELLA at density {DENSITY}, weights 1, slerp / nearswap / arcee_fusion the base and one "
+         "fine-tune, nuslerp two, passthrough a copy of one model), each tool's defaults otherwise. mergekit "
          f"{run.MERGEKIT_VERSION} in its default arithmetic (bf16) and with `dtype: float32` (its `-j` as noted); "
-         "hub-soup with one thread. Working memory: peak RSS minus a bare `import torch` (measured in the same run). "
-         "Precision: elements more than one bf16 ulp from the method's float64 definition (see "
+         "hub-soup with one thread. Working memory: peak RSS minus a bare `import torch` (measured in the same run, "
+         "in each tool's environment); "
+         "per one ingredient: over one model's weight bytes. "
+         "Precision (task_arithmetic and ties; `-` for the others, whose precision is the oracle's, "
+         "`benchmarks/MERGEKIT_ORACLE.md`): elements more than one bf16 ulp from the method's float64 definition (see "
          "`benchmarks/methods.py`); TIES elements at the magnitude threshold or with a sign vote of 0 up to rounding "
          "are left out (`undecided`)."), "",
         ("| model | method | hub-soup s | mergekit best s (setting) | mergekit / hub-soup | hub-soup MiB | "
-         "mergekit MiB | > 1 ulp: hub-soup | > 1 ulp: mergekit bf16 | > 1 ulp: mergekit fp32 | undecided |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+         "hub-soup / one ingredient | mergekit MiB | > 1 ulp: hub-soup | > 1 ulp: mergekit bf16 | "
+         "> 1 ulp: mergekit fp32 | undecided |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, method), r in sorted(latest.items()):
         t = r["timings"]
         ours = t["hub-soup"]
         name, best = min(((k, v) for k, v in t.items() if k != "hub-soup"), key=lambda kv: kv[1]["wall_s"])
         found = {k.rsplit(" -j", 1)[0]: v for k, v in r["precision"].items()}
-        undecided = r["precision"]["hub-soup"]
+        ours_counts = r["precision"].get("hub-soup")
+        undecided = f"{100 * ours_counts['undecided'] / ours_counts['elements']:.3f}%" if ours_counts else "-"
+        ingredient = r["input_bytes"] / (FINE_TUNES + 1)
         lines.append(
             f"| {size} | {method} | {ours['wall_s']:.1f} | {best['wall_s']:.1f} ({name.removeprefix('mergekit ')}) | "
-            f"{best['wall_s'] / ours['wall_s']:.1f}x | {_mib(ours['peak_rss'], r)} | {_mib(best['peak_rss'], r)} | "
+            f"{best['wall_s'] / ours['wall_s']:.1f}x | {_mib(ours['peak_rss'], r)} | "
+            f"{(ours['peak_rss'] - r['import_torch_rss']) / ingredient:.3f}x | "
+            f"{_mib(best['peak_rss'], r, 'import_torch_rss_mergekit')} | "
             f"{_share(found, 'hub-soup')} | {_share(found, 'mergekit bf16')} | {_share(found, 'mergekit float32')} | "
-            f"{100 * undecided['undecided'] / undecided['elements']:.3f}% |"
+            f"{undecided} |"
         )
     earlier = sorted({f"{size} {method}: {r['mergekit_when']}" for (size, method), r in latest.items() if "mergekit_when" in r})
     if earlier:
@@ -224,8 +286,10 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _mib(rss: int, result: dict) -> str:
-    return f"{(rss - result['import_torch_rss']) / 2**20:,.0f}"
+def _mib(rss: int, result: dict, baseline: str = "import_torch_rss") -> str:
+    """Working memory: ``rss`` less a bare ``import torch`` in the same environment (mergekit's own, where it has one;
+    records from before it was measured have the main one's)."""
+    return f"{(rss - result.get(baseline, result['import_torch_rss'])) / 2**20:,.0f}"
 
 
 def _share(precision: dict[str, dict], name: str) -> str:
@@ -249,7 +313,8 @@ def write_section(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.5b,1.5b")
-    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--methods", default=",".join(CONFIGS),
+                        help="comma-separated, of: " + ", ".join(CONFIGS) + " (default: all)")
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of every setting; the best counts")
     parser.add_argument("--mergekit", default="bf16:1,bf16:2,float32:1,float32:2",
                         help="mergekit settings, ARITHMETIC:THREADS (its -j), comma-separated; none: hub-soup "

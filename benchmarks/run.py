@@ -44,7 +44,9 @@ RESULTS_MD = HERE / "RESULTS.md"
 KEPT_SECTIONS = ("## Merge methods:", "## Evaluated soups:")
 PYTHON = REPO / ".venv" / "bin" / "python"
 HUB_SOUP = REPO / ".venv" / "bin" / "hub-soup"
-MK_VENV = WORK / "mk"
+# mergekit's own environment: MERGEKIT_ENV names one that has it installed (its bin/mergekit-yaml); otherwise a
+# side venv made here on first use (see mergekit_python).
+MK_VENV = Path(os.environ.get("MERGEKIT_ENV", WORK / "mk"))
 MERGEKIT_VERSION = "0.1.5"
 TIME = "/usr/bin/time"
 
@@ -157,7 +159,8 @@ def _perturb(base: str, target: str, seed: str) -> None:
 
 
 def mergekit_python() -> Path | None:
-    """mergekit in a side venv that reuses the main venv's torch/transformers (no second torch).
+    """mergekit's python: the environment ``MERGEKIT_ENV`` names, where it has ``mergekit-yaml``; else a side venv
+    that reuses the main venv's torch/transformers (no second torch), made on first use.
 
     The side venv's own site-packages come first, the main venv's are appended by a
     .pth file, so pip installs only what the main venv lacks.
@@ -165,6 +168,9 @@ def mergekit_python() -> Path | None:
     py = MK_VENV / "bin" / "python"
     if (MK_VENV / "bin" / "mergekit-yaml").exists():
         return py
+    if "MERGEKIT_ENV" in os.environ:  # named, not ours to install into
+        log(f"MERGEKIT_ENV={MK_VENV} has no bin/mergekit-yaml; skipping mergekit")
+        return None
     log(f"installing mergekit {MERGEKIT_VERSION} into {MK_VENV} ...")
     base_python = Path(sys.base_prefix) / "bin" / "python3"
     try:

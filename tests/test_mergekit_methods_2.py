@@ -308,5 +308,5 @@ def test_model_stock_filter_wise_takes_an_angle_per_row(tmp_path: Path, cut: tup
     assert not torch.equal(soup["odd"], per_tensor["odd"])
     assert "wide: 1 of 3 rows" in caplog.text
     method = get_method("model_stock")({"filter_wise": True})
-    assert method.whole_tensor and not get_method("model_stock")({}).whole_tensor
+    assert method.row_elements((3, 700)) == 700 and get_method("model_stock")({}).row_elements((3, 700)) == 1
     assert "per row" in (method.card_summary() or "")

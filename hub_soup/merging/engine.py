@@ -122,6 +122,12 @@ def _input_metas(checkpoints: Sequence[Checkpoint]) -> Iterator[TensorMeta]:
     return (m for c in checkpoints for m in c.metas.values())
 
 
+def whole_rows(elements: int, row: int) -> int:
+    """The most elements, at most ``elements``, that are whole rows of ``row`` elements each (one row where a row
+    is longer): a chunk or block of a tensor merged by rows."""
+    return max(1, elements // row) * row
+
+
 def chunk_elements_for(checkpoints: Sequence[Checkpoint]) -> int:
     """Elements per ingredient and chunk position, so that a position's input fits :data:`POSITION_BYTES`."""
     per_row = POSITION_BYTES // (len(checkpoints) * _widest(_input_metas(checkpoints)))
@@ -166,9 +172,12 @@ def stream_merge(
     number of ingredients: the read slots, the accumulator and the write slots
     are a few MiB, reused for everything. A method with statistics passes
     (:meth:`~hub_soup.merging.methods.MergeMethod.statistics_passes`) reads each
-    merged tensor once more per pass, through the same read-ahead, before it merges it;
-    a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method is given each
-    merged tensor whole instead (memory: its inputs, and what the method computes).
+    merged tensor once more per pass, through the same read-ahead, before it merges it.
+    A method that works on whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`)
+    is given chunks and blocks of whole rows, at most as large as the others (or one row, where a
+    row is longer): still a few MiB. Only a
+    :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor` method is given each
+    merged tensor whole (memory: its inputs, and what the method computes).
 
     What each output tensor is made of is ``plan``'s: the inputs it names (another key
     or layer of an ingredient, rows of it), and the tensor's own method parameters, which
@@ -179,27 +188,36 @@ def stream_merge(
         dtype: every floating tensor's output dtype (default: each tensor's own).
         base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one (or, for a
             method with an optional base, where the merge has one).
-        chunk_elements: elements per input and position (default: :func:`chunk_elements_for`).
+        chunk_elements: elements per input and position (default: :func:`chunk_elements_for`); whole rows of
+            it for a method that works on rows.
         threads: torch threads for the arithmetic (default :func:`~hub_soup.threads.merge_threads`).
         gram: if given, the shared-initialization check is fed from the chunks as they
             pass (see :class:`~hub_soup.merging.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
         write_behind: soup chunks that may wait for the writer thread (at least 1).
-        block_elements: elements the kernel works on at a time (on the CPU).
+        block_elements: elements the kernel works on at a time (on the CPU; whole rows of it, for a method
+            that works on rows).
     """
     _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
     start_time = time.perf_counter()
     inputs = [*checkpoints, *([base] if base is not None else [])]
     chunk_elements = chunk_elements or chunk_elements_for(inputs)
-    # The block is about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
-    block_elements = min(block_elements, chunk_elements) if device.type == "cpu" else chunk_elements
     metas = output_metas(plan, dtype)
-    buffers = {d: (torch.empty(block_elements, dtype=d, device=device), torch.empty(block_elements, dtype=d, device=device))
-               for d in (torch.float32, torch.float64)}
     methods = _tensor_methods(plan, method)
-    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(methods[t.key], t.meta.dtype, metas[t.key].dtype))
+    merged = {t.key: MergedTensor(t.key, t.meta.numel, kernel_dtype(methods[t.key], t.meta.dtype, metas[t.key].dtype),
+                                  tuple(t.meta.shape))
               for t in plan.tensors if t.average}
+    # Each tensor's chunk and block: whole rows, for a method that needs them (1 element otherwise). The block is
+    # about the CPU's caches; a GPU takes whole chunks (fewer, larger copies to it).
+    rows = {key: max(1, methods[key].row_elements(m.dims)) for key, m in merged.items()}
+    steps = {t.key: whole_rows(chunk_elements, rows.get(t.key, 1)) for t in plan.tensors}
+    blocks = {key: min(steps[key], whole_rows(block_elements, row)) if device.type == "cpu" else steps[key]
+              for key, row in rows.items()}
+    chunk_room = max(steps.values(), default=chunk_elements)
+    block_room = max(blocks.values(), default=1)
+    buffers = {d: (torch.empty(block_room, dtype=d, device=device), torch.empty(block_room, dtype=d, device=device))
+               for d in (torch.float32, torch.float64)}
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
     sources = {t.key: _sources(checkpoints, base, t) for t in plan.tensors}
@@ -208,35 +226,37 @@ def stream_merge(
     )
     width = max((len(s) for s in sources.values()), default=1)
     reader = _ReadAhead(
-        _positions(plan, sources, chunk_elements, passes), width,
-        chunk_elements * _widest(_input_metas(inputs)), read_ahead,
+        _positions(plan, sources, steps, passes), width, chunk_room * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
         with torch_threads(threads or merge_threads()), _WriteBehind(
-            sink, chunk_elements * _widest(metas.values()), max(write_behind, 1)
+            sink, chunk_room * _widest(metas.values()), max(write_behind, 1)
         ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
                 out_dtype = metas[tensor.key].dtype
                 sample = gram.sample_of(tensor) if gram is not None else 0
                 found = _NonFinite()
                 tensor_method = methods.get(tensor.key)
+                step = steps[tensor.key]
                 if tensor_method is not None and tensor_method.whole_tensor:
                     _merge_whole(tensor, tensor_method, merged[tensor.key], sources[tensor.key], reader, out,
-                                 out_dtype, chunk_elements, device, gram, sample, found)
+                                 out_dtype, step, device, gram, sample, found)
                 else:
                     statistics = None
                     if tensor_method is not None:
                         statistics = _statistics(tensor, tensor_method, merged[tensor.key], passes[tensor.key],
-                                                 reader, chunk_elements)
+                                                 reader, step)
+                        acc_room, scratch_room = buffers[merged[tensor.key].dtype]
+                        kernel_buffers = (acc_room[: blocks[tensor.key]], scratch_room[: blocks[tensor.key]])
                     out.begin(tensor.key)
                     count = len(tensor.inputs)
-                    for begin in range(0, tensor.meta.numel, chunk_elements):
+                    for begin in range(0, tensor.meta.numel, step):
                         chunks = reader.next()
                         soup = out.slot(chunks[0].numel(), out_dtype)
                         if tensor_method is not None:
                             if begin < sample:
                                 gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
-                            _merge_chunks(tensor_method, chunks, count, buffers[merged[tensor.key].dtype], soup,
+                            _merge_chunks(tensor_method, chunks, count, kernel_buffers, soup,
                                           statistics, begin, found)
                         else:
                             soup.copy_(chunks[0])
@@ -633,19 +653,19 @@ Position = list[tuple[Checkpoint, Input, int, int, int]]
 
 
 def _positions(
-    plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], chunk_elements: int,
+    plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], steps: Mapping[str, int],
     passes: dict[str, int],
 ) -> Iterator[Position]:
     """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
 
     A merged tensor is read once per statistics pass (``passes``, by key), then for the
-    kernel; a copied one once, from its first input.
+    kernel; a copied one once, from its first input; each in chunks of ``steps`` elements (by key).
     """
     for tensor in plan.tensors:
-        row_numel = tensor.row_numel
+        row_numel, step = tensor.row_numel, steps[tensor.key]
         for _ in range(1 + passes[tensor.key] if tensor.average else 1):
-            for begin in range(0, tensor.meta.numel, chunk_elements):
-                size = min(chunk_elements, tensor.meta.numel - begin)
+            for begin in range(0, tensor.meta.numel, step):
+                size = min(step, tensor.meta.numel - begin)
                 yield [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
 
 

@@ -50,11 +50,19 @@ class MergedTensor:
             such as DARE's random stream).
         numel: its number of elements.
         dtype: the dtype its kernel computes in (``acc`` and ``scratch``), float32 or float64.
+        shape: its shape in the soup (``None``: flat, ``(numel,)``), which says where its rows are for a
+            method that works on whole rows (:meth:`MergeMethod.row_elements`).
     """
 
     key: str
     numel: int
     dtype: torch.dtype
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """:attr:`shape`, or ``(numel,)`` where none was given."""
+        return (self.numel,) if self.shape is None else self.shape
 
 
 class MergeMethod:
@@ -66,7 +74,9 @@ class MergeMethod:
     Per tensor, the engine calls :meth:`start_statistics`, then for each of
     :meth:`statistics_passes` reads of the tensor :meth:`observe` on every chunk and
     :meth:`finish_statistics` at the end, and finally :meth:`kernel` on every block, with
-    what the last call returned: a method's per-tensor state flows through that one value. A
+    what the last call returned: a method's per-tensor state flows through that one value. A method
+    whose definition works on whole rows (a rank or an angle per row) says how long a row is
+    (:meth:`row_elements`): every chunk and block it is given is then whole rows. A
     :attr:`whole_tensor` method is instead given each tensor whole, in :meth:`merge_tensor`. A tensor
     whose plan gives it its own parameters is merged by :meth:`for_tensor`'s method.
 
@@ -103,8 +113,8 @@ class MergeMethod:
         float64_kernel: the kernel's ``acc`` and ``scratch`` are float64 whatever the tensors' dtypes,
             for a method whose per-tensor factors would cost float32 arithmetic more than an output
             ulp: its soup is then its float64 definition rounded once to the output dtype.
-        whole_tensor: the method's definition needs each tensor whole (a rank by magnitude per row, an
-            iterative mean, a decomposition): the engine reads every input of a merged tensor in full and
+        whole_tensor: the method's definition needs each tensor whole and cannot be computed in passes over
+            its chunks (a decomposition): the engine reads every input of a merged tensor in full and
             calls :meth:`merge_tensor` once per tensor instead of :meth:`kernel` per block (and no
             statistics passes). Memory is then the inputs of the largest tensor (the ingredients' and
             the base's, in their stored dtypes) and what ``merge_tensor`` computes, not a few blocks.
@@ -257,6 +267,15 @@ class MergeMethod:
         pass is one more read of the tensor's chunks through the same read-ahead, at flat memory."""
         return 0 if type(self).observe is MergeMethod.observe else 1
 
+    def row_elements(self, shape: tuple[int, ...]) -> int:
+        """Elements of one row of a tensor of ``shape``, for a method whose kernel needs whole rows (DELLA's
+        rank by magnitude in each row, an angle per row): the engine then cuts that tensor's chunks and
+        blocks at whole rows only, so each kernel call (and each :meth:`observe`) is given whole rows, its
+        ``offset`` a multiple of this, and the tensor's shape is :attr:`MergedTensor.shape`. Memory stays
+        a few chunks of whole rows (a row longer than a chunk is a chunk of its own), never the tensor.
+        1, the default: any cut (an elementwise kernel)."""
+        return 1
+
     def start_statistics(self, tensor: MergedTensor) -> Any:
         """The state of one tensor's merge, before its first pass (and the kernel's, with no passes)."""
         return None
@@ -285,7 +304,8 @@ class MergeMethod:
         most a few hundred KiB so that they stay in the CPU's cache. ``offset`` is the index
         of the block's first element in the (flattened) tensor. A kernel must be elementwise
         in effect: an element's result may depend on its values, its index and the tensor's
-        statistics, never on where the engine cut the tensor into blocks.
+        statistics (and, for a method with rows, :meth:`row_elements`, on its row's values), never on
+        where the engine cut the tensor into blocks.
         """
         raise NotImplementedError
 

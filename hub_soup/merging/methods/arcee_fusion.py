@@ -7,29 +7,61 @@ mergekit's own method (only mergekit's code defines it, so that code is the defi
     threshold  = median + 1.5 (Q3 - Q1)                     (of every element's importance)
     soup       = b + (x - b) [importance >= threshold]
 
-Each quantile is the sorted importances' element at ``int(q (n - 1))``. A row's softmax and the
-quantiles need the whole tensor, so the engine gives it whole (:attr:`MergeMethod.whole_tensor`);
-it is computed in float64 and rounded once.
+Each quantile is the sorted importances' element at ``int(q (n - 1))``. Streamed, at flat memory:
+the engine gives the method whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`,
+for the softmaxes), and four statistics passes find the three quantiles exactly by radix selection
+(:class:`~hub_soup.merging.methods.order.OrderStatistics`); the first also keeps each row's
+divergence (one float64 per row: 64 KiB for a 8192-row matrix), so the later passes and the
+kernel recompute each importance, bit for bit, from it and ``|x - b|``. Five reads of the tensor
+in all; float64 throughout, rounded once.
 
 A deliberate difference: above 1,000,000 elements mergekit estimates the quantiles from a sample
 drawn with replacement from torch's unseeded global generator, so its soup of a large tensor
-differs from run to run; hub-soup sorts every element (the exact quantiles), so the soup is
+differs from run to run; hub-soup counts every element (the exact quantiles), so the soup is
 reproducible and is the definition's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod
+from hub_soup.merging.methods.order import PASSES, OrderStatistics
 
 if TYPE_CHECKING:
     import torch
 
 # mergekit's floor on both softmaxes, so that the KL divergence's logarithm stays finite.
 FLOOR = 1e-8
+# Elements a statistics pass computes on at a time (whole rows of them): its float64 temporaries stay a few MiB.
+SLICE = 1 << 17
 QUANTILES = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Fusion:
+    """One tensor's statistics: each row's divergence (found in the first pass), the quantiles' selection, the
+    rows seen in this pass, and at the end the threshold."""
+
+    tensor: MergedTensor
+    quantiles: OrderStatistics
+    divergence: torch.Tensor  # every row's, filled in the first pass (made whole up front: no small allocations
+    # left between a pass's large temporaries, which would keep the allocator from handing those back)
+    row: int = 0
+    passes: int = 0
+    threshold: float = 0.0
+
+    @property
+    def width(self) -> int:
+        """Elements of a row (the last axis; a 0-dim tensor's one)."""
+        return self.tensor.dims[-1] if self.tensor.dims else 1
+
+    def importance(self, x: torch.Tensor, b: torch.Tensor, row: int) -> torch.Tensor:
+        """``|x - b|`` times each row's divergence, in ``x`` (float64 rows from ``row`` on): the same bits in
+        every pass and in the kernel."""
+        return x.sub_(b).abs_().mul_(self.divergence[row : row + x.shape[0]].to(x.device))
 
 
 class ArceeFusion(MergeMethod):
@@ -47,20 +79,66 @@ class ArceeFusion(MergeMethod):
     exact_ingredients = 1
     min_ingredients = 1
     float64_kernel = True
-    whole_tensor = True
 
-    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
-                     ) -> torch.Tensor:
+    def row_elements(self, shape: tuple[int, ...]) -> int:
+        """A row is a vector along the last axis: its softmax is the row's."""
+        return shape[-1] if shape else 1
+
+    def statistics_passes(self, dtype: torch.dtype) -> int:
+        """The quantiles' radix passes (the first also finds each row's divergence)."""
+        return PASSES
+
+    def start_statistics(self, tensor: MergedTensor) -> Fusion:
+        import torch
+
+        last = tensor.numel - 1
+        width = tensor.dims[-1] if tensor.dims else 1
+        return Fusion(tensor, OrderStatistics([int(q * last) for q in QUANTILES] if tensor.numel else []),
+                      torch.empty(tensor.numel // max(width, 1), 1, dtype=torch.float64))
+
+    def observe(self, statistics: Fusion, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Fusion:
+        """Count one chunk's importances (whole rows, a slice of rows at a time), finding its rows' divergences in
+        the first pass."""
+        import torch
+
         assert base is not None
         (other,) = parts
-        x, b = other.to(tensor.dtype), base.to(tensor.dtype)
-        change = x - b
-        p = x.softmax(dim=-1).add_(FLOOR)
-        q = b.softmax(dim=-1).add_(FLOOR)
-        divergence = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-        importance = change.abs().mul_(divergence)
-        ordered = importance.reshape(-1).sort().values
-        last = ordered.numel() - 1
-        q1, median, q3 = (ordered[int(q * last)] for q in QUANTILES)
-        threshold = median + 1.5 * (q3 - q1)
-        return change.mul_(importance >= threshold).add_(b)
+        width = statistics.width
+        step = max(1, SLICE // width) * width
+        for begin in range(0, other.numel(), step):
+            x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
+            if statistics.passes == 0:
+                p = x.softmax(dim=-1).add_(FLOOR)
+                q = b.softmax(dim=-1).add_(FLOOR)
+                statistics.divergence[statistics.row : statistics.row + x.shape[0]] = (
+                    (p * (p / q).log_()).sum(dim=-1, keepdim=True))
+            importance = statistics.importance(x, b, statistics.row)
+            statistics.row += importance.shape[0]
+            statistics.quantiles.observe(importance)
+        return statistics
+
+    def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
+        """Settle the pass's digit; after the last, the threshold ``median + 1.5 (Q3 - Q1)``."""
+        statistics.quantiles.finish_pass()
+        statistics.row, statistics.passes = 0, statistics.passes + 1
+        if statistics.passes == PASSES and statistics.quantiles.values:
+            q1, median, q3 = statistics.quantiles.values
+            statistics.threshold = median + 1.5 * (q3 - q1)
+        return statistics
+
+    def kernel(
+        self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
+    ) -> None:
+        """``b + (x - b) [importance >= threshold]`` on a block of whole rows."""
+        assert base is not None
+        fusion: Fusion = statistics
+        (other,) = parts
+        rows = acc.view(-1, fusion.width)
+        wide = scratch.view(-1, fusion.width)
+        rows.copy_(other.view(-1, fusion.width))
+        wide.copy_(base.view(-1, fusion.width))
+        (importance,) = self.workspace("importance", acc)
+        keep = fusion.importance(importance.view_as(rows).copy_(rows), wide, offset // fusion.width)
+        keep.ge_(fusion.threshold)
+        rows.sub_(wide).mul_(keep).add_(wide)

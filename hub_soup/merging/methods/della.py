@@ -13,28 +13,25 @@ expectation); mergekit instead scales each trimmed vector to its untrimmed L1 no
 their weights with ``normalize``, on by default: the paper's mean), scaled by ``lambda``,
 added to the base model.
 
-The ranks need whole rows: the method is a :attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor`
-one (the engine reads each tensor's inputs whole, in their stored dtypes), and computes on
-blocks of whole rows, so its float64 working memory is a few blocks beside the inputs and the
-result.
+The ranks need whole rows: the method says how long its rows are
+(:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`: ``shape[1:]``'s elements, the whole
+of a 1-D tensor), so the engine streams it in chunks and blocks of whole rows and its working
+memory is a few blocks, as any method's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from hub_soup.merging.methods import MergedTensor
 from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, RandomParameters
 from hub_soup.merging.methods.sparsify import UNIFORM_BITS, RandomMasks, delta_
 
 if TYPE_CHECKING:
     import torch
-
-# Elements per block of whole rows (a row longer than this is a block of its own).
-_BLOCK = 1 << 18
 
 DELLA_PAPER = (
     "[Deep et al., 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
@@ -62,6 +59,14 @@ class DellaParameters(RandomParameters):
         return self
 
 
+def rank_axes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(n, rest)`` of a tensor of ``shape``: its rows' ``n`` elements ranked against each other (axis 1; a 1-D
+    tensor's all), each ``rest`` elements apart (the elements of the axes after it)."""
+    if len(shape) < 2:
+        return math.prod(shape), 1
+    return shape[1], math.prod(shape[2:])
+
+
 def keep_probabilities(delta: torch.Tensor, rows: tuple[int, int, int], density: float, epsilon: float
                        ) -> torch.Tensor:
     """MagPrune's keep probability of each element of ``delta`` (flat, whole rows), viewed as ``rows`` =
@@ -83,7 +88,6 @@ class Della(GeneralizedTaskArithmetic):
     Parameters = DellaParameters
     sparsification = "random"
     consensus = True
-    whole_tensor = True
     ingredient_parameters = ("density", "epsilon")
     title = "DELLA"
     paper = DELLA_PAPER
@@ -104,36 +108,26 @@ class Della(GeneralizedTaskArithmetic):
             "each trimmed vector's L1 norm instead)" if rescaled else ", the kept ones not rescaled"
         )
 
-    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
-                     ) -> torch.Tensor:
-        """The soup, computed on blocks of whole rows into one float64 result."""
+    def row_elements(self, shape: tuple[int, ...]) -> int:
+        """A row is the elements of ``shape[1:]`` (the whole of a 1-D tensor): each element's rank is among those."""
+        n, rest = rank_axes(shape)
+        return n * rest
+
+    def kernel(
+        self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
+        base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
+    ) -> None:
+        """The soup of a block of whole rows (``statistics``: the tensor's :class:`RandomMasks`)."""
         import torch
 
         assert base is not None
+        masks: RandomMasks = statistics
         count = len(parts)
-        weights, densities = self.weights_for(count), self.densities(count)
-        epsilons = self.per_ingredient("epsilon", count)
-        shape = tuple(base.shape)
-        outer, n = (shape[0], shape[1]) if len(shape) >= 2 else (1, base.numel())
-        inner = base.numel() // outer if outer else 0
-        step = max(1, _BLOCK // max(inner, 1))
-        result = torch.empty(base.numel(), dtype=tensor.dtype, device=base.device)
-        masks = RandomMasks(self.parameters.seed, tensor)  # type: ignore[attr-defined]
-        flat = [p.reshape(-1) for p in parts]
-        for first in range(0, outer, step):
-            rows = (min(step, outer - first), n, inner // n if n else 0)
-            begin, end = first * inner, first * inner + rows[0] * inner
-            self._merge_rows(result[begin:end], [f[begin:end] for f in flat], base.reshape(-1)[begin:end], rows,
-                             begin, masks, weights, densities, epsilons)
-        return result.view(shape)
-
-    def _merge_rows(self, acc: torch.Tensor, parts: list[torch.Tensor], base: torch.Tensor,
-                    rows: tuple[int, int, int], offset: int, masks: RandomMasks, weights: list[float],
-                    densities: list[float], epsilons: list[float]) -> None:
-        import torch
-
-        deltas = self.workspace("deltas", acc, len(parts))
-        scratch, wide = self.workspace("block", acc, 2)
+        weights, densities, epsilons = self.weights_for(count), self.densities(count), self.per_ingredient("epsilon", count)
+        n, rest = rank_axes(masks.tensor.dims)
+        rows = (acc.numel() // max(n * rest, 1), n, rest)
+        deltas = self.workspace("deltas", acc, count)
+        (wide,) = self.workspace("base", acc)
         wide.copy_(base)
         hashed, bits, draw = self.workspace("hashes", acc, 3, torch.int32)
         masks.element_hash_(hashed, draw, offset)

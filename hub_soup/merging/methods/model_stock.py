@@ -12,9 +12,9 @@ The cosines come from the statistics pass (dot products accumulated in float64, 
 by chunk); the kernel works in float64, so the soup is its definition rounded once.
 
 With ``filter_wise`` (mergekit's parameter) the angle, and so ``t``, is taken per row: each
-vector along the tensor's last axis (a 1-D tensor is one row). The tensor is then merged
-whole (:attr:`~hub_soup.merging.methods.MergeMethod.whole_tensor`), in float64 on blocks of
-rows.
+vector along the tensor's last axis (a 1-D tensor is one row). The engine then streams the
+tensor in blocks of whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`),
+each row's angle computed from the block, in float64, with no statistics pass.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Elements per block of rows of a filter_wise merge (a longer row is a block of its own).
-_BLOCK = 1 << 18
+
+@dataclass
+class _Rows:
+    """A ``filter_wise`` merge of one tensor: how many of its rows' ``t`` were clamped so far (for its warning)."""
+
+    tensor: MergedTensor
+    clamped: int = 0
 
 
 class ModelStockParameters(NoParameters):
@@ -74,35 +80,24 @@ class ModelStock(MergeMethod):
     float64_kernel = True
 
     @property
-    def whole_tensor(self) -> bool:  # type: ignore[override]  # a class default elsewhere; here the parameters
-        """``filter_wise`` merges each tensor whole (its rows' angles); one angle per tensor streams."""
+    def filter_wise(self) -> bool:
+        """An angle per row (mergekit's ``filter_wise``), not one per tensor."""
         return bool(self.parameters.filter_wise)  # type: ignore[attr-defined]
+
+    def row_elements(self, shape: tuple[int, ...]) -> int:
+        """``filter_wise``: a row is a vector along the last axis (a 1-D tensor's all); elementwise otherwise."""
+        return shape[-1] if self.filter_wise and shape else 1
+
+    def statistics_passes(self, dtype: torch.dtype) -> int:
+        """One pass (the tensor's angle), none for ``filter_wise`` (each block's rows hold their angles)."""
+        return 0 if self.filter_wise else 1
 
     def card_summary(self) -> str | None:
         """The summary, saying ``per row`` where ``filter_wise`` took an angle per row."""
         assert self.summary is not None
-        if not self.parameters.filter_wise:  # type: ignore[attr-defined]
+        if not self.filter_wise:
             return self.summary
         return self.summary.replace("per tensor,", "per row of each tensor (filter_wise),")
-
-    def merge_tensor(self, parts: Sequence[torch.Tensor], base: torch.Tensor | None, tensor: MergedTensor
-                     ) -> torch.Tensor:
-        """``filter_wise``: ``base + (t / N) sum(part - base)`` with ``t`` of each row, on blocks of rows."""
-        import torch
-
-        assert base is not None
-        width = base.shape[-1] if base.dim() else 1
-        rows = base.numel() // width if width else 0
-        result = torch.empty(rows, width, dtype=tensor.dtype, device=base.device)
-        flat = [p.reshape(rows, width) for p in [*parts, base]]
-        clamped = 0
-        for first in range(0, rows, max(1, _BLOCK // max(width, 1))):
-            block = slice(first, min(rows, first + max(1, _BLOCK // max(width, 1))))
-            clamped += self._merge_rows(result[block], [f[block] for f in flat[:-1]], flat[-1][block])
-        if clamped:
-            logger.warning("model_stock: %s: %d of %d rows' task vectors have a mean cosine <= 0; t clamped to 0 "
-                           "there (the base's rows)", tensor.key, clamped, rows)
-        return result.view(base.shape)
 
     @staticmethod
     def _merge_rows(out: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor) -> int:
@@ -129,8 +124,10 @@ class ModelStock(MergeMethod):
         frozen = torch.stack(norms).amax(0) == 0  # every task vector zero: the base's row, quietly
         return int((~positive & ~frozen).sum())
 
-    def start_statistics(self, tensor: MergedTensor) -> Gram | None:
-        return None  # made on the first chunk, which says how many ingredients there are
+    def start_statistics(self, tensor: MergedTensor) -> _Rows | None:
+        """``filter_wise``: the rows' count of clamped ``t``; else ``None``: the :class:`Gram` is made on the
+        first chunk, which says how many ingredients there are."""
+        return _Rows(tensor) if self.filter_wise else None
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
         assert base is not None
@@ -168,8 +165,20 @@ class ModelStock(MergeMethod):
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
-        """``base + (t / N) * sum(part - base)``: the paper's soup, on task vectors."""
+        """``base + (t / N) * sum(part - base)``: the paper's soup, on task vectors (``filter_wise``: a block of
+        whole rows, each with its ``t``; the tensor's last block warns of the rows clamped)."""
         assert base is not None and statistics is not None
+        if isinstance(statistics, _Rows):
+            width = statistics.tensor.dims[-1] if statistics.tensor.dims else 1
+            rows = acc.numel() // width
+            statistics.clamped += self._merge_rows(acc.view(rows, width),  # on acc's device (a GPU's, with one)
+                                                   [p.view(rows, width).to(acc.device) for p in parts],
+                                                   base.view(rows, width).to(acc.device))
+            if statistics.clamped and offset + acc.numel() == statistics.tensor.numel:
+                logger.warning("model_stock: %s: %d of %d rows' task vectors have a mean cosine <= 0; t clamped to "
+                               "0 there (the base's rows)", statistics.tensor.key, statistics.clamped,
+                               statistics.tensor.numel // width)
+            return
         if statistics == 0:
             acc.copy_(base)
             return
