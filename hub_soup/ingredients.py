@@ -79,12 +79,7 @@ def opened_ingredients(
 
         def opened(ref: ResolvedRef) -> Checkpoint:
             """One model or adapter, fetched first when it is on the Hub."""
-            if ref.kind == "local":
-                assert ref.path is not None
-                path, sidecars = ref.path, None
-            else:
-                fetched = fetch(ref, token)
-                path, sidecars = fetched.weights, fetched.sidecars
+            path, sidecars = local_files(ref, token)
             checkpoint = open_checkpoint(path, label=ref.label, allow_pickle=allow_pickle, ema=ema,
                                          sidecars=sidecars, weights=ref.filename if ref.kind == "local" else None)
             return _noted(stack.enter_context(checkpoint))
@@ -113,6 +108,16 @@ def opened_ingredients(
             [c if c is not None else with_lora(*pair) for pair, c in zip(pairs.ingredients, local.ingredients)],
             None if pairs.base is None else local.base if local.base is not None else with_lora(*pairs.base),
         )
+
+
+def local_files(ref: ResolvedRef, token: str | bool | None) -> tuple[Path, list[Path] | None]:
+    """Where a model's weights are on this machine, and its side files when they were fetched (a local
+    folder's are found beside its weights): a Hub model is downloaded first, through the HF cache."""
+    if ref.kind == "local":
+        assert ref.path is not None
+        return ref.path, None
+    fetched = fetch(ref, token)
+    return fetched.weights, fetched.sidecars
 
 
 def _noted(checkpoint: Checkpoint) -> Checkpoint:

@@ -25,9 +25,9 @@ from hub_soup.errors import HubSoupError, RecipeError
 from hub_soup.eval.backends import launched_backend
 from hub_soup.eval.spec import EvalSpec
 from hub_soup.hub.errors import hub_errors
-from hub_soup.hub.fetch import fetch, remote_layout
+from hub_soup.hub.fetch import remote_layout
 from hub_soup.hub.resolve import ResolvedRef, resolve_ref
-from hub_soup.ingredients import Models, opened_ingredients
+from hub_soup.ingredients import Models, local_files, opened_ingredients
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.write import MERGEKIT_CONFIG, RECIPE_FILENAME
@@ -261,12 +261,7 @@ def published_headers(published: ResolvedRef, token: str | bool | None) -> dict[
 @contextmanager
 def opened_published(published: ResolvedRef, token: str | bool | None) -> Iterator[Checkpoint]:
     """The published merge opened as it is (its weights downloaded, for a Hub one)."""
-    if published.kind == "local":
-        assert published.path is not None
-        path, sidecars = published.path, None
-    else:
-        fetched = fetch(published, token)
-        path, sidecars = fetched.weights, fetched.sidecars
+    path, sidecars = local_files(published, token)
     with open_checkpoint(path, label=published.label, ema=False, sidecars=sidecars) as checkpoint:
         yield checkpoint
 
