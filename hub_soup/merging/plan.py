@@ -29,6 +29,7 @@ import torch
 
 from hub_soup.errors import AlignmentError
 from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.vocab import Fill
 
 if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint
@@ -67,31 +68,39 @@ class Input:
         layer: the layer of the ingredient this input comes from, where the plan took it from
             another layer than the output's (stacked slices); what the card and the soup's config
             say of it. Reading follows :attr:`key` alone.
+        fills: rows the ingredient lacks (a token not in its vocabulary, a padding row), which
+            :attr:`rows` selects as ``-1 - j`` for ``fills[j]`` (:mod:`hub_soup.merging.vocab`).
+        filled: those rows' values, one row per fill in the stored dtype, computed from the
+            checkpoints before the merge (:func:`hub_soup.merging.vocab_rows.fill_rows`).
     """
 
     ingredient: int
     key: str
     rows: Rows | None = None
     layer: int | None = None
+    fills: tuple[Fill, ...] = ()
+    filled: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
-    def spans(self, start: int, count: int, row_numel: int) -> list[tuple[int, int]]:
-        """The (start, count) spans of the stored tensor, flattened, that hold this input's elements
-        ``[start, start + count)`` in order (rows of ``row_numel`` elements each): one span unless
-        the rows are gathered out of order."""
+    def spans(self, start: int, count: int, row_numel: int) -> list[tuple[int, int, bool]]:
+        """The (start, count, filled) spans that hold this input's elements ``[start, start + count)`` in
+        order (rows of ``row_numel`` elements each): of the stored tensor, flattened, or (``filled``) of
+        :attr:`filled`, flattened. One span unless the rows are gathered out of order or filled."""
         if self.rows is None:
-            return [(start, count)]
+            return [(start, count, False)]
         if isinstance(self.rows, range) and self.rows.step == 1:
-            return [(self.rows.start * row_numel + start, count)]
-        spans: list[tuple[int, int]] = []
+            return [(self.rows.start * row_numel + start, count, False)]
+        spans: list[tuple[int, int, bool]] = []
         end = start + count
         while start < end:
             row, within = divmod(start, row_numel)
             size = min(row_numel - within, end - start)
-            begin = self.rows[row] * row_numel + within
-            if spans and spans[-1][0] + spans[-1][1] == begin:
-                spans[-1] = (spans[-1][0], spans[-1][1] + size)
+            stored = self.rows[row]
+            filled = stored < 0
+            begin = (-1 - stored if filled else stored) * row_numel + within
+            if spans and spans[-1][2] == filled and spans[-1][0] + spans[-1][1] == begin:
+                spans[-1] = (spans[-1][0], spans[-1][1] + size, filled)
             else:
-                spans.append((begin, size))
+                spans.append((begin, size, filled))
             start += size
         return spans
 
@@ -101,18 +110,23 @@ class Input:
         """Elements ``[start, start + count)`` of this input, flattened (rows of ``row_numel`` elements), read
         as :meth:`~hub_soup.io.read.Checkpoint.read_into` reads a tensor's, into ``buffer``: a whole tensor
         or a slice of rows in one read, gathered rows run by run (each run of consecutive rows one read,
-        through a staging buffer of this thread)."""
+        through a staging buffer of this thread), filled rows copied from :attr:`filled`."""
         if self.rows is None:
             return checkpoint.read_into(self.key, start, count, buffer)
         spans = self.spans(start, count, row_numel)
-        if len(spans) == 1:
+        if len(spans) == 1 and not spans[0][2]:
             return checkpoint.read_into(self.key, spans[0][0], spans[0][1], buffer)
         dtype = checkpoint.metas[self.key].dtype
         gathered = buffer[: count * dtype.itemsize].view(dtype)
-        staging = _staging(max(size for _, size in spans) * dtype.itemsize)
+        staging = _staging(max(size for _, size, _ in spans) * dtype.itemsize)
         done = 0
-        for begin, size in spans:
-            gathered[done : done + size].copy_(checkpoint.read_into(self.key, begin, size, staging))
+        for begin, size, filled in spans:
+            if filled:
+                if self.filled is None:
+                    raise RuntimeError(f"{self.key}: rows of ingredient {self.ingredient} are filled, not yet computed")
+                gathered[done : done + size].copy_(self.filled.view(-1)[begin : begin + size])
+            else:
+                gathered[done : done + size].copy_(checkpoint.read_into(self.key, begin, size, staging))
             done += size
         return gathered
 
