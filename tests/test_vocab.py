@@ -186,3 +186,16 @@ def test_chat_template_of_a_model_without_one(models: Path, tmp_path: Path,
                                          "tokenizer: {source: base}\nchat_template: base\n")
     assert main(["run", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "soup")]) == 2
     assert "chat_template: base has no chat template" in capsys.readouterr().err
+
+
+def test_run_flag_chooses_the_vocabulary_and_scoring_is_refused(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = run(models, tmp_path, "ingredients: [{ref: chat}, {ref: padded}]\n", "--tokenizer-source", "chat")
+    assert soup_vocab(out) == vocab_of(models / "chat")
+    check_rows(models, out, ["chat", "padded"], linear)
+    (tmp_path / "text.txt").write_text("hello world\n")
+    argv = ["run", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "scored"), "--tokenizer-source", "union",
+            "--eval-task", "causal-lm", "--eval-data", str(tmp_path / "text.txt")]
+    assert main(argv) == 2
+    assert "a soup whose vocabulary is chosen is not scored yet" in capsys.readouterr().err
