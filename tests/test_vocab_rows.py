@@ -29,6 +29,7 @@ from hub_soup.merging.vocab import (
     TokenSetting,
     choose_vocabulary,
     read_tokenizer,
+    soup_tokenizer_files,
 )
 from hub_soup.merging.vocab_rows import fill_rows, resized, token_keys, with_vocabulary
 from tests import checkpoints as ck
@@ -134,3 +135,28 @@ def test_filled_rows_stream_as_their_definition(tmp_path: Path, cut: tuple[int, 
         rows_b = torch.cat([permuted_b, mean_b.expand(3, -1)])
         ck.assert_bit_equal(scored[key], rows_b, key)
         ck.assert_bit_equal(soup[key], ((rows_a.double() + rows_b.double()) / 2).to(torch.bfloat16), key)
+
+
+def test_the_soup_tokenizer_drops_added_tokens_beyond_the_embeddings(tmp_path: Path) -> None:
+    """A model whose tokenizer adds ``<extra>`` at id 2 with 2 embedding rows: the union's ``<x>`` takes row 2,
+    and the soup's tokenizer encodes it there, ``<extra>`` gone from tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    backend = Tokenizer(WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    backend.pre_tokenizer = Whitespace()
+    backend.add_special_tokens(["<extra>"])
+    (tmp_path / "tokenizer.json").write_text(backend.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"2": {"content": "<extra>", "special": True}}}))
+    paths = [tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json"]
+    tokenizers = {0: read_tokenizer(paths, "one"), 1: files(["a", "b", "<x>"], added=("<x>",))}
+    vocabulary = choose_vocabulary(tokenizers, {0: 2, 1: 3}, {0: "one", 1: "two"}, TokenizerChoice("union"))
+    assert vocabulary.tokens == {"a": 0, "b": 1, "<x>": 2}
+    written = soup_tokenizer_files(paths, vocabulary, "one")
+    soup = Tokenizer.from_str(str(written["tokenizer.json"]))
+    assert soup.encode("b <x> a").ids == [1, 2, 0] and soup.token_to_id("<extra>") is None
+    assert json.loads(str(written["tokenizer_config.json"]))["added_tokens_decoder"] == {
+        "2": {"content": "<x>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True}}

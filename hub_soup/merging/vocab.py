@@ -99,12 +99,7 @@ def read_tokenizer(paths: Sequence[Path], label: str) -> TokenizerFiles:
     added: dict[str, dict[str, Any]] = {}
     if "tokenizer.json" in by_name:
         data = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
-        model = data.get("model") or {}
-        entries = model.get("vocab") or {}
-        if isinstance(entries, list):  # Unigram: [[piece, score], ...], ids in order
-            vocab.update((piece, index) for index, (piece, _score) in enumerate(entries))
-        else:
-            vocab.update(entries)
+        vocab.update(_model_vocab(data))
         for entry in data.get("added_tokens") or []:
             vocab[entry["content"]] = entry["id"]
             added[entry["content"]] = dict(entry)
@@ -331,31 +326,48 @@ def _override(
     return Fill(((source, row),))
 
 
-def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary) -> dict[str, str | Path]:
+def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary, label: str) -> dict[str, str | Path]:
     """The soup's tokenizer files, made from those of the model its vocabulary is built on (``paths``: that
-    model's side files): every token of :attr:`Vocabulary.tokens` at its soup row. Tokens the union adds
-    are added tokens there, as mergekit's ``add_tokens`` makes them (their settings the model's that added
-    them); files that need no change are copied."""
+    model's side files, ``label`` its name): every token of :attr:`Vocabulary.tokens` at its soup row. Tokens
+    the union adds are added tokens there, as mergekit's ``add_tokens`` makes them (their settings the
+    model's that added them); added tokens beyond the model's embeddings are dropped; files that need no
+    change are copied.
+
+    Raises:
+        AlignmentError: the model has no tokenizer.json, or its model vocabulary holds tokens beyond its
+            embeddings (which cannot be taken out of a tokenizer's merges here).
+    """
     files: dict[str, str | Path] = {p.name: p for p in paths if p.name in _TOKENIZER_GROUP}
     if "tokenizer.json" not in files:
         raise AlignmentError(
-            "the model whose vocabulary the soup takes has no tokenizer.json: the soup's tokenizer cannot be written",
+            f"{label} has no tokenizer.json: the soup's tokenizer, in its vocabulary, cannot be written",
             hint="choose a tokenizer source whose model has a tokenizer.json",
         )
     data = json.loads(Path(files["tokenizer.json"]).read_text(encoding="utf-8"))
-    known = {entry["content"] for entry in data.get("added_tokens") or []} | set(_model_vocab(data))
+    model = _model_vocab(data)
+    beyond = [token for token, index in model.items() if vocabulary.tokens.get(token) != index]
+    if beyond:
+        raise AlignmentError(
+            f"the tokenizer of {label} holds {len(beyond)} tokens beyond its embeddings (e.g. {beyond[0]!r})",
+            hint="choose another tokenizer source (base, union, or another model)",
+        )
+    given = data.get("added_tokens") or []
+    kept = [e for e in given if vocabulary.tokens.get(e["content"]) == e["id"]]
+    dropped = {e["id"] for e in given} - {e["id"] for e in kept}
+    known = set(model) | {e["content"] for e in kept}
     new = [token for token in sorted(vocabulary.tokens, key=vocabulary.tokens.__getitem__) if token not in known]
-    if not new:
+    if not new and not dropped:
         return files
     entries = [_added_entry(token, vocabulary) for token in new]
-    data["added_tokens"] = [*(data.get("added_tokens") or []), *entries]
+    data["added_tokens"] = [*kept, *entries]
     files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
     files.pop("added_tokens.json", None)  # its ids are the model's; tokenizer.json says every added token
     if "tokenizer_config.json" in files:
         config = json.loads(Path(files["tokenizer_config.json"]).read_text(encoding="utf-8"))
-        decoder = config.setdefault("added_tokens_decoder", {})
+        decoder = {k: v for k, v in (config.get("added_tokens_decoder") or {}).items() if int(k) not in dropped}
         for entry in entries:
             decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
+        config["added_tokens_decoder"] = decoder
         files["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
     return files
 
@@ -364,9 +376,10 @@ def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary) -> dict[
 _TOKENIZER_GROUP = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "tokenizer.model")
 
 
-def _model_vocab(data: Mapping[str, Any]) -> list[str]:
+def _model_vocab(data: Mapping[str, Any]) -> dict[str, int]:
+    """A tokenizer.json's model vocabulary, token -> id (a Unigram model's pieces are in id order)."""
     entries = (data.get("model") or {}).get("vocab") or {}
-    return [piece for piece, _score in entries] if isinstance(entries, list) else list(entries)
+    return {piece: index for index, (piece, _score) in enumerate(entries)} if isinstance(entries, list) else dict(entries)
 
 
 def _added_entry(token: str, vocabulary: Vocabulary) -> dict[str, Any]:

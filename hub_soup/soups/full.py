@@ -179,7 +179,7 @@ def vocabulary_files(
     origin = soup.base if vocabulary.origin == BASE else soup.checkpoints[vocabulary.origin]
     assert origin is not None
     files = {name: f for name, f in files.items() if files_module.sidecar_group(name) != "tokenizer"}
-    files.update(soup_tokenizer_files(origin.sidecars, vocabulary))
+    files.update(soup_tokenizer_files(origin.sidecars, vocabulary, origin.label))
     reference = read_tokenizer(soup.reference.sidecars, soup.reference.label)
     if config is not None:
         config = {**soup_token_ids(config, reference, vocabulary), "vocab_size": vocabulary.size}
