@@ -12,7 +12,8 @@ ingredient's key, where needed some of its rows or another layer's tensor) and i
 own method parameters. Alignment makes the plain plan (every ingredient's tensor of
 the same name, the recipe's parameters); the helpers below make the rest of it
 (:meth:`MergePlan.with_parameters` with :func:`resolve_setting` for gradients and
-filters, :func:`restack` for layer stacking, :meth:`TensorPlan.gathered` for rows).
+filters, :func:`restack` for layer stacking, :meth:`TensorPlan.gathered` for rows, and
+:mod:`hub_soup.merging.vocab_rows` for rows an input lacks: a token not in its vocabulary).
 """
 
 from __future__ import annotations
