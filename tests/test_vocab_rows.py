@@ -160,3 +160,19 @@ def test_the_soup_tokenizer_drops_added_tokens_beyond_the_embeddings(tmp_path: P
     assert json.loads(str(written["tokenizer_config.json"]))["added_tokens_decoder"] == {
         "2": {"content": "<x>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": True}}
+
+
+def test_embeddings_of_different_rows_name_the_option_when_aligned_from_headers() -> None:
+    """Aligned from safetensors headers (before any download, no config read yet): the embeddings' row counts
+    differ, and the hint names --tokenizer-source and its choices."""
+    from hub_soup.errors import AlignmentError
+    from hub_soup.io.safetensors_io import TensorMeta
+    from hub_soup.merging.plan import Layout
+
+    def layout(rows: int) -> Layout:
+        return Layout(f"m{rows}", {"model.embed_tokens.weight": TensorMeta(torch.bfloat16, (rows, 8)),
+                                   "lm_head.weight": TensorMeta(torch.bfloat16, (rows, 8))})
+
+    with pytest.raises(AlignmentError, match="shape mismatch at model.embed_tokens.weight") as raised:
+        align([layout(12), layout(14)])
+    assert raised.value.hint is not None and "--tokenizer-source" in raised.value.hint and "union" in raised.value.hint

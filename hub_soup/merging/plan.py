@@ -30,10 +30,13 @@ import torch
 
 from hub_soup.errors import AlignmentError
 from hub_soup.io.safetensors_io import TensorMeta
-from hub_soup.merging.vocab import Fill
+from hub_soup.merging.vocab import SOURCE_HINT, Fill
 
 if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint
+
+# Names of token-indexed tensors: rows that differ in number there are different vocabularies.
+_TOKEN_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
 
 # Names of classifier heads: a shape mismatch there usually means different num_classes.
 _HEAD_HINTS = ("head", "classifier", "fc.", "lm_head", "score", "logits", "last_linear")
@@ -480,7 +483,8 @@ def _check_pair(reference: Layout, other: Layout, key: str, their_key: str) -> N
     where = key if key == their_key else f"{key} ({their_key} in {other.label})"
     if ours.shape != theirs.shape:
         head = any(h in key for h in _HEAD_HINTS)
-        hint = (
+        vocabulary = ours.shape[1:] == theirs.shape[1:] and any(h in key for h in _TOKEN_HINTS)
+        hint = SOURCE_HINT if vocabulary else (
             f"different num_classes: use --exclude '{key.rsplit('.', 1)[0]}.*' to keep the first ingredient's head, "
             "or fine-tune heads to the same classes"
             if head

@@ -77,16 +77,16 @@ class Full(SoupKind[Soup]):
         after opening, which reads headers only."""
         if all(ref.kind == "local" for ref in self.models) or constants.is_offline_mode():
             return
+        by_token = self.recipe.tokenizer is not None
+        layouts = early_layouts(self.models, local, token)
+        if layouts is not None and not by_token:  # tensor shapes first (pickled weights are aligned after download)
+            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)  # embeddings' rows: hint names the option
         configs = [
             (ref.label, checkpoint.config if checkpoint is not None else remote_config(ref, token))
             for ref, checkpoint in zip(self.models.ingredients, local.ingredients)
         ]
-        by_token = self.recipe.tokenizer is not None
         if not by_token:
             check_vocab_sizes(configs)
-        layouts = early_layouts(self.models, local, token)
-        if layouts is not None and not by_token:  # tensor shapes first (pickled weights are aligned after download)
-            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)
         check_configs(configs, by_token=by_token)
         logger.info("headers and configs agree across %d ingredients%s; downloading", len(self.models.ingredients),
                     " and the base" if self.models.base is not None else "")
