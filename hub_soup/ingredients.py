@@ -127,8 +127,20 @@ def _noted(checkpoint: Checkpoint) -> Checkpoint:
 
 
 def layout_of(checkpoint: Checkpoint) -> Layout:
-    """What alignment needs of an opened checkpoint."""
-    return Layout(checkpoint.label, checkpoint.metas, tuple(checkpoint.aliases))
+    """What alignment needs of an opened checkpoint. A transformers model whose config ties its output
+    embeddings (``tie_word_embeddings``) saves no ``lm_head.weight``: it is read as its input embeddings,
+    so a tied ingredient aligns with untied ones."""
+    aliases = tuple(checkpoint.aliases)
+    config = checkpoint.config or {}
+    if config.get("tie_word_embeddings") and TIED_HEAD not in checkpoint.metas:
+        embeddings = [k for k in checkpoint.metas if k.endswith("embed_tokens.weight")]
+        if len(embeddings) == 1:
+            aliases = (*aliases, (embeddings[0], TIED_HEAD))
+    return Layout(checkpoint.label, checkpoint.metas, aliases)
+
+
+# The output embeddings of a transformers causal LM, left out of its files when tied to the input ones.
+TIED_HEAD = "lm_head.weight"
 
 
 def layouts_of(checkpoints: Sequence[Checkpoint]) -> list[Layout]:

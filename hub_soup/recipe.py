@@ -46,6 +46,7 @@ from hub_soup.eval.tasks import get_task
 from hub_soup.io.sizes import parse_size
 from hub_soup.merging import methods
 from hub_soup.merging.methods import MergeMethod, get_method
+from hub_soup.merging.vocab import TokenizerChoice, TokenSetting
 
 # Where to merge and score: N is a GPU's index as torch spells it (cuda:01 is no device to torch). A pattern,
 # not choices: ``--device`` checks with check_device and lists DEVICE_FORMS, so flags and recipes agree still.
@@ -319,6 +320,35 @@ class PushSpec(_Strict):
         return value
 
 
+class TokenSpec(_Strict):
+    """Where one token's row comes from (mergekit's per-token ``tokens:`` entry)."""
+
+    source: str = Field(description="the model whose row of the token fills it (an ingredient as the recipe names "
+                        "it, or base), or zero")
+    token: str | None = Field(None, description="take that model's row of this other token instead")
+    force: bool = Field(False, description="every model takes that row, even those that have the token")
+
+
+class TokenizerSpec(_Strict):
+    """The soup's vocabulary when the ingredients' differ (mergekit's ``tokenizer:`` section)."""
+
+    source: str = Field("union", description="base (the base's vocabulary, or the first ingredient's), union (that "
+                        "one plus every token another model adds), or a model (an ingredient as the recipe names it)")
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict, description="per-token overrides of the row's source")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="round the rows up to a multiple of this; extra "
+                                           "rows are each model's mean embedding")
+
+    def renamed(self, refs: dict[str, str]) -> TokenizerSpec:
+        """This section with the ingredients it names spelled as ``refs`` maps them (their paths moved)."""
+        tokens = {name: t.model_copy(update={"source": refs.get(t.source, t.source)}) for name, t in self.tokens.items()}
+        return self.model_copy(update={"source": refs.get(self.source, self.source), "tokens": tokens})
+
+    def choice(self) -> TokenizerChoice:
+        """The torch-free form the vocabulary is chosen from."""
+        tokens = {name: TokenSetting(t.source, t.token, t.force) for name, t in self.tokens.items()}
+        return TokenizerChoice(self.source, tokens, self.pad_to_multiple_of)
+
+
 # The fields that name a base model: a method's (``base``), and LoRA adapters' (``adapter_base``).
 BASES = ("base", "adapter_base")
 
@@ -365,6 +395,14 @@ class Recipe(_Strict):
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
     push: PushSpec | None = None
+    chat_template: str | None = Field(
+        None, description="the soup's chat template: auto (the one most ingredients carry), an ingredient as the "
+        "recipe names it (or base), or the template itself (Jinja); default: the tokenizer files' own"
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        None, description="the soup's vocabulary, for ingredients whose vocabularies differ: their token-indexed "
+        "rows (embeddings, lm_head) are then aligned by token"
+    )
     slices: list[Slice] | None = Field(
         None, description="the soup's layers, slice by slice (mergekit's slices): each output layer made of the "
         "sources' layers; without it, layer i of the soup is made of layer i of every ingredient"
@@ -471,6 +509,12 @@ class Recipe(_Strict):
             raise ValueError(
                 "greedy soups weigh the kept ingredients equally; "
                 + ("drop the weights" if any(weighted) else f"method {self.method} weighs each ingredient")
+            )
+        if self.tokenizer is not None and self.eval is not None:
+            raise HintedValueError(
+                "tokenizer: a soup whose vocabulary is chosen is not scored yet (its candidates are models of the "
+                "soup's vocabulary, which no ingredient's config describes)",
+                hint="drop the eval section (and --greedy), and score the written soup: it loads as any model",
             )
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
@@ -637,6 +681,11 @@ class Recipe(_Strict):
                 moved[index] = model.model_copy(update={"lora": lora})
         count = len(self.ingredients)
         update: dict[str, Any] = {"ingredients": moved[:count], **dict(zip(bases, moved[count:]))}
+        refs = {old.ref: new.ref for old, new in zip(self.ingredients, moved[:count])}
+        if self.tokenizer is not None:  # a source or an override names an ingredient as its ref says
+            update["tokenizer"] = self.tokenizer.renamed(refs)
+        if self.chat_template is not None:
+            update["chat_template"] = refs.get(self.chat_template, self.chat_template)
         if self.output.path is not None:
             update["output"] = self.output.model_copy(update={"path": _moved(self.output.path, Path(), where)})
         if self.eval is not None:

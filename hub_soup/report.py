@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hub_soup.merging.methods import MergeMethod
     from hub_soup.merging.plan import MergePlan
     from hub_soup.merging.similarity import Similarity
+    from hub_soup.merging.vocab import Vocabulary
     from hub_soup.recipe import Recipe
 
 
@@ -78,6 +79,7 @@ class SoupResult:
         report: ingredient scores, greedy steps, the evaluated soup (None unscored).
         push: where it was pushed (None when it was not).
         warnings: what the run warned about.
+        vocabulary: the soup's vocabulary, where the ingredients' differ (None: one vocabulary, rows as stored).
     """
 
     output: Path | None
@@ -97,6 +99,7 @@ class SoupResult:
     report: GreedyReport | None = None
     push: PushResult | None = None
     warnings: list[str] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None
 
     @property
     def method_title(self) -> str:

@@ -200,12 +200,19 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
 
 @case("mergekit-tokenizer-source")
 def _(tmp: Path, hub: HubServer) -> list[str]:
-    return _mergekit(tmp, "model_stock", "tokenizer_source: union\n")
+    return _mergekit(tmp, "model_stock", "tokenizer_source: [union]\n")
 
 
 @case("mergekit-bad-gradient")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     return _mergekit(tmp, "slerp", "parameters:\n  t: [0, {filter: mlp}]\n")
+
+
+@case("vocab-mismatch")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    chat = llama_folder(tmp / "chat", seed=1, words=["the", "soup", "is", "good", "<|im_start|>", "<|im_end|>"])
+    return ["merge", str(llama_folder(tmp / "plain", seed=2, words=["the", "soup", "is", "good"])), str(chat),
+            "-o", _out(tmp)]
 
 
 @case("architecture-mismatch")

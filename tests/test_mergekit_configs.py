@@ -229,7 +229,7 @@ def test_convert_prints_the_recipe_and_the_pinned_one_rebuilds(models: Path, tmp
 
 @pytest.mark.parametrize(("text", "line", "named"), [
     ("models:\n  - model: a\nmerge_method: ties\nbase_model: b\nmerge_methd: x\n", 5, "merge_methd"),
-    ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\ntokenizer_source: union\n", 6,
+    ("models:\n  - model: a\n  - model: c\nmerge_method: ties\nbase_model: b\ntokenizer_source: [union]\n", 6,
      "tokenizer_source"),
     (("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [0, 4]\n"
       "merge_method: slerp\nbase_model: a\nparameters:\n  t: [0, {x: 1}]\n"), 10, "parameters.t"),

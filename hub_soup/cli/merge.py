@@ -17,6 +17,7 @@ from hub_soup.cli.options import (
     OVERWRITE,
     RECALIBRATE_BN,
     REFS,
+    TOKENIZER_SOURCE,
     TRUST_REMOTE_CODE,
     add_eval_options,
     add_push_options,
@@ -126,6 +127,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "or a local copy of it",
     )
     EXCLUDE.add(parser)
+    TOKENIZER_SOURCE.add(parser)
     NO_EMA.add(parser)
     ALLOW_PICKLE.add(parser)
     parser.add_argument(
@@ -183,6 +185,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         adapter_base={"ref": args.adapter_base} if args.adapter_base else None,
         dtype=args.dtype,
         exclude=args.exclude,
+        tokenizer={"source": args.tokenizer_source} if args.tokenizer_source else None,
         ema=args.ema,
         allow_pickle=args.allow_pickle,
         **given_fields(device=args.device),

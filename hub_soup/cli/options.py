@@ -84,6 +84,11 @@ DEVICE = Option(
 OVERWRITE = Option(
     "--overwrite", action="store_true", help="replace an existing output folder: a soup hub-soup wrote, or an empty one"
 )
+TOKENIZER_SOURCE = Option(
+    "--tokenizer-source", metavar="SOURCE",
+    help="the soup's vocabulary, for ingredients whose vocabularies differ (rows then aligned by token): base (the "
+    "base's, or the first REF's), union (that one plus every token another adds), or a REF (its vocabulary)",
+)
 RECALIBRATE_BN = Option("--recalibrate-bn", type=int, metavar="N", help="recompute BatchNorm statistics on N eval batches")
 TRUST_REMOTE_CODE = Option(
     "--trust-remote-code", action="store_true",

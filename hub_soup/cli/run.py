@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hub_soup.cli.options import (
     OVERWRITE,
+    TOKENIZER_SOURCE,
     TRUST_REMOTE_CODE,
     add_eval_options,
     add_push_options,
@@ -33,6 +34,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "config (top-level merge_method)")
     parser.add_argument("-o", "--output", metavar="DIR", help="write the soup here instead of the recipe's output.path")
     OVERWRITE.add(parser)
+    TOKENIZER_SOURCE.add(parser, help="choose the soup's vocabulary (the recipe's tokenizer.source, over its own): "
+                         "base, union, or an ingredient as the recipe names it")
     parser.add_argument(
         "--no-push", dest="keep_local", action="store_true", help="make the soup locally even if the recipe pushes it"
     )
@@ -53,8 +56,11 @@ def run_command(args: argparse.Namespace) -> int:
         )
         recipe = recipe.model_copy(update={"output": output})
     section = recipe.eval.model_dump(exclude_unset=True) if recipe.eval is not None else None
-    given = {"eval": eval_spec_from_args(args, section), "push": push_spec_from_args(args),
-             "greedy": args.greedy or None, "force": args.force or None}
+    given: dict[str, Any] = {"eval": eval_spec_from_args(args, section), "push": push_spec_from_args(args),
+                             "greedy": args.greedy or None, "force": args.force or None}
+    if args.tokenizer_source:
+        tokenizer = recipe.tokenizer.model_dump(exclude_unset=True) if recipe.tokenizer is not None else {}
+        given["tokenizer"] = {**tokenizer, "source": args.tokenizer_source}
     if any(value is not None for value in given.values()):
         recipe = recipe.with_fields(**{name: value for name, value in given.items() if value is not None})
     if args.keep_local:

@@ -10,10 +10,13 @@ their own settings), the slices the recipe's slices. A method that takes no base
 
 A model may be ``model+lora`` (a PEFT LoRA adapter applied to the model before merging, as
 mergekit's ``ModelReference`` reads it): the ingredient (or base) with its ``lora``.
+``tokenizer_source`` and ``tokenizer`` (``source``, per-token ``tokens`` overrides,
+``pad_to_multiple_of``) become the recipe's ``tokenizer`` section, and ``chat_template`` its
+``chat_template``, a model they name spelled as the recipe names it (the base as ``base`` where
+it has the base's role).
 
 Anything else is refused, named with its line: a key of mergekit's that hub-soup does not do
-yet (``tokenizer_source``, ``tokenizer``, ``chat_template``: the next issue's) and any key or
-value mergekit does not know. A parameter that mergekit ignores for
+yet (a token override by ``token_id``) and any key or value mergekit does not know. A parameter that mergekit ignores for
 a method (published ``arcee_fusion`` configs carry ``normalize``) is refused too, with a hint
 to delete it: the config then says only what made the soup, and the soup is the same.
 """
@@ -28,12 +31,8 @@ from hub_soup.errors import RecipeError
 from hub_soup.merging.methods import get_method, method_names
 
 # The keys of a mergekit config hub-soup reads; those it refuses by name, and why.
-KEYS = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "slices")
-NOT_YET = {
-    "tokenizer_source": "the soup's tokenizer comes from its first model; choosing another is not supported yet",
-    "tokenizer": "the soup's tokenizer comes from its first model; choosing another is not supported yet",
-    "chat_template": "the soup's chat template comes from its first model; choosing another is not supported yet",
-}
+KEYS = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "slices", "tokenizer_source",
+        "tokenizer", "chat_template")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
@@ -62,8 +61,6 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict
         return RecipeError(f"{where}:{line}: {message}" if line else f"{where}: {message}", hint=hint)
 
     for key in data:
-        if key in NOT_YET:
-            raise refuse((key,), f"{key}: {NOT_YET[key]}", hint=f"delete {key} (the next release reads it)")
         if key not in KEYS:
             raise refuse((key,), f"{key}: not a key of a mergekit config hub-soup reads",
                          hint=f"the keys read: {', '.join(KEYS)}")
@@ -156,6 +153,14 @@ def recipe_data(data: dict[str, Any], node: yaml.Node, where: str) -> tuple[dict
             field = "out_dtype" if "out_dtype" in data else "dtype"
             raise refuse((field,), f"{field}: {dtype!r} is not a dtype", hint=f"dtypes: {', '.join(DTYPES)}")
         recipe["dtype"] = spelled
+    if data.get("chat_template") is not None:
+        template = data["chat_template"]
+        if not isinstance(template, str) or not template.strip():
+            raise refuse(("chat_template",), f"chat_template: auto, a model or a template, got {template!r}",
+                         hint="write chat_template: auto")
+        recipe["chat_template"] = "base" if template == base and uses_base else template
+    if "tokenizer_source" in data or "tokenizer" in data:
+        recipe["tokenizer"] = tokenizer_section(data, refuse, "base" if base is not None and uses_base else None, base)
     if slices:
         numbered = {ref: i for i, ref in enumerate(refs)}
         for piece in slices:
@@ -172,6 +177,53 @@ def reference(model: str) -> dict[str, Any]:
     a ``@revision`` stays on the name it follows."""
     name, _, lora = model.partition("+")
     return {"ref": name.strip(), **({"lora": {"ref": lora.strip()}} if lora else {})}
+
+
+def tokenizer_section(
+    data: dict[str, Any], refuse: Any, base_name: str | None, base: str | None,
+) -> dict[str, Any]:
+    """The recipe's ``tokenizer`` section of a config's ``tokenizer_source`` or ``tokenizer`` (mergekit's
+    ``TokenizerConfig``: ``source`` defaults to ``union`` there too); a model named as the recipe names it."""
+    def name(value: Any, location: tuple[int | str, ...]) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise refuse(location, f"{'.'.join(map(str, location))}: a tokenizer source is base, union or a model, "
+                         f"got {value!r}", hint="write source: union")
+        value = value.strip()
+        return base_name if base_name is not None and value == base else value
+
+    if "tokenizer_source" in data and "tokenizer" in data:
+        raise refuse(("tokenizer_source",), "tokenizer_source and tokenizer: give one (mergekit refuses both)",
+                     hint="move the source into tokenizer: {source: ...}")
+    if "tokenizer_source" in data:
+        return {"source": name(data["tokenizer_source"], ("tokenizer_source",))}
+    given = data["tokenizer"]
+    if not isinstance(given, dict) or set(given) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise refuse(("tokenizer",), "tokenizer: a mapping of source, tokens and pad_to_multiple_of",
+                     hint="write tokenizer: {source: union}")
+    section: dict[str, Any] = {}
+    if "source" in given:
+        section["source"] = name(given["source"], ("tokenizer", "source"))
+    if given.get("pad_to_multiple_of") is not None:
+        section["pad_to_multiple_of"] = given["pad_to_multiple_of"]
+    tokens: dict[str, Any] = {}
+    for token, entry in (given.get("tokens") or {}).items():
+        location = ("tokenizer", "tokens", token)
+        source = entry.get("source") if isinstance(entry, dict) else None
+        if isinstance(source, dict) and source.get("kind") == "zero":
+            spec: dict[str, Any] = {"source": "zero"}
+        elif isinstance(source, dict) and source.get("kind") == "model_token" and "token" in source:
+            spec = {"source": name(source.get("model"), (*location, "source", "model")), "token": source["token"]}
+        elif isinstance(source, str):
+            spec = {"source": name(source, (*location, "source"))}
+        else:
+            raise refuse(location, f"tokenizer.tokens.{token}: a source is a model, {{kind: model_token, model, token}} "
+                         f"or {{kind: zero}}, got {source!r}", hint="write source: org/name")
+        if entry.get("force"):
+            spec["force"] = True
+        tokens[token] = spec
+    if tokens:
+        section["tokens"] = tokens
+    return section
 
 
 def location_in_config(location: Location, data: dict[str, Any], origins: list[Location]) -> Location:

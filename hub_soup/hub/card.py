@@ -28,6 +28,7 @@ from hub_soup.merging.plan import MergePlan
 from hub_soup.report import score_rows
 
 if TYPE_CHECKING:
+    from hub_soup.merging.vocab import Vocabulary
     from hub_soup.report import SoupResult
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
         where, sha = _model_cell(result.base)
         used_by = f", used by the {result.method.name} method" if result.method.takes_base() else ""
         lines += ["", f"Base model ({result.base_role}{used_by}): {where} at {sha}"]
+    if result.vocabulary is not None:
+        lines += ["", "## Vocabulary", "", *vocabulary_lines(result.vocabulary)]
     parameters = result.method.parameters.model_dump(mode="json", by_alias=True)
     if parameters:
         lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
@@ -251,6 +254,28 @@ def arithmetic(plan: MergePlan, dtype: str | None, method: MergeMethod) -> str:
             + f"{'was' if len(integers) == 1 else 'were'} taken from the first ingredient unchanged."
         )
     return " ".join(sentences)
+
+
+def vocabulary_lines(vocabulary: Vocabulary) -> list[str]:
+    """What the card says of a soup whose ingredients' vocabularies differ: the vocabulary chosen, how many
+    tokens each rule filled, and each token filled with an average or a zero row."""
+    chosen = (f"The ingredients' vocabularies differ. The soup's is `{vocabulary.source}` "
+              f"({_count(len(vocabulary.tokens), 'token')}, {_count(vocabulary.size, 'row')}): each model's token-indexed "
+              "tensors (embeddings, `lm_head`) were aligned by token string into it, a token a model lacks filled as "
+              "mergekit 0.1.5 fills it, then merged.")
+    lines = [
+        chosen,
+        "",
+        "| rows | how many |",
+        "|---|---|",
+        *(f"| {rule} | {count} |" for rule, count in vocabulary.counts().items()),
+    ]
+    made = [f"`{token}` ({rule})" for token, rule in vocabulary.rules.items() if rule in ("average", "zero")]
+    if made:
+        lines += ["", "Filled with an average or a zero row: " + ", ".join(made) + "."]
+    if vocabulary.padded:
+        lines += ["", f"{_count(vocabulary.padded, 'padding row')} (`pad_to_multiple_of`): each model's mean row."]
+    return lines
 
 
 def _count(n: int, what: str) -> str:

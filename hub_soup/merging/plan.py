@@ -12,7 +12,8 @@ ingredient's key, where needed some of its rows or another layer's tensor) and i
 own method parameters. Alignment makes the plain plan (every ingredient's tensor of
 the same name, the recipe's parameters); the helpers below make the rest of it
 (:meth:`MergePlan.with_parameters` with :func:`resolve_setting` for gradients and
-filters, :func:`restack` for layer stacking, :meth:`TensorPlan.gathered` for rows).
+filters, :func:`restack` for layer stacking, :meth:`TensorPlan.gathered` for rows, and
+:mod:`hub_soup.merging.vocab_rows` for rows an input lacks: a token not in its vocabulary).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ import torch
 
 from hub_soup.errors import AlignmentError
 from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.vocab import SOURCE_HINT, Fill
 
 if TYPE_CHECKING:
     from hub_soup.io.read import Checkpoint
+
+# Names of token-indexed tensors: rows that differ in number there are different vocabularies.
+_TOKEN_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
 
 # Names of classifier heads: a shape mismatch there usually means different num_classes.
 _HEAD_HINTS = ("head", "classifier", "fc.", "lm_head", "score", "logits", "last_linear")
@@ -67,31 +72,39 @@ class Input:
         layer: the layer of the ingredient this input comes from, where the plan took it from
             another layer than the output's (stacked slices); what the card and the soup's config
             say of it. Reading follows :attr:`key` alone.
+        fills: rows the ingredient lacks (a token not in its vocabulary, a padding row), which
+            :attr:`rows` selects as ``-1 - j`` for ``fills[j]`` (:mod:`hub_soup.merging.vocab`).
+        filled: those rows' values, one row per fill in the stored dtype, computed from the
+            checkpoints before the merge (:func:`hub_soup.merging.vocab_rows.fill_rows`).
     """
 
     ingredient: int
     key: str
     rows: Rows | None = None
     layer: int | None = None
+    fills: tuple[Fill, ...] = ()
+    filled: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
-    def spans(self, start: int, count: int, row_numel: int) -> list[tuple[int, int]]:
-        """The (start, count) spans of the stored tensor, flattened, that hold this input's elements
-        ``[start, start + count)`` in order (rows of ``row_numel`` elements each): one span unless
-        the rows are gathered out of order."""
+    def spans(self, start: int, count: int, row_numel: int) -> list[tuple[int, int, bool]]:
+        """The (start, count, filled) spans that hold this input's elements ``[start, start + count)`` in
+        order (rows of ``row_numel`` elements each): of the stored tensor, flattened, or (``filled``) of
+        :attr:`filled`, flattened. One span unless the rows are gathered out of order or filled."""
         if self.rows is None:
-            return [(start, count)]
+            return [(start, count, False)]
         if isinstance(self.rows, range) and self.rows.step == 1:
-            return [(self.rows.start * row_numel + start, count)]
-        spans: list[tuple[int, int]] = []
+            return [(self.rows.start * row_numel + start, count, False)]
+        spans: list[tuple[int, int, bool]] = []
         end = start + count
         while start < end:
             row, within = divmod(start, row_numel)
             size = min(row_numel - within, end - start)
-            begin = self.rows[row] * row_numel + within
-            if spans and spans[-1][0] + spans[-1][1] == begin:
-                spans[-1] = (spans[-1][0], spans[-1][1] + size)
+            stored = self.rows[row]
+            filled = stored < 0
+            begin = (-1 - stored if filled else stored) * row_numel + within
+            if spans and spans[-1][2] == filled and spans[-1][0] + spans[-1][1] == begin:
+                spans[-1] = (spans[-1][0], spans[-1][1] + size, filled)
             else:
-                spans.append((begin, size))
+                spans.append((begin, size, filled))
             start += size
         return spans
 
@@ -101,18 +114,23 @@ class Input:
         """Elements ``[start, start + count)`` of this input, flattened (rows of ``row_numel`` elements), read
         as :meth:`~hub_soup.io.read.Checkpoint.read_into` reads a tensor's, into ``buffer``: a whole tensor
         or a slice of rows in one read, gathered rows run by run (each run of consecutive rows one read,
-        through a staging buffer of this thread)."""
+        through a staging buffer of this thread), filled rows copied from :attr:`filled`."""
         if self.rows is None:
             return checkpoint.read_into(self.key, start, count, buffer)
         spans = self.spans(start, count, row_numel)
-        if len(spans) == 1:
+        if len(spans) == 1 and not spans[0][2]:
             return checkpoint.read_into(self.key, spans[0][0], spans[0][1], buffer)
         dtype = checkpoint.metas[self.key].dtype
         gathered = buffer[: count * dtype.itemsize].view(dtype)
-        staging = _staging(max(size for _, size in spans) * dtype.itemsize)
+        staging = _staging(max(size for _, size, _ in spans) * dtype.itemsize)
         done = 0
-        for begin, size in spans:
-            gathered[done : done + size].copy_(checkpoint.read_into(self.key, begin, size, staging))
+        for begin, size, filled in spans:
+            if filled:
+                if self.filled is None:
+                    raise RuntimeError(f"{self.key}: rows of ingredient {self.ingredient} are filled, not yet computed")
+                gathered[done : done + size].copy_(self.filled.view(-1)[begin : begin + size])
+            else:
+                gathered[done : done + size].copy_(checkpoint.read_into(self.key, begin, size, staging))
             done += size
         return gathered
 
@@ -465,7 +483,8 @@ def _check_pair(reference: Layout, other: Layout, key: str, their_key: str) -> N
     where = key if key == their_key else f"{key} ({their_key} in {other.label})"
     if ours.shape != theirs.shape:
         head = any(h in key for h in _HEAD_HINTS)
-        hint = (
+        vocabulary = ours.shape[1:] == theirs.shape[1:] and any(h in key for h in _TOKEN_HINTS)
+        hint = SOURCE_HINT if vocabulary else (
             f"different num_classes: use --exclude '{key.rsplit('.', 1)[0]}.*' to keep the first ingredient's head, "
             "or fine-tune heads to the same classes"
             if head

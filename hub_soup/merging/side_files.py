@@ -19,6 +19,7 @@ from typing import Any
 from hub_soup.errors import AlignmentError
 from hub_soup.io import files
 from hub_soup.io.read import Checkpoint
+from hub_soup.merging.vocab import SOURCE_HINT
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ def choose_side_files(checkpoints: Sequence[Checkpoint], *, config: bool = True)
     return SideFiles(paths=paths, origins=origins)
 
 
-def check_configs(configs: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
+def check_configs(configs: Sequence[tuple[str, dict[str, Any] | None]], *, by_token: bool = False) -> None:
     """Stop when two ingredients' configs disagree on an architecture field (ingredients without one are skipped).
+
+    ``by_token``: the soup's vocabulary is chosen (its rows aligned by token), so ``vocab_size`` may differ.
 
     Raises:
         AlignmentError: naming the field and both values.
@@ -78,6 +81,8 @@ def check_configs(configs: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
     first_label, first = present[0]
     for label, config in present[1:]:
         for field in ARCHITECTURE_FIELDS:
+            if (by_token and field == "vocab_size") or (field == "tie_word_embeddings" and not first.get(field)):
+                continue  # an untied soup reads a tied ingredient's head as its embeddings (layout_of)
             if field in first and field in config and first[field] != config[field]:
                 raise AlignmentError(
                     f"the ingredients' configs describe different architectures: {field} is {first[field]!r} in "
@@ -85,6 +90,23 @@ def check_configs(configs: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
                     hint="a soup averages fine-tunes of one model; check that every ingredient is the architecture "
                     "you mean",
                 )
+
+
+def check_vocab_sizes(configs: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
+    """Stop when the ingredients' ``vocab_size`` differ and no vocabulary was chosen: row ``i`` of their
+    embeddings is not one token, and the message names the option that aligns rows by token. Checked
+    before tensor shapes, whose mismatch at the embeddings would say less.
+
+    Raises:
+        AlignmentError: naming each ingredient's ``vocab_size``, the hint each ``tokenizer_source``.
+    """
+    sizes = {label: config["vocab_size"] for label, config in configs if config is not None and "vocab_size" in config}
+    if len(set(sizes.values())) > 1:
+        said = ", ".join(f"{size} in {label}" for label, size in sizes.items())
+        raise AlignmentError(
+            f"the ingredients' vocabularies differ (vocab_size {said}): row i of their embeddings is not one token",
+            hint=SOURCE_HINT,
+        )
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:

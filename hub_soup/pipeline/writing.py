@@ -63,7 +63,7 @@ def write_soup(
         result = SoupResult(
             output=output, ingredients=kind.models.ingredients, base=kind.models.base, kept=kept, weights=weights,
             plan=made.plan, stats=stats, similarity=similarity, pinned_recipe=pinned, method=soup.method,
-            combined=made.combined, base_role=made.base_role, adapter_card=made.card,
+            combined=made.combined, base_role=made.base_role, adapter_card=made.card, vocabulary=made.vocabulary,
             scores=scores_of(report) if report is not None else [], report=report, warnings=warnings,
         )
         writer.add_file(RECIPE_FILENAME, pinned.to_yaml())

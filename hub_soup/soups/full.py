@@ -10,8 +10,11 @@ check riding along its reads.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import constants
@@ -21,6 +24,7 @@ from hub_soup.eval.backends import Backend
 from hub_soup.eval.greedy import Base, GreedyReport
 from hub_soup.hub.resolve import ResolvedRef
 from hub_soup.ingredients import Models, early_layouts, layout_of, layouts_of, remote_config
+from hub_soup.io import files as files_module
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.engine import (
@@ -34,9 +38,12 @@ from hub_soup.merging.engine import (
     stream_merge,
     write_weights,
 )
-from hub_soup.merging.plan import align
-from hub_soup.merging.side_files import check_configs, choose_side_files
+from hub_soup.merging.plan import BASE, align
+from hub_soup.merging.side_files import check_configs, check_vocab_sizes, choose_side_files
 from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
+from hub_soup.merging.templates import choose_template, with_template
+from hub_soup.merging.vocab import read_tokenizer, soup_token_ids, soup_tokenizer_files
+from hub_soup.merging.vocab_rows import fill_rows, resized, token_keys, vocabulary_of, with_vocabulary
 from hub_soup.recipe import Recipe
 from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
 from hub_soup.soups.settings import resolve_settings, stacked_config
@@ -71,13 +78,17 @@ class Full(SoupKind[Soup]):
         after opening, which reads headers only."""
         if all(ref.kind == "local" for ref in self.models) or constants.is_offline_mode():
             return
+        by_token = self.recipe.tokenizer is not None
         layouts = early_layouts(self.models, local, token)
-        if layouts is not None:  # tensor shapes first (pickled weights are aligned after download)
-            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)
-        check_configs([
+        if layouts is not None and not by_token:  # tensor shapes first (pickled weights are aligned after download)
+            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)  # embeddings' rows: hint names the option
+        configs = [
             (ref.label, checkpoint.config if checkpoint is not None else remote_config(ref, token))
             for ref, checkpoint in zip(self.models.ingredients, local.ingredients)
-        ])
+        ]
+        if not by_token:
+            check_vocab_sizes(configs)
+        check_configs(configs, by_token=by_token)
         logger.info("headers and configs agree across %d ingredients%s; downloading", len(self.models.ingredients),
                     " and the base" if self.models.base is not None else "")
 
@@ -93,18 +104,37 @@ class Full(SoupKind[Soup]):
     def prepare(self, opened: Models[Checkpoint], backend: Backend, device: torch.device) -> Soup:
         """Align the ingredients (the base in its role), check their configs, and choose the side files."""
         checkpoints, base = opened.ingredients, opened.base
-        plan = align(layouts_of(checkpoints), self.recipe.exclude, base=layout_of(base) if base is not None else None)
+        configs = [(c.label, c.config) for c in checkpoints]
+        layouts, base_layout = layouts_of(checkpoints), layout_of(base) if base is not None else None
+        vocabulary = None
+        if self.recipe.tokenizer is not None:
+            names = [i.ref for i in self.recipe.ingredients]
+            vocabulary = vocabulary_of(checkpoints, base, self.recipe.tokenizer.choice(), names)
+            layouts = [resized(layout, vocabulary.sizes[i], vocabulary.size) for i, layout in enumerate(layouts)]
+            if base_layout is not None:
+                base_layout = resized(base_layout, vocabulary.sizes[BASE], vocabulary.size)
+        else:
+            check_vocab_sizes(configs)
+        plan = align(layouts, self.recipe.exclude, base=base_layout)
         for note in plan.notes:
             logger.info(note)
-        check_configs([(c.label, c.config) for c in checkpoints])
+        check_configs(configs, by_token=vocabulary is not None)
         aligned, plan = plan, resolve_settings(self.recipe, plan)
+        if vocabulary is not None:
+            keys = token_keys(checkpoints[0].metas, vocabulary.sizes[0])
+            plan = fill_rows(with_vocabulary(plan, vocabulary, keys), checkpoints, base)
+            logger.info("vocabulary (%s): %d tokens, %d rows", vocabulary.source, len(vocabulary.tokens), vocabulary.size)
         chosen = choose_side_files(checkpoints)
+        template = None
+        if self.recipe.chat_template is not None:
+            files = {i.ref: c.sidecars for i, c in zip(self.recipe.ingredients, checkpoints)}
+            template = choose_template(self.recipe.chat_template, files | ({"base": base.sidecars} if base else {}))
         dtype = getattr(torch, self.recipe.dtype) if self.recipe.dtype else None
         return Soup(
             checkpoints=checkpoints, base=base, plan=plan, method=self.recipe.merge_method(), dtype=dtype,
             metas=output_metas(plan, dtype), device=backend.device_for(device), side_files=chosen,
             reference=checkpoints[chosen.config_source or 0], backend=backend,
-            ingredients_plan=aligned if self.recipe.slices else None,
+            ingredients_plan=aligned if self.recipe.slices else None, vocabulary=vocabulary, chat_template=template,
         )
 
     def scorers(self, soup: Soup) -> Scorers:
@@ -141,11 +171,37 @@ class Full(SoupKind[Soup]):
         """The soup's tensors (written by :func:`write_tensors`) and its side files, config.json in its dtype."""
         config = soup_config(soup.reference, self.recipe.dtype)
         stacked_config(config, self.recipe)
+        files = side_file_contents(soup.side_files, config)
+        if soup.vocabulary is not None:
+            config, files = vocabulary_files(soup, config, files)
+        if soup.chat_template is not None:
+            files = with_template(files, soup.chat_template)
         return Output(
             metas=soup.metas, plan=soup.plan, write=lambda writer: write_tensors(writer, soup, report),
-            files=side_file_contents(soup.side_files, config), config=config,
+            files=files, config=config, vocabulary=soup.vocabulary,
             combined="averaged" if soup.method.summary is None else f"merged by {soup.method.name}",
         )
+
+
+def vocabulary_files(
+    soup: Soup, config: dict[str, Any] | None, files: dict[str, str | Path]
+) -> tuple[dict[str, Any] | None, dict[str, str | Path]]:
+    """The soup's config.json and tokenizer files in its chosen vocabulary: the tokenizer of the model it is
+    built on, with the tokens it adds; ``vocab_size`` and special token ids those of the soup's rows."""
+    vocabulary = soup.vocabulary
+    assert vocabulary is not None
+    origin = soup.base if vocabulary.origin == BASE else soup.checkpoints[vocabulary.origin]
+    assert origin is not None
+    files = {name: f for name, f in files.items() if files_module.sidecar_group(name) != "tokenizer"}
+    files.update(soup_tokenizer_files(origin.sidecars, vocabulary, origin.label))
+    reference = read_tokenizer(soup.reference.sidecars, soup.reference.label)
+    if config is not None:
+        config = {**soup_token_ids(config, reference, vocabulary), "vocab_size": vocabulary.size}
+        files["config.json"] = json.dumps(config, indent=2) + "\n"
+    if "generation_config.json" in files:
+        generation = json.loads(Path(files["generation_config.json"]).read_text())
+        files["generation_config.json"] = json.dumps(soup_token_ids(generation, reference, vocabulary), indent=2) + "\n"
+    return config, files
 
 
 def write_tensors(writer: Sink, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:

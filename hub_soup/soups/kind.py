@@ -32,6 +32,7 @@ from hub_soup.merging.methods import MergeMethod
 from hub_soup.merging.plan import MergePlan
 from hub_soup.merging.side_files import SideFiles
 from hub_soup.merging.similarity import Similarity
+from hub_soup.merging.vocab import Vocabulary
 from hub_soup.recipe import Recipe
 from hub_soup.report import AdapterCard
 
@@ -63,6 +64,8 @@ class Soup:
     reference: Checkpoint
     backend: Backend
     ingredients_plan: MergePlan | None = field(default=None, kw_only=True)
+    chat_template: str | None = field(default=None, kw_only=True)  # the recipe's, chosen (None: the files' own)
+    vocabulary: Vocabulary | None = field(default=None, kw_only=True)  # the soup's, where the ingredients' differ (rows aligned by token)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Output:
         combined: what was done to the soup's floating tensors, in the closing line's words.
         base_role: what the base is to this soup, in the card's and the step summary's words.
         card: the card's section of a kind that is not a merge of full models (None: the method's own words).
+        vocabulary: the soup's vocabulary, where the ingredients' differ (the card says where its rows came from).
         stem: the weights files' name (``model.safetensors``, PEFT's ``adapter_model.safetensors``).
         sharded: split into shards of ``max_shard_size`` (PEFT reads one adapter file: never sharded).
     """
@@ -107,6 +111,7 @@ class Output:
     card: AdapterCard | None = None
     stem: str = "model"
     sharded: bool = True
+    vocabulary: Vocabulary | None = None
 
 
 S = TypeVar("S", bound=Soup)
