@@ -63,19 +63,21 @@ def check_data(spec: EvalSpec, base: Path, token: str | bool | None = None) -> N
             hint=f"--eval-data (eval.data) is {_DATA_KINDS}",
         )
     near = near_miss(base, data) if "/" in data else None
-    if near is None:
-        return
     if constants.is_offline_mode():
+        if near is None:
+            return  # a Hub dataset in the local cache is used offline; the loader says if it is not there
         raise EvalError(
             f"eval data {data!r}: no local path of that name exists ({near}), and offline mode is on "
             "(HF_HUB_OFFLINE=1), so it was not looked up on the Hub",
             hint="check the path; a Hub dataset is only used offline once it is in the local cache",
         )
+    # looked up now, with hub-soup's own short retries: a Hub that cannot be reached, or a dataset that is not
+    # there, stops the run in seconds and before any merging (datasets' loader retries for half a minute)
     try:
         with_retries(lambda: _dataset_info(data, token), f"looking up the dataset {data}")
     except RefNotFoundError:
         raise EvalError(
-            f"eval data {data!r}: no Hub dataset of that name, nor is it a local path ({near})",
+            f"eval data {data!r}: no Hub dataset of that name, nor is it a local path" + (f" ({near})" if near else ""),
             hint=f"--eval-data (eval.data) is {_DATA_KINDS}",
         ) from None
 
