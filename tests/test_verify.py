@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import hub_soup
 from hub_soup.cli import main
 from hub_soup.verification.compare import ulp_distance
+from tests import checkpoints as ck
 from tests.hub_fixtures import TEST_TOKEN, TEST_USER
 from tests.hub_models import unique, upload
 from tests.hub_server import HubServer
@@ -345,3 +346,16 @@ def test_the_action_verifies_a_merge_given_as_verify(digits_soup: Path, tmp_path
             assert "**reproduced bit for bit" in summary.read_text()
         else:
             assert "give one of recipe: (build a soup) and verify:" in done.stderr
+
+
+def test_a_recipe_never_allows_pickles_for_the_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A published recipe saying ``allow_pickle: true`` is its author's word: verify loads an ingredient's
+    code-executing pickle only with the user's own --allow-pickle."""
+    first = ck.save_timm_folder(ck.timm_model(seed=1, batches=2), tmp_path / "first")
+    pickled = ck.save_whole_module(ck.timm_model(seed=2, batches=2), tmp_path / "whole" / "model.pth")
+    hub_soup.merge([str(first), str(pickled)], tmp_path / "soup", allow_pickle=True)
+    assert yaml.safe_load((tmp_path / "soup" / "hub-soup.yaml").read_text())["allow_pickle"] is True
+    code, report = verify_json(str(tmp_path / "soup"), capsys=capsys)
+    assert code == 2 and report["verdict"] == "cannot-verify" and "--allow-pickle" in report["reason"]
+    code, report = verify_json(str(tmp_path / "soup"), "--allow-pickle", capsys=capsys)
+    assert code == 0 and report["verdict"] == "bit-for-bit", report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hub_soup.cli.options import TOKEN, TRUST_REMOTE_CODE, add_eval_options, eval_spec_from_args
+from hub_soup.cli.options import ALLOW_PICKLE, TOKEN, TRUST_REMOTE_CODE, add_eval_options, eval_spec_from_args
 
 EXAMPLES = """exit codes: 0 reproduced (bit for bit, or within --tolerance-ulp), 4 differs, 2 cannot verify
 
@@ -39,6 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     TOKEN.add(parser)
     TRUST_REMOTE_CODE.add(parser)
+    ALLOW_PICKLE.add(parser)
     add_eval_options(parser)
     parser.set_defaults(handler=verify_command)
 
@@ -50,7 +51,8 @@ def verify_command(args: argparse.Namespace) -> int:
     from hub_soup.verification import verify
 
     report = verify(args.ref, tolerance_ulp=args.tolerance_ulp, eval=eval_spec_from_args(args),
-                    create_pr=args.create_pr, token=args.token, trust_remote_code=args.trust_remote_code)
+                    create_pr=args.create_pr, token=args.token, trust_remote_code=args.trust_remote_code,
+                    allow_pickle=args.allow_pickle)
     write_step_summary(report.markdown())
     print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
     return report.exit_code

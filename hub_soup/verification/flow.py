@@ -58,7 +58,7 @@ class _HeadersDiffer(Exception):
 
 def verify(
     ref: str, *, tolerance_ulp: int = 2, eval: dict[str, Any] | None = None, create_pr: bool = False,
-    token: str | bool | None = None, trust_remote_code: bool = False,
+    token: str | bool | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> VerifyReport:
     """Whether the merge at ``ref`` (``org/name[@rev]`` or a folder) is what its recipe makes.
 
@@ -75,6 +75,8 @@ def verify(
             (:mod:`~hub_soup.verification.evidence`), unless it cannot be verified.
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the logged-in one.
         trust_remote_code: allow the code ``eval`` names to run, and custom model code in configs.
+        allow_pickle: load ingredients' pickles that execute code. The published recipe's own
+            ``allow_pickle`` is never followed: it is the merge author's word, not the user's.
     """
     report = VerifyReport(ref=ref, tolerance_ulp=tolerance_ulp)
     spec = _evaluation(eval, trust_remote_code, token)
@@ -85,7 +87,7 @@ def verify(
     if create_pr:
         check_pr_target(published)  # a mistake of the command's, before any work: not a verdict
     try:
-        _verify(report, published, token, spec, trust_remote_code)
+        _verify(report, published, token, spec, trust_remote_code, allow_pickle)
     except _HeadersDiffer:
         report.verdict = "differs"
     except HubSoupError as exc:
@@ -114,14 +116,15 @@ def _evaluation(eval: dict[str, Any] | None, trust_remote_code: bool, token: str
 
 
 def _verify(
-    report: VerifyReport, published: ResolvedRef, token: str | bool | None, evaluation: EvalSpec | None, trust: bool
+    report: VerifyReport, published: ResolvedRef, token: str | bool | None, evaluation: EvalSpec | None, trust: bool,
+    allow_pickle: bool,
 ) -> None:
     report.published = published.pinned
     recipe, report.recipe_file = find_recipe(published, token)
     # who computed the weights: hub-soup pins its hub-soup.yaml; a mergekit config alone says mergekit did
     report.dialect = "hub-soup" if report.recipe_file == RECIPE_FILENAME else "mergekit"
     report.recipe_dtype = recipe.dtype
-    recipe, resolved = resolve_models(rebuildable(recipe), token)
+    recipe, resolved = resolve_models(rebuildable(recipe, allow_pickle), token)
     report.ingredients = [ref.pinned for ref in resolved]
     report.unpinned = [ref.label for ref in resolved if ref.kind != "local" and not _COMMIT.match(ref.revision or "")]
     kind = choose_kind(recipe, resolved, token)
@@ -231,8 +234,9 @@ def _read_small_file(published: ResolvedRef, name: str, token: str | bool | None
         return Path(hf_hub_download(published.repo_id, name, revision=published.sha, token=token)).read_text()
 
 
-def rebuildable(recipe: Recipe) -> Recipe:
-    """The recipe without what only its run needed (its evaluation, its push): what made the weights.
+def rebuildable(recipe: Recipe, allow_pickle: bool) -> Recipe:
+    """The recipe without what only its run needed (its evaluation, its push): what made the weights;
+    pickles that execute code loaded only if the user (``allow_pickle``), not the recipe, says so.
 
     Raises:
         RecipeError: a greedy soup or one with recalibrated BatchNorm statistics, whose weights depend on
@@ -244,7 +248,7 @@ def rebuildable(recipe: Recipe) -> Recipe:
             f"the recipe makes {what}: its weights depend on an evaluation, which verify does not rerun yet",
             hint="verify a merge whose recipe has no greedy or recalibrate_bn",
         )
-    return recipe.with_fields(eval=None, push=None, ensemble_reference=False)
+    return recipe.with_fields(eval=None, push=None, ensemble_reference=False, allow_pickle=allow_pickle)
 
 
 def published_headers(published: ResolvedRef, token: str | bool | None) -> dict[str, TensorMeta] | None:
