@@ -21,14 +21,39 @@ class Gram:
     def __init__(self, count: int) -> None:
         self.count = count
         self._dots = [[0.0] * count for _ in range(count)]
+        self._wide: torch.Tensor | None = None  # float64 rows, one per vector, reused chunk after chunk
 
     def add(self, vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> Gram:
         """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64), or
-        with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors)."""
-        wide = [v.double() for v in vectors] if origin is None else [v.double() - origin.double() for v in vectors]
-        for i, a in enumerate(wide):
+        with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors).
+
+        The chunks are copied into one reused float64 workspace and reduced by BLAS (``dot``; a Gram
+        product from four vectors on, where reading the workspace once beats a pass per pair): about five
+        times faster than float64 copies multiplied and summed pair by pair, and as exact (float64
+        products, float64 sums).
+        """
+        import torch
+
+        size = vectors[0].numel()
+        if self._wide is None or self._wide.shape[1] < size:
+            self._wide = torch.empty(self.count + 1, size, dtype=torch.float64)
+        wide = self._wide[: self.count, :size]
+        if origin is not None:  # widened once: a float64 - bf16 subtraction is several times slower
+            widened = self._wide[self.count, :size]
+            widened.copy_(origin.reshape(-1))
+        for row, vector in zip(wide, vectors, strict=True):
+            row.copy_(vector.reshape(-1))
+            if origin is not None:
+                row.sub_(widened)
+        if self.count >= 4:
+            products = (wide @ wide.T).tolist()
+            for i in range(self.count):
+                for j in range(i, self.count):
+                    self._dots[i][j] += products[i][j]
+            return self
+        for i in range(self.count):
             for j in range(i, self.count):
-                self._dots[i][j] += float(a.mul(wide[j]).sum())
+                self._dots[i][j] += float(torch.dot(wide[i], wide[j]))
         return self
 
     def dot(self, i: int, j: int) -> float:

@@ -113,4 +113,4 @@ class Karcher(MergeMethod):
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
-        combination_(acc, parts, statistics, scratch)
+        combination_(acc, parts, statistics, scratch, scalars=self.scalars)

@@ -131,9 +131,7 @@ class ModelStock(MergeMethod):
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
         assert base is not None
-        gram = statistics or Gram(len(parts))
-        wide = base.double()
-        return gram.add([p.double().sub_(wide) for p in parts])
+        return (statistics or Gram(len(parts))).add(parts, base)
 
     def finish_statistics(self, statistics: Gram | None, tensor: MergedTensor) -> float:
         """``t`` of the tensor (1 for a tensor the engine never observed: a 0-dim one is observed, an

@@ -102,4 +102,4 @@ class Multislerp(MergeMethod):
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
-        combination_(acc, parts, statistics, scratch, base)
+        combination_(acc, parts, statistics, scratch, base, scalars=self.scalars)

@@ -163,7 +163,7 @@ class Nuslerp(MergeMethod):
         import torch
 
         if isinstance(statistics, tuple):
-            combination_(acc, parts, statistics, scratch, base)
+            combination_(acc, parts, statistics, scratch, base, scalars=self.scalars)
             return
         if isinstance(statistics, Columns):
             assert statistics.c0 is not None and statistics.c1 is not None

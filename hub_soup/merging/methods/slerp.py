@@ -21,6 +21,7 @@ from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.angles import Gram, arc_coefficients
+from hub_soup.merging.methods.arithmetic import combination_
 
 if TYPE_CHECKING:
     import torch
@@ -76,8 +77,4 @@ class Slerp(MergeMethod):
         if s_b == 0 or s_a == 0:
             acc.copy_(a if s_b == 0 else b)
             return
-        acc.copy_(a)
-        acc.mul_(s_a)
-        scratch.copy_(b)
-        scratch.mul_(s_b)
-        acc.add_(scratch)
+        combination_(acc, parts, statistics, scratch, scalars=self.scalars)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from hub_soup.merging.methods import MergeMethod, NoParameters
+from hub_soup.merging.methods.arithmetic import combination_
 
 if TYPE_CHECKING:
     import torch
@@ -32,15 +33,15 @@ class TaskArithmetic(MergeMethod):
     """``base + lambda * (w0 * (p0 - base) + w1 * (p1 - base) + ...)``, ``/ sum(w)`` with ``normalize``.
 
     Each ingredient's coefficient (``lambda * w_i``, divided by the sum of the weights
-    when normalising) is worked out once per merge in float64; per element, every
-    subtraction, product and sum is one IEEE-rounded float64 op, so the result does not
-    depend on where the engine cuts a tensor. float64, not float32, because a soup
-    element can be far smaller than the base and task vectors it is made of: on the 0.5B
-    benchmark models, ``base + sum_i (p_i - base)`` cancelled down from 3e-3 to -6.8e-9,
-    and float32's rounding of the 3e-3 terms was 3% of the result (8 bf16 ulps). In
-    float64 the differences and sums of bf16, fp16 and float32 inputs are all but always
-    exact, so the soup is its definition rounded once; the merge reads and writes as much
-    as in float32 and was as fast (paired runs, 0.5B x 3).
+    when normalising) is worked out once per merge in float64, and the kernel
+    (:func:`~hub_soup.merging.methods.arithmetic.combination_`) computes per element, one
+    IEEE-rounded float64 op at a time, so the result does not depend on where the engine
+    cuts a tensor. float64, not float32, because a soup element can be far smaller than the
+    base and task vectors it is made of: on the 0.5B benchmark models,
+    ``base + sum_i (p_i - base)`` cancelled down from 3e-3 to -6.8e-9, and float32's
+    rounding of the 3e-3 terms was 3% of the result (8 bf16 ulps). float64's roundings are
+    2^-53 of the terms, so the soup is its definition rounded once; the merge reads and
+    writes as much as in float32.
     """
 
     name = "task_arithmetic"
@@ -81,11 +82,4 @@ class TaskArithmetic(MergeMethod):
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         assert base is not None
-        for i, (part, coefficient) in enumerate(zip(parts, self.scalars(self.coefficients(len(parts)), acc))):
-            target = acc if i == 0 else scratch
-            target.copy_(part)
-            target.sub_(base)
-            target.mul_(coefficient)
-            if i:
-                acc.add_(scratch)
-        acc.add_(base)
+        combination_(acc, parts, self.coefficients(len(parts)), scratch, base, scalars=self.scalars)
