@@ -47,19 +47,33 @@ class OrderStatistics:
         self.values: list[float] = []
 
     def observe(self, values: torch.Tensor) -> None:
-        """Count the current digit of one chunk of values."""
+        """Count the current digit of one chunk of values.
+
+        After the first pass only the elements sharing a rank's prefix count, a small share of them: they
+        are picked out by one shift and a comparison per prefix, then counted, rather than every element
+        counted once per prefix. Where every prefix is of non-negative values (importances, magnitudes),
+        the raw bits serve as keys: a non-negative float's bits are its key, and a negative one's are
+        negative as int64, so they match no such prefix.
+        """
         import torch
 
-        keys = ordered_keys(values.reshape(-1))
+        flat = values.reshape(-1)
         shift = 64 - WIDTH * (self._pass + 1)
         bins = 1 << WIDTH
         if self._pass == 0:  # every rank shares the empty prefix; the top digit, signed, shifted to 0 ..
-            counts = {0: torch.bincount((keys >> shift).add_(bins // 2), minlength=bins)}
-        else:  # only the elements with a rank's prefix count: theirs shifted to 1 .. bins, the rest clamped out
+            counts = {0: torch.bincount((ordered_keys(flat) >> shift).add_(bins // 2), minlength=bins)}
+        else:
+            prefixes = sorted(set(self._prefix))
+            keys = flat.view(torch.int64) if prefixes[0] >= 0 else ordered_keys(flat)
             shifted = keys >> shift
+            high = shifted >> WIDTH
+            matches = high == prefixes[0]
+            for prefix in prefixes[1:]:
+                matches |= high == prefix
+            picked, picked_high = shifted[matches], high[matches]
             counts = {
-                prefix: torch.bincount((shifted - (prefix << WIDTH) + 1).clamp_(0, bins + 1), minlength=bins + 2)[1:-1]
-                for prefix in set(self._prefix)
+                prefix: torch.bincount(picked[picked_high == prefix] - (prefix << WIDTH), minlength=bins)
+                for prefix in prefixes
             }
         for prefix, found in counts.items():
             previous = self._counts.get(prefix)
