@@ -11,7 +11,9 @@ So:
   when hub-soup is imported before torch (the command line always is); a value the user set wins.
   With it the same evaluation took 52 s on two threads under the same load.
 * The merge's arithmetic runs on :func:`merge_threads` threads: ``$HUB_SOUP_THREADS``, else 1
-  (elementwise ops on a few MiB are bound by memory; see benchmarks/RESULTS.md).
+  (elementwise ops on a few MiB are bound by memory; see benchmarks/RESULTS.md), else, for a
+  method whose time goes into computing (a ``compute_bound`` method: DELLA's per-row sorts,
+  arcee_fusion's softmaxes and order statistics), the CPUs this process may run on, as scoring.
 * Scoring (forward passes, BatchNorm recalibration) runs on :func:`eval_threads` threads:
   ``$HUB_SOUP_THREADS``, else ``$OMP_NUM_THREADS``, else the CPUs this process may run on
   (its affinity mask, which taskset and container cpusets narrow, where torch counts every core),
@@ -45,9 +47,16 @@ def _from_env(name: str) -> int | None:
     return count
 
 
-def merge_threads() -> int:
-    """Torch threads for a merge's elementwise arithmetic and copies: ``$HUB_SOUP_THREADS`` or 1."""
-    return _from_env(THREADS_ENV) or 1
+def merge_threads(compute_bound: bool = False) -> int:
+    """Torch threads for a merge: ``$HUB_SOUP_THREADS``, else 1 for elementwise arithmetic and copies, else (a
+    ``compute_bound`` method's sorts and softmaxes) the CPUs this process may run on."""
+    return _from_env(THREADS_ENV) or (_usable_cpus() if compute_bound else 1)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (which taskset and container cpusets narrow, where
+    torch counts every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def eval_threads() -> int:
@@ -56,7 +65,7 @@ def eval_threads() -> int:
     chosen = _from_env(THREADS_ENV) or _from_env("OMP_NUM_THREADS")
     if chosen is not None:
         return chosen
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _usable_cpus()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return max(1, cpus // max(1, local_processes))
 

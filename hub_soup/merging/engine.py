@@ -229,7 +229,7 @@ def stream_merge(
         _positions(plan, sources, steps, passes), width, chunk_room * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with torch_threads(threads or merge_threads()), _WriteBehind(
+        with torch_threads(threads or merge_threads(method.compute_bound)), _WriteBehind(
             sink, chunk_room * _widest(metas.values()), max(write_behind, 1)
         ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:

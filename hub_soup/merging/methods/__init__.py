@@ -118,6 +118,9 @@ class MergeMethod:
             calls :meth:`merge_tensor` once per tensor instead of :meth:`kernel` per block (and no
             statistics passes). Memory is then the inputs of the largest tensor (the ingredients' and
             the base's, in their stored dtypes) and what ``merge_tensor`` computes, not a few blocks.
+        compute_bound: the kernel or statistics spend their time computing (sorting each row, softmaxes,
+            order statistics), not moving bytes: the merge then runs on every CPU this process may use
+            (:func:`~hub_soup.threads.merge_threads`), where an elementwise merge is fastest on one.
     """
 
     name: ClassVar[str]
@@ -130,6 +133,7 @@ class MergeMethod:
     min_ingredients: ClassVar[int] = 2
     float64_kernel: ClassVar[bool] = False
     whole_tensor: ClassVar[bool] = False
+    compute_bound: ClassVar[bool] = False
     averages: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None
     normalizes_weights: ClassVar[bool] = True

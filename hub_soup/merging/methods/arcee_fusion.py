@@ -79,6 +79,7 @@ class ArceeFusion(MergeMethod):
     exact_ingredients = 1
     min_ingredients = 1
     float64_kernel = True
+    compute_bound = True
 
     def row_elements(self, shape: tuple[int, ...]) -> int:
         """A row is a vector along the last axis: its softmax is the row's."""

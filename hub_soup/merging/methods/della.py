@@ -76,7 +76,10 @@ def keep_probabilities(delta: torch.Tensor, rows: tuple[int, int, int], density:
     n = rows[1]
     if n == 1:
         return torch.full_like(delta, density)
-    order = torch.argsort(delta.view(rows).abs(), dim=1, stable=True)
+    # Sorted by their bits as integers: a non-negative float's bits order as the float does, and an integer
+    # sort is 1.5x faster than a float one (the ranks are DELLA's hot spot).
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[delta.element_size()]
+    order = torch.argsort(delta.view(rows).abs().view(bits), dim=1, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=delta.device).view(1, n, 1).expand_as(order))
     return ranks.reshape(-1).to(delta.dtype).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
 
@@ -88,6 +91,7 @@ class Della(GeneralizedTaskArithmetic):
     Parameters = DellaParameters
     sparsification = "random"
     consensus = True
+    compute_bound = True
     ingredient_parameters = ("density", "epsilon")
     title = "DELLA"
     paper = DELLA_PAPER
