@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hub_soup.cli import main
 from hub_soup.errors import RecipeError
+from hub_soup.ingredients import layouts_of
+from hub_soup.io.read import open_checkpoint
+from hub_soup.io.write import SoupWriter
+from hub_soup.merging.engine import output_metas, stream_merge
+from hub_soup.merging.methods import get_method
+from hub_soup.merging.plan import align
 from hub_soup.threads import THREADS_ENV, eval_threads, merge_threads, torch_threads
+from tests import checkpoints as ck
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits" / "ingredients"
@@ -28,8 +36,36 @@ def test_scoring_takes_the_cpus_this_process_may_use_shared_by_a_launch(monkeypa
     assert eval_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert eval_threads() == 3 and merge_threads() == 1
+    assert merge_threads(compute_bound=True) == cpus  # sorts and softmaxes: every CPU, as scoring
     monkeypatch.setenv(THREADS_ENV, "5")
-    assert eval_threads() == 5 and merge_threads() == 5
+    assert eval_threads() == 5 and merge_threads() == 5 and merge_threads(compute_bound=True) == 5
+
+
+@pytest.mark.parametrize(("method", "parameters", "count"), [
+    ("della_linear", {"density": 0.5, "epsilon": 0.2}, 2), ("arcee_fusion", {}, 1),
+])
+def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
+    method: str, parameters: dict[str, float], count: int, tmp_path: Path
+) -> None:
+    """The soup of a method merged on every CPU is the one-thread soup, bit for bit: its sorts, hashes and per-row
+    reductions do not depend on how the work is split (blocks large enough for torch to split them)."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(256, 1024, generator=generator).to(torch.bfloat16)
+    paths = [ck.save_safetensors({"w": (base.float() + torch.randn(256, 1024, generator=generator) * 0.1
+                                        ).to(torch.bfloat16)}, tmp_path / f"ft{i}.safetensors") for i in range(count)]
+    tunes = [open_checkpoint(p) for p in paths]
+    base_checkpoint = open_checkpoint(ck.save_safetensors({"w": base}, tmp_path / "base.safetensors"))
+    plan = align(layouts_of(tunes), base=layouts_of([base_checkpoint])[0])
+    soups = []
+    for threads in (1, 2):
+        out = tmp_path / f"soup-{threads}"
+        with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
+            stream_merge(tunes, plan, get_method(method)(parameters), writer, base=base_checkpoint, threads=threads)
+            writer.commit()
+        soups.append(load_file(out / "model.safetensors")["w"])
+    for checkpoint in [*tunes, base_checkpoint]:
+        checkpoint.close()
+    ck.assert_bit_equal(soups[0], soups[1], f"{method} on 1 and 2 threads")
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
