@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hub_soup.merging.engine import whole_rows
-from hub_soup.merging.methods import MergedTensor, MergeMethod, get_method
+from hub_soup.merging.methods import MergedTensor, MergeMethod, get_method, order
 from hub_soup.merging.methods.order import PASSES, OrderStatistics
 from tests import mergekit_reference as ref
 from tests.method_checks import merge_both_ways
@@ -84,10 +84,13 @@ def test_a_row_method_is_given_chunks_and_blocks_of_whole_rows(
     assert largest < 40 * 50 // 10  # a few rows of the matrix, not the matrix
 
 
-def test_order_statistics_are_the_sorted_elements_at_their_ranks() -> None:
+@pytest.mark.parametrize("gather", [order.GATHER, 40, 0])
+def test_order_statistics_are_the_sorted_elements_at_their_ranks(gather: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Radix selection over the ordered bits gives the exact element at each rank, whatever the signs (zeros of
-    both signs, tiny negatives, repeats), streamed in chunks, in four passes; ranks among non-negative values
-    only (every odd trial: the selection by raw bits) beside negative ones."""
+    both signs, tiny negatives, repeats), streamed in chunks, in four passes at most; ranks among non-negative
+    values only (every odd trial: the selection by raw bits) beside negative ones. Whether the keys near the
+    ranks are gathered and sorted after one pass (the default), after a few, or never (all four counted)."""
+    monkeypatch.setattr(order, "GATHER", gather)
     generator = torch.Generator().manual_seed(5)
     for trial in range(12):
         n = int(torch.randint(1, 3000, (1,), generator=generator))
@@ -100,9 +103,12 @@ def test_order_statistics_are_the_sorted_elements_at_their_ranks() -> None:
             ranks = [r for r in ranks if float(values.sort().values[r]) >= 0] or [n - 1]
         statistics = OrderStatistics(ranks)
         for _ in range(PASSES):
+            if statistics.done:
+                break
             for begin in range(0, n, 333):
                 statistics.observe(values[begin : begin + 333])
             statistics.finish_pass()
+        assert statistics.done
         ordered = values.sort().values
         assert statistics.values == [float(ordered[r]) for r in ranks], trial
 

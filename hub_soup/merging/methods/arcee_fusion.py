@@ -9,11 +9,13 @@ mergekit's own method (only mergekit's code defines it, so that code is the defi
 
 Each quantile is the sorted importances' element at ``int(q (n - 1))``. Streamed, at flat memory:
 the engine gives the method whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`,
-for the softmaxes), and four statistics passes find the three quantiles exactly by radix selection
-(:class:`~hub_soup.merging.methods.order.OrderStatistics`); the first also keeps each row's
-divergence (one float64 per row: 64 KiB for a 8192-row matrix), so the later passes and the
-kernel recompute each importance, bit for bit, from it and ``|x - b|``. Five reads of the tensor
-in all; float64 throughout, rounded once.
+for the softmaxes), and statistics passes find the three quantiles exactly by radix selection
+(:class:`~hub_soup.merging.methods.order.OrderStatistics`: usually two passes, a histogram then
+the few keys near each quantile gathered and sorted; four at most); the first also keeps each
+row's divergence (one float64 per row: 64 KiB for a 8192-row matrix), so the later passes and
+the kernel recompute each importance, bit for bit, from it and ``|x - b|``. The engine reads the
+tensor five times; the passes after the selection is done compute nothing. Float64 throughout,
+rounded once.
 
 A deliberate difference: above 1,000,000 elements mergekit estimates the quantiles from a sample
 drawn with replacement from torch's unseeded global generator, so its soup of a large tensor
@@ -103,6 +105,8 @@ class ArceeFusion(MergeMethod):
         import torch
 
         assert base is not None
+        if statistics.quantiles.done:  # the selection finished early: the passes left are reads alone
+            return statistics
         (other,) = parts
         width = statistics.width
         step = max(1, SLICE // width) * width
@@ -122,7 +126,7 @@ class ArceeFusion(MergeMethod):
         """Settle the pass's digit; after the last, the threshold ``median + 1.5 (Q3 - Q1)``."""
         statistics.quantiles.finish_pass()
         statistics.row, statistics.passes = 0, statistics.passes + 1
-        if statistics.passes == PASSES and statistics.quantiles.values:
+        if statistics.quantiles.done and statistics.quantiles.values:
             q1, median, q3 = statistics.quantiles.values
             statistics.threshold = median + 1.5 * (q3 - q1)
         return statistics

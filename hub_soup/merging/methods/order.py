@@ -6,7 +6,10 @@ but for any sign: a float64's bits, the lower 63 flipped where it is negative, o
 signed 64-bit integers as the floats do (``-0.0`` just below ``0.0``, equal as floats
 anyway). Each pass counts one 16-bit digit of the elements that share the digits found
 so far (a 65,536-bin histogram per distinct prefix), so four passes give every rank's
-value exactly: a few histograms of memory, however large the tensor. Tensor methods only:
+value exactly: a few histograms of memory, however large the tensor. Sooner, as a rule:
+once the elements sharing the ranks' prefixes are few (at most :data:`GATHER`, known from
+the last histogram), the next pass gathers their keys and sorts them, and the selection is
+done (:attr:`OrderStatistics.done`; a caller skips the passes left). Tensor methods only:
 importing this imports no torch.
 """
 
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 WIDTH = 16
 PASSES = 64 // WIDTH
 _LOW = (1 << 63) - 1  # the bits a negative float's key flips
+# Keys a pass may gather to finish the selection by sorting them (16 MiB of int64 at most).
+GATHER = 1 << 21
 
 
 def ordered_keys(values: torch.Tensor) -> torch.Tensor:
@@ -33,10 +38,11 @@ def ordered_keys(values: torch.Tensor) -> torch.Tensor:
 
 
 class OrderStatistics:
-    """The values at ascending ranks (0: the smallest) of a float64 tensor's elements, over :data:`PASSES` passes.
+    """The values at ascending ranks (0: the smallest) of a float64 tensor's elements, in at most :data:`PASSES` passes.
 
     Each pass, :meth:`observe` every chunk of the tensor (the same values each pass, in any order)
-    then :meth:`finish_pass`; after the last, :attr:`values` holds each rank's value.
+    then :meth:`finish_pass`; once :attr:`done` (after the last pass at the latest), :attr:`values`
+    holds each rank's value and further passes may be skipped.
     """
 
     def __init__(self, ranks: Sequence[int]) -> None:
@@ -44,10 +50,16 @@ class OrderStatistics:
         self._prefix = [0] * len(self._need)  # the digits found so far (signed: the key's top bits)
         self._pass = 0
         self._counts: dict[int, torch.Tensor] = {}
+        self._gathering = False  # this pass gathers the keys sharing the prefixes (few) instead of counting
+        # Where they go, made whole up front (their sizes are the last histogram's): small tensors kept between
+        # a pass's large temporaries would keep the allocator from handing those back.
+        self._gathered: dict[int, torch.Tensor] = {}
+        self._filled: dict[int, int] = {}
         self.values: list[float] = []
+        self.done = not self._need
 
     def observe(self, values: torch.Tensor) -> None:
-        """Count the current digit of one chunk of values.
+        """Count the current digit of one chunk of values (or gather its keys that share a rank's prefix).
 
         After the first pass only the elements sharing a rank's prefix count, a small share of them: they
         are picked out by one shift and a comparison per prefix, then counted, rather than every element
@@ -61,28 +73,41 @@ class OrderStatistics:
         shift = 64 - WIDTH * (self._pass + 1)
         bins = 1 << WIDTH
         if self._pass == 0:  # every rank shares the empty prefix; the top digit, signed, shifted to 0 ..
-            counts = {0: torch.bincount((ordered_keys(flat) >> shift).add_(bins // 2), minlength=bins)}
-        else:
-            prefixes = sorted(set(self._prefix))
-            keys = flat.view(torch.int64) if prefixes[0] >= 0 else ordered_keys(flat)
-            shifted = keys >> shift
-            high = shifted >> WIDTH
-            matches = high == prefixes[0]
-            for prefix in prefixes[1:]:
-                matches |= high == prefix
-            picked, picked_high = shifted[matches], high[matches]
-            counts = {
-                prefix: torch.bincount(picked[picked_high == prefix] - (prefix << WIDTH), minlength=bins)
-                for prefix in prefixes
-            }
-        for prefix, found in counts.items():
-            previous = self._counts.get(prefix)
-            self._counts[prefix] = found if previous is None else previous.add_(found)
+            found = torch.bincount((ordered_keys(flat) >> shift).add_(bins // 2), minlength=bins)
+            self._add(0, found)
+            return
+        prefixes = sorted(set(self._prefix))
+        keys = flat.view(torch.int64) if prefixes[0] >= 0 else ordered_keys(flat)
+        high = keys >> (shift + WIDTH)
+        matches = high == prefixes[0]
+        for prefix in prefixes[1:]:
+            matches |= high == prefix
+        picked, picked_high = keys[matches], high[matches]
+        for prefix in prefixes:
+            mine = picked[picked_high == prefix]
+            if self._gathering:
+                start = self._filled[prefix]
+                self._gathered[prefix][start : start + mine.numel()] = mine
+                self._filled[prefix] = start + mine.numel()
+            else:
+                self._add(prefix, torch.bincount((mine >> shift) - (prefix << WIDTH), minlength=bins))
+
+    def _add(self, prefix: int, found: torch.Tensor) -> None:
+        previous = self._counts.get(prefix)
+        self._counts[prefix] = found if previous is None else previous.add_(found)
 
     def finish_pass(self) -> None:
-        """Settle this pass's digit of each rank: the bin its element lies in."""
+        """Settle this pass's digit of each rank (the bin its element lies in), or, after a gathering pass, each
+        rank's element among the sorted keys."""
         import torch
 
+        if self.done:
+            return
+        if self._gathering:
+            ordered = {prefix: found.sort().values for prefix, found in self._gathered.items()}
+            self._settle([int(ordered[prefix][need]) for prefix, need in zip(self._prefix, self._need)])
+            return
+        sizes: dict[int, int] = {}
         for i, need in enumerate(self._need):
             counts = self._counts.get(self._prefix[i])
             if counts is None:  # no elements: no rank to place
@@ -92,8 +117,17 @@ class OrderStatistics:
             self._need[i] = need - (int(below[digit - 1]) if digit else 0)
             first = self._pass == 0
             self._prefix[i] = digit - (1 << WIDTH) // 2 if first else (self._prefix[i] << WIDTH) + digit
+            sizes[self._prefix[i]] = int(counts[digit])
         self._counts = {}
         self._pass += 1
-        if self._pass == PASSES:  # each prefix is now a whole key: its float
-            self.values = [struct.unpack("<d", struct.pack("<q", key ^ ((key >> 63) & _LOW)))[0]
-                           for key in self._prefix]
+        if self._pass == PASSES:  # each prefix is now a whole key
+            self._settle(self._prefix)
+        elif sum(sizes.values()) <= GATHER:
+            self._gathering = True
+            self._gathered = {prefix: torch.empty(size, dtype=torch.int64) for prefix, size in sizes.items()}
+            self._filled = dict.fromkeys(sizes, 0)
+
+    def _settle(self, keys: Sequence[int]) -> None:
+        """Each rank's value from its whole key."""
+        self.values = [struct.unpack("<d", struct.pack("<q", key ^ ((key >> 63) & _LOW)))[0] for key in keys]
+        self.done = True
