@@ -8,7 +8,7 @@ outliers go: the window is the ``int(density * n)`` largest after at most ``n - 
 * n)`` of them). ``density`` (default 1: nothing is trimmed, ``gamma`` too is then without
 effect, as in mergekit) and ``gamma`` (default 0.01) are per ingredient. The two ends of the
 window are exact thresholds found by the same streamed radix selection as TIES's (see
-:mod:`~hub_soup.merging.methods.sparsify`), two per ingredient in the same four passes;
+:mod:`~hub_soup.merging.methods.sparsify`), two per ingredient in the same passes;
 elements equal to a threshold are all kept (mergekit's ``argsort`` keeps an arbitrary
 subset of them). The weighted vectors are summed (divided by the sum of the weights with
 ``normalize``, off by default), scaled by ``lambda`` and added to the base model.

@@ -17,7 +17,7 @@ hub-soup rounds once, at the end. float64 and not float32 for the reason task ar
 gives (:mod:`~hub_soup.merging.methods.task_arithmetic`): a soup element can cancel to far
 below the base and task vectors it is made of (one element of the 1.5B benchmark models'
 TIES soup did), and float32's rounding of the large terms is then more than an ulp of it.
-The price is the magnitude threshold's two more radix passes (four over float64 bits).
+The magnitude threshold is then selected over float64 bits (two passes as a rule, four at most).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return min([self.parameters.density, *own]) < 1  # type: ignore[attr-defined]
 
     def statistics_passes(self, dtype: torch.dtype) -> int:
-        """Magnitude sparsification reads each tensor once per radix digit of its threshold (4 in float64)."""
+        """Magnitude sparsification reads each tensor once per radix digit of its threshold at most (4)."""
         return radix_passes(dtype) if self.sparsification == "magnitude" and self._sparsifies else 0
 
     def start_statistics(self, tensor: MergedTensor) -> Any:

@@ -8,9 +8,9 @@ from.
 **Magnitude** (TIES, mergekit's ``magnitude``): keep the ``k = int(density * numel)``
 largest ``|delta|`` of the whole tensor. The k-th largest value is found exactly with
 flat memory by radix selection over the bits of ``|delta|`` (non-negative floats
-order as their bit patterns do): each statistics pass counts one 16-bit digit of the
-elements that share the digits found so far, so float32 needs two passes (31 bits) and
-float64 four. Elements equal to the threshold are all kept (mergekit's ``argsort``
+order as their bit patterns do; :mod:`~hub_soup.merging.methods.order`): the first
+statistics pass counts the top 16 bits, the second, as a rule, gathers the few elements
+near the threshold and sorts them (four passes at most). Elements equal to the threshold are all kept (mergekit's ``argsort``
 keeps an arbitrary ``k`` of them): the only way the two may differ.
 
 **Random** (DARE, mergekit's ``random``): keep each element with probability
@@ -27,12 +27,10 @@ from typing import TYPE_CHECKING
 
 from hub_soup.errors import RecipeError
 from hub_soup.merging.methods import MergedTensor
+from hub_soup.merging.methods.order import PASSES, OrderStatistics
 
 if TYPE_CHECKING:
     import torch
-
-# Radix digits, from the top: (shift, width) of each pass over the bits of |delta|.
-_DIGITS = {4: ((15, 16), (0, 15)), 8: ((47, 16), (31, 16), (15, 16), (0, 15))}
 
 # DARE compares the top 24 bits of a 32-bit hash with density * 2**24.
 UNIFORM_BITS = 24
@@ -45,8 +43,9 @@ def delta_(out: torch.Tensor, part: torch.Tensor, base: torch.Tensor) -> torch.T
 
 
 def radix_passes(dtype: torch.dtype) -> int:
-    """Statistics passes the exact magnitude threshold of a tensor computed in ``dtype`` takes."""
-    return len(_DIGITS[dtype.itemsize])
+    """Statistics passes the exact magnitude threshold of a tensor computed in ``dtype`` takes at most (its
+    magnitudes are selected over float64 bits; two passes as a rule, see :attr:`MagnitudeThresholds.done`)."""
+    return PASSES
 
 
 DROP = "drop"
@@ -56,11 +55,12 @@ DROP = "drop"
 class MagnitudeThresholds:
     """One tensor's exact top-``k`` magnitude threshold of each ingredient's task vector, pass by pass.
 
-    :meth:`observe` counts a chunk's current digit, :meth:`finish_pass` settles it;
-    after the last pass :attr:`below` holds, per ingredient, ``None`` (density 1: keep
-    every element), :data:`DROP` (``k = 0``: keep none), or the value of the kernel's dtype
-    just below the k-th largest ``|delta|``: keeping ``|delta| > below`` keeps exactly
-    ``|delta| >= threshold``.
+    :meth:`observe` counts a chunk, :meth:`finish_pass` settles the pass; once :attr:`done` (after
+    :func:`radix_passes` passes at the latest, two as a rule) :attr:`below` holds, per ingredient,
+    ``None`` (density 1: keep every element), :data:`DROP` (``k = 0``: keep none), or the value of
+    the kernel's dtype just below the k-th largest ``|delta|``: keeping ``|delta| > below`` keeps
+    exactly ``|delta| >= threshold``. The selection is :class:`~hub_soup.merging.methods.order.OrderStatistics`'s
+    (the k-th largest of ``n`` is the ascending rank ``n - k``), one per ingredient, all its thresholds at once.
     """
 
     def __init__(self, densities: Sequence[float], tensor: MergedTensor, *,
@@ -71,81 +71,64 @@ class MagnitudeThresholds:
         import torch
 
         self.tensor = tensor
-        self._int = torch.int32 if tensor.dtype.itemsize == 4 else torch.int64
-        self._digits = _DIGITS[tensor.dtype.itemsize]
-        self._pass = 0
-        # Per selection: k (None: keep all), how many of the largest are still to be placed, the digits found.
+        # Per selection: k (None: keep all; 0: keep none), and whose |delta| it ranks.
         self._k: list[int | None] = (
             list(ranks) if ranks is not None else [None if d >= 1 else int(d * tensor.numel) for d in densities]
         )
         self._of = list(of) if of is not None else list(range(len(self._k)))
-        self._need = list(self._k)
-        self._prefix = [0] * len(self._k)
-        self._counts: list[torch.Tensor | None] = [None] * len(self._k)
+        ascending: dict[int, list[int]] = {}
+        for k, ingredient in zip(self._k, self._of):
+            if k:
+                ascending.setdefault(ingredient, []).append(tensor.numel - k)
+        self._orders = {ingredient: OrderStatistics(found) for ingredient, found in ascending.items()}
         self._scratch = torch.empty(0, dtype=tensor.dtype)
         self.below: list[float | str | None] = []
+        self.done = False
+        self._settle()
 
     def observe(self, parts: Sequence[torch.Tensor], base: torch.Tensor) -> None:
-        """Count the current digit of every ingredient's ``|delta|`` in one chunk."""
+        """Count every ingredient's ``|delta|`` in one chunk (those whose thresholds are still sought)."""
+        import torch
 
-        shift, width = self._digits[self._pass]
         if base.dtype != self.tensor.dtype:  # upcast once, not once per ingredient (exact either way)
             base = base.to(self.tensor.dtype)
         for ingredient, part in enumerate(parts):
-            selections = [s for s, of in enumerate(self._of) if of == ingredient and self._need[s]]
-            if not selections:  # keeps all (None) or none (0): nothing to count
+            order = self._orders.get(ingredient)
+            if order is None or order.done:
                 continue
             if self._scratch.numel() < part.numel():
                 self._scratch = part.new_empty(part.numel(), dtype=self.tensor.dtype)
-            bits = delta_(self._scratch[: part.numel()], part, base).abs_().view(self._int)
-            for i in selections:
-                self._count(i, bits, shift, width)
+            magnitude = delta_(self._scratch[: part.numel()], part, base).abs_()  # as the kernel computes it
+            order.observe(magnitude if magnitude.dtype == torch.float64 else magnitude.to(torch.float64))
 
     def observe_values(self, values: torch.Tensor, selection: int = 0) -> None:
-        """Count the current digit of one chunk of non-negative ``values`` (in the tensor's dtype) for
-        ``selection``: a threshold of some other magnitude than ``|delta|`` (SCE's variances)."""
-        if self._need[selection]:
-            shift, width = self._digits[self._pass]
-            self._count(selection, values.view(self._int), shift, width)
-
-    def _count(self, i: int, bits: torch.Tensor, shift: int, width: int) -> None:
-        """Add one chunk's histogram of the current digit to selection ``i``'s."""
+        """Count one chunk of non-negative ``values`` for ``selection``: a threshold of some other magnitude
+        than ``|delta|`` (SCE's variances)."""
         import torch
 
-        if self._pass:
-            # Only the elements whose higher digits are the ones found so far count: shifted so that theirs
-            # are 0 .. 2**width - 1, the rest clamped into one bin on either side (cheaper than selecting them).
-            above = self._digits[self._pass - 1][0]
-            keys = (bits >> shift).sub_((self._prefix[i] << (above - shift)) - 1).clamp_(0, (1 << width) + 1)
-            counts = torch.bincount(keys, minlength=(1 << width) + 2)[1:-1]
-        else:
-            counts = torch.bincount(bits >> shift, minlength=1 << width)  # |delta|'s top bit is 0
-        previous = self._counts[i]
-        self._counts[i] = counts.clone() if previous is None else previous.add_(counts)
+        order = self._orders.get(self._of[selection])
+        if order is not None and not order.done:
+            order.observe(values if values.dtype == torch.float64 else values.to(torch.float64))
 
     def finish_pass(self) -> None:
-        """Settle this pass's digit of each threshold: the digit (from the top) where the ``need``-th largest lies."""
+        """Settle this pass of every selection; once all are done, :attr:`below`."""
+        for order in self._orders.values():
+            order.finish_pass()
+        self._settle()
+
+    def _settle(self) -> None:
         import torch
 
-        _, width = self._digits[self._pass]
-        for i, counts in enumerate(self._counts):
-            need = self._need[i]
-            if not need:
-                continue
-            assert counts is not None  # every chunk of the tensor was counted
-            from_top = counts.flip(0).cumsum(0)
-            position = min(int(torch.searchsorted(from_top, need)), (1 << width) - 1)
-            self._need[i] = need - (int(from_top[position - 1]) if position else 0)
-            self._prefix[i] = (self._prefix[i] << width) | ((1 << width) - 1 - position)
-            self._counts[i] = None
-        self._pass += 1
-        if self._pass == len(self._digits):
-            down = torch.tensor(-1.0, dtype=self.tensor.dtype)
-            self.below = [  # the prefix is now the threshold's bits; below it, the next value down
-                None if k is None else DROP if k == 0
-                else float(torch.nextafter(torch.tensor(prefix, dtype=self._int).view(self.tensor.dtype), down))
-                for k, prefix in zip(self._k, self._prefix)
-            ]
+        if self.done or not all(order.done for order in self._orders.values()):
+            return
+        values = {ingredient: iter(order.values) for ingredient, order in self._orders.items()}
+        down = torch.tensor(-1.0, dtype=self.tensor.dtype)
+        self.below = [  # the threshold's value; below it, the next value down in the kernel's dtype
+            None if k is None else DROP if k == 0
+            else float(torch.nextafter(torch.tensor(next(values[of]), dtype=self.tensor.dtype), down))
+            for k, of in zip(self._k, self._of)
+        ]
+        self.done = True
 
 
 class RandomMasks:
