@@ -458,3 +458,31 @@ def test_a_recipe_never_allows_pickles_for_the_user(tmp_path: Path, capsys: pyte
     assert code == 2 and report["verdict"] == "cannot-verify" and "--allow-pickle" in report["reason"]
     code, report = verify_json(str(tmp_path / "soup"), "--allow-pickle", capsys=capsys)
     assert code == 0 and report["verdict"] == "bit-for-bit", report
+
+
+def test_eval_task_lm_eval_scores_the_merge_beside_its_ingredients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--eval-task lm-eval``: the harness scores the published merge beside each ingredient, in one model; the
+    merge's numbers are the harness's own for a fresh model of the published weights."""
+    from tests.hub_models import llama_folder
+    from tests.test_lm_eval import TASK, WORDS, harness_numbers, write_task
+
+    folders = [llama_folder(tmp_path / f"llama{i}", seed=i + 1, words=WORDS) for i in range(2)]
+    tasks = write_task(tmp_path / "tasks")
+    soup = tmp_path / "soup"
+    assert main(["--quiet", "merge", *map(str, folders), "-o", str(soup)]) == 0
+    capsys.readouterr()
+    evaluation = ["--eval-task", "lm-eval", "--eval-tasks", TASK, "--include-path", str(tasks), "--trust-remote-code"]
+    code, report = verify_json(str(soup), *evaluation, capsys=capsys)
+    assert code == 0 and report["verdict"] == "bit-for-bit", report
+    merged = {s["metric"].removeprefix(f"{TASK}/"): s["value"] for s in report["scores"] if s["role"] == "merge"}
+    assert merged == harness_numbers(soup, tasks)
+    accuracy = [s for s in report["scores"] if s["metric"] == f"{TASK}/acc"]
+    assert [s["role"] for s in accuracy] == ["merge", "ingredient", "ingredient"]
+    assert [s["model"] for s in accuracy[1:]] == [str(folder) for folder in folders], accuracy
+    assert "its best ingredient" in report["comparison"]
+    assert main(["--quiet", "verify", str(soup), *evaluation]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for folder in folders:
+        assert any(str(folder) in line and f"{TASK}/acc" in line for line in printed), printed
