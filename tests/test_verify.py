@@ -273,7 +273,8 @@ def test_one_element_changed_differs_naming_the_tensor(
 
 
 def test_cancelling_terms_in_bf16_verify_within_the_inputs_scale(
-    api: HfApi, cancelling_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    api: HfApi, cancelling_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """mergekit's bf16 rounding is in ulps of the terms it adds: where they cancel, it is many ulps of the sum
     (more than the tolerance of the result's own value), and still within 2 ulp of the inputs' scale."""
@@ -283,6 +284,8 @@ def test_cancelling_terms_in_bf16_verify_within_the_inputs_scale(
     assert int(ulp_distance(published, exact).max()) > 2  # beyond 2 ulp of the result: today's rule fails it
     assert float(exact.double().abs().max()) < 0.1 * float(inputs[0].double().abs().min())  # the terms cancel
 
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     repo = published_repo(api, cancelling_merge)
     code, report = verify_json(repo, capsys=capsys)
     assert code == 0, json.dumps({k: report[k] for k in ("differences", "max_ulp", "mismatched")})
@@ -296,6 +299,8 @@ def test_cancelling_terms_in_bf16_verify_within_the_inputs_scale(
     said = capsys.readouterr().out
     assert "reproduced within 2 ulp of the inputs' scale" in said and "why: the recipe is a mergekit config" in said
     assert "tolerance: an element counts as reproduced when it is within 2 ulp of the larger of" in said
+    written = summary.read_text()  # what the step summary, and a pull request's card section, say
+    assert "**reproduced within 2 ulp of the inputs' scale" in written and "Tolerance: an element counts" in written
 
     def change(tensors: dict[str, torch.Tensor]) -> None:  # by 0.25: about 32 ulp of the inputs' scale there
         tensors["layers.0.weight"][3, 5] += 0.25
