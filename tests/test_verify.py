@@ -96,18 +96,39 @@ def ingredients(tmp_path_factory: pytest.TempPathFactory, api: HfApi) -> tuple[s
     return repos[0], repos[1], folders[0], folders[1]
 
 
-@pytest.fixture(scope="module")
-def mergekit_merge(tmp_path_factory: pytest.TempPathFactory, ingredients: tuple[str, str, Path, Path]) -> Path:
-    """The folder mergekit writes for a linear merge of the two, its weights computed in bf16 arithmetic."""
+def mergekit_folder(folder: Path, ingredients: tuple[str, str, Path, Path]) -> Path:
+    """The folder mergekit writes for a linear merge of the two ingredients, its weights computed in bf16."""
     repo_a, repo_b, folder_a, folder_b = ingredients
-    folder = tmp_path_factory.mktemp("mergekit") / "merged"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
     save_file({key: mergekit_linear([a[key], b[key]], WEIGHTS) for key in a}, folder / "model.safetensors")
     config = MERGEKIT_CONFIG.format(a=repo_a, b=repo_b)
     (folder / "mergekit_config.yml").write_text(config)
     (folder / "README.md").write_text(CARD.format(a=repo_a, b=repo_b, config=config))
     return folder
+
+
+@pytest.fixture(scope="module")
+def mergekit_merge(tmp_path_factory: pytest.TempPathFactory, ingredients: tuple[str, str, Path, Path]) -> Path:
+    """The folder mergekit writes for a linear merge of the two, its weights computed in bf16 arithmetic."""
+    return mergekit_folder(tmp_path_factory.mktemp("mergekit") / "merged", ingredients)
+
+
+@pytest.fixture(scope="module")
+def cancelling_merge(tmp_path_factory: pytest.TempPathFactory, api: HfApi) -> Path:
+    """A mergekit linear merge (0.25 a + 0.75 b, in bf16) of two bf16 ingredients on the Hub whose terms cancel:
+    b is -a / 3 made 5% to 15% smaller, so the result is a tenth of the terms or less, and mergekit's rounding
+    of ``0.75 * b`` (up to half an ulp of that term) is up to a few ulp of the result, as a real one's is."""
+    root = tmp_path_factory.mktemp("cancelling")
+    start, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(3)
+    a = {key: 1 + torch.rand(shape, generator=start) for key, shape in SHAPES.items()}
+    b = {key: -value / 3 * (0.85 + 0.1 * torch.rand(value.shape, generator=noise)) for key, value in a.items()}
+    folders, repos = [root / "a", root / "b"], [f"{TEST_USER}/{unique(f'verify-cancel-{n}')}" for n in "ab"]
+    for tensors, folder, repo in zip((a, b), folders, repos):
+        folder.mkdir()
+        save_file({key: value.to(torch.bfloat16) for key, value in tensors.items()}, folder / "model.safetensors")
+        upload(api, folder, repo)
+    return mergekit_folder(root / "merged", (repos[0], repos[1], folders[0], folders[1]))
 
 
 def verify_json(ref: str, *more: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
@@ -143,6 +164,45 @@ def test_ulp_distance_counts_the_floats_between() -> None:
     eight = torch.tensor([1.0, 1.0], dtype=torch.float8_e4m3fn)  # one byte: 1.0 and the float after it
     assert ulp_distance(eight[:1], (eight.view(torch.int8) + torch.tensor([0, 1], dtype=torch.int8)).view(
         torch.float8_e4m3fn)[1:]).item() == 1
+
+
+def test_ulp_at_is_the_spacing_of_the_dtype_there() -> None:
+    from hub_soup.verification.compare import ulp_at
+
+    magnitudes = torch.tensor([1.0, 1.99, 2.0, 0.75, 0.0, 1e-40], dtype=torch.float64)
+    assert ulp_at(magnitudes, torch.bfloat16).tolist() == [2.0**-7, 2.0**-7, 2.0**-6, 2.0**-8, 2.0**-133, 2.0**-133]
+    assert ulp_at(magnitudes[:1], torch.float32).item() == 2.0**-23
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # what the next float after each value is
+        values = torch.tensor([0.3, 1.0, 700.0], dtype=dtype)
+        after = torch.nextafter(values, torch.full_like(values, float("inf")))
+        assert ulp_at(values.double(), dtype).tolist() == (after.double() - values.double()).tolist()
+
+
+def test_the_inputs_scale_reads_rows_as_the_engine_does(tmp_path: Path) -> None:
+    """Rows gathered out of order (another vocabulary's), and the base: each element's inputs are the very values
+    it was merged from, read through the plan's own read path."""
+    from contextlib import ExitStack
+    from dataclasses import replace
+
+    from hub_soup.io.read import open_checkpoint
+    from hub_soup.merging.plan import Layout, align
+    from hub_soup.verification.compare import InputScale
+
+    tensors = [{"embed.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(n))} for n in range(3)]
+    for n, state in enumerate(tensors):
+        save_file(state, tmp_path / f"m{n}.safetensors")
+    rows = (5, 0, 3, 1)
+    at = torch.tensor([0, 3, 7, 15])
+    with ExitStack() as stack:
+        a, b, base = (stack.enter_context(open_checkpoint(tmp_path / f"m{n}.safetensors")) for n in range(3))
+        plan = align([Layout("a", a.metas), Layout("b", b.metas)], base=Layout("base", base.metas))
+        tensor = plan.tensors[0].gathered([range(1, 5), rows])
+        assert tensor.base_input is not None
+        plan.tensors[0] = replace(tensor, base_input=replace(tensor.base_input, rows=(2, 2, 4, 0)))
+        largest = InputScale([a, b], base, plan).largest("embed.weight", 0, 16, at)
+    first, second, third = (t["embed.weight"] for t in tensors)
+    expected = torch.stack([first[1:5].reshape(-1), second[list(rows)].reshape(-1), third[[2, 2, 4, 0]].reshape(-1)])
+    assert torch.equal(largest, expected.abs().amax(dim=0)[at].double())
 
 
 def test_a_soup_pushed_by_hub_soup_verifies_bit_for_bit(
@@ -210,6 +270,50 @@ def test_one_element_changed_differs_naming_the_tensor(
     assert first["key"] == "layers.0.weight" and first["beyond"] == 1 and first["max_ulp"] > 2
     main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
     assert "layers.0.weight: 1 of 256 elements differ by more than 2 ulp" in capsys.readouterr().out
+
+
+def test_cancelling_terms_in_bf16_verify_within_the_inputs_scale(
+    api: HfApi, cancelling_merge: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mergekit's bf16 rounding is in ulps of the terms it adds: where they cancel, it is many ulps of the sum
+    (more than the tolerance of the result's own value), and still within 2 ulp of the inputs' scale."""
+    published = load_file(cancelling_merge / "model.safetensors")["layers.0.weight"]
+    inputs = [load_file(cancelling_merge.parent / name / "model.safetensors")["layers.0.weight"] for name in "ab"]
+    exact = (WEIGHTS[0] * inputs[0].double() + WEIGHTS[1] * inputs[1].double()).to(torch.bfloat16)
+    assert int(ulp_distance(published, exact).max()) > 2  # beyond 2 ulp of the result: today's rule fails it
+    assert float(exact.double().abs().max()) < 0.1 * float(inputs[0].double().abs().min())  # the terms cancel
+
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    repo = published_repo(api, cancelling_merge)
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 0, json.dumps({k: report[k] for k in ("differences", "max_ulp", "mismatched")})
+    assert report["verdict"] == "within-ulp" and report["judged_by"] == "inputs"
+    assert report["max_ulp"]["bfloat16"] > 2
+    assert all(d["beyond"] == 0 and d["judged_by"] == "inputs" for d in report["differences"])
+    assert any(d["beyond_own"] > 0 for d in report["differences"])
+    assert "mergekit computes in the config's dtype (bfloat16)" in report["reason"]
+    assert "reproduced within 2 ulp of the inputs' scale" in report["summary"]
+    main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
+    said = capsys.readouterr().out
+    assert "reproduced within 2 ulp of the inputs' scale" in said and "why: the recipe is a mergekit config" in said
+    assert "tolerance: an element counts as reproduced when it is within 2 ulp of the larger of" in said
+    written = summary.read_text()  # what the step summary, and a pull request's card section, say
+    assert "**reproduced within 2 ulp of the inputs' scale" in written and "Tolerance: an element counts" in written
+
+    def change(tensors: dict[str, torch.Tensor]) -> None:  # by 0.25: about 32 ulp of the inputs' scale there
+        tensors["layers.0.weight"][3, 5] += 0.25
+
+    repo = published_repo(api, changed(cancelling_merge, tmp_path, change))
+    code, report = verify_json(repo, capsys=capsys)
+    assert code == 4 and report["verdict"] == "differs"
+    first = report["differences"][0]
+    assert first["key"] == "layers.0.weight" and first["beyond"] == 1 and first["judged_by"] == "inputs"
+    assert all(d["beyond"] == 0 for d in report["differences"][1:])
+    main(["--quiet", "verify", repo, "--token", TEST_TOKEN])
+    assert "layers.0.weight: 1 of 256 elements differ by more than 2 ulp of their inputs' scale" in (
+        capsys.readouterr().out)
 
 
 def test_one_tensor_missing_differs_from_the_headers(
@@ -359,3 +463,31 @@ def test_a_recipe_never_allows_pickles_for_the_user(tmp_path: Path, capsys: pyte
     assert code == 2 and report["verdict"] == "cannot-verify" and "--allow-pickle" in report["reason"]
     code, report = verify_json(str(tmp_path / "soup"), "--allow-pickle", capsys=capsys)
     assert code == 0 and report["verdict"] == "bit-for-bit", report
+
+
+def test_eval_task_lm_eval_scores_the_merge_beside_its_ingredients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--eval-task lm-eval``: the harness scores the published merge beside each ingredient, in one model; the
+    merge's numbers are the harness's own for a fresh model of the published weights."""
+    from tests.hub_models import llama_folder
+    from tests.test_lm_eval import TASK, WORDS, harness_numbers, write_task
+
+    folders = [llama_folder(tmp_path / f"llama{i}", seed=i + 1, words=WORDS) for i in range(2)]
+    tasks = write_task(tmp_path / "tasks")
+    soup = tmp_path / "soup"
+    assert main(["--quiet", "merge", *map(str, folders), "-o", str(soup)]) == 0
+    capsys.readouterr()
+    evaluation = ["--eval-task", "lm-eval", "--eval-tasks", TASK, "--include-path", str(tasks), "--trust-remote-code"]
+    code, report = verify_json(str(soup), *evaluation, capsys=capsys)
+    assert code == 0 and report["verdict"] == "bit-for-bit", report
+    merged = {s["metric"].removeprefix(f"{TASK}/"): s["value"] for s in report["scores"] if s["role"] == "merge"}
+    assert merged == harness_numbers(soup, tasks)
+    accuracy = [s for s in report["scores"] if s["metric"] == f"{TASK}/acc"]
+    assert [s["role"] for s in accuracy] == ["merge", "ingredient", "ingredient"]
+    assert [s["model"] for s in accuracy[1:]] == [str(folder) for folder in folders], accuracy
+    assert "its best ingredient" in report["comparison"]
+    assert main(["--quiet", "verify", str(soup), *evaluation]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for folder in folders:
+        assert any(str(folder) in line and f"{TASK}/acc" in line for line in printed), printed

@@ -30,7 +30,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("ref", metavar="REF", help="the merge: a Hub repo org/name[@revision], or a local folder")
     parser.add_argument(
         "--tolerance-ulp", type=int, default=2, metavar="N",
-        help="floating elements that differ by at most N units in the last place count as reproduced (default 2)",
+        help="floating elements that differ by at most N units in the last place count as reproduced: of their own "
+        "value, or where the merge's terms cancel, of their inputs' largest magnitude (default 2)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
     parser.add_argument(

@@ -220,7 +220,7 @@ def stream_merge(
                for d in (torch.float32, torch.float64)}
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
-    sources = {t.key: _sources(checkpoints, base, t) for t in plan.tensors}
+    sources = {t.key: tensor_sources(checkpoints, base, t) for t in plan.tensors}
     total_read = sum(
         t.meta.nbytes * len(sources[t.key]) * (1 + passes[t.key] if t.average else 1) for t in plan.tensors
     )
@@ -669,7 +669,7 @@ def _positions(
                 yield [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
 
 
-def _sources(
+def tensor_sources(
     checkpoints: Sequence[Checkpoint], base: Checkpoint | None, tensor: TensorPlan
 ) -> list[tuple[Checkpoint, Input]]:
     """What :func:`stream_merge` reads for ``tensor``: each input in its checkpoint (then the base's), or the

@@ -32,12 +32,14 @@ from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.io.write import MERGEKIT_CONFIG, RECIPE_FILENAME
 from hub_soup.merging.engine import Weights, saved_weights
+from hub_soup.merging.plan import MergePlan
 from hub_soup.pipeline.preflight import check_eval, check_trusted, device_for
 from hub_soup.pipeline.resolving import resolve_models
 from hub_soup.pipeline.scoring import score, scores_of
 from hub_soup.recipe import Recipe, parse_recipe, validated
 from hub_soup.soups import Soup, SoupKind, choose_kind
-from hub_soup.verification.compare import ComparingSink
+from hub_soup.soups.full import Full
+from hub_soup.verification.compare import ComparingSink, InputScale
 from hub_soup.verification.evidence import check_pr_target, open_pr, reproduce_command
 from hub_soup.verification.report import Role, Score, VerifyReport
 
@@ -146,7 +148,7 @@ def _verify(
             compare_headers(made.metas, headers, report)
         with opened_published(published, token) as checkpoint:
             compare_headers(made.metas, checkpoint.metas, report)
-            sink = ComparingSink(checkpoint, report.tolerance_ulp, _FIRST_BUFFER)
+            sink = ComparingSink(checkpoint, report.tolerance_ulp, _FIRST_BUFFER, input_scale(kind, soup, made.plan))
             made.write(sink)
             sink.finish()
             if evaluation is not None:
@@ -154,12 +156,21 @@ def _verify(
                 score_published(report, scored, kind, soup, saved_weights(checkpoint, made.metas), trust)
     report.tensors, report.max_ulp = sink.tensors, sink.max_ulp
     report.differences = sorted(sink.differences, key=lambda d: (-d.beyond, -d.max_ulp, -d.differing))
+    report.judged_by = "inputs" if any(d.judged_by == "inputs" for d in report.differences) else "result"
     if not report.differences:
         report.verdict = "bit-for-bit"
     elif not any(d.beyond for d in report.differences):
         report.verdict, report.reason = "within-ulp", rounding_reason(report)
     else:
         report.verdict = "differs"
+
+
+def input_scale(kind: SoupKind[Any], soup: Soup, plan: MergePlan) -> InputScale | None:
+    """The rebuild's inputs element by element, where they are: a full soup's tensors are each made of the same
+    elements of their inputs (the engine's plan, with ``soup``'s checkpoints and base). An adapter soup's are
+    not (a delta is a product of low-rank factors; a concatenated-rank adapter stacks them): ``None``, so its
+    elements are judged against their own value alone."""
+    return InputScale(soup.checkpoints, soup.base, plan) if isinstance(kind, Full) else None
 
 
 def score_published(
@@ -295,7 +306,9 @@ def rounding_reason(report: VerifyReport) -> str | None:
     """Why a rebuild differs from the published merge by a few ulp, where it is known."""
     if report.dialect != "mergekit":
         return None
+    said = "; where the terms cancel, those roundings of the terms are many ulp of the result" if (
+        report.judged_by == "inputs") else ""
     if report.recipe_dtype in ("bfloat16", "float16"):
         return (f"the recipe is a mergekit config: mergekit computes in the config's dtype ({report.recipe_dtype}), "
-                "rounding after every operation, where hub-soup computes in float32 and rounds once")
-    return "the recipe is a mergekit config: mergekit rounds its arithmetic in another order than hub-soup"
+                f"rounding after every operation, where hub-soup computes in float32 and rounds once{said}")
+    return f"the recipe is a mergekit config: mergekit rounds its arithmetic in another order than hub-soup{said}"

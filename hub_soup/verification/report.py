@@ -17,6 +17,8 @@ EXIT_DIFFERS = 4
 
 Verdict = Literal["bit-for-bit", "within-ulp", "differs", "cannot-verify"]
 Role = Literal["merge", "ingredient", "base"]  # what a scored model is to the merge
+# What the tolerance's ulps are of: each element's rebuilt value, or the larger of it and its inputs' magnitude.
+Scale = Literal["result", "inputs"]
 EXIT_CODES: dict[Verdict, int] = {
     "bit-for-bit": EXIT_OK, "within-ulp": EXIT_OK, "differs": EXIT_DIFFERS, "cannot-verify": EXIT_BAD_INPUT,
 }
@@ -31,10 +33,15 @@ class TensorDifference:
     Attributes:
         elements: the tensor's element count.
         differing: how many elements differ.
-        beyond: how many differ by more than the tolerance (for an integer or bool tensor, every differing one).
+        beyond: how many differ by more than the tolerance, judged by :attr:`judged_by` (for an integer or bool
+            tensor, every differing one).
         max_ulp: the largest difference in units in the last place of ``dtype`` (for an integer or bool
-            tensor, the largest difference of values).
+            tensor, the largest difference of values), of the elements' own values.
         floating: a floating tensor (only those may differ within a tolerance).
+        beyond_own: how many differ by more than the tolerance in ulp of their own rebuilt value.
+        judged_by: ``inputs`` where those were judged again against their inputs' scale (the tolerance in ulp
+            of the larger of the rebuilt value and the largest of the element's inputs); ``result`` where none
+            was beyond its own value's tolerance, or the tensor's inputs are not known element by element.
     """
 
     key: str
@@ -44,6 +51,8 @@ class TensorDifference:
     beyond: int
     max_ulp: int
     floating: bool = True
+    beyond_own: int = 0
+    judged_by: Scale = "result"
 
 
 @dataclass
@@ -71,6 +80,8 @@ class VerifyReport:
         ingredients: every ingredient (and the base) as resolved, pinned.
         unpinned: those the recipe does not pin, resolved to today's commit.
         tolerance_ulp: the most ulps a floating element may differ by and the merge count as reproduced.
+        judged_by: what those ulps were of: ``result``, each element's own value; ``inputs``, for some elements
+            (beyond the tolerance of their own value) the larger of it and their inputs' scale.
         max_ulp: the largest difference by dtype, over every compared tensor.
         differences: every tensor that differs, largest first.
         only_published, only_rebuilt: keys on one side only.
@@ -90,6 +101,7 @@ class VerifyReport:
     ingredients: list[str] = field(default_factory=list)
     unpinned: list[str] = field(default_factory=list)
     tolerance_ulp: int = 2
+    judged_by: Scale = "result"
     tensors: int = 0
     max_ulp: dict[str, int] = field(default_factory=dict)
     differences: list[TensorDifference] = field(default_factory=list)
@@ -120,6 +132,9 @@ class VerifyReport:
             return f"reproduced bit for bit: all {self.tensors} tensors are the recipe's, to the last bit"
         if self.verdict == "within-ulp":
             worst = ", ".join(f"{dtype} {ulp} ulp" for dtype, ulp in sorted(self.max_ulp.items()) if ulp)
+            if self.judged_by == "inputs":
+                return (f"reproduced within {self.tolerance_ulp} ulp of the inputs' scale (largest difference: {worst} "
+                        "of the result)")
             return f"reproduced within {self.tolerance_ulp} ulp (largest difference: {worst})"
         if self.verdict == "differs":
             return "differs: the published weights are not what the recipe makes"
@@ -138,6 +153,8 @@ class VerifyReport:
             )
         if self.verdict == "within-ulp" and self.reason:
             lines.append(f"  why: {self.reason}")
+        if self.judged_by == "inputs":
+            lines.append(f"  tolerance: {self.inputs_rule()}")
         if self.verdict == "differs":
             lines += self._difference_lines()
         lines += self.score_lines()
@@ -160,6 +177,8 @@ class VerifyReport:
             lines += [f"Not pinned by the recipe, so resolved to the commits of the day: {', '.join(self.unpinned)}.", ""]
         if self.verdict == "within-ulp" and self.reason:
             lines += [f"Why: {self.reason}.", ""]
+        if self.judged_by == "inputs":
+            lines += [f"Tolerance: {self.inputs_rule()}.", ""]
         if self.verdict == "differs":
             lines += [f"- {line.strip()}" for line in self._difference_lines()] + [""]
         if self.scores:
@@ -170,6 +189,13 @@ class VerifyReport:
             lines += [self.comparison[0].upper() + self.comparison[1:] + ".", ""]
         return "\n".join(lines)
 
+    def inputs_rule(self) -> str:
+        """The inputs' scale rule in words (said wherever it judged)."""
+        return (f"an element counts as reproduced when it is within {self.tolerance_ulp} ulp of the larger of its "
+                "rebuilt value and its inputs' largest magnitude there (each ingredient's and the base's value): "
+                "arithmetic in a low precision rounds each term it adds in ulps of that term, which are many ulp "
+                "of a result where the terms cancel")
+
     def _difference_lines(self) -> list[str]:
         lines = [f"  only in the published merge: {key}" for key in self.only_published[:SHOWN]]
         lines += [f"  missing from the published merge: {key}" for key in self.only_rebuilt[:SHOWN]]
@@ -178,7 +204,12 @@ class VerifyReport:
                 lines.append(f"  ... and {len(keys) - SHOWN} more keys only in the {side} merge")
         lines += [f"  {line}" for line in self.mismatched[:SHOWN]]
         for d in self.differences[:SHOWN]:
-            if d.floating:
+            if d.floating and d.judged_by == "inputs":
+                lines.append(f"  {d.key}: {d.beyond:,} of {d.elements:,} elements differ by more than "
+                             f"{self.tolerance_ulp} ulp of their inputs' scale ({d.beyond_own:,} by more than "
+                             f"{self.tolerance_ulp} ulp of their own value, by up to {d.max_ulp} ulp; {d.dtype}; "
+                             f"{d.differing:,} differ at all)")
+            elif d.floating:
                 lines.append(f"  {d.key}: {d.beyond:,} of {d.elements:,} elements differ by more than "
                              f"{self.tolerance_ulp} ulp, by up to {d.max_ulp} ulp ({d.dtype}; {d.differing:,} differ "
                              "at all)")
