@@ -124,6 +124,8 @@ def test_hub_lora_is_pinned_with_its_model(models: Path, hub: HubServer, hub_tok
     assert (f"[{repos['model_a']}](https://huggingface.co/{repos['model_a']}) + LoRA "
             f"[{repos[ADAPTER]}](https://huggingface.co/{repos[ADAPTER]}) | `{shas['model_a'][:12]}` + "
             f"`{shas[ADAPTER][:12]}`") in card
+    metadata = yaml.safe_load(card.split("---")[1])  # the model tree: the adapter beside its model, as mergekit's
+    assert metadata["base_model"] == [repos["model_a"], repos[ADAPTER], repos["model_b"]]
     (tmp_path / "local").mkdir()
     local = run_config(models, "linear_lora", tmp_path / "local")  # the same config on local paths
     soup = weights(out)

@@ -70,13 +70,19 @@ def agreed_license(ingredients: Sequence[ResolvedRef], override: str | None) -> 
     return None
 
 
+def _repos(ref: ResolvedRef) -> list[str]:
+    """The Hub repos a model of the soup comes from: its own and, where a LoRA adapter was applied to it
+    (mergekit's ``model+lora``), the adapter's, as mergekit's cards list them."""
+    return [r.repo_id for r in (ref, ref.lora) if r is not None and r.repo_id]
+
+
 def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCard:
     """The card of the soup a run made: a view of its result, like the CLI's closing lines and the step summary.
 
     Read from ``result``: where the soup will live (the pinned recipe's push repo, used in the loading
     snippet, else the output folder's name), its license and tags; every ingredient, pinned, with its weight and
     whether it went in (a greedy soup drops some); the base, listed first among ``base_model`` (the model
-    tree shows the soup under it too, as mergekit's cards do); the method, described in its own words and
+    tree shows the soup under it too, as mergekit's cards do), and each LoRA adapter applied to a model beside it; the method, described in its own words and
     paper when it has a ``summary``, with its parameters; the plan, so the card says what was averaged, how,
     and what was copied, in the recipe's ``dtype``; the scores (the model-index holds the soup's, every metric
     of each, the primary first, a metric of one of several eval sets under that set's name and split); the
@@ -105,7 +111,7 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
     tags = recipe.push.tags if recipe.push is not None else []
     parents = [(result.base, True)] if adapter is not None else [(result.base, True), *zip(ingredients, kept)]
     data = ModelCardData(
-        base_model=[r.repo_id for r, k in parents if k and r is not None and r.repo_id] or None,
+        base_model=[repo for r, k in parents if k and r is not None for repo in _repos(r)] or None,
         base_model_relation="adapter" if adapter is not None and not adapter.merged else "merge",
         library_name=library,
         pipeline_tag=pipeline_tag,
