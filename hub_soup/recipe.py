@@ -510,14 +510,16 @@ class Recipe(_Strict):
                 "greedy soups weigh the kept ingredients equally; "
                 + ("drop the weights" if any(weighted) else f"method {self.method} weighs each ingredient")
             )
-        if self.tokenizer is not None and self.eval is not None:
-            raise HintedValueError(
-                "tokenizer: a soup whose vocabulary is chosen is not scored yet (its candidates are models of the "
-                "soup's vocabulary, which no ingredient's config describes)",
-                hint="drop the eval section (and --greedy), and score the written soup: it loads as any model",
-            )
         if (self.recalibrate_bn or self.ensemble_reference) and self.eval is None:
             raise ValueError("recalibrate_bn and ensemble_reference need an eval section (for data)")
+        if self.tokenizer is not None and (self.recalibrate_bn or self.ensemble_reference):
+            field = "recalibrate_bn" if self.recalibrate_bn else "ensemble_reference"
+            raise HintedValueError(
+                f"{field}: not with a chosen vocabulary (tokenizer): each model is scored with its own tokenizer, "
+                + ("so one model's batches are not another's inputs" if self.recalibrate_bn
+                   else "so their outputs are probabilities of different tokens, which do not average"),
+                hint=f"drop {field}",
+            )
         scorer = get_task(self.eval.task) if self.eval is not None else None
         if scorer is not None and not scorer.has_outputs and (self.recalibrate_bn or self.ensemble_reference):
             field, lacking = (

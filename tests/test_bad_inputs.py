@@ -215,6 +215,13 @@ def _(tmp: Path, hub: HubServer) -> list[str]:
             "-o", _out(tmp)]
 
 
+@case("vocab-ensemble")
+def _(tmp: Path, hub: HubServer) -> list[str]:
+    (tmp / "texts.jsonl").write_text('{"text": "the soup is good"}\n')
+    return ["merge", A, B, "--tokenizer-source", "union", "--eval-task", "causal-lm", "--eval-data",
+            str(tmp / "texts.jsonl"), "--ensemble-reference", "-o", _out(tmp)]
+
+
 @case("architecture-mismatch")
 def _(tmp: Path, hub: HubServer) -> list[str]:
     two, four = bert_folder(tmp / "bert2", seed=1), bert_folder(tmp / "bert4", seed=2)

@@ -36,11 +36,11 @@ DOCS = [
 WORDS = sorted({w for doc in DOCS for w in [*doc["question"].split(), *doc["choices"]]})
 
 
-def write_task(folder: Path, name: str = TASK) -> Path:
+def write_task(folder: Path, name: str = TASK, docs: list[dict] = DOCS) -> Path:
     """A multiple-choice task of the harness's own kind: local JSONL data, accuracy, and the Brier score
     (continuous, lower is better as the harness declares, so two models rarely tie on it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
     config = {
         "task": name,
         "dataset_path": "json",
@@ -145,6 +145,29 @@ def test_greedy_soup_through_the_cli(kit: dict, tmp_path: Path, monkeypatch: pyt
     recipe = load_recipe(out / "hub-soup.yaml")  # rebuilds from the soup folder: the task folder found from there
     assert recipe.greedy and recipe.eval is not None and recipe.eval.tasks == [TASK] and recipe.eval.num_fewshot == 1
     assert Path(recipe.eval.include_path or "").resolve() == kit["tasks"].resolve()
+
+
+def test_a_union_soup_of_different_vocabularies(tmp_path: Path) -> None:
+    """Ingredients whose vocabularies differ (tests/vocab_models.py): each is scored in its own model with its own
+    tokenizer, the union soup in its own with its tokenizer, each getting what the harness gives that model as saved."""
+    import hub_soup
+    from tests.vocab_models import build
+
+    models = build(tmp_path / "models")
+    docs = [{"question": "the soup is", "choices": ["good", "world", "hello"], "label": 0},
+            {"question": "hello <|im_start|>", "choices": ["world", "tasty", "a"], "label": 0},
+            {"question": "a very", "choices": ["tasty", "the", "is"], "label": 0}]
+    tasks = write_task(tmp_path / "tasks", docs=docs)
+    names = ["chat", "padded"]
+    recipe = Recipe.from_refs(
+        [str(models / name) for name in names], tokenizer={"source": "union"}, output={"path": str(tmp_path / "soup")},
+        eval={"task": "lm-eval", "tasks": [TASK], "include_path": str(tasks), "dtype": "float32"},
+    )
+    result = hub_soup.run(recipe, trust_remote_code=True)
+    assert result is not None and result.report is not None
+    report = result.report
+    assert [_values(s) for s in report.ingredient_scores] == [harness_numbers(models / n, tasks) for n in names]
+    assert _values(report.soup_score) == harness_numbers(tmp_path / "soup", tasks)
 
 
 def test_no_progress_bars_when_stderr_is_a_file(kit: dict, tmp_path: Path) -> None:

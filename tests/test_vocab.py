@@ -10,6 +10,7 @@ its tokenizer encodes every added token to its row, and transformers loads it an
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -17,7 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hub_soup
 from hub_soup.cli import main
+from hub_soup.eval.greedy import GreedyReport
+from hub_soup.recipe import load_recipe
 from tests import mergekit_reference as R
 from tests.vocab_models import CHAT, CHATML, EMBED, HEAD, PAD, PLAIN, WORDS, build, permuted, vocab_of
 
@@ -48,12 +52,14 @@ def soup_vocab(out: Path) -> dict[str, int]:
 def check_rows(
     models: Path, out: Path, names: list[str], merge: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor],
     base: str | None = None, overrides: Mapping[str, tuple[str, str, bool]] | None = None,
+    left_out: tuple[str, ...] = (),
 ) -> None:
     """The soup's token-indexed tensors are ``merge`` of the models' rows permuted into its vocabulary (float64,
-    rounded once); its other tensors are ``merge`` of the models' own."""
+    rounded once); its other tensors are ``merge`` of the models' own. ``left_out``: models greedy left out,
+    whose rows still fill the tokens they alone have (the vocabulary and its fills are the whole soup's)."""
     soup = load_file(out / "model.safetensors")
     vocab = soup_vocab(out)
-    every = [*names, *([base] if base else [])]
+    every = [*names, *left_out, *([base] if base else [])]
     weights = {n: load_file(models / n / "model.safetensors") for n in every}
     vocabs = {n: vocab_of(models / n) for n in every}
     for key in (EMBED, HEAD):
@@ -188,14 +194,95 @@ def test_chat_template_of_a_model_without_one(models: Path, tmp_path: Path,
     assert "chat_template: base has no chat template" in capsys.readouterr().err
 
 
-def test_run_flag_chooses_the_vocabulary_and_scoring_is_refused(
+def test_run_flag_chooses_the_vocabulary_and_the_soup_is_scored(
     models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = run(models, tmp_path, "ingredients: [{ref: chat}, {ref: padded}]\n", "--tokenizer-source", "chat")
     assert soup_vocab(out) == vocab_of(models / "chat")
     check_rows(models, out, ["chat", "padded"], linear)
-    (tmp_path / "text.txt").write_text("hello world\n")
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "hello world <|im_start|> soup"}) + "\n")
     argv = ["run", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "scored"), "--tokenizer-source", "union",
-            "--eval-task", "causal-lm", "--eval-data", str(tmp_path / "text.txt")]
-    assert main(argv) == 2
-    assert "a soup whose vocabulary is chosen is not scored yet" in capsys.readouterr().err
+            "--eval-task", "causal-lm", "--eval-data", str(tmp_path / "text.jsonl")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "uniform soup, scored on" in said and "(1 examples; perplexity, lower is better)" in said, said
+    assert "soup of 2 of 2 ingredients: " in said
+
+
+# Eval texts: the chat markers are one token to a tokenizer that has them, three [UNK]s to one that has not.
+TEXTS = ["hello world soup is good", "the soup is very tasty", "<|im_start|> a soup <|im_end|> is good",
+         "hello <pad> the world", "a very good soup is the tasty soup"]
+
+
+def perplexity(folder: Path) -> float:
+    """The perplexity of :data:`TEXTS` under the model saved in ``folder``, tokenized by its own tokenizer, as plain
+    transformers computes it: every token after each text's first, in one batch padded on the right."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        logits = model(**batch).logits[:, :-1].float()
+    log_probs = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return math.exp(-log_probs.double()[batch["attention_mask"][:, 1:].bool()].mean().item())
+
+
+def scored(models: Path, tmp_path: Path, recipe: str) -> tuple[Path, GreedyReport]:
+    """``recipe`` (its ingredients named as :func:`run` links them) run with :data:`TEXTS` as causal-lm eval data,
+    a test split too (the same texts: each model's test score is its held-out one)."""
+    import datasets
+
+    for name in ("base", "chat", "padded", "tied"):
+        (tmp_path / name).symlink_to(models / name)
+    split = datasets.Dataset.from_dict({"text": TEXTS})
+    datasets.DatasetDict({"validation": split, "test": split}).save_to_disk(tmp_path / "texts")
+    (tmp_path / "recipe.yml").write_text(recipe + "eval: {task: causal-lm, data: texts, test_split: test}\n"
+                                         "output: {path: soup}\n")
+    result = hub_soup.run(load_recipe(tmp_path / "recipe.yml"))
+    assert result is not None and result.report is not None
+    return tmp_path / "soup", result.report
+
+
+def test_greedy_union_soup_scores_each_model_in_its_own(models: Path, tmp_path: Path) -> None:
+    """Each ingredient is scored in its own model with its own tokenizer (14, 16 and 12 rows), every candidate
+    in the soup's union vocabulary (15 rows) with the soup's tokenizer; the soup written is the one scored."""
+    names = ["chat", "padded", "tied"]
+    out, report = scored(models, tmp_path, "ingredients: [{ref: chat}, {ref: padded}, {ref: tied}]\n"
+                         "tokenizer: {source: union}\ngreedy: true\n")
+    assert [s.value for s in report.ingredient_scores] == [perplexity(models / n) for n in names]
+    assert len(report.steps) == 3 and report.kept == [False, True, True]  # chat left out: its markers are its rows
+    assert report.soup_score.value == perplexity(out)
+    held_out = {"soup": report.soup_score, **dict(zip(names, report.ingredient_scores))}
+    assert report.test_scores is not None
+    assert {name: s.value for name, s in report.test_scores.items()} == {name: s.value for name, s in held_out.items()}
+    assert soup_vocab(out) == {t: i for i, t in enumerate([*BASE_TOKENS, *CHAT, PAD])}
+    kept = [n for n, k in zip(names, report.kept) if k]
+    check_rows(models, out, kept, linear, left_out=tuple(n for n in names if n not in kept))
+    check_loads(out, [*CHAT, PAD])
+    card = (out / "README.md").read_text()
+    assert "Each ingredient was scored in a model of its own" in card
+    assert "Greedy selection left out chat; the vocabulary" in card
+
+
+def test_plain_union_soup_scored_with_causal_lm(models: Path, tmp_path: Path) -> None:
+    out, report = scored(models, tmp_path, "ingredients: [{ref: chat}, {ref: padded}]\nmethod: task_arithmetic\n"
+                         "base: {ref: base}\nparameters: {weight: 1.0}\ntokenizer: {source: union}\n")
+    assert [s.value for s in report.ingredient_scores] == [perplexity(models / "chat"), perplexity(models / "padded")]
+    assert report.base_score is not None and report.base_score.value == perplexity(models / "base")
+    assert report.soup_score.value == perplexity(out)
+    check_rows(models, out, ["chat", "padded"], task_arithmetic, base="base")
+
+
+@pytest.mark.parametrize("field", ["recalibrate_bn: 2", "ensemble_reference: true"])
+def test_what_a_chosen_vocabulary_is_not_scored_with(models: Path, tmp_path: Path, field: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    (tmp_path / "recipe.yml").write_text("ingredients: [{ref: chat}, {ref: padded}]\ntokenizer: {source: union}\n"
+                                         f"eval: {{task: causal-lm, data: val.jsonl}}\n{field}\n")
+    assert main(["run", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "soup")]) == 2
+    err = capsys.readouterr().err
+    assert f"{field.split(':')[0]}: not with a chosen vocabulary (tokenizer)" in err and "Traceback" not in err

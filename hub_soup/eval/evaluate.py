@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,8 +73,9 @@ class Evaluator:
             split's evaluator shares the selection split's: one model in memory). That evaluator builds,
             places and releases the model (closing this one leaves it), and must have this one's
             reference, device and dtype.
-        config: the ``config.json`` the model is built from, where it is not the reference's (a soup whose
-            slices stack layers: its layer count, as written), the reference's tokenizer and files kept.
+        files: the side files (``config.json``, tokenizer files; by name, a path or a text) the model and the
+            tokenizer are built from, where they are not the reference's: a soup's own, as it writes them (slices
+            that stack layers: its layer count; a chosen vocabulary: its size, special token ids and tokenizer).
 
     Attributes:
         task: the :class:`~hub_soup.eval.tasks.EvalTask` that reads the data and measures.
@@ -96,7 +97,7 @@ class Evaluator:
         backend: Backend | None = None,
         dtype: torch.dtype = torch.float32,
         model_of: Evaluator | None = None,
-        config: dict[str, Any] | None = None,
+        files: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -108,8 +109,8 @@ class Evaluator:
         if model_of is not None:
             _check_shareable(model_of, self)
         architecture = Architecture.of(reference, trust_remote_code=trust_remote_code)
-        if config is not None:
-            architecture = replace(architecture, config=config)
+        if files is not None:
+            architecture = architecture.written_as(files)
         self.task: EvalTask = get_task(spec.task)(
             spec, architecture, split=self.split, device=self.device, trust_remote_code=trust_remote_code, dtype=dtype,
             model_of=model_of.task if model_of is not None else None,

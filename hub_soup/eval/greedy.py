@@ -31,12 +31,17 @@ Methods that merge the ingredients into a base model (task arithmetic, Model Sto
 get the base scored beside them, judged the way an ingredient is: a soup below its
 base lost what fine-tuning gained. That is reported and warned about; whether to
 publish is still decided against the best ingredient, as for every soup.
+
+Ingredients whose vocabularies differ are each scored in a model of their own (their
+config, their tokenizer: the eval texts tokenized by each), and every candidate in the
+soup's (its chosen vocabulary, its tokenizer), one model at a time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,11 +51,18 @@ from torch import nn
 from hub_soup.eval.bn import batchnorm_state, restore_batchnorm
 from hub_soup.eval.evaluate import Comparison, Evaluator, Inputs, Score, compare_to_best
 from hub_soup.merging.engine import Weights
+from hub_soup.merging.plan import BASE
 
 # Ingredient ``i``'s weights (canonical keys, its own dtypes).
 Loader = Callable[[int], Weights]
 # The soup of the ingredients at the given indices (in recipe order), as the engine streams it.
 SoupMaker = Callable[[Sequence[int]], Weights]
+# A model's evaluators: the held-out split's, and the test split's (None without one), scoring in its model.
+Evaluators = tuple[Evaluator, Evaluator | None]
+# The evaluators of the model of its own that ingredient ``i`` (the base: ``BASE``) is scored in, where the
+# ingredients are not scored in the soup's model (vocabularies that differ): made when it is scored, closed right
+# after (one model in memory).
+OwnEvaluators = Callable[[int], Evaluators]
 
 
 class Base(NamedTuple):
@@ -234,6 +246,7 @@ def greedy_soup(
     base: Base | None = None,
     method: str = "greedy",
     alone_is_soup: bool = False,
+    own: OwnEvaluators | None = None,
 ) -> GreedyReport:
     """Make a greedy soup (see the module docstring).
 
@@ -254,9 +267,12 @@ def greedy_soup(
         alone_is_soup: the soup of one ingredient is that ingredient bit for bit (an average of one, in its
             own dtypes): the first step, the best ingredient alone, takes the judgment the ingredient already
             had instead of being merged and scored again.
+        own: each ingredient's (and the base's) evaluators, where they are scored in models of their own;
+            ``evaluator`` and ``test_evaluator`` then score the candidates only, in the soup's model. None: all
+            in ``evaluator``'s.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base, own)
     order = sorted(range(len(labels)), key=lambda i: _rank(pass_.scores[i]))
     kept = [False] * len(labels)
     steps: list[GreedyStep] = []
@@ -288,7 +304,8 @@ def score_soup(
     test_evaluator: Evaluator | None = None,
     ensemble: bool = False,
     base: Base | None = None,
-    soup_evaluators: tuple[Evaluator, Evaluator | None] | None = None,
+    soup_evaluators: Evaluators | None = None,
+    own: OwnEvaluators | None = None,
 ) -> GreedyReport:
     """Score every ingredient and a soup made without greedy selection, in the same report.
 
@@ -301,7 +318,7 @@ def score_soup(
         soup's BN statistics are recalibrated and kept if they do not lower its score.
     """
     batches = evaluator.unlabelled_batches(recalibrate_bn_batches) if recalibrate_bn_batches else None
-    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base)
+    pass_ = _IngredientPass(labels, load, evaluator, test_evaluator, ensemble, batches, base, own)
     if soup_evaluators is not None:
         evaluator.close()  # one model in memory: the ingredients' are scored, their outputs kept
         pass_.evaluator, pass_.test_evaluator = soup_evaluators  # the same data: the same batches and targets
@@ -354,6 +371,7 @@ class _IngredientPass:
     With recalibration ``batches``, each model is judged as a soup is (recalibrated BN
     statistics kept where they do not lower its score): a soup that may recompute its
     statistics is compared with ingredients (and a base) that may too, not with them as saved.
+    With ``own`` evaluators, each is scored in its own model, and the pass's evaluators score soups only.
     """
 
     def __init__(
@@ -365,8 +383,10 @@ class _IngredientPass:
         ensemble: bool,
         batches: list[Inputs] | None,
         base: Base | None = None,
+        own: OwnEvaluators | None = None,
     ) -> None:
         self.labels = list(labels)
+        self.own = own
         self.evaluator = evaluator
         self.test_evaluator = test_evaluator
         self.batches = batches
@@ -379,7 +399,8 @@ class _IngredientPass:
         self.judged: list[_Candidate] = []  # each ingredient as judged, what a soup of it alone would be
         self.held: _Candidate | None = None  # what the evaluator's model holds, as judged
         for i in range(len(labels)):
-            judged, test = self._measure(load(i), keep_outputs=ensemble)
+            with self._evaluators(i) as evaluators:
+                judged, test = self._measure(load(i), ensemble, *evaluators)
             self.judged.append(judged)
             self.scores.append(judged.score)
             if self.as_saved is not None:
@@ -389,7 +410,8 @@ class _IngredientPass:
         self.base = base
         self.base_scores = None
         if base is not None:
-            judged, test = self._measure(base.load(), keep_outputs=False)
+            with self._evaluators(BASE) as evaluators:
+                judged, test = self._measure(base.load(), False, *evaluators)
             self.base_scores = (judged.score, judged.before_bn if judged.recalibrated else None, test)
 
     def judge(self, weights: Weights) -> _Candidate:
@@ -397,25 +419,38 @@ class _IngredientPass:
         self.held = _judge(weights, self.evaluator, self.batches)
         return self.held
 
-    def _measure(self, weights: Weights, keep_outputs: bool) -> tuple[_Candidate, Score | None]:
+    @contextmanager
+    def _evaluators(self, index: int) -> Iterator[Evaluators]:
+        """The evaluators ingredient ``index`` (the base: ``BASE``) is scored with: its own, closed once it is
+        scored, or the pass's."""
+        if self.own is None:
+            yield self.evaluator, self.test_evaluator
+            return
+        evaluator, test_evaluator = self.own(index)
+        with evaluator, test_evaluator or nullcontext():
+            yield evaluator, test_evaluator
+
+    def _measure(
+        self, weights: Weights, keep_outputs: bool, evaluator: Evaluator, test_evaluator: Evaluator | None,
+    ) -> tuple[_Candidate, Score | None]:
         """A model as judged (recalibrated where that helps), and its test score; ``keep_outputs`` keeps its
         outputs for the ensemble.
 
         The model is streamed into the evaluator's instance once; the test split is scored on it there."""
         if self.batches is None:
-            model = self.evaluator.model_from(weights)
-            score = self._score(self.evaluator, model, self.outputs if keep_outputs else None)
-            self.held = _Candidate(weights, score, None, None, False)
+            model = evaluator.model_from(weights)
+            judged = _Candidate(weights, self._score(evaluator, model, self.outputs if keep_outputs else None),
+                                None, None, False)
         else:
-            self.judge(weights)
-            model = self.evaluator.model
+            judged = _judge(weights, evaluator, self.batches)
+            model = evaluator.model
             if keep_outputs:
-                self.outputs.append(self.evaluator.predict(model))
+                self.outputs.append(evaluator.predict(model))
         test = None
-        if self.test_evaluator is not None:
-            test = self._score(self.test_evaluator, model, self.test_outputs if keep_outputs else None)
-        assert self.held is not None
-        return self.held, test
+        if test_evaluator is not None:
+            test = self._score(test_evaluator, model, self.test_outputs if keep_outputs else None)
+        self.held = judged if evaluator is self.evaluator else self.held  # what the pass's model holds
+        return judged, test
 
     @staticmethod
     def _score(evaluator: Evaluator, model: nn.Module, outputs: list[torch.Tensor] | None) -> Score:

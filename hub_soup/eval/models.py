@@ -14,7 +14,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,15 @@ class Architecture:
     Attributes:
         label: the reference ingredient's label, for messages.
         config: its ``config.json``.
-        sidecars: its small files beside the weights (config, tokenizer).
+        files: its small files beside the weights (config, tokenizer), by name: a path, or the file's text
+            (a soup's own files, made before they are written).
         family: ``timm`` or ``transformers``.
         trust_remote_code: let transformers build models and tokenizers whose config names custom code.
     """
 
     label: str
     config: dict[str, Any]
-    sidecars: tuple[Path, ...]
+    files: Mapping[str, str | Path]
     family: str
     trust_remote_code: bool = False
 
@@ -67,7 +68,15 @@ class Architecture:
                 "(no 'model_type')",
                 hint="use task custom with your own function, or save the model with timm or transformers",
             )
-        return cls(reference.label, config, tuple(reference.sidecars), library, trust_remote_code)
+        return cls(reference.label, config, {p.name: p for p in reference.sidecars}, library, trust_remote_code)
+
+    def written_as(self, files: Mapping[str, str | Path]) -> Architecture:
+        """The model ``files`` describe instead (side files by name, a path or a text), read by this one's
+        library: a soup scored as it is written, whose config (stacked layers, a chosen vocabulary's size) and
+        tokenizer are not its reference's."""
+        config = files.get("config.json")
+        text = config.read_text() if isinstance(config, Path) else config
+        return replace(self, config=json.loads(text) if text is not None else self.config, files=dict(files))
 
     def build(
         self, device: torch.device, auto_class: str | None = None, dtype: torch.dtype | None = None,
@@ -96,8 +105,8 @@ class Architecture:
         if self.family == "timm":
             import timm
 
-            config_dir = next(p.parent for p in self.sidecars if p.name == "config.json")
-            return timm.create_model(f"local-dir:{config_dir}", pretrained=False).to(dtype)
+            with self.sidecar_dir() as folder:
+                return timm.create_model(f"local-dir:{folder}", pretrained=False).to(dtype)
         return self._transformers_model(auto_class, dtype)
 
     def _transformers_model(self, auto_class: str | None, dtype: torch.dtype) -> nn.Module:
@@ -177,16 +186,17 @@ class Architecture:
     def sidecar_dir(self) -> Iterator[str]:
         """A temporary folder holding the config and tokenizer files, for ``from_pretrained``.
 
-        Copying the few small files makes one folder ``transformers`` can read wherever the
-        sidecars live (a Hub snapshot, a local folder), without touching the weights. ``config.json``
-        is :attr:`config` (a stacked soup's is not its reference's: see the evaluator's ``config``).
+        Copying the few small files makes one folder ``transformers`` (or timm) can read wherever the
+        sidecars live (a Hub snapshot, a local folder, a soup's files not written yet), without touching the
+        weights. ``config.json`` is :attr:`config`.
         """
         with tempfile.TemporaryDirectory(prefix="hub-soup-eval-") as folder:
-            for path in self.sidecars:
-                if path.name == "config.json":
-                    (Path(folder) / path.name).write_text(json.dumps(self.config))
+            for name, file in self.files.items():
+                if isinstance(file, Path):
+                    shutil.copyfile(file, Path(folder) / name)
                 else:
-                    shutil.copyfile(path, Path(folder) / path.name)
+                    (Path(folder) / name).write_text(file, encoding="utf-8")
+            (Path(folder) / "config.json").write_text(json.dumps(self.config))
             yield folder
 
 

@@ -167,7 +167,8 @@ def build_card(result: SoupResult, *, config: dict[str, Any] | None) -> ModelCar
         used_by = f", used by the {result.method.name} method" if result.method.takes_base() else ""
         lines += ["", f"Base model ({result.base_role}{used_by}): {where} at {sha}"]
     if result.vocabulary is not None:
-        lines += ["", "## Vocabulary", "", *vocabulary_lines(result.vocabulary)]
+        left_out = [ref.label for ref, used in zip(ingredients, kept) if not used]
+        lines += ["", "## Vocabulary", "", *vocabulary_lines(result.vocabulary, left_out, scored=bool(scores))]
     parameters = result.method.parameters.model_dump(mode="json", by_alias=True)
     if parameters:
         lines += ["", "## Parameters", "", *(f"- `{key}`: `{value}`" for key, value in parameters.items())]
@@ -262,9 +263,11 @@ def arithmetic(plan: MergePlan, dtype: str | None, method: MergeMethod) -> str:
     return " ".join(sentences)
 
 
-def vocabulary_lines(vocabulary: Vocabulary) -> list[str]:
+def vocabulary_lines(vocabulary: Vocabulary, left_out: Sequence[str] = (), *, scored: bool = False) -> list[str]:
     """What the card says of a soup whose ingredients' vocabularies differ: the vocabulary chosen, how many
-    tokens each rule filled, and each token filled with an average or a zero row."""
+    tokens each rule filled, each token filled with an average or a zero row; ``scored``: how models of
+    different tokenizers were scored; ``left_out``: the ingredients greedy left out, whose rows may still
+    fill tokens."""
     chosen = (f"The ingredients' vocabularies differ. The soup's is `{vocabulary.source}` "
               f"({_count(len(vocabulary.tokens), 'token')}, {_count(vocabulary.size, 'row')}): each model's token-indexed "
               "tensors (embeddings, `lm_head`) were aligned by token string into it, a token a model lacks filled as "
@@ -281,6 +284,15 @@ def vocabulary_lines(vocabulary: Vocabulary) -> list[str]:
         lines += ["", "Filled with an average or a zero row: " + ", ".join(made) + "."]
     if vocabulary.padded:
         lines += ["", f"{_count(vocabulary.padded, 'padding row')} (`pad_to_multiple_of`): each model's mean row."]
+    if scored:
+        lines += ["", ("Each ingredient was scored in a model of its own, the eval texts tokenized by its own "
+                       "tokenizer, and the soup in its vocabulary, by its tokenizer. A per-token metric (perplexity) "
+                       "counts each tokenizer's tokens: where two tokenizers split a text differently (a chat marker "
+                       "one token to one, several to the other), the scores compare tokenizations as well as weights.")]
+    if left_out:
+        lines += ["", (f"Greedy selection left out {', '.join(left_out)}; the vocabulary, and the row a token a "
+                       "model lacks takes, are still those chosen from every ingredient's tokenizer: a token only a "
+                       "left-out ingredient has keeps that ingredient's row.")]
     return lines
 
 

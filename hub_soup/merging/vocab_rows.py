@@ -73,6 +73,17 @@ def resized(layout: Layout, rows: int, size: int) -> Layout:
     return replace(layout, metas=metas)
 
 
+def own_rows(plan: MergePlan, keys: Sequence[str], rows: int) -> MergePlan:
+    """``plan`` (aligned on :func:`resized` layouts, rows not gathered) with its token-indexed tensors (``keys``,
+    canonical) at ``rows`` rows: one model's own tensors as it saved them (``rows``: its ``vocab_size``), read
+    whole, to be scored in a model of its own."""
+    wanted = set(keys)
+    return replace(plan, tensors=[
+        replace(t, meta=TensorMeta(t.meta.dtype, (rows, *t.meta.shape[1:]))) if t.key in wanted else t
+        for t in plan.tensors
+    ])
+
+
 def with_vocabulary(plan: MergePlan, vocabulary: Vocabulary, keys: Sequence[str]) -> MergePlan:
     """``plan`` (aligned on :func:`resized` layouts) with each token-indexed tensor (``keys``, canonical) read
     row by row in the soup's vocabulary, rows an input lacks filled (values still to be computed)."""

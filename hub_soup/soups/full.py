@@ -38,12 +38,12 @@ from hub_soup.merging.engine import (
     stream_merge,
     write_weights,
 )
-from hub_soup.merging.plan import BASE, align
+from hub_soup.merging.plan import BASE, MergePlan, align
 from hub_soup.merging.side_files import check_configs, check_vocab_sizes, choose_side_files
 from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.merging.templates import choose_template, with_template
 from hub_soup.merging.vocab import read_tokenizer, soup_token_ids, soup_tokenizer_files
-from hub_soup.merging.vocab_rows import fill_rows, resized, token_keys, vocabulary_of, with_vocabulary
+from hub_soup.merging.vocab_rows import fill_rows, own_rows, resized, token_keys, vocabulary_of, with_vocabulary
 from hub_soup.recipe import Recipe
 from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
 from hub_soup.soups.settings import resolve_settings, stacked_config
@@ -120,9 +120,11 @@ class Full(SoupKind[Soup]):
             logger.info(note)
         check_configs(configs, by_token=vocabulary is not None)
         aligned, plan = plan, resolve_settings(self.recipe, plan)
+        own_plans = None
         if vocabulary is not None:
             keys = token_keys(checkpoints[0].metas, vocabulary.sizes[0])
             plan = fill_rows(with_vocabulary(plan, vocabulary, keys), checkpoints, base)
+            own_plans = {i: own_rows(aligned, keys, size) for i, size in vocabulary.sizes.items()}
             logger.info("vocabulary (%s): %d tokens, %d rows", vocabulary.source, len(vocabulary.tokens), vocabulary.size)
         chosen = choose_side_files(checkpoints)
         template = None
@@ -135,13 +137,20 @@ class Full(SoupKind[Soup]):
             metas=output_metas(plan, dtype), device=backend.device_for(device), side_files=chosen,
             reference=checkpoints[chosen.config_source or 0], backend=backend,
             ingredients_plan=aligned if self.recipe.slices else None, vocabulary=vocabulary, chat_template=template,
+            own_plans=own_plans,
         )
 
     def scorers(self, soup: Soup) -> Scorers:
         """Each ingredient as saved, the recipe's soup of any subset of them (greedy's), and the base of a method
-        that has one, each streamed from the files."""
+        that has one, each streamed from the files. With a chosen vocabulary, every candidate is in the soup's
+        vocabulary, each kept ingredient's rows as the whole soup gives them (a token only a left-out ingredient
+        has keeps the fill it gives), and is scored as the soup is written (its config, its tokenizer), each
+        ingredient (and the base) in a model of its own."""
         checkpoints, plan = soup.checkpoints, soup.plan
-        own = soup.ingredients_plan or plan  # each ingredient (and the base) as saved, stacked layers or not
+        shared = soup.ingredients_plan or plan  # each ingredient (and the base) as saved, stacked layers or not
+
+        def own(index: int) -> MergePlan:
+            return soup.own_plans[index] if soup.own_plans is not None else shared
 
         def soup_of(members: Sequence[int]) -> Weights:
             """The recipe's soup of the ingredients at ``members`` (in recipe order), as if only they were listed."""
@@ -150,25 +159,37 @@ class Full(SoupKind[Soup]):
                                 device=soup.device)
 
         def load(index: int) -> Weights:
-            return ingredient_weights(checkpoints[index], own, index)
+            return ingredient_weights(checkpoints[index], own(index), index)
 
         base = None
         if soup.base is not None:
             base_checkpoint = soup.base
-            base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], own))
-        # an average of one ingredient in its own dtypes is that ingredient: greedy's first step is judged already
-        alone_is_soup = self.recipe.greedy and soup.method.averages and all(
+            base = Base(base_checkpoint.label, lambda: base_weights(base_checkpoint, checkpoints[0], own(BASE)))
+        # an average of one ingredient in its own dtypes (and model) is that ingredient: greedy's first step is
+        # judged already
+        own_models = soup.own_plans is not None
+        alone_is_soup = self.recipe.greedy and soup.method.averages and not own_models and all(
             soup_of([i]).metas == load(i).metas for i in range(len(checkpoints))
         )
         stacked = soup.reference.config  # a fresh copy
         stacked_config(stacked, self.recipe)
-        return Scorers(load, soup_of, base, alone_is_soup,
-                       soup_config=stacked if stacked != soup.reference.config else None)
+        files = self.side_files(soup)[1] if own_models or stacked != soup.reference.config else None
+        return Scorers(load, soup_of, base, alone_is_soup, soup_files=files, own_models=own_models)
 
     def output(
         self, soup: Soup, members: Sequence[int], weights: Sequence[float], report: GreedyReport | None
     ) -> Output:
         """The soup's tensors (written by :func:`write_tensors`) and its side files, config.json in its dtype."""
+        config, files = self.side_files(soup)
+        return Output(
+            metas=soup.metas, plan=soup.plan, write=lambda writer: write_tensors(writer, soup, report),
+            files=files, config=config, vocabulary=soup.vocabulary,
+            combined="averaged" if soup.method.summary is None else f"merged by {soup.method.name}",
+        )
+
+    def side_files(self, soup: Soup) -> tuple[dict[str, Any] | None, dict[str, str | Path]]:
+        """The soup's config.json and its side files as written (a path, or a file's text), by name: config.json
+        in its dtype (its layer count where slices stack layers), its vocabulary's tokenizer, its chat template."""
         config = soup_config(soup.reference, self.recipe.dtype)
         stacked_config(config, self.recipe)
         files = side_file_contents(soup.side_files, config)
@@ -176,11 +197,7 @@ class Full(SoupKind[Soup]):
             config, files = vocabulary_files(soup, config, files)
         if soup.chat_template is not None:
             files = with_template(files, soup.chat_template)
-        return Output(
-            metas=soup.metas, plan=soup.plan, write=lambda writer: write_tensors(writer, soup, report),
-            files=files, config=config, vocabulary=soup.vocabulary,
-            combined="averaged" if soup.method.summary is None else f"merged by {soup.method.name}",
-        )
+        return config, files
 
 
 def vocabulary_files(

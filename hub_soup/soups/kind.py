@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -51,6 +51,8 @@ class Soup:
         ingredients_plan: the ingredients' own tensors, where ``plan`` stacks layers of theirs (slices) into
             a soup of another shape: ingredients (and a base) are scored as they are saved, in their own
             architecture. ``None``: ``plan`` is theirs too.
+        own_plans: each model's own tensors (an ingredient's index, or ``BASE``), where the soup's vocabulary
+            is not theirs: each is scored as it is saved, in a model of its own (its config, its tokenizer).
     """
 
     checkpoints: list[Checkpoint]
@@ -66,20 +68,24 @@ class Soup:
     ingredients_plan: MergePlan | None = field(default=None, kw_only=True)
     chat_template: str | None = field(default=None, kw_only=True)  # the recipe's, chosen (None: the files' own)
     vocabulary: Vocabulary | None = field(default=None, kw_only=True)  # the soup's, where the ingredients' differ (rows aligned by token)
+    own_plans: Mapping[int, MergePlan] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
 class Scorers:
     """What evaluation scores: each ingredient alone, the soup of any subset (greedy's candidates, in the
     dtypes written), the base beside them (None without one), whether an ingredient alone is its own
-    soup (then greedy's first step is judged already), and the config of the soup's model where it is not the
-    ingredients' (layers stacked by slices: the soup is scored as it is written; None: theirs)."""
+    soup (then greedy's first step is judged already), the side files of the soup's model where it is not the
+    ingredients' (layers stacked by slices, a vocabulary chosen: the soup is scored as it is written, its config
+    and tokenizer; None: theirs), and whether each ingredient (and the base) is scored in a model of its own,
+    from its own config and tokenizer (their vocabularies differ), rather than in the soup's reference's."""
 
     load: Loader
     soup_of: SoupMaker
     base: Base | None = None
     alone_is_soup: bool = False
-    soup_config: dict[str, Any] | None = None
+    soup_files: dict[str, str | Path] | None = None
+    own_models: bool = False
 
 
 @dataclass(frozen=True)
