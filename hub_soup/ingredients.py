@@ -173,6 +173,15 @@ def early_layouts(
     return Models(ingredients, base) if base is not None else None
 
 
+def remote_side_files(ref: ResolvedRef, names: Sequence[str], token: str | bool | None) -> list[Path]:
+    """Those of a Hub model's side files ``names`` it has (tokenizer files: a few kB to a few MB), fetched alone
+    through the cache the download then reuses."""
+    assert ref.repo_id is not None
+    with hub_errors(ref.repo_id, ref.sha, action="download the side files of"):
+        return [Path(hf_hub_download(ref.repo_id, name, revision=ref.sha, token=token))
+                for name in names if name in ref.files]
+
+
 def remote_config(ref: ResolvedRef, token: str | bool | None) -> dict[str, Any] | None:
     """A Hub model's config.json (a few kB, through the cache the download then reuses)."""
     if "config.json" not in ref.files:

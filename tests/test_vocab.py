@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file
 
 import hub_soup
@@ -23,6 +24,9 @@ from hub_soup.cli import main
 from hub_soup.eval.greedy import GreedyReport
 from hub_soup.recipe import load_recipe
 from tests import mergekit_reference as R
+from tests.hub_fixtures import TEST_USER
+from tests.hub_models import unique, upload
+from tests.hub_server import HubServer
 from tests.vocab_models import CHAT, CHATML, EMBED, HEAD, PAD, PLAIN, WORDS, build, permuted, vocab_of
 
 BASE_TOKENS = ["[UNK]", "<s>", "</s>", *WORDS]
@@ -286,3 +290,32 @@ def test_what_a_chosen_vocabulary_is_not_scored_with(models: Path, tmp_path: Pat
     assert main(["run", str(tmp_path / "recipe.yml"), "-o", str(tmp_path / "soup")]) == 2
     err = capsys.readouterr().err
     assert f"{field.split(':')[0]}: not with a chosen vocabulary (tokenizer)" in err and "Traceback" not in err
+
+
+def test_hub_vocabulary_is_chosen_before_any_weights_are_downloaded(
+    models: Path, hub: HubServer, hub_token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Hub models: the vocabulary is chosen from their tokenizer files and configs, fetched alone, so an override
+    naming a token its model lacks stops (exit 2, naming it) before any weights are downloaded; a good choice
+    then merges the soup the local models make."""
+    api = HfApi(token=hub_token)
+    repos = {name: f"{TEST_USER}/{unique(f'vocab-{name}')}" for name in ("base", "chat", "padded")}
+    for name, repo in repos.items():
+        upload(api, models / name, repo)
+    recipe = ("models:\n  - model: {chat}\n  - model: {padded}\nmerge_method: task_arithmetic\nbase_model: {base}\n"
+              "parameters:\n  weight: 1.0\ntokenizer:\n  source: union\n  tokens:\n    <|im_end|>:\n"
+              "      source: {{kind: model_token, model: {base}, token: {token}}}\n")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(recipe.format(**repos, token="<nope>"))
+    assert main(["run", str(bad), "-o", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "has no token '<nope>'" in err and "Traceback" not in err
+    for repo in repos.values():
+        cached = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+        assert list(cached.glob("snapshots/*/tokenizer.json"))  # the tokenizer files were read
+        assert not list(cached.glob("snapshots/*/model.safetensors"))  # the weights never downloaded
+    good = tmp_path / "good.yml"
+    good.write_text(recipe.format(**repos, token="</s>"))
+    assert main(["run", str(good), "-o", str(tmp_path / "soup")]) == 0
+    check_rows(models, tmp_path / "soup", ["chat", "padded"], task_arithmetic, base="base",
+               overrides={"<|im_end|>": ("base", "</s>", False)})

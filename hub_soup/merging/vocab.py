@@ -88,6 +88,10 @@ class TokenizerFiles:
                               {t: e for t, e in self.added.items() if self.vocab.get(t, rows) < rows})
 
 
+#: The files :func:`read_tokenizer` reads a vocabulary from (fetched alone, before any weights, for a Hub model).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
+
+
 def read_tokenizer(paths: Sequence[Path], label: str) -> TokenizerFiles:
     """A model's vocabulary from its tokenizer files (``paths``: its side files).
 

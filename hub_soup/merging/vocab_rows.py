@@ -15,7 +15,9 @@ row of the token, as mergekit makes it before merging.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,24 +46,43 @@ def token_keys(metas: Mapping[str, TensorMeta], rows: int) -> list[str]:
 def vocabulary_of(
     checkpoints: Sequence[Checkpoint], base: Checkpoint | None, choice: TokenizerChoice, names: Sequence[str],
 ) -> Vocabulary:
-    """The soup's vocabulary, from each model's tokenizer files and ``config.json`` (its embedding rows);
+    """The soup's vocabulary, from each opened model's tokenizer files and ``config.json`` (its embedding rows);
     ``names``: the ingredients as the recipe names them (what a source or an override may name).
+
+    Raises:
+        AlignmentError: as :func:`vocabulary_from`.
+    """
+    models = {**dict(enumerate(checkpoints)), **({BASE: base} if base is not None else {})}
+    return vocabulary_from({i: ModelFiles(c.label, c.config, c.sidecars) for i, c in models.items()}, choice, names)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model's vocabulary is read from: its ``config.json`` and its tokenizer files (opened, or fetched
+    alone from the Hub before any weights)."""
+
+    label: str
+    config: Mapping[str, Any] | None
+    files: Sequence[Path]
+
+
+def vocabulary_from(models: Mapping[int, ModelFiles], choice: TokenizerChoice, names: Sequence[str]) -> Vocabulary:
+    """The soup's vocabulary from each model's files (ingredients ``0 .. n-1``, the base as :data:`BASE`).
 
     Raises:
         AlignmentError: a model has no ``vocab_size`` in its config, or no tokenizer files.
     """
-    models = {**dict(enumerate(checkpoints)), **({BASE: base} if base is not None else {})}
     sizes = {}
-    for index, checkpoint in models.items():
-        size = vocab_size(checkpoint.config)
+    for index, model in models.items():
+        size = vocab_size(model.config)
         if size is None:
             raise AlignmentError(
-                f"{checkpoint.label} has no vocab_size in a config.json: its token-indexed tensors are unknown",
+                f"{model.label} has no vocab_size in a config.json: its token-indexed tensors are unknown",
                 hint="give every model its config.json, or merge ingredients of one vocabulary",
             )
         sizes[index] = size
-    labels = {**dict(enumerate(names)), **({BASE: "base"} if base is not None else {})}
-    tokenizers = {index: read_tokenizer(c.sidecars, c.label) for index, c in models.items()}
+    labels = {**dict(enumerate(names)), **({BASE: "base"} if BASE in models else {})}
+    tokenizers = {index: read_tokenizer(model.files, model.label) for index, model in models.items()}
     return choose_vocabulary(tokenizers, sizes, labels, choice)
 
 

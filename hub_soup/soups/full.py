@@ -23,7 +23,7 @@ from hub_soup.errors import RecipeError
 from hub_soup.eval.backends import Backend
 from hub_soup.eval.greedy import Base, GreedyReport
 from hub_soup.hub.resolve import ResolvedRef
-from hub_soup.ingredients import Models, early_layouts, layout_of, layouts_of, remote_config
+from hub_soup.ingredients import Models, early_layouts, layout_of, layouts_of, remote_config, remote_side_files
 from hub_soup.io import files as files_module
 from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
@@ -38,12 +38,21 @@ from hub_soup.merging.engine import (
     stream_merge,
     write_weights,
 )
-from hub_soup.merging.plan import BASE, MergePlan, align
+from hub_soup.merging.plan import BASE, Layout, MergePlan, align
 from hub_soup.merging.side_files import check_configs, check_vocab_sizes, choose_side_files
 from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.merging.templates import choose_template, with_template
-from hub_soup.merging.vocab import read_tokenizer, soup_token_ids, soup_tokenizer_files
-from hub_soup.merging.vocab_rows import fill_rows, own_rows, resized, token_keys, vocabulary_of, with_vocabulary
+from hub_soup.merging.vocab import TOKENIZER_FILES, Vocabulary, read_tokenizer, soup_token_ids, soup_tokenizer_files
+from hub_soup.merging.vocab_rows import (
+    ModelFiles,
+    fill_rows,
+    own_rows,
+    resized,
+    token_keys,
+    vocabulary_from,
+    vocabulary_of,
+    with_vocabulary,
+)
 from hub_soup.recipe import Recipe
 from hub_soup.soups.kind import Output, Scorers, Soup, SoupKind, side_file_contents, soup_config
 from hub_soup.soups.settings import resolve_settings, stacked_config
@@ -74,14 +83,17 @@ class Full(SoupKind[Soup]):
 
     def check_before_download(self, local: Models[Checkpoint | None], token: str | bool | None) -> None:
         """Align from safetensors headers, and compare configs, over HTTP; the base is aligned in its role, its
-        config not compared (a base may carry another head). Local (and cached) files alone are checked right
-        after opening, which reads headers only."""
+        config not compared (a base may carry another head). With a vocabulary to choose, choose it from the
+        tokenizer files, fetched alone, and align the rest: a bad choice costs seconds. Local (and cached)
+        files alone are checked right after opening, which reads headers only."""
         if all(ref.kind == "local" for ref in self.models) or constants.is_offline_mode():
             return
         by_token = self.recipe.tokenizer is not None
         layouts = early_layouts(self.models, local, token)
-        if layouts is not None and not by_token:  # tensor shapes first (pickled weights are aligned after download)
-            align(layouts.ingredients, self.recipe.exclude, base=layouts.base)  # embeddings' rows: hint names the option
+        vocabulary = self.early_vocabulary(local, token) if by_token else None
+        if layouts is not None and (vocabulary is not None or not by_token):  # shapes first (pickles: after download)
+            resized_layouts = in_vocabulary(layouts, vocabulary)
+            align(resized_layouts.ingredients, self.recipe.exclude, base=resized_layouts.base)  # hint names the option
         configs = [
             (ref.label, checkpoint.config if checkpoint is not None else remote_config(ref, token))
             for ref, checkpoint in zip(self.models.ingredients, local.ingredients)
@@ -91,6 +103,21 @@ class Full(SoupKind[Soup]):
         check_configs(configs, by_token=by_token)
         logger.info("headers and configs agree across %d ingredients%s; downloading", len(self.models.ingredients),
                     " and the base" if self.models.base is not None else "")
+
+    def early_vocabulary(self, local: Models[Checkpoint | None], token: str | bool | None) -> Vocabulary | None:
+        """The soup's vocabulary before any weights are downloaded: from each model's config and tokenizer files
+        (a Hub model's fetched alone); None where a local model is not opened yet."""
+        assert self.recipe.tokenizer is not None
+        pairs = {**dict(enumerate(zip(self.models.ingredients, local.ingredients))),
+                 **({BASE: (self.models.base, local.base)} if self.models.base is not None else {})}
+        if any(ref.kind == "local" and checkpoint is None for ref, checkpoint in pairs.values()):
+            return None
+        models = {
+            index: ModelFiles(checkpoint.label, checkpoint.config, checkpoint.sidecars) if checkpoint is not None
+            else ModelFiles(ref.label, remote_config(ref, token), remote_side_files(ref, TOKENIZER_FILES, token))
+            for index, (ref, checkpoint) in pairs.items()
+        }
+        return vocabulary_from(models, self.recipe.tokenizer.choice(), [i.ref for i in self.recipe.ingredients])
 
     def early_metas(self, local: Models[Checkpoint | None], token: str | bool | None) -> dict[str, TensorMeta] | None:
         """The soup's tensors as written, from the models' headers (over HTTP for Hub ones): aligned as
@@ -110,9 +137,8 @@ class Full(SoupKind[Soup]):
         if self.recipe.tokenizer is not None:
             names = [i.ref for i in self.recipe.ingredients]
             vocabulary = vocabulary_of(checkpoints, base, self.recipe.tokenizer.choice(), names)
-            layouts = [resized(layout, vocabulary.sizes[i], vocabulary.size) for i, layout in enumerate(layouts)]
-            if base_layout is not None:
-                base_layout = resized(base_layout, vocabulary.sizes[BASE], vocabulary.size)
+            resized_layouts = in_vocabulary(Models(layouts, base_layout), vocabulary)
+            layouts, base_layout = resized_layouts.ingredients, resized_layouts.base
         else:
             check_vocab_sizes(configs)
         plan = align(layouts, self.recipe.exclude, base=base_layout)
@@ -236,3 +262,12 @@ def write_tensors(writer: Sink, soup: Soup, report: GreedyReport | None) -> tupl
         soup.checkpoints, soup.plan, soup.method, writer, soup.dtype, base=soup.base, device=soup.device, gram=gram
     )
     return stats, gram.similarity([c.label for c in soup.checkpoints])
+
+
+def in_vocabulary(layouts: Models[Layout], vocabulary: Vocabulary | None) -> Models[Layout]:
+    """Every model's layout with its token-indexed tensors as the soup's (:func:`~hub_soup.merging.vocab_rows.resized`): what alignment
+    compares; ``layouts`` as they are without a vocabulary to choose."""
+    if vocabulary is None:
+        return layouts
+    return Models([resized(layout, vocabulary.sizes[i], vocabulary.size) for i, layout in enumerate(layouts.ingredients)],
+                  resized(layouts.base, vocabulary.sizes[BASE], vocabulary.size) if layouts.base is not None else None)
