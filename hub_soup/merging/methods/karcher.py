@@ -98,7 +98,7 @@ class Karcher(MergeMethod):
         return None  # made on the first chunk, which says how many ingredients there are
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
-        return (statistics or Gram(len(parts))).add(parts)
+        return (statistics or Gram(len(parts), self.workspace)).add(parts)
 
     def finish_statistics(self, statistics: Gram | None, tensor: MergedTensor) -> list[float]:
         """Each model's coefficient in the tensor (none for an empty tensor)."""

@@ -131,7 +131,7 @@ class ModelStock(MergeMethod):
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
         assert base is not None
-        return (statistics or Gram(len(parts))).add(parts, base)
+        return (statistics or Gram(len(parts), self.workspace)).add(parts, base)
 
     def finish_statistics(self, statistics: Gram | None, tensor: MergedTensor) -> float:
         """``t`` of the tensor (1 for a tensor the engine never observed: a 0-dim one is observed, an

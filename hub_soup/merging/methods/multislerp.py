@@ -64,7 +64,7 @@ class Multislerp(MergeMethod):
         return None  # made on the first chunk, which says how many ingredients there are
 
     def observe(self, statistics: Gram | None, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
-        return (statistics or Gram(len(parts))).add(parts, base)
+        return (statistics or Gram(len(parts), self.workspace)).add(parts, base)
 
     def finish_statistics(self, statistics: Gram | None, tensor: MergedTensor) -> list[float]:
         """Each (task) vector's coefficient in the soup."""

@@ -127,7 +127,7 @@ class Nuslerp(MergeMethod):
         if self._columns(tensor.dims):
             return Columns(tensor)
         if self.parameters.nuslerp_flatten or self.parameters.nuslerp_row_wise:  # type: ignore[attr-defined]
-            return Gram(2)
+            return Gram(2, self.workspace)
         return tensor
 
     def observe(self, statistics: Gram | Columns, parts: Sequence[torch.Tensor], base: torch.Tensor | None

@@ -58,7 +58,7 @@ class Slerp(MergeMethod):
     float64_kernel = True
 
     def start_statistics(self, tensor: MergedTensor) -> Gram:
-        return Gram(2)
+        return Gram(2, self.workspace)
 
     def observe(self, statistics: Gram, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Gram:
         return statistics.add(parts)
