@@ -104,7 +104,7 @@ class Sce(MergeMethod):
         assert base is not None
         if statistics.thresholds is not None and statistics.thresholds.done and statistics.done < statistics.passes - 1:
             return statistics  # the threshold was found early: the radix passes left are reads alone
-        scratch = torch.empty(base.shape, dtype=statistics.tensor.dtype, device=base.device)
+        (scratch,) = self.workspace("observe", base, dtype=statistics.tensor.dtype)  # not one per chunk: see Gram
         taus, variance = self._selected(parts, base, scratch, statistics)
         if statistics.done == statistics.passes - 1:  # the squares, of the selected vectors
             if not statistics.squares:
