@@ -80,6 +80,7 @@ class Full(SoupKind[Soup]):
                 hint=f"drop --{given[0].replace('_', '-')}",
             )
         super().__init__(recipe, models)
+        self._early_vocabulary: Vocabulary | None = None  # chosen before the download, reused after it
 
     def check_before_download(self, local: Models[Checkpoint | None], token: str | bool | None) -> None:
         """Align from safetensors headers, and compare configs, over HTTP; the base is aligned in its role, its
@@ -90,7 +91,7 @@ class Full(SoupKind[Soup]):
             return
         by_token = self.recipe.tokenizer is not None
         layouts = early_layouts(self.models, local, token)
-        vocabulary = self.early_vocabulary(local, token) if by_token else None
+        vocabulary = self._early_vocabulary = self.early_vocabulary(local, token) if by_token else None
         if layouts is not None and (vocabulary is not None or not by_token):  # shapes first (pickles: after download)
             resized_layouts = in_vocabulary(layouts, vocabulary)
             align(resized_layouts.ingredients, self.recipe.exclude, base=resized_layouts.base)  # hint names the option
@@ -136,7 +137,8 @@ class Full(SoupKind[Soup]):
         vocabulary = None
         if self.recipe.tokenizer is not None:
             names = [i.ref for i in self.recipe.ingredients]
-            vocabulary = vocabulary_of(checkpoints, base, self.recipe.tokenizer.choice(), names)
+            # the files it was chosen from before the download are these models' at their pinned commits
+            vocabulary = self._early_vocabulary or vocabulary_of(checkpoints, base, self.recipe.tokenizer.choice(), names)
             resized_layouts = in_vocabulary(Models(layouts, base_layout), vocabulary)
             layouts, base_layout = resized_layouts.ingredients, resized_layouts.base
         else:
