@@ -10,6 +10,7 @@ under the plan.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from hub_soup.ingredients import layouts_of
 from hub_soup.io.read import open_checkpoint
 from hub_soup.merging.engine import ingredient_weights, merged_state_dict
 from hub_soup.merging.methods import get_method
-from hub_soup.merging.plan import align
+from hub_soup.merging.plan import Input, align
+from hub_soup.merging.rows import Gather
 from hub_soup.merging.vocab import (
     BASE,
     Fill,
@@ -31,7 +33,7 @@ from hub_soup.merging.vocab import (
     read_tokenizer,
     soup_tokenizer_files,
 )
-from hub_soup.merging.vocab_rows import fill_rows, resized, token_keys, with_vocabulary
+from hub_soup.merging.vocab_rows import ModelFiles, fill_rows, resized, token_keys, vocabulary_from, with_vocabulary
 from tests import checkpoints as ck
 from tests.method_checks import CUTS
 
@@ -50,14 +52,14 @@ def test_union_appends_plain_then_added_tokens_model_by_model() -> None:
     labels = {0: "one", 1: "two", BASE: "base"}
     vocabulary = choose_vocabulary(tokenizers, sizes, labels, TokenizerChoice("union"))
     assert vocabulary.origin == BASE
-    assert vocabulary.tokens == {"a": 0, "b": 1, "c": 2, "d": 3, "<x>": 4, "<y>": 5}
+    assert vocabulary.tokens(tokenizers[BASE]) == {"a": 0, "b": 1, "c": 2, "d": 3, "<x>": 4, "<y>": 5}
     assert vocabulary.rules == {"b": "base", "d": "donor two", "<x>": "average", "<y>": "donor two"}
     # each model's rows: its own where it has the token, else the fill (the same fill for every model)
-    assert vocabulary.rows[0] == (0, 1, 2, -1, 3, -2)
+    assert tuple(vocabulary.rows[0]) == (0, 1, 2, -1, 3, -2)
     assert vocabulary.fills[0] == (Fill(((1, 2),)), Fill(((1, 3),)))
-    assert vocabulary.rows[1] == (0, -1, 1, 2, 4, 3)
+    assert tuple(vocabulary.rows[1]) == (0, -1, 1, 2, 4, 3)
     assert vocabulary.fills[1] == (Fill(((BASE, 1),)),)
-    assert vocabulary.rows[BASE] == (0, 1, 2, -1, -2, -3)
+    assert tuple(vocabulary.rows[BASE]) == (0, 1, 2, -1, -2, -3)
     assert vocabulary.fills[BASE][1] == Fill(((0, 3), (1, 4)))  # <x>: the average of those that have it
     assert vocabulary.counts() == {"every model's own row": 2, "base": 1, "donor two": 2, "average": 1}
 
@@ -66,7 +68,7 @@ def test_ids_beyond_the_embeddings_are_not_the_models() -> None:
     """mergekit's stripped tokenizer: a token whose id is no row of the model's embeddings is not its token."""
     tokenizers = {0: files(["a", "b", "<pad>"], added=("<pad>",)), 1: files(["a", "b"])}
     vocabulary = choose_vocabulary(tokenizers, {0: 2, 1: 2}, {0: "one", 1: "two"}, TokenizerChoice("union"))
-    assert vocabulary.tokens == {"a": 0, "b": 1}
+    assert vocabulary.tokens(tokenizers[0]) == {"a": 0, "b": 1}
 
 
 def test_base_source_padding_and_overrides() -> None:
@@ -74,11 +76,11 @@ def test_base_source_padding_and_overrides() -> None:
     overrides = {"a": TokenSetting("one", force=True), "b": TokenSetting("zero")}
     choice = TokenizerChoice("one", overrides, pad_to_multiple_of=4)
     vocabulary = choose_vocabulary(tokenizers, {0: 3, 1: 2, BASE: 2}, {0: "one", 1: "two", BASE: "base"}, choice)
-    assert vocabulary.tokens == {"a": 0, "b": 1, "<x>": 2} and vocabulary.size == 4 and vocabulary.padded == 1
+    assert vocabulary.tokens(tokenizers[0]) == {"a": 0, "b": 1, "<x>": 2} and vocabulary.size == 4 and vocabulary.padded == 1
     assert vocabulary.rules == {"a": "forced one", "b": "zero", "<x>": "donor one"}
     # forced: every model takes one's row of a, one too (its own, as a fill); b not forced: kept where had
-    assert vocabulary.rows[0] == (-1, 1, 2, -2) and vocabulary.fills[0] == (Fill(((0, 0),)), Fill(mean=True))
-    assert vocabulary.rows[1] == (-1, 1, -2, -3)
+    assert tuple(vocabulary.rows[0]) == (-1, 1, 2, -2) and vocabulary.fills[0] == (Fill(((0, 0),)), Fill(mean=True))
+    assert tuple(vocabulary.rows[1]) == (-1, 1, -2, -3)
     assert vocabulary.fills[1] == (Fill(((0, 0),)), Fill(((0, 2),)), Fill(mean=True))
 
 
@@ -153,8 +155,9 @@ def test_the_soup_tokenizer_drops_added_tokens_beyond_the_embeddings(tmp_path: P
     paths = [tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json"]
     tokenizers = {0: read_tokenizer(paths, "one"), 1: files(["a", "b", "<x>"], added=("<x>",))}
     vocabulary = choose_vocabulary(tokenizers, {0: 2, 1: 3}, {0: "one", 1: "two"}, TokenizerChoice("union"))
-    assert vocabulary.tokens == {"a": 0, "b": 1, "<x>": 2}
-    written = soup_tokenizer_files(paths, vocabulary, "one")
+    soup_tokenizer = soup_tokenizer_files(paths, vocabulary, "one")
+    written = soup_tokenizer.files
+    assert soup_tokenizer.tokens == vocabulary.tokens(tokenizers[0]) == {"a": 0, "b": 1, "<x>": 2}
     soup = Tokenizer.from_str(str(written["tokenizer.json"]))
     assert soup.encode("b <x> a").ids == [1, 2, 0] and soup.token_to_id("<extra>") is None
     assert json.loads(str(written["tokenizer_config.json"]))["added_tokens_decoder"] == {
@@ -176,3 +179,62 @@ def test_embeddings_of_different_rows_name_the_option_when_aligned_from_headers(
     with pytest.raises(AlignmentError, match="shape mismatch at model.embed_tokens.weight") as raised:
         align([layout(12), layout(14)])
     assert raised.value.hint is not None and "--tokenizer-source" in raised.value.hint and "union" in raised.value.hint
+
+
+def _spans_row_by_row(rows: tuple[int, ...], start: int, count: int, row_numel: int) -> list[tuple[int, int, bool]]:
+    """Input.spans' definition, one row at a time: where each element of the selection is, merged when contiguous."""
+    spans: list[tuple[int, int, bool]] = []
+    for element in range(start, start + count):
+        row, within = divmod(element, row_numel)
+        filled = rows[row] < 0
+        at = (-1 - rows[row] if filled else rows[row]) * row_numel + within
+        if spans and spans[-1][2] == filled and spans[-1][0] + spans[-1][1] == at:
+            spans[-1] = (spans[-1][0], spans[-1][1] + 1, filled)
+        else:
+            spans.append((at, 1, filled))
+    return spans
+
+
+def test_gathered_rows_are_runs_read_where_row_by_row_reads_them() -> None:
+    """A selection kept as runs (stored rows counting up, fills counting down, repeated padding fills) is the
+    same sequence, and any element range of it is read from the same spans as row by row."""
+    rng = random.Random(0)
+    for _ in range(500):
+        rows: list[int] = []
+        while len(rows) < 30:
+            first = rng.randint(0, 40)
+            rows += rng.choice([list(range(first, first + rng.randint(1, 6))), [-1 - rng.randint(0, 4)] * 2,
+                                [-1 - j for j in range(first % 4, first % 4 + 3)]])
+        selection = tuple(rows)
+        gather = Gather.of(range(3), selection)
+        assert tuple(gather) == (0, 1, 2, *selection) and len(gather) == 3 + len(selection)
+        assert [gather[i] for i in range(len(gather))] == list(gather) and gather == Gather.of(list(gather))
+        assert len(gather.starts) < len(gather)  # runs, not rows
+        row_numel = rng.randint(1, 4)
+        start = rng.randint(0, len(gather) * row_numel - 1)
+        count = rng.randint(1, len(gather) * row_numel - start)
+        assert Input(0, "x", rows=gather).spans(start, count, row_numel) == _spans_row_by_row(
+            tuple(gather), start, count, row_numel)
+
+
+def test_fine_tunes_sharing_a_tokenizer_read_it_once(tmp_path: Path) -> None:
+    """Tokenizer files of the same content are read once (one object), a fine-tune's that adds tokens holds the
+    first's strings: the vocabulary is the one each read alone gives."""
+    base = ["<s>", *(f"w{i}" for i in range(50))]
+    folders = {}
+    for name, tokens in {"one": base, "two": base, "chat": [*base, "<|im_start|>"]}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        folders[name] = ModelFiles(name, {"vocab_size": len(tokens)}, [folder / "vocab.json"])
+    models = {0: folders["chat"], 1: folders["one"], 2: folders["two"]}
+    vocabulary = vocabulary_from(models, TokenizerChoice("union"), ["chat", "one", "two"])
+    alone = choose_vocabulary({i: read_tokenizer(m.files, m.label) for i, m in models.items()},
+                              {i: len(read_tokenizer(m.files, m.label).vocab) for i, m in models.items()},
+                              {0: "chat", 1: "one", 2: "two"}, TokenizerChoice("union"))
+    assert vocabulary == alone and vocabulary.count == 52 and vocabulary.rules == {"<|im_start|>": "donor chat"}
+    assert tuple(vocabulary.rows[1]) == (*range(51), -1) and len(vocabulary.rows[1].starts) == 2
+    chat = read_tokenizer(folders["chat"].files, "chat")
+    shared = read_tokenizer(folders["one"].files, "one").sharing(chat)
+    assert shared.vocab == read_tokenizer(folders["one"].files, "one").vocab
+    assert all(a is b for a, b in zip(shared.vocab, chat.vocab))  # the same strings, not equal copies

@@ -269,7 +269,7 @@ def vocabulary_lines(vocabulary: Vocabulary, left_out: Sequence[str] = (), *, sc
     different tokenizers were scored; ``left_out``: the ingredients greedy left out, whose rows may still
     fill tokens."""
     chosen = (f"The ingredients' vocabularies differ. The soup's is `{vocabulary.source}` "
-              f"({_count(len(vocabulary.tokens), 'token')}, {_count(vocabulary.size, 'row')}): each model's token-indexed "
+              f"({_count(vocabulary.count, 'token')}, {_count(vocabulary.size, 'row')}): each model's token-indexed "
               "tensors (embeddings, `lm_head`) were aligned by token string into it, a token a model lacks filled as "
               "mergekit 0.1.5 fills it, then merged.")
     lines = [

@@ -30,6 +30,7 @@ import torch
 
 from hub_soup.errors import AlignmentError
 from hub_soup.io.safetensors_io import TensorMeta
+from hub_soup.merging.rows import Gather, rows_of
 from hub_soup.merging.vocab import SOURCE_HINT, Fill
 
 if TYPE_CHECKING:
@@ -51,8 +52,9 @@ class Layout:
     aliases: tuple[tuple[str, ...], ...] = ()
 
 
-# An input's rows: a ``range`` of consecutive rows is read as one span; any other sequence gathers.
-Rows = range | tuple[int, ...]
+# An input's rows: a ``range`` of consecutive rows is read as one span; any other sequence gathers (kept as
+# the runs of a :class:`~hub_soup.merging.rows.Gather` once planned).
+Rows = range | tuple[int, ...] | Gather
 
 # The ingredient index of an input in the base's role (:attr:`TensorPlan.base_input`).
 BASE = -1
@@ -95,17 +97,16 @@ class Input:
             return [(self.rows.start * row_numel + start, count, False)]
         spans: list[tuple[int, int, bool]] = []
         end = start + count
-        while start < end:
-            row, within = divmod(start, row_numel)
-            size = min(row_numel - within, end - start)
-            stored = self.rows[row]
-            filled = stored < 0
-            begin = (-1 - stored if filled else stored) * row_numel + within
+        position = start // row_numel * row_numel  # where the current run's first output row begins
+        for row, rows in rows_of(self.rows).runs(start // row_numel, -(-end // row_numel)):
+            filled = row < 0
+            low, high = max(start, position), min(end, position + rows * row_numel)
+            begin = (-1 - row if filled else row) * row_numel + low - position
             if spans and spans[-1][2] == filled and spans[-1][0] + spans[-1][1] == begin:
-                spans[-1] = (spans[-1][0], spans[-1][1] + size, filled)
+                spans[-1] = (spans[-1][0], spans[-1][1] + high - low, filled)
             else:
-                spans.append((begin, size, filled))
-            start += size
+                spans.append((begin, high - low, filled))
+            position += rows * row_numel
         return spans
 
     def read_into(
@@ -210,7 +211,10 @@ class TensorPlan:
         all of one length: the output has that many rows (an embedding in another vocabulary)."""
         if len(rows) != len(self.inputs):
             raise ValueError(f"{self.key}: {len(rows)} row selections for {len(self.inputs)} inputs")
-        inputs = tuple(i if r is None else replace(i, rows=r) for i, r in zip(self.inputs, rows))
+        inputs = tuple(
+            i if r is None else replace(i, rows=r if isinstance(r, range) else rows_of(r))
+            for i, r in zip(self.inputs, rows)
+        )
         counts = {len(i.rows) if i.rows is not None else self.meta.shape[0] for i in inputs}
         if len(counts) != 1 or not self.meta.shape:
             raise ValueError(f"{self.key}: its inputs' rows differ in number ({sorted(counts)})")

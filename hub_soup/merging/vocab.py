@@ -25,19 +25,18 @@ here is decided from the tokenizer files alone (``tokenizer.json``, ``tokenizer_
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hub_soup.errors import AlignmentError, RecipeError
+from hub_soup.merging.rows import Gather
 
 # The input index of the base model (as :data:`hub_soup.merging.plan.BASE`, which imports torch).
 BASE = -1
-
-# The files a tokenizer's vocabulary is read from, in the order they are tried.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
 
 # How each ``tokenizer_source`` reads, for messages and hints.
 SOURCE_CHOICES = (
@@ -82,8 +81,23 @@ class TokenizerFiles:
     vocab: dict[str, int]
     added: dict[str, dict[str, Any]]  # added token -> its tokenizer.json entry (special, normalized, ...)
 
+    def sharing(self, other: TokenizerFiles) -> TokenizerFiles:
+        """This vocabulary holding ``other``'s token strings and ids where the two list the same tokens at the
+        same ids first (a fine-tune and its base): read beside ``other``, it costs a table, not 150K more
+        strings. Itself where they do not."""
+        keys, theirs = list(self.vocab), list(other.vocab)
+        n = min(len(keys), len(theirs))
+        ids = list(other.vocab.values())[:n]
+        if n == 0 or keys[:n] != theirs[:n] or list(self.vocab.values())[:n] != ids:
+            return self
+        vocab = dict(zip(theirs[:n], ids))
+        vocab.update(itertools.islice(self.vocab.items(), n, None))
+        return TokenizerFiles(vocab, self.added)
+
     def stripped(self, rows: int) -> TokenizerFiles:
         """Only the tokens whose id is a row of the model's embeddings (mergekit's stripped tokenizer)."""
+        if max(self.vocab.values(), default=-1) < rows:
+            return self
         return TokenizerFiles({t: i for t, i in self.vocab.items() if i < rows},
                               {t: e for t, e in self.added.items() if self.vocab.get(t, rows) < rows})
 
@@ -92,23 +106,28 @@ class TokenizerFiles:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
 
 
-def read_tokenizer(paths: Sequence[Path], label: str) -> TokenizerFiles:
-    """A model's vocabulary from its tokenizer files (``paths``: its side files).
+def read_tokenizer(paths: Sequence[Path], label: str, parsed: Mapping[str, Any] | None = None) -> TokenizerFiles:
+    """A model's vocabulary from its tokenizer files (``paths``: its side files; ``parsed``: its tokenizer.json
+    as already read, left as it is).
 
     Raises:
         AlignmentError: none of the files a vocabulary is read from is there.
     """
     by_name = {p.name: p for p in paths}
-    vocab: dict[str, int] = {}
+    vocab: dict[str, int]
     added: dict[str, dict[str, Any]] = {}
-    if "tokenizer.json" in by_name:
-        data = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
-        vocab.update(_model_vocab(data))
+    if parsed is not None or "tokenizer.json" in by_name:
+        if parsed is None:
+            data = json.loads(by_name["tokenizer.json"].read_text(encoding="utf-8"))
+            vocab = _model_vocab(data)
+            data.pop("model", None)  # its merges: not kept while the rest is read
+        else:
+            data, vocab = parsed, dict(_model_vocab(parsed))
         for entry in data.get("added_tokens") or []:
             vocab[entry["content"]] = entry["id"]
             added[entry["content"]] = dict(entry)
     elif "vocab.json" in by_name:
-        vocab.update(json.loads(by_name["vocab.json"].read_text(encoding="utf-8")))
+        vocab = json.loads(by_name["vocab.json"].read_text(encoding="utf-8"))
     else:
         raise AlignmentError(
             f"{label} has no tokenizer.json or vocab.json: its rows cannot be aligned by token",
@@ -154,10 +173,12 @@ class Vocabulary:
     Attributes:
         source: the ``tokenizer_source`` it was chosen by.
         origin: the input whose tokenizer the soup's is built on.
-        tokens: soup token -> soup row (ids ``0 .. len(tokens) - 1``).
+        kept: the soup's tokens ``0 .. kept - 1`` are that tokenizer's, at the same ids.
+        extra: the soup's tokens after those (those ``union`` adds) -> soup row. The whole vocabulary is
+            not kept (150K strings, more memory than a streamed merge's buffers): :meth:`tokens` rebuilds it.
         added: the soup's added tokens and their tokenizer.json entries (ids the soup's).
-        size: rows of the soup's token-indexed tensors (``len(tokens)``, padded up).
-        rows: per input, one entry per soup row.
+        size: rows of the soup's token-indexed tensors (:attr:`count`, padded up).
+        rows: per input, one entry per soup row (in runs: a model's own rows in order are one).
         fills: per input, the rows it lacks, as filled.
         rules: per token not every input has (or overridden): how its fills were chosen
             (``donor <label>``, ``base``, ``average``, ``source <label>``, ``forced <label>``, ``zero``).
@@ -166,22 +187,43 @@ class Vocabulary:
 
     source: str
     origin: int
-    tokens: dict[str, int]
+    kept: int
+    extra: dict[str, int]
     added: dict[str, dict[str, Any]]
     size: int
-    rows: dict[int, tuple[int, ...]]
+    rows: dict[int, Gather]
     fills: dict[int, tuple[Fill, ...]]
     rules: dict[str, str]
     sizes: dict[int, int]
 
     @property
+    def count(self) -> int:
+        """The soup's tokens (its rows but padding)."""
+        return self.kept + len(self.extra)
+
+    @property
     def padded(self) -> int:
         """Rows added by ``pad_to_multiple_of`` (each model's mean row)."""
-        return self.size - len(self.tokens)
+        return self.size - self.count
+
+    def tokens(self, origin: TokenizerFiles) -> dict[str, int]:
+        """Soup token -> soup row (ids ``0 .. count - 1``), from the tokenizer :attr:`origin` has (read again).
+
+        Raises:
+            AlignmentError: that tokenizer is not the one the vocabulary was chosen from.
+        """
+        tokens = {token: index for token, index in origin.vocab.items() if index < self.kept}
+        tokens.update(self.extra)
+        if len(tokens) != self.count or len(set(tokens.values())) != self.count:
+            raise AlignmentError(
+                "the tokenizer files the soup's vocabulary was chosen from changed while the soup was made",
+                hint="run the merge again",
+            )
+        return tokens
 
     def counts(self) -> dict[str, int]:
         """How many soup rows each rule filled (every model's own row, a donor's, the base's, an average...)."""
-        counts = {"every model's own row": len(self.tokens) - len(self.rules)}
+        counts = {"every model's own row": self.count - len(self.rules)}
         for rule in self.rules.values():
             counts[rule] = counts.get(rule, 0) + 1
         if self.padded:
@@ -210,23 +252,34 @@ def choose_vocabulary(
     stripped = {i: tokenizers[i].stripped(sizes[i]) for i in models}
     if choice.source == "base":
         chosen = origin
-        tokens, added = dict(stripped[origin].vocab), dict(stripped[origin].added)
+        tokens, added = stripped[origin].vocab, dict(stripped[origin].added)
     elif choice.source == "union":
         chosen = origin
         tokens, added = _union(stripped, models)
     else:
         chosen = _named(choice.source, labels, "tokenizer source")
-        tokens, added = dict(tokenizers[chosen].vocab), dict(tokenizers[chosen].added)
-    if sorted(tokens.values()) != list(range(len(tokens))):
+        tokens, added = tokenizers[chosen].vocab, dict(tokenizers[chosen].added)
+    ordered = _in_id_order(tokens)
+    if ordered is None:
         raise AlignmentError(
             f"the tokenizer of {labels[chosen]} leaves ids unused: its vocabulary is not one row per token",
             hint="choose another tokenizer source",
         )
+    # Fine-tunes keep their base's tokens at their ids: soup rows below ``shared[i]`` are model i's own, in
+    # order (one run), and only the tokens after the shortest such prefix are looked at one by one.
+    prefixes: dict[int, int] = {}  # by tokenizer: models that share one (read once) are compared once
+    for i in models:
+        if id(stripped[i]) not in prefixes:
+            prefixes[id(stripped[i])] = _shared_prefix(ordered, stripped[i].vocab)
+    shared = {i: prefixes[id(stripped[i])] for i in models}
     settings = {token: setting for token, setting in choice.tokens.items() if token in tokens}
+    examined = ordered[min(shared.values()):]
+    if settings:
+        examined = sorted({*examined, *settings}, key=tokens.__getitem__)
     fill_of: dict[str, Fill] = {}
     forced: set[str] = set()
     rules: dict[str, str] = {}
-    for token in sorted(tokens, key=tokens.__getitem__):
+    for token in examined:
         having = [i for i in models if token in stripped[i].vocab]
         setting = settings.get(token)
         if setting is not None:
@@ -252,27 +305,66 @@ def choose_vocabulary(
     size = len(tokens)
     if choice.pad_to_multiple_of:
         size = -(-size // choice.pad_to_multiple_of) * choice.pad_to_multiple_of
-    rows: dict[int, tuple[int, ...]] = {}
+    rows: dict[int, Gather] = {}
     fills: dict[int, tuple[Fill, ...]] = {}
     for i in models:
-        own = stripped[i].vocab
-        mine: list[Fill] = []
-        index: dict[Fill, int] = {}
-        selected: list[int] = []
-        for token in sorted(tokens, key=tokens.__getitem__):
-            if token in own and token not in forced:
-                selected.append(own[token])
-                continue
-            fill = fill_of[token]
-            if fill not in index:
-                index[fill] = len(mine)
-                mine.append(fill)
-            selected.append(-1 - index[fill])
-        if size > len(tokens):
-            mine.append(Fill(mean=True))
-            selected.extend([-len(mine)] * (size - len(tokens)))
-        rows[i], fills[i] = tuple(selected), tuple(mine)
-    return Vocabulary(choice.source, chosen, tokens, added, size, rows, fills, rules, dict(sizes))
+        rows[i], fills[i] = _model_rows(ordered, stripped[i].vocab, shared[i], fill_of, forced, size)
+    kept = len(stripped[chosen].vocab) if choice.source == "union" else len(tokens)
+    extra = {token: index for token, index in tokens.items() if index >= kept} if kept < len(tokens) else {}
+    return Vocabulary(choice.source, chosen, kept, extra, added, size, rows, fills, rules, dict(sizes))
+
+
+def _model_rows(
+    ordered: Sequence[str], own: Mapping[str, int], shared: int, fill_of: Mapping[str, Fill], forced: set[str],
+    size: int,
+) -> tuple[Gather, tuple[Fill, ...]]:
+    """One model's row of each soup token (``ordered``: the soup's tokens in id order, the first ``shared`` of
+    them the model's own rows ``0 .. shared - 1``), padded to ``size`` rows, and the fills those rows name:
+    numbered as the soup's tokens first need them."""
+    mine: list[Fill] = []
+    index: dict[Fill, int] = {}
+
+    def filled(token: str) -> int:
+        fill = fill_of[token]
+        if fill not in index:
+            index[fill] = len(mine)
+            mine.append(fill)
+        return -1 - index[fill]
+
+    parts: list[Iterable[int]] = []
+    start = 0
+    for cut in sorted(row for row in map(ordered.index, forced) if row < shared) if forced else ():
+        parts += [range(start, cut), [filled(ordered[cut])]]
+        start = cut + 1
+    parts.append(range(start, shared))
+    parts.append([own[t] if t in own and t not in forced else filled(t) for t in ordered[shared:]])
+    if size > len(ordered):
+        mine.append(Fill(mean=True))
+        parts.append([-len(mine)] * (size - len(ordered)))
+    return Gather.of(*parts), tuple(mine)
+
+
+def _in_id_order(tokens: Mapping[str, int]) -> list[str] | None:
+    """``tokens`` in id order, if their ids are ``0 .. len - 1`` (``None`` if some id is unused or repeated)."""
+    ordered = list(tokens)
+    if list(tokens.values()) == list(range(len(ordered))):
+        return ordered
+    ordered.sort(key=tokens.__getitem__)
+    return ordered if [tokens[t] for t in ordered] == list(range(len(ordered))) else None
+
+
+def _shared_prefix(ordered: Sequence[str], vocab: Mapping[str, int]) -> int:
+    """How many of the soup's first tokens (``ordered``, in id order) ``vocab`` has at the same ids."""
+    keys = list(vocab)
+    n = min(len(ordered), len(keys))
+    if keys[:n] == ordered[:n] and list(vocab.values())[:n] == list(range(n)):
+        return n  # a tokenizer.json lists its vocabulary in id order: the common case, compared in C
+    shared = 0
+    for token in ordered:
+        if vocab.get(token) != shared:
+            break
+        shared += 1
+    return shared
 
 
 def _union(stripped: Mapping[int, TokenizerFiles], models: Sequence[int]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
@@ -281,18 +373,21 @@ def _union(stripped: Mapping[int, TokenizerFiles], models: Sequence[int]) -> tup
     first = stripped[models[0]]
     tokens, added = dict(first.vocab), dict(first.added)
     deferred = {t for i in models for t in stripped[i].added}
-    plain = [t for i in models for t in sorted(stripped[i].vocab, key=stripped[i].vocab.__getitem__)
-             if t not in stripped[i].added]
-    extra = [(t, stripped[i].added[t]) for i in models
-             for t in sorted(stripped[i].added, key=stripped[i].vocab.__getitem__)]
-    for token in plain:
-        if token not in tokens and token not in deferred:
-            tokens[token] = len(tokens)
-            added[token] = {"content": token, "special": False}
-    for token, entry in extra:
-        if token not in tokens:
-            tokens[token] = len(tokens)
-            added[token] = dict(entry)
+    lacking: dict[int, list[str]] = {}  # what the first lacks: a few tokens each, found without sorting
+    for i in models:                    # whole vocabularies (and once per tokenizer models share)
+        same = next((j for j in lacking if stripped[j] is stripped[i]), None)
+        lacking[i] = [] if stripped[i] is first else lacking[same] if same is not None else sorted(
+            (t for t in stripped[i].vocab if t not in tokens), key=stripped[i].vocab.__getitem__)
+    for i in models:
+        for token in lacking[i]:
+            if token not in tokens and token not in deferred:
+                tokens[token] = len(tokens)
+                added[token] = {"content": token, "special": False}
+    for i in models:
+        for token in lacking[i]:
+            if token not in tokens and token in stripped[i].added:
+                tokens[token] = len(tokens)
+                added[token] = dict(stripped[i].added[token])
     for token, entry in added.items():
         added[token] = {**entry, "id": tokens[token]}
     return tokens, added
@@ -330,9 +425,19 @@ def _override(
     return Fill(((source, row),))
 
 
-def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary, label: str) -> dict[str, str | Path]:
-    """The soup's tokenizer files, made from those of the model its vocabulary is built on (``paths``: that
-    model's side files, ``label`` its name): every token of :attr:`Vocabulary.tokens` at its soup row. Tokens
+@dataclass(frozen=True)
+class SoupTokenizer:
+    """The soup's tokenizer: its files (a path, or a file's text, by name), its tokens (:meth:`Vocabulary.tokens`),
+    and the tokenizer of the model it was made from (what that model's config ids name)."""
+
+    files: dict[str, str | Path]
+    tokens: dict[str, int]
+    origin: TokenizerFiles
+
+
+def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary, label: str) -> SoupTokenizer:
+    """The soup's tokenizer, made from that of the model its vocabulary is built on (``paths``: that model's
+    side files, ``label`` its name): every token at its soup row. Its tokenizer.json is read once for all. Tokens
     the union adds are added tokens there, as mergekit's ``add_tokens`` makes them (their settings the
     model's that added them); added tokens beyond the model's embeddings are dropped; files that need no
     change are copied.
@@ -348,23 +453,25 @@ def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary, label: s
             hint="choose a tokenizer source whose model has a tokenizer.json",
         )
     data = json.loads(Path(files["tokenizer.json"]).read_text(encoding="utf-8"))
+    origin = read_tokenizer(paths, label, parsed=data)
+    tokens = vocabulary.tokens(origin)
     model = _model_vocab(data)
-    beyond = [token for token, index in model.items() if vocabulary.tokens.get(token) != index]
+    beyond = [token for token, index in model.items() if tokens.get(token) != index]
     if beyond:
         raise AlignmentError(
             f"the tokenizer of {label} holds {len(beyond)} tokens beyond its embeddings (e.g. {beyond[0]!r})",
             hint="choose another tokenizer source (base, union, or another model)",
         )
     given = data.get("added_tokens") or []
-    kept = [e for e in given if vocabulary.tokens.get(e["content"]) == e["id"]]
+    kept = [e for e in given if tokens.get(e["content"]) == e["id"]]
     dropped = {e["id"] for e in given} - {e["id"] for e in kept}
-    known = set(model) | {e["content"] for e in kept}
-    new = [token for token in sorted(vocabulary.tokens, key=vocabulary.tokens.__getitem__) if token not in known]
+    known = {e["content"] for e in kept}
+    new = [token for token in _in_id_order(tokens) or () if token not in model and token not in known]
     if not new and not dropped:
-        return files
-    entries = [_added_entry(token, vocabulary) for token in new]
+        return SoupTokenizer(files, tokens, origin)
+    entries = [_added_entry(token, tokens[token], vocabulary) for token in new]
     data["added_tokens"] = [*kept, *entries]
-    files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # compact: json.dumps with an indent is pure Python, 2x slower
     files.pop("added_tokens.json", None)  # its ids are the model's; tokenizer.json says every added token
     if "tokenizer_config.json" in files:
         config = json.loads(Path(files["tokenizer_config.json"]).read_text(encoding="utf-8"))
@@ -373,7 +480,7 @@ def soup_tokenizer_files(paths: Sequence[Path], vocabulary: Vocabulary, label: s
             decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
         config["added_tokens_decoder"] = decoder
         files["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
-    return files
+    return SoupTokenizer(files, tokens, origin)
 
 
 # The files of a tokenizer the soup writes (its other side files come from where they always do).
@@ -383,29 +490,35 @@ _TOKENIZER_GROUP = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "
 def _model_vocab(data: Mapping[str, Any]) -> dict[str, int]:
     """A tokenizer.json's model vocabulary, token -> id (a Unigram model's pieces are in id order)."""
     entries = (data.get("model") or {}).get("vocab") or {}
-    return {piece: index for index, (piece, _score) in enumerate(entries)} if isinstance(entries, list) else dict(entries)
+    return {piece: index for index, (piece, _score) in enumerate(entries)} if isinstance(entries, list) else entries
 
 
-def _added_entry(token: str, vocabulary: Vocabulary) -> dict[str, Any]:
-    """A tokenizer.json ``added_tokens`` entry of ``token`` at its soup id."""
+def _added_entry(token: str, index: int, vocabulary: Vocabulary) -> dict[str, Any]:
+    """A tokenizer.json ``added_tokens`` entry of ``token`` at its soup id ``index``."""
     given = vocabulary.added.get(token, {})
     special = bool(given.get("special", False))
     return {
-        "id": vocabulary.tokens[token], "content": token, "single_word": bool(given.get("single_word", False)),
+        "id": index, "content": token, "single_word": bool(given.get("single_word", False)),
         "lstrip": bool(given.get("lstrip", False)), "rstrip": bool(given.get("rstrip", False)),
         "normalized": bool(given.get("normalized", not special)), "special": special,
     }
 
 
-def soup_token_ids(config: dict[str, Any], reference: TokenizerFiles, vocabulary: Vocabulary) -> dict[str, Any]:
+def special_token_ids(config: Mapping[str, Any]) -> set[int]:
+    """The token ids a ``config.json`` or ``generation_config.json`` names (``bos_token_id``, ...)."""
+    return {v for key, value in config.items() if key.endswith("_token_id")
+            for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)}
+
+
+def soup_token_ids(config: dict[str, Any], by_id: Mapping[int, str], tokens: Mapping[str, int]) -> dict[str, Any]:
     """``config`` (the reference model's ``config.json`` or ``generation_config.json``) with its special token
-    ids (``bos_token_id``, ...) moved to the soup rows of the same tokens (``None`` where the soup lacks one)."""
-    by_id = {index: token for token, index in reference.vocab.items()}
+    ids (``bos_token_id``, ...; ``by_id``: the reference's tokens of those ids) moved to the soup rows of the
+    same tokens (``None`` where the soup lacks one)."""
     config = dict(config)
     for key in [k for k in config if k.endswith("_token_id")]:
         value = config[key]
         if isinstance(value, int):
-            config[key] = vocabulary.tokens.get(by_id.get(value, ""))
+            config[key] = tokens.get(by_id.get(value, ""))
         elif isinstance(value, list):
-            config[key] = [vocabulary.tokens.get(by_id.get(v, "")) for v in value]
+            config[key] = [tokens.get(by_id.get(v, "")) for v in value]
     return config

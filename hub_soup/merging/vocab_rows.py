@@ -14,6 +14,7 @@ row of the token, as mergekit makes it before merging.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,9 @@ from hub_soup.io.read import Checkpoint
 from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.plan import BASE, Input, Layout, MergePlan, TensorPlan, layer_of
 from hub_soup.merging.vocab import (
+    TOKENIZER_FILES,
     TokenizerChoice,
+    TokenizerFiles,
     Vocabulary,
     choose_vocabulary,
     read_tokenizer,
@@ -82,7 +85,16 @@ def vocabulary_from(models: Mapping[int, ModelFiles], choice: TokenizerChoice, n
             )
         sizes[index] = size
     labels = {**dict(enumerate(names)), **({BASE: "base"} if BASE in models else {})}
-    tokenizers = {index: read_tokenizer(model.files, model.label) for index, model in models.items()}
+    tokenizers: dict[int, TokenizerFiles] = {}
+    read: dict[tuple[tuple[str, bytes], ...], TokenizerFiles] = {}  # by content: fine-tunes often share files
+    for index, model in models.items():  # one at a time, each holding the first's strings where they agree
+        contents = tuple((p.name, hashlib.sha256(p.read_bytes()).digest()) for p in model.files
+                         if p.name in TOKENIZER_FILES)
+        if contents not in read:
+            tokenizer = read_tokenizer(model.files, model.label)
+            read[contents] = tokenizer.sharing(next(iter(read.values()))) if read else tokenizer
+            del tokenizer
+        tokenizers[index] = read[contents]
     return choose_vocabulary(tokenizers, sizes, labels, choice)
 
 
@@ -159,7 +171,7 @@ def _filled(source: Input, tensor: TensorPlan, keys: Mapping[int, str], models: 
     filled = values.to(dtype)
     means = [j for j, fill in enumerate(source.fills) if fill.mean]
     if means:
-        assert isinstance(source.rows, tuple)
+        assert source.rows is not None
         filled[means] = _mean(source, models[source.ingredient], filled, row_numel).to(dtype)
     return replace(source, filled=filled)
 
@@ -174,7 +186,7 @@ def _row(checkpoint: Checkpoint, key: str, row: int, row_numel: int) -> torch.Te
 def _mean(source: Input, checkpoint: Checkpoint, filled: torch.Tensor, row_numel: int) -> torch.Tensor:
     """The mean, in float64, of ``source``'s rows that are tokens (not padding): its own rows as stored,
     the others as filled (mergekit's ``avg_embed`` of each permuted tensor)."""
-    assert isinstance(source.rows, tuple)
+    assert source.rows is not None
     padding = {j for j, fill in enumerate(source.fills) if fill.mean}
     tokens = [r for r in source.rows if r >= 0 or -1 - r not in padding]
     stored = checkpoint.metas[source.key]

@@ -42,7 +42,15 @@ from hub_soup.merging.plan import BASE, Layout, MergePlan, align
 from hub_soup.merging.side_files import check_configs, check_vocab_sizes, choose_side_files
 from hub_soup.merging.similarity import GramAccumulator, Similarity, weight_similarity
 from hub_soup.merging.templates import choose_template, with_template
-from hub_soup.merging.vocab import TOKENIZER_FILES, Vocabulary, read_tokenizer, soup_token_ids, soup_tokenizer_files
+from hub_soup.merging.vocab import (
+    TOKENIZER_FILES,
+    TokenizerFiles,
+    Vocabulary,
+    read_tokenizer,
+    soup_token_ids,
+    soup_tokenizer_files,
+    special_token_ids,
+)
 from hub_soup.merging.vocab_rows import (
     ModelFiles,
     fill_rows,
@@ -153,7 +161,7 @@ class Full(SoupKind[Soup]):
             keys = token_keys(checkpoints[0].metas, vocabulary.sizes[0])
             plan = fill_rows(with_vocabulary(plan, vocabulary, keys), checkpoints, base)
             own_plans = {i: own_rows(aligned, keys, size) for i, size in vocabulary.sizes.items()}
-            logger.info("vocabulary (%s): %d tokens, %d rows", vocabulary.source, len(vocabulary.tokens), vocabulary.size)
+            logger.info("vocabulary (%s): %d tokens, %d rows", vocabulary.source, vocabulary.count, vocabulary.size)
         chosen = choose_side_files(checkpoints)
         template = None
         if self.recipe.chat_template is not None:
@@ -238,15 +246,25 @@ def vocabulary_files(
     origin = soup.base if vocabulary.origin == BASE else soup.checkpoints[vocabulary.origin]
     assert origin is not None
     files = {name: f for name, f in files.items() if files_module.sidecar_group(name) != "tokenizer"}
-    files.update(soup_tokenizer_files(origin.sidecars, vocabulary, origin.label))
-    reference = read_tokenizer(soup.reference.sidecars, soup.reference.label)
+    generation = json.loads(Path(files["generation_config.json"]).read_text()) if "generation_config.json" in files else None
+    wanted = special_token_ids({**(config or {}), **(generation or {})})
+    by_id: dict[int, str] = {}
+    if soup.reference is not origin:  # read alone, before: two vocabularies of 150K tokens are not held at once
+        by_id = _names(read_tokenizer(soup.reference.sidecars, soup.reference.label), wanted)
+    tokenizer = soup_tokenizer_files(origin.sidecars, vocabulary, origin.label)
+    by_id = by_id if soup.reference is not origin else _names(tokenizer.origin, wanted)
+    files.update(tokenizer.files)
     if config is not None:
-        config = {**soup_token_ids(config, reference, vocabulary), "vocab_size": vocabulary.size}
+        config = {**soup_token_ids(config, by_id, tokenizer.tokens), "vocab_size": vocabulary.size}
         files["config.json"] = json.dumps(config, indent=2) + "\n"
-    if "generation_config.json" in files:
-        generation = json.loads(Path(files["generation_config.json"]).read_text())
-        files["generation_config.json"] = json.dumps(soup_token_ids(generation, reference, vocabulary), indent=2) + "\n"
+    if generation is not None:
+        files["generation_config.json"] = json.dumps(soup_token_ids(generation, by_id, tokenizer.tokens), indent=2) + "\n"
     return config, files
+
+
+def _names(tokenizer: TokenizerFiles, ids: set[int]) -> dict[int, str]:
+    """The tokens of ``ids`` in ``tokenizer``."""
+    return {index: token for token, index in tokenizer.vocab.items() if index in ids}
 
 
 def write_tensors(writer: Sink, soup: Soup, report: GreedyReport | None) -> tuple[MergeStats, Similarity]:
