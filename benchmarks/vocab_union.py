@@ -1,6 +1,6 @@
 """The cost of a soup of different vocabularies: a ``union`` soup against the plain merge of the same models.
 
-    python benchmarks/vocab_union.py                          # 1.5b, N = 3, 3 alternating rounds
+    python benchmarks/vocab_union.py                          # 1.5b, N = 3, 9 alternating rounds
     python benchmarks/vocab_union.py --size tiny --rounds 1   # a smoke run of the script (seconds)
 
 The ingredients are run.py's fine-tunes ``ing1`` .. ``ingN`` (generated when missing), seen through
@@ -10,8 +10,8 @@ tokenizer of their whole vocabulary, as benchmarks/greedy_memory.py makes them).
 its embeddings two rows longer (the new rows random, written into its own copy of the shard that holds
 them; the other shards linked) and ``vocab_size`` to match. Two merges, each timed as run.py times a
 merge (``/usr/bin/time -v``: wall time and peak RSS; peak RssAnon sampled every 20 ms), the page cache
-warm, in alternating rounds (this machine's speed drifts): the plain soup of ``ing1 .. ingN`` and the
-``--tokenizer-source union`` soup of ``ing1-chat, ing2 .. ingN``, whose token-indexed rows are gathered
+warm, each after a ``sync`` (the previous soup written back), in alternating rounds (this machine's
+speed drifts): the plain soup of ``ing1 .. ingN`` and the ``--tokenizer-source union`` soup of ``ing1-chat, ing2 .. ingN``, whose token-indexed rows are gathered
 by token and the two new tokens' rows filled from the one model that has them. The issue's bound: the
 union soup within 10% of the plain merge's time, at the same flat memory.
 """
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1.5b", choices=list(run.SIZES))
     parser.add_argument("--n", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     run.PYTHON = Path(sys.executable)
     run.generate(args.size, args.n + 1)
@@ -91,6 +91,7 @@ def main() -> None:
     found: dict[str, list[dict]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, cmd in cases.items():
+            subprocess.run(["sync"], check=True)  # the last soup's 3 GB written back first: not in the next's time
             found[name].append(run.measure_output(cmd, {}))
     ingredient = sum(f.stat().st_size for f in run.weight_files(run.ingredient_dirs(args.size, 2)[1]))
     print(f"| {args.size} x {args.n} | wall s (each round) | median s | working MiB (RSS) | x one ingredient |")
