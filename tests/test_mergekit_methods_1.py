@@ -124,13 +124,15 @@ def test_passthrough_takes_one_input_per_tensor(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- nearswap
 
 
-@pytest.mark.parametrize("t", [1e-4, 0.05, 0.5, 3.0])
+@pytest.mark.parametrize("t", [0.0, 1e-7, 1e-4, 0.05, 0.5, 3.0])
 def test_nearswap_takes_the_other_value_near_the_base_and_steps_t_elsewhere(tmp_path: Path, t: float) -> None:
     base, other = models(5, 2, shared=8.0, scale=0.05)  # near each other: some elements within t, some not
     soup = check(tmp_path, get_method("nearswap")({"t": t}), [other], lambda xs, b: ref.nearswap(xs, b, t=t), base)
     near = (base["wide"].double() - other["wide"].double()).abs() <= t
     assert near.any() or t < 0.01
     ck.assert_bit_equal(soup["wide"][near], other["wide"][near], "wide, near")
+    if t == 0:  # nothing is near: the base's values
+        ck.assert_bit_equal(soup["wide"], base["wide"], "wide, t = 0")
 
 
 # ---------------------------------------------------------------- arcee_fusion
