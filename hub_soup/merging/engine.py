@@ -70,13 +70,11 @@ READ_AHEAD = 4
 READ_WORKERS = 2
 
 # A tensor a method reads more than once (statistics passes, then the merge) is read once and its chunks kept
-# for the other passes, in a ring of at most this many bytes, and at most 1/REPLAY_SHARE of an ingredient (the
-# working memory stays a small fraction of the model's, bounded whatever its size). The ring holds RING_TENSORS
-# kept tensors: this one's chunks, and the next's, read while this one's passes run. On the 1.5B benchmark
-# models a layer's tensors of two inputs (slerp, arcee_fusion) fit, and those of four but the MLP's.
+# for the other passes, where they fit this much: at most this, and at most 1/REPLAY_SHARE of an ingredient, so
+# the working memory stays a small fraction of the model's, bounded whatever its size. On the 1.5B benchmark
+# models a layer's largest tensor (8960 x 1536, four inputs) fits; the embedding is read once per pass.
 REPLAY_BYTES = 128 << 20
 REPLAY_SHARE = 24
-RING_TENSORS = 2
 
 # Soup chunks queued for the writer thread: page-cache writes (memory copies in
 # the kernel, ~1 GB/s here) overlap the arithmetic instead of following it.
@@ -208,8 +206,8 @@ def stream_merge(
         write_behind: soup chunks that may wait for the writer thread (at least 1).
         block_elements: elements the kernel works on at a time (on the CPU; whole rows of it, for a method
             that works on rows).
-        replay_bytes: bytes of a tensor's chunks kept between its passes (default: its share of a ring of
-            :data:`REPLAY_BYTES`, at most 1/:data:`REPLAY_SHARE` of the smallest input; 0: every pass reads).
+        replay_bytes: bytes of a tensor's chunks kept between its passes (default: :data:`REPLAY_BYTES`, at most
+            1/:data:`REPLAY_SHARE` of the smallest input; 0: every pass reads).
     """
     _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
@@ -244,7 +242,7 @@ def stream_merge(
     )
     reader = _ReadAhead(
         _positions(plan, sources, steps, {k: 0 if k in kept else n for k, n in passes.items()}, kept),
-        width, chunk_bytes, read_ahead, ring_rows=RING_TENSORS * max(kept.values(), default=0),
+        width, chunk_bytes, read_ahead, ring_rows=2 * max(kept.values(), default=0),  # this tensor's, and the next's
     )
     ring_used = 0  # ring rows (kept positions) the merge is done with
     try:
@@ -336,10 +334,10 @@ def _read_pass(reader: _ReadAhead, numel: int, chunk_elements: int) -> Iterator[
 
 
 def _replay_budget(inputs: Sequence[Checkpoint]) -> int:
-    """Bytes of a tensor's chunks that may be kept between passes: its share of the ring, which holds
-    :data:`RING_TENSORS` and is :data:`REPLAY_BYTES`, at most 1/:data:`REPLAY_SHARE` of the smallest input."""
+    """Bytes of a tensor's chunks that may be kept between passes: :data:`REPLAY_BYTES`, at most
+    1/:data:`REPLAY_SHARE` of the smallest input."""
     smallest = min((sum(m.nbytes for m in c.metas.values()) for c in inputs), default=0)
-    return min(REPLAY_BYTES, smallest // REPLAY_SHARE) // RING_TENSORS
+    return min(REPLAY_BYTES, smallest // REPLAY_SHARE)
 
 
 def _kept(
