@@ -48,8 +48,7 @@ def merge_both_ways(
     tmp_path: Path, states: Sequence[StateDict], method: MergeMethod, base: StateDict | None = None,
     cut: tuple[int, int] = CUTS[0], planned: Callable[[MergePlan], MergePlan] | None = None,
 ) -> StateDict:
-    """The soup of ``states`` (the base's, where given) in memory, every statistics pass reading the inputs again,
-    checked bit for bit against the streamed one, each tensor read once and its chunks kept for its passes;
+    """The soup of ``states`` (the base's, where given) in memory, checked bit for bit against the streamed one;
     ``planned`` turns the aligned plan into the one merged (per-tensor parameters, rows, layers)."""
     paths = [ck.save_safetensors(s, tmp_path / f"in{i}.safetensors") for i, s in enumerate(states)]
     opened = [open_checkpoint(p) for p in paths]
@@ -59,10 +58,10 @@ def merge_both_ways(
         plan = align(layouts_of(opened), base=layouts_of([base_checkpoint])[0] if base_checkpoint else None)
         if planned is not None:
             plan = planned(plan)
-        scored = merged_state_dict(opened, plan, method, replay_bytes=0, **options)  # every pass reads
+        scored = merged_state_dict(opened, plan, method, **options)
         out = tmp_path / f"soup-{cut[0]}"
-        with SoupWriter(out, output_metas(plan, None), 10**9) as writer:  # every tensor read once, its passes kept
-            stream_merge(opened, plan, method, writer, replay_bytes=1 << 30, **options)
+        with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
+            stream_merge(opened, plan, method, writer, **options)
             writer.commit()
         streamed = load_file(out / "model.safetensors")
     finally:

@@ -271,39 +271,3 @@ def test_a_recipe_writes_the_same_soup_with_evaluation_on_and_off(tmp_path: Path
     assert a.keys() == b.keys() and math.prod(a["fc.weight"].shape) > 0
     for key in a:
         ck.assert_bit_equal(a[key], b[key], key)
-
-
-@pytest.mark.parametrize("read_ahead", [0, 4])
-def test_a_tensor_with_statistics_passes_is_read_once_where_its_chunks_fit(
-    toy: type[MergeMethod], tmp_path: Path, read_ahead: int
-) -> None:
-    """Chunks kept for a tensor's passes (the replay ring) give the soup every pass reading gives, bit for bit,
-    and are read once: with a budget for every tensor, the inputs' bytes; with one for the small tensor only,
-    the large one twice (its statistics pass, then the merge); with none, everything twice. Ring rows are
-    reused from tensor to tensor (the ring holds two tensors' chunks, here fewer than the merge reads)."""
-    generator = torch.Generator().manual_seed(3)
-    shapes = {"a.big": (40, 31), "b.small": (9,), "c.big": (37, 30), "d.big": (41, 29)}
-    states = [{k: torch.randn(s, generator=generator).to(torch.bfloat16) for k, s in shapes.items()} for _ in range(3)]
-    paths = [ck.save_safetensors(s, tmp_path / f"in{i}.safetensors") for i, s in enumerate(states)]
-    opened = [open_checkpoint(p) for p in paths]
-    base, ingredients = opened[0], opened[1:]
-    try:
-        plan = align(layouts_of(ingredients), base=layouts_of([base])[0])
-        once = sum(t.numel() * 2 for t in states[0].values()) * 3  # two ingredients and the base, bf16
-        small = states[0]["b.small"].numel() * 2 * 3
-        soups, read = [], []
-        for budget in (0, 50_000, 1 << 30):  # rows are a page or two per input: 50 kB holds the small one
-            stats = None
-            with SoupWriter(tmp_path / f"soup-{budget}", output_metas(plan, None), 10**9) as writer:
-                stats = stream_merge(ingredients, plan, toy(), writer, base=base, chunk_elements=64,
-                                     read_ahead=read_ahead, replay_bytes=budget)
-                writer.commit()
-            soups.append(load_file(tmp_path / f"soup-{budget}" / "model.safetensors"))
-            read.append(stats.bytes_read)
-    finally:
-        for checkpoint in opened:
-            checkpoint.close()
-    assert read == [2 * once, 2 * once - small, once]
-    for soup in soups[1:]:
-        for key, tensor in soups[0].items():
-            ck.assert_bit_equal(soup[key], tensor, key)

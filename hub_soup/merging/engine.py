@@ -69,13 +69,6 @@ BLOCK_ELEMENTS = 1 << 17
 READ_AHEAD = 4
 READ_WORKERS = 2
 
-# A tensor a method reads more than once (statistics passes, then the merge) is read once and its chunks kept
-# for the other passes, where they fit this much: at most this, and at most 1/REPLAY_SHARE of an ingredient, so
-# the working memory stays a small fraction of the model's, bounded whatever its size. On the 1.5B benchmark
-# models a layer's largest tensor (8960 x 1536, four inputs) fits; the embedding is read once per pass.
-REPLAY_BYTES = 128 << 20
-REPLAY_SHARE = 24
-
 # Soup chunks queued for the writer thread: page-cache writes (memory copies in
 # the kernel, ~1 GB/s here) overlap the arithmetic instead of following it.
 WRITE_BEHIND = 4
@@ -166,7 +159,6 @@ def stream_merge(
     read_ahead: int = READ_AHEAD,
     write_behind: int = WRITE_BEHIND,
     block_elements: int = BLOCK_ELEMENTS,
-    replay_bytes: int | None = None,
 ) -> MergeStats:
     """Merge ``checkpoints`` along ``plan`` with ``method`` into ``sink``, never holding more than a chunk per input.
 
@@ -180,8 +172,7 @@ def stream_merge(
     number of ingredients: the read slots, the accumulator and the write slots
     are a few MiB, reused for everything. A method with statistics passes
     (:meth:`~hub_soup.merging.methods.MergeMethod.statistics_passes`) reads each
-    merged tensor once more per pass, through the same read-ahead, before it merges it; or, where the
-    tensor's chunks fit the replay budget (``replay_bytes``), once, keeping them for its passes.
+    merged tensor once more per pass, through the same read-ahead, before it merges it.
     A method that works on whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`)
     is given chunks and blocks of whole rows, at most as large as the others (or one row, where a
     row is longer): still a few MiB. Only a
@@ -206,8 +197,6 @@ def stream_merge(
         write_behind: soup chunks that may wait for the writer thread (at least 1).
         block_elements: elements the kernel works on at a time (on the CPU; whole rows of it, for a method
             that works on rows).
-        replay_bytes: bytes of a tensor's chunks kept between its passes (default: :data:`REPLAY_BYTES`, at most
-            1/:data:`REPLAY_SHARE` of the smallest input; 0: every pass reads).
     """
     _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
@@ -232,19 +221,13 @@ def stream_merge(
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
     sources = {t.key: tensor_sources(checkpoints, base, t) for t in plan.tensors}
-    width = max((len(s) for s in sources.values()), default=1)
-    chunk_bytes = chunk_room * _widest(_input_metas(inputs))
-    budget = _replay_budget(inputs) if replay_bytes is None else replay_bytes
-    kept = _kept(plan, sources, steps, passes, direct_io.padded(chunk_bytes), budget)
     total_read = sum(
-        t.meta.nbytes * len(sources[t.key]) * (1 + passes[t.key] if t.average and t.key not in kept else 1)
-        for t in plan.tensors
+        t.meta.nbytes * len(sources[t.key]) * (1 + passes[t.key] if t.average else 1) for t in plan.tensors
     )
+    width = max((len(s) for s in sources.values()), default=1)
     reader = _ReadAhead(
-        _positions(plan, sources, steps, {k: 0 if k in kept else n for k, n in passes.items()}, kept),
-        width, chunk_bytes, read_ahead, ring_rows=2 * max(kept.values(), default=0),  # this tensor's, and the next's
+        _positions(plan, sources, steps, passes), width, chunk_room * _widest(_input_metas(inputs)), read_ahead,
     )
-    ring_used = 0  # ring rows (kept positions) the merge is done with
     try:
         with torch_threads(threads or merge_threads(method.compute_bound)), _WriteBehind(
             sink, chunk_room * _widest(metas.values()), max(write_behind, 1)
@@ -260,19 +243,15 @@ def stream_merge(
                                  out_dtype, step, device, gram, sample, found)
                 else:
                     statistics = None
-                    # a kept tensor's chunks, read once (into rows of the reader's that outlive the slot)
-                    replay = [chunks for chunks in _read_pass(reader, tensor.meta.numel, step)] if (
-                        tensor.key in kept) else None
                     if tensor_method is not None:
                         statistics = _statistics(tensor, tensor_method, merged[tensor.key], passes[tensor.key],
-                                                 reader, step, replay)
+                                                 reader, step)
                         acc_room, scratch_room = buffers[merged[tensor.key].dtype]
                         kernel_buffers = (acc_room[: blocks[tensor.key]], scratch_room[: blocks[tensor.key]])
                     out.begin(tensor.key)
                     count = len(tensor.inputs)
-                    positions = replay if replay is not None else _read_pass(reader, tensor.meta.numel, step)
-                    for index, chunks in enumerate(positions):
-                        begin = index * step
+                    for begin in range(0, tensor.meta.numel, step):
+                        chunks = reader.next()
                         soup = out.slot(chunks[0].numel(), out_dtype)
                         if tensor_method is not None:
                             if begin < sample:
@@ -284,9 +263,7 @@ def stream_merge(
                             if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow
                                 _check_finite(soup, chunks[0], chunks[:1], found)
                         out.submit()
-                    if replay is not None:
-                        ring_used += len(replay)
-                        reader.free_ring(ring_used)
+                        reader.release()
                 if found.any:  # a scale that a method chose can be chosen smaller; an average's cannot
                     scalable = tensor_method is not None and not tensor_method.averages
                     found.settle(tensor, out_dtype, [c.label for c, _ in sources[tensor.key]], scalable)
@@ -311,48 +288,17 @@ def _tensor_methods(plan: MergePlan, method: MergeMethod) -> dict[str, MergeMeth
 
 def _statistics(
     tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: int, reader: _ReadAhead, chunk_elements: int,
-    replay: list[list[torch.Tensor]] | None,
 ) -> Any:
-    """What ``method``'s statistics passes over ``tensor`` (``passes`` reads of it, or of its chunks as kept:
-    ``replay``) make of it, for its kernel."""
+    """What ``method``'s statistics passes over ``tensor`` (``passes`` reads of it) make of it, for its kernel."""
     statistics = method.start_statistics(merged)
     count = len(tensor.inputs)
     for _ in range(passes):
-        for chunks in replay if replay is not None else _read_pass(reader, tensor.meta.numel, chunk_elements):
+        for _ in range(0, tensor.meta.numel, chunk_elements):
+            chunks = reader.next()
             statistics = method.observe(statistics, chunks[:count], chunks[count] if len(chunks) > count else None)
+            reader.release()
         statistics = method.finish_statistics(statistics, merged)
     return statistics
-
-
-def _read_pass(reader: _ReadAhead, numel: int, chunk_elements: int) -> Iterator[list[torch.Tensor]]:
-    """One pass over a tensor's chunk positions from ``reader``: each position's chunks, its slot handed back
-    when the next is asked for (or the pass ends)."""
-    for _ in range(0, numel, chunk_elements):
-        chunks = reader.next()
-        yield chunks
-        reader.release()
-
-
-def _replay_budget(inputs: Sequence[Checkpoint]) -> int:
-    """Bytes of a tensor's chunks that may be kept between passes: :data:`REPLAY_BYTES`, at most
-    1/:data:`REPLAY_SHARE` of the smallest input."""
-    smallest = min((sum(m.nbytes for m in c.metas.values()) for c in inputs), default=0)
-    return min(REPLAY_BYTES, smallest // REPLAY_SHARE)
-
-
-def _kept(
-    plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], steps: Mapping[str, int],
-    passes: Mapping[str, int], row_bytes: int, budget: int,
-) -> dict[str, int]:
-    """The merged tensors read once for all their passes (key -> chunk positions): those with statistics passes
-    whose positions, each a row of ``row_bytes`` per input, fit ``budget``."""
-    kept = {}
-    for tensor in plan.tensors:
-        if tensor.average and passes[tensor.key]:
-            positions = -(-tensor.meta.numel // steps[tensor.key])
-            if positions * len(sources[tensor.key]) * row_bytes <= budget:
-                kept[tensor.key] = positions
-    return kept
 
 
 def _merge_whole(
@@ -708,28 +654,19 @@ Position = list[tuple[Checkpoint, Input, int, int, int]]
 
 def _positions(
     plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], steps: Mapping[str, int],
-    passes: Mapping[str, int], kept: Mapping[str, int] | None = None,
-) -> Iterator[tuple[Position, int | None]]:
-    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input, and for a kept
-    tensor's (``kept``) the row of the reader's replay ring it is read into (``None``: a slot).
+    passes: dict[str, int],
+) -> Iterator[Position]:
+    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
 
     A merged tensor is read once per statistics pass (``passes``, by key), then for the
     kernel; a copied one once, from its first input; each in chunks of ``steps`` elements (by key).
-    Ring rows count on through the kept tensors; the reader writes no row the merge still uses
-    (:meth:`_ReadAhead.free_ring`).
     """
-    ring = 0
     for tensor in plan.tensors:
         row_numel, step = tensor.row_numel, steps[tensor.key]
         for _ in range(1 + passes[tensor.key] if tensor.average else 1):
             for begin in range(0, tensor.meta.numel, step):
                 size = min(step, tensor.meta.numel - begin)
-                position = [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
-                if kept is not None and tensor.key in kept:
-                    yield position, ring
-                    ring += 1
-                else:
-                    yield position, None
+                yield [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
 
 
 def tensor_sources(
@@ -756,56 +693,29 @@ class _ReadAhead:
     once per position, not once per chunk. With ``slots == 0`` every read
     happens in ``next()``, in the caller's thread. :attr:`bytes_read` counts the
     chunks handed out (for the progress bar and the summary).
-
-    A position with a ring row (a kept tensor's, see :func:`_positions`) is read into that row of the
-    replay ring instead, where its chunks outlive ``release()``: such reads wait for no slot, only for
-    ring rows the caller no longer uses (:meth:`free_ring`), so the next kept tensor is read while the
-    caller replays this one's passes from memory.
     """
 
-    def __init__(
-        self, positions: Iterator[tuple[Position, int | None]], count: int, chunk_bytes: int, slots: int,
-        ring_rows: int = 0,
-    ) -> None:
+    def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
         self._positions = positions
         self.bytes_read = 0
         # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
         rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
         self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
-        # pages are only touched, and so resident, as far as kept tensors use them
-        self._ring = direct_io.aligned_buffer(ring_rows * count * row).view(ring_rows, count, row) if (
-            ring_rows) else None
-        self._ring_limit = ring_rows  # ring reads may go up to (not including) this ring index
         self._pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="hub-soup-reader") if slots else None
-        self._free: deque[int] = deque(range(slots))
-        self._waiting: tuple[Position, int | None] | None = None  # the next read, until a slot or ring row is free
-        self._pending: deque[tuple[int | None, Future[list[torch.Tensor]]]] = deque()
-        self._in_use: deque[int | None] = deque()
-        self._fill()
+        self._pending: deque[tuple[int, Future[list[torch.Tensor]]]] = deque()
+        self._in_use: deque[int] = deque()
+        for slot in range(slots):
+            self._submit(slot)
 
-    def _read(self, read: tuple[Position, int | None], slot: int) -> list[torch.Tensor]:
-        position, ring = read
-        buffers = self._buffer[slot] if ring is None or self._ring is None else self._ring[ring % len(self._ring)]
+    def _read(self, position: Position, slot: int) -> list[torch.Tensor]:
+        buffers = self._buffer[slot]
         return [source.read_into(checkpoint, begin, size, row_numel, buffer)
                 for (checkpoint, source, begin, size, row_numel), buffer in zip(position, buffers)]
 
-    def _fill(self) -> None:
-        """Start the next reads, in order, while each has room (a free slot, or a free ring row)."""
-        while self._pool is not None:
-            if self._waiting is None and (read := next(self._positions, None)) is not None:
-                self._waiting = read
-            if self._waiting is None:
-                return
-            if self._waiting[1] is None:
-                if not self._free:
-                    return
-                slot: int | None = self._free.popleft()
-            elif self._waiting[1] < self._ring_limit:
-                slot = None
-            else:
-                return
-            self._pending.append((slot, self._pool.submit(self._read, self._waiting, slot or 0)))
-            self._waiting = None
+    def _submit(self, slot: int) -> None:
+        position = next(self._positions, None)
+        if position is not None and self._pool is not None:
+            self._pending.append((slot, self._pool.submit(self._read, position, slot)))
 
     def next(self) -> list[torch.Tensor]:
         if self._pool is None:
@@ -819,16 +729,7 @@ class _ReadAhead:
 
     def release(self) -> None:
         if self._pool is not None:
-            slot = self._in_use.popleft()
-            if slot is not None:
-                self._free.append(slot)
-            self._fill()
-
-    def free_ring(self, used: int) -> None:
-        """The caller is done with ring rows of indices below ``used``: reads may use them again."""
-        if self._ring is not None:
-            self._ring_limit = used + len(self._ring)
-            self._fill()
+            self._submit(self._in_use.popleft())
 
     def close(self) -> None:
         """Drop reads not started and wait for running ones: no read outlives the merge."""
