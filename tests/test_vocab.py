@@ -90,6 +90,8 @@ def check_loads(out: Path, added: list[str]) -> None:
         assert tokenizer.encode(f"hello {token} soup", add_special_tokens=False) == [
             vocab["hello"], vocab[token], vocab["soup"]]
     assert config["eos_token_id"] == vocab["</s>"] and config["bos_token_id"] == vocab["<s>"]
+    generation = json.loads((out / "generation_config.json").read_text())  # its ids moved as the config's
+    assert generation["eos_token_id"] == vocab["</s>"] and generation["bos_token_id"] == vocab["<s>"]
     model = AutoModelForCausalLM.from_pretrained(out)
     prompt = tokenizer(f"hello {added[0] if added else 'soup'} world", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)

@@ -247,12 +247,13 @@ def vocabulary_files(
     assert origin is not None
     files = {name: f for name, f in files.items() if files_module.sidecar_group(name) != "tokenizer"}
     generation = json.loads(Path(files["generation_config.json"]).read_text()) if "generation_config.json" in files else None
-    wanted = special_token_ids({**(config or {}), **(generation or {})})
-    by_id: dict[int, str] = {}
-    if soup.reference is not origin:  # read alone, before: two vocabularies of 150K tokens are not held at once
-        by_id = _names(read_tokenizer(soup.reference.sidecars, soup.reference.label), wanted)
+    wanted = special_token_ids(config or {}) | special_token_ids(generation or {})
+    # the reference's tokens of those ids: read alone, before, as two vocabularies of 150K tokens are not held at
+    # once (from the origin's tokenizer, read for the soup's, where the reference is the origin)
+    named = None if soup.reference is origin else _names(
+        read_tokenizer(soup.reference.sidecars, soup.reference.label), wanted)
     tokenizer = soup_tokenizer_files(origin.sidecars, vocabulary, origin.label)
-    by_id = by_id if soup.reference is not origin else _names(tokenizer.origin, wanted)
+    by_id = named if named is not None else _names(tokenizer.origin, wanted)
     files.update(tokenizer.files)
     if config is not None:
         config = {**soup_token_ids(config, by_id, tokenizer.tokens), "vocab_size": vocabulary.size}
