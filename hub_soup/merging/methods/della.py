@@ -77,13 +77,21 @@ def keep_probabilities(delta: torch.Tensor, rows: tuple[int, int, int], density:
     Each rank's probability and limit are worked out once per row length (:func:`_by_rank`) and scattered
     to the elements in rank order: one scatter each, where computing them per element took six passes.
     """
+    import numpy as np
     import torch
 
     n = rows[1]
     # Sorted by their bits as integers: a non-negative float's bits order as the float does, and an integer
     # sort is 1.5x faster than a float one (the ranks are DELLA's hot spot).
     bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[delta.element_size()]
-    order = torch.argsort(delta.view(rows).abs().view(bits), dim=1, stable=True)
+    keys = delta.view(rows).abs().view(bits)
+    if bits != torch.int64 and delta.device.type == "cpu" and n < 1 << 32:
+        # Keys of at most 31 bits, each with its index below them: all distinct, so a sort of the values alone
+        # is the stable argsort (ties in index order), and numpy's sorts those 4-5x faster than torch.argsort.
+        packed = keys.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(torch.arange(n).view(1, n, 1))
+        order = torch.from_numpy(np.sort(packed.numpy(), axis=1)).bitwise_and_(0xFFFFFFFF)
+    else:
+        order = torch.argsort(keys, dim=1, stable=True)
     probability, limit = _by_rank(n, density, epsilon, delta.dtype)
     p = torch.empty_like(delta).view(rows).scatter_(1, order, probability.view(1, n, 1).expand_as(order))
     limits = torch.empty(rows, dtype=torch.int32).scatter_(1, order, limit.view(1, n, 1).expand_as(order))
