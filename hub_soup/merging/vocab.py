@@ -307,8 +307,9 @@ def choose_vocabulary(
         size = -(-size // choice.pad_to_multiple_of) * choice.pad_to_multiple_of
     rows: dict[int, Gather] = {}
     fills: dict[int, tuple[Fill, ...]] = {}
+    forced_rows = sorted(tokens[token] for token in forced)
     for i in models:
-        rows[i], fills[i] = _model_rows(ordered, stripped[i].vocab, shared[i], fill_of, forced, size)
+        rows[i], fills[i] = _model_rows(ordered, stripped[i].vocab, shared[i], fill_of, forced, forced_rows, size)
     kept = len(stripped[chosen].vocab) if choice.source == "union" else len(tokens)
     extra = {token: index for token, index in tokens.items() if index >= kept} if kept < len(tokens) else {}
     return Vocabulary(choice.source, chosen, kept, extra, added, size, rows, fills, rules, dict(sizes))
@@ -316,11 +317,12 @@ def choose_vocabulary(
 
 def _model_rows(
     ordered: Sequence[str], own: Mapping[str, int], shared: int, fill_of: Mapping[str, Fill], forced: set[str],
-    size: int,
+    forced_rows: Sequence[int], size: int,
 ) -> tuple[Gather, tuple[Fill, ...]]:
     """One model's row of each soup token (``ordered``: the soup's tokens in id order, the first ``shared`` of
-    them the model's own rows ``0 .. shared - 1``), padded to ``size`` rows, and the fills those rows name:
-    numbered as the soup's tokens first need them."""
+    them the model's own rows ``0 .. shared - 1``; ``forced_rows``: the soup rows of the ``forced`` tokens, in
+    order), padded to ``size`` rows, and the fills those rows name: numbered as the soup's tokens first need
+    them."""
     mine: list[Fill] = []
     index: dict[Fill, int] = {}
 
@@ -333,7 +335,7 @@ def _model_rows(
 
     parts: list[Iterable[int]] = []
     start = 0
-    for cut in sorted(row for row in map(ordered.index, forced) if row < shared) if forced else ():
+    for cut in (row for row in forced_rows if row < shared):  # a forced token takes its fill even where shared
         parts += [range(start, cut), [filled(ordered[cut])]]
         start = cut + 1
     parts.append(range(start, shared))
