@@ -14,6 +14,11 @@ So:
   (elementwise ops on a few MiB are bound by memory; see benchmarks/RESULTS.md), else, for a
   method whose time goes into computing (a ``compute_bound`` method: DELLA's per-row sorts,
   arcee_fusion's softmaxes and order statistics), the CPUs this process may run on, as scoring.
+  A compute-bound merge splits its work among that many :func:`compute_workers`, each running
+  torch on one thread, rather than giving torch the threads: a cache-sized op lasts ~100 us, and
+  a passive OpenMP team woken for each one spent more than it saved (arcee_fusion of 1.5B
+  models: 92 s on two torch threads, 60 s on one, 47 s spinning; split among two workers, one
+  wake-up per half of a chunk's blocks instead of one per op).
 * Scoring (forward passes, BatchNorm recalibration) runs on :func:`eval_threads` threads:
   ``$HUB_SOUP_THREADS``, else ``$OMP_NUM_THREADS``, else the CPUs this process may run on
   (its affinity mask, which taskset and container cpusets narrow, where torch counts every core),
@@ -23,8 +28,11 @@ So:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from typing import TypeVar
 
 from hub_soup.errors import RecipeError
 
@@ -32,6 +40,11 @@ from hub_soup.errors import RecipeError
 THREADS_ENV = "HUB_SOUP_THREADS"
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when torch is first imported
+
+T = TypeVar("T")
+_pool: ThreadPoolExecutor | None = None  # the compute workers beside the calling thread, inside compute_workers()
+_parts = 1
+_running = threading.local()  # .part: the part this thread runs now, if any (work it splits again runs there, whole)
 
 
 def _from_env(name: str) -> int | None:
@@ -82,3 +95,50 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def compute_workers(count: int) -> Iterator[None]:
+    """Inside the block, :func:`in_parts` splits work among ``count`` threads (the caller's and ``count - 1``
+    more), with torch on one thread each: set here, and read by each worker thread at its first op."""
+    global _pool, _parts
+    if count <= 1:
+        yield
+        return
+    with torch_threads(1), ThreadPoolExecutor(count - 1, thread_name_prefix="hub-soup-compute") as pool:
+        _pool, _parts = pool, count
+        try:
+            yield
+        finally:
+            _pool, _parts = None, 1
+
+
+def in_parts(total: int, work: Callable[[int, int, int], T]) -> list[T]:
+    """``work(part, begin, end)`` for consecutive, near-equal ranges of ``range(total)``, one per compute worker
+    (part 0 in the calling thread), their results in order; the whole range at once outside
+    :func:`compute_workers` or inside a part. ``part`` tells a worker's scratch buffers from another's."""
+    inside = getattr(_running, "part", None)
+    parts = min(_parts, total) if _pool is not None and inside is None else 1
+    if parts <= 1:
+        return [work(inside or 0, 0, total)]
+    bounds = [total * i // parts for i in range(parts + 1)]
+
+    def run(part: int) -> T:
+        _running.part = part
+        try:
+            return work(part, bounds[part], bounds[part + 1])
+        finally:
+            _running.part = None
+
+    assert _pool is not None
+    others = [_pool.submit(run, part) for part in range(1, parts)]
+    try:
+        first = run(0)
+    finally:
+        wait(others)  # even when part 0 failed: no part outlives the call
+    return [first, *(future.result() for future in others)]
+
+
+def current_part() -> int:
+    """The :func:`in_parts` part this thread runs (0 outside any): what keeps one part's scratch from another's."""
+    return getattr(_running, "part", None) or 0

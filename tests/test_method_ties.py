@@ -188,7 +188,7 @@ def test_ties_elects_signs_and_averages_only_the_agreeing_entries() -> None:
 
     method = get_method("ties")()
     soup, found = torch.empty(4), _NonFinite()
-    _merge_chunks(method, [*parts, base], 3, (torch.empty(4), torch.empty(4)), soup, None, 0, found)
+    _merge_chunks(method, [*parts, base], 3, [(torch.empty(4), torch.empty(4))], soup, None, 0, found)
     assert not found.any
     # element 0: votes 1 + 3 - 1 > 0, the agreeing 1 and 3 averaged; element 1: -2 + 1 + 1 = 0 elects +: 1 and 1;
     # element 2: 0.5 - 0.5 + 0 = 0 elects +: 0.5 alone (0 agrees with no sign); element 3: nobody moved.

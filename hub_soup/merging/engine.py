@@ -27,6 +27,7 @@ before anything is written or scored. Non-finite values an ingredient already ho
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import queue
@@ -48,7 +49,7 @@ from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import Input, MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
-from hub_soup.threads import merge_threads, torch_threads
+from hub_soup.threads import compute_workers, in_parts, merge_threads, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ def stream_merge(
             method with an optional base, where the merge has one).
         chunk_elements: elements per input and position (default: :func:`chunk_elements_for`); whole rows of
             it for a method that works on rows.
-        threads: torch threads for the arithmetic (default :func:`~hub_soup.threads.merge_threads`).
+        threads: torch threads for the arithmetic, or a compute-bound method's compute workers (default
+            :func:`~hub_soup.threads.merge_threads`).
         gram: if given, the shared-initialization check is fed from the chunks as they
             pass (see :class:`~hub_soup.merging.similarity.GramAccumulator`), at no extra read.
         read_ahead: positions read ahead by the reader threads (0: read in this thread).
@@ -216,10 +218,16 @@ def stream_merge(
               for key, row in rows.items()}
     chunk_room = max(steps.values(), default=chunk_elements)
     block_room = max(blocks.values(), default=1)
-    buffers = {d: (torch.empty(block_room, dtype=d, device=device), torch.empty(block_room, dtype=d, device=device))
+    # A compute-bound method's blocks are split among workers (one torch thread each; see hub_soup.threads), each
+    # with its own accumulator and scratch; every other merge gives torch the threads.
+    threads = threads or merge_threads(method.compute_bound)
+    workers = threads if method.compute_bound and device.type == "cpu" else 1
+    buffers = {d: [(torch.empty(block_room, dtype=d, device=device), torch.empty(block_room, dtype=d, device=device))
+                   for _ in range(workers)]
                for d in (torch.float32, torch.float64)}
     passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
+    planned = dict(passes)  # passes lowers where a method needs fewer
     sources = {t.key: tensor_sources(checkpoints, base, t) for t in plan.tensors}
     total_read = sum(
         t.meta.nbytes * len(sources[t.key]) * (1 + passes[t.key] if t.average else 1) for t in plan.tensors
@@ -229,7 +237,7 @@ def stream_merge(
         _positions(plan, sources, steps, passes), width, chunk_room * _widest(_input_metas(inputs)), read_ahead,
     )
     try:
-        with torch_threads(threads or merge_threads(method.compute_bound)), _WriteBehind(
+        with torch_threads(threads), compute_workers(workers), _WriteBehind(
             sink, chunk_room * _widest(metas.values()), max(write_behind, 1)
         ) as out, tqdm(total=total_read, unit="B", unit_scale=True, desc="merging") as bar:
             for tensor in plan.tensors:
@@ -244,10 +252,12 @@ def stream_merge(
                 else:
                     statistics = None
                     if tensor_method is not None:
-                        statistics = _statistics(tensor, tensor_method, merged[tensor.key], passes[tensor.key],
-                                                 reader, step)
-                        acc_room, scratch_room = buffers[merged[tensor.key].dtype]
-                        kernel_buffers = (acc_room[: blocks[tensor.key]], scratch_room[: blocks[tensor.key]])
+                        statistics, read = _statistics(tensor, tensor_method, merged[tensor.key], passes, reader,
+                                                       step)
+                        if read < planned[tensor.key]:  # passes the method found it did not need
+                            bar.total -= (planned[tensor.key] - read) * tensor.meta.nbytes * len(sources[tensor.key])
+                        kernel_buffers = [(acc[: blocks[tensor.key]], scratch[: blocks[tensor.key]])
+                                          for acc, scratch in buffers[merged[tensor.key].dtype]]
                     out.begin(tensor.key)
                     count = len(tensor.inputs)
                     for begin in range(0, tensor.meta.numel, step):
@@ -287,18 +297,28 @@ def _tensor_methods(plan: MergePlan, method: MergeMethod) -> dict[str, MergeMeth
 
 
 def _statistics(
-    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: int, reader: _ReadAhead, chunk_elements: int,
-) -> Any:
-    """What ``method``'s statistics passes over ``tensor`` (``passes`` reads of it) make of it, for its kernel."""
+    tensor: TensorPlan, method: MergeMethod, merged: MergedTensor, passes: dict[str, int], reader: _ReadAhead,
+    chunk_elements: int,
+) -> tuple[Any, int]:
+    """What ``method``'s statistics passes over ``tensor`` make of it, for its kernel, and how many were read.
+
+    At most ``passes[tensor.key]``; fewer where the method says, after a pass, that it needs no more
+    (:meth:`~hub_soup.merging.methods.MergeMethod.passes_left`): lowered there, the reads not yet planned are
+    not made (:func:`_positions` looks the count up as each pass is about to be read) and those already
+    under way are observed as any (the method ignores what it no longer needs)."""
     statistics = method.start_statistics(merged)
-    count = len(tensor.inputs)
-    for _ in range(passes):
+    key, count, done = tensor.key, len(tensor.inputs), 0
+    while reader.peek() == (key, done):
         for _ in range(0, tensor.meta.numel, chunk_elements):
             chunks = reader.next()
             statistics = method.observe(statistics, chunks[:count], chunks[count] if len(chunks) > count else None)
             reader.release()
         statistics = method.finish_statistics(statistics, merged)
-    return statistics
+        done += 1
+        left = method.passes_left(statistics)
+        if left is not None:
+            passes[key] = min(passes[key], done + left)
+    return statistics, done
 
 
 def _merge_whole(
@@ -354,26 +374,31 @@ def _check_roles(checkpoints: Sequence[Checkpoint], plan: MergePlan, method: Mer
 
 
 def _merge_chunks(
-    method: MergeMethod, chunks: Sequence[torch.Tensor], count: int, buffers: tuple[torch.Tensor, torch.Tensor],
+    method: MergeMethod, chunks: Sequence[torch.Tensor], count: int, buffers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     soup: torch.Tensor, statistics: Any, offset: int, found: _NonFinite,
 ) -> None:
     """``soup`` = the method's soup of one position, the tensor's elements from ``offset`` on: ``chunks`` are the
     ``count`` ingredients' (then the base's), merged block by block, each block's result rounded out of the
-    cache-sized accumulator and checked for values the output dtype cannot hold (into ``found``)."""
-    acc_buffer, scratch_buffer = buffers
-    size = soup.numel()
+    cache-sized accumulator and checked for values the output dtype cannot hold (into ``found``). The blocks are
+    split among the compute workers (:func:`~hub_soup.threads.in_parts`), each with its own ``buffers``."""
+    size, room = soup.numel(), buffers[0][0].numel()
     with_base = len(chunks) > count
-    for start in range(0, size, acc_buffer.numel()):
-        end = min(start + acc_buffer.numel(), size)
-        acc = acc_buffer[: end - start]
-        parts = [chunk[start:end] for chunk in chunks]
-        method.kernel(
-            acc, parts[:count], scratch=scratch_buffer[: end - start], base=parts[count] if with_base else None,
-            statistics=statistics, offset=offset + start,
-        )
-        block = soup[start:end]
-        block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
-        _check_finite(block, acc, parts, found)
+
+    def merge_blocks(part: int, first: int, last: int) -> None:
+        acc_buffer, scratch_buffer = buffers[part]
+        for start in range(first * room, min(last * room, size), room):
+            end = min(start + room, size)
+            acc = acc_buffer[: end - start]
+            parts = [chunk[start:end] for chunk in chunks]
+            method.kernel(
+                acc, parts[:count], scratch=scratch_buffer[: end - start], base=parts[count] if with_base else None,
+                statistics=statistics, offset=offset + start,
+            )
+            block = soup[start:end]
+            block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
+            _check_finite(block, acc, parts, found)
+
+    in_parts(-(-size // room), merge_blocks)
 
 
 def _check_finite(
@@ -396,14 +421,15 @@ def _check_finite(
     finite_inputs = torch.stack([part.isfinite() for part in inputs])
     made = bad & finite_inputs.all(0)
     carried = bad & ~made
-    found.carried += int(carried.sum())
-    found.holders.update(i for i, holds in enumerate((~finite_inputs & carried).any(1).tolist()) if holds)
     magnitude = value.to("cpu", torch.float64)[made].abs()
     overflowed = magnitude[~magnitude.isnan()]
-    found.overflowed += overflowed.numel()
-    found.nan += magnitude.numel() - overflowed.numel()
-    if overflowed.numel():
-        found.largest = max(found.largest, float(overflowed.max()))
+    with found.lock:  # blocks of one tensor may be checked side by side
+        found.carried += int(carried.sum())
+        found.holders.update(i for i, holds in enumerate((~finite_inputs & carried).any(1).tolist()) if holds)
+        found.overflowed += overflowed.numel()
+        found.nan += magnitude.numel() - overflowed.numel()
+        if overflowed.numel():
+            found.largest = max(found.largest, float(overflowed.max()))
 
 
 @dataclass
@@ -420,6 +446,7 @@ class _NonFinite:
     nan: int = 0  # inputs finite, value nan
     carried: int = 0  # an input inf or nan there
     holders: set[int] = field(default_factory=set)  # inputs (by position) inf or nan where the soup is
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def any(self) -> bool:
@@ -650,23 +677,33 @@ def write_weights(weights: Weights, plan: MergePlan, metas: dict[str, TensorMeta
 
 
 Position = list[tuple[Checkpoint, Input, int, int, int]]
+#: What a position is read for: a tensor's statistics pass (by number) or its kernel (:data:`KERNEL`).
+Read = tuple[str, int]
+KERNEL = -1
 
 
 def _positions(
     plan: MergePlan, sources: Mapping[str, list[tuple[Checkpoint, Input]]], steps: Mapping[str, int],
-    passes: dict[str, int],
-) -> Iterator[Position]:
-    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input.
+    passes: Mapping[str, int],
+) -> Iterator[tuple[Read, Position]]:
+    """Every chunk position :func:`stream_merge` consumes, in order: the reads of each input, each with what
+    it is read for.
 
-    A merged tensor is read once per statistics pass (``passes``, by key), then for the
-    kernel; a copied one once, from its first input; each in chunks of ``steps`` elements (by key).
+    A merged tensor is read once per statistics pass (``passes``, by key, looked up as each pass is about to
+    be read: the merge lowers it once a method needs fewer), then for the kernel; a copied one once, from its
+    first input; each in chunks of ``steps`` elements (by key).
     """
     for tensor in plan.tensors:
-        row_numel, step = tensor.row_numel, steps[tensor.key]
-        for _ in range(1 + passes[tensor.key] if tensor.average else 1):
+        row_numel, step, key = tensor.row_numel, steps[tensor.key], tensor.key
+        reads = itertools.count() if tensor.average else iter([KERNEL])
+        for read in reads:
+            if read != KERNEL and read >= passes[key]:
+                read = KERNEL
             for begin in range(0, tensor.meta.numel, step):
                 size = min(step, tensor.meta.numel - begin)
-                yield [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[tensor.key]]
+                yield (key, read), [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[key]]
+            if read == KERNEL:
+                break
 
 
 def tensor_sources(
@@ -695,14 +732,15 @@ class _ReadAhead:
     chunks handed out (for the progress bar and the summary).
     """
 
-    def __init__(self, positions: Iterator[Position], count: int, chunk_bytes: int, slots: int) -> None:
+    def __init__(self, positions: Iterator[tuple[Read, Position]], count: int, chunk_bytes: int, slots: int) -> None:
         self._positions = positions
         self.bytes_read = 0
         # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
         rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
         self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
         self._pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="hub-soup-reader") if slots else None
-        self._pending: deque[tuple[int, Future[list[torch.Tensor]]]] = deque()
+        self._pending: deque[tuple[Read, int, Future[list[torch.Tensor]]]] = deque()
+        self._ahead: tuple[Read, Position] | None = None  # without threads: the next position, once peeked at
         self._in_use: deque[int] = deque()
         for slot in range(slots):
             self._submit(slot)
@@ -713,15 +751,26 @@ class _ReadAhead:
                 for (checkpoint, source, begin, size, row_numel), buffer in zip(position, buffers)]
 
     def _submit(self, slot: int) -> None:
-        position = next(self._positions, None)
-        if position is not None and self._pool is not None:
-            self._pending.append((slot, self._pool.submit(self._read, position, slot)))
+        upcoming = next(self._positions, None)
+        if upcoming is not None and self._pool is not None:
+            read, position = upcoming
+            self._pending.append((read, slot, self._pool.submit(self._read, position, slot)))
+
+    def peek(self) -> Read | None:
+        """What the next position is read for (``None`` after the last)."""
+        if self._pool is not None:
+            return self._pending[0][0] if self._pending else None
+        if self._ahead is None:
+            self._ahead = next(self._positions, None)
+        return self._ahead[0] if self._ahead is not None else None
 
     def next(self) -> list[torch.Tensor]:
         if self._pool is None:
-            chunks = self._read(next(self._positions), 0)
+            _, position = self._ahead or next(self._positions)
+            self._ahead = None
+            chunks = self._read(position, 0)
         else:
-            slot, future = self._pending.popleft()
+            _, slot, future = self._pending.popleft()
             self._in_use.append(slot)
             chunks = future.result()
         self.bytes_read += sum(chunk.nbytes for chunk in chunks)
@@ -734,7 +783,7 @@ class _ReadAhead:
     def close(self) -> None:
         """Drop reads not started and wait for running ones: no read outlives the merge."""
         if self._pool is not None:
-            for _, future in self._pending:
+            for _, _, future in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hub_soup.errors import RecipeError
 from hub_soup.registry import METHODS_GROUP, Registry
+from hub_soup.threads import current_part
 
 if TYPE_CHECKING:
     import torch
@@ -119,8 +120,11 @@ class MergeMethod:
             statistics passes). Memory is then the inputs of the largest tensor (the ingredients' and
             the base's, in their stored dtypes) and what ``merge_tensor`` computes, not a few blocks.
         compute_bound: the kernel or statistics spend their time computing (sorting each row, softmaxes,
-            order statistics), not moving bytes: the merge then runs on every CPU this process may use
-            (:func:`~hub_soup.threads.merge_threads`), where an elementwise merge is fastest on one.
+            order statistics, float64 dot products), not moving bytes: the merge then runs on every CPU this
+            process may use (:func:`~hub_soup.threads.merge_threads`), where an elementwise merge is fastest
+            on one. Its kernel's blocks are split among compute workers (so a kernel keeps what it shares
+            across blocks in :meth:`workspace` s, or under a lock), and its :meth:`observe` may split a chunk
+            with :func:`~hub_soup.threads.in_parts`.
     """
 
     name: ClassVar[str]
@@ -271,6 +275,13 @@ class MergeMethod:
         pass is one more read of the tensor's chunks through the same read-ahead, at flat memory."""
         return 0 if type(self).observe is MergeMethod.observe else 1
 
+    def passes_left(self, statistics: Any) -> int | None:
+        """Statistics passes still to read of the tensor after those finished, where ``statistics`` (after
+        :meth:`finish_statistics`) know them fewer than :meth:`statistics_passes` said: the engine reads no more
+        (an order statistic found before its last radix digit, as a rule). A bound that later passes may lower;
+        ``None``: all of them. The passes skipped are the last ones: the next pass observed is the one after."""
+        return None
+
     def row_elements(self, shape: tuple[int, ...]) -> int:
         """Elements of one row of a tensor of ``shape``, for a method whose kernel needs whole rows (DELLA's
         rank by magnitude in each row, an angle per row): the engine then cuts that tensor's chunks and
@@ -343,9 +354,10 @@ class MergeMethod:
         """``count`` scratch buffers called ``name``, of ``like``'s size and device (and dtype, unless ``dtype``
         says otherwise), beyond ``acc`` and ``scratch``, for a kernel that keeps more per block (TIES keeps each
         ingredient's sparsified task vector); made once per merge and reused, so memory stays a few blocks
-        whatever the model's size. Calls with the same name, dtype and device get the same buffers."""
+        whatever the model's size. Calls with the same name, dtype and device get the same buffers (in the same
+        compute worker: parts of a block run side by side, :func:`~hub_soup.threads.in_parts`)."""
         dtype = dtype or like.dtype
-        key = (name, dtype, like.device, count)
+        key = (name, dtype, like.device, count, current_part())
         found = self._workspace.get(key)
         if found is None or found.shape[1] < like.numel():
             found = self._workspace[key] = like.new_empty(count, like.numel(), dtype=dtype)

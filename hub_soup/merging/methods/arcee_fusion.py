@@ -14,8 +14,8 @@ for the softmaxes), and statistics passes find the three quantiles exactly by ra
 the few keys near each quantile gathered and sorted; four at most); the first also keeps each
 row's divergence (one float64 per row: 64 KiB for a 8192-row matrix), so the later passes and
 the kernel recompute each importance, bit for bit, from it and ``|x - b|``. The engine reads the
-tensor five times; the passes after the selection is done compute nothing. Float64 throughout,
-rounded once.
+tensor once per pass the selection needs (:meth:`ArceeFusion.passes_left`), then for the kernel;
+both split among the compute workers. Float64 throughout, rounded once.
 
 A deliberate difference: above 1,000,000 elements mergekit estimates the quantiles from a sample
 drawn with replacement from torch's unseeded global generator, so its soup of a large tensor
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hub_soup.merging.methods import MergedTensor, MergeMethod
-from hub_soup.merging.methods.order import PASSES, OrderStatistics
+from hub_soup.merging.methods.order import PASSES, OrderStatistics, Tally
+from hub_soup.threads import in_parts
 
 if TYPE_CHECKING:
     import torch
@@ -100,26 +101,38 @@ class ArceeFusion(MergeMethod):
                       torch.empty(tensor.numel // max(width, 1), 1, dtype=torch.float64))
 
     def observe(self, statistics: Fusion, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Fusion:
-        """Count one chunk's importances (whole rows, a slice of rows at a time), finding its rows' divergences in
-        the first pass."""
-        import torch
-
+        """Count one chunk's importances (whole rows, a slice of rows at a time, the slices split among the compute
+        workers), finding its rows' divergences in the first pass."""
         assert base is not None
         if statistics.quantiles.done:  # the selection finished early: the passes left are reads alone
             return statistics
         (other,) = parts
         width = statistics.width
         step = max(1, SLICE // width) * width
-        for begin in range(0, other.numel(), step):
-            x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
-            if statistics.passes == 0:
-                p = x.softmax(dim=-1).add_(FLOOR)
-                q = b.softmax(dim=-1).add_(FLOOR)
-                statistics.divergence[statistics.row : statistics.row + x.shape[0]] = (
-                    (p * (p / q).log_()).sum(dim=-1, keepdim=True))
-            importance = statistics.importance(x, b, statistics.row)
-            statistics.row += importance.shape[0]
-            statistics.quantiles.observe(importance)
+        row = statistics.row
+
+        def importances(part: int, first: int, last: int) -> Tally:
+            """The importances of slices ``first`` to ``last``, tallied."""
+            import torch
+
+            found: Tally = {}
+            for begin in range(first * step, min(last * step, other.numel()), step):
+                x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
+                start = row + begin // width
+                if statistics.passes == 0:
+                    p = x.softmax(dim=-1).add_(FLOOR)
+                    q = b.softmax(dim=-1).add_(FLOOR)
+                    statistics.divergence[start : start + x.shape[0]] = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
+                # |x - b| has no sign bit set; where no row's divergence has one either (a rounding below 0, a -0.0)
+                # neither has their product: its bits are its key
+                divergence = statistics.divergence[start : start + x.shape[0]]
+                unsigned = bool(divergence.view(torch.int64).min() >= 0)
+                statistics.quantiles.tally(statistics.importance(x, b, start), found, unsigned=unsigned)
+            return found
+
+        for tally in in_parts(-(-other.numel() // step), importances):
+            statistics.quantiles.add(tally)
+        statistics.row += other.numel() // width
         return statistics
 
     def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
@@ -130,6 +143,10 @@ class ArceeFusion(MergeMethod):
             q1, median, q3 = statistics.quantiles.values
             statistics.threshold = median + 1.5 * (q3 - q1)
         return statistics
+
+    def passes_left(self, statistics: Fusion) -> int:
+        """The selection's passes left (none once the quantiles are found, one where the next gathers them)."""
+        return statistics.quantiles.passes_left
 
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,

@@ -130,6 +130,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return RandomMasks(self.parameters.seed, tensor)  # type: ignore[attr-defined]
         return tensor  # the thresholds are made on the first chunk, which says how many ingredients there are
 
+    def passes_left(self, statistics: Any) -> int | None:
+        """The magnitude thresholds' passes left (none once every threshold is found)."""
+        return statistics.passes_left if isinstance(statistics, MagnitudeThresholds) else None
+
     def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         assert base is not None
         if isinstance(statistics, MergedTensor):

@@ -16,11 +16,15 @@ importing this imports no torch.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+#: One pass's counts of a part of the values, by prefix: a histogram of the digit after it, or (a gathering pass)
+#: the keys that share it.
+Tally = dict[int, "torch.Tensor | list[torch.Tensor]"]
 
 WIDTH = 16
 PASSES = 64 // WIDTH
@@ -58,8 +62,19 @@ class OrderStatistics:
         self.values: list[float] = []
         self.done = not self._need
 
+    @property
+    def passes_left(self) -> int:
+        """Passes still to observe, at most: none once done, one where the next gathers, else one per digit left."""
+        return 0 if self.done else 1 if self._gathering else PASSES - self._pass
+
     def observe(self, values: torch.Tensor) -> None:
-        """Count the current digit of one chunk of values (or gather its keys that share a rank's prefix).
+        """Count the current digit of one chunk of values (or gather its keys that share a rank's prefix)."""
+        self.add(self.tally(values))
+
+    def tally(self, values: torch.Tensor, into: Tally | None = None, *, unsigned: bool = False) -> Tally:
+        """This pass's counts of ``values`` (or their gathered keys), added to ``into``: nothing of the selection
+        changes, so parts of a chunk can be tallied side by side and :meth:`add` ed in turn. ``unsigned``: the
+        caller knows no value's sign bit is set, so their bits are their keys (three ops an element fewer).
 
         After the first pass only the elements sharing a rank's prefix count, a small share of them: they
         are picked out by one shift and a comparison per prefix, then counted, rather than every element
@@ -69,32 +84,40 @@ class OrderStatistics:
         """
         import torch
 
+        into = {} if into is None else into
         flat = values.reshape(-1)
         shift = 64 - WIDTH * (self._pass + 1)
         bins = 1 << WIDTH
         if self._pass == 0:  # every rank shares the empty prefix; the top digit, signed, shifted to 0 ..
-            found = torch.bincount((ordered_keys(flat) >> shift).add_(bins // 2), minlength=bins)
-            self._add(0, found)
-            return
+            bits = flat.view(torch.int64)
+            keys = bits if unsigned else ordered_keys(flat)
+            return _tallied(into, 0, torch.bincount((keys >> shift).add_(bins // 2), minlength=bins))
         prefixes = sorted(set(self._prefix))
-        keys = flat.view(torch.int64) if prefixes[0] >= 0 else ordered_keys(flat)
+        keys = flat.view(torch.int64) if unsigned or prefixes[0] >= 0 else ordered_keys(flat)
         high = keys >> (shift + WIDTH)
         matches = high == prefixes[0]
         for prefix in prefixes[1:]:
             matches |= high == prefix
-        picked, picked_high = keys[matches], high[matches]
+        picked = keys[matches]
+        picked_high = picked >> (shift + WIDTH)
         for prefix in prefixes:
             mine = picked[picked_high == prefix]
             if self._gathering:
+                into.setdefault(prefix, []).append(mine)  # type: ignore[union-attr]
+            else:
+                _tallied(into, prefix, torch.bincount((mine >> shift) - (prefix << WIDTH), minlength=bins))
+        return into
+
+    def add(self, tally: Tally) -> None:
+        """Take one part's :meth:`tally` into this pass's counts (or gathered keys)."""
+        for prefix, found in tally.items():
+            if not isinstance(found, list):
+                _tallied(self._counts, prefix, found)
+                continue
+            for mine in found:  # a gathering pass's keys
                 start = self._filled[prefix]
                 self._gathered[prefix][start : start + mine.numel()] = mine
                 self._filled[prefix] = start + mine.numel()
-            else:
-                self._add(prefix, torch.bincount((mine >> shift) - (prefix << WIDTH), minlength=bins))
-
-    def _add(self, prefix: int, found: torch.Tensor) -> None:
-        previous = self._counts.get(prefix)
-        self._counts[prefix] = found if previous is None else previous.add_(found)
 
     def finish_pass(self) -> None:
         """Settle this pass's digit of each rank (the bin its element lies in), or, after a gathering pass, each
@@ -131,3 +154,10 @@ class OrderStatistics:
         """Each rank's value from its whole key."""
         self.values = [struct.unpack("<d", struct.pack("<q", key ^ ((key >> 63) & _LOW)))[0] for key in keys]
         self.done = True
+
+
+def _tallied(into: MutableMapping[int, Any], prefix: int, found: torch.Tensor) -> Any:
+    """``into`` (a :data:`Tally`, or a pass's counts) with ``found`` added to its histogram of ``prefix``."""
+    previous = into.get(prefix)
+    into[prefix] = found if previous is None else previous.add_(found)
+    return into

@@ -110,6 +110,11 @@ class MagnitudeThresholds:
         if order is not None and not order.done:
             order.observe(values if values.dtype == torch.float64 else values.to(torch.float64))
 
+    @property
+    def passes_left(self) -> int:
+        """Passes the selections still need, at most (:attr:`OrderStatistics.passes_left`)."""
+        return max((order.passes_left for order in self._orders.values()), default=0)
+
     def finish_pass(self) -> None:
         """Settle this pass of every selection; once all are done, :attr:`below`."""
         for order in self._orders.values():
