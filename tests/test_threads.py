@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,15 @@ from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import output_metas, stream_merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
-from hub_soup.threads import THREADS_ENV, eval_threads, merge_threads, torch_threads
+from hub_soup.threads import (
+    THREADS_ENV,
+    compute_workers,
+    current_part,
+    eval_threads,
+    in_parts,
+    merge_threads,
+    torch_threads,
+)
 from tests import checkpoints as ck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +51,15 @@ def test_scoring_takes_the_cpus_this_process_may_use_shared_by_a_launch(monkeypa
 
 
 @pytest.mark.parametrize(("method", "parameters", "count"), [
-    ("della_linear", {"density": 0.5, "epsilon": 0.2}, 2), ("arcee_fusion", {}, 1),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2}, 2), ("arcee_fusion", {}, 1), ("model_stock", {}, 3),
+    ("model_stock", {"filter_wise": True}, 2),
 ])
 def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
     method: str, parameters: dict[str, float], count: int, tmp_path: Path
 ) -> None:
-    """The soup of a method merged on every CPU is the one-thread soup, bit for bit: its sorts, hashes and per-row
-    reductions do not depend on how the work is split (blocks large enough for torch to split them)."""
+    """The soup of a method merged on every CPU is the one-thread soup, bit for bit: its sorts, hashes, per-row
+    reductions and dot products do not depend on how the work is split among compute workers (two blocks and
+    two Gram pieces per chunk: split two and three ways)."""
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(256, 1024, generator=generator).to(torch.bfloat16)
     paths = [ck.save_safetensors({"w": (base.float() + torch.randn(256, 1024, generator=generator) * 0.1
@@ -57,7 +68,7 @@ def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
     base_checkpoint = open_checkpoint(ck.save_safetensors({"w": base}, tmp_path / "base.safetensors"))
     plan = align(layouts_of(tunes), base=layouts_of([base_checkpoint])[0])
     soups = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         out = tmp_path / f"soup-{threads}"
         with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
             stream_merge(tunes, plan, get_method(method)(parameters), writer, base=base_checkpoint, threads=threads)
@@ -65,7 +76,64 @@ def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
         soups.append(load_file(out / "model.safetensors")["w"])
     for checkpoint in [*tunes, base_checkpoint]:
         checkpoint.close()
-    ck.assert_bit_equal(soups[0], soups[1], f"{method} on 1 and 2 threads")
+    for threads, soup in zip((2, 3), soups[1:]):
+        ck.assert_bit_equal(soups[0], soup, f"{method} on 1 and {threads} threads")
+
+
+def test_work_in_parts_runs_side_by_side_in_order_and_whole_inside_a_part() -> None:
+    """Each part's range, results in order; a part that splits its work again runs it whole, in its own thread;
+    outside compute_workers (or with one) the whole range runs in the caller; a part's error reaches the caller
+    after every part has ended."""
+    seen: dict[int, str] = {}
+
+    def work(part: int, first: int, last: int) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+        seen[part] = threading.current_thread().name
+        inner = in_parts(3, lambda *inside: inside)
+        return part, first, last, [(current_part(), *bounds[1:]) for bounds in inner]
+
+    assert in_parts(10, work) == [(0, 0, 10, [(0, 0, 3)])]
+    with compute_workers(3):
+        assert torch.get_num_threads() == 1  # torch on one thread in each worker
+        got = in_parts(10, work)
+        assert in_parts(2, lambda part, first, last: (part, first, last)) == [(0, 0, 1), (1, 1, 2)]
+        ended: list[int] = []
+
+        def failing(part: int, first: int, last: int) -> None:
+            if part == 0:
+                raise ValueError("part 0")
+            ended.append(part)
+
+        with pytest.raises(ValueError, match="part 0"):
+            in_parts(3, failing)
+        assert sorted(ended) == [1, 2]
+    assert got == [(0, 0, 3, [(0, 0, 3)]), (1, 3, 6, [(1, 0, 3)]), (2, 6, 10, [(2, 0, 3)])]
+    assert seen[0] == threading.current_thread().name  # part 0 in the caller, the others in the workers
+    assert all(seen[part].startswith("hub-soup-compute") for part in (1, 2))
+    assert current_part() == 0
+
+
+def test_a_method_reads_no_statistics_pass_it_no_longer_needs(tmp_path: Path) -> None:
+    """arcee_fusion's quantiles are found in two passes as a rule (a histogram, then the keys near them gathered):
+    the merge reads the tensor three times (with the kernel's), not the five planned, and the soup is the same
+    as one read in whole passes without read-ahead (every position read in turn)."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(512, 512, generator=generator).to(torch.bfloat16)
+    tune = (base.float() + torch.randn(512, 512, generator=generator) * 0.1).to(torch.bfloat16)
+    checkpoints = [open_checkpoint(ck.save_safetensors({"w": t}, tmp_path / f"{name}.safetensors"))
+                   for name, t in (("tune", tune), ("base", base))]
+    plan = align(layouts_of(checkpoints[:1]), base=layouts_of(checkpoints[1:])[0])
+    soups = []
+    for read_ahead in (0, 4):
+        out = tmp_path / f"soup-{read_ahead}"
+        with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
+            stats = stream_merge(checkpoints[:1], plan, get_method("arcee_fusion")({}), writer, base=checkpoints[1],
+                                 read_ahead=read_ahead, chunk_elements=1 << 15)
+            writer.commit()
+        assert stats.bytes_read == 3 * 2 * base.nbytes
+        soups.append(load_file(out / "model.safetensors")["w"])
+    for checkpoint in checkpoints:
+        checkpoint.close()
+    ck.assert_bit_equal(soups[0], soups[1], "arcee_fusion with and without read-ahead")
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])

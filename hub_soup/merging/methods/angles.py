@@ -11,8 +11,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from hub_soup.threads import in_parts
+
 if TYPE_CHECKING:
     import torch
+
+#: Elements of each vector whose dot products are summed as one (a few float64 rows that stay in the cache).
+PIECE = 1 << 17
 
 #: A method's :meth:`~hub_soup.merging.methods.MergeMethod.workspace`: ``(name, like, count, dtype)`` to buffers.
 Workspace = Callable[[str, "torch.Tensor", int, "torch.dtype"], list["torch.Tensor"]]
@@ -35,23 +40,41 @@ class Gram:
         """Fold in the next chunk of every vector (any floating dtype; multiplied and summed in float64), or
         with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors).
 
-        The chunks are copied into float64 rows (the base widened once, where a float64 - bf16
-        subtraction is several times slower) and reduced by BLAS ``dot``: about five times faster than
-        float64 copies multiplied and summed pair by pair, and as exact (float64 products, float64 sums).
+        The chunk is taken :data:`PIECE` elements at a time, each piece's dot products summed into the Gram
+        in order: the same sums however many compute workers share the pieces (:func:`~hub_soup.threads.in_parts`),
+        so a soup's angles do not depend on the machine. Each piece is copied into float64 rows (the base widened
+        once, where a float64 - bf16 subtraction is several times slower) still in the cache, and reduced by
+        BLAS ``dot``: about five times faster than float64 copies multiplied and summed pair by pair, and as
+        exact (float64 products, float64 sums).
         """
+        flat = [vector.reshape(-1) for vector in vectors]
+        base = origin.reshape(-1) if origin is not None else None
+        pieces = -(-flat[0].numel() // PIECE)
+        for found in in_parts(pieces, lambda part, first, last: self._pieces(flat, base, first, last)):
+            for dots in found:
+                for i, row in enumerate(dots):
+                    for j, value in enumerate(row, start=i):
+                        self._dots[i][j] += value
+        return self
+
+    def _pieces(self, flat: Sequence[torch.Tensor], base: torch.Tensor | None, first: int, last: int
+                ) -> list[list[list[float]]]:
+        """Each piece's dot products ``<v_i, v_j>`` (``i <= j``), pieces ``first`` to ``last``."""
         import torch
 
-        *wide, widened = self._workspace("gram", vectors[0].reshape(-1), self.count + 1, torch.float64)
-        if origin is not None:
-            widened.copy_(origin.reshape(-1))
-        for row, vector in zip(wide, vectors, strict=True):
-            row.copy_(vector.reshape(-1))
-            if origin is not None:
-                row.sub_(widened)
-        for i in range(self.count):
-            for j in range(i, self.count):
-                self._dots[i][j] += float(torch.dot(wide[i], wide[j]))
-        return self
+        found = []
+        for begin in range(first * PIECE, min(last * PIECE, flat[0].numel()), PIECE):
+            end = min(begin + PIECE, flat[0].numel())
+            *wide, widened = self._workspace("gram", flat[0][begin:end], self.count + 1, torch.float64)
+            if base is not None:
+                widened.copy_(base[begin:end])
+            for row, vector in zip(wide, flat, strict=True):
+                row.copy_(vector[begin:end])
+                if base is not None:
+                    row.sub_(widened)
+            found.append([[float(torch.dot(wide[i], wide[j])) for j in range(i, self.count)]
+                          for i in range(self.count)])
+        return found
 
     def dot(self, i: int, j: int) -> float:
         """``<v_i, v_j>``."""

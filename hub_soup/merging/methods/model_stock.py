@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -38,10 +39,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Rows:
-    """A ``filter_wise`` merge of one tensor: how many of its rows' ``t`` were clamped so far (for its warning)."""
+    """A ``filter_wise`` merge of one tensor: how many of its rows were merged and how many of those had their
+    ``t`` clamped (for its warning), so far; blocks are merged side by side, counted under the lock."""
 
     tensor: MergedTensor
     clamped: int = 0
+    merged: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class ModelStockParameters(NoParameters):
@@ -78,6 +82,7 @@ class ModelStock(MergeMethod):
     Parameters = ModelStockParameters
     needs_base = True
     float64_kernel = True
+    compute_bound = True  # the Gram's float64 dot products: the statistics pass is most of the time
 
     @property
     def filter_wise(self) -> bool:
@@ -169,10 +174,14 @@ class ModelStock(MergeMethod):
         if isinstance(statistics, _Rows):
             width = statistics.tensor.dims[-1] if statistics.tensor.dims else 1
             rows = acc.numel() // width
-            statistics.clamped += self._merge_rows(acc.view(rows, width),  # on acc's device (a GPU's, with one)
-                                                   [p.view(rows, width).to(acc.device) for p in parts],
-                                                   base.view(rows, width).to(acc.device))
-            if statistics.clamped and offset + acc.numel() == statistics.tensor.numel:
+            clamped = self._merge_rows(acc.view(rows, width),  # on acc's device (a GPU's, with one)
+                                       [p.view(rows, width).to(acc.device) for p in parts],
+                                       base.view(rows, width).to(acc.device))
+            with statistics.lock:
+                statistics.clamped += clamped
+                statistics.merged += rows
+                last = statistics.merged * width == statistics.tensor.numel
+            if statistics.clamped and last:
                 logger.warning("model_stock: %s: %d of %d rows' task vectors have a mean cosine <= 0; t clamped to "
                                "0 there (the base's rows)", statistics.tensor.key, statistics.clamped,
                                statistics.tensor.numel // width)
