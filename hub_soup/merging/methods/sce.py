@@ -17,8 +17,8 @@ weights whenever ``sum_j mean(tau_j^2) < 1e-6`` (an absolute bound real fine-tun
 and divides by ``max(sum_i eta_i m_i, 1e-6)``; hub-soup does neither.
 
 Streamed at flat memory: one read counts the non-zero variances, the exact k-th largest is
-found by the radix selection TIES uses (four reads over float64 bits at most, two computing as a
-rule, see :mod:`~hub_soup.merging.methods.sparsify`), one more read sums the squares; all in float64,
+found by the radix selection TIES uses (four reads over float64 bits at most, two as a rule, see
+:mod:`~hub_soup.merging.methods.sparsify`; the engine skips the rest), one more read sums the squares; all in float64,
 the variance computed the same way in every read and in the kernel.
 
 The variance is ``(n sum_i tau_i^2 - (sum_i tau_i)^2) / n^2``, not the mean of the squared deviations
@@ -102,8 +102,6 @@ class Sce(MergeMethod):
         import torch
 
         assert base is not None
-        if statistics.thresholds is not None and statistics.thresholds.done and statistics.done < statistics.passes - 1:
-            return statistics  # the threshold was found early: the radix passes left are reads alone
         (scratch,) = self.workspace("observe", base, dtype=statistics.tensor.dtype)  # not one per chunk: see Gram
         taus, variance = self._selected(parts, base, scratch, statistics)
         if statistics.done == statistics.passes - 1:  # the squares, of the selected vectors
@@ -130,10 +128,16 @@ class Sce(MergeMethod):
         else:
             assert statistics.thresholds is not None
             statistics.thresholds.finish_pass()
-            if statistics.thresholds.done:
+            if statistics.thresholds.done and statistics.done < last:  # found: the next pass is the squares'
                 statistics.below = statistics.thresholds.below[0]
+                statistics.done = last - 1
         statistics.done += 1
         return statistics
+
+    def passes_left(self, statistics: _SceStatistics) -> int:
+        """The threshold's radix passes left, if any, then the squares' (none after it): a threshold found before
+        its last digit skips the rest (:meth:`finish_statistics` makes the next pass the squares')."""
+        return max(statistics.passes - statistics.done, 0)
 
     def _selected(self, parts: Sequence[torch.Tensor], base: torch.Tensor, scratch: torch.Tensor,
                   statistics: _SceStatistics) -> tuple[list[torch.Tensor], torch.Tensor]:
