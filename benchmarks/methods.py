@@ -191,7 +191,8 @@ def case(size: str, method: str, repeat: int, mergekit: list[tuple[str | None, i
     run.generate(size, FINE_TUNES + 1)
     run.warm_up(size, FINE_TUNES + 1)
     outputs, timings = {}, {}
-    settings = [("hub-soup", None, 1)] + [("mergekit", d, j) for d, j in mergekit]
+    settings: list[tuple[str, str | None, int | None]] = [("hub-soup", None, None)]  # its own choice (threads.py)
+    settings += [("mergekit", d, j) for d, j in mergekit]
     for _ in range(repeat):  # alternating: the VM's speed drifts
         for tool, dtype, threads in settings:
             name = tool if tool == "hub-soup" else f"mergekit {dtype or 'bf16'} -j{threads}"
@@ -200,7 +201,7 @@ def case(size: str, method: str, repeat: int, mergekit: list[tuple[str | None, i
             command = (hub_soup_command(method, size, out) if tool == "hub-soup"
                        else mergekit_command(method, size, out, dtype, threads))
             run.log(f"{size} {method}: {name}")
-            result = run.measure(command, {"OMP_NUM_THREADS": str(threads), "HUB_SOUP_THREADS": str(threads)})
+            result = run.measure(command, {"OMP_NUM_THREADS": str(threads)} if threads else {})
             previous = timings.get(name)
             if previous is None or result["wall_s"] < previous["wall_s"]:
                 timings[name] = result
@@ -250,7 +251,9 @@ def render(results: list[dict]) -> str:
          f"DARE and DELLA at density {DENSITY}, weights 1, slerp / nearswap / arcee_fusion the base and one "
          "fine-tune, nuslerp two, passthrough a copy of one model), each tool's defaults otherwise. mergekit "
          f"{run.MERGEKIT_VERSION} in its default arithmetic (bf16) and with `dtype: float32` (its `-j` as noted); "
-         "hub-soup with one thread, the compute-bound methods (della, della_linear, arcee_fusion) with both CPUs. "
+         "hub-soup with its own thread choice (`hub_soup/threads.py`: one thread, the compute-bound methods (della, "
+         "della_linear, arcee_fusion, model_stock) split among workers on both CPUs; before 2026-12-07 13:40 this "
+         "script set one thread for every method, and the rows not re-measured since are of one thread). "
          "Working memory: peak RSS minus a bare `import torch` (measured in the same run, "
          "in each tool's environment); "
          "per one ingredient: over one model's weight bytes. "
