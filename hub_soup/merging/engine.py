@@ -27,6 +27,9 @@ before anything is written or scored. Non-finite values an ingredient already ho
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import logging
 import math
@@ -277,10 +280,36 @@ def stream_merge(
                 if found.any:  # a scale that a method chose can be chosen smaller; an average's cannot
                     scalable = tensor_method is not None and not tensor_method.averages
                     found.settle(tensor, out_dtype, [c.label for c, _ in sources[tensor.key]], scalable)
+                if tensor_method is not None:
+                    _hand_back_freed_memory()
                 bar.update(reader.bytes_read - bar.n)
     finally:
         reader.close()
     return _stats(plan, metas, reader.bytes_read, start_time)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (``None`` elsewhere: other allocators hand memory back their own way)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _hand_back_freed_memory() -> None:
+    """Give the operating system back the pages of the temporaries a tensor's statistics and kernel freed.
+
+    A method's temporaries are chunk- or block-sized and differ from tensor to tensor (a last chunk, a row
+    length); glibc serves them from its heaps once its dynamic mmap threshold has risen past them, and keeps
+    the holes they leave: an SCE merge of the 1.5B models peaked 615 MiB above a bare ``import torch``, run to run
+    different, where one ``malloc_trim`` after each tensor holds it at ~36 MiB, in the same time (each call
+    ~1 ms; the pages handed back are faulted in again by the next tensor, once).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _tensor_methods(plan: MergePlan, method: MergeMethod) -> dict[str, MergeMethod]:
