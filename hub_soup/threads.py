@@ -42,9 +42,10 @@ THREADS_ENV = "HUB_SOUP_THREADS"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when torch is first imported
 
 T = TypeVar("T")
-_pool: ThreadPoolExecutor | None = None  # the compute workers beside the calling thread, inside compute_workers()
-_parts = 1
-_running = threading.local()  # .part: the part this thread runs now, if any (work it splits again runs there, whole)
+# Per thread: .workers, the compute workers beside this thread inside its compute_workers() (a merge run in
+# another thread has its own, or none); .part, the in_parts part this thread runs now, if any (work it splits
+# again runs there, whole).
+_local = threading.local()
 
 
 def _from_env(name: str) -> int | None:
@@ -99,39 +100,38 @@ def torch_threads(count: int) -> Iterator[None]:
 
 @contextmanager
 def compute_workers(count: int) -> Iterator[None]:
-    """Inside the block, :func:`in_parts` splits work among ``count`` threads (the caller's and ``count - 1``
-    more), with torch on one thread each: set here, and read by each worker thread at its first op."""
-    global _pool, _parts
+    """Inside the block, :func:`in_parts` called from this thread splits work among ``count`` threads (this one
+    and ``count - 1`` more), with torch on one thread each: set here, and read by each worker at its first op."""
     if count <= 1:
         yield
         return
     with torch_threads(1), ThreadPoolExecutor(count - 1, thread_name_prefix="hub-soup-compute") as pool:
-        _pool, _parts = pool, count
+        _local.workers = (pool, count)
         try:
             yield
         finally:
-            _pool, _parts = None, 1
+            _local.workers = None
 
 
 def in_parts(total: int, work: Callable[[int, int, int], T]) -> list[T]:
     """``work(part, begin, end)`` for consecutive, near-equal ranges of ``range(total)``, one per compute worker
     (part 0 in the calling thread), their results in order; the whole range at once outside
     :func:`compute_workers` or inside a part. ``part`` tells a worker's scratch buffers from another's."""
-    inside = getattr(_running, "part", None)
-    parts = min(_parts, total) if _pool is not None and inside is None else 1
-    if parts <= 1:
+    inside: int | None = getattr(_local, "part", None)
+    workers: tuple[ThreadPoolExecutor, int] | None = getattr(_local, "workers", None)
+    if workers is None or inside is not None or min(workers[1], total) <= 1:
         return [work(inside or 0, 0, total)]
+    pool, parts = workers[0], min(workers[1], total)
     bounds = [total * i // parts for i in range(parts + 1)]
 
     def run(part: int) -> T:
-        _running.part = part
+        _local.part = part
         try:
             return work(part, bounds[part], bounds[part + 1])
         finally:
-            _running.part = None
+            _local.part = None
 
-    assert _pool is not None
-    others = [_pool.submit(run, part) for part in range(1, parts)]
+    others = [pool.submit(run, part) for part in range(1, parts)]
     try:
         first = run(0)
     finally:
@@ -141,4 +141,4 @@ def in_parts(total: int, work: Callable[[int, int, int], T]) -> list[T]:
 
 def current_part() -> int:
     """The :func:`in_parts` part this thread runs (0 outside any): what keeps one part's scratch from another's."""
-    return getattr(_running, "part", None) or 0
+    return getattr(_local, "part", None) or 0

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,8 @@ def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
 
 def test_work_in_parts_runs_side_by_side_in_order_and_whole_inside_a_part() -> None:
     """Each part's range, results in order; a part that splits its work again runs it whole, in its own thread;
-    outside compute_workers (or with one) the whole range runs in the caller; a part's error reaches the caller
-    after every part has ended."""
+    outside compute_workers (or with one, or in a thread that did not enter them) the whole range runs in the
+    caller; a part's error reaches the caller after every part has ended."""
     seen: dict[int, str] = {}
 
     def work(part: int, first: int, last: int) -> tuple[int, int, int, list[tuple[int, int, int]]]:
@@ -96,6 +97,8 @@ def test_work_in_parts_runs_side_by_side_in_order_and_whole_inside_a_part() -> N
         assert torch.get_num_threads() == 1  # torch on one thread in each worker
         got = in_parts(10, work)
         assert in_parts(2, lambda part, first, last: (part, first, last)) == [(0, 0, 1), (1, 1, 2)]
+        with ThreadPoolExecutor(1) as elsewhere:  # another thread's merge (none here) has its own workers
+            assert elsewhere.submit(in_parts, 10, lambda *bounds: bounds).result() == [(0, 0, 10)]
         ended: list[int] = []
 
         def failing(part: int, first: int, last: int) -> None:
