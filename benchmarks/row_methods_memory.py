@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hub_soup  # noqa: F401  (before torch, in every process: its OMP_WAIT_POLICY is read as torch is imported)
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "rows"
 COLUMNS = 4096
