@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import itertools
 import logging
 import math
 import queue
@@ -304,8 +303,8 @@ def _hand_back_freed_memory() -> None:
     A method's temporaries are chunk- or block-sized and differ from tensor to tensor (a last chunk, a row
     length); glibc serves them from its heaps once its dynamic mmap threshold has risen past them, and keeps
     the holes they leave: an SCE merge of the 1.5B models peaked 615 MiB above a bare ``import torch``, run to run
-    different, where one ``malloc_trim`` after each tensor holds it at ~36 MiB, in the same time (each call
-    ~1 ms; the pages handed back are faulted in again by the next tensor, once).
+    different, where one ``malloc_trim`` after each tensor holds it at ~36 MiB, in the same time (a call with
+    nothing to hand back takes microseconds; the pages handed back are faulted in again by the next tensor, once).
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -724,15 +723,20 @@ def _positions(
     """
     for tensor in plan.tensors:
         row_numel, step, key = tensor.row_numel, steps[tensor.key], tensor.key
-        reads = itertools.count() if tensor.average else iter([KERNEL])
-        for read in reads:
-            if read != KERNEL and read >= passes[key]:
-                read = KERNEL
+        for read in _reads(key, passes if tensor.average else {key: 0}):
             for begin in range(0, tensor.meta.numel, step):
                 size = min(step, tensor.meta.numel - begin)
                 yield (key, read), [(checkpoint, source, begin, size, row_numel) for checkpoint, source in sources[key]]
-            if read == KERNEL:
-                break
+
+
+def _reads(key: str, passes: Mapping[str, int]) -> Iterator[int]:
+    """What a tensor is read for, in order: its statistics passes (their count looked up as each is about to
+    start), then its kernel."""
+    done = 0
+    while done < passes[key]:
+        yield done
+        done += 1
+    yield KERNEL
 
 
 def tensor_sources(

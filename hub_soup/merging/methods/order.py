@@ -88,12 +88,11 @@ class OrderStatistics:
         flat = values.reshape(-1)
         shift = 64 - WIDTH * (self._pass + 1)
         bins = 1 << WIDTH
-        if self._pass == 0:  # every rank shares the empty prefix; the top digit, signed, shifted to 0 ..
-            bits = flat.view(torch.int64)
-            keys = bits if unsigned else ordered_keys(flat)
-            return _tallied(into, 0, torch.bincount((keys >> shift).add_(bins // 2), minlength=bins))
         prefixes = sorted(set(self._prefix))
-        keys = flat.view(torch.int64) if unsigned or prefixes[0] >= 0 else ordered_keys(flat)
+        raw = unsigned or (self._pass > 0 and prefixes[0] >= 0)
+        keys = flat.view(torch.int64) if raw else ordered_keys(flat)
+        if self._pass == 0:  # every rank shares the empty prefix; the top digit, signed, shifted to 0 ..
+            return _tallied(into, 0, torch.bincount((keys >> shift).add_(bins // 2), minlength=bins))
         high = keys >> (shift + WIDTH)
         matches = high == prefixes[0]
         for prefix in prefixes[1:]:
