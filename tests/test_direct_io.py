@@ -1,4 +1,5 @@
-"""Reads around the page cache (``hub_soup.io.direct_io``) give the same bytes as buffered reads.
+"""Reads around the page cache (``hub_soup.io.direct_io``) give the same bytes as buffered reads, and
+writes around it the same file as buffered writes.
 
 A chunk whose data the page cache does not hold is read with ``O_DIRECT``: the
 aligned blocks around it land in an aligned buffer and the reader returns a
@@ -6,6 +7,8 @@ view that starts up to a page into it. Offsets that are not block-aligned,
 sizes that are not whole blocks, the first and last bytes of a file, one-element
 chunks and every dtype must come back exactly; data the cache holds keeps
 coming from there; a file cut short after opening is reported, not padded.
+A soup written direct, in pieces of any size across blocks and the staging
+buffer's end, is exactly its bytes, cut to its size, and leaves no descriptor.
 """
 
 from __future__ import annotations
@@ -134,5 +137,44 @@ def test_reader_threads_share_one_decision_and_leave_no_descriptor(
 
     with ThreadPoolExecutor(len(names)) as pool:
         assert all(pool.map(read, names))
-    open_on_path = [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
-    assert len(open_on_path) == 2  # the buffered descriptor and one O_DIRECT one, whatever the race
+    assert len(_open_descriptors(path)) == 2  # the buffered descriptor and one O_DIRECT one, whatever the race
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _open_descriptors(path: Path) -> list[str]:
+    return [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+
+
+@pytest.mark.parametrize("size", [0, 1, direct_io.ALIGN, 5 * direct_io.ALIGN, 5 * direct_io.ALIGN + 1234])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_a_file_written_in_pieces_is_exactly_its_bytes(tmp_path: Path, size: int, direct: bool) -> None:
+    """Pieces of 1 byte to more than the stage, across blocks and the stage's end: the bytes as written, the
+    file cut back from its padded last block, the page cache not filled with it (direct)."""
+    data = torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+    path = tmp_path / "soup.bin"
+    out = direct_io.DirectFile(path, size, stage_bytes=2 * direct_io.ALIGN, direct=direct)
+    if direct and not out.direct:
+        pytest.skip(f"no O_DIRECT on the filesystem of {tmp_path}")
+    assert out.direct is direct
+    pieces = [1, direct_io.ALIGN - 1, direct_io.ALIGN, 0, 3 * direct_io.ALIGN + 7, 513]
+    done, turn = 0, 0
+    while done < size:
+        take = pieces[turn % len(pieces)]
+        out.write(data[done : done + take])
+        done, turn = done + take, turn + 1
+    out.close()
+    assert out.written == size
+    if direct and (cached := cached_fraction_of(path)) is not None:  # but the last page, zeroed past the end
+        assert cached * -(-size // direct_io.ALIGN) <= 1, "a direct write went through the page cache"
+    assert path.read_bytes() == data.numpy().tobytes()
+    assert not _open_descriptors(path)
+
+
+def test_a_discarded_file_leaves_no_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "soup.bin"
+    out = direct_io.DirectFile(path, 3 * direct_io.ALIGN, stage_bytes=direct_io.ALIGN)
+    out.write(torch.ones(direct_io.ALIGN + 5, dtype=torch.uint8))
+    out.discard()
+    assert not _open_descriptors(path)

@@ -72,8 +72,8 @@ BLOCK_ELEMENTS = 1 << 17
 READ_AHEAD = 4
 READ_WORKERS = 2
 
-# Soup chunks queued for the writer thread: page-cache writes (memory copies in
-# the kernel, ~1 GB/s here) overlap the arithmetic instead of following it.
+# Soup chunks queued for the writer thread: writes (direct to the disk, see
+# hub_soup.io.direct_io.DirectFile) overlap the arithmetic instead of following it.
 WRITE_BEHIND = 4
 
 
@@ -826,8 +826,8 @@ class _WriteBehind:
 
     :meth:`slot` gives a free buffer from a small pool for the next chunk, which
     the caller fills and hands over with :meth:`submit`; the thread writes slots
-    in order and frees them. ``file.write`` releases the GIL, so the kernel's
-    copy into the page cache runs beside the arithmetic. The first error the
+    in order and frees them. Writes release the GIL, so the disk's (or the
+    kernel's) work runs beside the arithmetic. The first error the
     thread meets is raised in the caller's thread, at its next call or on exit;
     leaving the ``with`` block always waits for the thread.
     """
