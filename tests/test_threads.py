@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hub_soup.cli import main
 from hub_soup.errors import RecipeError
 from hub_soup.ingredients import layouts_of
-from hub_soup.io.read import open_checkpoint
+from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.write import SoupWriter
 from hub_soup.merging.engine import output_metas, stream_merge
 from hub_soup.merging.methods import get_method
@@ -169,3 +169,38 @@ def test_threads_sleep_between_regions_unless_the_user_says(given: str | None, e
     code = "import hub_soup, os, sys; import torch; print(os.environ['OMP_WAIT_POLICY'])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
     assert done.stdout.strip() == expected
+
+
+def test_model_stock_reads_larger_positions_on_workers_and_the_same_soup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model_stock's ``position_bytes`` (24 MiB) sets its chunks where it is split among compute workers, the
+    engine's 6 MiB on one thread: a 1536 x 1024 tensor of a base and three fine-tunes is read in one chunk a
+    pass on two threads, in two on one, and the soups are the same bits."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(1536, 1024, generator=generator).to(torch.bfloat16)
+    tunes = [open_checkpoint(ck.save_safetensors({"w": (base.float() + torch.randn(1536, 1024, generator=generator)
+                                                        * 0.1).to(torch.bfloat16)}, tmp_path / f"ft{i}.safetensors"))
+             for i in range(3)]
+    base_checkpoint = open_checkpoint(ck.save_safetensors({"w": base}, tmp_path / "base.safetensors"))
+    plan = align(layouts_of(tunes), base=layouts_of([base_checkpoint])[0])
+    reads: list[int] = []
+    read_into = Checkpoint.read_into
+
+    def counted(self: Checkpoint, key: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
+        reads.append(count)
+        return read_into(self, key, start, count, buffer)
+
+    monkeypatch.setattr(Checkpoint, "read_into", counted)
+    soups = []
+    for threads, chunks in ((1, 2), (2, 1)):
+        reads.clear()
+        out = tmp_path / f"soup-{threads}"
+        with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
+            stream_merge(tunes, plan, get_method("model_stock")({}), writer, base=base_checkpoint, threads=threads)
+            writer.commit()
+        assert len(reads) == 2 * 4 * chunks, f"{threads} threads: {reads}"  # two passes, four inputs
+        soups.append(load_file(out / "model.safetensors")["w"])
+    for checkpoint in [*tunes, base_checkpoint]:
+        checkpoint.close()
+    ck.assert_bit_equal(soups[0], soups[1], "model_stock on 1 and 2 threads")

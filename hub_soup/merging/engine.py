@@ -59,10 +59,6 @@ logger = logging.getLogger(__name__)
 # elements), the unit the reader threads fill: memory stays flat as ingredients
 # are added. Smaller positions spend their time handing work between threads.
 POSITION_BYTES = 6 << 20
-# A compute-bound method's positions are larger: each is split among the compute workers, and every hand-off
-# wakes threads (the workers', the readers') on cores the arithmetic needs. model_stock, 1.5B x 3 on 2 cores:
-# 11.9-12.1 s at 6 MiB, 9.6-10.5 s at 24 MiB (8.5-10.1 s at 48 MiB, for 120 MiB more memory than 24's).
-COMPUTE_POSITION_BYTES = 24 << 20
 MIN_CHUNK_ELEMENTS = 1 << 16
 
 # Elements the arithmetic works on at a time: accumulator and scratch (1 MiB in
@@ -195,8 +191,9 @@ def stream_merge(
         dtype: every floating tensor's output dtype (default: each tensor's own).
         base: the base model, aligned in ``plan``'s base role, exactly when ``method`` needs one (or, for a
             method with an optional base, where the merge has one).
-        chunk_elements: elements per input and position (default: :func:`chunk_elements_for`, larger for a
-            method split among compute workers); whole rows of it for a method that works on rows.
+        chunk_elements: elements per input and position (default: :func:`chunk_elements_for`, of the method's
+            :attr:`~hub_soup.merging.methods.MergeMethod.position_bytes` where it is split among compute
+            workers); whole rows of it for a method that works on rows.
         threads: torch threads for the arithmetic, or a compute-bound method's compute workers (default
             :func:`~hub_soup.threads.merge_threads`).
         gram: if given, the shared-initialization check is fed from the chunks as they
@@ -214,7 +211,7 @@ def stream_merge(
     # with its own accumulator and scratch; every other merge gives torch the threads.
     threads = threads or merge_threads(method.compute_bound)
     workers = threads if method.compute_bound and device.type == "cpu" else 1
-    position_bytes = COMPUTE_POSITION_BYTES if workers > 1 else POSITION_BYTES
+    position_bytes = method.position_bytes if workers > 1 and method.position_bytes else POSITION_BYTES
     chunk_elements = chunk_elements or chunk_elements_for(inputs, position_bytes)
     metas = output_metas(plan, dtype)
     methods = _tensor_methods(plan, method)

@@ -125,6 +125,9 @@ class MergeMethod:
             on one. Its kernel's blocks are split among compute workers (so a kernel keeps what it shares
             across blocks in :meth:`workspace` s, or under a lock), and its :meth:`observe` may split a chunk
             with :func:`~hub_soup.threads.in_parts`.
+        position_bytes: input bytes per chunk position for a merge split among compute workers, where the
+            engine's default (:data:`~hub_soup.merging.engine.POSITION_BYTES`) hands work between threads too
+            often for how little there is of it per element (``None``: the default).
     """
 
     name: ClassVar[str]
@@ -138,6 +141,7 @@ class MergeMethod:
     float64_kernel: ClassVar[bool] = False
     whole_tensor: ClassVar[bool] = False
     compute_bound: ClassVar[bool] = False
+    position_bytes: ClassVar[int | None] = None
     averages: ClassVar[bool] = False
     default_weight: ClassVar[float | None] = None
     normalizes_weights: ClassVar[bool] = True
