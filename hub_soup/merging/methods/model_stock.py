@@ -176,8 +176,8 @@ class ModelStock(MergeMethod):
         with its ``t``; the tensor's last block warns of the rows clamped).
 
         The parts are summed in float64 (exactly, for 16-bit parts within 2^40 of each other), then scaled and
-        the base added: no float64 - bf16 subtraction (several times slower than a widening copy and a float64
-        add), two float64 operations an element fewer than the sum of task vectors scaled, as exact.
+        the base added: as exact as the task vectors' sum scaled, without its float64 - bf16 subtraction per
+        part (each several times slower than a widening copy and a float64 add).
         """
         assert base is not None and statistics is not None
         if isinstance(statistics, _Rows):
