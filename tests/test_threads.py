@@ -54,6 +54,7 @@ def test_scoring_takes_the_cpus_this_process_may_use_shared_by_a_launch(monkeypa
 @pytest.mark.parametrize(("method", "parameters", "count"), [
     ("della_linear", {"density": 0.5, "epsilon": 0.2}, 2), ("arcee_fusion", {}, 1), ("model_stock", {}, 3),
     ("model_stock", {"filter_wise": True}, 2),
+    ("ramplus_tl", {}, 3),
 ])
 def test_a_compute_bound_method_gives_the_same_bits_on_any_number_of_threads(
     method: str, parameters: dict[str, float], count: int, tmp_path: Path

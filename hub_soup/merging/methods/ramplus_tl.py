@@ -17,9 +17,13 @@ from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor
 from hub_soup.merging.methods.ram import Ram, RamParameters
+from hub_soup.threads import in_parts
 
 if TYPE_CHECKING:
     import torch
+
+# Elements counted at a time: the float64 task vectors of a block of a few fine-tunes stay in the cache.
+BLOCK = 1 << 17
 
 
 class RamPlusParameters(RamParameters):
@@ -34,6 +38,7 @@ class RamPlusTL(Ram):
 
     name = "ramplus_tl"
     Parameters = RamPlusParameters
+    compute_bound = True  # a dozen float64 operations an element, in the kernel and again in the counting pass
     title = "RAM+ (tensor-local)"
     summary = (
         "per element, the changes of the fine-tunes that moved it by more than epsilon from the base model were "
@@ -46,19 +51,34 @@ class RamPlusTL(Ram):
 
     def observe(self, statistics: list[list[float]] | None, parts: Sequence[torch.Tensor],
                 base: torch.Tensor | None) -> list[list[float]]:
-        """Add a chunk's ``[shared_i, unique_i]`` counts (the contributions as the kernel computes them)."""
-        import torch
-
+        """Add a chunk's ``[shared_i, unique_i]`` counts (the contributions as the kernel computes them), a
+        cache-sized block at a time, the blocks split among the compute workers (whole counts: the same sums in
+        any order). On whole chunks, float64 temporaries of several MiB each made the pass slower than the
+        kernel."""
         assert base is not None
         counts = statistics or [[0.0, 0.0] for _ in parts]
-        scratch = torch.empty(base.shape, dtype=torch.float64, device=base.device)
-        taus, count = self.contributions_(parts, base, scratch)
-        unique = count.eq(1)
-        for tally, tau in zip(counts, taus):
-            changed = tau.ne(0)  # contributing: |tau| > epsilon >= 0, so 0 exactly where i does not
-            both = int(changed.logical_and(unique).sum())
-            tally[0] += int(changed.sum()) - both
-            tally[1] += both
+        flat, origin = [part.reshape(-1) for part in parts], base.reshape(-1)
+
+        def count_blocks(part: int, first: int, last: int) -> list[tuple[int, int]]:
+            import torch
+
+            found = [(0, 0)] * len(flat)
+            for begin in range(first * BLOCK, min(last * BLOCK, origin.numel()), BLOCK):
+                end = min(begin + BLOCK, origin.numel())
+                (scratch,) = self.workspace("observed", origin[begin:end], 1, torch.float64)
+                taus, count = self.contributions_([p[begin:end] for p in flat], origin[begin:end], scratch)
+                unique = count.eq(1)
+                for i, tau in enumerate(taus):
+                    changed = tau.ne(0)  # contributing: |tau| > epsilon >= 0, so 0 exactly where i does not
+                    contributed = int(changed.sum())
+                    both = int(changed.logical_and_(unique).sum())
+                    found[i] = (found[i][0] + contributed - both, found[i][1] + both)
+            return found
+
+        for found in in_parts(-(-origin.numel() // BLOCK), count_blocks):
+            for tally, (shared, unique_only) in zip(counts, found):
+                tally[0] += shared
+                tally[1] += unique_only
         return counts
 
     def finish_statistics(self, statistics: list[list[float]] | None, tensor: MergedTensor) -> list[float] | None:
