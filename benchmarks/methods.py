@@ -252,7 +252,7 @@ def render(results: list[dict]) -> str:
          "fine-tune, nuslerp two, passthrough a copy of one model), each tool's defaults otherwise. mergekit "
          f"{run.MERGEKIT_VERSION} in its default arithmetic (bf16) and with `dtype: float32` (its `-j` as noted); "
          "hub-soup with its own thread choice (`hub_soup/threads.py`: one thread, the compute-bound methods (della, "
-         "della_linear, arcee_fusion, model_stock) split among workers on both CPUs; before 2026-12-07 13:40 this "
+         "della_linear, arcee_fusion, model_stock, ramplus_tl) split among workers on both CPUs; before 2026-12-07 13:40 this "
          "script set one thread for every method, and the rows not re-measured since are of one thread). "
          "Working memory: peak RSS minus a bare `import torch` (measured in the same run, "
          "in each tool's environment); "
