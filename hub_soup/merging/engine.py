@@ -28,7 +28,6 @@ before anything is written or scored. Non-finite values an ingredient already ho
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import math
@@ -291,10 +290,13 @@ def stream_merge(
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (``None`` elsewhere: other allocators hand memory back their own way)."""
+    """glibc's ``malloc_trim`` (``None`` elsewhere: other allocators hand memory back their own way).
+
+    Looked up in the C library the interpreter already uses, as :mod:`hub_soup.io.direct_io` does:
+    ``ctypes.util.find_library`` would fork ``ldconfig`` from a process holding a merge's buffers.
+    """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
