@@ -152,7 +152,6 @@ class DirectFile:
         self._stage = aligned_buffer(-(-stage_bytes // ALIGN) * ALIGN)
         self._staged = 0  # bytes in the stage
         self._position = 0  # where the stage's first byte goes in the file (a multiple of ALIGN while direct)
-        self.written = 0
         try:
             _reserve(self._fd, size)
         except BaseException:
@@ -169,7 +168,11 @@ class DirectFile:
             done += take
             if self._staged == self._stage.numel():
                 self._flush(self._staged)
-        self.written += total
+
+    @property
+    def written(self) -> int:
+        """Bytes written so far (on the disk or staged)."""
+        return self._position + self._staged
 
     def _flush(self, nbytes: int) -> None:
         """Write the stage's first ``nbytes`` (rounded up to :data:`ALIGN` while direct) and empty it."""
