@@ -139,6 +139,17 @@ def in_parts(total: int, work: Callable[[int, int, int], T]) -> list[T]:
     return [first, *(future.result() for future in others)]
 
 
+def in_blocks(total: int, block: int, work: Callable[[int, int], T]) -> list[T]:
+    """``work(begin, end)`` for each ``block`` elements of ``range(total)`` (the last block shorter), the blocks
+    split among the compute workers (:func:`in_parts`), their results in block order: the same results, in
+    the same order, on any number of workers."""
+
+    def blocks(part: int, first: int, last: int) -> list[T]:
+        return [work(begin, min(begin + block, total)) for begin in range(first * block, min(last * block, total), block)]
+
+    return [result for results in in_parts(-(-total // block), blocks) for result in results]
+
+
 def current_part() -> int:
     """The :func:`in_parts` part this thread runs (0 outside any): what keeps one part's scratch from another's."""
     return getattr(_local, "part", None) or 0

@@ -26,6 +26,7 @@ from hub_soup.threads import (
     compute_workers,
     current_part,
     eval_threads,
+    in_blocks,
     in_parts,
     merge_threads,
     torch_threads,
@@ -205,3 +206,13 @@ def test_model_stock_reads_larger_positions_on_workers_and_the_same_soup(
     for checkpoint in [*tunes, base_checkpoint]:
         checkpoint.close()
     ck.assert_bit_equal(soups[0], soups[1], "model_stock on 1 and 2 threads")
+
+
+def test_blocks_are_split_among_workers_and_come_back_in_order() -> None:
+    """Each block of a range once, the last one shorter, the results in block order on one worker or three."""
+    expected = [(0, 4), (4, 8), (8, 10)]
+    assert in_blocks(10, 4, lambda begin, end: (begin, end)) == expected
+    with compute_workers(3):
+        assert in_blocks(10, 4, lambda begin, end: (current_part(), begin, end)) == [
+            (part, *bounds) for part, bounds in enumerate(expected)]
+        assert in_blocks(0, 4, lambda begin, end: (begin, end)) == []

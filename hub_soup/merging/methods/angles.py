@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from hub_soup.threads import in_parts
+from hub_soup.threads import in_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ class Gram:
         with an ``origin`` (a base's chunk) of every vector's difference from it (task vectors).
 
         The chunk is taken :data:`PIECE` elements at a time, each piece's dot products summed into the Gram
-        in order: the same sums however many compute workers share the pieces (:func:`~hub_soup.threads.in_parts`),
+        in order: the same sums however many compute workers share the pieces (:func:`~hub_soup.threads.in_blocks`),
         so a soup's angles do not depend on the machine. Each piece is copied into float64 rows (the base widened
         once, where a float64 - bf16 subtraction is several times slower) still in the cache, and reduced by
         BLAS ``dot``: about five times faster than float64 copies multiplied and summed pair by pair, and as
@@ -49,32 +49,25 @@ class Gram:
         """
         flat = [vector.reshape(-1) for vector in vectors]
         base = origin.reshape(-1) if origin is not None else None
-        pieces = -(-flat[0].numel() // PIECE)
-        for found in in_parts(pieces, lambda part, first, last: self._pieces(flat, base, first, last)):
-            for dots in found:
-                for i, row in enumerate(dots):
-                    for j, value in enumerate(row, start=i):
-                        self._dots[i][j] += value
+        for dots in in_blocks(flat[0].numel(), PIECE, lambda begin, end: self._piece(flat, base, begin, end)):
+            for i, row in enumerate(dots):
+                for j, value in enumerate(row, start=i):
+                    self._dots[i][j] += value
         return self
 
-    def _pieces(self, flat: Sequence[torch.Tensor], base: torch.Tensor | None, first: int, last: int
-                ) -> list[list[list[float]]]:
-        """Each piece's dot products ``<v_i, v_j>`` (``i <= j``), pieces ``first`` to ``last``."""
+    def _piece(self, flat: Sequence[torch.Tensor], base: torch.Tensor | None, begin: int, end: int
+               ) -> list[list[float]]:
+        """One piece's dot products ``<v_i, v_j>`` (``i <= j``), elements ``begin`` to ``end``."""
         import torch
 
-        found = []
-        for begin in range(first * PIECE, min(last * PIECE, flat[0].numel()), PIECE):
-            end = min(begin + PIECE, flat[0].numel())
-            *wide, widened = self._workspace("gram", flat[0][begin:end], self.count + 1, torch.float64)
+        *wide, widened = self._workspace("gram", flat[0][begin:end], self.count + 1, torch.float64)
+        if base is not None:
+            widened.copy_(base[begin:end])
+        for row, vector in zip(wide, flat, strict=True):
+            row.copy_(vector[begin:end])
             if base is not None:
-                widened.copy_(base[begin:end])
-            for row, vector in zip(wide, flat, strict=True):
-                row.copy_(vector[begin:end])
-                if base is not None:
-                    row.sub_(widened)
-            found.append([[float(torch.dot(wide[i], wide[j])) for j in range(i, self.count)]
-                          for i in range(self.count)])
-        return found
+                row.sub_(widened)
+        return [[float(torch.dot(wide[i], wide[j])) for j in range(i, self.count)] for i in range(self.count)]
 
     def dot(self, i: int, j: int) -> float:
         """``<v_i, v_j>``."""

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor
 from hub_soup.merging.methods.ram import Ram, RamParameters
-from hub_soup.threads import in_parts
+from hub_soup.threads import in_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -59,23 +59,22 @@ class RamPlusTL(Ram):
         counts = statistics or [[0.0, 0.0] for _ in parts]
         flat, origin = [part.reshape(-1) for part in parts], base.reshape(-1)
 
-        def count_blocks(part: int, first: int, last: int) -> list[tuple[int, int]]:
+        def count_block(begin: int, end: int) -> list[tuple[int, int]]:
+            """Each ingredient's ``(shared, unique)`` count in elements ``begin`` to ``end``."""
             import torch
 
-            found = [(0, 0)] * len(flat)
-            for begin in range(first * BLOCK, min(last * BLOCK, origin.numel()), BLOCK):
-                end = min(begin + BLOCK, origin.numel())
-                (scratch,) = self.workspace("observed", origin[begin:end], 1, torch.float64)
-                taus, count = self.contributions_([p[begin:end] for p in flat], origin[begin:end], scratch)
-                unique = count.eq(1)
-                for i, tau in enumerate(taus):
-                    changed = tau.ne(0)  # contributing: |tau| > epsilon >= 0, so 0 exactly where i does not
-                    contributed = int(changed.sum())
-                    both = int(changed.logical_and_(unique).sum())
-                    found[i] = (found[i][0] + contributed - both, found[i][1] + both)
+            (scratch,) = self.workspace("observed", origin[begin:end], 1, torch.float64)
+            taus, count = self.contributions_([p[begin:end] for p in flat], origin[begin:end], scratch)
+            unique = count.eq(1)
+            found = []
+            for tau in taus:
+                changed = tau.ne(0)  # contributing: |tau| > epsilon >= 0, so 0 exactly where i does not
+                contributed = int(changed.sum())
+                both = int(changed.logical_and_(unique).sum())
+                found.append((contributed - both, both))
             return found
 
-        for found in in_parts(-(-origin.numel() // BLOCK), count_blocks):
+        for found in in_blocks(origin.numel(), BLOCK, count_block):
             for tally, (shared, unique_only) in zip(counts, found):
                 tally[0] += shared
                 tally[1] += unique_only
