@@ -152,6 +152,19 @@ def test_arcee_fusion_keeps_the_important_changes_by_exact_quantiles(tmp_path: P
     assert summary is not None and "exact quantiles" in summary
 
 
+def test_arcee_fusion_of_float64_models_keeps_what_the_definition_keeps(tmp_path: Path) -> None:
+    """Float64 inputs are computed on as read (no widened copy between), and a tensor's later passes are given
+    the chunks its first read: the passes leave them as they were, and the soup is the definition's selection."""
+    base, tuned = ({k: v.double() for k, v in state.items()} for state in models(6, 2, shared=4.0, scale=0.5))
+    for n, cut in enumerate((CUTS[0], CUTS[-1])):
+        soup = merge_both_ways(tmp_path / f"cut{n}", [tuned], get_method("arcee_fusion")(), base, cut)
+        for key in ("odd", "wide"):
+            importance = ref.arcee_fusion_importance(tuned[key], base[key])
+            kept = importance >= ref.arcee_fusion_threshold(importance)
+            assert 0 < int(kept.sum()) < kept.numel()
+            ck.assert_bit_equal(soup[key], torch.where(kept, tuned[key], base[key]), f"{key} (chunk {cut[0]})")
+
+
 # ---------------------------------------------------------------- nuslerp
 
 NUSLERP = [

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from hub_soup.cli import main
 from hub_soup.errors import RecipeError
 from hub_soup.ingredients import layouts_of
+from hub_soup.io import direct_io
 from hub_soup.io.read import Checkpoint, open_checkpoint
 from hub_soup.io.write import SoupWriter
-from hub_soup.merging.engine import output_metas, stream_merge
+from hub_soup.merging.engine import KEEP_BYTES, output_metas, stream_merge
 from hub_soup.merging.methods import get_method
 from hub_soup.merging.plan import align
 from hub_soup.threads import (
@@ -120,7 +121,8 @@ def test_work_in_parts_runs_side_by_side_in_order_and_whole_inside_a_part() -> N
 def test_a_method_reads_no_statistics_pass_it_no_longer_needs(tmp_path: Path) -> None:
     """arcee_fusion's quantiles are found in two passes as a rule (a histogram, then the keys near them gathered):
     the merge reads the tensor three times (with the kernel's), not the five planned, and the soup is the same
-    as one read in whole passes without read-ahead (every position read in turn)."""
+    as one read in whole passes without read-ahead (every position read in turn). Kept from the first pass
+    (the engine's default), the tensor is read once, and the soup is the same again."""
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(512, 512, generator=generator).to(torch.bfloat16)
     tune = (base.float() + torch.randn(512, 512, generator=generator) * 0.1).to(torch.bfloat16)
@@ -128,17 +130,59 @@ def test_a_method_reads_no_statistics_pass_it_no_longer_needs(tmp_path: Path) ->
                    for name, t in (("tune", tune), ("base", base))]
     plan = align(layouts_of(checkpoints[:1]), base=layouts_of(checkpoints[1:])[0])
     soups = []
-    for read_ahead in (0, 4):
-        out = tmp_path / f"soup-{read_ahead}"
+    for read_ahead, keep_bytes, reads in ((0, 0, 3), (4, 0, 3), (0, KEEP_BYTES, 1), (4, KEEP_BYTES, 1)):
+        out = tmp_path / f"soup-{read_ahead}-{keep_bytes}"
         with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
             stats = stream_merge(checkpoints[:1], plan, get_method("arcee_fusion")({}), writer, base=checkpoints[1],
-                                 read_ahead=read_ahead, chunk_elements=1 << 15)
+                                 read_ahead=read_ahead, chunk_elements=1 << 15, keep_bytes=keep_bytes)
             writer.commit()
-        assert stats.bytes_read == 3 * 2 * base.nbytes
+        assert stats.bytes_read == reads * 2 * base.nbytes
         soups.append(load_file(out / "model.safetensors")["w"])
     for checkpoint in checkpoints:
         checkpoint.close()
-    ck.assert_bit_equal(soups[0], soups[1], "arcee_fusion with and without read-ahead")
+    for soup in soups[1:]:
+        ck.assert_bit_equal(soups[0], soup, "arcee_fusion with and without read-ahead, kept or read again")
+
+
+@pytest.mark.parametrize("read_ahead", [0, 4])
+def test_positions_kept_while_memory_lasts_and_the_rest_read_again_make_the_same_soup(
+    tmp_path: Path, read_ahead: int
+) -> None:
+    """TIES (two statistics passes as a rule) over tensors of 1 to 20 positions, with room to keep 6: each tensor's
+    first pass keeps what fits (the rest read again by the later passes), the kept memory is free again after
+    its kernel, and the soups are those of a merge that reads every pass, bit for bit, in float64 too (whose
+    chunks a method could change in place, as it could not a bf16 chunk's widened copy)."""
+    generator = torch.Generator().manual_seed(11)
+    chunk = 1 << 12
+    sizes = {"a": 20 * chunk, "b": chunk // 3, "c": 5 * chunk + 7, "d": 3, "e": 6 * chunk}
+    for dtype in (torch.bfloat16, torch.float64):
+        folder = tmp_path / str(dtype).removeprefix("torch.")
+        folder.mkdir()
+        base = {k: torch.randn(n, generator=generator, dtype=torch.float64).to(dtype) for k, n in sizes.items()}
+        tunes = [{k: (v.double() + torch.randn(v.shape, generator=generator, dtype=torch.float64)).to(dtype)
+                  for k, v in base.items()} for _ in range(2)]
+        checkpoints = [open_checkpoint(ck.save_safetensors(state, folder / f"{i}.safetensors"))
+                       for i, state in enumerate([*tunes, base])]
+        plan = align(layouts_of(checkpoints[:2]), base=layouts_of(checkpoints[2:])[0])
+        per_position = 3 * direct_io.padded(chunk * dtype.itemsize)
+        soups, read = [], []
+        for keep_bytes in (0, 6 * per_position):
+            out = folder / f"soup-{keep_bytes}"
+            with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
+                stats = stream_merge(checkpoints[:2], plan, get_method("ties")({"density": 0.3}), writer,
+                                     base=checkpoints[2], read_ahead=read_ahead, chunk_elements=chunk,
+                                     keep_bytes=keep_bytes)
+                writer.commit()
+            soups.append(load_file(out / "model.safetensors"))
+            read.append(stats.bytes_read)
+        for checkpoint in checkpoints:
+            checkpoint.close()
+        for key in sizes:
+            ck.assert_bit_equal(soups[0][key], soups[1][key], f"{key} ({dtype}) kept or read again")
+        # a's first 6 positions are kept (all the room), the rest read by its second pass and its kernel again;
+        # every later tensor is kept whole, in the room a's kernel gave back, and read once
+        model = sum(sizes.values()) * 3 * dtype.itemsize
+        assert read[0] > 2 * model and read[1] == model + 2 * (sizes["a"] - 6 * chunk) * 3 * dtype.itemsize
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
@@ -201,7 +245,8 @@ def test_model_stock_reads_larger_positions_on_workers_and_the_same_soup(
         with SoupWriter(out, output_metas(plan, None), 10**9) as writer:
             stream_merge(tunes, plan, get_method("model_stock")({}), writer, base=base_checkpoint, threads=threads)
             writer.commit()
-        assert len(reads) == 2 * 4 * chunks, f"{threads} threads: {reads}"  # two passes, four inputs
+        # read once, four inputs: the kernel is given the statistics pass's chunks, kept
+        assert len(reads) == 4 * chunks, f"{threads} threads: {reads}"
         soups.append(load_file(out / "model.safetensors")["w"])
     for checkpoint in [*tunes, base_checkpoint]:
         checkpoint.close()

@@ -75,6 +75,10 @@ READ_WORKERS = 2
 # hub_soup.io.direct_io.DirectFile) overlap the arithmetic instead of following it.
 WRITE_BEHIND = 4
 
+# Memory for chunk positions a method with statistics passes reads once and is given again (see _ReadAhead): a
+# 1.5B model's tensors but its embedding, with their next tensor's first positions read meanwhile.
+KEEP_BYTES = 192 << 20
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
@@ -161,6 +165,7 @@ def stream_merge(
     read_ahead: int = READ_AHEAD,
     write_behind: int = WRITE_BEHIND,
     block_elements: int = BLOCK_ELEMENTS,
+    keep_bytes: int = KEEP_BYTES,
 ) -> MergeStats:
     """Merge ``checkpoints`` along ``plan`` with ``method`` into ``sink``, never holding more than a chunk per input.
 
@@ -201,6 +206,8 @@ def stream_merge(
         write_behind: soup chunks that may wait for the writer thread (at least 1).
         block_elements: elements the kernel works on at a time (on the CPU; whole rows of it, for a method
             that works on rows).
+        keep_bytes: memory for positions kept from a tensor's first statistics pass for its later passes and
+            its kernel, instead of read again (0: every pass reads; see :class:`_ReadAhead`).
     """
     _check_roles(checkpoints, plan, method, base)
     device = torch.device(device)
@@ -238,6 +245,7 @@ def stream_merge(
     width = max((len(s) for s in sources.values()), default=1)
     reader = _ReadAhead(
         _positions(plan, sources, steps, passes), width, chunk_room * _widest(_input_metas(inputs)), read_ahead,
+        keep_bytes,
     )
     try:
         with torch_threads(threads), compute_workers(workers), _WriteBehind(
@@ -282,7 +290,7 @@ def stream_merge(
                     found.settle(tensor, out_dtype, [c.label for c, _ in sources[tensor.key]], scalable)
                 if tensor_method is not None:
                     _hand_back_freed_memory()
-                bar.update(reader.bytes_read - bar.n)
+                bar.update(reader.bytes_given - bar.n)
     finally:
         reader.close()
     return _stats(plan, metas, reader.bytes_read, start_time)
@@ -766,32 +774,75 @@ class _ReadAhead:
     starts at once. One job reads a whole position, so the threads take the GIL
     once per position, not once per chunk. With ``slots == 0`` every read
     happens in ``next()``, in the caller's thread. :attr:`bytes_read` counts the
-    chunks handed out (for the progress bar and the summary).
+    bytes read, :attr:`bytes_given` those handed out (kept ones again).
+
+    A position read for a tensor's first statistics pass is read into a slot of a
+    second buffer of ``keep_bytes`` where one is free, and kept there: the tensor's
+    later passes and its kernel are given the same memory, unread, and the slot is
+    free again once the kernel's position is released. A tensor of a few tens of MiB
+    is read once instead of once per pass (for a 1.5B model, every tensor but the
+    embedding's): half or less of the page-cache copies, or of the disk's reads. A
+    position that finds no slot free (a tensor larger than the buffer) is read again.
     """
 
-    def __init__(self, positions: Iterator[tuple[Read, Position]], count: int, chunk_bytes: int, slots: int) -> None:
+    def __init__(self, positions: Iterator[tuple[Read, Position]], count: int, chunk_bytes: int, slots: int,
+                 keep_bytes: int = 0) -> None:
         self._positions = positions
         self.bytes_read = 0
+        self.bytes_given = 0
         # Page-aligned rows with room around the data: chunks not in the page cache are read around it.
-        rows, row = max(slots, 1) * count, direct_io.padded(chunk_bytes)
-        self._buffer = direct_io.aligned_buffer(rows * row).view(max(slots, 1), count, row)
+        self._shape = (count, direct_io.padded(chunk_bytes))
+        self._buffer = direct_io.aligned_buffer(max(slots, 1) * math.prod(self._shape)).view(-1, *self._shape)
         self._pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="hub-soup-reader") if slots else None
-        self._pending: deque[tuple[Read, int, Future[list[torch.Tensor]]]] = deque()
+        self._keep_slots = keep_bytes // math.prod(self._shape)
+        self._kept_buffer: torch.Tensor | None = None  # made at the first position kept
+        self._free = list(range(self._keep_slots))  # a stack: the slots last used (their pages made) first
+        self._kept: dict[tuple[str, int], tuple[int, Future[list[torch.Tensor]]]] = {}
+        # Each position under way: what it is read for, its read slot, its chunks, whether they were read (or
+        # kept from an earlier pass), and the keep slot its release frees (after a kept tensor's kernel).
+        self._pending: deque[tuple[Read, int, Future[list[torch.Tensor]], bool, int | None]] = deque()
         self._ahead: tuple[Read, Position] | None = None  # without threads: the next position, once peeked at
-        self._in_use: deque[int] = deque()
+        self._in_use: deque[tuple[int, int | None]] = deque()
         for slot in range(slots):
             self._submit(slot)
 
-    def _read(self, position: Position, slot: int) -> list[torch.Tensor]:
-        buffers = self._buffer[slot]
+    def _read(self, position: Position, buffers: torch.Tensor) -> list[torch.Tensor]:
         return [source.read_into(checkpoint, begin, size, row_numel, buffer)
                 for (checkpoint, source, begin, size, row_numel), buffer in zip(position, buffers)]
 
+    def _start(self, read: Read, position: Position, slot: int) -> None:
+        """Queue ``position``: read into read slot ``slot`` (or a keep slot, for a first statistics pass), or
+        given from the keep slot an earlier pass read it into."""
+        done, where = read[1], (read[0], position[0][2])  # the tensor's key and the position's first element
+        kept = self._kept.get(where)
+        if kept is not None:  # a later pass over a kept position, or its kernel: nothing to read
+            frees = kept[0] if done == KERNEL else None
+            if frees is not None:
+                del self._kept[where]
+            self._pending.append((read, slot, kept[1], False, frees))
+            return
+        buffers = self._buffer[slot]
+        keep = done == 0 and bool(self._free)  # pass 0: the first of two reads at least (the kernel's follows)
+        if keep:
+            if self._kept_buffer is None:
+                self._kept_buffer = direct_io.aligned_buffer(self._keep_slots * math.prod(self._shape)).view(
+                    -1, *self._shape)
+            keep_slot = self._free.pop()
+            buffers = self._kept_buffer[keep_slot]
+        future: Future[list[torch.Tensor]]
+        if self._pool is not None:
+            future = self._pool.submit(self._read, position, buffers)
+        else:
+            future = Future()
+            future.set_result(self._read(position, buffers))
+        if keep:
+            self._kept[where] = (keep_slot, future)
+        self._pending.append((read, slot, future, True, None))
+
     def _submit(self, slot: int) -> None:
         upcoming = next(self._positions, None)
-        if upcoming is not None and self._pool is not None:
-            read, position = upcoming
-            self._pending.append((read, slot, self._pool.submit(self._read, position, slot)))
+        if upcoming is not None:
+            self._start(*upcoming, slot)
 
     def peek(self) -> Read | None:
         """What the next position is read for (``None`` after the last)."""
@@ -803,24 +854,27 @@ class _ReadAhead:
 
     def next(self) -> list[torch.Tensor]:
         if self._pool is None:
-            _, position = self._ahead or next(self._positions)
+            self._start(*(self._ahead or next(self._positions)), 0)
             self._ahead = None
-            chunks = self._read(position, 0)
-        else:
-            _, slot, future = self._pending.popleft()
-            self._in_use.append(slot)
-            chunks = future.result()
-        self.bytes_read += sum(chunk.nbytes for chunk in chunks)
+        _, slot, future, read, frees = self._pending.popleft()
+        self._in_use.append((slot, frees))
+        chunks = future.result()
+        given = sum(chunk.nbytes for chunk in chunks)
+        self.bytes_given += given
+        self.bytes_read += given if read else 0
         return chunks
 
     def release(self) -> None:
+        slot, frees = self._in_use.popleft()
+        if frees is not None:
+            self._free.append(frees)
         if self._pool is not None:
-            self._submit(self._in_use.popleft())
+            self._submit(slot)
 
     def close(self) -> None:
         """Drop reads not started and wait for running ones: no read outlives the merge."""
         if self._pool is not None:
-            for _, _, future in self._pending:
+            for _, _, future, _, _ in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)
 

@@ -301,7 +301,10 @@ class MergeMethod:
 
     def observe(self, statistics: Any, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Any:
         """Fold one chunk of every ingredient (and of the base) into ``statistics`` and return them;
-        the engine passes what the pass's last chunk returned to :meth:`finish_statistics`."""
+        the engine passes what the pass's last chunk returned to :meth:`finish_statistics`.
+
+        ``parts`` and ``base`` are read-only: the engine may give a later pass and the kernel the same
+        memory (a tensor of a few tens of MiB is read once, not once per pass)."""
         return statistics
 
     def finish_statistics(self, statistics: Any, tensor: MergedTensor) -> Any:

@@ -117,7 +117,8 @@ class ArceeFusion(MergeMethod):
 
             found: Tally = {}
             for begin in range(first * step, min(last * step, other.numel()), step):
-                x, b = (t[begin : begin + step].to(torch.float64).view(-1, width) for t in (other, base))
+                # copies, even of float64 chunks: the importances are made in x, and the chunks are the next pass's
+                x, b = (t[begin : begin + step].to(torch.float64, copy=True).view(-1, width) for t in (other, base))
                 start = row + begin // width
                 if statistics.passes == 0:
                     p = x.softmax(dim=-1).add_(FLOOR)
