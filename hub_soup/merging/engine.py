@@ -50,7 +50,7 @@ from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import Input, MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
-from hub_soup.threads import compute_workers, in_parts, merge_threads, torch_threads
+from hub_soup.threads import compute_workers, current_part, in_blocks, merge_threads, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -421,25 +421,22 @@ def _merge_chunks(
     """``soup`` = the method's soup of one position, the tensor's elements from ``offset`` on: ``chunks`` are the
     ``count`` ingredients' (then the base's), merged block by block, each block's result rounded out of the
     cache-sized accumulator and checked for values the output dtype cannot hold (into ``found``). The blocks are
-    split among the compute workers (:func:`~hub_soup.threads.in_parts`), each with its own ``buffers``."""
-    size, room = soup.numel(), buffers[0][0].numel()
+    split among the compute workers (:func:`~hub_soup.threads.in_blocks`), each with its own ``buffers``."""
     with_base = len(chunks) > count
 
-    def merge_blocks(part: int, first: int, last: int) -> None:
-        acc_buffer, scratch_buffer = buffers[part]
-        for start in range(first * room, min(last * room, size), room):
-            end = min(start + room, size)
-            acc = acc_buffer[: end - start]
-            parts = [chunk[start:end] for chunk in chunks]
-            method.kernel(
-                acc, parts[:count], scratch=scratch_buffer[: end - start], base=parts[count] if with_base else None,
-                statistics=statistics, offset=offset + start,
-            )
-            block = soup[start:end]
-            block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
-            _check_finite(block, acc, parts, found)
+    def merge_block(start: int, end: int) -> None:
+        acc_buffer, scratch_buffer = buffers[current_part()]
+        acc = acc_buffer[: end - start]
+        parts = [chunk[start:end] for chunk in chunks]
+        method.kernel(
+            acc, parts[:count], scratch=scratch_buffer[: end - start], base=parts[count] if with_base else None,
+            statistics=statistics, offset=offset + start,
+        )
+        block = soup[start:end]
+        block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
+        _check_finite(block, acc, parts, found)
 
-    in_parts(-(-size // room), merge_blocks)
+    in_blocks(soup.numel(), buffers[0][0].numel(), merge_block)
 
 
 def _check_finite(
