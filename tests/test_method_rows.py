@@ -84,12 +84,17 @@ def test_a_row_method_is_given_chunks_and_blocks_of_whole_rows(
     assert largest < 40 * 50 // 10  # a few rows of the matrix, not the matrix
 
 
+@pytest.mark.parametrize("by_codes", [False, True])
 @pytest.mark.parametrize("gather", [order.GATHER, 40, 0])
-def test_order_statistics_are_the_sorted_elements_at_their_ranks(gather: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_order_statistics_are_the_sorted_elements_at_their_ranks(
+    gather: int, by_codes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Radix selection over the ordered bits gives the exact element at each rank, whatever the signs (zeros of
     both signs, tiny negatives, repeats), streamed in chunks, in four passes at most; ranks among non-negative
     values only (every odd trial: the selection by raw bits) beside negative ones. Whether the keys near the
-    ranks are gathered and sorted after one pass (the default), after a few, or never (all four counted)."""
+    ranks are gathered and sorted after one pass (the default), after a few, or never (all four counted).
+    ``by_codes``: the first pass writes each value's code and counts the codes (the non-negative trials'
+    codes of their raw bits), and each later pass is given only the values its candidates name."""
     monkeypatch.setattr(order, "GATHER", gather)
     generator = torch.Generator().manual_seed(5)
     for trial in range(12):
@@ -98,15 +103,27 @@ def test_order_statistics_are_the_sorted_elements_at_their_ranks(gather: int, mo
         values[: n // 3] = 0.0
         values[n // 3 : n // 2] = -0.0
         values[::7] *= 1e-300
+        unsigned = by_codes and trial % 2 == 1
+        if unsigned:
+            values = values.abs()
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)] + [0, n - 1]
         if trial % 2:
             ranks = [r for r in ranks if float(values.sort().values[r]) >= 0] or [n - 1]
         statistics = OrderStatistics(ranks)
-        for _ in range(PASSES):
+        codes = torch.empty(n, dtype=torch.int16)
+        for step in range(PASSES):
             if statistics.done:
                 break
             for begin in range(0, n, 333):
-                statistics.observe(values[begin : begin + 333])
+                chunk = values[begin : begin + 333]
+                if not by_codes:
+                    statistics.observe(chunk)
+                elif step == 0:
+                    statistics.code(chunk, codes[begin : begin + 333], unsigned=unsigned)
+                    statistics.add(statistics.tally_codes(codes[begin : begin + 333]))
+                else:
+                    picked = chunk[torch.from_numpy(statistics.candidates(codes[begin : begin + 333]))]
+                    statistics.add(statistics.tally(picked, unsigned=unsigned))
             statistics.finish_pass()
         assert statistics.done
         ordered = values.sort().values
