@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hub_soup.merging.engine import whole_rows
-from hub_soup.merging.methods import MergedTensor, MergeMethod, get_method, order
+from hub_soup.merging.methods import MergedTensor, MergeMethod, arcee_fusion, get_method, order
 from hub_soup.merging.methods.order import PASSES, OrderStatistics
 from tests import mergekit_reference as ref
 from tests.method_checks import merge_both_ways
@@ -130,9 +130,19 @@ def test_order_statistics_are_the_sorted_elements_at_their_ranks(
         assert statistics.values == [float(ordered[r]) for r in ranks], trial
 
 
-def test_arcee_fusion_of_a_tensor_many_chunks_long_is_its_definition(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("coded", "gather"), [(None, None), (0, None), (101 * 64, None), (None, 0), (101 * 64, 0)])
+def test_arcee_fusion_of_a_tensor_many_chunks_long_is_its_definition(
+    tmp_path: Path, coded: int | None, gather: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The exact quantiles over a tensor read in 200 chunks of rows: the soup is the definition's, kept elements
-    the fine-tune's and dropped ones the base's."""
+    the fine-tune's and dropped ones the base's. Whether the later passes pick their elements by the first
+    pass's codes (every element coded, the default), recompute every importance (none coded), or both (the
+    first 101 rows coded: a chunk of two rows split between them), and whether the second pass gathers the
+    keys or all four passes count."""
+    if coded is not None:
+        monkeypatch.setattr(arcee_fusion, "CODED", coded)
+    if gather is not None:
+        monkeypatch.setattr(order, "GATHER", gather)
     generator = torch.Generator().manual_seed(11)
     base = {"w": torch.randn(400, 64, generator=generator, dtype=torch.float64).to(BF16)}
     tuned = {"w": (base["w"].double() + torch.randn(400, 64, generator=generator, dtype=torch.float64) * 0.3).to(BF16)}

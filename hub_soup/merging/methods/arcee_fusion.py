@@ -11,11 +11,16 @@ Each quantile is the sorted importances' element at ``int(q (n - 1))``. Streamed
 the engine gives the method whole rows (:meth:`~hub_soup.merging.methods.MergeMethod.row_elements`,
 for the softmaxes), and statistics passes find the three quantiles exactly by radix selection
 (:class:`~hub_soup.merging.methods.order.OrderStatistics`: usually two passes, a histogram then
-the few keys near each quantile gathered and sorted; four at most); the first also keeps each
-row's divergence (one float64 per row: 64 KiB for a 8192-row matrix), so the later passes and
-the kernel recompute each importance, bit for bit, from it and ``|x - b|``. The engine reads the
-tensor once per pass the selection needs (:meth:`ArceeFusion.passes_left`), then for the kernel;
-both split among the compute workers. Float64 throughout, rounded once.
+the few keys near each quantile gathered and sorted; four at most). The first pass also keeps
+each row's divergence (one float64 per row: 64 KiB for a 8192-row matrix) and each element's
+code (its importance's first 16 bits: two bytes an element, for up to :data:`CODED` elements), so
+a later pass recomputes, bit for bit from the divergence and ``|x - b|``, only the importances
+whose codes are a quantile's (a few percent; every importance of a larger tensor's rows beyond).
+The kernel recomputes every importance: cheaper than picking out by their codes the few that
+share the threshold's. The engine reads the tensor once per pass the selection needs
+(:meth:`ArceeFusion.passes_left`), then for the kernel (once in all where it fits its keep
+buffer); each is split among the compute workers, a worker's float64 temporaries made once per
+merge (:meth:`~hub_soup.merging.methods.MergeMethod.workspace`). Float64 throughout, rounded once.
 
 A deliberate difference: above 1,000,000 elements mergekit estimates the quantiles from a sample
 drawn with replacement from torch's unseeded global generator, so its soup of a large tensor
@@ -34,24 +39,32 @@ from hub_soup.merging.methods.order import PASSES, OrderStatistics, Tally
 from hub_soup.threads import in_parts
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # mergekit's floor on both softmaxes, so that the KL divergence's logarithm stays finite.
 FLOOR = 1e-8
 # Elements a statistics pass computes on at a time (whole rows of them): its float64 temporaries stay a few MiB.
 SLICE = 1 << 17
+# Elements a later pass picks its elements from at a time, by their codes (a few percent of them computed on): the
+# larger, the fewer calls into torch per element.
+PICK = 1 << 20
 QUANTILES = (0.25, 0.5, 0.75)
+# Elements of a tensor whose codes are kept (two bytes each: 64 MiB, made once per merge): every tensor of a 1.5B
+# or 7B model but its embedding whole. A larger tensor's rows beyond recompute every importance in each pass.
+CODED = 1 << 25
 
 
 @dataclass
 class Fusion:
-    """One tensor's statistics: each row's divergence (found in the first pass), the quantiles' selection, the
-    rows seen in this pass, and at the end the threshold."""
+    """One tensor's statistics: each row's divergence (found in the first pass), the first elements' codes, the
+    quantiles' selection, the rows seen in this pass, and at the end the threshold."""
 
     tensor: MergedTensor
     quantiles: OrderStatistics
     divergence: torch.Tensor  # every row's, filled in the first pass (made whole up front: no small allocations
     # left between a pass's large temporaries, which would keep the allocator from handing those back)
+    codes: torch.Tensor  # int16, the first elements' (whole rows): the method's buffer, lent for this tensor
     row: int = 0
     passes: int = 0
     threshold: float = 0.0
@@ -65,6 +78,16 @@ class Fusion:
         """``|x - b|`` times each row's divergence, in ``x`` (float64 rows from ``row`` on): the same bits in
         every pass and in the kernel."""
         return x.sub_(b).abs_().mul_(self.divergence[row : row + x.shape[0]].to(x.device))
+
+    def picked(self, other: torch.Tensor, base: torch.Tensor, at: np.ndarray, first: int) -> torch.Tensor:
+        """The importances of the elements at ``at`` of ``other`` and ``base`` (flat, on the CPU, from the tensor's
+        element ``first`` on, a row's first), computed as :meth:`importance` computes them: the same bits."""
+        import torch
+
+        index = torch.from_numpy(at)
+        rows = torch.from_numpy(self.divergence.numpy().reshape(-1)[at // self.width + first // self.width])
+        wide = other.index_select(0, index).to(torch.float64)
+        return wide.sub_(base.index_select(0, index).to(torch.float64)).abs_().mul_(rows)
 
 
 class ArceeFusion(MergeMethod):
@@ -92,49 +115,109 @@ class ArceeFusion(MergeMethod):
         """The quantiles' radix passes (the first also finds each row's divergence)."""
         return PASSES
 
+    # Every tensor's codes, in turn (one at a time: a tensor's statistics end with its kernel): made once, at the
+    # size of the largest tensor's, up to CODED.
+    _codes: torch.Tensor | None = None
+
     def start_statistics(self, tensor: MergedTensor) -> Fusion:
         import torch
 
         last = tensor.numel - 1
         width = tensor.dims[-1] if tensor.dims else 1
+        rows = tensor.numel // max(width, 1)
+        coded = min(rows, CODED // max(width, 1)) * width
+        if self._codes is None or self._codes.numel() < coded:
+            self._codes = torch.empty(coded, dtype=torch.int16)
         return Fusion(tensor, OrderStatistics([int(q * last) for q in QUANTILES] if tensor.numel else []),
-                      torch.empty(tensor.numel // max(width, 1), 1, dtype=torch.float64))
+                      torch.empty(rows, 1, dtype=torch.float64), self._codes[:coded])
 
     def observe(self, statistics: Fusion, parts: Sequence[torch.Tensor], base: torch.Tensor | None) -> Fusion:
-        """Count one chunk's importances (whole rows, a slice of rows at a time, the slices split among the compute
-        workers), finding its rows' divergences in the first pass."""
+        """Count one chunk's importances (whole rows, split among the compute workers, each worker's a slice of
+        rows at a time), finding its rows' divergences and codes in the first pass."""
         assert base is not None
         if statistics.quantiles.done:  # the selection finished early: the passes left are reads alone
             return statistics
         (other,) = parts
         width = statistics.width
-        step = max(1, SLICE // width) * width
-        row = statistics.row
+        first = statistics.row * width  # the chunk's first element in the tensor
+        coded = min(max(statistics.codes.numel() - first, 0), other.numel())  # of the chunk's, whole rows
 
-        def importances(part: int, first: int, last: int) -> Tally:
-            """The importances of slices ``first`` to ``last``, tallied."""
-            import torch
-
+        def importances(part: int, first_row: int, last_row: int) -> Tally:
+            """The importances of rows ``first_row`` to ``last_row`` of the chunk, tallied."""
             found: Tally = {}
-            for begin in range(first * step, min(last * step, other.numel()), step):
-                # copies, even of float64 chunks: the importances are made in x, and the chunks are the next pass's
-                x, b = (t[begin : begin + step].to(torch.float64, copy=True).view(-1, width) for t in (other, base))
-                start = row + begin // width
-                if statistics.passes == 0:
-                    p = x.softmax(dim=-1).add_(FLOOR)
-                    q = b.softmax(dim=-1).add_(FLOOR)
-                    statistics.divergence[start : start + x.shape[0]] = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
-                # |x - b| has no sign bit set; where no row's divergence has one either (a rounding below 0, a -0.0)
-                # neither has their product: its bits are its key
-                divergence = statistics.divergence[start : start + x.shape[0]]
-                unsigned = bool(divergence.view(torch.int64).min() >= 0)
-                statistics.quantiles.tally(statistics.importance(x, b, start), found, unsigned=unsigned)
+            begin, end = first_row * width, last_row * width
+            mid = min(max(coded, begin), end)  # coded before, not after
+            if statistics.passes == 0:
+                step = max(1, SLICE // width) * width
+                for start in range(begin, end, step):
+                    stop = min(start + step, end)
+                    self._first_pass(statistics, other[start:stop], base[start:stop], first + start,
+                                     min(max(mid - start, 0), stop - start), found)
+                statistics.quantiles.tally_codes(statistics.codes[first + begin : first + mid], found)
+                return found
+            step = max(1, PICK // width) * width
+            for start in range(begin, mid, step):
+                stop = min(start + step, mid)
+                self._coded_pass(statistics, other[start:stop], base[start:stop], first + start, found)
+            if mid < end:
+                self._recomputed_pass(statistics, other[mid:end], base[mid:end], first + mid, found)
             return found
 
-        for tally in in_parts(-(-other.numel() // step), importances):
+        for tally in in_parts(other.numel() // width, importances):
             statistics.quantiles.add(tally)
         statistics.row += other.numel() // width
         return statistics
+
+    def _first_pass(self, statistics: Fusion, other: torch.Tensor, base: torch.Tensor, first: int, coded: int,
+                    found: Tally) -> None:
+        """Whole rows of ``other`` and ``base`` from the tensor's element ``first`` on: their divergences (kept),
+        the first ``coded`` importances' codes kept (counted by the caller), the others' counted. The chunks are
+        left as they were (the next pass may be given them): the float64 copies are made in this worker's
+        workspace."""
+        import torch
+
+        width = statistics.width
+        x, b, p, q = (w.view(-1, width) for w in self.workspace("first pass", other, 4, torch.float64))
+        x.copy_(other.view(-1, width))
+        b.copy_(base.view(-1, width))
+        (floor,) = self.scalars([FLOOR], x)
+        torch.softmax(x, dim=-1, out=p).add_(floor)
+        torch.softmax(b, dim=-1, out=q).add_(floor)
+        row = first // width
+        divergence = statistics.divergence[row : row + x.shape[0]]
+        torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True, out=divergence)
+        importance = statistics.importance(x, b, row).view(-1)
+        # |x - b| has no sign bit set; where no row's divergence has one either (a rounding below 0, a -0.0)
+        # neither has their product: its bits are its key
+        unsigned = bool(divergence.view(torch.int64).min() >= 0)
+        statistics.quantiles.code(importance[:coded], statistics.codes[first : first + coded], unsigned=unsigned)
+        if coded < importance.numel():
+            statistics.quantiles.tally(importance[coded:], found, unsigned=unsigned)
+
+    def _coded_pass(self, statistics: Fusion, other: torch.Tensor, base: torch.Tensor, first: int,
+                    found: Tally) -> None:
+        """A later pass over elements with codes: only those whose code is a quantile's prefix's, recomputed."""
+        import torch
+
+        at = statistics.quantiles.candidates(statistics.codes[first : first + other.numel()])
+        if at.size:
+            importance = statistics.picked(other, base, at, first)
+            statistics.quantiles.tally(importance, found, unsigned=bool(importance.view(torch.int64).min() >= 0))
+
+    def _recomputed_pass(self, statistics: Fusion, other: torch.Tensor, base: torch.Tensor, first: int,
+                         found: Tally) -> None:
+        """A later pass over whole rows without codes: every importance recomputed, a slice of rows at a time."""
+        import torch
+
+        width = statistics.width
+        step = max(1, SLICE // width) * width
+        for begin in range(0, other.numel(), step):
+            end = min(begin + step, other.numel())
+            x, b = (w.view(-1, width) for w in self.workspace("later pass", other[begin:end], 2, torch.float64))
+            x.copy_(other[begin:end].view(-1, width))
+            b.copy_(base[begin:end].view(-1, width))
+            importance = statistics.importance(x, b, (first + begin) // width)
+            statistics.quantiles.tally(importance, found, unsigned=bool(importance.view(torch.int64).min() >= 0))
 
     def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
         """Settle the pass's digit; after the last, the threshold ``median + 1.5 (Q3 - Q1)``."""
@@ -153,15 +236,17 @@ class ArceeFusion(MergeMethod):
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
-        """``b + (x - b) [importance >= threshold]`` on a block of whole rows."""
+        """``b + (x - b) [importance >= threshold]`` on a block of whole rows. (Every importance recomputed: that
+        costs less than picking out, by their codes, the few whose code is the threshold's.)"""
         assert base is not None
         fusion: Fusion = statistics
         (other,) = parts
-        rows = acc.view(-1, fusion.width)
+        change = acc.view(-1, fusion.width)
         wide = scratch.view(-1, fusion.width)
-        rows.copy_(other.view(-1, fusion.width))
-        wide.copy_(base.view(-1, fusion.width))
-        (importance,) = self.workspace("importance", acc)
-        keep = fusion.importance(importance.view_as(rows).copy_(rows), wide, offset // fusion.width)
-        keep.ge_(fusion.threshold)
-        rows.sub_(wide).mul_(keep).add_(wide)
+        change.copy_(other.view(-1, fusion.width)).sub_(wide.copy_(base.view(-1, fusion.width)))
+        (keep,) = self.workspace("keep", acc)
+        row = offset // fusion.width
+        divergence = fusion.divergence[row : row + change.shape[0]].to(change.device)
+        importance = keep.view_as(change).copy_(change).abs_().mul_(divergence)
+        importance.ge_(self.scalars([fusion.threshold], importance)[0])  # 1.0 where kept, else 0.0
+        change.mul_(importance).add_(wide)
