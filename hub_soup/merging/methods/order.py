@@ -84,9 +84,10 @@ class OrderStatistics:
         """Passes still to observe, at most: none once done, one where the next gathers, else one per digit left."""
         return 0 if self.done else 1 if self._gathering else PASSES - self._pass
 
-    def observe(self, values: torch.Tensor) -> None:
-        """Count the current digit of one chunk of values (or gather its keys that share a rank's prefix)."""
-        self.add(self.tally(values))
+    def observe(self, values: torch.Tensor, *, unsigned: bool = False) -> None:
+        """Count the current digit of one chunk of values (or gather its keys that share a rank's prefix);
+        ``unsigned`` as :meth:`tally`'s."""
+        self.add(self.tally(values, unsigned=unsigned))
 
     def tally(self, values: torch.Tensor, into: Tally | None = None, *, unsigned: bool = False) -> Tally:
         """This pass's counts of ``values`` (or their gathered keys), added to ``into``: nothing of the selection

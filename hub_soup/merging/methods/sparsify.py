@@ -99,7 +99,9 @@ class MagnitudeThresholds:
             if self._scratch.numel() < part.numel():
                 self._scratch = part.new_empty(part.numel(), dtype=self.tensor.dtype)
             magnitude = delta_(self._scratch[: part.numel()], part, base).abs_()  # as the kernel computes it
-            order.observe(magnitude if magnitude.dtype == torch.float64 else magnitude.to(torch.float64))
+            # abs clears every sign bit (of -0.0 and NaN too): the bits are the keys
+            order.observe(magnitude if magnitude.dtype == torch.float64 else magnitude.to(torch.float64),
+                          unsigned=True)
 
     def observe_values(self, values: torch.Tensor, selection: int = 0) -> None:
         """Count one chunk of non-negative ``values`` for ``selection``: a threshold of some other magnitude
