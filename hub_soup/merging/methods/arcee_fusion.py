@@ -51,7 +51,8 @@ SLICE = 1 << 17
 PICK = 1 << 20
 QUANTILES = (0.25, 0.5, 0.75)
 # Elements of a tensor whose codes are kept (two bytes each: 64 MiB, made once per merge): every tensor of a 1.5B
-# or 7B model but its embedding whole. A larger tensor's rows beyond recompute every importance in each pass.
+# model but its embedding whole (a 7B model's MLP matrices in part). A larger tensor's rows beyond recompute every
+# importance in each pass.
 CODED = 1 << 25
 
 
