@@ -80,6 +80,14 @@ class Fusion:
         every pass and in the kernel."""
         return x.sub_(b).abs_().mul_(self.divergence[row : row + x.shape[0]].to(x.device))
 
+    def unsigned(self, row: int, rows: int) -> bool:
+        """Whether no importance of these rows has its sign bit set, so that their bits are their keys: ``|x - b|``
+        has none, and where no row's divergence has one either (a rounding below 0, a -0.0), neither has their
+        product."""
+        import torch
+
+        return bool(self.divergence[row : row + rows].view(torch.int64).min() >= 0)
+
     def picked(self, other: torch.Tensor, base: torch.Tensor, at: np.ndarray, first: int) -> torch.Tensor:
         """The importances of the elements at ``at`` of ``other`` and ``base`` (flat, on the CPU, from the tensor's
         element ``first`` on, a row's first), computed as :meth:`importance` computes them: the same bits."""
@@ -188,9 +196,7 @@ class ArceeFusion(MergeMethod):
         divergence = statistics.divergence[row : row + x.shape[0]]
         torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True, out=divergence)
         importance = statistics.importance(x, b, row).view(-1)
-        # |x - b| has no sign bit set; where no row's divergence has one either (a rounding below 0, a -0.0)
-        # neither has their product: its bits are its key
-        unsigned = bool(divergence.view(torch.int64).min() >= 0)
+        unsigned = statistics.unsigned(row, x.shape[0])
         statistics.quantiles.code(importance[:coded], statistics.codes[first : first + coded], unsigned=unsigned)
         if coded < importance.numel():
             statistics.quantiles.tally(importance[coded:], found, unsigned=unsigned)
@@ -217,8 +223,9 @@ class ArceeFusion(MergeMethod):
             x, b = (w.view(-1, width) for w in self.workspace("later pass", other[begin:end], 2, torch.float64))
             x.copy_(other[begin:end].view(-1, width))
             b.copy_(base[begin:end].view(-1, width))
-            importance = statistics.importance(x, b, (first + begin) // width)
-            statistics.quantiles.tally(importance, found, unsigned=bool(importance.view(torch.int64).min() >= 0))
+            row = (first + begin) // width
+            importance = statistics.importance(x, b, row)
+            statistics.quantiles.tally(importance, found, unsigned=statistics.unsigned(row, x.shape[0]))
 
     def finish_statistics(self, statistics: Fusion, tensor: MergedTensor) -> Fusion:
         """Settle the pass's digit; after the last, the threshold ``median + 1.5 (Q3 - Q1)``."""

@@ -114,11 +114,12 @@ class OrderStatistics:
         prefixes = sorted(set(self._prefix))
         raw = unsigned or prefixes[0] >= 0
         keys = flat.view(torch.int64) if raw else ordered_keys(flat)
-        high = keys.numpy() >> (shift + WIDTH)
+        bits = keys.numpy()
+        high = bits >> (shift + WIDTH)
         matches = high == prefixes[0]
         for prefix in prefixes[1:]:
             matches |= high == prefix
-        picked, picked_high = keys.numpy()[matches], high[matches]
+        picked, picked_high = bits[matches], high[matches]
         for prefix in prefixes:
             mine = torch.from_numpy(picked[picked_high == prefix])
             if self._gathering:
@@ -159,9 +160,10 @@ class OrderStatistics:
         import numpy as np
 
         tops = sorted({prefix >> (WIDTH * (self._pass - 1)) for prefix in self._prefix})
-        found = codes.numpy() == tops[0]
+        digits = codes.numpy()
+        found = digits == tops[0]
         for top in tops[1:]:
-            found |= codes.numpy() == top
+            found |= digits == top
         return np.flatnonzero(found)
 
     def add(self, tally: Tally) -> None:
