@@ -159,12 +159,17 @@ class OrderStatistics:
         rank's prefix: in a pass after the first, only those values can count; :meth:`tally` needs no others."""
         import numpy as np
 
-        tops = sorted({prefix >> (WIDTH * (self._pass - 1)) for prefix in self._prefix})
+        tops = self.tops()
         digits = codes.numpy()
         found = digits == tops[0]
         for top in tops[1:]:
             found |= digits == top
         return np.flatnonzero(found)
+
+    def tops(self) -> list[int]:
+        """The codes (:meth:`code`) the ranks' prefixes begin with, in a pass after the first: the values a later
+        pass counts are among those with these codes."""
+        return sorted({prefix >> (WIDTH * (self._pass - 1)) for prefix in self._prefix})
 
     def add(self, tally: Tally) -> None:
         """Take one part's :meth:`tally` into this pass's counts (or gathered keys)."""
