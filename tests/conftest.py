@@ -30,6 +30,7 @@ from tests.hub_fixtures import TEST_TOKEN, TEST_USER, configure_client_env, star
 from tests.hub_server import HubServer
 
 _ROOT = Path(tempfile.mkdtemp(prefix="hub-soup-tests-"))
+os.environ["HUB_SOUP_CACHE"] = str(_ROOT / "cache")  # compiled loops (hub_soup/native), not the user's cache
 _HUB = start_hub(_ROOT)
 _HUB.add_token(TEST_TOKEN, TEST_USER)
 configure_client_env(_HUB, _ROOT / "hf_home")

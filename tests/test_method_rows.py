@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from hub_soup import native
 from hub_soup.merging.engine import whole_rows
 from hub_soup.merging.methods import MergedTensor, MergeMethod, arcee_fusion, get_method, order
 from hub_soup.merging.methods.order import PASSES, OrderStatistics
@@ -130,15 +131,19 @@ def test_order_statistics_are_the_sorted_elements_at_their_ranks(
         assert statistics.values == [float(ordered[r]) for r in ranks], trial
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize(("coded", "gather"), [(None, None), (0, None), (101 * 64, None), (None, 0), (101 * 64, 0)])
 def test_arcee_fusion_of_a_tensor_many_chunks_long_is_its_definition(
-    tmp_path: Path, coded: int | None, gather: int | None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, coded: int | None, gather: int | None, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The exact quantiles over a tensor read in 200 chunks of rows: the soup is the definition's, kept elements
     the fine-tune's and dropped ones the base's. Whether the later passes pick their elements by the first
     pass's codes (every element coded, the default), recompute every importance (none coded), or both (the
-    first 101 rows coded: a chunk of two rows split between them), and whether the second pass gathers the
-    keys or all four passes count."""
+    first 101 rows coded: a chunk of two rows split between them), whether the second pass gathers the keys or
+    all four passes count, and with the compiled loops (where this machine builds them: tests/test_native.py)
+    or torch alone."""
+    if not compiled:
+        monkeypatch.setattr(native, "_loaded", {"arcee_fusion": None})
     if coded is not None:
         monkeypatch.setattr(arcee_fusion, "CODED", coded)
     if gather is not None:

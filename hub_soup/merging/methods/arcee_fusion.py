@@ -22,6 +22,15 @@ share the threshold's. The engine reads the tensor once per pass the selection n
 buffer); each is split among the compute workers, a worker's float64 temporaries made once per
 merge (:meth:`~hub_soup.merging.methods.MergeMethod.workspace`). Float64 throughout, rounded once.
 
+On bfloat16 tensors (most language models), where a C compiler is found, each pass and the kernel
+run as compiled loops, one a row (:mod:`hub_soup.native`; ``native/arcee_fusion.c``): eager torch
+spends most of a pass moving each slice through fifteen ops, so the fused loops take a third of the
+time. Every element's arithmetic there is the torch path's; a row's divergence is the same float64
+KL divergence summed in another order, with libmvec's ``exp`` and ``log`` for SLEEF's, so its last
+bits may differ, and with them, where an importance lies within that rounding of the threshold, an
+element's fate (none of 1.5 billion did on the benchmark models). ``HUB_SOUP_NATIVE=0`` computes
+with torch alone.
+
 A deliberate difference: above 1,000,000 elements mergekit estimates the quantiles from a sample
 drawn with replacement from torch's unseeded global generator, so its soup of a large tensor
 differs from run to run; hub-soup counts every element (the exact quantiles), so the soup is
@@ -34,9 +43,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hub_soup import native
 from hub_soup.merging.methods import MergedTensor, MergeMethod
-from hub_soup.merging.methods.order import PASSES, OrderStatistics, Tally
-from hub_soup.threads import in_parts
+from hub_soup.merging.methods.order import PASSES, WIDTH, OrderStatistics, Tally
+from hub_soup.threads import current_part, in_parts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,13 +57,16 @@ FLOOR = 1e-8
 # Elements a statistics pass computes on at a time (whole rows of them): its float64 temporaries stay a few MiB.
 SLICE = 1 << 17
 # Elements a later pass picks its elements from at a time, by their codes (a few percent of them computed on): the
-# larger, the fewer calls into torch per element.
+# larger, the fewer calls into torch per element. Compiled, the most importances it gathers before tallying them
+# (8 MiB of float64 a worker).
 PICK = 1 << 20
 QUANTILES = (0.25, 0.5, 0.75)
 # Elements of a tensor whose codes are kept (two bytes each: 64 MiB, made once per merge): every tensor of a 1.5B
 # model but its embedding whole (a 7B model's MLP matrices in part). A larger tensor's rows beyond recompute every
 # importance in each pass.
 CODED = 1 << 25
+# Elements the compiled first pass takes at a call (whole rows): its histograms count in int32.
+NATIVE_ELEMENTS = 1 << 30
 
 
 @dataclass
@@ -124,6 +137,8 @@ class ArceeFusion(MergeMethod):
         """The quantiles' radix passes (the first also finds each row's divergence)."""
         return PASSES
 
+    # Each compute worker's four int32 histograms for the native first pass (4 MiB in all), made once per merge.
+    _histograms: dict[int, torch.Tensor] | None = None
     # Every tensor's codes, in turn (one at a time: a tensor's statistics end with its kernel): made once, at the
     # size of the largest tensor's, up to CODED.
     _codes: torch.Tensor | None = None
@@ -150,12 +165,17 @@ class ArceeFusion(MergeMethod):
         width = statistics.width
         first = statistics.row * width  # the chunk's first element in the tensor
         coded = min(max(statistics.codes.numel() - first, 0), other.numel())  # of the chunk's, whole rows
+        compiled = _compiled(other, base)
 
         def importances(part: int, first_row: int, last_row: int) -> Tally:
             """The importances of rows ``first_row`` to ``last_row`` of the chunk, tallied."""
             found: Tally = {}
             begin, end = first_row * width, last_row * width
             mid = min(max(coded, begin), end)  # coded before, not after
+            if statistics.passes == 0 and compiled is not None:
+                self._native_first_pass(compiled, statistics, other[begin:end], base[begin:end], first + begin,
+                                        mid - begin, found)
+                return found
             if statistics.passes == 0:
                 step = max(1, SLICE // width) * width
                 for start in range(begin, end, step):
@@ -163,6 +183,10 @@ class ArceeFusion(MergeMethod):
                     self._first_pass(statistics, other[start:stop], base[start:stop], first + start,
                                      min(max(mid - start, 0), stop - start), found)
                 statistics.quantiles.tally_codes(statistics.codes[first + begin : first + mid], found)
+                return found
+            if compiled is not None:
+                self._native_later_pass(compiled, statistics, other[begin:end], base[begin:end], first + begin,
+                                        mid - begin, found)
                 return found
             step = max(1, PICK // width) * width
             for start in range(begin, mid, step):
@@ -176,6 +200,70 @@ class ArceeFusion(MergeMethod):
             statistics.quantiles.add(tally)
         statistics.row += other.numel() // width
         return statistics
+
+    def _native_first_pass(self, compiled: Any, statistics: Fusion, other: torch.Tensor, base: torch.Tensor,
+                           first: int, coded: int, found: Tally) -> None:
+        """The first pass over whole rows in one compiled loop a row (:mod:`hub_soup.native`): their divergences,
+        the first ``coded`` elements' codes kept, every code counted into ``found``."""
+        import ctypes
+
+        import torch
+
+        width = statistics.width
+        counts = found.setdefault(0, torch.zeros(1 << WIDTH, dtype=torch.int64))
+        assert isinstance(counts, torch.Tensor)
+        xs, bs = self.workspace("native rows", other[:width], 2, torch.float64)
+        (spare,) = self.workspace("native spare", other[:width], 1, torch.int16)
+        if self._histograms is None:
+            self._histograms = {}
+        histograms = self._histograms.setdefault(current_part(), torch.empty(4 << WIDTH, dtype=torch.int32))
+        step = max(1, NATIVE_ELEMENTS // width) * width
+        for start in range(0, other.numel(), step):
+            stop = min(start + step, other.numel())
+            row = (first + start) // width
+            compiled.arcee_first_pass(
+                _pointer(other[start:stop]), _pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
+                ctypes.c_int64(width), _pointer(statistics.divergence[row:]),
+                _pointer(statistics.codes[first + start :]), ctypes.c_int64(max(0, coded - start)), _pointer(spare),
+                _pointer(counts), _pointer(xs), _pointer(bs), _pointer(histograms))
+
+    def _native_later_pass(self, compiled: Any, statistics: Fusion, other: torch.Tensor, base: torch.Tensor,
+                           first: int, coded: int, found: Tally) -> None:
+        """A later pass over whole rows in compiled loops: the importances of the elements whose codes (kept for
+        the first ``coded``, else recomputed) begin a rank's prefix, gathered up to :data:`PICK` at a time and
+        tallied together (a tally costs the same few histograms however many it counts)."""
+        import ctypes
+
+        import torch
+
+        width = statistics.width
+        tops = statistics.quantiles.tops()
+        assert 0 < len(tops) <= 4, tops  # three ranks
+        wanted = (ctypes.c_int16 * len(tops))(*tops)
+        step = max(1, PICK // 4 // width) * width
+        (picked,) = self.workspace("native picked", other[: max(PICK, step)], 1, torch.float64)
+        scratch, _ = self.workspace("native rows", other[:width], 2, torch.float64)  # the first pass's
+        (marks,) = self.workspace("native marks", other[:width], 1, torch.int32)
+        filled = 0
+
+        def tally() -> None:
+            importance = picked[:filled]
+            statistics.quantiles.tally(importance, found, unsigned=bool(importance.view(torch.int64).min() >= 0))
+
+        starts = [(start, min(start + step, coded), True) for start in range(0, coded, step)]
+        starts += [(start, min(start + step, other.numel()), False) for start in range(coded, other.numel(), step)]
+        for start, stop, with_codes in starts:
+            if filled + stop - start > picked.numel():
+                tally()
+                filled = 0
+            row = (first + start) // width
+            filled += compiled.arcee_candidates(
+                _pointer(other[start:stop]), _pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
+                ctypes.c_int64(width), _pointer(statistics.divergence[row:]),
+                _pointer(statistics.codes[first + start :]) if with_codes else None, wanted,
+                ctypes.c_int64(len(tops)), _pointer(picked[filled:]), _pointer(scratch), _pointer(marks))
+        if filled:
+            tally()
 
     def _first_pass(self, statistics: Fusion, other: torch.Tensor, base: torch.Tensor, first: int, coded: int,
                     found: Tally) -> None:
@@ -249,6 +337,15 @@ class ArceeFusion(MergeMethod):
         assert base is not None
         fusion: Fusion = statistics
         (other,) = parts
+        compiled = _compiled(other, base)
+        if compiled is not None and acc.device.type == "cpu":
+            import ctypes
+
+            compiled.arcee_kernel(
+                _pointer(other), _pointer(base), ctypes.c_int64(acc.numel() // fusion.width),
+                ctypes.c_int64(fusion.width), _pointer(fusion.divergence[offset // fusion.width :]),
+                ctypes.c_double(fusion.threshold), _pointer(acc))
+            return
         change = acc.view(-1, fusion.width)
         wide = scratch.view(-1, fusion.width)
         change.copy_(other.view(-1, fusion.width)).sub_(wide.copy_(base.view(-1, fusion.width)))
@@ -258,3 +355,27 @@ class ArceeFusion(MergeMethod):
         importance = keep.view_as(change).copy_(change).abs_().mul_(divergence)
         importance.ge_(self.scalars([fusion.threshold], importance)[0])  # 1.0 where kept, else 0.0
         change.mul_(importance).add_(wide)
+
+
+def _compiled(other: torch.Tensor, base: torch.Tensor) -> Any:
+    """The compiled loops (:mod:`hub_soup.native`) where they apply to these chunks (bfloat16, on the CPU,
+    contiguous), else ``None``: torch computes."""
+    import torch
+
+    if other.dtype != torch.bfloat16 or base.dtype != torch.bfloat16 or other.device.type != "cpu":
+        return None
+    if not (other.is_contiguous() and base.is_contiguous()):
+        return None
+    compiled = native.library("arcee_fusion")
+    if compiled is not None:
+        import ctypes
+
+        compiled.arcee_candidates.restype = ctypes.c_int64
+    return compiled
+
+
+def _pointer(tensor: torch.Tensor) -> Any:
+    """A contiguous CPU tensor's first element's address, for a compiled loop."""
+    import ctypes
+
+    return ctypes.c_void_p(tensor.data_ptr())
