@@ -26,10 +26,13 @@ static inline double widen(uint16_t bits) {
 
 /* KL(softmax(x) + FLOOR || softmax(b) + FLOOR) of one row; xs and bs are width doubles of scratch each. */
 static double divergence(const uint16_t *x, const uint16_t *b, int64_t width, double *xs, double *bs) {
-    double top_x = -INFINITY, top_b = -INFINITY;
     for (int64_t j = 0; j < width; j++) {
         xs[j] = widen(x[j]);
         bs[j] = widen(b[j]);
+    }
+    double top_x = -INFINITY, top_b = -INFINITY;
+#pragma omp simd reduction(max : top_x, top_b)
+    for (int64_t j = 0; j < width; j++) {
         top_x = xs[j] > top_x ? xs[j] : top_x;
         top_b = bs[j] > top_b ? bs[j] : top_b;
     }
