@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hub_soup import native
-from hub_soup.merging.methods import MergedTensor, arcee_fusion, get_method
+from hub_soup.merging.methods import MergedTensor, arcee_fusion, get_method, order
 from hub_soup.merging.methods.order import OrderStatistics
 
 BF16 = torch.bfloat16
@@ -84,6 +84,33 @@ def test_first_pass_codes_and_counts_are_the_torch_paths(
     assert torch.equal(native_pass.codes, codes[: coded_rows * width])
     counted = OrderStatistics([0]).tally_codes(codes)[0]
     assert torch.equal(native_pass.quantiles._counts[0], counted)
+
+
+@pytest.mark.parametrize("gather", [None, 0])
+@pytest.mark.parametrize("coded_rows", [120, 0, 47])
+def test_the_quantiles_are_the_sorted_importances(
+    compiled: object, monkeypatch: pytest.MonkeyPatch, coded_rows: int, gather: int | None
+) -> None:
+    """Every pass compiled, a tensor fed in chunks of rows: the three quantiles are exactly the sorted
+    importances' elements at their ranks (the importances from the divergences the first pass found), whether
+    the later passes pick by the kept codes, recompute, or both, and whether they gather keys or count digits."""
+    monkeypatch.setattr(arcee_fusion, "CODED", coded_rows * 30)
+    if gather is not None:
+        monkeypatch.setattr(order, "GATHER", gather)
+    rows, width = 120, 30
+    base, tuned = _rows(rows, width, seed=coded_rows)
+    method = get_method("arcee_fusion")()
+    tensor = MergedTensor("w", rows * width, torch.float64, (rows, width))
+    statistics = method.start_statistics(tensor)
+    while not statistics.quantiles.done:
+        for start in range(0, rows * width, 13 * width):
+            end = min(start + 13 * width, rows * width)
+            statistics = method.observe(statistics, [tuned[start:end]], base[start:end])
+        statistics = method.finish_statistics(statistics, tensor)
+    importance = (tuned.double() - base.double()).abs().view(rows, width) * statistics.divergence
+    ordered = importance.reshape(-1).sort().values
+    ranks = [int(q * (rows * width - 1)) for q in arcee_fusion.QUANTILES]
+    assert statistics.quantiles.values == [float(ordered[rank]) for rank in ranks]
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.3, 0.9, 1.0])

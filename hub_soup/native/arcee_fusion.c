@@ -98,43 +98,65 @@ void arcee_kernel(const uint16_t *x, const uint16_t *b, int64_t rows, int64_t wi
     }
 }
 
-/* A later pass's candidates among `rows` rows: the importance of each element whose code is one of the `count`
- * `tops` (the codes the ranks' prefixes begin with, at most 4), written to `out` in order; returns how many. The
- * codes are `codes`' where the first pass kept them (each candidate's importance then computed alone), else
- * (`codes` NULL) each importance's own. `scratch`: width doubles; `marks`: width int32. A row's codes are
- * compared in vector lanes, then the candidates' positions packed without branches. */
-int64_t arcee_candidates(const uint16_t *x, const uint16_t *b, int64_t rows, int64_t width, const double *divergences,
-                         const int16_t *codes, const int16_t *tops, int64_t count, double *out, double *scratch,
-                         int32_t *marks) {
+/* Count or gather one key (see arcee_later_pass). */
+static inline void tally_key(int64_t key, const int64_t *prefixes, int64_t count, int shift, int64_t *counts,
+                             int64_t **keys, int64_t *filled) {
+    int64_t high = key >> (shift + 16);
+    for (int64_t k = 0; k < count; k++) {
+        if (high != prefixes[k]) continue;
+        if (counts)
+            counts[k * BINS + ((key >> shift) & (BINS - 1))]++;
+        else
+            keys[k][filled[k]++] = key;
+    }
+}
+
+/* A later pass over `rows` rows: each element whose code is one of the `tops` (the codes the ranks' prefixes
+ * begin with, at most 4) has its importance computed and its order-preserving key tallied against the
+ * `count` `prefixes` (OrderStatistics.digit): where the key's bits above `shift + 16` are a prefix, the 16
+ * bits above `shift` are counted into that prefix's histogram (`counts`: count * BINS int64), or, gathering
+ * (`counts` NULL), the key is appended to that prefix's keys (`keys`: count arrays, `filled`: how many each
+ * holds; the caller leaves room for every element of the call). The codes are `codes`' where the first pass kept them (each candidate's importance
+ * then computed alone), else (`codes` NULL) each importance's own. `scratch`: width doubles; `marks`: width
+ * int32. A row's codes are compared in vector lanes, then the candidates' positions packed without branches. */
+void arcee_later_pass(const uint16_t *x, const uint16_t *b, int64_t rows, int64_t width, const double *divergences,
+                      const int16_t *codes, const int16_t *tops, int64_t top_count, const int64_t *prefixes,
+                      int64_t count, int64_t shift, int64_t *counts, int64_t **keys, int64_t *filled,
+                      double *scratch, int32_t *marks) {
     int16_t t[4];
-    for (int i = 0; i < 4; i++) t[i] = tops[i < count ? i : count - 1];
-    int64_t found = 0;
+    for (int i = 0; i < 4; i++) t[i] = tops[i < top_count ? i : top_count - 1];
     for (int64_t row = 0; row < rows; row++) {
         double d = divergences[row];
         const uint16_t *xr = x + row * width, *br = b + row * width;
+        int64_t picked = 0;
         if (codes) {
             const int16_t *cr = codes + row * width;
             for (int64_t j = 0; j < width; j++)
                 marks[j] = (cr[j] == t[0]) | (cr[j] == t[1]) | (cr[j] == t[2]) | (cr[j] == t[3]);
-            int64_t picked = 0;
             for (int64_t j = 0; j < width; j++) {  /* in place: a mark is read before its slot is written */
                 int32_t mark = marks[j];
                 marks[picked] = (int32_t)j;
                 picked += mark;
             }
             for (int64_t k = 0; k < picked; k++)
-                out[found++] = fabs(widen(xr[marks[k]]) - widen(br[marks[k]])) * d;
+                scratch[k] = fabs(widen(xr[marks[k]]) - widen(br[marks[k]])) * d;
         } else {
             for (int64_t j = 0; j < width; j++) {
-                scratch[j] = fabs(widen(xr[j]) - widen(br[j])) * d;
-                int16_t code = code_of(scratch[j]);
+                double importance = fabs(widen(xr[j]) - widen(br[j])) * d;
+                int16_t code = code_of(importance);
                 marks[j] = (code == t[0]) | (code == t[1]) | (code == t[2]) | (code == t[3]);
+                scratch[j] = importance;
             }
-            for (int64_t j = 0; j < width; j++) {
-                out[found] = scratch[j];
-                found += marks[j];
+            for (int64_t j = 0; j < width; j++) {  /* in place, as above */
+                int32_t mark = marks[j];
+                scratch[picked] = scratch[j];
+                picked += mark;
             }
         }
+        for (int64_t k = 0; k < picked; k++) {
+            int64_t bits;
+            memcpy(&bits, &scratch[k], sizeof bits);
+            tally_key(bits ^ ((bits >> 63) & INT64_MAX), prefixes, count, (int)shift, counts, keys, filled);
+        }
     }
-    return found;
 }

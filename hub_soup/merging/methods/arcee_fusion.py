@@ -229,41 +229,54 @@ class ArceeFusion(MergeMethod):
 
     def _native_later_pass(self, compiled: Any, statistics: Fusion, other: torch.Tensor, base: torch.Tensor,
                            first: int, coded: int, found: Tally) -> None:
-        """A later pass over whole rows in compiled loops: the importances of the elements whose codes (kept for
-        the first ``coded``, else recomputed) begin a rank's prefix, gathered up to :data:`PICK` at a time and
-        tallied together (a tally costs the same few histograms however many it counts)."""
+        """A later pass over whole rows in compiled loops: the elements whose codes (kept for the first ``coded``,
+        else recomputed) begin a rank's prefix have their importances' keys counted, or gathered (up to
+        :data:`PICK` a prefix at a time), into ``found``, as :meth:`OrderStatistics.tally` would."""
         import ctypes
 
         import torch
 
         width = statistics.width
         tops = statistics.quantiles.tops()
-        assert 0 < len(tops) <= 4, tops  # three ranks
+        prefixes, shift, gathering = statistics.quantiles.digit()
+        assert 0 < len(tops) <= 4 and len(prefixes) <= 4, prefixes  # three ranks
         wanted = (ctypes.c_int16 * len(tops))(*tops)
+        looked_for = (ctypes.c_int64 * len(prefixes))(*prefixes)
         step = max(1, PICK // 4 // width) * width
-        (picked,) = self.workspace("native picked", other[: max(PICK, step)], 1, torch.float64)
+        room = min(other.numel(), max(PICK // 4, step))  # a prefix's keys gathered at most before handed over
+        filled = (ctypes.c_int64 * len(prefixes))()
+        keys: list[torch.Tensor] = []
+        counts = None
+        if gathering:
+            keys = self.workspace("native keys", other[:room], len(prefixes), torch.int64)
+        else:
+            counts = torch.zeros(len(prefixes), 1 << WIDTH, dtype=torch.int64)
+            found.update(zip(prefixes, counts))
+        rooms = (ctypes.c_void_p * len(prefixes))(*(key.data_ptr() for key in keys)) if keys else None
         scratch, _ = self.workspace("native rows", other[:width], 2, torch.float64)  # the first pass's
         (marks,) = self.workspace("native marks", other[:width], 1, torch.int32)
-        filled = 0
 
-        def tally() -> None:
-            importance = picked[:filled]
-            statistics.quantiles.tally(importance, found, unsigned=bool(importance.view(torch.int64).min() >= 0))
+        def gathered() -> None:
+            """The keys gathered so far handed to ``found``, their room emptied."""
+            for k, prefix in enumerate(prefixes):
+                if filled[k]:
+                    found.setdefault(prefix, []).append(keys[k][: filled[k]].clone())  # type: ignore[union-attr]
+                filled[k] = 0
 
         starts = [(start, min(start + step, coded), True) for start in range(0, coded, step)]
         starts += [(start, min(start + step, other.numel()), False) for start in range(coded, other.numel(), step)]
         for start, stop, with_codes in starts:
-            if filled + stop - start > picked.numel():
-                tally()
-                filled = 0
+            if gathering and max(filled) + stop - start > room:
+                gathered()
             row = (first + start) // width
-            filled += compiled.arcee_candidates(
+            compiled.arcee_later_pass(
                 _pointer(other[start:stop]), _pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
                 ctypes.c_int64(width), _pointer(statistics.divergence[row:]),
                 _pointer(statistics.codes[first + start :]) if with_codes else None, wanted,
-                ctypes.c_int64(len(tops)), _pointer(picked[filled:]), _pointer(scratch), _pointer(marks))
-        if filled:
-            tally()
+                ctypes.c_int64(len(tops)), looked_for, ctypes.c_int64(len(prefixes)), ctypes.c_int64(shift),
+                None if counts is None else _pointer(counts), rooms, filled, _pointer(scratch), _pointer(marks))
+        if gathering:
+            gathered()
 
     def _first_pass(self, statistics: Fusion, other: torch.Tensor, base: torch.Tensor, first: int, coded: int,
                     found: Tally) -> None:
@@ -366,12 +379,7 @@ def _compiled(other: torch.Tensor, base: torch.Tensor) -> Any:
         return None
     if not (other.is_contiguous() and base.is_contiguous()):
         return None
-    compiled = native.library("arcee_fusion")
-    if compiled is not None:
-        import ctypes
-
-        compiled.arcee_candidates.restype = ctypes.c_int64
-    return compiled
+    return native.library("arcee_fusion")
 
 
 def _pointer(tensor: torch.Tensor) -> Any:

@@ -166,6 +166,13 @@ class OrderStatistics:
             found |= digits == top
         return np.flatnonzero(found)
 
+    def digit(self) -> tuple[list[int], int, bool]:
+        """What a pass after the first looks for, for a caller that tallies keys itself: the ranks' distinct
+        prefixes (ascending), the shift that brings a key's digit after its prefix to the lowest 16 bits (its
+        prefix: the bits above), and whether the pass gathers the keys that share a prefix (else it counts
+        their digits, a 65,536-bin histogram per prefix: the :data:`Tally` :meth:`add` takes either way)."""
+        return sorted(set(self._prefix)), 64 - WIDTH * (self._pass + 1), self._gathering
+
     def tops(self) -> list[int]:
         """The codes (:meth:`code`) the ranks' prefixes begin with, in a pass after the first: the values a later
         pass counts are among those with these codes."""
