@@ -57,8 +57,8 @@ FLOOR = 1e-8
 # Elements a statistics pass computes on at a time (whole rows of them): its float64 temporaries stay a few MiB.
 SLICE = 1 << 17
 # Elements a later pass picks its elements from at a time, by their codes (a few percent of them computed on): the
-# larger, the fewer calls into torch per element. Compiled, the most importances it gathers before tallying them
-# (8 MiB of float64 a worker).
+# larger, the fewer calls into torch per element. Compiled, a quarter of it is the most keys it gathers for a prefix
+# before handing them over (2 MiB of int64 a prefix and worker).
 PICK = 1 << 20
 QUANTILES = (0.25, 0.5, 0.75)
 # Elements of a tensor whose codes are kept (two bytes each: 64 MiB, made once per merge): every tensor of a 1.5B
@@ -137,7 +137,7 @@ class ArceeFusion(MergeMethod):
         """The quantiles' radix passes (the first also finds each row's divergence)."""
         return PASSES
 
-    # Each compute worker's four int32 histograms for the native first pass (4 MiB in all), made once per merge.
+    # Each compute worker's four int32 histograms for the compiled first pass (1 MiB each), made once per merge.
     _histograms: dict[int, torch.Tensor] | None = None
     # Every tensor's codes, in turn (one at a time: a tensor's statistics end with its kernel): made once, at the
     # size of the largest tensor's, up to CODED.
