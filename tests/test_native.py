@@ -1,5 +1,6 @@
 """The compiled loops (``hub_soup/native``): built here with the machine's C compiler, they must compute what the
-torch path computes, element for element, and only a row's divergence's last bits may differ.
+torch path computes, element for element; only sums (a row's divergence, a dot product) may differ in their
+last bits.
 
 Each comparison runs both paths on the same bfloat16 rows: special values (signed zeros, subnormals, the largest
 finite values, equal elements), widths of 1 to 1000 elements, rows coded and rows beyond the codes. Where no C
@@ -17,6 +18,7 @@ import torch
 
 from hub_soup import native
 from hub_soup.merging.methods import MergedTensor, arcee_fusion, get_method, order
+from hub_soup.merging.methods.angles import Gram
 from hub_soup.merging.methods.order import OrderStatistics
 
 BF16 = torch.bfloat16
@@ -29,7 +31,7 @@ def compiled(monkeypatch: pytest.MonkeyPatch) -> object:
         pytest.skip("no C compiler on this machine: the compiled loops are not built")
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.delenv(native.NATIVE_ENV, raising=False)
-    library = native.library("arcee_fusion")
+    library = native.library("arcee_fusion", vector_math=True)
     assert library is not None, "a C compiler is here, yet the loops were not built (see hub_soup.native's log)"
     return library
 
@@ -136,6 +138,28 @@ def test_the_kernel_is_the_torch_paths_bit_for_bit(compiled: object, monkeypatch
                           base=base[start:end], statistics=statistics, offset=start)
         soups.append(acc.view(torch.int64))
     assert torch.equal(soups[0], soups[1])
+
+
+@pytest.mark.parametrize("with_origin", [True, False])
+@pytest.mark.parametrize(("count", "length"), [(1, 5), (3, 2048), (4, 7001), (2, 300_001)])
+def test_the_gram_is_the_torch_paths_to_float64_rounding(
+    compiled: object, monkeypatch: pytest.MonkeyPatch, count: int, length: int, with_origin: bool
+) -> None:
+    """Dot products of bfloat16 task vectors (or the vectors themselves) over pieces, spans and their remainders:
+    within float64 rounding of the torch path's (the same products, summed in another order)."""
+    generator = torch.Generator().manual_seed(count * length)
+    origin = torch.randn(length, generator=generator).to(BF16)
+    vectors = [(origin.float() + 0.01 * torch.randn(length, generator=generator)).to(BF16) for _ in range(count)]
+    method = get_method("model_stock")()
+    native_gram = Gram(count, method.workspace).add(vectors, origin if with_origin else None)
+    _torch_path(monkeypatch)
+    monkeypatch.setitem(native._loaded, "gram", None)
+    torch_gram = Gram(count, method.workspace).add(vectors, origin if with_origin else None)
+    wide = [v.double() - (origin.double() if with_origin else 0.0) for v in vectors]
+    for i in range(count):
+        for j in range(i, count):
+            scale = float((wide[i].abs() * wide[j].abs()).sum())
+            assert abs(native_gram.dot(i, j) - torch_gram.dot(i, j)) <= 1e-13 * scale, (i, j)
 
 
 def test_without_a_usable_compiler_torch_computes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

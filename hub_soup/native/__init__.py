@@ -3,16 +3,19 @@
 A method whose time goes into per-element transcendental functions (arcee_fusion's two float64
 softmaxes and a logarithm per element) spends most of it, in eager torch, on passes over memory
 between ops: fifteen ops a slice, each reading and writing the slice. Fused into one loop per row,
-with glibc's vector ``exp`` and ``log`` (libmvec), the same float64 arithmetic costs a third.
+with glibc's vector ``exp`` and ``log`` (libmvec), the same float64 arithmetic costs a third. The
+dot products behind angles between whole tensors (model_stock's, slerp's) widen each bfloat16
+piece into float64 rows, subtract and call BLAS once per pair: in one loop, a few thousand
+elements at a time, they stay in the first-level cache.
 
 The C source ships in this package. :func:`library` compiles it once per machine with the C
 compiler found (``$CC``, else ``cc``, else ``gcc``) for this CPU (``-march=native``), into
 ``$HUB_SOUP_CACHE`` (else ``$XDG_CACHE_HOME/hub-soup``, else ``~/.cache/hub-soup``), keyed by the
 source, the flags, the compiler's version and the CPU's features, so a cache shared between
 machines never hands one the other's instructions. It returns ``None``, and the caller computes
-with torch, where there is no compiler, where compiling or loading fails, where the compiler did
-not turn ``exp`` and ``log`` into vector calls (a scalar loop would be slower than torch), or where
-``$HUB_SOUP_NATIVE`` is ``0``. Nothing here changes a result's definition: every element's
+with torch, where there is no compiler, where compiling or loading fails, where loops that call
+``exp`` and ``log`` did not get vector calls for them (scalar, they would be slower than torch), or
+where ``$HUB_SOUP_NATIVE`` is ``0``. Nothing here changes a result's definition: every element's
 arithmetic is the same IEEE float64 as the torch path's, and sums over a row are float64 in
 another order (see the method's documentation for what that can change).
 """
@@ -51,11 +54,12 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """``name``.c of this package compiled and loaded (once per process), or ``None`` (see the module docstring)."""
+def library(name: str, *, vector_math: bool = False) -> ctypes.CDLL | None:
+    """``name``.c of this package compiled and loaded (once per process), or ``None`` (see the module docstring).
+    ``vector_math``: its loops call ``exp`` and ``log``, and are of no use unless those became vector calls."""
     with _lock:
         if name not in _loaded:
-            _loaded[name] = _load(name) if os.environ.get(NATIVE_ENV, "1").strip() != "0" else None
+            _loaded[name] = _load(name, vector_math) if os.environ.get(NATIVE_ENV, "1").strip() != "0" else None
         return _loaded[name]
 
 
@@ -67,7 +71,7 @@ def cache_dir() -> Path:
     return Path(base) / "hub-soup"
 
 
-def _load(name: str) -> ctypes.CDLL | None:
+def _load(name: str, vector_math: bool) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or platform.system() != "Linux":
         logger.debug("native %s: no C compiler (or not Linux); computing with torch", name)
@@ -79,7 +83,7 @@ def _load(name: str) -> ctypes.CDLL | None:
         path = cache_dir() / "native" / f"{name}-{key.hexdigest()[:16]}.so"
         if not path.exists():
             _compile(compiler, source, path)
-        if VECTOR_CALLS not in path.read_bytes():
+        if vector_math and VECTOR_CALLS not in path.read_bytes():
             logger.debug("native %s: %s made scalar exp and log; computing with torch", name, compiler)
             return None
         return ctypes.CDLL(str(path))

@@ -379,7 +379,7 @@ def _compiled(other: torch.Tensor, base: torch.Tensor) -> Any:
         return None
     if not (other.is_contiguous() and base.is_contiguous()):
         return None
-    return native.library("arcee_fusion")
+    return native.library("arcee_fusion", vector_math=True)
 
 
 def _pointer(tensor: torch.Tensor) -> Any:
