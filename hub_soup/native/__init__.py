@@ -31,8 +31,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,21 @@ def library(name: str, *, vector_math: bool = False) -> ctypes.CDLL | None:
         if name not in _loaded:
             _loaded[name] = _load(name, vector_math) if os.environ.get(NATIVE_ENV, "1").strip() != "0" else None
         return _loaded[name]
+
+
+def for_tensors(name: str, tensors: Sequence[torch.Tensor], *, vector_math: bool = False) -> ctypes.CDLL | None:
+    """:func:`library` ``name`` where its loops can read ``tensors`` (every one bfloat16, on the CPU and
+    contiguous), else ``None``: the caller computes with torch."""
+    import torch
+
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    return library(name, vector_math=vector_math)
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    """A contiguous CPU tensor's first element's address, for a compiled loop."""
+    return ctypes.c_void_p(tensor.data_ptr())
 
 
 def cache_dir() -> Path:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hub_soup import native
+from hub_soup.native import pointer
 from hub_soup.threads import in_blocks
 
 if TYPE_CHECKING:
@@ -64,15 +65,15 @@ class Gram:
         import torch
 
         *wide, widened = self._workspace("gram", flat[0][begin:end], self.count + 1, torch.float64)
-        compiled = _compiled([*flat, *([] if base is None else [base])])
+        compiled = native.for_tensors("gram", [*flat, *([] if base is None else [base])])
         if compiled is not None:
             import ctypes
 
             pairs = (ctypes.c_double * (self.count * (self.count + 1) // 2))()
             compiled.gram_bf16(
                 (ctypes.c_void_p * self.count)(*(vector[begin:end].data_ptr() for vector in flat)),
-                None if base is None else ctypes.c_void_p(base[begin:end].data_ptr()), ctypes.c_int64(self.count),
-                ctypes.c_int64(end - begin), pairs, ctypes.c_void_p(wide[0].data_ptr()),
+                None if base is None else pointer(base[begin:end]), ctypes.c_int64(self.count),
+                ctypes.c_int64(end - begin), pairs, pointer(wide[0]),
                 ctypes.c_int64((widened.data_ptr() - wide[0].data_ptr()) // (8 * self.count)))  # the rows' stride
             found = iter(pairs)
             return [[next(found) for _ in range(i, self.count)] for i in range(self.count)]
@@ -106,12 +107,3 @@ def arc_coefficients(t: float, cosine: float) -> tuple[float, float]:
     omega = math.acos(cosine)
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
-
-def _compiled(tensors: Sequence[torch.Tensor]) -> Any:
-    """The compiled Gram loop (:mod:`hub_soup.native`) where it applies to these pieces (bfloat16, on the CPU,
-    contiguous), else ``None``: torch computes."""
-    import torch
-
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return None
-    return native.library("gram")

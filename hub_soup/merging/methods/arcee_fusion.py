@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from hub_soup import native
 from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.methods.order import PASSES, WIDTH, OrderStatistics, Tally
+from hub_soup.native import pointer
 from hub_soup.threads import current_part, in_parts
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ class ArceeFusion(MergeMethod):
         width = statistics.width
         first = statistics.row * width  # the chunk's first element in the tensor
         coded = min(max(statistics.codes.numel() - first, 0), other.numel())  # of the chunk's, whole rows
-        compiled = _compiled(other, base)
+        compiled = native.for_tensors("arcee_fusion", [other, base], vector_math=True)
 
         def importances(part: int, first_row: int, last_row: int) -> Tally:
             """The importances of rows ``first_row`` to ``last_row`` of the chunk, tallied."""
@@ -222,10 +223,10 @@ class ArceeFusion(MergeMethod):
             stop = min(start + step, other.numel())
             row = (first + start) // width
             compiled.arcee_first_pass(
-                _pointer(other[start:stop]), _pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
-                ctypes.c_int64(width), _pointer(statistics.divergence[row:]),
-                _pointer(statistics.codes[first + start :]), ctypes.c_int64(max(0, coded - start)), _pointer(spare),
-                _pointer(counts), _pointer(xs), _pointer(bs), _pointer(histograms))
+                pointer(other[start:stop]), pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
+                ctypes.c_int64(width), pointer(statistics.divergence[row:]),
+                pointer(statistics.codes[first + start :]), ctypes.c_int64(max(0, coded - start)), pointer(spare),
+                pointer(counts), pointer(xs), pointer(bs), pointer(histograms))
 
     def _native_later_pass(self, compiled: Any, statistics: Fusion, other: torch.Tensor, base: torch.Tensor,
                            first: int, coded: int, found: Tally) -> None:
@@ -270,11 +271,11 @@ class ArceeFusion(MergeMethod):
                 gathered()
             row = (first + start) // width
             compiled.arcee_later_pass(
-                _pointer(other[start:stop]), _pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
-                ctypes.c_int64(width), _pointer(statistics.divergence[row:]),
-                _pointer(statistics.codes[first + start :]) if with_codes else None, wanted,
+                pointer(other[start:stop]), pointer(base[start:stop]), ctypes.c_int64((stop - start) // width),
+                ctypes.c_int64(width), pointer(statistics.divergence[row:]),
+                pointer(statistics.codes[first + start :]) if with_codes else None, wanted,
                 ctypes.c_int64(len(tops)), looked_for, ctypes.c_int64(len(prefixes)), ctypes.c_int64(shift),
-                None if counts is None else _pointer(counts), rooms, filled, _pointer(scratch), _pointer(marks))
+                None if counts is None else pointer(counts), rooms, filled, pointer(scratch), pointer(marks))
         if gathering:
             gathered()
 
@@ -350,14 +351,14 @@ class ArceeFusion(MergeMethod):
         assert base is not None
         fusion: Fusion = statistics
         (other,) = parts
-        compiled = _compiled(other, base)
+        compiled = native.for_tensors("arcee_fusion", [other, base], vector_math=True)
         if compiled is not None and acc.device.type == "cpu":
             import ctypes
 
             compiled.arcee_kernel(
-                _pointer(other), _pointer(base), ctypes.c_int64(acc.numel() // fusion.width),
-                ctypes.c_int64(fusion.width), _pointer(fusion.divergence[offset // fusion.width :]),
-                ctypes.c_double(fusion.threshold), _pointer(acc))
+                pointer(other), pointer(base), ctypes.c_int64(acc.numel() // fusion.width),
+                ctypes.c_int64(fusion.width), pointer(fusion.divergence[offset // fusion.width :]),
+                ctypes.c_double(fusion.threshold), pointer(acc))
             return
         change = acc.view(-1, fusion.width)
         wide = scratch.view(-1, fusion.width)
@@ -369,21 +370,3 @@ class ArceeFusion(MergeMethod):
         importance.ge_(self.scalars([fusion.threshold], importance)[0])  # 1.0 where kept, else 0.0
         change.mul_(importance).add_(wide)
 
-
-def _compiled(other: torch.Tensor, base: torch.Tensor) -> Any:
-    """The compiled loops (:mod:`hub_soup.native`) where they apply to these chunks (bfloat16, on the CPU,
-    contiguous), else ``None``: torch computes."""
-    import torch
-
-    if other.dtype != torch.bfloat16 or base.dtype != torch.bfloat16 or other.device.type != "cpu":
-        return None
-    if not (other.is_contiguous() and base.is_contiguous()):
-        return None
-    return native.library("arcee_fusion", vector_math=True)
-
-
-def _pointer(tensor: torch.Tensor) -> Any:
-    """A contiguous CPU tensor's first element's address, for a compiled loop."""
-    import ctypes
-
-    return ctypes.c_void_p(tensor.data_ptr())
