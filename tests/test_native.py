@@ -17,23 +17,31 @@ import pytest
 import torch
 
 from hub_soup import native
-from hub_soup.merging.methods import MergedTensor, arcee_fusion, get_method, order
+from hub_soup.errors import NonFiniteSoupError
+from hub_soup.merging.methods import MergedTensor, MergeMethod, arcee_fusion, get_method, order
 from hub_soup.merging.methods.angles import Gram
 from hub_soup.merging.methods.order import OrderStatistics
+from hub_soup.native import elementwise
+from tests.method_checks import merge_both_ways
 
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> object:
-    """The compiled arcee_fusion loops, built afresh for the test (the process's cache of them emptied)."""
+def _built(monkeypatch: pytest.MonkeyPatch, name: str, vector_math: bool = False) -> object:
+    """The compiled loops of ``name``.c, built afresh for the test (the process's cache of them emptied)."""
     if not shutil.which("cc") and not shutil.which("gcc"):
         pytest.skip("no C compiler on this machine: the compiled loops are not built")
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.delenv(native.NATIVE_ENV, raising=False)
-    library = native.library("arcee_fusion", vector_math=True)
+    library = native.library(name, vector_math=vector_math)
     assert library is not None, "a C compiler is here, yet the loops were not built (see hub_soup.native's log)"
     return library
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The compiled arcee_fusion loops."""
+    return _built(monkeypatch, "arcee_fusion", vector_math=True)
 
 
 def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,6 +168,170 @@ def test_the_gram_is_the_torch_paths_to_float64_rounding(
         for j in range(i, count):
             scale = float((wide[i].abs() * wide[j].abs()).sum())
             assert abs(native_gram.dot(i, j) - torch_gram.dot(i, j)) <= 1e-13 * scale, (i, j)
+
+
+def _models(count: int, length: int, seed: int, largest: float = 3.0e38) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``count`` bfloat16 fine-tunes of a base, with signed zeros, subnormals, values of magnitude ``largest``
+    (by default about the largest finite), elements equal to the base's and an inf."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(length, generator=generator, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, largest, -largest, 2.0 ** -126], dtype=torch.float64)
+    tuned = []
+    for _ in range(count):
+        part = base + torch.randn(length, generator=generator, dtype=torch.float64) * 0.01
+        positions = torch.randperm(length - 64, generator=generator)[:12] + 64
+        part[positions[:7]] = special
+        part[positions[7:]] = base[positions[7:]]
+        part[:64] = -0.0  # every model -0.0 there: task vectors of signed zeros
+        part[64] = float("inf") if not tuned else part[64]  # carried as inf or nan
+        tuned.append(part.to(BF16))
+    base[torch.randperm(length - 64, generator=generator)[:7] + 64] = special
+    base[:64] = -0.0
+    return tuned, base.to(BF16)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same float64 values bit for bit, nan where the other is nan (whatever its payload)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int64), b[~nan].view(torch.int64))
+
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, method: MergeMethod, parts: list[torch.Tensor],
+                base: torch.Tensor | None, statistics: object = None, offset: int = 0) -> list[torch.Tensor]:
+    """``method``'s kernel over ``parts`` as one block, compiled and then with torch alone."""
+    soups = []
+    for path in ("compiled", "torch"):
+        if path == "torch":
+            monkeypatch.setitem(native._loaded, "elementwise", None)
+        acc = torch.full((parts[0].numel(),), float("nan"), dtype=torch.float64)
+        method.kernel(acc, parts, scratch=torch.empty_like(acc), base=base, statistics=statistics, offset=offset)
+        soups.append(acc)
+    return soups
+
+
+@pytest.fixture
+def elementwise_loops(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The compiled elementwise loops."""
+    return _built(monkeypatch, "elementwise")
+
+
+@pytest.mark.parametrize(("name", "parameters", "weights", "count", "with_base"), [
+    ("linear", {}, [1.0, 2.0, -0.5], 3, False),
+    ("linear", {"normalize": False}, [0.3, 0.3, 0.4], 3, False),
+    ("linear", {}, [0.7], 1, False),
+    ("task_arithmetic", {}, None, 3, True),
+    ("task_arithmetic", {"lambda": 0.7, "normalize": True}, [0.3, 1.0, 2.0], 3, True),
+    ("task_arithmetic", {}, [0.5, 0.5], 2, True),  # coefficients summing to 1: no base term
+    ("passthrough", {}, None, 1, False),
+    ("passthrough", {"scale": 0.37}, None, 1, False),
+])
+def test_weighted_sums_are_the_torch_paths_bit_for_bit(
+    elementwise_loops: object, monkeypatch: pytest.MonkeyPatch, name: str, parameters: dict[str, object],
+    weights: list[float] | None, count: int, with_base: bool,
+) -> None:
+    """linear's, task arithmetic's and passthrough's kernels on bfloat16 blocks (a span and a remainder long),
+    compiled and with torch: the same float64 bits, signed zeros, subnormals and the largest values included."""
+    parts, base = _models(count, 3001, seed=count)
+    method = get_method(name)(parameters, weights=weights)
+    compiled, torch_path = _both_paths(monkeypatch, method, parts, base if with_base else None)
+    assert _same_bits(compiled, torch_path)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize(("density", "rescale", "normalize", "lambda_"), [
+    (0.5, True, False, 1.0), (0.3, False, True, 0.6), (0.9, True, True, 1.0), (1.0, True, False, 1.3),
+    (1.0, False, True, 1.0),
+])
+def test_dare_is_the_torch_paths_bit_for_bit(
+    elementwise_loops: object, monkeypatch: pytest.MonkeyPatch, name: str, density: float, rescale: bool,
+    normalize: bool, lambda_: float,
+) -> None:
+    """DARE's kernel (masks, rescaling, sign election, normalising by the agreeing weights) compiled and with
+    torch: the same bits, from an offset past 2**31 (indices hashed as their low 32 bits), with weights of both
+    signs and one ingredient at its own density."""
+    parts, base = _models(3, 2500, seed=int(density * 10))
+    parameters = {"density": density, "rescale": rescale, "normalize": normalize, "lambda": lambda_, "seed": 5}
+    method = get_method(name)(parameters, weights=[1.0, 0.5, -0.25], ingredients=[{}, {"density": 0.2}, {}])
+    masks = method.start_statistics(MergedTensor("w", 1 << 32, torch.float64, (1 << 32,)))
+    for offset in (0, (1 << 31) - 1000):
+        compiled, torch_path = _both_paths(monkeypatch, method, parts, base, masks, offset)
+        assert _same_bits(compiled, torch_path), offset
+        monkeypatch.setattr(native, "_loaded", {})
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.0, 0.02])
+def test_ram_and_ramplus_are_the_torch_paths_bit_for_bit(
+    elementwise_loops: object, monkeypatch: pytest.MonkeyPatch, epsilon: float
+) -> None:
+    """RAM's and RAM+'s kernels (contributions above epsilon, their mean, a unique change scaled by its
+    ingredient's factor in a fused multiply-add as torch's ``addcmul_``) and RAM+'s counting pass, compiled and
+    with torch: the same bits and the same counts."""
+    parts, base = _models(3, 3001, seed=4)
+    tensor = MergedTensor("w", base.numel(), torch.float64, (base.numel(),))
+    counts = []
+    for path in ("compiled", "torch"):
+        if path == "torch":
+            monkeypatch.setitem(native._loaded, "elementwise", None)
+        counts.append(get_method("ramplus_tl")({"epsilon": epsilon}).observe(None, parts, base))
+    assert counts[0] == counts[1]
+    monkeypatch.setattr(native, "_loaded", {})
+    for name in ("ram", "ramplus_tl"):
+        method = get_method(name)({"epsilon": epsilon})
+        factors = method.finish_statistics(counts[0], tensor) if name == "ramplus_tl" else None
+        compiled, torch_path = _both_paths(monkeypatch, method, parts, base, factors)
+        assert _same_bits(compiled, torch_path), name
+        monkeypatch.setattr(native, "_loaded", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_narrowing_is_copy_s_bit_for_bit(elementwise_loops: object, dtype: torch.dtype) -> None:
+    """Rounding to bfloat16 as ``copy_`` rounds, from float32 and from float64 (whose values round twice, through
+    float32, as torch's do): every magnitude from subnormal to the largest finite, ties, signed zeros; and a
+    block holding inf or nan is said to."""
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(20_000, generator=generator, dtype=torch.float64) * torch.logspace(-44, 38, 20_000,
+                                                                                           dtype=torch.float64)
+    ties = 1.0 + (2 * torch.arange(500, dtype=torch.float64) + 1) * 2.0 ** -8  # halfway between bfloat16 values
+    values = torch.cat([values, ties, ties + 2.0 ** -40, -ties, torch.tensor([0.0, -0.0, 3.3e38, -3.3e38])])
+    value = values.to(dtype)
+    out = torch.empty(value.numel(), dtype=BF16)
+    assert elementwise.narrow(out, value) is True
+    assert torch.equal(out.view(torch.int16), value.to(BF16).view(torch.int16))
+    for special in (float("inf"), float("nan")):
+        value[77] = special
+        assert elementwise.narrow(out, value) is False
+
+
+@pytest.mark.parametrize(("name", "parameters", "weights"), [
+    ("linear", {}, [1.0, 2.0, 0.5]), ("task_arithmetic", {"lambda": 0.8}, None),
+    ("dare_ties", {"density": 0.4, "seed": 3}, None), ("dare_linear", {"density": 0.6, "seed": 3}, None),
+])
+def test_a_streamed_soup_is_the_same_compiled_or_not(
+    elementwise_loops: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+    parameters: dict[str, object], weights: list[float] | None,
+) -> None:
+    """Whole merges through the engine (chunks, blocks, rounding to bfloat16): the same soup with the compiled
+    loops as with torch alone; and values beyond bfloat16's range stop the merge either way."""
+    method = get_method(name)
+    soups = []
+    for path in ("compiled", "torch", "overflowing"):
+        if path == "torch":
+            monkeypatch.setitem(native._loaded, "elementwise", None)
+        elif path == "overflowing":
+            monkeypatch.setattr(native, "_loaded", {})
+        parts, base = _models(3, 64 * 50, seed=9, largest=3.0e38 if path == "overflowing" else 1e30)
+        base[0] = parts[0][0] = -3.3e38 if path == "overflowing" else base[0]  # a change of 0 at the extreme
+        states = [{"w": part.view(64, 50), "b": part[:50].clone()} for part in parts]
+        base_state = {"w": base.view(64, 50), "b": base[:50].clone()} if name != "linear" else None
+        (tmp_path / path).mkdir()
+        if path == "overflowing":
+            overflowing = method({**parameters, "normalize": False}, weights=[4.0, 4.0, 4.0])
+            with pytest.raises(NonFiniteSoupError, match="overflows? bfloat16"):
+                merge_both_ways(tmp_path / path, states, overflowing, base_state)
+        else:
+            soups.append(merge_both_ways(tmp_path / path, states, method(parameters, weights=weights), base_state))
+    for key, tensor in soups[0].items():
+        assert torch.equal(tensor.view(torch.int16), soups[1][key].view(torch.int16)), key
 
 
 def test_without_a_usable_compiler_torch_computes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,7 @@ from hub_soup.io.safetensors_io import TensorMeta
 from hub_soup.merging.methods import MergedTensor, MergeMethod
 from hub_soup.merging.plan import Input, MergePlan, TensorPlan
 from hub_soup.merging.similarity import GramAccumulator
+from hub_soup.native import elementwise
 from hub_soup.threads import compute_workers, current_part, in_blocks, merge_threads, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -433,8 +434,11 @@ def _merge_chunks(
             statistics=statistics, offset=offset + start,
         )
         block = soup[start:end]
-        block.copy_(acc)  # the one rounding to the output dtype; copy_ crosses devices
-        _check_finite(block, acc, parts, found)
+        # the one rounding to the output dtype: a compiled loop rounds a bfloat16 block as copy_ does, and tells
+        # whether every result is finite; copy_ (across devices too) and the check where it cannot, or some is not
+        if not elementwise.narrow(block, acc):
+            block.copy_(acc)
+            _check_finite(block, acc, parts, found)
 
     in_blocks(soup.numel(), buffers[0][0].numel(), merge_block)
 

@@ -2,7 +2,9 @@
 
 Nothing here depends on where a tensor is cut or on the CPU's vector width, so a
 kernel built from these steps gives the same bits block by block as on a whole
-tensor. Tensor methods only: importing this imports no torch.
+tensor. Tensor methods only: importing this imports no torch. :func:`combination_`'s
+weighted sums of bfloat16 inputs run in a compiled loop where one is built
+(:mod:`hub_soup.native.elementwise`), the same steps in the same order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from hub_soup.native import elementwise
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +84,8 @@ def combination_(
         return
     rest = 1.0 - math.fsum(coefficients)
     values = [*coefficients, rest] if base is not None and rest != 0 else list(coefficients)
+    if elementwise.weighted_sum(acc, [*parts, base] if len(values) > len(parts) else parts, values):  # type: ignore[list-item]
+        return
     weights = scalars(values, acc)
     for i, (part, weight) in enumerate(zip(parts, weights)):
         weighted_sum_(acc, part, weight, scratch, first=i == 0)

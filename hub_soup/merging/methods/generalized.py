@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 from hub_soup.merging.methods import MergedTensor, MergeMethod, NoParameters
 from hub_soup.merging.methods.arithmetic import sum_
 from hub_soup.merging.methods.sparsify import DROP, MagnitudeThresholds, RandomMasks, delta_, radix_passes
+from hub_soup.native import elementwise
 
 if TYPE_CHECKING:
     import torch
@@ -162,9 +163,27 @@ class GeneralizedTaskArithmetic(MergeMethod):
         assert base is not None
         count = len(parts)
         weights = self.weights_for(count)
+        if isinstance(statistics, RandomMasks) and self._compiled_random(acc, parts, base, weights, statistics, offset):
+            return
         deltas = self.workspace("deltas", acc, count)
         self._sparse_weighted_deltas(deltas, parts, base, weights, scratch, statistics, offset)
         self.mix_(acc, deltas, weights, scratch, base)
+
+    def _compiled_random(self, acc: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor,
+                         weights: list[float], masks: RandomMasks, offset: int) -> bool:
+        """The kernel with DARE's masks as one compiled loop (:func:`hub_soup.native.elementwise.dare`: the same
+        steps as :meth:`_sparse_weighted_deltas` and :meth:`mix_`, bit for bit); whether it ran."""
+        parameters = self.parameters
+        densities = self.densities(len(parts))
+        masked = min(densities) < 1
+        total = math.fsum(weights)
+        return elementwise.dare(
+            acc, parts, base, weights=weights, densities=densities,
+            limits=[masks.limit(d) if masked and d < 1 else -1 for d in densities],
+            keys=[masks.key(i) for i in range(len(parts))], element_key=masks.key(-1),
+            rescale=parameters.rescale, consensus=self.consensus, normalize=parameters.normalize,  # type: ignore[attr-defined]
+            divisor=total if abs(total) >= 1e-8 else 1.0, lambda_=parameters.lambda_, offset=offset,  # type: ignore[attr-defined]
+        )
 
     def mix_(self, acc: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scratch: torch.Tensor,
              base: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ each model's ``weight`` (required), and ``normalize`` (default true) dividing by
 
 Unlike ``weighted`` (the soup of the first floor, always a weighted average of non-negative
 weights), a weight may be negative, as mergekit allows, and the kernel works in float64: a weighted
-sum of terms of either sign can cancel, and the soup is then still its definition rounded once.
+sum of terms of either sign can cancel, and the soup is then still its definition rounded once. On bfloat16
+models the sum runs in a compiled loop (:mod:`hub_soup.native.elementwise`), the same steps bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import Field
 from hub_soup.errors import RecipeError
 from hub_soup.merging.methods import MergeMethod, NoParameters
 from hub_soup.merging.methods.arithmetic import multiply_first_
+from hub_soup.native import elementwise
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +64,11 @@ class Linear(MergeMethod):
         """The weighted sum, then one division by the weights' sum (the definition's order: an element whose
         products cancel exactly is 0, not a rounding of divided weights)."""
         assert self.weights is not None
+        normalize = self.parameters.normalize  # type: ignore[attr-defined]
+        if elementwise.weighted_sum(acc, parts, self.weights, self.total if normalize else None):
+            return
         multiply_first_(acc, parts, self.scalars(self.weights, acc), scratch)
-        if self.parameters.normalize:  # type: ignore[attr-defined]
+        if normalize:
             acc.div_(self.total)
 
     @cached_property

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from hub_soup.merging.methods import MergeMethod, NoParameters
+from hub_soup.native import elementwise
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,9 @@ class Passthrough(MergeMethod):
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         (part,) = parts
-        acc.copy_(part)
         (scale,) = self.per_ingredient("scale", 1)
+        if elementwise.weighted_sum(acc, parts, [1.0 if scale is None else scale]):  # times 1 is exact
+            return
+        acc.copy_(part)
         if scale is not None:
             acc.mul_(self.scalars([scale], acc)[0])

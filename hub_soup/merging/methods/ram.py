@@ -5,7 +5,8 @@ where ``|tau_i| > epsilon`` (default 1e-5, an absolute bound, as mergekit); the 
 ``base + sum_i tau_i [contributes] / max(count, 1)``, ``count`` the number of contributors:
 a change only one fine-tune made is taken whole, changes several made are averaged, and
 where none changed the element the base's value stays. Computed in float64 per block and
-rounded once (mergekit computes in the tensors' dtype).
+rounded once (mergekit computes in the tensors' dtype); on bfloat16 models in a compiled loop where one is
+built (:mod:`hub_soup.native.elementwise`: the same steps, bit for bit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import Field
 
 from hub_soup.merging.methods import MergeMethod, NoParameters
 from hub_soup.merging.methods.sparsify import delta_
+from hub_soup.native import elementwise
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +75,8 @@ class Ram(MergeMethod):
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
     ) -> None:
         assert base is not None
+        if elementwise.ram(acc, parts, base, self.parameters.epsilon):  # type: ignore[attr-defined]
+            return
         taus, count = self.contributions_(parts, base, scratch)
         acc.copy_(taus[0])
         for tau in taus[1:]:

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor
 from hub_soup.merging.methods.ram import Ram, RamParameters
+from hub_soup.native import elementwise
 from hub_soup.threads import in_blocks
 
 if TYPE_CHECKING:
@@ -58,11 +59,15 @@ class RamPlusTL(Ram):
         assert base is not None
         counts = statistics or [[0.0, 0.0] for _ in parts]
         flat, origin = [part.reshape(-1) for part in parts], base.reshape(-1)
+        epsilon = self.parameters.epsilon  # type: ignore[attr-defined]
 
         def count_block(begin: int, end: int) -> list[tuple[int, int]]:
             """Each ingredient's ``(shared, unique)`` count in elements ``begin`` to ``end``."""
             import torch
 
+            compiled = elementwise.ram_counts([p[begin:end] for p in flat], origin[begin:end], epsilon)
+            if compiled is not None:
+                return compiled
             (scratch,) = self.workspace("observed", origin[begin:end], 1, torch.float64)
             taus, count = self.contributions_([p[begin:end] for p in flat], origin[begin:end], scratch)
             unique = count.eq(1)
@@ -97,6 +102,8 @@ class RamPlusTL(Ram):
         assert base is not None and statistics is not None
         import torch
 
+        if elementwise.ram(acc, parts, base, self.parameters.epsilon, statistics):  # type: ignore[attr-defined]
+            return
         taus, count = self.contributions_(parts, base, scratch)
         (scaled,) = self.workspace("scaled", scratch)
         for i, (tau, factor) in enumerate(zip(taus, self.scalars(statistics, scratch))):

@@ -187,12 +187,17 @@ class RandomMasks:
         """
         import torch
 
-        limit = round(density * (1 << UNIFORM_BITS))
+        limit = self.limit(density)
         if limit >= 1 << UNIFORM_BITS:  # density within 2**-25 of 1
             return out.fill_(-1.0)
         self.uniform_(tmp, hashed, bits, index).sub_(limit)
         torch.bitwise_right_shift(tmp, 31, out=bits)
         return out.copy_(bits)
+
+    @staticmethod
+    def limit(density: float) -> int:
+        """The bound a kept element's draw is below: ``density * 2**24``, rounded."""
+        return round(density * (1 << UNIFORM_BITS))
 
     def uniform_(self, out: torch.Tensor, hashed: torch.Tensor, bits: torch.Tensor, index: int) -> torch.Tensor:
         """``out`` (int32) = ingredient ``index``'s uniform draw of each element of the block, as an integer in
