@@ -237,7 +237,7 @@ def stream_merge(
     buffers = {d: [(torch.empty(block_room, dtype=d, device=device), torch.empty(block_room, dtype=d, device=device))
                    for _ in range(workers)]
                for d in (torch.float32, torch.float64)}
-    passes = {key: 0 if methods[key].whole_tensor else methods[key].statistics_passes(m.dtype)
+    passes = {key: 0 if methods[key].whole_tensor or methods[key].copies() else methods[key].statistics_passes(m.dtype)
               for key, m in merged.items()}
     planned = dict(passes)  # passes lowers where a method needs fewer
     sources = {t.key: tensor_sources(checkpoints, base, t) for t in plan.tensors}
@@ -264,9 +264,10 @@ def stream_merge(
                                  out_dtype, step, device, gram, sample, found)
                 else:
                     statistics = None
-                    if tensor_method is not None:
-                        statistics, read = _statistics(tensor, tensor_method, merged[tensor.key], passes, reader,
-                                                       step)
+                    # a tensor the method takes unchanged (or copies from the first) is copied, rounded once
+                    kernel = tensor_method if tensor_method is not None and not tensor_method.copies() else None
+                    if kernel is not None:
+                        statistics, read = _statistics(tensor, kernel, merged[tensor.key], passes, reader, step)
                         if read < planned[tensor.key]:  # passes the method found it did not need
                             bar.total -= (planned[tensor.key] - read) * tensor.meta.nbytes * len(sources[tensor.key])
                         kernel_buffers = [(acc[: blocks[tensor.key]], scratch[: blocks[tensor.key]])
@@ -276,11 +277,10 @@ def stream_merge(
                     for begin in range(0, tensor.meta.numel, step):
                         chunks = reader.next()
                         soup = out.slot(chunks[0].numel(), out_dtype)
-                        if tensor_method is not None:
-                            if begin < sample:
-                                gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
-                            _merge_chunks(tensor_method, chunks, count, kernel_buffers, soup,
-                                          statistics, begin, found)
+                        if tensor_method is not None and begin < sample:
+                            gram.add(torch.stack([c[: sample - begin] for c in chunks[:count]]))  # type: ignore[union-attr]
+                        if kernel is not None:
+                            _merge_chunks(kernel, chunks, count, kernel_buffers, soup, statistics, begin, found)
                         else:
                             soup.copy_(chunks[0])
                             if out_dtype.is_floating_point and out_dtype != chunks[0].dtype:  # rounded: may overflow

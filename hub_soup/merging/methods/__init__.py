@@ -150,6 +150,11 @@ class MergeMethod:
     summary: ClassVar[str | None] = None
     divisor: ClassVar[str | None] = None
 
+    def copies(self) -> bool:
+        """Whether the soup of a tensor is its one input unchanged (``passthrough`` without a ``scale``): the
+        engine then copies it, rounded once to the output dtype, as the kernel's float64 would round it."""
+        return False
+
     @classmethod
     def takes_base(cls) -> bool:
         """Whether a base given to this method is used (required or optional): the one rule the recipe, the

@@ -40,6 +40,10 @@ class Passthrough(MergeMethod):
     min_ingredients = 1
     float64_kernel = True
 
+    def copies(self) -> bool:
+        """Without a scale the tensor is its input's, bit for bit (rounded to the output dtype where it differs)."""
+        return self.per_ingredient("scale", 1) == [None]
+
     def kernel(
         self, acc: torch.Tensor, parts: Sequence[torch.Tensor], *, scratch: torch.Tensor,
         base: torch.Tensor | None = None, statistics: Any = None, offset: int = 0,
