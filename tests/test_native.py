@@ -224,13 +224,16 @@ def elementwise_loops(monkeypatch: pytest.MonkeyPatch) -> object:
     ("task_arithmetic", {}, [0.5, 0.5], 2, True),  # coefficients summing to 1: no base term
     ("passthrough", {}, None, 1, False),
     ("passthrough", {"scale": 0.37}, None, 1, False),
+    ("nearswap", {"t": 0.004}, None, 1, True),
+    ("nearswap", {"t": 1e-6}, None, 1, True),
 ])
-def test_weighted_sums_are_the_torch_paths_bit_for_bit(
+def test_elementwise_kernels_are_the_torch_paths_bit_for_bit(
     elementwise_loops: object, monkeypatch: pytest.MonkeyPatch, name: str, parameters: dict[str, object],
     weights: list[float] | None, count: int, with_base: bool,
 ) -> None:
-    """linear's, task arithmetic's and passthrough's kernels on bfloat16 blocks (a span and a remainder long),
-    compiled and with torch: the same float64 bits, signed zeros, subnormals and the largest values included."""
+    """linear's, task arithmetic's, passthrough's and nearswap's kernels on bfloat16 blocks (a span and a remainder
+    long), compiled and with torch: the same float64 bits, signed zeros, subnormals and the largest values
+    included."""
     parts, base = _models(count, 3001, seed=count)
     method = get_method(name)(parameters, weights=weights)
     compiled, torch_path = _both_paths(monkeypatch, method, parts, base if with_base else None)
@@ -257,6 +260,29 @@ def test_dare_is_the_torch_paths_bit_for_bit(
         compiled, torch_path = _both_paths(monkeypatch, method, parts, base, masks, offset)
         assert _same_bits(compiled, torch_path), offset
         monkeypatch.setattr(native, "_loaded", {})
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("density", "normalize"), [(0.5, True), (0.9, False), (1.0, True)])
+def test_magnitude_trimming_is_the_torch_paths_bit_for_bit(
+    elementwise_loops: object, monkeypatch: pytest.MonkeyPatch, name: str, density: float, normalize: bool
+) -> None:
+    """TIES's and Breadcrumbs' kernels from the thresholds their statistics passes find (one ingredient keeping
+    none of its task vector, one at its own density), compiled and with torch: the same bits."""
+    parts, base = _models(3, 3000, seed=int(density * 10))
+    parameters: dict[str, object] = {"density": density, "normalize": normalize}
+    if name != "ties":
+        parameters["gamma"] = 0.01
+    method = get_method(name)(parameters, weights=[1.0, 0.5, -0.25],
+                              ingredients=[{}, {"density": 0.0002}, {"density": 0.3}])
+    tensor = MergedTensor("w", base.numel(), torch.float64, (base.numel(),))
+    statistics = method.start_statistics(tensor)
+    for _ in range(method.statistics_passes(torch.bfloat16)):
+        statistics = method.finish_statistics(method.observe(statistics, parts, base), tensor)
+        if method.passes_left(statistics) == 0:
+            break
+    compiled, torch_path = _both_paths(monkeypatch, method, parts, base, statistics)
+    assert _same_bits(compiled, torch_path)
 
 
 @pytest.mark.parametrize("epsilon", [1e-5, 0.0, 0.02])

@@ -1,6 +1,6 @@
 /* Elementwise kernels of bfloat16 blocks in one loop each, instead of one eager torch op (and one pass over a
  * block) per step: the weighted sums of linear, task arithmetic and passthrough, DARE's masked task vectors, and
- * RAM's and RAM+'s contributions, and the rounding of a float64 or float32 block to bfloat16 (see hub_soup/native/__init__.py for how this is built).
+ * RAM's and RAM+'s contributions, nearswap's step, and the rounding of a float64 or float32 block to bfloat16 (see hub_soup/native/__init__.py for how this is built).
  * Every step is the torch path's IEEE operation, in its order (no contraction into fused multiply-adds): the
  * soups are the torch path's bit for bit, as tests check. */
 #include <stdint.h>
@@ -94,34 +94,60 @@ static inline uint32_t mix(uint32_t x) {
     return x;
 }
 
-/* One block of generalized.py's kernel with DARE's random masks (sparsify.py's RandomMasks), from element
- * `offset` of the tensor on: each ingredient's task vector (p_i - base), masked by its keyed hash (`limits[i]`:
- * kept below it; negative: density 1, no mask), rescaled (divided by `densities[i]`) or not, weighted; then
- * summed, or (`consensus`) their elected sign's agreeing ones summed; divided (`normalize`: by `divisor`, or by
- * the agreeing weights), scaled by `lambda` where it is not 1, the base added; `count` at most 16 (the rows of a
- * span, on the stack: 144 KiB). The ops and their order are generalized.py's, bit for bit. */
-void dare_bf16(double *restrict acc, const uint16_t *const *parts, const uint16_t *base, int64_t count,
-               const double *weights, const double *densities, const int64_t *limits, const uint32_t *keys,
-               uint32_t element_key, int rescale, int consensus, int normalize, double divisor, double lambda,
-               int64_t offset, int64_t n) {
+/* How an ingredient's task vector is trimmed in generalized_bf16. */
+enum { KEEP = 0, DROP = 1, RANDOM = 2, MAGNITUDE = 3 };
+
+/* One block of generalized.py's kernel, from element `offset` of the tensor on: each ingredient's task vector
+ * (p_i - base) kept whole (KEEP), zeroed (DROP), masked by its keyed hash as sparsify.py's RandomMasks
+ * (RANDOM: kept below `limits[i]`) and rescaled (divided by `densities[i]`) or not, or kept where its magnitude
+ * is above `lower[i]` and below `upper[i]` (MAGNITUDE, each bound as keep_above_ and Breadcrumbs' trim_ apply
+ * it; nan: no bound); weighted; then summed, or (`consensus`) their elected sign's agreeing ones summed; divided
+ * (`normalize`: by `divisor`, or by the agreeing weights), scaled by `lambda` where it is not 1, the base added;
+ * `count` at most 16 (the rows of a span, on the stack: 144 KiB). The ops and their order are generalized.py's,
+ * bit for bit. */
+void generalized_bf16(double *restrict acc, const uint16_t *const *parts, const uint16_t *base, int64_t count,
+                      const double *weights, const int64_t *modes, const double *densities, const int64_t *limits,
+                      const double *lower, const double *upper, const uint32_t *keys, uint32_t element_key,
+                      int rescale, int consensus, int normalize, double divisor, double lambda, int64_t offset,
+                      int64_t n) {
     double rows[(count + 2) * SPAN];
     double *wide = rows, *sum = rows + SPAN, *deltas = rows + 2 * SPAN;
     uint32_t hashes[SPAN];
+    int random = 0;
+    for (int64_t i = 0; i < count; i++) random |= modes[i] == RANDOM;
     for (int64_t start = 0; start < n; start += SPAN) {
         int64_t span = n - start < SPAN ? n - start : SPAN;
         const uint16_t *b = base + start;
 #pragma omp simd
-        for (int64_t k = 0; k < span; k++) {
-            wide[k] = widen(b[k]);
-            hashes[k] = mix((uint32_t)(offset + start + k) ^ element_key);
+        for (int64_t k = 0; k < span; k++) wide[k] = widen(b[k]);
+        if (random) {
+#pragma omp simd
+            for (int64_t k = 0; k < span; k++) hashes[k] = mix((uint32_t)(offset + start + k) ^ element_key);
         }
         for (int64_t i = 0; i < count; i++) {
             const uint16_t *p = parts[i] + start;
             double *d = deltas + i * SPAN;
             double w = weights[i];
-            if (limits[i] < 0) {
+            if (modes[i] == KEEP) {
 #pragma omp simd
                 for (int64_t k = 0; k < span; k++) d[k] = (widen(p[k]) - wide[k]) * w;
+                continue;
+            }
+            if (modes[i] == DROP) { /* zero_() then the weight: 0 times w, signed as w */
+#pragma omp simd
+                for (int64_t k = 0; k < span; k++) d[k] = 0.0 * w;
+                continue;
+            }
+            if (modes[i] == MAGNITUDE) { /* sign(max(|d| - lower, 0)), then sign(max(upper - |d|, 0)) */
+                double low = lower[i], high = upper[i];
+                int has_low = low == low, has_high = high == high;
+#pragma omp simd
+                for (int64_t k = 0; k < span; k++) {
+                    double t = widen(p[k]) - wide[k];
+                    if (has_low) t = t * (double)(__builtin_fabs(t) - low > 0.0);
+                    if (has_high) t = t * (double)(high - __builtin_fabs(t) > 0.0);
+                    d[k] = t * w;
+                }
                 continue;
             }
             uint32_t key = keys[i];
@@ -269,5 +295,17 @@ void ram_counts_bf16(const uint16_t *const *parts, const uint16_t *base, int64_t
             counted[2 * i] += together;
             counted[2 * i + 1] += alone;
         }
+    }
+}
+
+/* nearswap.py's kernel where t >= 1e-6: a + clamp(b - a, -t, t), `a` the base (a nan difference stays nan, as
+ * torch's clamp_ keeps it). */
+void nearswap_bf16(double *restrict acc, const uint16_t *other, const uint16_t *base, double t, int64_t n) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+        double a = widen(base[k]);
+        double d = widen(other[k]) - a;
+        d = d < -t ? -t : (d > t ? t : d);
+        acc[k] = a + d;
     }
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hub_soup import native
@@ -19,7 +20,7 @@ from hub_soup.native import pointer
 if TYPE_CHECKING:
     import torch
 
-#: Ingredients :func:`dare` and the RAM loops take at most (their rows of a span are on the C stack).
+#: Ingredients :func:`generalized` and the RAM loops take at most (their rows of a span are on the C stack).
 MOST = 16
 
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -34,11 +35,12 @@ def _library(tensors: Sequence[torch.Tensor]) -> ctypes.CDLL | None:
             narrow.argtypes, narrow.restype = [_P, _P, _I64], _I64
         found.weighted_sum_bf16.argtypes = [_P, _P, _I64, _P, ctypes.c_int, _F64, _I64]
         found.weighted_sum_bf16.restype = None
-        found.dare_bf16.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _P, ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_int, _F64, _F64, _I64, _I64]
-        found.dare_bf16.restype = None
+        found.generalized_bf16.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_int, ctypes.c_int, _F64, _F64, _I64, _I64]
+        found.generalized_bf16.restype = None
         found.ram_bf16.argtypes, found.ram_bf16.restype = [_P, _P, _P, _I64, _F64, _P, _I64], None
         found.ram_counts_bf16.argtypes, found.ram_counts_bf16.restype = [_P, _P, _I64, _F64, _I64, _P], None
+        found.nearswap_bf16.argtypes, found.nearswap_bf16.restype = [_P, _P, _P, _F64, _I64], None
         found.typed = True  # type: ignore[attr-defined]
     return found
 
@@ -88,19 +90,47 @@ def weighted_sum(acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequ
     return True
 
 
-def dare(acc: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor, *, weights: Sequence[float],
-         densities: Sequence[float], limits: Sequence[int], keys: Sequence[int], element_key: int, rescale: bool,
-         consensus: bool, normalize: bool, divisor: float, lambda_: float, offset: int) -> bool:
-    """One block of DARE's soup (:class:`~hub_soup.merging.methods.generalized.GeneralizedTaskArithmetic`'s kernel
-    with random masks), from element ``offset`` of the tensor on; whether it was done. ``limits``: each
-    ingredient's draw bound (negative: not masked); ``keys`` and ``element_key``: the masks' 32-bit keys."""
+@dataclass(frozen=True)
+class Trim:
+    """How :func:`generalized` trims one ingredient's task vector: not at all (the default), ``drop`` it whole, by
+    DARE's mask (``limit``: the draw a kept element is below; ``key``: the mask's 32-bit key), or to the magnitudes
+    above ``lower`` and below ``upper`` (either ``None``: no bound)."""
+
+    drop: bool = False
+    limit: int | None = None
+    key: int = 0
+    lower: float | None = None
+    upper: float | None = None
+
+    @property
+    def mode(self) -> int:
+        """elementwise.c's KEEP, DROP, RANDOM or MAGNITUDE."""
+        if self.drop:
+            return 1
+        if self.limit is not None:
+            return 2
+        return 3 if self.lower is not None or self.upper is not None else 0
+
+
+def generalized(acc: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor, *, weights: Sequence[float],
+                densities: Sequence[float], trims: Sequence[Trim], element_key: int, rescale: bool, consensus: bool,
+                normalize: bool, divisor: float, lambda_: float, offset: int) -> bool:
+    """One block of :class:`~hub_soup.merging.methods.generalized.GeneralizedTaskArithmetic`'s soup (TIES, DARE,
+    Breadcrumbs), from element ``offset`` of the tensor on, each ingredient's task vector trimmed as its ``trims``
+    says; whether it was done. ``element_key``: DARE's key of the element hash."""
     library = _compiled([*parts, base], acc)
     if library is None or len(parts) > MOST:
         return False
-    library.dare_bf16(
-        pointer(acc), _addresses(parts), pointer(base), len(parts), _doubles(weights), _doubles(densities),
-        (ctypes.c_int64 * len(limits))(*limits), (ctypes.c_uint32 * len(keys))(*(k & 0xFFFFFFFF for k in keys)),
-        element_key & 0xFFFFFFFF, rescale, consensus, normalize, divisor, lambda_, offset, acc.numel(),
+    count = len(parts)
+    nan = float("nan")
+    library.generalized_bf16(
+        pointer(acc), _addresses(parts), pointer(base), count, _doubles(weights),
+        (ctypes.c_int64 * count)(*(t.mode for t in trims)), _doubles(densities),
+        (ctypes.c_int64 * count)(*(t.limit or 0 for t in trims)),
+        _doubles([nan if t.lower is None else t.lower for t in trims]),
+        _doubles([nan if t.upper is None else t.upper for t in trims]),
+        (ctypes.c_uint32 * count)(*(t.key & 0xFFFFFFFF for t in trims)), element_key & 0xFFFFFFFF,
+        rescale, consensus, normalize, divisor, lambda_, offset, acc.numel(),
     )
     return True
 
@@ -126,3 +156,13 @@ def ram_counts(parts: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float
     counted = (ctypes.c_int64 * (2 * len(parts)))()
     library.ram_counts_bf16(_addresses(parts), pointer(base), len(parts), epsilon, base.numel(), counted)
     return [(counted[2 * i], counted[2 * i + 1]) for i in range(len(parts))]
+
+
+def nearswap(acc: torch.Tensor, other: torch.Tensor, base: torch.Tensor, t: float) -> bool:
+    """One block of ``nearswap``'s soup for ``t >= 1e-6``, ``base + clamp(other - base, -t, t)``
+    (:class:`~hub_soup.merging.methods.nearswap.Nearswap`'s kernel, bit for bit); whether it was done."""
+    library = _compiled([other, base], acc)
+    if library is None:
+        return False
+    library.nearswap_bf16(pointer(acc), pointer(other), pointer(base), t, acc.numel())
+    return True

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from hub_soup.merging.methods import MergedTensor
-from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, MagnitudeParameters, keep_above_
+from hub_soup.merging.methods.generalized import GeneralizedTaskArithmetic, MagnitudeParameters
 from hub_soup.merging.methods.sparsify import MagnitudeThresholds
-
-if TYPE_CHECKING:
-    import torch
 
 BREADCRUMBS_PAPER = (
     "[Davari and Belilovsky, 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse "
@@ -87,14 +83,9 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
         ranks = self._windows(count, tensor.numel)
         return MagnitudeThresholds((), tensor, ranks=ranks, of=[i // 2 for i in range(len(ranks))])
 
-    def trim_(self, delta: torch.Tensor, statistics: MagnitudeThresholds, index: int, scratch: torch.Tensor) -> None:
-        """Keep ``lower <= |delta| <= upper``: above the lower end as TIES keeps, below the upper end as
-        ``sign(max(next_up(upper) - |delta|, 0))`` (exact, in float ops only)."""
-        import torch
-
-        keep_above_(delta, statistics.below[2 * index], scratch, self.scalars)
+    def bounds(self, statistics: MagnitudeThresholds, index: int) -> tuple[float | str | None, float | None]:
+        """Keep ``lower <= |delta| <= upper``: above the lower end as TIES keeps, below the upper end's next float64
+        up (the kernel is float64: the threshold and the value above it, exactly)."""
         below = statistics.below[2 * index + 1]
-        if isinstance(below, float):  # the kernel is float64: the threshold and the value above it, exactly
-            above = math.nextafter(math.nextafter(below, math.inf), math.inf)
-            torch.abs(delta, out=scratch).neg_().add_(self.scalars([above], scratch)[0]).clamp_(min=0).sign_()
-            delta.mul_(scratch)
+        above = math.nextafter(math.nextafter(below, math.inf), math.inf) if isinstance(below, float) else None
+        return statistics.below[2 * index], above

@@ -146,10 +146,22 @@ class GeneralizedTaskArithmetic(MergeMethod):
         """The magnitude thresholds a tensor's statistics passes find: each ingredient's top ``density``."""
         return MagnitudeThresholds(self.densities(count), tensor)
 
+    def bounds(self, statistics: MagnitudeThresholds, index: int) -> tuple[float | str | None, float | None]:
+        """Ingredient ``index``'s window of kept magnitudes: ``|delta| > lower`` (a :class:`MagnitudeThresholds`
+        value: ``None`` keeps all, :data:`DROP` none) and, where ``upper`` is given, ``|delta| < upper``. TIES
+        keeps ``|delta| >= threshold``: no upper end."""
+        return statistics.below[index], None
+
     def trim_(self, delta: torch.Tensor, statistics: MagnitudeThresholds, index: int, scratch: torch.Tensor) -> None:
-        """Zero the elements of ingredient ``index``'s task vector (a block of it) that its thresholds drop:
-        TIES keeps ``|delta| >= threshold``."""
-        keep_above_(delta, statistics.below[index], scratch, self.scalars)
+        """Zero the elements of ingredient ``index``'s task vector (a block of it) outside its :meth:`bounds`;
+        below the upper end as ``sign(max(upper - |delta|, 0))`` (exact, in float ops only)."""
+        import torch
+
+        lower, upper = self.bounds(statistics, index)
+        keep_above_(delta, lower, scratch, self.scalars)
+        if upper is not None:
+            torch.abs(delta, out=scratch).neg_().add_(self.scalars([upper], scratch)[0]).clamp_(min=0).sign_()
+            delta.mul_(scratch)
 
     def finish_statistics(self, statistics: Any, tensor: MergedTensor) -> Any:
         if isinstance(statistics, MagnitudeThresholds):
@@ -163,25 +175,32 @@ class GeneralizedTaskArithmetic(MergeMethod):
         assert base is not None
         count = len(parts)
         weights = self.weights_for(count)
-        if isinstance(statistics, RandomMasks) and self._compiled_random(acc, parts, base, weights, statistics, offset):
+        if self._compiled(acc, parts, base, weights, statistics, offset):
             return
         deltas = self.workspace("deltas", acc, count)
         self._sparse_weighted_deltas(deltas, parts, base, weights, scratch, statistics, offset)
         self.mix_(acc, deltas, weights, scratch, base)
 
-    def _compiled_random(self, acc: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor,
-                         weights: list[float], masks: RandomMasks, offset: int) -> bool:
-        """The kernel with DARE's masks as one compiled loop (:func:`hub_soup.native.elementwise.dare`: the same
-        steps as :meth:`_sparse_weighted_deltas` and :meth:`mix_`, bit for bit); whether it ran."""
-        parameters = self.parameters
+    def _compiled(self, acc: torch.Tensor, parts: Sequence[torch.Tensor], base: torch.Tensor,
+                  weights: list[float], statistics: Any, offset: int) -> bool:
+        """The kernel as one compiled loop (:func:`hub_soup.native.elementwise.generalized`: the same steps as
+        :meth:`_sparse_weighted_deltas` and :meth:`mix_`, bit for bit); whether it ran."""
         densities = self.densities(len(parts))
-        masked = min(densities) < 1
+        trims = [elementwise.Trim()] * len(parts)
+        if isinstance(statistics, RandomMasks) and min(densities) < 1:
+            trims = [elementwise.Trim(limit=statistics.limit(d), key=statistics.key(i)) if d < 1 else elementwise.Trim()
+                     for i, d in enumerate(densities)]
+        elif isinstance(statistics, MagnitudeThresholds):
+            trims = [elementwise.Trim(drop=lower is DROP, lower=lower if isinstance(lower, float) else None,
+                                      upper=upper)
+                     for lower, upper in (self.bounds(statistics, i) for i in range(len(parts)))]
+        parameters = self.parameters
         total = math.fsum(weights)
-        return elementwise.dare(
-            acc, parts, base, weights=weights, densities=densities,
-            limits=[masks.limit(d) if masked and d < 1 else -1 for d in densities],
-            keys=[masks.key(i) for i in range(len(parts))], element_key=masks.key(-1),
-            rescale=parameters.rescale, consensus=self.consensus, normalize=parameters.normalize,  # type: ignore[attr-defined]
+        return elementwise.generalized(
+            acc, parts, base, weights=weights, densities=densities, trims=trims,
+            element_key=statistics.key(-1) if isinstance(statistics, RandomMasks) else 0,
+            rescale=getattr(parameters, "rescale", False), consensus=self.consensus,
+            normalize=parameters.normalize,  # type: ignore[attr-defined]
             divisor=total if abs(total) >= 1e-8 else 1.0, lambda_=parameters.lambda_, offset=offset,  # type: ignore[attr-defined]
         )
 
