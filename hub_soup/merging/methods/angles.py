@@ -106,4 +106,3 @@ def arc_coefficients(t: float, cosine: float) -> tuple[float, float]:
     second: ``sin((1 - t) Omega) / sin(Omega)`` and ``sin(t Omega) / sin(Omega)`` (``cosine`` not +-1)."""
     omega = math.acos(cosine)
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-

@@ -195,13 +195,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
                                       upper=upper)
                      for lower, upper in (self.bounds(statistics, i) for i in range(len(parts)))]
         parameters = self.parameters
-        total = math.fsum(weights)
         return elementwise.generalized(
             acc, parts, base, weights=weights, densities=densities, trims=trims,
             element_key=statistics.key(-1) if isinstance(statistics, RandomMasks) else 0,
             rescale=getattr(parameters, "rescale", False), consensus=self.consensus,
             normalize=parameters.normalize,  # type: ignore[attr-defined]
-            divisor=total if abs(total) >= 1e-8 else 1.0, lambda_=parameters.lambda_, offset=offset,  # type: ignore[attr-defined]
+            divisor=_divisor(weights), lambda_=parameters.lambda_, offset=offset,  # type: ignore[attr-defined]
         )
 
     def mix_(self, acc: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scratch: torch.Tensor,
@@ -213,8 +212,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             divisor = self._elect_and_mix(acc, deltas, weights, scratch)
         else:
             sum_(acc, deltas)
-            total = math.fsum(weights)
-            divisor = self.scalars([total if abs(total) >= 1e-8 else 1.0], acc)[0]
+            divisor = self.scalars([_divisor(weights)], acc)[0]
         if parameters.normalize:  # type: ignore[attr-defined]
             acc.div_(divisor)
         if parameters.lambda_ != 1:  # type: ignore[attr-defined]
@@ -283,6 +281,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
             torch.abs(scratch, out=elected).sign_().neg_().add_(1)
             scratch.add_(elected)
         return scratch
+
+
+def _divisor(weights: Sequence[float]) -> float:
+    """What ``normalize`` divides a plain weighted sum by: the weights' sum, or 1 where it is about 0 (mergekit's)."""
+    total = math.fsum(weights)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def keep_above_(delta: torch.Tensor, below: float | str | None, scratch: torch.Tensor,
